@@ -1,0 +1,88 @@
+"""The FastAPI application: middleware, error mapping and routers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from codex_runner import __version__
+from codex_runner.api import errors, routes
+from codex_runner.api.errors import error_response
+from codex_runner.runtime import Runtime
+
+
+class BodySizeLimit:
+    """Answers 413 for bodies over the cap, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(scope, receive, send)
+                    return
+        # Read the body up front (it is small by definition) so an oversized streamed body is
+        # refused with 413 before any route sees it, rather than surfacing as a parse error.
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay(message, receive), send)
+                return
+            body.extend(message.get("body", b""))
+            if len(body) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        await self.app(scope, _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive), send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"request body over {self.max_bytes} bytes", "payload_too_large")
+        await response(scope, receive, send)
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return first
+        return await receive()
+
+    return replay
+
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> FastAPI:
+    app = FastAPI(
+        title="codex-runner",
+        version=__version__,
+        description="Runs AI coding agents as durable jobs against git repositories.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    errors.install(app)
+    app.include_router(routes.router)
+    for extra in routes.extra_routers():
+        app.include_router(extra)
+    app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_bytes)
+    return app
+

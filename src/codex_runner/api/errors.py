@@ -1,0 +1,109 @@
+"""Maps error types to HTTP in one place. Every error body is `{"detail", "code"}`; no 500 ever
+carries a stack trace or a secret."""
+
+from __future__ import annotations
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from codex_runner import errors as e
+
+log = structlog.get_logger("codex_runner.api")
+
+STATUS_BY_TYPE: list[tuple[type[e.RunnerError], int]] = [
+    (e.InvalidRequest, 400),
+    (e.NotAuthenticated, 401),
+    (e.Forbidden, 403),
+    (e.NotFound, 404),
+    (e.InvalidTransition, 409),
+    (e.IdempotencyConflict, 409),
+    (e.QueueFull, 429),
+    (e.StoreUnavailable, 503),
+    (e.CryptoError, 400),
+]
+
+CODE_BY_STATUS = {
+    400: "invalid_request",
+    401: "not_authenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "invalid_transition",
+    413: "payload_too_large",
+    429: "queue_full",
+    503: "unavailable",
+}
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    code: str
+
+
+class ValidationErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class ValidationErrorBody(ErrorBody):
+    errors: list[ValidationErrorItem] = []
+
+
+def error_response(status: int, detail: str, code: str, **extra: object) -> JSONResponse:
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"detail": detail, "code": code, **extra}, status_code=status, headers=headers)
+
+
+def status_for(exc: e.RunnerError) -> int:
+    for cls, status in STATUS_BY_TYPE:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(e.RunnerError)
+    async def _runner_error(_: Request, exc: e.RunnerError) -> JSONResponse:
+        status = status_for(exc)
+        extra: dict[str, object] = {}
+        if isinstance(exc, e.InvalidRequest) and exc.errors:
+            extra["errors"] = exc.errors
+        response = error_response(status, exc.message if status != 500 else "internal error", exc.code, **extra)
+        if isinstance(exc, e.QueueFull):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        items = [
+            {"loc": [str(p) if not isinstance(p, int) else p for p in err.get("loc", ())], "msg": str(err.get("msg"))}
+            for err in exc.errors()
+        ]
+        return error_response(400, "the request is not valid", "invalid_request", errors=items)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = CODE_BY_STATUS.get(exc.status_code, "error")
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_response(exc.status_code, detail, code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Log the type only: an exception's text can carry a URL with credentials or a secret.
+        log.error("unhandled_error", error_type=type(exc).__name__)
+        return error_response(500, "internal error", "internal_error")
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI documentation of the error answers a route can give."""
+    out: dict[int | str, dict[str, object]] = {}
+    for status in statuses:
+        model = ValidationErrorBody if status == 400 else ErrorBody
+        out[status] = {"model": model, "description": CODE_BY_STATUS.get(status, "error")}
+    return out

@@ -1,0 +1,158 @@
+"""Routes of SPEC §4 (the log routes live in `api/logs.py`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from codex_runner.api.auth import current_principal, require_admin
+from codex_runner.api.errors import error_response, responses
+from codex_runner.jobs import Status
+from codex_runner.runtime import Runtime
+from codex_runner.store.admin import Principal
+
+router = APIRouter()
+Auth = Annotated[Principal, Depends(current_principal)]
+AUTH_ERRORS = (401, 503)
+
+
+def _rt(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+class CreateJobBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str | None = Field(default=None, max_length=200)
+    repo: str | None = Field(default=None, max_length=200)
+    script_key: str = Field(min_length=1, max_length=200)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_repo(self) -> CreateJobBody:
+        if not self.repo_id and not self.repo:
+            raise ValueError("give repo_id or repo")
+        return self
+
+
+@router.get("/healthz", tags=["health"])
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], responses=responses(503))
+def readyz(request: Request) -> Response:
+    runtime = _rt(request)
+    try:
+        with runtime.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception:
+        return error_response(503, "not ready", "unavailable")
+    if any(c.get("blocking") and not c.get("ok") for c in runtime.startup_checks):
+        return error_response(503, "not ready", "unavailable")
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/api/runner/repos", tags=["catalog"], responses=responses(*AUTH_ERRORS))
+def list_repos(request: Request, _: Auth) -> dict[str, Any]:
+    repos = _rt(request).catalog.repos.values()
+    return {"items": [r.to_public() for r in repos if r.enabled]}
+
+
+@router.get("/api/runner/scripts", tags=["catalog"], responses=responses(*AUTH_ERRORS))
+def list_scripts(request: Request, _: Auth) -> dict[str, Any]:
+    return {"items": [s.to_public() for s in _rt(request).catalog.scripts.values()]}
+
+
+@router.post(
+    "/api/runner/jobs",
+    tags=["jobs"],
+    status_code=201,
+    responses={200: {"description": "idempotent replay of an earlier job"}, **responses(400, 401, 403, 409, 413, 429, 503)},
+)
+def create_job(
+    request: Request,
+    body: CreateJobBody,
+    principal: Auth,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    job, dedup = _rt(request).create_job(principal, body.model_dump(), idempotency_key)
+    return JSONResponse({**job, "deduplicated": dedup}, status_code=200 if dedup else 201)
+
+
+@router.get("/api/runner/jobs", tags=["jobs"], responses=responses(400, *AUTH_ERRORS))
+def list_jobs(
+    request: Request,
+    principal: Auth,
+    status: Annotated[list[Status] | None, Query()] = None,
+    repo_id: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> dict[str, Any]:
+    runtime = _rt(request)
+    items, total = runtime.jobs.list_jobs(
+        owner=runtime.owner_of(principal),
+        statuses=[s.value for s in status or []],
+        repo_id=repo_id,
+        limit=limit,
+        offset=offset,
+    )
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/api/runner/jobs/{job_id}", tags=["jobs"], responses=responses(404, *AUTH_ERRORS))
+def get_job(request: Request, job_id: str, principal: Auth) -> dict[str, Any]:
+    runtime = _rt(request)
+    return runtime.jobs.get(job_id, owner=runtime.owner_of(principal), with_events=True)
+
+
+@router.post(
+    "/api/runner/jobs/{job_id}/cancel",
+    tags=["jobs"],
+    responses={202: {"description": "cancel requested"}, **responses(404, 409, *AUTH_ERRORS)},
+)
+def cancel_job(request: Request, job_id: str, principal: Auth) -> JSONResponse:
+    job, code = _rt(request).cancel_job(principal, job_id)
+    return JSONResponse(job, status_code=code)
+
+
+@router.get("/api/runner/jobs/{job_id}/events", tags=["jobs"], responses=responses(404, *AUTH_ERRORS))
+def job_events(request: Request, job_id: str, principal: Auth) -> dict[str, Any]:
+    runtime = _rt(request)
+    return {"items": runtime.jobs.events(job_id, owner=runtime.owner_of(principal))}
+
+
+@router.get("/api/runner/diagnostics", tags=["operations"], responses=responses(403, *AUTH_ERRORS))
+def diagnostics(request: Request, principal: Auth) -> dict[str, Any]:
+    require_admin(principal)
+    from codex_runner.ops.diagnostics import collect
+
+    return collect(_rt(request))
+
+
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    response_class=PlainTextResponse,
+    responses=responses(403, *AUTH_ERRORS),
+)
+def metrics(request: Request, principal: Auth) -> Response:
+    require_admin(principal)
+    from codex_runner.ops.metrics import render
+
+    body, content_type = render(_rt(request))
+    return Response(body, media_type=content_type)
+
+
+def extra_routers() -> list[APIRouter]:
+    """Routers of other packages (logs), imported lazily to keep this module's imports light."""
+    try:
+        from codex_runner.api.logs import router as logs_router
+    except ImportError:
+        return []
+    return [logs_router]

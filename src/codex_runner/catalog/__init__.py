@@ -1,0 +1,141 @@
+"""Repos and scripts from runner.toml: typed argument schemas, argv assembly (never a shell), allowlists.
+
+`Catalog.from_settings` validates the raw `[repos.*]` and `[scripts.*]` tables once, raising `ConfigError`
+with the exact TOML path, and never touches the network. `Catalog.resolve` is the one call the API makes
+per job request; it has no side effects. The rules are documented in docs/catalog.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from codex_runner.catalog.parse import BUILTIN_SCRIPTS, parse_repo, parse_script
+from codex_runner.catalog.specs import REPO_NAMESPACE, ArgSpec, RepoSpec, ScriptSpec, clip, repo_id_for
+from codex_runner.config import Settings
+from codex_runner.errors import Forbidden, InvalidRequest, RepoDisabled, RepoNotAllowed, UnknownScript
+
+__all__ = [
+    "BUILTIN_SCRIPTS",
+    "REPO_NAMESPACE",
+    "ArgSpec",
+    "Catalog",
+    "RepoSpec",
+    "ScriptSpec",
+    "repo_id_for",
+]
+
+
+@dataclass
+class Catalog:
+    repos: dict[str, RepoSpec] = field(default_factory=dict)
+    scripts: dict[str, ScriptSpec] = field(default_factory=dict)
+    allowed_repo_paths: tuple[str, ...] = ()
+    allowed_git_url_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, builtins: bool = True) -> Catalog:
+        """Validates every repo and script table; `builtins=False` leaves out `BUILTIN_SCRIPTS`."""
+        repos = {name: parse_repo(name, raw) for name, raw in settings.repos.items()}
+        raw_scripts = dict(BUILTIN_SCRIPTS) if builtins else {}
+        raw_scripts.update(settings.scripts)
+        timeout = settings.default_timeout_seconds
+        scripts = {
+            key: parse_script(key, raw, default_timeout=timeout, repos=repos)
+            for key, raw in raw_scripts.items()
+        }
+        return cls(repos, scripts, settings.allowed_repo_paths, settings.allowed_git_url_prefixes)
+
+    def repo(self, *, repo_id: str | None = None, name: str | None = None) -> RepoSpec:
+        """The repo by id or by name (given both, they must agree); `InvalidRequest` when unknown."""
+        if repo_id is None and name is None:
+            raise InvalidRequest(
+                "repo_id or repo is required",
+                errors=[{"loc": ["body", "repo_id"], "msg": "repo_id or repo is required"}],
+            )
+        by_id = by_name = None
+        if repo_id is not None:
+            wanted = str(repo_id).lower()
+            by_id = next((r for r in self.repos.values() if r.id == wanted), None)
+            if by_id is None:
+                raise InvalidRequest(f"unknown repo {clip(repo_id)!r}")
+        if name is not None:
+            by_name = self.repos.get(name) if isinstance(name, str) else None
+            if by_name is None:
+                raise InvalidRequest(f"unknown repo {clip(name)!r}")
+        if by_id is not None and by_name is not None and by_id is not by_name:
+            raise InvalidRequest("repo_id and repo name different repos")
+        found = by_id or by_name
+        assert found is not None
+        return found
+
+    def script(self, key: str) -> ScriptSpec:
+        spec = self.scripts.get(key) if isinstance(key, str) else None
+        if spec is None:
+            raise UnknownScript(f"unknown script {clip(key)!r}")
+        return spec
+
+    def resolve(
+        self, *, repo_id: str | None, repo_name: str | None, script_key: str, args: Any
+    ) -> tuple[RepoSpec, ScriptSpec, dict[str, Any]]:
+        """Everything a job request needs, checked in order: repo, enabled, allowlist, script, args."""
+        repo = self.repo(repo_id=repo_id, name=repo_name)
+        if not repo.enabled:
+            raise RepoDisabled(f"repo {repo.name!r} is disabled")
+        self.check_allowed(repo)
+        script = self.script(script_key)
+        if not script.allows_repo(repo.name):
+            raise Forbidden(f"script {script.key!r} may not run on repo {repo.name!r}")
+        return repo, script, script.validate_args(args)
+
+    def check_allowed(self, repo: RepoSpec) -> None:
+        """`RepoNotAllowed` unless the repo is inside the allowlists (an empty allowlist allows all).
+
+        A file:// URL reads the local disk, so it must satisfy RUNNER_ALLOWED_REPO_PATHS as well.
+        """
+        is_url = repo.source_type == "git_url"
+        local_path: str | None = repo.source
+        if is_url:
+            local_path = (
+                unquote(urlsplit(repo.source).path) if repo.source.lower().startswith("file:") else None
+            )
+        paths, prefixes = self.allowed_repo_paths, self.allowed_git_url_prefixes
+        if local_path is not None and paths and not _path_inside(local_path, paths):
+            raise RepoNotAllowed(f"repo {repo.name!r} is outside RUNNER_ALLOWED_REPO_PATHS")
+        if is_url and prefixes and not any(_url_has_prefix(repo.source, p) for p in prefixes):
+            raise RepoNotAllowed(f"repo {repo.name!r} is outside RUNNER_ALLOWED_GIT_URL_PREFIXES")
+
+
+def _path_inside(path: str, allowed: Iterable[str]) -> bool:
+    # realpath on both sides, compared by components: "..", symlinks and "/srv/gitx" cannot slip through.
+    real = Path(os.path.realpath(path))
+    return any(a and real.is_relative_to(os.path.realpath(a)) for a in allowed)
+
+
+def _canonical_url(url: str) -> str | None:
+    """scheme://host[:port]/path without userinfo, host case-folded, path decoded; None if dubious."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    path = unquote(parts.path)
+    if any(seg in {".", ".."} for seg in path.split("/")):
+        return None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{parts.scheme.lower()}://{netloc}{path}"
+
+
+def _url_has_prefix(url: str, prefix: str) -> bool:
+    u, p = _canonical_url(url), _canonical_url(prefix)
+    if u is None or p is None or not u.startswith(p):
+        return False
+    # A prefix ends at a path boundary: "https://h/acme" must not admit "https://h/acme-evil".
+    return len(u) == len(p) or p.endswith("/") or u[len(p)] == "/"

@@ -1,0 +1,82 @@
+"""The `codex-runner` command line: thin, it calls the same services as the API (docs/cli.md).
+
+Client commands (`submit`, `jobs …`) talk HTTP to `RUNNER_URL` with `RUNNER_TOKEN`; admin commands
+(`tokens`, `credentials`, `migrate`) work on the local database. Every failure is one `error: …`
+line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from codex_runner import __version__
+from codex_runner.cli import admin, jobs
+from codex_runner.cli.common import CliError, ExitCode, info, masked, settings
+from codex_runner.errors import ConfigError, RunnerError
+
+app = typer.Typer(
+    name="codex-runner",
+    help="Run AI coding agents as durable jobs against git repositories.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Tracebacks with locals would print tokens and keys; main() turns errors into one line instead.
+    pretty_exceptions_enable=False,
+)
+
+
+def serve() -> None:
+    """Run the HTTP API and, unless RUNNER_ENABLED=false, the launcher that runs jobs."""
+    from codex_runner.server import run_serve
+
+    loaded = settings()
+    launcher = "on" if loaded.enabled else "off (RUNNER_ENABLED=false)"
+    info(f"codex-runner {__version__} serving http://{loaded.host}:{loaded.port} (launcher {launcher})")
+    run_serve(loaded)
+
+
+def worker() -> None:
+    """Run only the launcher: claims and runs jobs from the shared database, no HTTP API."""
+    from codex_runner.server import run_worker
+
+    run_worker(settings())
+
+
+def version() -> None:
+    """Print the version."""
+    sys.stdout.write(f"codex-runner {__version__}\n")
+
+
+# Registered here, in the order `--help` lists them.
+app.command()(serve)
+app.command()(worker)
+app.command()(jobs.submit)
+app.add_typer(jobs.jobs_app, name="jobs")
+app.add_typer(admin.tokens_app, name="tokens")
+app.add_typer(admin.credentials_app, name="credentials")
+app.command()(admin.migrate)
+app.command()(admin.keygen)
+app.command()(version)
+
+
+def _fail(line: str, code: int = ExitCode.ERROR) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def main() -> None:
+    try:
+        app(prog_name="codex-runner")
+    except CliError as exc:
+        _fail(masked(exc.line()), exc.exit_code)
+    except ConfigError as exc:
+        _fail(f"error: {exc.message}")
+    except RunnerError as exc:
+        _fail(masked(f"error: {exc.message} ({exc.code})"))
+    except Exception as exc:
+        # Unexpected: still one line. The first line of the text only (SQL errors append the
+        # statement), masked with the known secrets in case a library echoed one.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(masked(f"error: unexpected {type(exc).__name__}" + (f": {first}" if first else "")))

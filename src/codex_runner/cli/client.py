@@ -1,0 +1,145 @@
+"""The HTTP client of the client commands: `RUNNER_URL` with the bearer `RUNNER_TOKEN`.
+
+Every failure becomes a `CliError` whose line a person can act on: the API's `detail (code)`, or
+what to check when the runner cannot be reached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from codex_runner import __version__
+from codex_runner.cli.common import CliError
+from codex_runner.config import Settings
+
+T = TypeVar("T")
+
+REQUEST_TIMEOUT_SECONDS = 30.0
+# How long a wait or a follow keeps retrying while the runner is unreachable (e.g. restarting).
+UNREACHABLE_GRACE_SECONDS = 30.0
+
+
+class RunnerUnreachable(CliError):
+    """The runner did not answer at all; waits retry these for a while."""
+
+
+def display_url(url: str) -> str:
+    """The URL without user information, fit for an error line."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class RunnerClient:
+    def __init__(self, url: str, token: str | None, *, timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
+        if not token:
+            raise CliError(
+                "RUNNER_TOKEN is not set; create a token with `codex-runner tokens create --user NAME` "
+                "and export it as RUNNER_TOKEN"
+            )
+        if not token.isascii() or not token.isprintable():
+            raise CliError("RUNNER_TOKEN: must be printable ASCII")
+        try:
+            parsed = urlsplit(url)
+            parsed.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise CliError(f"RUNNER_URL: {url!r} is not a valid URL") from None
+        if parsed.scheme not in {"http", "https"} or not parsed.hostname:
+            raise CliError(f"RUNNER_URL: expected an http:// or https:// URL, got {display_url(url)!r}")
+        self.url = display_url(url)
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}", "User-Agent": f"codex-runner-cli/{__version__}"},
+            timeout=timeout,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerClient:
+        return cls(settings.url, settings.token)
+
+    def __enter__(self) -> RunnerClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Any = None,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """(status, decoded JSON body) of a 2xx answer; anything else raises `CliError`."""
+        try:
+            response = self._http.request(method, path, params=params, json=json, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise RunnerUnreachable(
+                f"cannot reach the runner at {self.url}: is `codex-runner serve` running?"
+            ) from None
+        except httpx.TimeoutException:
+            raise RunnerUnreachable(f"the runner at {self.url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise RunnerUnreachable(
+                f"request to the runner at {self.url} failed ({type(exc).__name__})"
+            ) from None
+        if response.is_success:
+            try:
+                return response.status_code, response.json()
+            except ValueError:
+                raise CliError(f"the runner at {self.url} answered something that is not JSON") from None
+        raise _api_error(response)
+
+    def get(self, path: str, params: Any = None) -> Any:
+        return self.request("GET", path, params=params)[1]
+
+    def post(self, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        return self.request("POST", path, json=body, headers=headers)
+
+
+def _api_error(response: httpx.Response) -> CliError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("detail"), str):
+        return CliError(
+            f"the runner answered HTTP {response.status_code}", code=f"http_{response.status_code}"
+        )
+    detail: str = body["detail"]
+    # Validation errors carry the specifics in `errors`; add them unless the detail already says it.
+    items = body.get("errors")
+    if not isinstance(items, list):
+        items = []
+    specifics = [
+        f"{'.'.join(str(p) for p in item.get('loc', []) if p != 'body')}: {item.get('msg')}"
+        for item in items
+        if isinstance(item, dict) and str(item.get("msg")) not in detail
+    ]
+    if specifics:
+        detail = f"{detail}: {'; '.join(specifics)}"
+    if response.status_code == 429 and (retry := response.headers.get("Retry-After")):
+        detail = f"{detail} (retry after {retry} s)"
+    code = body.get("code") if isinstance(body.get("code"), str) else f"http_{response.status_code}"
+    return CliError(detail, code=code)
+
+
+def patiently(call: Callable[[], T], *, grace: float = UNREACHABLE_GRACE_SECONDS, pause: float = 1.0) -> T:
+    """`call()`, retried while the runner is unreachable for up to `grace` seconds: a wait of many
+    minutes should survive a runner restart."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            return call()
+        except RunnerUnreachable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(pause)

@@ -1,0 +1,109 @@
+"""What every command shares: the two consoles, exit codes, the one-line error type, settings.
+
+stdout carries data only (tables, JSON, ids, tokens, logs) so that it can be piped or captured;
+everything meant for a person (progress, confirmations, errors) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import IntEnum
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from codex_runner.config import Settings, load_settings
+from codex_runner.secrets import mask
+
+# Piped output has no terminal width; rich would then wrap tables at 80 columns and split ids.
+_PIPE_WIDTH = 240
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+if not out.is_terminal:
+    out.width = _PIPE_WIDTH
+
+
+class ExitCode(IntEnum):
+    """Documented in docs/cli.md; scripts rely on them."""
+
+    OK = 0
+    JOB_FAILED = 1
+    ERROR = 2  # usage, configuration, connection or API error (click uses 2 for usage errors too)
+    JOB_TIMEOUT = 3
+    JOB_CANCELED = 4
+    WAIT_TIMEOUT = 5  # --wait-timeout passed while the job was still active
+    INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A failure the user can act on: printed as one `error: …` line, never a traceback."""
+
+    def __init__(self, message: str, *, code: str | None = None, exit_code: int = ExitCode.ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.exit_code = exit_code
+
+    def line(self) -> str:
+        return f"error: {self.message}" + (f" ({self.code})" if self.code else "")
+
+
+# Secrets of the loaded settings, so that an unexpected error's text can be masked before printing.
+_known_secrets: list[str] = []
+
+
+def settings() -> Settings:
+    """Loads and validates the settings once per command; `ConfigError` becomes the error line."""
+    loaded = load_settings()
+    _known_secrets[:] = loaded.secret_values()
+    return loaded
+
+
+def masked(text: str) -> str:
+    return mask(text, _known_secrets)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    """A line for a person, on stderr; `message` is plain text, never rich markup."""
+    err.print(Text(message))
+
+
+def cell(value: object) -> Text:
+    """A table cell from data: rich must not read `[...]` in a user's text as markup."""
+    return Text("" if value is None else str(value))
+
+
+STATUS_STYLES = {
+    "queued": "cyan",
+    "running": "yellow",
+    "cancel_requested": "yellow",
+    "success": "green",
+    "failed": "red",
+    "timeout": "red",
+    "canceled": "magenta",
+}
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+def format_duration(ms: int | float | None) -> str:
+    if ms is None:
+        return ""
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

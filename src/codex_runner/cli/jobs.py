@@ -1,0 +1,350 @@
+"""Client commands: `submit` and `jobs list|show|cancel|events|logs`, over the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from typing import Annotated, Any
+
+import typer
+from rich.status import Status as Spinner
+from rich.table import Table
+from rich.text import Text
+
+from codex_runner.cli.args import parse_args
+from codex_runner.cli.client import RunnerClient
+from codex_runner.cli.common import (
+    CliError,
+    ExitCode,
+    cell,
+    err,
+    format_duration,
+    info,
+    out,
+    print_json,
+    settings,
+    status_text,
+)
+from codex_runner.cli.follow import EXIT_BY_STATUS, LogFollower, jobs_path, wait_for_job
+from codex_runner.jobs import Status
+from codex_runner.runtime import validate_idempotency_key
+
+jobs_app = typer.Typer(help="List, inspect, cancel and follow jobs.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+JobId = Annotated[str, typer.Argument(help="The job's id.", metavar="ID")]
+# After this long in `queued`, the status line says why a job may not start.
+QUEUED_HINT_SECONDS = 10.0
+
+
+def _client() -> RunnerClient:
+    return RunnerClient.from_settings(settings())
+
+
+def _write(text: str, *, to_stderr: bool = False) -> None:
+    stream = sys.stderr if to_stderr else sys.stdout
+    stream.write(text)
+    stream.flush()
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def submit(
+    repo: Annotated[str, typer.Argument(help="Repo name from runner.toml (or its id).")],
+    script: Annotated[str, typer.Argument(help="Script key, e.g. codex.exec.")],
+    arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arg",
+            "-a",
+            metavar="KEY=VALUE",
+            help="Script argument; VALUE is JSON if it parses, else a string; @PATH reads a file, - reads stdin.",
+        ),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", metavar="KEY", help="Replays instead of creating twice."),
+    ] = None,
+    json_out: JsonOpt = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the job to end; exit code follows it.")
+    ] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Like --wait, printing the log as it grows.")
+    ] = False,
+    wait_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--wait-timeout", metavar="SECONDS", min=0.1, help="Stop waiting after this long (exit 5)."
+        ),
+    ] = None,
+) -> None:
+    """Submit a job: run SCRIPT on REPO. Prints the job id (or JSON) on stdout."""
+    loaded = settings()
+    if idempotency_key is not None:
+        try:
+            validate_idempotency_key(idempotency_key)
+        except Exception:
+            raise CliError("--idempotency-key: must be 1-255 printable ASCII characters") from None
+    body: dict[str, Any] = {"script_key": script, "args": parse_args(arg or [], sys.stdin)}
+    body["repo_id" if _is_uuid(repo) else "repo"] = repo
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+    with RunnerClient.from_settings(loaded) as client:
+        _, job = client.post("/api/runner/jobs", body, headers)
+        job_id = str(job["id"])
+        if job.get("deduplicated"):
+            info(
+                f"deduplicated: idempotency key {idempotency_key!r} already made job {job_id} "
+                f"({job['status']}); no new job"
+            )
+        else:
+            info(f"created job {job_id} ({job['status']}): script {script} on repo {repo}")
+        if not (wait or follow):
+            if json_out:
+                print_json(job)
+            else:
+                _write(job_id + "\n")
+                info(f"follow it with: codex-runner jobs logs {job_id} -f")
+            return
+        if not (json_out or follow):
+            _write(job_id + "\n")
+        code = await_job(client, job_id, follow=follow, wait_timeout=wait_timeout, json_out=json_out)
+    raise typer.Exit(int(code))
+
+
+def await_job(
+    client: RunnerClient, job_id: str, *, follow: bool, wait_timeout: float | None, json_out: bool
+) -> ExitCode:
+    """Waits (showing a status line, or the log with `follow`) and maps the outcome to an exit code."""
+    deadline = time.monotonic() + wait_timeout if wait_timeout else None
+    try:
+        if follow:
+            info(f"following the log of job {job_id} (Ctrl-C stops following; the job keeps running)")
+            follower = LogFollower(client, job_id)
+            # With --json stdout is reserved for the final job object.
+            for chunk in follower.chunks(follow=True, deadline=deadline):
+                _write(chunk, to_stderr=json_out)
+            job, done = wait_for_job(client, job_id, on_poll=lambda _: None, deadline=deadline)
+        else:
+            with StatusLine(job_id) as line:
+                job, done = wait_for_job(client, job_id, on_poll=line.update, deadline=deadline)
+    except KeyboardInterrupt:
+        info(f"stopped waiting; job {job_id} keeps running (see: codex-runner jobs show {job_id})")
+        return ExitCode.INTERRUPTED
+    if json_out:
+        print_json(job)
+    if not done:
+        info(f"stopped waiting after {wait_timeout:g}s: job {job_id} is still {job.get('status')}")
+        return ExitCode.WAIT_TIMEOUT
+    err.print(outcome_line(job))
+    return EXIT_BY_STATUS.get(str(job["status"]), ExitCode.ERROR)
+
+
+class StatusLine:
+    """`job … status · elapsed` on stderr: a live spinner on a terminal; elsewhere (CI logs, pipes)
+    one line per status change, since a spinner would only print escape codes there."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.started = time.monotonic()
+        self.last_status: str | None = None
+        self.hinted = False
+        self._spinner: Spinner | None = err.status("", spinner="dots") if err.is_terminal else None
+
+    def __enter__(self) -> StatusLine:
+        if self._spinner is not None:
+            self._spinner.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._spinner is not None:
+            self._spinner.stop()
+
+    def update(self, job: dict[str, Any]) -> None:
+        status = str(job.get("status"))
+        elapsed = time.monotonic() - self.started
+        line = Text.assemble(
+            f"job {self.job_id} ", status_text(status), f" · {format_duration(elapsed * 1000)}"
+        )
+        hint = status == "queued" and elapsed >= QUEUED_HINT_SECONDS
+        if hint:
+            line.append(" · still queued: is a `serve` or `worker` with RUNNER_ENABLED=true running?", "dim")
+        if self._spinner is not None:
+            self._spinner.update(line)
+        elif status != self.last_status or (hint and not self.hinted):
+            err.print(line)
+        self.hinted = self.hinted or hint
+        self.last_status = status
+
+
+def outcome_line(job: dict[str, Any]) -> Text:
+    status = str(job.get("status"))
+    line = Text.assemble(f"job {job.get('id')} ", status_text(status))
+    if job.get("duration_ms") is not None:
+        line.append(f" in {format_duration(job['duration_ms'])}")
+    if job.get("exit_code") is not None:
+        line.append(f" (exit {job['exit_code']})")
+    if status != "success" and (job.get("error_code") or job.get("error_message")):
+        line.append(f": {job.get('error_code') or 'error'}: {job.get('error_message') or ''}".rstrip(": "))
+    result = job.get("result")
+    if isinstance(result, dict) and result.get("commit"):
+        line.append(
+            f"; commit {str(result['commit'])[:12]} on {result.get('branch')}: "
+            f"{result.get('files_changed', 0)} file(s), +{result.get('lines_added', 0)} -{result.get('lines_removed', 0)}"
+        )
+    return line
+
+
+@jobs_app.command("list")
+def list_jobs(
+    status: Annotated[
+        list[Status] | None, typer.Option("--status", "-s", help="Only these statuses (repeatable).")
+    ] = None,
+    repo_id: Annotated[str | None, typer.Option("--repo-id", help="Only this repo's jobs.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="At most this many jobs.")] = 50,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many (newest first).")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """List jobs, newest first (users see their own, admins everyone's)."""
+    params: list[tuple[str, str | int]] = [("status", s.value) for s in status or []]
+    if repo_id:
+        params.append(("repo_id", repo_id))
+    params += [("limit", limit), ("offset", offset)]
+    with _client() as client:
+        page = client.get("/api/runner/jobs", params=params)
+    if json_out:
+        print_json(page)
+        return
+    table = Table(
+        "ID", "STATUS", "REPO", "SCRIPT", "USER", "CREATED", "DURATION", box=None, header_style="bold"
+    )
+    for job in page["items"]:
+        table.add_row(
+            cell(job["id"]),
+            status_text(job["status"]),
+            cell(job.get("repo")),
+            cell(job.get("script_key")),
+            cell(job.get("requested_by")),
+            cell(job.get("created_at")),
+            cell(format_duration(job.get("duration_ms"))),
+        )
+    if page["items"]:
+        out.print(table)
+    first = offset + 1 if page["items"] else offset
+    info(f"jobs {first}-{offset + len(page['items'])} of {page['total']}")
+
+
+@jobs_app.command("show")
+def show_job(job_id: JobId, json_out: JsonOpt = False) -> None:
+    """Show one job with its stages, result and events."""
+    with _client() as client:
+        job = client.get(jobs_path(job_id))
+    if json_out:
+        print_json(job)
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    status = status_text(job["status"])
+    if job.get("exit_code") is not None:
+        status.append(f" (exit {job['exit_code']})")
+    rows: list[tuple[str, Text]] = [
+        ("id", cell(job["id"])),
+        ("status", status),
+        ("repo", cell(job.get("repo"))),
+        ("script", cell(job.get("script_key"))),
+        ("args", cell(json.dumps(job.get("args"), ensure_ascii=False))),
+        ("requested by", cell(job.get("requested_by"))),
+        ("created", cell(job.get("created_at"))),
+        ("started", cell(job.get("started_at"))),
+        ("finished", cell(job.get("finished_at"))),
+        ("duration", cell(format_duration(job.get("duration_ms")))),
+        ("runner", cell(job.get("runner_id"))),
+        ("attempt", cell(job.get("attempt"))),
+    ]
+    if job.get("error_code") or job.get("error_message"):
+        rows.append(("error", cell(f"{job.get('error_code')}: {job.get('error_message')}")))
+    result = job.get("result")
+    if isinstance(result, dict):
+        rows.append(("result", cell(", ".join(f"{k}={v}" for k, v in result.items()))))
+    for name, value in rows:
+        grid.add_row(name, value)
+    out.print(grid)
+    stages = [s for s in job.get("stages") or [] if s.get("status") != "pending"]
+    if stages:
+        table = Table("STAGE", "STATUS", "STARTED", "FINISHED", "EXIT", box=None, header_style="bold")
+        for stage in stages:
+            table.add_row(
+                cell(stage.get("name")),
+                cell(stage.get("status")),
+                cell(stage.get("started_at")),
+                cell(stage.get("finished_at")),
+                cell(stage.get("exit_code")),
+            )
+        out.print()
+        out.print(table)
+    if job.get("events"):
+        out.print()
+        out.print(_events_table(job["events"]))
+
+
+def _events_table(events: list[dict[str, Any]]) -> Table:
+    table = Table("TIME", "EVENT", "ACTOR", "MESSAGE", box=None, header_style="bold")
+    for event in events:
+        table.add_row(
+            cell(event.get("created_at")),
+            cell(event.get("event_type")),
+            cell(event.get("actor")),
+            cell(event.get("message")),
+        )
+    return table
+
+
+@jobs_app.command("cancel")
+def cancel_job(job_id: JobId, json_out: JsonOpt = False) -> None:
+    """Cancel a job: a queued one at once, a running one within the kill grace period."""
+    with _client() as client:
+        code, job = client.post(jobs_path(job_id, "cancel"))
+    if json_out:
+        print_json(job)
+    if code == 202:
+        info(f"cancel requested for job {job_id}; it stops within RUNNER_KILL_GRACE_SECONDS")
+    else:
+        info(f"job {job_id} {job['status']}")
+
+
+@jobs_app.command("events")
+def job_events(job_id: JobId, json_out: JsonOpt = False) -> None:
+    """A job's events (its audit trail), oldest first."""
+    with _client() as client:
+        page = client.get(jobs_path(job_id, "events"))
+    if json_out:
+        print_json(page)
+    else:
+        out.print(_events_table(page["items"]))
+
+
+@jobs_app.command("logs")
+def job_logs(
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    offset: Annotated[int, typer.Option(min=0, help="Start at this byte offset of the redacted log.")] = 0,
+) -> None:
+    """Print a job's redacted log (stdout and stderr merged)."""
+    with _client() as client:
+        follower = LogFollower(client, job_id, offset=offset)
+        try:
+            for chunk in follower.chunks(follow=follow):
+                _write(chunk)
+        except KeyboardInterrupt:
+            # Ctrl-C is how one stops following: not an error.
+            info(f"stopped following at offset {follower.offset}")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None

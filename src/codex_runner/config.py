@@ -1,0 +1,291 @@
+"""Settings from the environment, then the `[runner]` table of runner.toml; environment wins.
+
+Validated once at start-up: a bad value raises `ConfigError` whose message is one line naming the
+setting and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from codex_runner.errors import ConfigError
+
+ENV_PREFIX = "RUNNER_"
+
+
+def _parse_bool(name: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _parse_int(name: str, raw: object, minimum: int = 0) -> int:
+    if isinstance(raw, bool):
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}")
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _parse_list(name: str, raw: object) -> tuple[str, ...]:
+    if isinstance(raw, list | tuple):
+        items = [str(x) for x in raw]
+    else:
+        text = str(raw).strip()
+        if not text:
+            return ()
+        if text.startswith("["):
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name}: not a valid JSON array ({exc.msg})") from None
+            if not isinstance(loaded, list) or not all(isinstance(x, str) for x in loaded):
+                raise ConfigError(f"{name}: expected a JSON array of strings")
+            items = loaded
+        else:
+            items = [part for part in text.split(":") if part]
+    return tuple(items)
+
+
+def _default_runner_id() -> str:
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every `RUNNER_*` setting, typed. Paths are absolute after `load_settings`."""
+
+    config: Path | None = None
+    data_dir: Path = Path(".runner-data")
+    database_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8787
+    id: str = ""
+    enabled: bool = True
+    max_concurrency: int = 2
+    max_jobs_per_user: int = 3
+    max_queue_size: int = 200
+    max_queued_per_user: int = 20
+    default_timeout_seconds: int = 3600
+    heartbeat_seconds: int = 30
+    stale_after_seconds: int = 120
+    kill_grace_seconds: int = 10
+    idempotency_window_seconds: int = 86400
+    log_dir: Path = Path()
+    log_max_bytes: int = 64 * 1024 * 1024
+    workspace_dir: Path = Path()
+    cleanup_after_job: bool = True
+    keep_failed_workspaces: bool = False
+    allowed_repo_paths: tuple[str, ...] = ()
+    allowed_git_url_prefixes: tuple[str, ...] = ()
+    encryption_key: str | None = None
+    encryption_key_previous: str | None = None
+    retention_days: int = 30
+    retention_keep: int = 100
+    retention_interval_seconds: int = 86400
+    audit_log: Path | None = None
+    audit_log_max_bytes: int = 5 * 1024 * 1024
+    audit_log_backups: int = 5
+    log_format: str = "json"
+    jwt_secret: str | None = None
+    production: bool = False
+    allow_remote: bool = False
+    backup_dir: Path = Path()
+    backup_max_age_days: int = 7
+    redis_url: str | None = None
+    url: str = "http://127.0.0.1:8787"
+    token: str | None = None
+    codex_home: Path | None = None
+    git_author_name: str = "codex-runner"
+    git_author_email: str = "codex-runner@localhost"
+    poll_interval_seconds: float = 1.0
+    max_request_bytes: int = 1024 * 1024
+    # The raw [repos.*] and [scripts.*] tables; catalog.py gives them meaning.
+    repos: Mapping[str, Any] = field(default_factory=dict)
+    scripts: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def mirrors_dir(self) -> Path:
+        return self.data_dir / "mirrors"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def secret_values(self) -> list[str]:
+        """The runner's own secrets: they must never reach a script, a log or a response."""
+        values = [self.encryption_key, self.encryption_key_previous, self.jwt_secret, self.token]
+        if not self.is_sqlite:
+            values.append(self.database_url)
+        return [v for v in values if v]
+
+
+_INT_MINIMUMS: dict[str, int] = {
+    "port": 1,
+    "max_concurrency": 1,
+    "max_jobs_per_user": 1,
+    "max_queue_size": 1,
+    "max_queued_per_user": 1,
+    "default_timeout_seconds": 1,
+    "heartbeat_seconds": 1,
+    "stale_after_seconds": 1,
+    "idempotency_window_seconds": 1,
+    "log_max_bytes": 1024,
+    "audit_log_max_bytes": 1024,
+    "retention_interval_seconds": 1,
+}
+
+_SKIP = {"repos", "scripts", "config"}
+
+
+def _coerce(name: str, env_name: str, raw: object, current: object) -> object:
+    """Converts one raw value to the type of the field's default."""
+    f_type = type(current)
+    if name in {"allowed_repo_paths", "allowed_git_url_prefixes"}:
+        return _parse_list(env_name, raw)
+    if f_type is bool:
+        return _parse_bool(env_name, raw)
+    if f_type is int:
+        value = _parse_int(env_name, raw, _INT_MINIMUMS.get(name, 0))
+        if name == "port" and value > 65535:
+            raise ConfigError(f"{env_name}: must be at most 65535, got {value}")
+        return value
+    if f_type is float:
+        try:
+            return float(str(raw))
+        except ValueError:
+            raise ConfigError(f"{env_name}: expected a number, got {raw!r}") from None
+    if name in {"data_dir", "log_dir", "workspace_dir", "backup_dir", "audit_log", "codex_home"}:
+        text = str(raw).strip()
+        return Path(text).expanduser() if text else None
+    text = str(raw)
+    return text if text != "" else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"RUNNER_CONFIG: file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"RUNNER_CONFIG: {path} is not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"RUNNER_CONFIG: cannot read {path} ({exc.strerror})") from None
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    cwd: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """Reads and validates every setting. Raises `ConfigError` with one readable line."""
+    env = os.environ if env is None else env
+    cwd = cwd or Path.cwd()
+    config_raw = env.get("RUNNER_CONFIG")
+    config_path: Path | None
+    if config_raw:
+        config_path = (cwd / config_raw).resolve()
+        doc = _read_toml(config_path)
+    else:
+        candidate = cwd / "runner.toml"
+        config_path = candidate.resolve() if candidate.is_file() else None
+        doc = _read_toml(candidate) if config_path else {}
+
+    runner_table = doc.get("runner", {})
+    if not isinstance(runner_table, dict):
+        raise ConfigError("runner.toml [runner]: must be a table")
+    known = {f.name for f in fields(Settings)} - _SKIP
+    for key in runner_table:
+        if key not in known:
+            raise ConfigError(f"runner.toml [runner].{key}: unknown setting")
+
+    defaults = Settings()
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        if f.name in _SKIP:
+            continue
+        env_name = ENV_PREFIX + f.name.upper()
+        current = getattr(defaults, f.name)
+        if env_name in env:
+            raw: object = env[env_name]
+            values[f.name] = _coerce(f.name, env_name, raw, current)
+        elif f.name in runner_table:
+            values[f.name] = _coerce(f.name, f"runner.toml [runner].{f.name}", runner_table[f.name], current)
+    if overrides:
+        values.update(overrides)
+
+    data_dir = Path(str(values.get("data_dir") or defaults.data_dir))
+    if not data_dir.is_absolute():
+        data_dir = (cwd / data_dir).resolve()
+    values["data_dir"] = data_dir
+
+    def under_data(name: str, sub: str) -> None:
+        p = values.get(name)
+        if not p:
+            values[name] = data_dir / sub
+        elif not Path(str(p)).is_absolute():
+            values[name] = (cwd / str(p)).resolve()
+
+    under_data("log_dir", "logs")
+    under_data("workspace_dir", "workspaces")
+    under_data("backup_dir", "backups")
+    if values.get("audit_log") and not Path(str(values["audit_log"])).is_absolute():
+        values["audit_log"] = (cwd / str(values["audit_log"])).resolve()
+    if not values.get("database_url"):
+        values["database_url"] = f"sqlite:///{data_dir / 'runner.db'}"
+    if not values.get("id"):
+        values["id"] = _default_runner_id()
+    if values.get("log_format", "json") not in {"json", "console"}:
+        raise ConfigError(f"RUNNER_LOG_FORMAT: expected json or console, got {values['log_format']!r}")
+    url = str(values["database_url"])
+    if not (url.startswith("sqlite") or url.startswith("postgresql")):
+        raise ConfigError("RUNNER_DATABASE_URL: expected a sqlite:/// or postgresql:// URL")
+    if values.get("encryption_key"):
+        from codex_runner.secrets import parse_key
+
+        try:
+            parse_key(str(values["encryption_key"]))
+        except Exception:
+            raise ConfigError(
+                "RUNNER_ENCRYPTION_KEY: expected 64 hex characters, base64 of 32 bytes, or 32 raw bytes"
+            ) from None
+    stale = int(values.get("stale_after_seconds", defaults.stale_after_seconds))  # type: ignore[call-overload]
+    beat = int(values.get("heartbeat_seconds", defaults.heartbeat_seconds))  # type: ignore[call-overload]
+    if stale <= beat:
+        raise ConfigError(
+            f"RUNNER_STALE_AFTER_SECONDS: must be greater than RUNNER_HEARTBEAT_SECONDS ({stale} <= {beat})"
+        )
+
+    repos = doc.get("repos", {})
+    scripts = doc.get("scripts", {})
+    if not isinstance(repos, dict):
+        raise ConfigError("runner.toml [repos]: must be a table of tables")
+    if not isinstance(scripts, dict):
+        raise ConfigError("runner.toml [scripts]: must be a table of tables")
+    return Settings(config=config_path, repos=repos, scripts=scripts, **values)  # type: ignore[arg-type]
+
+
+SettingsFactory = Callable[[], Settings]

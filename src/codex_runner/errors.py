@@ -1,0 +1,95 @@
+"""Errors as types. Each carries a machine `code`; the API maps classes to HTTP in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RunnerError(Exception):
+    """Base of every error the runner raises on purpose."""
+
+    code = "runner_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(RunnerError):
+    """Bad configuration: the message names the setting and what is wrong."""
+
+    code = "config_error"
+
+
+class InvalidRequest(RunnerError):
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str | None = None, errors: list[dict[str, Any]] | None = None):
+        super().__init__(message, code=code)
+        self.errors = errors or []
+
+
+class InvalidArgs(InvalidRequest):
+    code = "invalid_args"
+
+
+class UnknownScript(InvalidRequest):
+    code = "unknown_script"
+
+
+class NotAuthenticated(RunnerError):
+    code = "not_authenticated"
+
+
+class Forbidden(RunnerError):
+    code = "forbidden"
+
+
+class RepoNotAllowed(Forbidden):
+    code = "repo_not_allowed"
+
+
+class RepoDisabled(Forbidden):
+    code = "repo_disabled"
+
+
+class NotFound(RunnerError):
+    code = "not_found"
+
+
+class InvalidTransition(RunnerError):
+    code = "invalid_transition"
+
+
+class IdempotencyConflict(RunnerError):
+    code = "idempotency_key_reused_with_different_payload"
+
+
+class QueueFull(RunnerError):
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class UserQueueFull(QueueFull):
+    code = "user_queue_full"
+
+
+class StoreUnavailable(RunnerError):
+    """The database did not answer after the retry budget was spent."""
+
+    code = "unavailable"
+
+
+class LeaseLost(RunnerError):
+    """A fenced write found another lease (or none): the writer must stop touching the job."""
+
+    code = "lease_lost"
+
+
+class CryptoError(RunnerError):
+    code = "crypto_error"

@@ -1,0 +1,224 @@
+"""Live parser of `codex exec --json` standard output (JSON Lines, one event per line).
+
+codex 0.169 prints `thread.started`, `turn.started`, `item.started` / `item.updated` /
+`item.completed` (items: `agent_message`, `command_execution`, `file_change`, `reasoning`,
+`todo_list`, `mcp_tool_call`, `web_search`, `error`), then `turn.completed` (with `usage`) or
+`turn.failed`, and top-level `error` events. docs/codex.md shows real lines.
+
+The parser is fed raw bytes as they arrive, at any chunk boundary, and keeps bounded memory: an
+over-long line is skipped whole, and the lists it collects are capped. A `turn.failed` or a fatal
+`error` event marks the run failed even when codex exits 0; codex's own retry notices
+("Reconnecting... 1/5 (...)") are also `error` events but are only counted, since codex may recover.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+MAX_LINE_BYTES = 1024 * 1024
+MAX_ENTRIES = 500
+MAX_TEXT_CHARS = 100_000
+
+# codex reports each retry of a failed model request as an `error` event with this prefix.
+_RETRY_NOTICE = re.compile(r"^Reconnecting\.\.\. \d+/\d+")
+
+
+def _text(value: Any, limit: int = MAX_TEXT_CHARS) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return value if len(value) <= limit else value[:limit] + "…"
+
+
+class CodexEventParser:
+    """Incremental parser of codex's JSON-lines events; see the module docstring.
+
+    `on_event`, if given, is called with every parsed event, in order, from inside `feed`.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_entries: int = MAX_ENTRIES,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._max_line_bytes = max_line_bytes
+        self._max_entries = max_entries
+        self._on_event = on_event
+        self._buffer = bytearray()
+        # True while skipping the rest of a line that already exceeded the limit.
+        self._discarding = False
+
+        self.thread_id: str | None = None
+        self.final_message: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.commands: list[dict[str, Any]] = []
+        self._command_index: dict[str, int] = {}
+        self._files: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self.retries = 0
+        self.turns_completed = 0
+        self.events_seen = 0
+        self.lines_skipped = 0
+        self.entries_dropped = 0
+        self._error: str | None = None
+        self._failed = False
+
+    @property
+    def failed(self) -> bool:
+        """True once codex reported a failed turn or a fatal error."""
+        return self._failed
+
+    @property
+    def error_message(self) -> str | None:
+        """The message of the failure, as codex worded it; None unless `failed`."""
+        return self._error if self._failed else None
+
+    def feed(self, chunk: bytes) -> None:
+        """Consume the next piece of standard output; complete lines are parsed at once."""
+        start = 0
+        while True:
+            newline = chunk.find(b"\n", start)
+            if newline < 0:
+                self._append(chunk[start:])
+                return
+            self._append(chunk[start:newline])
+            if not self._discarding:
+                self._parse_line(bytes(self._buffer))
+            self._buffer.clear()
+            self._discarding = False
+            start = newline + 1
+
+    def close(self) -> None:
+        """End of output: a last line without a newline is parsed too."""
+        if self._buffer and not self._discarding:
+            self._parse_line(bytes(self._buffer))
+        self._buffer.clear()
+        self._discarding = False
+
+    def summary(self) -> dict[str, Any]:
+        """What the run did, as plain JSON-ready data."""
+        return {
+            "thread_id": self.thread_id,
+            "final_message": self.final_message,
+            "usage": dict(self.usage) if self.usage is not None else None,
+            "commands": [dict(c) for c in self.commands],
+            "files_changed": [{"path": path, "kind": kind} for path, kind in self._files.items()],
+            "failed": self._failed,
+            "error": self.error_message,
+            "warnings": list(self.warnings),
+            "retries": self.retries,
+            "entries_dropped": self.entries_dropped,
+        }
+
+    def _append(self, data: bytes) -> None:
+        if self._discarding or not data:
+            return
+        if len(self._buffer) + len(data) > self._max_line_bytes:
+            self._buffer.clear()
+            self._discarding = True
+            self.lines_skipped += 1
+            return
+        self._buffer += data
+
+    def _parse_line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line.startswith(b"{"):
+            return
+        try:
+            event = json.loads(line.decode("utf-8", errors="replace"))
+        except ValueError:
+            return
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            return
+        self.events_seen += 1
+        self._handle(event)
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "thread.started":
+            self.thread_id = _text(event.get("thread_id"), 200)
+        elif kind in ("item.started", "item.updated", "item.completed"):
+            item = event.get("item")
+            if isinstance(item, dict):
+                self._handle_item(item, completed=kind == "item.completed")
+        elif kind == "turn.completed":
+            self.turns_completed += 1
+            self._add_usage(event.get("usage"))
+        elif kind == "turn.failed":
+            error = event.get("error")
+            message = _text(error.get("message")) if isinstance(error, dict) else None
+            self._fail(message or "codex reported a failed turn")
+        elif kind == "error":
+            message = _text(event.get("message")) or "codex reported an error"
+            if _RETRY_NOTICE.match(message):
+                self.retries += 1
+            else:
+                self._fail(message)
+
+    def _handle_item(self, item: dict[str, Any], *, completed: bool) -> None:
+        item_type = item.get("type")
+        if item_type == "command_execution":
+            self._record_command(item)
+        elif item_type == "file_change" and completed and item.get("status") != "failed":
+            for change in item.get("changes") or []:
+                if isinstance(change, dict):
+                    self._record_file(change.get("path"), change.get("kind"))
+        elif item_type == "agent_message" and completed:
+            self.final_message = _text(item.get("text"))
+        elif item_type == "error" and completed:
+            # Item-level errors are warnings codex carried on from; the turn's outcome decides.
+            message = _text(item.get("message"), 2000)
+            if message is not None:
+                self._bounded_append(self.warnings, message)
+
+    def _record_command(self, item: dict[str, Any]) -> None:
+        command = _text(item.get("command"), 4000)
+        if command is None:
+            return
+        exit_code = item.get("exit_code")
+        entry = {"command": command, "exit_code": exit_code if isinstance(exit_code, int) else None}
+        # The same item arrives as started (no exit code yet) and again as completed.
+        item_id = item.get("id")
+        key = item_id if isinstance(item_id, str) else None
+        if key is not None and key in self._command_index:
+            self.commands[self._command_index[key]] = entry
+            return
+        if self._bounded_append(self.commands, entry) and key is not None:
+            self._command_index[key] = len(self.commands) - 1
+
+    def _record_file(self, path: Any, kind: Any) -> None:
+        if not isinstance(path, str) or not isinstance(kind, str):
+            return
+        previous = self._files.get(path)
+        if previous is None and len(self._files) >= self._max_entries:
+            self.entries_dropped += 1
+            return
+        # A file this run created stays "add" however often it is edited afterwards.
+        self._files[path] = "add" if previous == "add" and kind == "update" else kind
+
+    def _add_usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        # One `codex exec` normally runs one turn; should it run several, their usage adds up.
+        total = self.usage if self.usage is not None else {}
+        for key, value in usage.items():
+            if isinstance(key, str) and isinstance(value, int) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+        self.usage = total
+
+    def _fail(self, message: str) -> None:
+        self._failed = True
+        self._error = message
+
+    def _bounded_append(self, target: list[Any], value: Any) -> bool:
+        if len(target) >= self._max_entries:
+            self.entries_dropped += 1
+            return False
+        target.append(value)
+        return True

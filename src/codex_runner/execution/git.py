@@ -1,0 +1,400 @@
+"""Running git safely: one helper with a fixed environment, a one-shot credential helper, and the
+validation of ref names and repo sources (SPEC §6, §7).
+
+Every git command of the runner goes through `run_git`. It never inherits the service's environment:
+no system or user configuration, no hooks, no terminal prompts, only the transports we allow, and a
+`HOME` that belongs to the job. A credential reaches git only through the environment of the one
+command that needs it and a helper script that answers for one host; it is never in an argument list
+or a configuration file, and error messages are masked before they leave this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from codex_runner.errors import RunnerError
+from codex_runner.secrets import mask
+
+GIT_ERROR_CODES = frozenset(
+    {"clone_failed", "branch_failed", "commit_failed", "push_failed", "prepare_failed"}
+)
+STDERR_TAIL_BYTES = 8 * 1024  # the stage's stderr tail is at most 8 KiB (SPEC §3)
+LOCAL_TIMEOUT = 600.0
+NETWORK_TIMEOUT = 1800.0
+# http is accepted only towards loopback (test servers, a git server on the same host): anywhere
+# else a token would cross the network in clear.
+SAFE_PROTOCOLS = ("file", "https", "ssh")
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+_HELPER_NAME = "git-credential-runner"
+# The helper answers `get` only, only for the credential's host, and only over https (or plain http
+# when the command was allowed it: loopback). `printf` and `read` are shell built-ins, so the secret is
+# never in a process's argument list; it lives in the environment of this one git command only.
+_HELPER_SCRIPT = """#!/bin/sh
+# codex-runner one-shot git credential helper: everything it knows comes from its environment.
+test "$1" = get || exit 0
+proto= host=
+while IFS= read -r line && test -n "$line"; do
+  case $line in
+    protocol=*) proto=${line#protocol=} ;;
+    host=*) host=${line#host=} ;;
+  esac
+done
+case $proto in
+  https) ;;
+  http) test "$CODEX_RUNNER_GIT_PLAIN_HTTP" = 1 || exit 0 ;;
+  *) exit 0 ;;
+esac
+test "$host" = "$CODEX_RUNNER_GIT_HOST" || test "${host%:*}" = "$CODEX_RUNNER_GIT_HOST" || exit 0
+printf 'username=%s\\npassword=%s\\n' "$CODEX_RUNNER_GIT_USERNAME" "$CODEX_RUNNER_GIT_PASSWORD"
+"""
+
+# Configuration every git command runs with, passed through GIT_CONFIG_COUNT (read after the
+# repository's own config, so it wins over whatever a workspace's .git/config says).
+_FIXED_CONFIG: tuple[tuple[str, str], ...] = (
+    ("core.hooksPath", os.devnull),
+    ("core.fsmonitor", "false"),
+    ("protocol.ext.allow", "never"),
+    ("credential.helper", ""),  # an empty value empties the helper list: no repo-configured helper runs
+    ("http.sslVerify", "true"),
+    ("gc.autoDetach", "false"),  # no background gc outliving the command (and the per-repo lock)
+    ("fetch.recurseSubmodules", "false"),
+    ("submodule.recurse", "false"),
+    ("commit.gpgSign", "false"),
+    ("tag.gpgSign", "false"),
+    ("advice.detachedHead", "false"),
+    ("init.defaultBranch", "main"),
+    ("user.name", "codex-runner"),
+    ("user.email", "codex-runner@localhost"),
+)
+# Passed through from the service's environment: where to find programs, proxies, CA bundles, and the
+# ssh agent (ssh keys are the service account's; stored credentials are for https).
+_PASS_THROUGH = (
+    "PATH",
+    "TMPDIR",
+    "TZ",
+    "SSH_AUTH_SOCK",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "GIT_SSL_CAINFO",
+    "GIT_EXEC_PATH",
+)
+
+
+@dataclass(frozen=True)
+class GitCredential:
+    """A decrypted credential for one host, in memory only. `repr` never shows the secret."""
+
+    host: str
+    username: str
+    secret: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        # The credential protocol is line-based: a newline would let a value inject another key.
+        for name in ("host", "username", "secret"):
+            value = getattr(self, name)
+            if not value or any(c in value for c in "\n\r\0"):
+                raise GitError(f"credential {name} is empty or has a line break", code="prepare_failed")
+
+
+class GitError(RunnerError):
+    """A git stage failed. `message` is git's stderr tail with every secret masked."""
+
+    code = "prepare_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, exit_code: int | None = None) -> None:
+        if code is not None and code not in GIT_ERROR_CODES:
+            raise ValueError(f"unknown git error code {code!r}")
+        super().__init__(message, code=code)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class GitResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _false_program() -> str:
+    return shutil.which("false") or "/bin/false"
+
+
+def git_env(
+    home: Path,
+    *,
+    credential: GitCredential | None = None,
+    plain_http: bool = False,
+    env_extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The complete environment of one git command; nothing else of the service's leaks in."""
+    env = {name: os.environ[name] for name in _PASS_THROUGH if name in os.environ}
+    env.setdefault("PATH", os.defpath)
+    no = _false_program()
+    env.update(
+        {
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "LC_ALL": "C",
+            "LANG": "C",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_TERMINAL_PROMPT": "0",
+            "GCM_INTERACTIVE": "never",
+            "GIT_ASKPASS": no,  # beats core.askPass: a missing credential fails at once
+            "SSH_ASKPASS": no,
+            "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",  # beats core.sshCommand from a repo's config
+            "GIT_ALLOW_PROTOCOL": ":".join((*SAFE_PROTOCOLS, "http") if plain_http else SAFE_PROTOCOLS),
+        }
+    )
+    config = list(_FIXED_CONFIG)
+    if credential is not None:
+        helper = _install_helper(home)
+        config.append(("credential.helper", "!" + shlex.quote(str(helper))))
+        env.update(
+            {
+                "CODEX_RUNNER_GIT_HOST": credential.host,
+                "CODEX_RUNNER_GIT_USERNAME": credential.username,
+                "CODEX_RUNNER_GIT_PASSWORD": credential.secret,
+                "CODEX_RUNNER_GIT_PLAIN_HTTP": "1" if plain_http else "0",
+            }
+        )
+    env["GIT_CONFIG_COUNT"] = str(len(config))
+    for i, (key, value) in enumerate(config):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
+    if env_extra:
+        env.update(env_extra)
+    return env
+
+
+def _install_helper(home: Path) -> Path:
+    """Writes the (secret-free) helper script into the job's git HOME, once."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    helper = home / _HELPER_NAME
+    if not helper.exists():
+        tmp = home / f".{_HELPER_NAME}.{os.getpid()}"
+        tmp.write_text(_HELPER_SCRIPT)
+        tmp.chmod(0o700)
+        tmp.replace(helper)
+    return helper
+
+
+def run_git(
+    args: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    home: Path,
+    credential: GitCredential | None = None,
+    plain_http: bool = False,
+    env_extra: Mapping[str, str] | None = None,
+    input_text: str | None = None,
+    error_code: str = "prepare_failed",
+    check: bool = True,
+    timeout: float = LOCAL_TIMEOUT,
+) -> GitResult:
+    """Runs `git <args>` with the fixed environment and returns its output.
+
+    With `check`, a non-zero exit raises `GitError(error_code)` carrying git's masked stderr tail. The
+    command runs in its own process group so a timeout also stops git's helpers (remote-https, ssh).
+    """
+    secrets = [credential.secret] if credential else []
+    env = git_env(home, credential=credential, plain_http=plain_http, env_extra=env_extra)
+    argv = ["git", *args]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise GitError(f"cannot run git: {exc.strerror}", code=error_code) from None
+    try:
+        out, err = proc.communicate(input_text.encode() if input_text is not None else None, timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise GitError(f"git {_verb(args)} timed out after {timeout:.0f} s", code=error_code) from None
+    except BaseException:
+        _kill_group(proc)
+        raise
+    stdout = out.decode("utf-8", "replace")
+    stderr = mask(_tail(err), secrets)
+    if check and proc.returncode != 0:
+        detail = stderr.strip() or f"exit status {proc.returncode}"
+        raise GitError(
+            f"git {_verb(args)} failed: {detail}", code=error_code, exit_code=proc.returncode
+        ) from None
+    return GitResult(proc.returncode, stdout, stderr)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _tail(data: bytes) -> str:
+    return data[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
+
+
+def _verb(args: Sequence[str]) -> str:
+    """The git subcommand, for messages (global options like `--git-dir=…` skipped)."""
+    it = iter(args)
+    for arg in it:
+        if arg in {"-C", "-c"}:
+            next(it, None)
+        elif not arg.startswith("-"):
+            return arg
+    return "command"
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def validate_ref_name(name: str) -> None:
+    """Refuses a branch name that `git check-ref-format --branch` would refuse (and option-like ones).
+
+    Implemented here, not by calling git, because it runs for every request and must not depend on a
+    subprocess; the integration tests compare it with git's own answer.
+    """
+    problem = _ref_problem(name)
+    if problem:
+        raise GitError(f"invalid branch name {name!r}: {problem}", code="branch_failed")
+
+
+def _ref_problem(name: str) -> str | None:
+    if not name:
+        return "empty"
+    if len(name.encode()) > 255:
+        return "longer than 255 bytes"
+    if name.startswith("-"):
+        return "starts with '-'"
+    if name == "@" or name == "HEAD":
+        return f"'{name}' is reserved"
+    if _REF_FORBIDDEN.search(name):
+        return "contains a space, a control character or one of ~ ^ : ? * [ \\"
+    if ".." in name or "@{" in name or "//" in name:
+        return "contains '..', '@{' or '//'"
+    if name.startswith("/") or name.endswith("/") or name.endswith("."):
+        return "starts or ends with '/', or ends with '.'"
+    for part in name.split("/"):
+        if part.startswith(".") or part.endswith(".lock"):
+            return "a component starts with '.' or ends with '.lock'"
+    return None
+
+
+_TRANSPORT_PREFIX = re.compile(r"^[A-Za-z0-9+.-]+::")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_SCP_LIKE = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[^/:@\s]+):(?P<path>.+)$")
+
+
+def validate_source(source: str) -> None:
+    """Accepts an absolute local path or an https://, ssh://, file:// (or scp-like ssh) git URL; plain
+    http:// only towards loopback. Refuses option-like values, `transport::address` forms (`ext::`,
+    `fd::`), other schemes, a password in the URL, and control characters."""
+    problem = _source_problem(source)
+    if problem:
+        raise GitError(f"invalid repo source: {problem}", code="clone_failed")
+
+
+def _source_problem(source: str) -> str | None:
+    if not source or source != source.strip():
+        return "empty or surrounded by spaces"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in source):
+        return "contains a control character"
+    if source.startswith("-"):
+        return "looks like a command-line option"
+    if _TRANSPORT_PREFIX.match(source):
+        return "transport::address forms (ext::, fd::, …) are not allowed"
+    scheme_match = _SCHEME.match(source)
+    if scheme_match:
+        return _url_problem(scheme_match.group(1).lower(), source)
+    if source.startswith("/"):
+        return None if ".." not in Path(source).parts else "local path contains '..'"
+    scp = _SCP_LIKE.match(source)
+    if scp:
+        if not _HOST.match(scp.group("host")):
+            return "invalid ssh host"
+        return "ssh path looks like an option" if scp.group("path").startswith("-") else None
+    return "expected an absolute path or an https://, ssh:// or file:// URL"
+
+
+def _url_problem(scheme: str, source: str) -> str | None:
+    try:
+        parts = urlsplit(source)
+        port = parts.port  # raises on a malformed port
+    except ValueError:
+        return "malformed URL"
+    del port
+    if scheme == "file":
+        if parts.netloc not in {"", "localhost"} or not parts.path.startswith("/"):
+            return "file:// URLs must name an absolute local path"
+        return None
+    if scheme not in {"https", "http", "ssh"}:
+        return f"transport {scheme!r} is not allowed (https, ssh, file, or a local path)"
+    host = parts.hostname or ""
+    if not host or (not _HOST.match(host) and not _is_ip(host)):
+        return "invalid host"
+    if parts.password is not None:
+        return "credentials in the URL are not allowed; store them with `codex-runner credentials set`"
+    if parts.username is not None and parts.username.startswith("-"):
+        return "user name looks like an option"
+    if scheme == "http" and not is_loopback_host(host):
+        return "plain http:// is only allowed towards loopback; use https://"
+    return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_plain_http(url: str) -> bool:
+    """True for an http:// URL (which `validate_source` only lets through towards loopback)."""
+    return url.lower().startswith("http://")
+
+
+def url_host(url: str) -> str | None:
+    """`host[:port]` of an http(s) URL, as git's credential protocol names it; None otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
+        return None
+    return parts.netloc.rsplit("@", 1)[-1]

@@ -1,0 +1,459 @@
+"""One job's life on the instance that claimed it: prepare → script → commit → push → cleanup,
+with every write fenced by the job's lease."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from codex_runner.catalog import RepoSpec, ScriptSpec
+from codex_runner.execution.manifest import ManifestWriter
+from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
+from codex_runner.execution.workspace import (
+    GitCredential,
+    GitError,
+    Workspace,
+    cleanup_workspace,
+    commit_changes,
+    prepare_workspace,
+    push_branch,
+)
+from codex_runner.jobs import ErrorCode, Status
+from codex_runner.logs.writer import LogWriter
+from codex_runner.runtime import Runtime
+from codex_runner.store.jobs import ClaimedJob
+from codex_runner.store.records import initial_stages, iso, utcnow
+
+log = structlog.get_logger("codex_runner.job")
+
+TAIL_BYTES = 8192
+# Passed-through variables whose values are masked in the log: the ones named like secrets.
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
+
+
+class JobRun:
+    """Runs one claimed job. `request_stop(reason)` asks it to stop: "cancel", "shutdown" or
+    "lease_lost" (then it writes nothing more to the job)."""
+
+    def __init__(self, runtime: Runtime, claimed: ClaimedJob) -> None:
+        self.rt = runtime
+        self.settings = runtime.settings
+        self.job_id = claimed.id
+        self.lease = claimed.lease_token
+        self.row = claimed.row
+        self.stop_reason: str | None = None
+        self._stop = asyncio.Event()
+        self.stages: dict[str, dict[str, Any]] = {s["name"]: s for s in initial_stages()}
+        self.run_dir = self.settings.runs_dir / self.job_id
+        self.manifest = ManifestWriter(self.run_dir)
+        self.log: LogWriter | None = None
+        self.proc: JobProcess | None = None
+        self.started = time.monotonic()
+        self.extra_sinks: list[Callable[[bytes], None]] = []
+        self._spawn_error = "spawn failed"
+
+    # -- control ----------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop.set()
+
+    @property
+    def fenced(self) -> bool:
+        return self.stop_reason == "lease_lost"
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _stage(
+        self, name: str, status: str, *, exit_code: int | None = None, error: str | None = None
+    ) -> None:
+        stage = self.stages[name]
+        now = iso(utcnow())
+        if status == "running":
+            stage["started_at"] = now
+        elif status in {"success", "failed", "skipped", "canceled", "timeout"}:
+            stage["finished_at"] = now
+            if stage["started_at"] is None and status != "skipped":
+                stage["started_at"] = now
+        stage["status"] = status
+        if exit_code is not None:
+            stage["exit_code"] = exit_code
+        if error is not None:
+            stage["error"] = error[-TAIL_BYTES:]
+        self._write_manifest(force=True)
+
+    def _write_manifest(
+        self, *, force: bool = False, status: str | None = None, extra: dict | None = None
+    ) -> None:
+        doc = {
+            "job_id": self.job_id,
+            "status": status or "running",
+            "repo": self.row["repo"],
+            "script_key": self.row["script_key"],
+            "runner_id": self.settings.id,
+            "attempt": self.row["attempt"],
+            "stages": list(self.stages.values()),
+            "pid": self.proc.pid if self.proc else None,
+            "pgid": self.proc.pgid if self.proc else None,
+            "updated_at": iso(utcnow()),
+            **(extra or {}),
+        }
+        try:
+            self.manifest.update(doc, force=force)
+        except OSError as exc:
+            log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
+
+    def heartbeat_files(self) -> None:
+        with contextlib.suppress(OSError):
+            self.manifest.touch_heartbeat()
+        self._write_manifest()
+
+    def _runner_line(self, text: str) -> None:
+        if self.log is not None:
+            self.log.runner_line(text)
+
+    def _sink(self, data: bytes) -> None:
+        if self.log is not None:
+            self.log.write(data)
+        for sink in self.extra_sinks:
+            sink(data)
+
+    async def _fenced_update(self, values: dict[str, Any]) -> None:
+        if self.fenced:
+            return
+        ok = await asyncio.to_thread(self.rt.jobs.update_fields, self.job_id, self.lease, values)
+        if not ok and self.stop_reason is None:
+            # Either our lease is gone or the job is no longer running: stop, write nothing.
+            status = (await asyncio.to_thread(self.rt.jobs.status_of, [self.job_id])).get(self.job_id)
+            if status != Status.CANCEL_REQUESTED:
+                self.request_stop("lease_lost")
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Never raises: every failure ends as a terminal status (or, fenced, as nothing)."""
+        try:
+            await self._run()
+        except Exception as exc:  # the job must end even when the runner itself is at fault
+            log.error("job_internal_error", job_id=self.job_id, error_type=type(exc).__name__)
+            await self._finish(Status.FAILED, ErrorCode.INTERNAL_ERROR, "internal runner error", None)
+        finally:
+            if self.log is not None:
+                self.log.close()
+
+    async def _run(self) -> None:
+        repo = self.rt.catalog.repos.get(self.row["repo"])
+        script = self.rt.catalog.scripts.get(self.row["script_key"])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        credential = await asyncio.to_thread(self._credential, repo)
+        secrets = self._known_secrets(script, credential)
+        self.log = LogWriter(
+            self.settings.log_dir / f"{self.job_id}.log",
+            max_bytes=self.settings.log_max_bytes,
+            known_secrets=secrets,
+        )
+        self._runner_line(f"job {self.job_id} started on {self.settings.id} (attempt {self.row['attempt']})")
+        if repo is None or script is None:
+            missing = f"repo {self.row['repo']!r}" if repo is None else f"script {self.row['script_key']!r}"
+            await self._finish(
+                Status.FAILED, ErrorCode.PREPARE_FAILED, f"{missing} is no longer configured", None
+            )
+            return
+
+        self._stage("prepare", "running")
+        try:
+            ws = await asyncio.to_thread(prepare_workspace, repo, self.job_id, self.settings, credential)
+        except GitError as exc:
+            self._stage("prepare", "failed", error=exc.message)
+            self._runner_line(f"prepare failed: {exc.message}")
+            await self._finish(Status.FAILED, exc.code, exc.message, None)
+            return
+        self._stage("prepare", "success")
+        self._runner_line(f"workspace ready ({ws.mode}) at {ws.path}")
+
+        outcome = await self._run_script(script, repo, ws)
+        result: dict[str, Any] | None = None
+        if (
+            outcome is not None
+            and outcome.reason is None
+            and outcome.exit_code == 0
+            and self.stop_reason is None
+        ):
+            result = await self._commit_and_push(script, repo, ws, credential)
+        await self._cleanup(ws, repo, failed=result is None or "error" in result)
+        await self._conclude(outcome, result, script)
+
+    def _credential(self, repo: RepoSpec | None) -> GitCredential | None:
+        if repo is None or not repo.credential:
+            return None
+        host, username, secret = self.rt.credentials.get_secret(repo.credential)
+        return GitCredential(host=host, username=username, secret=secret)
+
+    def _known_secrets(self, script: ScriptSpec | None, credential: GitCredential | None) -> list[str]:
+        import os
+
+        values = list(self.settings.secret_values())
+        if credential is not None:
+            values.append(credential.secret)
+        for name in script.env if script else ():
+            if SECRET_NAME.search(name) and os.environ.get(name):
+                values.append(os.environ[name])
+        return values
+
+    async def _run_script(self, script: ScriptSpec, repo: RepoSpec, ws: Workspace) -> ProcessOutcome | None:
+        args = self.row["args"]
+        argv = script.build_argv(
+            args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
+        )
+        extra = {"RUNNER_JOB_ID": self.job_id, "RUNNER_WORKSPACE": str(ws.path)}
+        extra.update(self.script_env_extra(script))
+        spec = ProcessSpec(
+            argv=argv,
+            cwd=ws.path,
+            env=build_env(script.env, extra),
+            stdin=script.build_stdin(args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name),
+        )
+        self._stage("script", "running")
+        if self.stop_reason is not None:
+            self._stage("script", "canceled")
+            return ProcessOutcome(
+                exit_code=0, signal=None, stderr_tail=b"", reason=self.stop_reason, duration_ms=0
+            )
+        try:
+            self.proc = await JobProcess.start(spec, self._sink)
+        except SpawnFailed as exc:
+            self._stage("script", "failed", error=exc.message)
+            self._runner_line(f"spawn failed: {exc.message}")
+            self._spawn_error = exc.message
+            return None
+        await self._fenced_update(
+            {
+                "pid": self.proc.pid,
+                "pgid": self.proc.pgid,
+                "proc_start_time": self.proc.start_time,
+                "stages": list(self.stages.values()),
+            }
+        )
+        outcome = await self._supervise(self.proc, self.row["timeout_seconds"])
+        tail = outcome.stderr_tail.decode("utf-8", "replace")
+        if outcome.reason == "timeout":
+            self._stage("script", "timeout", exit_code=outcome.exit_code, error=tail or None)
+        elif outcome.reason is not None:
+            self._stage("script", "canceled", exit_code=outcome.exit_code)
+        elif outcome.exit_code == 0:
+            self._stage("script", "success", exit_code=0)
+        else:
+            self._stage("script", "failed", exit_code=outcome.exit_code, error=self._mask(tail))
+        self._runner_line(
+            f"script exited with code {outcome.exit_code}"
+            + (f" ({outcome.reason})" if outcome.reason else "")
+        )
+        return outcome
+
+    def script_env_extra(self, script: ScriptSpec) -> dict[str, str]:
+        """Variables the runner itself gives a script (CODEX_HOME for codex, when configured)."""
+        if self.settings.codex_home is not None and "CODEX_HOME" in script.env:
+            return {"CODEX_HOME": str(self.settings.codex_home)}
+        return {}
+
+    async def _supervise(self, proc: JobProcess, timeout: int) -> ProcessOutcome:
+        wait_task = asyncio.create_task(proc.wait())
+        stop_task = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {wait_task, stop_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if wait_task not in done:
+                reason = self.stop_reason if stop_task in done and self.stop_reason else "timeout"
+                self._runner_line(f"stopping the process group ({reason})")
+                await proc.terminate(reason, float(self.settings.kill_grace_seconds))
+            return await wait_task
+        finally:
+            stop_task.cancel()
+
+    def _mask(self, text: str) -> str:
+        from codex_runner.secrets import mask
+
+        return mask(text, self._known_secrets(self.rt.catalog.scripts.get(self.row["script_key"]), None))
+
+    async def _commit_and_push(
+        self, script: ScriptSpec, repo: RepoSpec, ws: Workspace, credential: GitCredential | None
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "branch": ws.branch,
+            "base_branch": ws.base_branch,
+            "commit": None,
+            "pushed": False,
+            "files_changed": 0,
+            "lines_added": 0,
+            "lines_removed": 0,
+        }
+        if ws.branch is None or not repo.commit:
+            self._stage("commit", "skipped")
+            self._stage("push", "skipped")
+            return result
+        self._stage("commit", "running")
+        try:
+            commit = await asyncio.to_thread(
+                commit_changes,
+                ws,
+                message=f"{script.key}: job {self.job_id}\n\nCommitted by codex-runner for {self.row['requested_by']}.",
+                author_name=self.settings.git_author_name,
+                author_email=self.settings.git_author_email,
+            )
+        except GitError as exc:
+            self._stage("commit", "failed", error=exc.message)
+            return {**result, "error": (exc.code, exc.message)}
+        self._stage("commit", "success")
+        result.update(
+            commit=commit.commit,
+            files_changed=commit.files_changed,
+            lines_added=commit.lines_added,
+            lines_removed=commit.lines_removed,
+        )
+        if commit.commit:
+            self._runner_line(
+                f"committed {commit.commit[:12]} on {ws.branch}: {commit.files_changed} files, "
+                f"+{commit.lines_added} -{commit.lines_removed}"
+            )
+        if not repo.push or commit.commit is None:
+            self._stage("push", "skipped")
+            return result
+        self._stage("push", "running")
+        try:
+            await asyncio.to_thread(push_branch, ws, repo, credential)
+        except GitError as exc:
+            self._stage("push", "failed", error=exc.message)
+            return {**result, "error": (exc.code, exc.message)}
+        self._stage("push", "success")
+        self._runner_line(f"pushed {ws.branch}")
+        result["pushed"] = True
+        return result
+
+    async def _cleanup(self, ws: Workspace, repo: RepoSpec, *, failed: bool) -> None:
+        self._stage("cleanup", "running")
+        try:
+            await asyncio.to_thread(cleanup_workspace, ws, repo, self.settings, failed=failed)
+        except (GitError, OSError) as exc:
+            self._stage("cleanup", "failed", error=getattr(exc, "message", None) or str(exc))
+            return
+        self._stage("cleanup", "success")
+
+    async def _conclude(
+        self, outcome: ProcessOutcome | None, result: dict[str, Any] | None, script: ScriptSpec
+    ) -> None:
+        if outcome is None:
+            await self._finish(Status.FAILED, ErrorCode.SPAWN_FAILED, self._spawn_error, None)
+            return
+        exit_code = outcome.exit_code
+        if outcome.reason == "timeout":
+            msg = f"timed out after {self.row['timeout_seconds']} s"
+            await self._finish(Status.TIMEOUT, ErrorCode.TIMEOUT, msg, exit_code)
+        elif outcome.reason == "cancel":
+            await self._finish(Status.CANCELED, ErrorCode.CANCELED, "canceled", exit_code)
+        elif outcome.reason == "shutdown":
+            await self._finish(Status.FAILED, ErrorCode.RUNNER_SHUTDOWN, "the runner shut down", exit_code)
+        elif outcome.reason == "lease_lost":
+            self._runner_line("lease lost: another instance recovered this job; writing nothing more")
+        elif exit_code != 0:
+            tail = self._mask(outcome.stderr_tail.decode("utf-8", "replace")).strip()
+            msg = f"script exited with code {exit_code}" + (
+                f": {tail.splitlines()[-1][:500]}" if tail else ""
+            )
+            await self._finish(Status.FAILED, ErrorCode.SCRIPT_FAILED, msg, exit_code)
+        elif result is not None and "error" in result:
+            code, message = result.pop("error")
+            await self._finish(Status.FAILED, code, message, exit_code, result=result)
+        else:
+            await self._finish(Status.SUCCESS, None, None, exit_code, result=result)
+
+    async def _finish(
+        self,
+        status: Status,
+        error_code: str | None,
+        message: str | None,
+        exit_code: int | None,
+        *,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        if self.fenced:
+            return
+        for stage in self.stages.values():
+            if stage["status"] == "pending":
+                stage["status"] = "skipped"
+        values: dict[str, Any] = {
+            "exit_code": exit_code,
+            "error_code": error_code,
+            "error_message": message,
+            "stages": list(self.stages.values()),
+            "result": result,
+        }
+        jobs = self.rt.jobs
+        ok = False
+        if status is Status.CANCELED:
+            ok = await asyncio.to_thread(
+                jobs.transition,
+                self.job_id,
+                Status.CANCEL_REQUESTED,
+                Status.CANCELED,
+                lease_token=self.lease,
+                values=values,
+                message="canceled",
+            )
+        else:
+            src = [Status.RUNNING, Status.CANCEL_REQUESTED] if status is Status.FAILED else [Status.RUNNING]
+            ok = await asyncio.to_thread(
+                jobs.transition,
+                self.job_id,
+                src,
+                status,
+                lease_token=self.lease,
+                values=values,
+                message=message or status.value,
+                meta={"error_code": error_code} if error_code else None,
+            )
+            if not ok:
+                # A cancel arrived while the script finished on its own: the cancel wins (SPEC §3).
+                ok = await asyncio.to_thread(
+                    jobs.transition,
+                    self.job_id,
+                    Status.CANCEL_REQUESTED,
+                    Status.CANCELED,
+                    lease_token=self.lease,
+                    values={**values, "error_code": ErrorCode.CANCELED, "error_message": "canceled"},
+                    message="canceled",
+                )
+                status = Status.CANCELED
+        final = status.value if ok else "unknown"
+        self._write_manifest(
+            force=True,
+            status=final,
+            extra={"exit_code": exit_code, "error_code": error_code, "result": result},
+        )
+        duration_ms = int((time.monotonic() - self.started) * 1000)
+        if ok:
+            self.rt.metrics.observe_finished(self.row["script_key"], status.value, duration_ms / 1000)
+            log.info(
+                "job_finished",
+                job_id=self.job_id,
+                script_key=self.row["script_key"],
+                status_from="running",
+                status_to=status.value,
+                duration_ms=duration_ms,
+            )
+        self._runner_line(f"job {final}" + (f" ({error_code})" if error_code else ""))
+
+
+def queue_wait_seconds(row: dict[str, Any]) -> float:
+    created: datetime = row["created_at"]
+    started: datetime = row["started_at"]
+    return max(0.0, (started - created).total_seconds())

@@ -1,0 +1,85 @@
+"""The run manifest: `<data dir>/runs/<job_id>/manifest.json` and its `.heartbeat` (SPEC §3).
+
+Readers (operators, backups, crash recovery) may open the manifest at any moment, so it is only
+ever replaced whole: written to a temporary file in the same folder, fsynced, then renamed over the
+old one. A reader sees the previous document or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+HEARTBEAT_NAME = ".heartbeat"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return str(value)
+
+
+class ManifestWriter:
+    """Writes one job's manifest, at most once per `min_interval` seconds unless forced.
+
+    Callers force a write at every stage change and terminal status; the periodic, unforced ones
+    are throttled. Calls block on disk I/O (fsync): from a coroutine, run them in a thread.
+    """
+
+    def __init__(self, run_dir: Path, *, min_interval: float = 30.0) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / MANIFEST_NAME
+        self.heartbeat_path = self.run_dir / HEARTBEAT_NAME
+        self.min_interval = min_interval
+        self._last_write: float | None = None
+        self._lock = threading.Lock()
+
+    def update(self, doc: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Write `doc` as the manifest (sorted keys); False if throttled and nothing was written."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and self._last_write is not None and now - self._last_write < self.min_interval:
+                return False
+            # Serialise first, so a document that cannot be encoded leaves no temporary file behind.
+            data = (json.dumps(doc, sort_keys=True, indent=2, default=_json_default) + "\n").encode()
+            self._write_atomically(data)
+            self._last_write = now
+            return True
+
+    def touch_heartbeat(self) -> None:
+        """Create `.heartbeat` or set its modification time to now."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat_path.touch(exist_ok=True)
+
+    def _write_atomically(self, data: bytes) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Same folder as the target: os.replace is atomic only within one file system.
+        fd, tmp_name = tempfile.mkstemp(dir=self.run_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        # The rename itself is durable only once the folder is synced.
+        dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,686 @@
+"""One job's workspace: the four modes, the mirror cache of URL repos, commit, push, and cleanup
+(SPEC §6). Synchronous on purpose; the launcher calls these through `asyncio.to_thread`.
+
+- `worktree`: `git worktree add` of the base commit on the job branch, in the local repo (or in the
+  mirror of a URL repo).
+- `clone`: a clone of the base commit. URL repos are cloned from the local mirror, sharing its objects
+  (nothing is copied); local repos with `git clone` (hard links).
+- `in_place`: the repo's own folder, switched to the job branch (its tree must be clean).
+- `scratch`: an empty folder, no git.
+
+URL repos are fetched once into `<data dir>/mirrors/<repo>-<hash>.git` and refreshed with one
+`git fetch --prune` per job under a per-repo file lock, so a second job never downloads the repo again.
+Pushes run from a throw-away bare repository that borrows the workspace's objects: a credential never
+meets a configuration file the agent could have edited.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from codex_runner.config import Settings
+from codex_runner.execution.git import (
+    NETWORK_TIMEOUT,
+    GitCredential,
+    GitError,
+    GitResult,
+    is_plain_http,
+    run_git,
+    url_host,
+    validate_ref_name,
+    validate_source,
+)
+from codex_runner.jobs import job_branch
+
+__all__ = [
+    "MODES",
+    "CommitResult",
+    "GitCredential",
+    "GitError",
+    "RepoLike",
+    "Workspace",
+    "cleanup_workspace",
+    "commit_changes",
+    "prepare_workspace",
+    "push_branch",
+    "validate_ref_name",
+    "validate_source",
+]
+
+MODES = ("worktree", "clone", "in_place", "scratch")
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Remote branches live under refs/remotes/origin in the mirror, so `fetch --prune` never touches the
+# job branches (refs/heads/runner/*) that worktrees of the mirror have checked out or that cleanup kept.
+_MIRROR_REFSPECS = ("+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*")
+# Rewritten before every fetch: a worktree of the mirror shares this file with the agent, and the fetch
+# is the one command that carries a credential.
+_MIRROR_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
+
+
+class RepoLike(Protocol):
+    """The part of `catalog.RepoSpec` this module reads."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def source_type(self) -> str: ...  # "local_path" | "git_url"
+    @property
+    def branch(self) -> str | None: ...
+    @property
+    def workspace(self) -> str: ...
+
+
+@dataclass
+class Workspace:
+    path: Path
+    mode: str
+    branch: str | None
+    base_branch: str | None
+    base_commit: str | None
+    job_id: str
+    home: Path  # the job's HOME for git; never the agent's
+    # Pinned before the agent runs: every later command names it, so a rewritten `.git` file or folder
+    # cannot send the runner's commit or push into another repository.
+    git_dir: Path | None = None
+    store: Path | None = None  # git dir of the repository the workspace came from (local repo or mirror)
+    original_ref: str | None = None  # in_place: the branch (or commit) to return to at cleanup
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    commit: str | None
+    files_changed: int
+    lines_added: int
+    lines_removed: int
+
+
+NO_CHANGES = CommitResult(None, 0, 0, 0)
+
+
+# --- prepare ----------------------------------------------------------------------------------------
+
+
+def prepare_workspace(
+    repo: RepoLike, job_id: str, settings: Settings, credential: GitCredential | None = None
+) -> Workspace:
+    """Makes the job's workspace and its branch. Raises `GitError` (clone_failed, branch_failed,
+    prepare_failed); nothing half-made is left behind."""
+    mode = repo.workspace
+    if mode not in MODES:
+        raise GitError(f"unknown workspace mode {mode!r}", code="prepare_failed")
+    if not _JOB_ID.match(job_id):
+        raise GitError("job id is not a safe folder name", code="prepare_failed")
+    home = settings.data_dir.resolve() / "git-home" / job_id
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        return _prepare(repo, job_id, settings, credential, mode, home)
+    except BaseException:
+        shutil.rmtree(home, ignore_errors=True)
+        raise
+
+
+def _prepare(
+    repo: RepoLike, job_id: str, settings: Settings, credential: GitCredential | None, mode: str, home: Path
+) -> Workspace:
+    root = settings.workspace_dir.resolve()
+    path = root / job_id
+    if mode == "scratch":
+        _new_folder(root, path)
+        return Workspace(path, mode, None, None, None, job_id, home)
+
+    validate_source(repo.source)
+    branch = job_branch(job_id)
+    validate_ref_name(branch)
+    if repo.branch:
+        validate_ref_name(repo.branch)
+    if repo.source_type == "git_url":
+        if mode == "in_place":
+            raise GitError(
+                "in_place needs a local repo; URL repos use clone or worktree", code="prepare_failed"
+            )
+        return _prepare_from_mirror(repo, job_id, settings, credential, mode, home, root, path, branch)
+    return _prepare_local(repo, job_id, settings, mode, home, root, path, branch)
+
+
+def _new_folder(root: Path, path: Path) -> None:
+    if path.parent != root:
+        raise GitError("workspace path escapes RUNNER_WORKSPACE_DIR", code="prepare_failed")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise GitError(f"workspace {path} already exists", code="prepare_failed") from None
+
+
+def _prepare_from_mirror(
+    repo: RepoLike,
+    job_id: str,
+    settings: Settings,
+    credential: GitCredential | None,
+    mode: str,
+    home: Path,
+    root: Path,
+    path: Path,
+    branch: str,
+) -> Workspace:
+    mirror = _mirror_path(repo, settings)
+    with _repo_lock(settings, mirror.stem):
+        _sync_mirror(repo, mirror, home, credential)
+        base_branch = repo.branch or _remote_default_branch(repo, home, credential)
+        base_commit = _resolve(mirror, f"refs/remotes/origin/{base_branch}", home)
+        if mode == "worktree":
+            # Only the cheap part under the lock: the checkout of many files runs in parallel with others.
+            _new_folder(root, path)
+            path.rmdir()  # `worktree add` wants to create it
+            git_dir = _add_worktree(mirror, path, branch, base_commit, home)
+    try:
+        if mode == "worktree":
+            _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "branch_failed")
+        else:
+            _new_folder(root, path)
+            git_dir = _shared_clone(mirror, path, repo.source, base_branch, base_commit, branch, home)
+    except BaseException:
+        _remove_tree(path, root)
+        if mode == "worktree":
+            with _repo_lock(settings, mirror.stem):
+                run_git([f"--git-dir={mirror}", "worktree", "prune"], home=home, check=False)
+                _delete_branch_if_unchanged(mirror, branch, base_commit, home)
+        raise
+    return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, mirror)
+
+
+def _prepare_local(
+    repo: RepoLike,
+    job_id: str,
+    settings: Settings,
+    mode: str,
+    home: Path,
+    root: Path,
+    path: Path,
+    branch: str,
+) -> Workspace:
+    source = Path(repo.source)
+    if not source.is_dir():
+        raise GitError(f"local repo {source} does not exist", code="clone_failed")
+    store = Path(
+        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "clone_failed")
+    )
+    base_branch = repo.branch or _current_branch(store, home)
+    base_commit = _resolve(store, f"refs/heads/{base_branch}", home)
+
+    if mode == "in_place":
+        with _repo_lock(settings, _lock_key(repo)):
+            return _prepare_in_place(repo, job_id, source, store, base_branch, base_commit, branch, home)
+    if mode == "worktree":
+        with _repo_lock(settings, _lock_key(repo)):
+            _new_folder(root, path)
+            path.rmdir()
+            git_dir = _add_worktree(store, path, branch, base_commit, home)
+        try:
+            _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "branch_failed")
+        except BaseException:
+            _remove_tree(path, root)
+            with _repo_lock(settings, _lock_key(repo)):
+                run_git([f"--git-dir={store}", "worktree", "prune"], home=home, check=False)
+                _delete_branch_if_unchanged(store, branch, base_commit, home)
+            raise
+        return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
+
+    _new_folder(root, path)
+    try:
+        # A local clone hard-links the objects (copies across file systems): independent of the source.
+        run_git(
+            ["clone", "-q", "--no-checkout", "--", str(source), str(path)],
+            home=home,
+            error_code="clone_failed",
+        )
+        git_dir = path / ".git"
+        _run_in(git_dir, path, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
+    except BaseException:
+        _remove_tree(path, root)
+        raise
+    return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
+
+
+def _prepare_in_place(
+    repo: RepoLike,
+    job_id: str,
+    source: Path,
+    store: Path,
+    base_branch: str,
+    base_commit: str,
+    branch: str,
+    home: Path,
+) -> Workspace:
+    # A dirty tree would end up in the job's commit, mixed with the agent's work: refuse it.
+    status = _run_in(
+        store, source, ["status", "--porcelain", "-z", "--untracked-files=normal"], home, "prepare_failed"
+    )
+    if status.stdout:
+        raise GitError(
+            "in_place repo has uncommitted changes; commit or stash them first", code="prepare_failed"
+        )
+    head = run_git([f"--git-dir={store}", "symbolic-ref", "-q", "HEAD"], home=home, check=False)
+    original = head.stdout.strip() if head.returncode == 0 else _resolve(store, "HEAD", home)
+    _run_in(store, source, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
+    return Workspace(
+        source, "in_place", branch, base_branch, base_commit, job_id, home, store, store, original
+    )
+
+
+def _add_worktree(store: Path, path: Path, branch: str, base_commit: str, home: Path) -> Path:
+    run_git(
+        [
+            f"--git-dir={store}",
+            "worktree",
+            "add",
+            "-q",
+            "--no-checkout",
+            "-b",
+            branch,
+            "--",
+            str(path),
+            base_commit,
+        ],
+        home=home,
+        error_code="branch_failed",
+    )
+    return Path(_git_out(["-C", str(path), "rev-parse", "--absolute-git-dir"], home, "branch_failed"))
+
+
+def _shared_clone(
+    mirror: Path, path: Path, source: str, base_branch: str, base_commit: str, branch: str, home: Path
+) -> Path:
+    """`git clone --shared` by hand: borrow the mirror's objects, copy two refs instead of all of them
+    (a big repo has thousands of branches and tags), and name the real URL as origin."""
+    run_git(["init", "-q", "--", str(path)], home=home, error_code="clone_failed")
+    git_dir = path / ".git"
+    (git_dir / "objects" / "info" / "alternates").write_text(f"{mirror / 'objects'}\n")
+    run_git(
+        [f"--git-dir={git_dir}", "config", "remote.origin.url", source], home=home, error_code="clone_failed"
+    )
+    run_git(
+        [f"--git-dir={git_dir}", "config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"],
+        home=home,
+        error_code="clone_failed",
+    )
+    run_git(
+        [f"--git-dir={git_dir}", "update-ref", f"refs/remotes/origin/{base_branch}", base_commit],
+        home=home,
+        error_code="clone_failed",
+    )
+    _run_in(git_dir, path, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
+    return git_dir
+
+
+# --- mirror cache -----------------------------------------------------------------------------------
+
+
+def _mirror_path(repo: RepoLike, settings: Settings) -> Path:
+    # The URL's hash in the name: a repo whose source changes gets a new mirror, never a stale one.
+    return settings.mirrors_dir.resolve() / f"{_lock_key(repo)}.git"
+
+
+def _lock_key(repo: RepoLike) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", repo.id)[:64] or "repo"
+    return f"{safe}-{hashlib.sha256(repo.source.encode()).hexdigest()[:12]}"
+
+
+@contextmanager
+def _repo_lock(settings: Settings, key: str) -> Iterator[None]:
+    """An exclusive per-repo lock that holds across runner processes on this host (flock)."""
+    locks = settings.data_dir.resolve() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _sync_mirror(repo: RepoLike, mirror: Path, home: Path, credential: GitCredential | None) -> None:
+    """Creates the mirror on first use (in a temporary folder renamed into place, so an interrupted
+    first clone never looks complete), then fetches. Caller holds the repo lock."""
+    if mirror.exists():
+        _write_mirror_config(mirror)
+        _fetch_mirror(repo, mirror, home, credential)
+        return
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    tmp = mirror.parent / f".{mirror.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        run_git(["init", "-q", "--bare", "--", str(tmp)], home=home, error_code="clone_failed")
+        _write_mirror_config(tmp)
+        _fetch_mirror(repo, tmp, home, credential)
+        tmp.rename(mirror)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_mirror_config(git_dir: Path) -> None:
+    tmp = git_dir / "config.runner-tmp"
+    tmp.write_text(_MIRROR_CONFIG)
+    tmp.replace(git_dir / "config")
+
+
+def _fetch_mirror(repo: RepoLike, mirror: Path, home: Path, credential: GitCredential | None) -> None:
+    # The URL is named on the command line, never stored: the mirror's config has no remote at all.
+    _remote_git(
+        [
+            f"--git-dir={mirror}",
+            "fetch",
+            "-q",
+            "--prune",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--",
+            repo.source,
+            *_MIRROR_REFSPECS,
+        ],
+        repo.source,
+        credential,
+        home,
+        "clone_failed",
+    )
+
+
+def _remote_default_branch(repo: RepoLike, home: Path, credential: GitCredential | None) -> str:
+    out = _remote_git(
+        ["ls-remote", "--symref", "--", repo.source, "HEAD"], repo.source, credential, home, "clone_failed"
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
+            name = line[len("ref: refs/heads/") : -len("\tHEAD")]
+            validate_ref_name(name)
+            return name
+    raise GitError("the remote names no default branch; set `branch` for this repo", code="branch_failed")
+
+
+def _remote_git(
+    args: list[str], url: str, credential: GitCredential | None, home: Path, code: str
+) -> GitResult:
+    """A command that talks to `url`: the credential only over http(s) (ssh uses the service account's
+    keys), plain http only where `validate_source` allowed it (loopback)."""
+    return run_git(
+        args,
+        home=home,
+        credential=credential if url_host(url) else None,
+        plain_http=is_plain_http(url),
+        error_code=code,
+        timeout=NETWORK_TIMEOUT,
+    )
+
+
+# --- commit and push --------------------------------------------------------------------------------
+
+
+def commit_changes(ws: Workspace, *, message: str, author_name: str, author_email: str) -> CommitResult:
+    """Commits everything the script changed (`git add -A`, .gitignore respected) on the job branch and
+    counts it against the base commit. Nothing changed: commit None and zeros."""
+    if ws.git_dir is None or ws.branch is None or ws.base_commit is None:
+        return NO_CHANGES
+    ref = f"refs/heads/{ws.branch}"
+    # The agent may have switched or deleted branches: the job's commit still goes on the job branch.
+    head = _run_in(ws.git_dir, ws.path, ["symbolic-ref", "-q", "HEAD"], ws.home, "commit_failed", check=False)
+    if head.stdout.strip() != ref:
+        if _try_resolve(ws.git_dir, ref, ws.home) is None:
+            _run_in(ws.git_dir, ws.path, ["update-ref", ref, ws.base_commit], ws.home, "commit_failed")
+        _run_in(ws.git_dir, ws.path, ["symbolic-ref", "HEAD", ref], ws.home, "commit_failed")
+    _run_in(ws.git_dir, ws.path, ["add", "-A"], ws.home, "commit_failed")
+    staged = _run_in(
+        ws.git_dir, ws.path, ["diff", "--cached", "--quiet"], ws.home, "commit_failed", check=False
+    )
+    if staged.returncode not in (0, 1):
+        raise GitError(f"git diff --cached failed: {staged.stderr.strip()}", code="commit_failed")
+    if staged.returncode == 1:
+        ident = {
+            "GIT_AUTHOR_NAME": author_name,
+            "GIT_AUTHOR_EMAIL": author_email,
+            "GIT_COMMITTER_NAME": author_name,
+            "GIT_COMMITTER_EMAIL": author_email,
+        }
+        _run_in(
+            ws.git_dir,
+            ws.path,
+            ["commit", "-q", "--no-verify", "--no-gpg-sign", "-F", "-"],
+            ws.home,
+            "commit_failed",
+            env_extra=ident,
+            input_text=message,
+        )
+    tip = _resolve(ws.git_dir, ref, ws.home, code="commit_failed")
+    if tip == ws.base_commit:
+        return NO_CHANGES
+    return _numstat(ws, tip)
+
+
+def _numstat(ws: Workspace, tip: str) -> CommitResult:
+    assert ws.git_dir is not None and ws.base_commit is not None
+    # Plumbing, so no external diff or textconv program configured in the workspace runs.
+    out = _run_in(
+        ws.git_dir,
+        ws.path,
+        ["diff-tree", "-r", "-z", "-M", "--numstat", ws.base_commit, tip],
+        ws.home,
+        "commit_failed",
+    ).stdout
+    files = added = removed = 0
+    fields = iter(out.split("\0"))
+    for entry in fields:
+        if not entry:
+            continue
+        counts = entry.split("\t")
+        if len(counts) < 3:
+            continue
+        files += 1
+        if counts[2] == "":  # a rename: the old and the new path follow as their own fields
+            next(fields, None)
+            next(fields, None)
+        if counts[0] != "-":  # binary files show "-\t-": counted as a file, with no lines
+            added += int(counts[0])
+            removed += int(counts[1])
+    return CommitResult(tip, files, added, removed)
+
+
+def push_branch(ws: Workspace, repo: RepoLike, credential: GitCredential | None) -> None:
+    """Pushes the job branch to the repo's origin (the URL, or a local repo's `remote.origin.url`).
+
+    The push runs from a fresh bare repository in the job's git HOME that borrows the workspace's
+    objects, so no configuration the agent could have written (proxies, url rewrites, TLS settings)
+    applies to the one command that carries the credential."""
+    if ws.git_dir is None or ws.branch is None:
+        raise GitError("a scratch workspace has no branch to push", code="push_failed")
+    url = repo.source if repo.source_type == "git_url" else _local_origin_url(ws)
+    validate_source(url)
+    tip = _resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home, code="push_failed")
+    objects = Path(
+        _git_out([f"--git-dir={ws.git_dir}", "rev-parse", "--git-path", "objects"], ws.home, "push_failed")
+    )
+    if not objects.is_absolute():
+        objects = ws.git_dir / objects
+    shim = ws.home / f"push-{uuid.uuid4().hex[:8]}.git"
+    try:
+        run_git(["init", "-q", "--bare", "--", str(shim)], home=ws.home, error_code="push_failed")
+        (shim / "objects" / "info" / "alternates").write_text(f"{objects.resolve()}\n")
+        _remote_git(
+            [f"--git-dir={shim}", "push", "-q", "--", url, f"{tip}:refs/heads/{ws.branch}"],
+            url,
+            credential,
+            ws.home,
+            "push_failed",
+        )
+    finally:
+        shutil.rmtree(shim, ignore_errors=True)
+
+
+def _local_origin_url(ws: Workspace) -> str:
+    assert ws.store is not None
+    got = run_git(
+        [f"--git-dir={ws.store}", "config", "--get", "remote.origin.url"], home=ws.home, check=False
+    )
+    url = got.stdout.strip()
+    if got.returncode != 0 or not url:
+        raise GitError("the local repo has no origin remote to push to", code="push_failed")
+    return url
+
+
+# --- cleanup ----------------------------------------------------------------------------------------
+
+
+def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, failed: bool) -> None:
+    """Removes the workspace when `RUNNER_CLEANUP_AFTER_JOB` (kept for a failed job with
+    `RUNNER_KEEP_FAILED_WORKSPACES`). A job branch with commits is kept in the repo it came from;
+    one without is deleted. The job's git HOME always goes."""
+    keep = not settings.cleanup_after_job or (failed and settings.keep_failed_workspaces)
+    try:
+        if not keep:
+            root = settings.workspace_dir.resolve()
+            if ws.mode == "scratch":
+                _remove_tree(ws.path, root)
+            elif ws.mode == "worktree":
+                _cleanup_worktree(ws, repo, settings, root)
+            elif ws.mode == "clone":
+                _cleanup_clone(ws, repo, settings, root)
+            elif ws.mode == "in_place":
+                _cleanup_in_place(ws, repo, settings)
+    finally:
+        shutil.rmtree(ws.home, ignore_errors=True)
+
+
+def _cleanup_worktree(ws: Workspace, repo: RepoLike, settings: Settings, root: Path) -> None:
+    assert ws.store is not None and ws.branch is not None and ws.base_commit is not None
+    key = _mirror_path(repo, settings).stem if repo.source_type == "git_url" else _lock_key(repo)
+    with _repo_lock(settings, key):
+        run_git(
+            [f"--git-dir={ws.store}", "worktree", "remove", "--force", "--force", "--", str(ws.path)],
+            home=ws.home,
+            check=False,
+        )
+        _remove_tree(ws.path, root)
+        run_git([f"--git-dir={ws.store}", "worktree", "prune"], home=ws.home, check=False)
+        _delete_branch_if_unchanged(ws.store, ws.branch, ws.base_commit, ws.home)
+
+
+def _cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path) -> None:
+    assert ws.store is not None and ws.git_dir is not None and ws.branch is not None
+    tip = _try_resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home)
+    if tip is not None and tip != ws.base_commit:
+        # The clone goes away, its commits stay: the job branch is kept in the mirror (or local repo).
+        key = _mirror_path(repo, settings).stem if repo.source_type == "git_url" else _lock_key(repo)
+        with _repo_lock(settings, key):
+            ref = f"refs/heads/{ws.branch}"
+            run_git(
+                [f"--git-dir={ws.store}", "fetch", "-q", "--no-tags", "--", str(ws.git_dir), f"+{ref}:{ref}"],
+                home=ws.home,
+                error_code="commit_failed",
+            )
+    _remove_tree(ws.path, root)
+
+
+def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings) -> None:
+    assert ws.git_dir is not None and ws.branch is not None and ws.base_commit is not None
+    with _repo_lock(settings, _lock_key(repo)):
+        # The tree was clean when the job began, so what is left uncommitted is the job's own.
+        _run_in(ws.git_dir, ws.path, ["reset", "--hard", "-q"], ws.home, "prepare_failed")
+        _run_in(ws.git_dir, ws.path, ["clean", "-fdq"], ws.home, "prepare_failed")
+        original = ws.original_ref or ws.base_commit
+        if original.startswith("refs/heads/"):
+            _run_in(
+                ws.git_dir,
+                ws.path,
+                ["checkout", "-q", original.removeprefix("refs/heads/")],
+                ws.home,
+                "prepare_failed",
+            )
+        else:
+            _run_in(ws.git_dir, ws.path, ["checkout", "-q", "--detach", original], ws.home, "prepare_failed")
+        _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
+
+
+def _delete_branch_if_unchanged(git_dir: Path, branch: str, base_commit: str, home: Path) -> None:
+    # update-ref with the expected old value: deletes only a branch still at the base (no commits).
+    run_git(
+        [f"--git-dir={git_dir}", "update-ref", "-d", f"refs/heads/{branch}", base_commit],
+        home=home,
+        check=False,
+    )
+
+
+def _remove_tree(path: Path, root: Path) -> None:
+    """Deletes a workspace folder, and nothing outside RUNNER_WORKSPACE_DIR whatever the path says."""
+    resolved = path.resolve()
+    if resolved.parent != root or path.is_symlink():
+        raise GitError(f"refusing to delete {path}: not a workspace folder", code="prepare_failed")
+    shutil.rmtree(resolved, ignore_errors=True)
+
+
+# --- small helpers ----------------------------------------------------------------------------------
+
+
+def _dot_git(source: Path) -> Path:
+    dot = source / ".git"
+    return dot if dot.exists() else source  # a bare repository is its own git dir
+
+
+def _run_in(
+    git_dir: Path,
+    work_tree: Path,
+    args: list[str],
+    home: Path,
+    code: str,
+    *,
+    check: bool = True,
+    env_extra: dict[str, str] | None = None,
+    input_text: str | None = None,
+) -> GitResult:
+    """A command in a workspace, naming its pinned git dir and work tree explicitly."""
+    return run_git(
+        [f"--git-dir={git_dir}", f"--work-tree={work_tree}", *args],
+        cwd=work_tree,
+        home=home,
+        error_code=code,
+        check=check,
+        env_extra=env_extra,
+        input_text=input_text,
+    )
+
+
+def _git_out(args: list[str], home: Path, code: str) -> str:
+    return run_git(args, home=home, error_code=code).stdout.strip()
+
+
+def _try_resolve(git_dir: Path, rev: str, home: Path) -> str | None:
+    got = run_git(
+        [f"--git-dir={git_dir}", "rev-parse", "-q", "--verify", f"{rev}^{{commit}}"], home=home, check=False
+    )
+    return got.stdout.strip() if got.returncode == 0 else None
+
+
+def _resolve(git_dir: Path, rev: str, home: Path, *, code: str = "branch_failed") -> str:
+    commit = _try_resolve(git_dir, rev, home)
+    if commit is None:
+        shown = rev.removeprefix("refs/remotes/origin/").removeprefix("refs/heads/")
+        raise GitError(f"branch {shown!r} not found", code=code)
+    return commit
+
+
+def _current_branch(git_dir: Path, home: Path) -> str:
+    got = run_git([f"--git-dir={git_dir}", "symbolic-ref", "-q", "--short", "HEAD"], home=home, check=False)
+    name = got.stdout.strip()
+    if got.returncode != 0 or not name:
+        raise GitError("the repo's HEAD is detached; set `branch` for this repo", code="branch_failed")
+    validate_ref_name(name)
+    return name

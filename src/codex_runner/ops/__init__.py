@@ -1,0 +1,1 @@
+"""Operations: doctor checks, retention, backup/restore, metrics, audit, diagnostics."""

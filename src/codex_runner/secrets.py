@@ -1,0 +1,98 @@
+"""AES-256-GCM for stored credentials, key parsing, API token hashing and secret masking."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import secrets as _secrets
+from collections.abc import Iterable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from codex_runner.errors import CryptoError
+
+NONCE_BYTES = 12
+TOKEN_PREFIX = "cr_"
+
+
+def parse_key(text: str) -> bytes:
+    """Accepts 64 hex characters, base64 of 32 bytes, or 32 raw bytes (SPEC §2)."""
+    stripped = text.strip()
+    if len(stripped) == 64:
+        try:
+            return bytes.fromhex(stripped)
+        except ValueError:
+            pass
+    try:
+        decoded = base64.b64decode(stripped, validate=True)
+        if len(decoded) == 32:
+            return decoded
+    except (binascii.Error, ValueError):
+        pass
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) == 32:
+        return raw
+    raise CryptoError("encryption key must be 64 hex characters, base64 of 32 bytes, or 32 raw bytes")
+
+
+def generate_key() -> str:
+    return _secrets.token_bytes(32).hex()
+
+
+def encrypt(key: bytes, plaintext: bytes, associated: bytes = b"") -> bytes:
+    """Returns nonce ‖ ciphertext ‖ tag (12-byte nonce, 16-byte tag)."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated or None)
+
+
+def decrypt(keys: Iterable[bytes], blob: bytes, associated: bytes = b"") -> bytes:
+    """Tries each key in turn (current first, then previous) so rotation can be gradual."""
+    nonce, body = blob[:NONCE_BYTES], blob[NONCE_BYTES:]
+    for key in keys:
+        try:
+            return AESGCM(key).decrypt(nonce, body, associated or None)
+        except InvalidTag:
+            continue
+    raise CryptoError("stored credential cannot be decrypted with the configured key(s)")
+
+
+def new_api_token() -> str:
+    return TOKEN_PREFIX + _secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """Tokens are random 256-bit values, so a plain SHA-256 is a sound, fast lookup hash."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def tokens_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def secret_forms(value: str, min_length: int = 8) -> list[str]:
+    """A secret and the encodings it most often leaks in: base64 (standard and URL-safe) and
+    percent-encoding. Values shorter than `min_length` are ignored: masking them would shred logs."""
+    from urllib.parse import quote
+
+    if len(value) < min_length:
+        return []
+    raw = value.encode()
+    forms = {
+        value,
+        base64.b64encode(raw).decode().rstrip("="),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        quote(value, safe=""),
+    }
+    return sorted((f for f in forms if len(f) >= min_length), key=len, reverse=True)
+
+
+def mask(text: str, values: Iterable[str], replacement: str = "[REDACTED]") -> str:
+    """Replaces every known secret (and its encodings) in `text`."""
+    for value in values:
+        for form in secret_forms(value):
+            text = text.replace(form, replacement)
+    return text

@@ -1,0 +1,213 @@
+"""API tokens (stored as SHA-256 hashes only) and encrypted git credentials."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from codex_runner import secrets
+from codex_runner.errors import CryptoError, InvalidRequest, NotFound
+from codex_runner.store.engine import read_txn, with_retries, write_txn
+from codex_runner.store.records import iso, utcnow
+from codex_runner.store.schema import credentials, tokens
+
+ROLES = ("user", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class TokenStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def create(self, user: str, role: str = "user", name: str = "") -> tuple[str, dict[str, Any]]:
+        """Returns the new token (shown once, never stored) and its public record."""
+        if role not in ROLES:
+            raise InvalidRequest(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not user or len(user) > 200 or not user.isprintable():
+            raise InvalidRequest("user must be 1-200 printable characters")
+        token = secrets.new_api_token()
+        row = {
+            "id": str(uuid.uuid4()),
+            "user": user,
+            "role": role,
+            "name": name,
+            "token_hash": secrets.hash_token(token),
+            "created_at": utcnow(),
+        }
+
+        def txn() -> None:
+            with write_txn(self.engine) as conn:
+                conn.execute(tokens.insert().values(**row))
+
+        with_retries(txn)
+        return token, self._public({**row, "revoked_at": None})
+
+    @staticmethod
+    def _public(row: Any) -> dict[str, Any]:
+        return {
+            "id": row["id"],
+            "user": row["user"],
+            "role": row["role"],
+            "name": row["name"],
+            "created_at": iso(row["created_at"]),
+            "revoked_at": iso(row["revoked_at"]),
+        }
+
+    def authenticate(self, token: str) -> Principal | None:
+        """Looks the token up by its hash (an index hit); the hash comparison is constant time."""
+        digest = secrets.hash_token(token)
+
+        def txn() -> Principal | None:
+            with read_txn(self.engine) as conn:
+                row = conn.execute(
+                    sa.select(tokens.c.user, tokens.c.role, tokens.c.token_hash, tokens.c.revoked_at).where(
+                        tokens.c.token_hash == digest
+                    )
+                ).first()
+            if row is None or row.revoked_at is not None or not secrets.tokens_equal(row.token_hash, digest):
+                return None
+            return Principal(row.user, row.role)
+
+        return with_retries(txn)
+
+    def list(self) -> list[dict[str, Any]]:
+        def txn() -> list[dict[str, Any]]:
+            with read_txn(self.engine) as conn:
+                rows = conn.execute(sa.select(tokens).order_by(tokens.c.created_at)).mappings()
+                return [self._public(r) for r in rows]
+
+        return with_retries(txn)
+
+    def revoke(self, token_id: str) -> dict[str, Any]:
+        def txn() -> dict[str, Any]:
+            with write_txn(self.engine) as conn:
+                conn.execute(
+                    tokens.update()
+                    .where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
+                    .values(revoked_at=utcnow())
+                )
+                row = conn.execute(sa.select(tokens).where(tokens.c.id == token_id)).mappings().first()
+                if row is None:
+                    raise NotFound(f"token {token_id} not found")
+                return self._public(row)
+
+        return with_retries(txn)
+
+
+class CredentialStore:
+    """Git credentials, AES-256-GCM encrypted; the name is bound as associated data so a blob
+    cannot be moved to another credential."""
+
+    def __init__(self, engine: Engine, key: bytes | None, previous_keys: Sequence[bytes] = ()) -> None:
+        self.engine = engine
+        self.key = key
+        self.previous_keys = list(previous_keys)
+
+    def _require_key(self) -> bytes:
+        if self.key is None:
+            raise CryptoError("RUNNER_ENCRYPTION_KEY is not set; run `codex-runner keygen` and set it")
+        return self.key
+
+    def set(self, name: str, host: str, username: str, secret: str) -> dict[str, Any]:
+        if not name or not host:
+            raise InvalidRequest("credential name and host are required")
+        if not secret:
+            raise InvalidRequest("the secret read from standard input is empty")
+        blob = secrets.encrypt(self._require_key(), secret.encode(), name.encode())
+        now = utcnow()
+
+        def txn() -> None:
+            with write_txn(self.engine) as conn:
+                conn.execute(credentials.delete().where(credentials.c.name == name))
+                conn.execute(
+                    credentials.insert().values(
+                        name=name,
+                        host=host,
+                        username=username,
+                        secret_enc=blob,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+
+        with_retries(txn)
+        return {"name": name, "host": host, "username": username, "updated_at": iso(now)}
+
+    def list(self) -> list[dict[str, Any]]:
+        def txn() -> list[dict[str, Any]]:
+            with read_txn(self.engine) as conn:
+                rows = conn.execute(
+                    sa.select(
+                        credentials.c.name,
+                        credentials.c.host,
+                        credentials.c.username,
+                        credentials.c.updated_at,
+                    )
+                ).mappings()
+                return [{**dict(r), "updated_at": iso(r["updated_at"])} for r in rows]
+
+        return with_retries(txn)
+
+    def count(self) -> int:
+        def txn() -> int:
+            with read_txn(self.engine) as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(credentials)).scalar_one())
+
+        return with_retries(txn)
+
+    def delete(self, name: str) -> None:
+        def txn() -> int:
+            with write_txn(self.engine) as conn:
+                return conn.execute(credentials.delete().where(credentials.c.name == name)).rowcount
+
+        if with_retries(txn) == 0:
+            raise NotFound(f"credential {name!r} not found")
+
+    def get_secret(self, name: str) -> tuple[str, str, str]:
+        """(host, username, secret) — decrypted in memory for one git command."""
+
+        def txn() -> Any:
+            with read_txn(self.engine) as conn:
+                return (
+                    conn.execute(sa.select(credentials).where(credentials.c.name == name)).mappings().first()
+                )
+
+        row = with_retries(txn)
+        if row is None:
+            raise NotFound(f"credential {name!r} not found")
+        keys = [self._require_key(), *self.previous_keys]
+        secret = secrets.decrypt(keys, row["secret_enc"], name.encode()).decode()
+        return row["host"], row["username"], secret
+
+    def rotate(self) -> int:
+        """Re-encrypts every credential under the current key (reading with current or previous)."""
+        key = self._require_key()
+        keys = [key, *self.previous_keys]
+
+        def txn() -> int:
+            with write_txn(self.engine) as conn:
+                rows = conn.execute(sa.select(credentials.c.name, credentials.c.secret_enc)).all()
+                for name, blob in rows:
+                    plain = secrets.decrypt(keys, blob, name.encode())
+                    conn.execute(
+                        credentials.update()
+                        .where(credentials.c.name == name)
+                        .values(secret_enc=secrets.encrypt(key, plain, name.encode()), updated_at=utcnow())
+                    )
+                return len(rows)
+
+        return with_retries(txn)

@@ -1,0 +1,52 @@
+"""Schema migrations with alembic, run by `codex-runner migrate` and at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATE_LOCK_KEY = 0x636F646578_00
+
+
+def _config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine) -> None:
+    """Brings the schema to head. Several instances may start at once: on PostgreSQL they queue
+    on an advisory lock; on SQLite the write lock does the same."""
+    cfg = _config()
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_lock(MIGRATE_LOCK_KEY)))
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()
+        finally:
+            if engine.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_unlock(MIGRATE_LOCK_KEY)))
+                conn.commit()
+
+
+def is_current(engine: Engine) -> bool:
+    return current_revision(engine) == head_revision()

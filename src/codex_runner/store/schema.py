@@ -1,0 +1,177 @@
+"""SQLAlchemy Core schema. Alembic migrations under `migrations/` must produce exactly this."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC: one representation on both backends, so string
+    comparison on SQLite and timestamp comparison on PostgreSQL order the same way."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        return value.replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC)
+
+
+ACTIVE_STATUSES = ("queued", "running", "cancel_requested")
+
+repos = sa.Table(
+    "runner_repos",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("source_type", sa.String(20), nullable=False),
+    sa.Column("path_or_url", sa.Text, nullable=False),
+    sa.Column("branch", sa.String(255), nullable=False),
+    sa.Column("workspace", sa.String(20), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+jobs = sa.Table(
+    "runner_jobs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("repo_id", sa.String(36), nullable=False),
+    sa.Column("repo", sa.String(200), nullable=False),
+    sa.Column("workspace_mode", sa.String(20), nullable=False),
+    sa.Column("script_key", sa.String(200), nullable=False),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("requested_by", sa.String(200), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("heartbeat_at", UTCDateTime),
+    sa.Column("timeout_seconds", sa.Integer, nullable=False),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("error_code", sa.String(64)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("cancel_requested_at", UTCDateTime),
+    sa.Column("runner_id", sa.String(200)),
+    sa.Column("lease_token", sa.String(64)),
+    sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("stages", sa.JSON),
+    sa.Column("result", sa.JSON),
+    # Recorded at spawn so a later life of the same runner can kill exactly this group and never
+    # a recycled pid (SPEC §3 start-up recovery).
+    sa.Column("pid", sa.Integer),
+    sa.Column("pgid", sa.Integer),
+    sa.Column("proc_start_time", sa.BigInteger),
+    # Queue scans: only queued rows are in this index, so it stays small however big the table.
+    sa.Index(
+        "ix_runner_jobs_queue",
+        "created_at",
+        "id",
+        sqlite_where=sa.text("status = 'queued'"),
+        postgresql_where=sa.text("status = 'queued'"),
+    ),
+    # Limits and watchdog: active rows by user, by runner, by repo.
+    sa.Index("ix_runner_jobs_status_user", "status", "requested_by"),
+    sa.Index("ix_runner_jobs_runner_status", "runner_id", "status"),
+    sa.Index("ix_runner_jobs_repo_status", "repo_id", "status"),
+    # Lists: newest first, optionally per user / repo / status.
+    sa.Index("ix_runner_jobs_created", "created_at", "id"),
+    sa.Index("ix_runner_jobs_user_created", "requested_by", "created_at", "id"),
+    sa.Index("ix_runner_jobs_user_status_created", "requested_by", "status", "created_at", "id"),
+    sa.Index("ix_runner_jobs_status_created", "status", "created_at", "id"),
+    sa.Index("ix_runner_jobs_repo_created", "repo_id", "created_at", "id"),
+    sa.Index("ix_runner_jobs_finished", "finished_at"),
+)
+
+events = sa.Table(
+    "runner_job_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("runner_jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("meta", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_runner_job_events_job", "job_id", "id"),
+)
+
+tokens = sa.Table(
+    "runner_api_tokens",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("user", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False, default=""),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime),
+)
+
+credentials = sa.Table(
+    "runner_credentials",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("username", sa.String(200), nullable=False),
+    sa.Column("secret_enc", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+idempotency_keys = sa.Table(
+    "runner_idempotency_keys",
+    metadata,
+    sa.Column("user", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("payload_hash", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.String(36), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Index("ix_runner_idempotency_keys_expires", "expires_at"),
+)
+
+instances = sa.Table(
+    "runner_instances",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("version", sa.String(40), nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime, nullable=False),
+    sa.Column("stopped_at", UTCDateTime),
+)
+
+# Named, expiring locks for singleton chores (retention): one instance at a time.
+locks = sa.Table(
+    "runner_locks",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,301 @@
+"""Job routes over a real server, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from typing import Any
+
+import jwt
+import sqlalchemy as sa
+
+from codex_runner.store.schema import events, idempotency_keys, jobs
+
+
+def _count(api: Any, table: sa.Table) -> int:
+    with api.runtime.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+
+
+def test_create_get_list_events(api: Any) -> None:
+    r = api.create(api.alice)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["status"] == "queued"
+    assert job["deduplicated"] is False
+    assert job["args"] == {"message": "hi", "count": 1, "loud": False, "mode": "fast"}
+    assert job["requested_by"] == "alice"
+    assert job["created_at"].endswith("Z")
+    assert job["result"] is None
+    assert [s["name"] for s in job["stages"]] == ["prepare", "script", "commit", "push", "cleanup"]
+
+    got = api.client(api.alice).get(f"/api/runner/jobs/{job['id']}").json()
+    assert got["id"] == job["id"]
+    assert [e["event_type"] for e in got["events"]] == ["job_created"]
+    assert got["events"][0]["actor"] == "alice"
+
+    listing = api.client(api.alice).get("/api/runner/jobs").json()
+    assert listing["total"] == 1 and listing["items"][0]["id"] == job["id"]
+    assert listing["limit"] == 50 and listing["offset"] == 0
+    ev = api.client(api.alice).get(f"/api/runner/jobs/{job['id']}/events").json()
+    assert ev["items"][0]["event_type"] == "job_created"
+
+
+def test_another_users_job_is_404_and_admin_sees_all(api: Any) -> None:
+    job = api.create(api.alice).json()
+    bob = api.client(api.bob)
+    for path in (f"/api/runner/jobs/{job['id']}", f"/api/runner/jobs/{job['id']}/events"):
+        r = bob.get(path)
+        assert r.status_code == 404
+        assert r.json() == {"detail": f"job {job['id']} not found", "code": "not_found"}
+    assert bob.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 404
+    assert bob.get("/api/runner/jobs").json()["total"] == 0
+    assert api.client(api.admin).get(f"/api/runner/jobs/{job['id']}").status_code == 200
+    assert api.client(api.admin).get("/api/runner/jobs").json()["total"] == 1
+
+
+def test_list_filters_and_pagination(api: Any) -> None:
+    ids = [api.create(api.alice).json()["id"] for _ in range(7)]
+    other = api.create(api.alice, {"repo": "other", "script_key": "echo", "args": {"message": "x"}}).json()
+    api.client(api.alice).post(f"/api/runner/jobs/{ids[0]}/cancel")
+    c = api.client(api.alice)
+    page1 = c.get("/api/runner/jobs", params={"limit": 3}).json()
+    page2 = c.get("/api/runner/jobs", params={"limit": 3, "offset": 3}).json()
+    page3 = c.get("/api/runner/jobs", params={"limit": 3, "offset": 6}).json()
+    seen = [j["id"] for p in (page1, page2, page3) for j in p["items"]]
+    assert page1["total"] == 8 and len(seen) == 8 and len(set(seen)) == 8
+    assert seen[0] == other["id"]  # newest first
+    assert seen[-1] == ids[0]
+    canceled = c.get("/api/runner/jobs", params={"status": "canceled"}).json()
+    assert canceled["total"] == 1 and canceled["items"][0]["id"] == ids[0]
+    both = c.get("/api/runner/jobs", params=[("status", "canceled"), ("status", "queued")]).json()
+    assert both["total"] == 8
+    by_repo = c.get("/api/runner/jobs", params={"repo_id": other["repo_id"]}).json()
+    assert [j["id"] for j in by_repo["items"]] == [other["id"]]
+    for bad in ({"limit": 0}, {"limit": 201}, {"offset": -1}, {"status": "nope"}):
+        r = c.get("/api/runner/jobs", params=bad)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request", bad
+
+
+def test_cancel_codes(api: Any) -> None:
+    job = api.create(api.alice).json()
+    c = api.client(api.alice)
+    r = c.post(f"/api/runner/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    assert r.json()["error_code"] == "canceled"
+    r = c.post(f"/api/runner/jobs/{job['id']}/cancel")
+    assert r.status_code == 409 and r.json()["code"] == "invalid_transition"
+    events_ = c.get(f"/api/runner/jobs/{job['id']}/events").json()["items"]
+    assert [e["event_type"] for e in events_] == ["job_created", "job_canceled"]
+
+
+def test_cancel_running_answers_202(api: Any) -> None:
+    from codex_runner.jobs import Status
+
+    job = api.create(api.alice).json()
+    claimed = api.runtime.jobs.claim("r1", slots=1, max_jobs_per_user=3)
+    assert claimed[0].id == job["id"]
+    c = api.client(api.alice)
+    r = c.post(f"/api/runner/jobs/{job['id']}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancel_requested"
+    assert r.json()["cancel_requested_at"] is not None
+    r = c.post(f"/api/runner/jobs/{job['id']}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancel_requested"
+    assert api.runtime.jobs.get(job["id"])["status"] == Status.CANCEL_REQUESTED
+
+
+def test_idempotent_replay_and_conflict(api: Any) -> None:
+    first = api.create(api.alice, None, **{"Idempotency-Key": "k-1"})
+    assert first.status_code == 201
+    again = api.create(api.alice, None, **{"Idempotency-Key": "k-1"})
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and again.json()["deduplicated"] is True
+    # Same payload with a default spelled out is the same canonical payload.
+    explicit = {"repo": "demo", "script_key": "echo", "args": {"message": "hi", "count": 1}}
+    assert api.create(api.alice, explicit, **{"Idempotency-Key": "k-1"}).status_code == 200
+    other = {"repo": "demo", "script_key": "echo", "args": {"message": "different"}}
+    r = api.create(api.alice, other, **{"Idempotency-Key": "k-1"})
+    assert r.status_code == 409
+    assert r.json()["code"] == "idempotency_key_reused_with_different_payload"
+    # The scope is (user, key): bob's k-1 is another key.
+    assert api.create(api.bob, None, **{"Idempotency-Key": "k-1"}).status_code == 201
+    assert _count(api, jobs) == 2
+
+
+def test_idempotency_key_validation(api: Any) -> None:
+    for bad in ("", "x" * 256, "caf\u00e9", "tab\there"):
+        r = api.client(api.alice).post(
+            "/api/runner/jobs",
+            json={"repo": "demo", "script_key": "echo", "args": {"message": "hi"}},
+            headers={"Idempotency-Key": bad.encode("utf-8")},  # type: ignore[dict-item]
+        )
+        assert r.status_code == 400, bad
+        assert r.json()["code"] == "invalid_request"
+    assert _count(api, jobs) == 0
+
+
+def test_idempotency_race_creates_one_job(api: Any) -> None:
+    body = {"repo": "demo", "script_key": "echo", "args": {"message": "race"}}
+
+    def one(_: int) -> tuple[int, str, bool]:
+        r = api.create(api.alice, body, **{"Idempotency-Key": "race-key"})
+        return r.status_code, r.json()["id"], r.json()["deduplicated"]
+
+    with cf.ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(one, range(50)))
+    codes = sorted(code for code, _, _ in results)
+    assert codes.count(201) == 1 and codes.count(200) == 49, codes
+    assert len({jid for _, jid, _ in results}) == 1
+    assert sum(1 for _, _, dedup in results if dedup) == 49
+    assert _count(api, jobs) == 1
+    assert _count(api, idempotency_keys) == 1
+
+
+def test_queue_full_global_and_per_user(api_factory: Any) -> None:
+    api = api_factory(RUNNER_MAX_QUEUE_SIZE="5", RUNNER_MAX_QUEUED_PER_USER="3")
+    for _ in range(3):
+        assert api.create(api.alice).status_code == 201
+    r = api.create(api.alice)
+    assert r.status_code == 429 and r.json()["code"] == "user_queue_full"
+    assert int(r.headers["Retry-After"]) > 0
+    assert api.create(api.bob).status_code == 201
+    assert api.create(api.bob).status_code == 201
+    r = api.create(api.bob)
+    assert r.status_code == 429 and r.json()["code"] == "queue_full"
+    assert int(r.headers["Retry-After"]) > 0
+    assert _count(api, jobs) == 5
+
+
+def test_bad_requests_write_nothing(api: Any) -> None:
+    c = api.client(api.alice)
+    cases: list[tuple[Any, int, str]] = [
+        (b"{not json", 400, "invalid_request"),
+        ({"repo": "demo", "script_key": "echo", "args": []}, 400, "invalid_request"),
+        ({"repo": "demo", "script_key": 5, "args": {}}, 400, "invalid_request"),
+        ({"script_key": "echo", "args": {"message": "x"}}, 400, "invalid_request"),
+        ({"repo": "demo", "script_key": "echo", "args": {"message": "x"}, "extra": 1}, 400, "invalid_request"),
+        ({"repo": "nope", "script_key": "echo", "args": {"message": "x"}}, 400, "invalid_request"),
+        ({"repo": "demo", "script_key": "nope", "args": {}}, 400, "unknown_script"),
+        ({"repo": "demo", "script_key": "echo", "args": {}}, 400, "invalid_args"),
+        ({"repo": "demo", "script_key": "echo", "args": {"message": "x", "bogus": 1}}, 400, "invalid_args"),
+        ({"repo": "demo", "script_key": "echo", "args": {"message": "x", "count": 11}}, 400, "invalid_args"),
+        ({"repo": "demo", "script_key": "echo", "args": {"message": "x", "count": "3"}}, 400, "invalid_args"),
+        ({"repo": "demo", "script_key": "echo", "args": {"message": "x", "loud": "yes"}}, 400, "invalid_args"),
+        ({"repo": "demo", "script_key": "echo", "args": {"message": "x", "mode": "warp"}}, 400, "invalid_args"),
+        ({"repo": "demo", "script_key": "echo", "args": {"message": "x" * 101}}, 400, "invalid_args"),
+        ({"repo": "off", "script_key": "echo", "args": {"message": "x"}}, 403, "repo_disabled"),
+        ({"repo": "outside", "script_key": "echo", "args": {"message": "x"}}, 403, "repo_not_allowed"),
+        ({"repo": "other", "script_key": "only_demo", "args": {}}, 403, "forbidden"),
+    ]
+    for body, status, code in cases:
+        if isinstance(body, bytes):
+            r = c.post("/api/runner/jobs", content=body, headers={"content-type": "application/json"})
+        else:
+            r = c.post("/api/runner/jobs", json=body)
+        assert r.status_code == status, (body, r.text)
+        payload = r.json()
+        assert payload["code"] == code, (body, payload)
+        assert isinstance(payload["detail"], str) and payload["detail"]
+        assert "Traceback" not in r.text
+    bad_args = c.post("/api/runner/jobs", json={"repo": "demo", "script_key": "echo", "args": {}}).json()
+    assert bad_args["errors"] and bad_args["errors"][0]["loc"][-1] == "message"
+    assert _count(api, jobs) == 0
+    assert _count(api, events) == 0
+
+
+def test_huge_body_is_413(api: Any) -> None:
+    c = api.client(api.alice)
+    big = {"repo": "demo", "script_key": "echo", "args": {"message": "x" * (1024 * 1024 + 10)}}
+    r = c.post("/api/runner/jobs", json=big)
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+
+    def chunks() -> Any:
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = c.post("/api/runner/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert _count(api, jobs) == 0
+
+
+def test_auth_on_every_route(api: Any) -> None:
+    job = api.create(api.alice).json()
+    revoked, record = api.runtime.tokens.create("carol", "user")
+    api.runtime.tokens.revoke(record["id"])
+    routes = [
+        ("GET", "/api/runner/repos"),
+        ("GET", "/api/runner/scripts"),
+        ("POST", "/api/runner/jobs"),
+        ("GET", "/api/runner/jobs"),
+        ("GET", f"/api/runner/jobs/{job['id']}"),
+        ("POST", f"/api/runner/jobs/{job['id']}/cancel"),
+        ("GET", f"/api/runner/jobs/{job['id']}/events"),
+        ("GET", f"/api/runner/jobs/{job['id']}/logs"),
+        ("GET", "/api/runner/diagnostics"),
+        ("GET", "/metrics"),
+    ]
+    headers_cases = [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer cr_wrong"},
+        {"Authorization": "Bearer not-a-token"},
+        {"Authorization": f"Bearer {revoked}"},
+    ]
+    c = api.client()
+    for method, path in routes:
+        for headers in headers_cases:
+            r = c.request(method, path, headers=headers, json={} if method == "POST" else None)
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.json()["code"] == "not_authenticated"
+    user = api.client(api.alice)
+    for path in ("/api/runner/diagnostics", "/metrics"):
+        r = user.get(path)
+        assert r.status_code == 403 and r.json()["code"] == "forbidden"
+    admin = api.client(api.admin)
+    assert admin.get("/api/runner/diagnostics").status_code == 200
+    assert admin.get("/metrics").status_code == 200
+    assert c.get("/healthz").json() == {"status": "ok"}
+    assert c.get("/readyz").status_code == 200
+
+
+def test_jwt_tokens(api_factory: Any) -> None:
+    api = api_factory(RUNNER_JWT_SECRET="a-jwt-secret-of-enough-length-123")
+    good = jwt.encode({"sub": "dave"}, "a-jwt-secret-of-enough-length-123", algorithm="HS256")
+    r = api.create(good)
+    assert r.status_code == 201 and r.json()["requested_by"] == "dave"
+    forged = jwt.encode({"sub": "dave"}, "another-secret-of-enough-length-12", algorithm="HS256")
+    assert api.create(forged).status_code == 401
+    none_alg = jwt.encode({"sub": "dave"}, key=None, algorithm="none")  # type: ignore[arg-type]
+    assert api.create(none_alg).status_code == 401
+    expired = jwt.encode({"sub": "dave", "exp": 1}, "a-jwt-secret-of-enough-length-123", algorithm="HS256")
+    assert api.create(expired).status_code == 401
+
+
+def test_catalog_routes(api: Any) -> None:
+    c = api.client(api.alice)
+    repos = c.get("/api/runner/repos").json()["items"]
+    names = {r["name"] for r in repos}
+    assert "demo" in names and "off" not in names
+    demo = next(r for r in repos if r["name"] == "demo")
+    assert set(demo) >= {"id", "name", "source_type", "path_or_url", "branch", "workspace", "enabled"}
+    assert demo["source_type"] == "local_path" and demo["workspace"] == "worktree"
+    scripts = {s["key"]: s for s in c.get("/api/runner/scripts").json()["items"]}
+    echo = scripts["echo"]
+    assert echo["timeout_seconds"] == 60
+    args = {a["name"]: a for a in echo["args"]}
+    assert args["count"]["min"] == 1 and args["count"]["max"] == 10 and args["count"]["default"] == 1
+    assert args["mode"]["choices"] == ["fast", "slow"]
+    assert args["message"]["required"] is True and args["message"]["max_length"] == 100
+    # by repo_id as well as by name
+    r = api.create(api.alice, {"repo_id": demo["id"], "script_key": "echo", "args": {"message": "x"}})
+    assert r.status_code == 201 and r.json()["repo"] == "demo"
+
+
+def test_openapi_documents_codes(api: Any) -> None:
+    spec = api.client().get("/openapi.json").json()
+    create = spec["paths"]["/api/runner/jobs"]["post"]["responses"]
+    for code in ("200", "201", "400", "401", "403", "409", "413", "429", "503"):
+        assert code in create, code
+    cancel = spec["paths"]["/api/runner/jobs/{job_id}/cancel"]["post"]["responses"]
+    for code in ("200", "202", "404", "409"):
+        assert code in cancel

@@ -1,0 +1,61 @@
+"""Test helpers shared by the layers: a real uvicorn server on a free loopback port, waits with
+timeouts, a runner.toml writer."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@contextmanager
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """Runs `app` under uvicorn in a thread on 127.0.0.1; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    if not wait_until(lambda: server.started, timeout=15):
+        server.should_exit = True
+        raise RuntimeError("uvicorn did not start in 15 s")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def make_git_repo(path: Path, files: dict[str, str] | None = None, branch: str = "main") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    env_args = ["-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", "-b", branch, str(path)], check=True)
+    for name, text in (files or {"README.md": "hello\n"}).items():
+        target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    subprocess.run(["git", "-C", str(path), "add", "-A"], check=True)
+    subprocess.run(["git", *env_args, "-C", str(path), "commit", "-q", "-m", "initial"], check=True)
+    return path

@@ -1,0 +1,415 @@
+"""Workspaces with real git: the four modes, commit counts, push to a file:// remote, cleanup rules,
+validation, and the fixed git environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from codex_runner.config import Settings
+from codex_runner.execution.git import run_git
+from codex_runner.execution.workspace import (
+    CommitResult,
+    GitError,
+    Workspace,
+    cleanup_workspace,
+    commit_changes,
+    prepare_workspace,
+    push_branch,
+    validate_ref_name,
+    validate_source,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass(frozen=True)
+class Repo:
+    id: str
+    source: str
+    source_type: str = "local_path"
+    branch: str | None = "main"
+    workspace: str = "worktree"
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def make_repo(path: Path, files: dict[str, str] | None = None) -> Path:
+    git("init", "-q", "-b", "main", str(path))
+    for name, text in (files or {"README.md": "hello\n", "src/app.py": "a = 1\nb = 2\nc = 3\n"}).items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    git("add", "-A", cwd=path)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=path)
+    return path
+
+
+def settings_for(tmp: Path, **kw: object) -> Settings:
+    return Settings(data_dir=tmp / "data", workspace_dir=tmp / "data" / "workspaces", **kw)  # type: ignore[arg-type]
+
+
+def commit(ws: Workspace) -> CommitResult:
+    return commit_changes(
+        ws, message=f"codex.exec: job {ws.job_id}", author_name="Runner", author_email="r@x.io"
+    )
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "repo")
+
+
+def test_worktree_jobs_are_isolated_and_cleanup_keeps_branches_with_commits(
+    tmp_path: Path, local: Path
+) -> None:
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local))
+    spaces: dict[str, Workspace] = {}
+    errors: list[BaseException] = []
+
+    def job(job_id: str) -> None:
+        try:
+            spaces[job_id] = prepare_workspace(repo, job_id, settings)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(jid,)) for jid in ("11111111-a", "22222222-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    one, two = spaces["11111111-a"], spaces["22222222-b"]
+    assert one.path == settings.workspace_dir.resolve() / "11111111-a"
+    assert (one.mode, one.branch, one.base_branch) == ("worktree", "runner/11111111", "main")
+    assert one.base_commit == git("rev-parse", "main", cwd=local)
+    (one.path / "only-one.txt").write_text("one\n")
+    (two.path / "README.md").write_text("changed by two\n")
+    assert not (two.path / "only-one.txt").exists()
+    assert (one.path / "README.md").read_text() == "hello\n"
+
+    result = commit(one)
+    assert result.commit and (result.files_changed, result.lines_added, result.lines_removed) == (1, 1, 0)
+    assert git("log", "-1", "--format=%an <%ae>|%cn|%s", result.commit, cwd=local) == (
+        "Runner <r@x.io>|Runner|codex.exec: job 11111111-a"
+    )
+    assert git("status", "--porcelain", cwd=two.path) == "M README.md"  # two's change is only two's
+
+    cleanup_workspace(one, repo, settings, failed=False)
+    cleanup_workspace(two, repo, settings, failed=False)
+    assert not one.path.exists() and not two.path.exists() and not one.home.exists()
+    assert git("worktree", "list", "--porcelain", cwd=local).count("worktree ") == 1
+    branches = git("branch", "--format=%(refname:short)", cwd=local).split()
+    assert "runner/11111111" in branches  # has a commit: kept
+    assert "runner/22222222" not in branches  # nothing committed: deleted
+    assert git("status", "--porcelain", cwd=local) == ""
+
+
+def test_nothing_changed_gives_no_commit(tmp_path: Path) -> None:
+    local = make_repo(tmp_path / "repo", {"README.md": "hello\n", ".gitignore": "*.log\n"})
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local))
+    ws = prepare_workspace(repo, "33333333-c", settings)
+    (ws.path / "build.log").write_text("ignored output\n")  # only ignored files: nothing to commit
+    assert commit(ws) == CommitResult(None, 0, 0, 0)
+    assert git("rev-parse", "runner/33333333", cwd=local) == ws.base_commit
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert "runner/33333333" not in git("branch", cwd=local)
+
+
+def test_counts_binary_files_renames_and_respects_gitignore(tmp_path: Path) -> None:
+    files = {
+        "README.md": "hello\n",
+        "src/app.py": "a = 1\nb = 2\nc = 3\n",
+        ".gitignore": "*.log\n",
+        "old.txt": "x\n",
+    }
+    local = make_repo(tmp_path / "repo", files)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="clone")
+    ws = prepare_workspace(repo, "55555555-e", settings)
+    (ws.path / "src/app.py").write_text("a = 1\nc = 3\nd = 4\ne = 5\n")  # +2 -1
+    (ws.path / "logo.png").write_bytes(bytes(range(256)) * 4)  # binary: a file, no lines
+    (ws.path / "build.log").write_text("ignored\n")
+    (ws.path / "old.txt").rename(ws.path / "new.txt")  # a rename is one file
+    (ws.path / "README.md").unlink()  # -1
+    result = commit(ws)
+    assert result.commit is not None
+    assert (result.files_changed, result.lines_added, result.lines_removed) == (4, 2, 2)
+    tree = git("ls-tree", "-r", "--name-only", result.commit, cwd=ws.path).split()
+    assert "build.log" not in tree and "logo.png" in tree and "new.txt" in tree
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert not ws.path.exists()
+    # The clone is gone but its commit is kept on the job branch of the repo it came from.
+    assert git("rev-parse", "runner/55555555", cwd=local) == result.commit
+
+
+def test_file_url_repo_is_mirrored_cloned_and_pushed_back(tmp_path: Path) -> None:
+    seed = make_repo(tmp_path / "seed")
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    settings = settings_for(tmp_path)
+    repo = Repo("remote", f"file://{bare}", source_type="git_url", branch="main", workspace="clone")
+
+    first = prepare_workspace(repo, "66666666-f", settings)
+    assert first.store is not None and first.store.parent == settings.mirrors_dir.resolve()
+    mirror_inode = first.store.stat().st_ino
+    (first.path / "feature.txt").write_text("new\nfile\n")
+    result = commit(first)
+    assert result.files_changed == 1 and result.lines_added == 2
+    push_branch(first, repo, None)
+    assert git("rev-parse", "refs/heads/runner/66666666", cwd=bare) == result.commit
+    assert git("config", "--get", "remote.origin.url", cwd=first.path) == repo.source
+    cleanup_workspace(first, repo, settings, failed=False)
+
+    # New upstream work arrives through the fetch; the mirror itself is reused, not cloned again.
+    (seed / "README.md").write_text("hello\nagain\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "more", cwd=seed)
+    git("push", "-q", str(bare), "main", cwd=seed)
+    second = prepare_workspace(repo, "77777777-g", settings)
+    assert second.store == first.store and second.store.stat().st_ino == mirror_inode
+    assert second.base_commit == git("rev-parse", "main", cwd=seed)
+    assert (second.path / "README.md").read_text() == "hello\nagain\n"
+    assert not (second.path / "feature.txt").exists()
+    assert "[remote" not in (second.store / "config").read_text()  # the URL is never stored in the mirror
+    cleanup_workspace(second, repo, settings, failed=False)
+
+
+def test_url_repo_in_worktree_mode_uses_the_mirror(tmp_path: Path) -> None:
+    seed = make_repo(tmp_path / "seed")
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    settings = settings_for(tmp_path)
+    repo = Repo("remote", str(bare), source_type="git_url", branch=None, workspace="worktree")
+    ws = prepare_workspace(repo, "88888888-h", settings)
+    assert ws.base_branch == "main" and (ws.path / "src/app.py").exists()
+    (ws.path / "x.txt").write_text("x\n")
+    assert commit(ws).files_changed == 1
+    push_branch(ws, repo, None)
+    assert git("rev-parse", "--verify", "refs/heads/runner/88888888", cwd=bare)
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert not ws.path.exists()
+
+
+def test_failed_workspaces_are_kept_when_asked(tmp_path: Path, local: Path) -> None:
+    repo = Repo("widgets", str(local))
+    keep_failed = settings_for(tmp_path, keep_failed_workspaces=True)
+    ws = prepare_workspace(repo, "99999999-i", keep_failed)
+    cleanup_workspace(ws, repo, keep_failed, failed=True)
+    assert ws.path.is_dir() and "runner/99999999" in git("branch", cwd=local)
+    no_cleanup = settings_for(tmp_path, cleanup_after_job=False)
+    ws2 = prepare_workspace(repo, "aaaaaaaa-j", no_cleanup)
+    cleanup_workspace(ws2, repo, no_cleanup, failed=False)
+    assert ws2.path.is_dir()
+    ws3 = prepare_workspace(repo, "bbbbbbbb-k", keep_failed)
+    cleanup_workspace(ws3, repo, keep_failed, failed=False)  # succeeded: removed
+    assert not ws3.path.exists()
+
+
+def test_in_place_switches_to_the_job_branch_and_back(tmp_path: Path, local: Path) -> None:
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    git("switch", "-q", "-c", "dev", cwd=local)
+    ws = prepare_workspace(repo, "cccccccc-l", settings)
+    assert ws.path == local and git("branch", "--show-current", cwd=local) == "runner/cccccccc"
+    (local / "made-by-job.txt").write_text("x\n")
+    result = commit(ws)
+    (local / "left-over.txt").write_text("uncommitted\n")
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert git("branch", "--show-current", cwd=local) == "dev"
+    assert git("status", "--porcelain", cwd=local) == "" and local.is_dir()
+    assert git("rev-parse", "runner/cccccccc", cwd=local) == result.commit
+
+    (local / "dirty.txt").write_text("operator's work\n")
+    with pytest.raises(GitError) as err:
+        prepare_workspace(repo, "dddddddd-m", settings)
+    assert err.value.code == "prepare_failed" and "uncommitted" in err.value.message
+    assert (local / "dirty.txt").exists()
+
+
+def test_scratch_is_an_empty_folder(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    repo = Repo("scratch", "/nonexistent", workspace="scratch")
+    ws = prepare_workspace(repo, "eeeeeeee-n", settings)
+    assert ws.path.is_dir() and not any(ws.path.iterdir()) and ws.branch is None
+    (ws.path / "out.txt").write_text("x")
+    assert commit(ws) == CommitResult(None, 0, 0, 0)
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert not ws.path.exists()
+
+
+def test_prepare_errors_have_codes_and_leave_nothing_behind(tmp_path: Path, local: Path) -> None:
+    settings = settings_for(tmp_path)
+    cases = [
+        (Repo("w", str(local), branch="nope"), "branch_failed"),
+        (Repo("w", str(tmp_path / "missing")), "clone_failed"),
+        (
+            Repo("w", f"file://{tmp_path / 'missing.git'}", source_type="git_url", workspace="clone"),
+            "clone_failed",
+        ),
+        (Repo("w", f"file://{local}", source_type="git_url", workspace="in_place"), "prepare_failed"),
+        (Repo("w", "ext::sh -c touch% /tmp/pwned", source_type="git_url", workspace="clone"), "clone_failed"),
+        (Repo("w", str(local), branch="bad..name"), "branch_failed"),
+    ]
+    for i, (repo, code) in enumerate(cases):
+        with pytest.raises(GitError) as err:
+            prepare_workspace(repo, f"f{i}ffffff-o", settings)
+        assert err.value.code == code, (repo, err.value.message)
+    assert not settings.workspace_dir.exists() or not any(settings.workspace_dir.iterdir())
+    assert not (settings.data_dir / "git-home").exists() or not any(
+        (settings.data_dir / "git-home").iterdir()
+    )
+    assert git("worktree", "list", "--porcelain", cwd=local).count("worktree ") == 1
+    with pytest.raises(GitError):
+        prepare_workspace(Repo("w", str(local)), "../escape", settings)
+
+
+def test_commit_and_push_errors(tmp_path: Path, local: Path) -> None:
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local))
+    ws = prepare_workspace(repo, "12121212-p", settings)
+    (ws.path / "a.txt").write_text("a\n")
+    commit(ws)
+    with pytest.raises(GitError) as err:
+        push_branch(ws, repo, None)  # the local repo has no origin
+    assert err.value.code == "push_failed"
+    git("remote", "add", "origin", str(tmp_path / "gone.git"), cwd=local)
+    with pytest.raises(GitError) as err:
+        push_branch(ws, repo, None)
+    assert err.value.code == "push_failed" and "gone.git" in err.value.message
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
+def test_agent_cannot_redirect_git_or_run_hooks(
+    tmp_path: Path, local: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "hook-ran"
+    hook = f"#!/bin/sh\ntouch {marker}\n"
+    for name in ("pre-commit", "post-checkout", "commit-msg", "post-commit", "reference-transaction"):
+        (local / ".git" / "hooks" / name).write_text(hook)
+        (local / ".git" / "hooks" / name).chmod(0o755)
+    # A user-level config of the service account must not bleed in either.
+    fake_home = tmp_path / "home"
+    fake_home.mkdir()
+    (fake_home / ".gitconfig").write_text(f"[core]\n\thooksPath = {local / '.git' / 'hooks'}\n")
+    monkeypatch.setenv("HOME", str(fake_home))
+    other = make_repo(tmp_path / "other")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local))
+    ws = prepare_workspace(repo, "13131313-q", settings)
+    # The agent points the workspace's .git at another repository and adds an exotic config.
+    (ws.path / ".git").write_text(f"gitdir: {other / '.git'}\n")
+    (ws.path / "work.txt").write_text("work\n")
+    result = commit(ws)
+    assert result.commit and git("rev-parse", "runner/13131313", cwd=local) == result.commit
+    assert git("rev-list", "--count", "HEAD", cwd=other) == "1"
+    assert not marker.exists()
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "main",
+        "runner/abcd1234",
+        "feature/x-y_z.1",
+        "ünïcode",
+        "",
+        "-rf",
+        "HEAD",
+        "@",
+        "a..b",
+        "a//b",
+        "/a",
+        "a/",
+        "a.",
+        ".a",
+        "a/.b",
+        "a.lock",
+        "a/b.lock/c",
+        "a b",
+        "a~1",
+        "a^",
+        "a:b",
+        "a?",
+        "a*",
+        "a[b",
+        "a\\b",
+        "a@{1}",
+        "a@b",
+        "tab\tname",
+        "del\x7f",
+        "x/@",
+    ],
+)
+def test_ref_names_follow_git_rules(name: str, tmp_path: Path) -> None:
+    git_ok = (
+        run_git(["check-ref-format", "--branch", name], home=tmp_path, check=False).returncode == 0
+        if name
+        else False
+    )
+    try:
+        validate_ref_name(name)
+        ours = True
+    except GitError as exc:
+        assert exc.code == "branch_failed"
+        ours = False
+    # `git check-ref-format --branch @` answers "@" (it means HEAD there); as a branch name we refuse it.
+    assert ours == (git_ok and name != "@")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "/srv/git/widgets",
+        "https://github.com/acme/widgets.git",
+        "https://oauth2@gitlab.example.com:8443/acme/widgets",
+        "ssh://git@github.com/acme/widgets.git",
+        "git@github.com:acme/widgets.git",
+        "file:///srv/git/widgets.git",
+        "http://127.0.0.1:9418/widgets.git",
+        "http://localhost/widgets.git",
+    ],
+)
+def test_sources_accepted(source: str) -> None:
+    validate_source(source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "",
+        " /srv/x",
+        "-uhelp",
+        "--upload-pack=touch /tmp/x",
+        "ext::sh -c touch% /tmp/pwned",
+        "fd::3",
+        "git://github.com/acme/widgets.git",
+        "ftp://example.com/x.git",
+        "http://example.com/widgets.git",
+        "https://user:ghp_secret@github.com/acme/widgets.git",
+        "ssh://-oProxyCommand=touch%20x/y",
+        "-oProxyCommand=x:y",
+        "relative/path",
+        "file://otherhost/x.git",
+        "/srv/../etc",
+        "/srv/x\nmalicious",
+        "https://github.com/acme/widgets.git\x00",
+        "host:-upload-pack",
+    ],
+)
+def test_sources_refused(source: str) -> None:
+    with pytest.raises(GitError) as err:
+        validate_source(source)
+    assert err.value.code == "clone_failed"

@@ -1,0 +1,97 @@
+"""The run manifest on a real file system: atomic replacement under concurrent readers, throttling."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codex_runner.execution.manifest import ManifestWriter
+
+
+def test_concurrent_reader_never_sees_a_partial_manifest(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "job-1"
+    writer = ManifestWriter(run_dir)
+    writer.update({"seq": -1, "pad": ""}, force=True)
+    done = threading.Event()
+    reads = 0
+    seen: set[int] = set()
+    failures: list[str] = []
+
+    def reader() -> None:
+        nonlocal reads
+        # Keep reading while the writer runs, and at least a few thousand times in all.
+        while not done.is_set() or reads < 3000:
+            raw = writer.path.read_bytes()
+            try:
+                doc = json.loads(raw)
+                assert doc["pad"] == "x" * len(doc["pad"])
+                seen.add(doc["seq"])
+            except (ValueError, KeyError, AssertionError) as exc:
+                failures.append(f"{exc!r}: {raw[:80]!r}… ({len(raw)} bytes)")
+            reads += 1
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        # Sizes swing between tiny and large, so a torn write could not go unnoticed.
+        for seq in range(400):
+            assert writer.update({"seq": seq, "pad": "x" * ((seq * 7919) % 60000)}, force=True)
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert failures == []
+    assert reads >= 3000
+    assert len(seen) > 10  # the reader really raced the writer
+    assert json.loads(writer.path.read_bytes())["seq"] == 399
+    assert sorted(os.listdir(run_dir)) == ["manifest.json"]  # no temporary file left
+
+
+def test_throttle_allows_one_write_per_interval_unless_forced(tmp_path: Path) -> None:
+    writer = ManifestWriter(tmp_path, min_interval=0.3)
+    assert writer.update({"n": 1})
+    assert not writer.update({"n": 2})
+    assert json.loads(writer.path.read_text())["n"] == 1
+    assert writer.update({"n": 3, "stage": "commit"}, force=True)
+    assert not writer.update({"n": 4})  # a forced write restarts the interval
+    time.sleep(0.35)
+    assert writer.update({"n": 5})
+    assert json.loads(writer.path.read_text())["n"] == 5
+
+
+def test_manifest_is_sorted_json_with_rfc3339_times(tmp_path: Path) -> None:
+    writer = ManifestWriter(tmp_path / "run")
+    when = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    writer.update({"status": "running", "job_id": "j", "started_at": when, "path": tmp_path}, force=True)
+    text = writer.path.read_text()
+    doc = json.loads(text)
+    assert list(doc) == sorted(doc)
+    assert doc["started_at"] == "2025-01-02T03:04:05+00:00"
+    assert doc["path"] == str(tmp_path)
+
+
+def test_unencodable_document_keeps_the_previous_manifest(tmp_path: Path) -> None:
+    writer = ManifestWriter(tmp_path)
+    writer.update({"status": "queued"}, force=True)
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError):
+        writer.update(loop, force=True)
+    assert json.loads(writer.path.read_text()) == {"status": "queued"}
+    assert os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_touch_heartbeat_creates_then_refreshes(tmp_path: Path) -> None:
+    writer = ManifestWriter(tmp_path / "runs" / "job-2")
+    writer.touch_heartbeat()
+    assert writer.heartbeat_path.exists()
+    os.utime(writer.heartbeat_path, (1_000_000, 1_000_000))
+    writer.touch_heartbeat()
+    assert writer.heartbeat_path.stat().st_mtime > time.time() - 60
