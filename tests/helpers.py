@@ -34,7 +34,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
 def serve_app(app: FastAPI) -> Iterator[str]:
     """Runs `app` under uvicorn in a thread on 127.0.0.1; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

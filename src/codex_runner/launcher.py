@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from datetime import timedelta
 
@@ -125,14 +126,14 @@ class Launcher:
                 self.active[job.id] = run
                 task = asyncio.create_task(run.run(), name=f"job-{job.id}")
                 self._tasks[job.id] = task
-                task.add_done_callback(lambda _t, jid=job.id: self._job_done(jid))
+                task.add_done_callback(functools.partial(self._job_done, job.id))
             if claimed and len(claimed) == slots:
                 continue  # more may be waiting; a finishing job will wake us
             await self._poll_cancels()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=poll)
 
-    def _job_done(self, job_id: str) -> None:
+    def _job_done(self, job_id: str, _task: object = None) -> None:
         self.active.pop(job_id, None)
         self._tasks.pop(job_id, None)
         self._wake.set()

@@ -119,7 +119,9 @@ class Runtime:
         return job, dedup
 
     def cancel_job(self, principal: Principal, job_id: str) -> tuple[dict[str, Any], int]:
-        job, code = self.jobs.cancel(job_id, owner=None if principal.is_admin else principal.user, actor=principal.user)
+        job, code = self.jobs.cancel(
+            job_id, owner=None if principal.is_admin else principal.user, actor=principal.user
+        )
         if job["status"] == "cancel_requested":
             for hook in self.on_cancel:
                 hook(job_id)

@@ -24,10 +24,8 @@ FAKE_KEY = "sk-fake-codex-runner-test-key"
 # Keep failure tests short: codex retries a failed request 4 times and a broken stream 5 times
 # by default, which takes ~25 s against an HTTP 500.
 FAST_RETRIES = (
-    "-c",
-    "model_providers.codex-runner.request_max_retries=1",
-    "-c",
-    "model_providers.codex-runner.stream_max_retries=1",
+    "model_providers.codex-runner.request_max_retries = 1\n"
+    "model_providers.codex-runner.stream_max_retries = 1\n"
 )
 STDERR_LIMIT = 64 * 1024
 

@@ -2,14 +2,14 @@
 
 codex 0.169 sends `POST <base_url>/responses` with `stream: true` and reads a `text/event-stream`
 of `response.*` events, finished by `response.completed`. Each scripted `Turn` answers one model
-turn. The turn is chosen by how many tool outputs (input items whose type ends in `_call_output`)
+request of codex's turn. The turn is chosen by how many tool outputs (input items whose type ends in `_call_output`)
 the request already carries, not by counting requests: codex retries failed requests with the same
 input, and a retry must get the same answer. When the script runs out, its last turn repeats, so an
 error turn keeps failing however often codex retries.
 
 Usage::
 
-    with FakeResponsesServer([shell_turn("echo hi"), message_turn("done")]) as server:
+    with FakeResponsesServer([shell_turn("echo hi"), patch_turn(PATCH), message_turn("done")]) as server:
         ... point codex at server.base_url ...
         server.requests  # every request seen: path, headers, parsed JSON body
 """
@@ -97,6 +97,16 @@ def custom_tool_call_item(name: str, tool_input: str) -> dict[str, Any]:
     }
 
 
+def shell_turn(cmd: str) -> Turn:
+    """The model runs `cmd` through codex's `exec_command` tool (codex wraps it in `bash -lc`)."""
+    return Turn(items=(function_call_item("exec_command", {"cmd": cmd}),))
+
+
+def patch_turn(patch: str) -> Turn:
+    """The model edits files with codex's freeform `apply_patch` tool (`*** Begin Patch` ...)."""
+    return Turn(items=(custom_tool_call_item("apply_patch", patch),))
+
+
 def message_turn(text: str) -> Turn:
     return Turn(items=(message_item(text),))
 
@@ -179,9 +189,11 @@ class FakeResponsesServer:
     def close(self) -> None:
         # Hanging handlers watch `_stopping`, so shutdown never waits on a client that stays connected.
         self._stopping.set()
-        self._httpd.shutdown()
+        if self._thread.is_alive():
+            # shutdown() waits for serve_forever(), which never ran if the server was never entered.
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
         self._httpd.server_close()
-        self._thread.join(timeout=5)
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:

@@ -29,15 +29,14 @@ from tests.e2e.codex_harness import (
 from tests.e2e.fake_responses import (
     FakeResponsesServer,
     Turn,
-    custom_tool_call_item,
     cut_turn,
     error_turn,
-    function_call_item,
     hang_turn,
-    items_turn,
     iter_tool_names,
     message_item,
     message_turn,
+    patch_turn,
+    shell_turn,
 )
 
 from codex_runner.execution.codex_home import prepare_codex_home
@@ -60,9 +59,12 @@ def _codex(
     prompt: str = "Add a file hello.txt that says hello.",
 ) -> tuple[CodexRun, Path]:
     codex_home = prepare_codex_home(
-        user_home / "codex-home", base_url=server.base_url, provider_env_key=FAKE_KEY_VAR
+        user_home / "codex-home",
+        base_url=server.base_url,
+        provider_env_key=FAKE_KEY_VAR,
+        extra_config=FAST_RETRIES,
     )
-    argv = codex_argv(codex_bin, workspace, *FAST_RETRIES)
+    argv = codex_argv(codex_bin, workspace)
     run = asyncio.run(run_codex(argv, minimal_env(codex_home, user_home), prompt, timeout=timeout))
     return run, codex_home
 
@@ -79,11 +81,7 @@ def _serve(turns: list[Turn]) -> FakeResponsesServer:
 def test_apply_patch_adds_a_file_and_the_summary_tells(
     codex_bin: str, git_workspace: Path, user_home: Path
 ) -> None:
-    turns = [
-        items_turn(function_call_item("exec_command", {"cmd": "echo hello-from-shell"})),
-        items_turn(custom_tool_call_item("apply_patch", PATCH)),
-        message_turn("Added hello.txt."),
-    ]
+    turns = [shell_turn("echo hello-from-shell"), patch_turn(PATCH), message_turn("Added hello.txt.")]
     with _serve(turns) as server:
         run, _ = _codex(codex_bin, git_workspace, user_home, server)
     _record("codex_events_sample.jsonl", run)
@@ -166,6 +164,22 @@ def test_a_server_that_never_answers_is_killed_by_the_timeout(
     assert processes_with_env("CODEX_HOME", str(codex_home)) == []
 
 
+def test_an_unreachable_server_is_retried_until_the_timeout(
+    codex_bin: str, git_workspace: Path, user_home: Path
+) -> None:
+    # codex ignores its retry limits for a refused connection and waits for the network forever.
+    with _serve([message_turn("unused")]) as server:
+        pass
+    run, codex_home = _codex(codex_bin, git_workspace, user_home, server, timeout=5.0)
+
+    assert run.timed_out
+    assert not run.parser.failed
+    assert run.parser.retries >= 1
+    assert (run.parser.last_retry_notice or "").startswith("Reconnecting... waiting for network")
+    assert group_members(run.pgid) == []
+    assert processes_with_env("CODEX_HOME", str(codex_home)) == []
+
+
 def test_runner_secrets_never_reach_the_model_server(
     codex_bin: str, git_workspace: Path, user_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,7 +190,7 @@ def test_runner_secrets_never_reach_the_model_server(
     }
     for name, value in runner_secrets.items():
         monkeypatch.setenv(name, value)
-    turns = [items_turn(function_call_item("exec_command", {"cmd": "env"})), message_turn("ok")]
+    turns = [shell_turn("env"), message_turn("ok")]
     with _serve(turns) as server:
         run, codex_home = _codex(codex_bin, git_workspace, user_home, server)
 

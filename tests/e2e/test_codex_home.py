@@ -49,11 +49,16 @@ def test_provider_key_defaults_to_openai_api_key(tmp_path: Path) -> None:
 
 
 def test_extra_config_top_level_keys_stay_top_level(tmp_path: Path) -> None:
-    extra = 'model = "gpt-5.5"\n[sandbox_workspace_write]\nexclude_slash_tmp = true\n'
+    extra = (
+        'model = "gpt-5.5"\n'
+        "model_providers.codex-runner.request_max_retries = 1\n"
+        "[sandbox_workspace_write]\nexclude_slash_tmp = true\n"
+    )
     config = load(prepare_codex_home(tmp_path / "h", base_url="http://x/v1", extra_config=extra))
     assert config["model"] == "gpt-5.5"
     assert config["sandbox_workspace_write"] == {"exclude_slash_tmp": True}
-    assert config["model_providers"][PROVIDER_ID]["wire_api"] == "responses"
+    provider = config["model_providers"][PROVIDER_ID]
+    assert provider["wire_api"] == "responses" and provider["request_max_retries"] == 1
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,13 @@ def test_a_retry_notice_followed_by_success_is_not_a_failure() -> None:
     assert parser.final_message == "ok"
 
 
+def test_waiting_for_network_is_a_retry_notice() -> None:
+    notice = "Reconnecting... waiting for network (Connection failed: error sending request)"
+    parser = parse(line({"type": "turn.started"}), line({"type": "error", "message": notice}))
+    assert not parser.failed
+    assert parser.retries == 1 and parser.last_retry_notice == notice
+
+
 def test_turn_failed_without_message_still_reads_well() -> None:
     parser = parse(line({"type": "turn.failed", "error": {}}))
     assert parser.failed and parser.error_message == "codex reported a failed turn"

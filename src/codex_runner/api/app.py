@@ -48,7 +48,9 @@ class BodySizeLimit:
                 await self._reject(scope, receive, send)
                 return
             more = message.get("more_body", False)
-        await self.app(scope, _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive), send)
+        await self.app(
+            scope, _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive), send
+        )
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(413, f"request body over {self.max_bytes} bytes", "payload_too_large")
@@ -85,4 +87,3 @@ def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> FastAPI
         app.include_router(extra)
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_bytes)
     return app
-

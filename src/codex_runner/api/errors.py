@@ -74,7 +74,9 @@ def install(app: FastAPI) -> None:
         extra: dict[str, object] = {}
         if isinstance(exc, e.InvalidRequest) and exc.errors:
             extra["errors"] = exc.errors
-        response = error_response(status, exc.message if status != 500 else "internal error", exc.code, **extra)
+        response = error_response(
+            status, exc.message if status != 500 else "internal error", exc.code, **extra
+        )
         if isinstance(exc, e.QueueFull):
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
@@ -82,7 +84,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         items = [
-            {"loc": [str(p) if not isinstance(p, int) else p for p in err.get("loc", ())], "msg": str(err.get("msg"))}
+            {
+                "loc": [str(p) if not isinstance(p, int) else p for p in err.get("loc", ())],
+                "msg": str(err.get("msg")),
+            }
             for err in exc.errors()
         ]
         return error_response(400, "the request is not valid", "invalid_request", errors=items)

@@ -73,7 +73,10 @@ def list_scripts(request: Request, _: Auth) -> dict[str, Any]:
     "/api/runner/jobs",
     tags=["jobs"],
     status_code=201,
-    responses={200: {"description": "idempotent replay of an earlier job"}, **responses(400, 401, 403, 409, 413, 429, 503)},
+    responses={
+        200: {"description": "idempotent replay of an earlier job"},
+        **responses(400, 401, 403, 409, 413, 429, 503),
+    },
 )
 def create_job(
     request: Request,

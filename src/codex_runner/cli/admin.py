@@ -1,6 +1,7 @@
 """Admin commands on the local database: `tokens`, `credentials`, `migrate`, `keygen`.
 
-They use the same store services as the API, through `Runtime`, with no server running.
+They use the same store services as the API, through `Runtime`, with no server running. The
+database layers are imported inside the commands: client commands should not pay for them.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
-from sqlalchemy.engine import make_url
 
-from codex_runner.cli.common import CliError, cell, info, out, print_json, settings
+from codex_runner.cli.common import CliError, cell, data_table, info, out, print_json, settings
 from codex_runner.config import Settings
-from codex_runner.runtime import Runtime
-from codex_runner.secrets import generate_key
-from codex_runner.store import create_store_engine
-from codex_runner.store.migrate import current_revision, head_revision, upgrade
+
+if TYPE_CHECKING:
+    from codex_runner.runtime import Runtime
 
 tokens_app = typer.Typer(help="API tokens: create, list, revoke.", no_args_is_help=True)
 credentials_app = typer.Typer(help="Encrypted git credentials for clone and push.", no_args_is_help=True)
@@ -40,6 +38,9 @@ def admin_runtime(loaded: Settings | None = None) -> Iterator[Runtime]:
 
     `migrate=False` skips `Runtime.open`'s repo sync on purpose: an admin command run with another
     runner.toml (or none) must not disable the repos a running server has configured."""
+    from codex_runner.runtime import Runtime
+    from codex_runner.store.migrate import upgrade
+
     rt = Runtime.open(loaded or settings(), migrate=False)
     try:
         upgrade(rt.engine)
@@ -49,6 +50,8 @@ def admin_runtime(loaded: Settings | None = None) -> Iterator[Runtime]:
 
 
 def safe_database_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
     return make_url(url).render_as_string(hide_password=True)
 
 
@@ -74,14 +77,14 @@ def tokens_list(json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(records)
         return
-    table = Table("ID", "USER", "ROLE", "NAME", "CREATED", "REVOKED", box=None, header_style="bold")
+    table = data_table("ID", "USER", "ROLE", "NAME", "CREATED", "REVOKED")
     for r in records:
         table.add_row(*(cell(r[k]) for k in ("id", "user", "role", "name", "created_at", "revoked_at")))
     out.print(table)
 
 
 @tokens_app.command("revoke")
-def tokens_revoke(token_id: Annotated[str, typer.Argument(metavar="ID", help="The token's id.")]) -> None:
+def tokens_revoke(token_id: Annotated[str, typer.Argument(help="The token's id.")]) -> None:
     """Revoke a token: it stops working at once."""
     with admin_runtime() as rt:
         record = rt.tokens.revoke(token_id)
@@ -124,7 +127,7 @@ def credentials_list(json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(records)
         return
-    table = Table("NAME", "HOST", "USERNAME", "UPDATED", box=None, header_style="bold")
+    table = data_table("NAME", "HOST", "USERNAME", "UPDATED")
     for r in records:
         table.add_row(*(cell(r[k]) for k in ("name", "host", "username", "updated_at")))
     out.print(table)
@@ -149,6 +152,9 @@ def credentials_rotate() -> None:
 
 def migrate() -> None:
     """Bring the database schema to the latest version (serve and worker also do it at start-up)."""
+    from codex_runner.store import create_store_engine
+    from codex_runner.store.migrate import current_revision, head_revision, upgrade
+
     loaded = settings()
     engine = create_store_engine(loaded.database_url)
     try:
@@ -168,4 +174,6 @@ def migrate() -> None:
 
 def keygen() -> None:
     """Print a new random RUNNER_ENCRYPTION_KEY (64 hex characters)."""
+    from codex_runner.secrets import generate_key
+
     sys.stdout.write(generate_key() + "\n")

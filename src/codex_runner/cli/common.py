@@ -12,6 +12,7 @@ from enum import IntEnum
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from codex_runner.config import Settings, load_settings
@@ -20,7 +21,7 @@ from codex_runner.secrets import mask
 # Piped output has no terminal width; rich would then wrap tables at 80 columns and split ids.
 _PIPE_WIDTH = 240
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False)
 if not out.is_terminal:
     out.width = _PIPE_WIDTH
@@ -79,6 +80,11 @@ def info(message: str) -> None:
 def cell(value: object) -> Text:
     """A table cell from data: rich must not read `[...]` in a user's text as markup."""
     return Text("" if value is None else str(value))
+
+
+def data_table(*headers: str) -> Table:
+    """A borderless table whose lines carry no trailing blanks, easy to read and to grep."""
+    return Table(*headers, box=None, pad_edge=False, header_style="bold")
 
 
 STATUS_STYLES = {

@@ -19,6 +19,7 @@ from codex_runner.cli.common import (
     CliError,
     ExitCode,
     cell,
+    data_table,
     err,
     format_duration,
     info,
@@ -29,12 +30,11 @@ from codex_runner.cli.common import (
 )
 from codex_runner.cli.follow import EXIT_BY_STATUS, LogFollower, jobs_path, wait_for_job
 from codex_runner.jobs import Status
-from codex_runner.runtime import validate_idempotency_key
 
 jobs_app = typer.Typer(help="List, inspect, cancel and follow jobs.", no_args_is_help=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
-JobId = Annotated[str, typer.Argument(help="The job's id.", metavar="ID")]
+JobId = Annotated[str, typer.Argument(help="The job's id.")]
 # After this long in `queued`, the status line says why a job may not start.
 QUEUED_HINT_SECONDS = 10.0
 
@@ -90,6 +90,8 @@ def submit(
     """Submit a job: run SCRIPT on REPO. Prints the job id (or JSON) on stdout."""
     loaded = settings()
     if idempotency_key is not None:
+        from codex_runner.runtime import validate_idempotency_key
+
         try:
             validate_idempotency_key(idempotency_key)
         except Exception:
@@ -196,11 +198,15 @@ def outcome_line(job: dict[str, Any]) -> Text:
         line.append(f": {job.get('error_code') or 'error'}: {job.get('error_message') or ''}".rstrip(": "))
     result = job.get("result")
     if isinstance(result, dict) and result.get("commit"):
-        line.append(
-            f"; commit {str(result['commit'])[:12]} on {result.get('branch')}: "
-            f"{result.get('files_changed', 0)} file(s), +{result.get('lines_added', 0)} -{result.get('lines_removed', 0)}"
-        )
+        line.append(f"; commit {str(result['commit'])[:12]} on {result.get('branch')}: {_changes(result)}")
     return line
+
+
+def _changes(result: dict[str, Any]) -> str:
+    return (
+        f"{result.get('files_changed') or 0} file(s), "
+        f"+{result.get('lines_added') or 0} -{result.get('lines_removed') or 0}"
+    )
 
 
 @jobs_app.command("list")
@@ -223,9 +229,7 @@ def list_jobs(
     if json_out:
         print_json(page)
         return
-    table = Table(
-        "ID", "STATUS", "REPO", "SCRIPT", "USER", "CREATED", "DURATION", box=None, header_style="bold"
-    )
+    table = data_table("ID", "STATUS", "REPO", "SCRIPT", "USER", "CREATED", "DURATION")
     for job in page["items"]:
         table.add_row(
             cell(job["id"]),
@@ -238,8 +242,9 @@ def list_jobs(
         )
     if page["items"]:
         out.print(table)
-    first = offset + 1 if page["items"] else offset
-    info(f"jobs {first}-{offset + len(page['items'])} of {page['total']}")
+        info(f"jobs {offset + 1}-{offset + len(page['items'])} of {page['total']}")
+    else:
+        info(f"no jobs here ({page['total']} in all)")
 
 
 @jobs_app.command("show")
@@ -274,13 +279,18 @@ def show_job(job_id: JobId, json_out: JsonOpt = False) -> None:
         rows.append(("error", cell(f"{job.get('error_code')}: {job.get('error_message')}")))
     result = job.get("result")
     if isinstance(result, dict):
-        rows.append(("result", cell(", ".join(f"{k}={v}" for k, v in result.items()))))
+        rows += [
+            ("branch", cell(f"{result.get('branch')} (from {result.get('base_branch')})")),
+            ("commit", cell(result.get("commit") or "none (nothing changed)")),
+            ("changes", cell(_changes(result))),
+            ("pushed", cell("yes" if result.get("pushed") else "no")),
+        ]
     for name, value in rows:
         grid.add_row(name, value)
     out.print(grid)
     stages = [s for s in job.get("stages") or [] if s.get("status") != "pending"]
     if stages:
-        table = Table("STAGE", "STATUS", "STARTED", "FINISHED", "EXIT", box=None, header_style="bold")
+        table = data_table("STAGE", "STATUS", "STARTED", "FINISHED", "EXIT")
         for stage in stages:
             table.add_row(
                 cell(stage.get("name")),
@@ -297,7 +307,7 @@ def show_job(job_id: JobId, json_out: JsonOpt = False) -> None:
 
 
 def _events_table(events: list[dict[str, Any]]) -> Table:
-    table = Table("TIME", "EVENT", "ACTOR", "MESSAGE", box=None, header_style="bold")
+    table = data_table("TIME", "EVENT", "ACTOR", "MESSAGE")
     for event in events:
         table.add_row(
             cell(event.get("created_at")),

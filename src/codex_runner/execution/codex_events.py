@@ -7,8 +7,9 @@ codex 0.169 prints `thread.started`, `turn.started`, `item.started` / `item.upda
 
 The parser is fed raw bytes as they arrive, at any chunk boundary, and keeps bounded memory: an
 over-long line is skipped whole, and the lists it collects are capped. A `turn.failed` or a fatal
-`error` event marks the run failed even when codex exits 0; codex's own retry notices
-("Reconnecting... 1/5 (...)") are also `error` events but are only counted, since codex may recover.
+`error` event marks the run failed even when codex exits 0; codex's own retry notices ("Reconnecting... 1/5 (...)",
+"Reconnecting... waiting for network (...)") are also `error` events but are only counted, since
+codex may still recover.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ MAX_LINE_BYTES = 1024 * 1024
 MAX_ENTRIES = 500
 MAX_TEXT_CHARS = 100_000
 
-# codex reports each retry of a failed model request as an `error` event with this prefix.
-_RETRY_NOTICE = re.compile(r"^Reconnecting\.\.\. \d+/\d+")
+# codex reports each retry of a model request as an `error` event with this prefix: "n/m" for a
+# failed stream, "waiting for network" (with no end: codex never gives up) for a refused connection.
+_RETRY_NOTICE = re.compile(r"^Reconnecting\.\.\.")
 
 
 def _text(value: Any, limit: int = MAX_TEXT_CHARS) -> str | None:
@@ -60,6 +62,7 @@ class CodexEventParser:
         self._files: dict[str, str] = {}
         self.warnings: list[str] = []
         self.retries = 0
+        self.last_retry_notice: str | None = None
         self.turns_completed = 0
         self.events_seen = 0
         self.lines_skipped = 0
@@ -158,6 +161,7 @@ class CodexEventParser:
             message = _text(event.get("message")) or "codex reported an error"
             if _RETRY_NOTICE.match(message):
                 self.retries += 1
+                self.last_retry_notice = message
             else:
                 self._fail(message)
 

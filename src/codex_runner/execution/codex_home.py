@@ -24,8 +24,8 @@ DEFAULT_PROVIDER_ENV_KEY = "OPENAI_API_KEY"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# Top-level dotted keys rather than [tables], so that `extra_config` may still add top-level keys
-# after them; a TOML table header would capture everything that follows it.
+# Top-level dotted keys rather than [tables], so that `extra_config`, appended last, may still add
+# top-level keys; a TOML table header would capture everything that follows it.
 _BASE_SETTINGS = """\
 # Rewritten by codex-runner at start-up. Delete the first line to own this file yourself:
 # the runner then leaves it alone.
@@ -54,23 +54,23 @@ def render_config(
     """The text of a runner-managed config.toml. Raises ConfigError if the result is not valid TOML."""
     parts = [MANAGED_MARKER + "\n", _BASE_SETTINGS]
     if base_url is not None:
-        parts.append(f"model_provider = {_toml_string(PROVIDER_ID)}\n")
-    if extra_config:
-        parts.append("\n" + extra_config.rstrip("\n") + "\n")
-    if base_url is not None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"codex provider base_url must be an http(s) URL, got {base_url!r}")
         env_key = provider_env_key or DEFAULT_PROVIDER_ENV_KEY
         if not _ENV_NAME.match(env_key):
             raise ConfigError(f"codex provider env_key must be an environment variable name, got {env_key!r}")
+        table = f"model_providers.{PROVIDER_ID}"
         # Only the Responses wire API exists in codex 0.169; requests go to <base_url>/responses.
+        # Dotted keys again, so that extra_config may add provider keys such as request_max_retries.
         parts.append(
-            f"\n[model_providers.{PROVIDER_ID}]\n"
-            f"name = {_toml_string(PROVIDER_ID)}\n"
-            f"base_url = {_toml_string(base_url.rstrip('/'))}\n"
-            f"env_key = {_toml_string(env_key)}\n"
-            'wire_api = "responses"\n'
+            f"\nmodel_provider = {_toml_string(PROVIDER_ID)}\n"
+            f"{table}.name = {_toml_string(PROVIDER_ID)}\n"
+            f"{table}.base_url = {_toml_string(base_url.rstrip('/'))}\n"
+            f"{table}.env_key = {_toml_string(env_key)}\n"
+            f'{table}.wire_api = "responses"\n'
         )
+    if extra_config:
+        parts.append("\n" + extra_config.rstrip("\n") + "\n")
     text = "".join(parts)
     try:
         tomllib.loads(text)
@@ -98,7 +98,8 @@ def prepare_codex_home(
 
     With `base_url`, a provider `codex-runner` becomes the default model provider: it speaks the
     Responses API at `<base_url>/responses` and reads its API key from `provider_env_key`
-    (default OPENAI_API_KEY). `extra_config` is TOML appended verbatim. Returns `path`.
+    (default OPENAI_API_KEY). `extra_config` is TOML appended verbatim; it may add keys to that
+    provider as `model_providers.codex-runner.<key> = ...`. Returns `path`.
     """
     text = render_config(base_url=base_url, provider_env_key=provider_env_key, extra_config=extra_config)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)

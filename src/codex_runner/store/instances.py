@@ -65,6 +65,8 @@ class InstanceRegistry:
         cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(instances.c.id).where(instances.c.stopped_at.is_(None), instances.c.heartbeat_at >= cutoff)
+                sa.select(instances.c.id).where(
+                    instances.c.stopped_at.is_(None), instances.c.heartbeat_at >= cutoff
+                )
             ).scalars()
             return list(rows)

@@ -365,7 +365,19 @@ class JobStore:
             now = utcnow()
             with write_txn(self.engine) as conn:
                 return self._cas(
-                    conn, job_id, allowed, dst, lease_token, now, actor, event_type, message, meta, values
+                    conn,
+                    job_id,
+                    allowed,
+                    dst,
+                    lease_token,
+                    now,
+                    actor,
+                    event_type,
+                    message,
+                    meta,
+                    values,
+                    runner_id=runner_id,
+                    heartbeat_before=heartbeat_before,
                 )
 
         ev = with_retries(txn)
@@ -681,14 +693,14 @@ class JobStore:
             now = utcnow()
             with read_txn(self.engine) as conn:
                 running = [s.value for s in RUNNING_LIKE]
-                per_user = dict(
+                per_user: dict[str, int] = dict(
                     conn.execute(
                         sa.select(jobs.c.requested_by, sa.func.count())
                         .where(jobs.c.status.in_(running))
                         .group_by(jobs.c.requested_by)
                     ).all()
                 )
-                per_instance = dict(
+                per_instance: dict[str, int] = dict(
                     conn.execute(
                         sa.select(jobs.c.runner_id, sa.func.count())
                         .where(jobs.c.status.in_(running))

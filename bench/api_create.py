@@ -1,0 +1,575 @@
+"""Sustained job creation over HTTP, and list/get latency with a big jobs table, on SQLite and
+PostgreSQL.
+
+    .venv/bin/python bench/api_create.py [--backend sqlite|postgresql|both] [--rows 1000000]
+        [--duration 10] [--concurrency 16] [--users 8] [--samples 500]
+
+For each backend the bench makes a scratch database (a temp data dir; on PostgreSQL a database
+`cr_bench_<hex>` on `--pg-url`'s server, dropped at the end), a runner.toml with local repos and one
+script, tokens for an admin and `--users` load users, and runs the real `codex-runner serve` in a
+subprocess (RUNNER_ENABLED=false: API only; queue caps at 10,000,000 so the bench measures creation,
+not backpressure). Then:
+
+1. "small": `--small-rows` seeded jobs; sequential list/get latency (admin and user token);
+   `--duration` s of creates from `--concurrency` keep-alive HTTP/1.1 connections (httpx, async,
+   its own process, so it does not share the server's GIL), spread over the load users, unique
+   arguments per request, after 1 s of warm-up.
+2. "big": the server is stopped, the table is filled to `--rows` jobs straight into the database
+   (executemany on SQLite, COPY on PostgreSQL; a realistic mix: 200 users with a skewed share,
+   5 repos, mostly terminal, a few hundred queued/running, two events per job), ANALYZE; the server
+   is started again and the same reads and creates are measured.
+
+Reads are `--samples` sequential requests per route, one connection: the list (default, a single
+`?status=`, `?repo_id=`) and `GET /api/runner/jobs/{id}` of random jobs, for the admin and for the
+seeded user with the most jobs. Prints tables; not a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from codex_runner.config import load_settings
+from codex_runner.runtime import Runtime
+from codex_runner.store.schema import events, jobs
+
+PG_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REPOS = ["alpha", "beta", "gamma", "delta", "epsilon"]
+REPO_WEIGHTS = [50, 25, 12, 8, 5]
+SEED_USERS = 200
+TERMINAL_MIX = [("success", 80), ("failed", 12), ("canceled", 5), ("timeout", 3)]
+ACTIVE_MIX = [("queued", 300), ("running", 150), ("cancel_requested", 20)]
+STAGES = ("prepare", "script", "commit", "push", "cleanup")
+
+RUNNER_TOML = """
+[runner]
+max_queue_size = 10000000
+max_queued_per_user = 10000000
+{repos}
+[scripts.echo]
+label = "Echo"
+command = ["/bin/echo", "{{message}}"]
+timeout_seconds = 600
+
+[scripts.echo.args.message]
+type = "string"
+required = true
+max_length = 200
+
+[scripts.echo.args.count]
+type = "int"
+min = 1
+max = 10
+default = 1
+flag = "--count"
+"""
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+@dataclass
+class CreateResult:
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+    errors: dict[str, int]
+    server_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+@dataclass
+class Env:
+    backend: str
+    root: Path
+    env: dict[str, str]
+    database_url: str
+    admin: str = ""
+    load_tokens: list[str] = field(default_factory=list)
+    user_tokens: dict[str, str] = field(default_factory=dict)
+
+
+# -- set-up -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def scratch(backend: str, pg_url: str) -> Iterator[Env]:
+    root = Path(tempfile.mkdtemp(prefix=f"cr-bench-{backend}-"))
+    dbname = f"cr_bench_{uuid.uuid4().hex[:10]}"
+    if backend == "postgresql":
+        import psycopg
+
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{dbname}"')
+        url = pg_url.rsplit("/", 1)[0] + "/" + dbname
+    else:
+        url = f"sqlite:///{root / 'data' / 'runner.db'}"
+    repo_tables = ""
+    for name in REPOS:
+        (root / "repos" / name).mkdir(parents=True)
+        repo_tables += f'\n[repos.{name}]\nsource = "{root / "repos" / name}"\nworkspace = "scratch"\n'
+    (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repos=repo_tables)))
+    env = {
+        "RUNNER_CONFIG": str(root / "runner.toml"),
+        "RUNNER_DATA_DIR": str(root / "data"),
+        "RUNNER_DATABASE_URL": url,
+        "RUNNER_ENABLED": "false",
+        "RUNNER_ALLOWED_REPO_PATHS": str(root / "repos"),
+        "RUNNER_ID": f"bench-{backend}",
+        "RUNNER_LOG_FORMAT": "json",
+    }
+    try:
+        yield Env(backend, root, env, url)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if backend == "postgresql":
+            import psycopg
+
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def open_runtime(env: Env) -> Runtime:
+    return Runtime.open(load_settings(env.env, cwd=env.root))
+
+
+def make_tokens(env: Env, users: int) -> None:
+    rt = open_runtime(env)  # also migrates and registers the repos
+    try:
+        env.admin, _ = rt.tokens.create("root", "admin", "bench")
+        env.load_tokens = [rt.tokens.create(f"load{i:02d}", "user", "bench")[0] for i in range(users)]
+        env.user_tokens["user000"] = rt.tokens.create("user000", "user", "bench")[0]
+    finally:
+        rt.close()
+
+
+@contextmanager
+def server(env: Env) -> Iterator[tuple[str, int]]:
+    """`codex-runner serve` in its own process; yields (base URL, pid)."""
+    port = free_port()
+    log = (env.root / "server.log").open("ab")
+    exe = Path(sys.executable).with_name("codex-runner")
+    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "codex_runner.cli", "serve"]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **env.env, "RUNNER_PORT": str(port)},
+        cwd=env.root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {env.root / 'server.log'}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start in 60 s")
+            time.sleep(0.1)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- seeding ----------------------------------------------------------------------------------
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def seed_rows(count: int, repo_ids: dict[str, str], rng: random.Random) -> Iterator[tuple[dict, list[dict]]]:
+    """`count` jobs, oldest first over the last 30 days, the active ones among the newest; each with
+    its `job_created` event and, once started, its last event."""
+    now = datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=1)
+    start = now - timedelta(days=30)
+    step = (now - start) / max(count, 1)
+    users = [f"user{i:03d}" for i in range(SEED_USERS)]
+    user_weights = [1 / (i + 1) for i in range(SEED_USERS)]
+    active = [s for s, n in ACTIVE_MIX for _ in range(n)]
+    n_active = min(len(active), count // 10)
+    rng.shuffle(active)
+    statuses = [s for s, _ in TERMINAL_MIX]
+    weights = [w for _, w in TERMINAL_MIX]
+    chosen_users = rng.choices(users, user_weights, k=count)
+    chosen_repos = rng.choices(REPOS, REPO_WEIGHTS, k=count)
+    chosen_status = rng.choices(statuses, weights, k=count)
+    for i in range(count):
+        created = start + step * i
+        status = active[i - (count - n_active)] if i >= count - n_active else chosen_status[i]
+        repo = chosen_repos[i]
+        job_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        started = created + timedelta(seconds=rng.uniform(0.05, 5)) if status != "queued" else None
+        finished = None
+        exit_code = error_code = error_message = result = None
+        stages: list[dict[str, Any]] = [
+            {"name": n, "status": "pending", "started_at": None, "finished_at": None, "exit_code": None}
+            for n in STAGES
+        ]
+        if started is not None:
+            finished = started + timedelta(seconds=rng.uniform(2, 900))
+            t = started
+            ok = status in ("success", "running", "cancel_requested")
+            for st in stages[: 5 if status == "success" else 2]:
+                st.update(status="success", started_at=_iso(t), exit_code=0)
+                t += timedelta(seconds=1)
+                st["finished_at"] = _iso(t)
+            if not ok:
+                stages[1]["status"] = "failed"
+                stages[1]["exit_code"] = 1
+            if status in ("running", "cancel_requested"):
+                finished = None
+                stages[1].update(status="running", finished_at=None, exit_code=None)
+        if status == "success":
+            exit_code = 0
+            result = {
+                "branch": f"runner/{job_id[:8]}",
+                "base_branch": "main",
+                "commit": f"{rng.getrandbits(160):040x}",
+                "pushed": False,
+                "files_changed": rng.randint(0, 20),
+                "lines_added": rng.randint(0, 500),
+                "lines_removed": rng.randint(0, 200),
+            }
+        elif status == "failed":
+            exit_code, error_code, error_message = 1, "script_failed", "the script exited with status 1"
+        elif status == "timeout":
+            exit_code, error_code, error_message = 137, "timeout", "the job ran past its timeout"
+        elif status == "canceled":
+            error_code = "canceled"
+        running = status in ("running", "cancel_requested")
+        row = {
+            "id": job_id,
+            "repo_id": repo_ids[repo],
+            "repo": repo,
+            "workspace_mode": "scratch",
+            "script_key": "echo",
+            "args": {"message": f"seed job {i} " + "x" * rng.randint(10, 120)},
+            "status": status,
+            "requested_by": chosen_users[i],
+            "created_at": created,
+            "started_at": started,
+            "finished_at": finished,
+            "heartbeat_at": now if running else finished,
+            "timeout_seconds": 600,
+            "exit_code": exit_code,
+            "error_code": error_code,
+            "error_message": error_message,
+            "cancel_requested_at": started if status == "cancel_requested" else None,
+            "runner_id": "bench-seed" if started is not None else None,
+            "lease_token": uuid.uuid4().hex if running else None,
+            "attempt": 1 if started is not None else 0,
+            "stages": stages,
+            "result": result,
+            "pid": None,
+            "pgid": None,
+            "proc_start_time": None,
+        }
+        evs = [
+            {
+                "job_id": job_id,
+                "event_type": "job_created",
+                "actor": chosen_users[i],
+                "message": "job created",
+                "meta": {"script_key": "echo", "repo": repo},
+                "created_at": created,
+            }
+        ]
+        if started is not None:
+            last = {
+                "success": "job_succeeded",
+                "failed": "job_failed",
+                "canceled": "job_canceled",
+                "timeout": "job_timeout",
+            }.get(status, "job_started")
+            evs.append(
+                {
+                    "job_id": job_id,
+                    "event_type": last,
+                    "actor": "system",
+                    "message": last.replace("_", " "),
+                    "meta": {},
+                    "created_at": finished or started,
+                }
+            )
+        yield row, evs
+
+
+JOB_COLS = [c.name for c in jobs.c]
+EVENT_COLS = ["job_id", "event_type", "actor", "message", "meta", "created_at"]
+JSON_COLS = {"args", "stages", "result", "meta"}
+
+
+def _pg_copy(cur: Any, table: str, cols: list[str], rows: list[dict]) -> None:
+    with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
+        for r in rows:
+            copy.write_row(
+                [json.dumps(r[c]) if c in JSON_COLS and r[c] is not None else r[c] for c in cols]
+            )
+
+
+def seed(env: Env, count: int, *, batch: int = 20000) -> float:
+    """Adds `count` jobs straight into the database; returns the seconds it took."""
+    if count <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    rt = open_runtime(env)
+    try:
+        repo_ids = {r.name: r.id for r in rt.catalog.repos.values()}
+        rng = random.Random(20261123)
+        rows = seed_rows(count, repo_ids, rng)
+        done = 0
+        while done < count:
+            chunk = [next(rows) for _ in range(min(batch, count - done))]
+            job_rows = [r for r, _ in chunk]
+            event_rows = [e for _, evs in chunk for e in evs]
+            if env.backend == "postgresql":
+                with rt.engine.begin() as conn:
+                    raw = conn.connection.dbapi_connection
+                    assert raw is not None
+                    with raw.cursor() as cur:
+                        _pg_copy(cur, jobs.name, JOB_COLS, job_rows)
+                        _pg_copy(cur, events.name, EVENT_COLS, event_rows)
+            else:
+                with rt.engine.connect() as conn, conn.begin():
+                    conn.execute(jobs.insert(), job_rows)
+                    conn.execute(events.insert(), event_rows)
+            done += len(chunk)
+            print(f"\r  seeding {done:,}/{count:,} jobs ({time.perf_counter() - t0:.0f} s)", end="", flush=True)
+        print()
+        raw = rt.engine.raw_connection()  # outside any transaction: VACUUM and checkpoints need that
+        try:
+            if env.backend == "postgresql":
+                raw.driver_connection.autocommit = True  # type: ignore[union-attr]
+                raw.cursor().execute("VACUUM ANALYZE")
+            else:
+                raw.cursor().execute("ANALYZE")
+                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
+    finally:
+        rt.close()
+    return time.perf_counter() - t0
+
+
+def table_facts(env: Env) -> dict[str, Any]:
+    rt = open_runtime(env)
+    try:
+        with rt.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar_one()
+            mine = conn.execute(
+                sa.select(sa.func.count()).select_from(jobs).where(jobs.c.requested_by == "user000")
+            ).scalar_one()
+            rand = "random()"
+            admin_ids = list(
+                conn.execute(sa.select(jobs.c.id).order_by(sa.text(rand)).limit(500)).scalars()
+            )
+            user_ids = list(
+                conn.execute(
+                    sa.select(jobs.c.id).where(jobs.c.requested_by == "user000").order_by(sa.text(rand)).limit(500)
+                ).scalars()
+            )
+        repo_id = next(r.id for r in rt.catalog.repos.values() if r.name == "beta")
+    finally:
+        rt.close()
+    return {"total": total, "user_rows": mine, "admin_ids": admin_ids, "user_ids": user_ids, "repo_id": repo_id}
+
+
+# -- load -------------------------------------------------------------------------------------
+
+
+async def create_load(url: str, tokens: list[str], repo: str, duration: float, concurrency: int) -> CreateResult:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    warmup_end = time.perf_counter() + 1.0
+    end = warmup_end + duration
+    count = 0
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+        async def worker(w: int) -> None:
+            nonlocal count
+            headers = {"Authorization": f"Bearer {tokens[w % len(tokens)]}"}
+            seq = 0
+            while True:
+                seq += 1
+                body = {"repo": repo, "script_key": "echo", "args": {"message": f"bench {w}-{seq}"}}
+                t0 = time.perf_counter()
+                if t0 >= end:
+                    return
+                try:
+                    r = await client.post("/api/runner/jobs", json=body, headers=headers)
+                    code = str(r.status_code) if r.status_code != 201 else ""
+                except httpx.HTTPError as exc:
+                    code = type(exc).__name__
+                t1 = time.perf_counter()
+                if t0 < warmup_end:
+                    continue
+                count += 1
+                latencies.append((t1 - t0) * 1000)
+                if code:
+                    errors[code] = errors.get(code, 0) + 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return CreateResult(count, duration, latencies, errors, 0.0)
+
+
+def run_creates(url: str, pid: int, env: Env, args: argparse.Namespace) -> CreateResult:
+    cpu0 = cpu_seconds(pid)
+    res = asyncio.run(create_load(url, env.load_tokens, "alpha", args.duration, args.concurrency))
+    res.server_cpu = (cpu_seconds(pid) - cpu0) / (args.duration + 1.0)
+    return res
+
+
+def read_latency(url: str, env: Env, facts: dict[str, Any], samples: int) -> dict[str, tuple[float, float]]:
+    """(p50, p99) in ms of `samples` sequential requests per route and token."""
+    out: dict[str, tuple[float, float]] = {}
+    routes = {
+        "list": "/api/runner/jobs",
+        "list ?status=queued": "/api/runner/jobs?status=queued",
+        "list ?status=success": "/api/runner/jobs?status=success",
+        "list ?repo_id=": f"/api/runner/jobs?repo_id={facts['repo_id']}",
+    }
+    for who, token, ids in (
+        ("admin", env.admin, facts["admin_ids"]),
+        ("user", env.user_tokens["user000"], facts["user_ids"]),
+    ):
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+            paths = dict(routes)
+            for name, path in paths.items():
+                out[f"{who} {name}"] = _sample(c, [path] * samples)
+            if ids:
+                out[f"{who} get"] = _sample(c, [f"/api/runner/jobs/{ids[i % len(ids)]}" for i in range(samples)])
+    return out
+
+
+def _sample(c: httpx.Client, paths: list[str]) -> tuple[float, float]:
+    for p in paths[:10]:  # warm-up
+        c.get(p).raise_for_status()
+    lat = []
+    for p in paths:
+        t0 = time.perf_counter()
+        r = c.get(p)
+        lat.append((time.perf_counter() - t0) * 1000)
+        r.raise_for_status()
+    return statistics.median(lat), pct(lat, 99)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def print_creates(label: str, res: CreateResult) -> None:
+    errs = ", ".join(f"{k}: {v}" for k, v in sorted(res.errors.items())) or "0"
+    print(
+        f"  creates [{label}]: {res.rate:,.0f} req/s, p50 {pct(res.latencies_ms, 50):.1f} ms, "
+        f"p95 {pct(res.latencies_ms, 95):.1f} ms, p99 {pct(res.latencies_ms, 99):.1f} ms, "
+        f"errors {errs}, server CPU {res.server_cpu * 100:.0f}%"
+    )
+
+
+def print_reads(small: dict[str, tuple[float, float]], big: dict[str, tuple[float, float]], rows: str) -> None:
+    print(f"  {'reads (ms)':<28} {'small p50':>10} {'p99':>7} {rows + ' p50':>12} {'p99':>7} {'ratio p50':>10}")
+    for name, (p50, p99) in small.items():
+        b50, b99 = big.get(name, (float("nan"), float("nan")))
+        print(f"  {name:<28} {p50:>10.2f} {p99:>7.2f} {b50:>12.2f} {b99:>7.2f} {b50 / p50:>9.2f}x")
+
+
+def run_backend(backend: str, args: argparse.Namespace) -> None:
+    print(f"== {backend} ==")
+    with scratch(backend, args.pg_url) as env:
+        make_tokens(env, args.users)
+        seed(env, args.small_rows)
+        facts = table_facts(env)
+        with server(env) as (url, pid):
+            small = read_latency(url, env, facts, args.samples)
+            created_small = run_creates(url, pid, env, args)
+        print(f"  table: {facts['total']:,} jobs (user000: {facts['user_rows']:,})")
+        print_creates(f"{facts['total']:,} rows", created_small)
+        existing = facts["total"] + created_small.requests + 1000
+        took = seed(env, args.rows - existing)
+        facts = table_facts(env)
+        print(f"  seeded to {facts['total']:,} jobs (user000: {facts['user_rows']:,}) in {took:.0f} s")
+        with server(env) as (url, pid):
+            big = read_latency(url, env, facts, args.samples)
+            created_big = run_creates(url, pid, env, args)
+        print_creates(f"{facts['total']:,} rows", created_big)
+        print_reads(small, big, f"{facts['total'] / 1e6:.1f}M")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="jobs in the table for the big phase")
+    parser.add_argument("--small-rows", type=int, default=100, help="jobs in the table for the small phase")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of creates per phase")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP connections")
+    parser.add_argument("--users", type=int, default=8, help="load users the creates are spread over")
+    parser.add_argument("--samples", type=int, default=500, help="sequential requests per read route")
+    parser.add_argument("--pg-url", default=PG_URL, help="PostgreSQL server (admin database URL)")
+    args = parser.parse_args()
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; duration {args.duration:g} s, "
+        f"concurrency {args.concurrency}, {args.users} load users, {args.samples} samples per read"
+    )
+    for backend in ("sqlite", "postgresql") if args.backend == "both" else (args.backend,):
+        t0 = time.perf_counter()
+        run_backend(backend, args)
+        print(f"  ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The raw log file of one job (SPEC §5): merged output plus ``[runner]`` lines, known secrets
+replaced before anything reaches the disk, capped at ``max_bytes``."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from codex_runner.secrets import secret_forms
+
+REDACTED = b"[REDACTED]"
+_MIN_SECRET = 8
+_CONTINUATION = range(0x80, 0xC0)
+
+
+class LogWriter:
+    """Writes through to the file (one ``os.write`` per call at most), so readers see output at
+    once. Only a tail that could be the start of a secret form, shorter than the longest form, is
+    held in memory until the next write decides it."""
+
+    def __init__(self, path: Path, *, max_bytes: int, known_secrets: Sequence[str] = ()) -> None:
+        forms = {form.encode() for value in known_secrets for form in secret_forms(value, _MIN_SECRET)}
+        self._forms = sorted(forms, key=len, reverse=True)
+        # Longest first: at one position the longest form wins, as with successive replaces.
+        self._pattern = re.compile(b"|".join(re.escape(form) for form in self._forms)) if forms else None
+        self._keep = max((len(form) for form in self._forms), default=1) - 1
+        self._max_bytes = max_bytes
+        self._carry = b""
+        self._at_line_start = True
+        self._truncated = False
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # A reopened log keeps its bytes, and they count toward the cap.
+        self._written = os.fstat(self._fd).st_size
+
+    @property
+    def bytes_written(self) -> int:
+        return self._written
+
+    @property
+    def truncated(self) -> bool:
+        return self._truncated
+
+    def write(self, data: bytes) -> None:
+        """A chunk of the job's output, cut anywhere (even inside a character or a secret)."""
+        with self._lock:
+            if self._truncated or not data:
+                return
+            self._emit(self._mask(self._carry + data))
+
+    def runner_line(self, text: str) -> None:
+        """``[runner] <text>`` on lines of its own; written even past the cap (the runner's few
+        status lines matter most when the output was cut)."""
+        body = text.encode("utf-8", "replace")
+        if self._pattern is not None:
+            body = self._pattern.sub(REDACTED, body)
+        lines = b"".join(b"[runner] " + line + b"\n" for line in body.splitlines() or [b""])
+        with self._lock:
+            pending = self._release_carry()
+            if pending and not self._truncated:
+                self._emit(pending)
+            self._write(b"" if self._at_line_start else b"\n")
+            self._write(lines)
+
+    def flush(self) -> None:
+        """Makes what was written durable (fsync); the held-back tail stays in memory."""
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            pending = self._release_carry()
+            if pending and not self._truncated:
+                self._emit(pending)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _mask(self, buf: bytes) -> bytes:
+        """Replaces the forms found in ``buf`` and keeps back, in ``_carry``, the shortest tail that
+        could still become a form once more bytes arrive."""
+        if self._pattern is None:
+            self._carry = b""
+            return buf
+        decided = len(buf) - self._keep  # a form starting before this is wholly inside buf
+        out: list[bytes] = []
+        pos = 0
+        if any(form in buf for form in self._forms):
+            for match in self._pattern.finditer(buf):
+                if match.start() >= decided:
+                    break
+                out.append(buf[pos : match.start()])
+                out.append(REDACTED)
+                pos = match.end()
+        hold = self._undecided_from(buf, max(pos, decided))
+        out.append(buf[pos:hold])
+        self._carry = buf[hold:]
+        return b"".join(out)
+
+    def _undecided_from(self, buf: bytes, start: int) -> int:
+        """The first position at or after ``start`` where a form could begin given what follows."""
+        hold = len(buf)
+        for form in self._forms:
+            at = buf.find(form[:1], start, hold)
+            while at >= 0:
+                if form.startswith(buf[at : at + len(form)]):
+                    hold = at
+                    break
+                at = buf.find(form[:1], at + 1, hold)
+        return hold
+
+    def _release_carry(self) -> bytes:
+        """The held tail, when no more output will extend it (end, or a runner line in between):
+        whole forms are replaced, and so is an unfinished one of 8 bytes or more."""
+        pending, self._carry = self._carry, b""
+        if not pending or self._pattern is None:
+            return pending
+        pending = self._pattern.sub(REDACTED, pending)
+        hold = self._undecided_from(pending, 0)
+        tail = pending[hold:]
+        return pending[:hold] + (REDACTED if len(tail) >= _MIN_SECRET else tail)
+
+    def _emit(self, data: bytes) -> None:
+        """Writes job output under the cap; the first byte past it truncates the log for good."""
+        room = max(self._max_bytes - self._written, 0)
+        if len(data) <= room:
+            self._write(data)
+            return
+        cut = data.rfind(b"\n", 0, room) + 1
+        if not cut:  # no line ends in the room left: cut at the cap, on a character boundary
+            cut = room
+            while cut > 0 and data[cut] in _CONTINUATION:
+                cut -= 1
+        self._write(data[:cut])
+        self._truncated = True
+        self._carry = b""
+        notice = f"[runner] log truncated at {self._written} bytes; further output dropped\n".encode()
+        self._write((b"" if self._at_line_start else b"\n") + notice)
+
+    def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._fd is None:
+            raise ValueError("write to a closed LogWriter")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._written += len(data)
+        self._at_line_start = data.endswith(b"\n")

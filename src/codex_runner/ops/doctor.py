@@ -1,0 +1,399 @@
+"""Start-up checks (SPEC §9), shared by `serve` start-up, `codex-runner doctor` and `/readyz`.
+
+A check is `ok`, a warning (`ok=False, blocking=False`) or a failure (`ok=False, blocking=True`).
+With RUNNER_PRODUCTION=true the unsafe-setting warnings become failures. Messages are one readable
+line that says what is wrong and what to do; they never carry a secret value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Engine
+
+from codex_runner import secrets
+from codex_runner.catalog import BUILTIN_SCRIPTS, Catalog, RepoSpec, ScriptSpec
+from codex_runner.catalog.specs import PLACEHOLDER
+from codex_runner.config import Settings
+from codex_runner.errors import ConfigError, RunnerError
+from codex_runner.ops.backup import newest_backup
+from codex_runner.store import create_store_engine
+from codex_runner.store.migrate import current_revision, head_revision
+from codex_runner.store.records import utcnow
+from codex_runner.store.schema import credentials
+
+if TYPE_CHECKING:
+    from codex_runner.runtime import Runtime
+
+log = structlog.get_logger("codex_runner.doctor")
+
+MIB = 1024 * 1024
+DISK_WARN_BYTES = 1024 * MIB
+DISK_FAIL_BYTES = 100 * MIB
+MIN_MASKABLE = 8
+DANGEROUS_FLAG = "--dangerously-bypass-approvals-and-sandbox"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    blocking: bool
+    message: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def level(self) -> str:
+        return "ok" if self.ok else ("fail" if self.blocking else "warn")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "blocking": self.blocking,
+            "level": self.level,
+            "message": self.message,
+            "detail": self.detail,
+        }
+
+
+def _ok(name: str, message: str, **detail: Any) -> Check:
+    return Check(name, True, False, message, detail)
+
+
+def _fail(name: str, message: str, **detail: Any) -> Check:
+    return Check(name, False, True, message, detail)
+
+
+def _warn(name: str, message: str, *, production: bool = False, **detail: Any) -> Check:
+    """A warning that production mode turns into a failure when `production` is true."""
+    return Check(name, False, production, message, detail)
+
+
+def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = None) -> list[Check]:
+    """Every check, in a stable order. `engine` None: one is made for the checks and disposed."""
+    own = engine is None
+    eng = engine or create_store_engine(settings.database_url, pool_size=1)
+    try:
+        checks = list(_database(eng))
+        db_ok = all(c.ok for c in checks)
+        checks += _folders(settings)
+        checks += _scripts(settings, catalog)
+        checks += _repos(settings, catalog)
+        checks.append(_git())
+        checks += _encryption(settings, eng if db_ok else None)
+        checks += _disk(settings)
+        checks += _secrets(settings)
+        checks += _unsafe_settings(settings)
+        checks.append(_backup(settings))
+        return checks
+    finally:
+        if own:
+            eng.dispose()
+
+
+def blocking_failures(checks: Iterable[Check]) -> list[Check]:
+    return [c for c in checks if c.blocking and not c.ok]
+
+
+# -- database ---------------------------------------------------------------------------------
+
+
+def _database(engine: Engine) -> Iterator[Check]:
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:
+        # The driver's first line names host and cause; the URL (and its password) is not in it.
+        first = (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0]
+        yield _fail("database", f"database not reachable ({engine.dialect.name}): {first[:200]}")
+        return
+    yield _ok("database", f"database reachable ({engine.dialect.name})")
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        yield _fail(
+            "migrations",
+            f"database schema is at {current or 'nothing'}, expected {head}: run `codex-runner migrate`",
+            current=current,
+            head=head,
+        )
+    else:
+        yield _ok("migrations", f"database schema at head ({head})")
+
+
+# -- folders and disk -------------------------------------------------------------------------
+
+
+def _folders(settings: Settings) -> Iterator[Check]:
+    for label, path in (
+        ("data", settings.data_dir),
+        ("log", settings.log_dir),
+        ("workspace", settings.workspace_dir),
+    ):
+        name = f"folder:{label}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not path.is_dir():
+                raise NotADirectoryError(f"{path} exists and is not a folder")
+            # A real write: os.access lies for root and for read-only mounts.
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if isinstance(exc, FileExistsError | NotADirectoryError):
+                reason = "it exists and is not a folder"
+            yield _fail(name, f"{label} folder {path} is not usable: {reason}", path=str(path))
+        else:
+            yield _ok(name, f"{label} folder {path} is writable", path=str(path))
+
+
+def _disk(settings: Settings) -> Iterator[Check]:
+    seen: set[int] = set()
+    for path in (settings.data_dir, settings.log_dir, settings.workspace_dir):
+        try:
+            device = path.stat().st_dev
+            if device in seen:
+                continue
+            seen.add(device)
+            free = shutil.disk_usage(path).free
+        except OSError:
+            continue  # the folder check already says why
+        free_mib = free // MIB
+        name = f"disk:{path}"
+        if free < DISK_FAIL_BYTES:
+            yield _fail(name, f"only {free_mib} MiB free under {path}: jobs and logs will fail", free=free)
+        elif free < DISK_WARN_BYTES:
+            yield _warn(name, f"only {free_mib} MiB free under {path} (under 1 GiB)", free=free)
+        else:
+            yield _ok(name, f"{free_mib} MiB free under {path}", free=free)
+
+
+# -- scripts, repos, git ----------------------------------------------------------------------
+
+
+def _program_problem(program: str) -> str | None:
+    if "/" in program:
+        p = Path(program)
+        if not p.exists():
+            return f"program {program} does not exist"
+        if not p.is_file():
+            return f"program {program} is not a file"
+        if not os.access(p, os.X_OK):
+            return f"program {program} is not executable (chmod +x)"
+        return None
+    return None if shutil.which(program) else f"program {program!r} is not on PATH"
+
+
+def _scripts(settings: Settings, catalog: Catalog) -> Iterator[Check]:
+    for key, script in catalog.scripts.items():
+        name = f"script:{key}"
+        program = script.command[0] if script.command else ""
+        builtin = key in BUILTIN_SCRIPTS and key not in settings.scripts
+        if PLACEHOLDER.fullmatch(program):
+            yield _warn(name, f"script {key}: program is a placeholder {program}, not checked")
+        elif problem := _program_problem(program):
+            if builtin:
+                yield _warn(name, f"built-in script {key}: {problem}; install it to use this script")
+            else:
+                yield _fail(name, f"script {key}: {problem}", program=program)
+        else:
+            yield _ok(name, f"script {key}: program {program} found")
+        if _is_dangerous(script):
+            yield _warn(
+                f"script_policy:{key}",
+                f"script {key} runs codex with {DANGEROUS_FLAG}: no sandbox, no approvals",
+                production=settings.production,
+            )
+
+
+def _is_dangerous(script: ScriptSpec) -> bool:
+    return DANGEROUS_FLAG in script.command or any(a.flag == DANGEROUS_FLAG for a in script.args.values())
+
+
+def _is_git_repo(path: Path) -> bool:
+    # Work tree (.git folder, or file for worktrees and submodules) or bare repository.
+    return (path / ".git").exists() or ((path / "HEAD").is_file() and (path / "objects").is_dir())
+
+
+def _repos(settings: Settings, catalog: Catalog) -> Iterator[Check]:
+    for repo in catalog.repos.values():
+        if not repo.enabled:
+            continue
+        yield _repo(catalog, repo)
+        if repo.risk_policy == "permissive":
+            yield _warn(
+                f"repo_policy:{repo.name}",
+                f"repo {repo.name} has risk_policy \"permissive\"",
+                production=settings.production,
+            )
+
+
+def _repo(catalog: Catalog, repo: RepoSpec) -> Check:
+    name = f"repo:{repo.name}"
+    try:
+        catalog.check_allowed(repo)
+    except RunnerError as exc:
+        return _fail(name, exc.message)
+    if repo.source_type != "local_path":
+        return _ok(name, f"repo {repo.name}: {repo.public_url()} is allowed (not fetched by doctor)")
+    path = Path(repo.source)
+    if not path.is_dir():
+        return _fail(name, f"repo {repo.name}: {path} does not exist or is not a folder", path=str(path))
+    if not _is_git_repo(path):
+        return _fail(name, f"repo {repo.name}: {path} is not a git repository", path=str(path))
+    return _ok(name, f"repo {repo.name}: {path} is a git repository", path=str(path))
+
+
+def _git() -> Check:
+    git = shutil.which("git")
+    if git is None:
+        return _fail("git", "git is not installed (not on PATH): every workspace needs it")
+    try:
+        done = subprocess.run([git, "--version"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return _fail("git", f"git at {git} does not run: {exc}")
+    return _ok("git", done.stdout.strip() or "git found")
+
+
+# -- secrets and unsafe settings --------------------------------------------------------------
+
+
+def _encryption(settings: Settings, engine: Engine | None) -> Iterator[Check]:
+    name = "encryption_key"
+    count, first = 0, None
+    if engine is not None:
+        with engine.connect() as conn:
+            count = int(conn.execute(sa.select(sa.func.count()).select_from(credentials)).scalar_one())
+            first = conn.execute(
+                sa.select(credentials.c.name, credentials.c.secret_enc).order_by(credentials.c.name).limit(1)
+            ).first()
+    if not settings.encryption_key:
+        if count:
+            yield _warn(
+                name,
+                f"{count} stored credential(s) but RUNNER_ENCRYPTION_KEY is not set: jobs that need them fail",
+                production=settings.production,
+            )
+        elif settings.production:
+            yield _fail(name, "RUNNER_ENCRYPTION_KEY is not set (required in production; `codex-runner keygen`)")
+        else:
+            yield _ok(name, "RUNNER_ENCRYPTION_KEY not set; no credentials stored")
+        return
+    try:
+        keys = [secrets.parse_key(settings.encryption_key)]
+        if settings.encryption_key_previous:
+            keys.append(secrets.parse_key(settings.encryption_key_previous))
+    except RunnerError:
+        yield _fail(name, "RUNNER_ENCRYPTION_KEY (or _PREVIOUS) does not parse: expected 64 hex chars or base64")
+        return
+    if first is not None:
+        try:
+            secrets.decrypt(keys, first.secret_enc, first.name.encode())
+        except RunnerError:
+            yield _fail(
+                name,
+                f"RUNNER_ENCRYPTION_KEY does not decrypt stored credential {first.name!r}: wrong key?",
+            )
+            return
+    yield _ok(name, f"RUNNER_ENCRYPTION_KEY parses ({count} credential(s) stored)")
+
+
+_SECRET_SETTINGS = ("encryption_key_previous", "jwt_secret", "token")
+
+
+def _secrets(settings: Settings) -> Iterator[Check]:
+    short = [
+        f"RUNNER_{n.upper()}" for n in _SECRET_SETTINGS if 0 < len(getattr(settings, n) or "") < MIN_MASKABLE
+    ]
+    if short:
+        yield _warn(
+            "short_secrets",
+            f"{', '.join(short)} shorter than {MIN_MASKABLE} characters: cannot be masked in logs",
+        )
+
+
+def _unsafe_settings(settings: Settings) -> Iterator[Check]:
+    prod = settings.production
+    try:
+        mode = stat.S_IMODE(settings.data_dir.stat().st_mode)
+    except OSError:
+        mode = None
+    if mode is not None and mode & 0o077:
+        yield _warn(
+            "data_dir_permissions",
+            f"data folder {settings.data_dir} is open to group/others (mode {mode:o}): chmod 700 it",
+            production=prod,
+        )
+    if not _is_loopback(settings.host) and not settings.allow_remote:
+        yield _warn(
+            "bind_address",
+            f"RUNNER_HOST={settings.host} is not loopback: set RUNNER_ALLOW_REMOTE=true if intended",
+            production=prod,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _backup(settings: Settings) -> Check:
+    newest = newest_backup(settings.backup_dir)
+    limit = settings.backup_max_age_days
+    if newest is None:
+        return _warn(
+            "backup", f"no backup in {settings.backup_dir}: run `codex-runner backup`", production=settings.production
+        )
+    when, path = newest
+    age_days = (utcnow() - when).total_seconds() / 86400
+    detail = {"path": str(path), "age_days": round(age_days, 2)}
+    if age_days > limit:
+        return _warn(
+            "backup",
+            f"newest backup {path.name} is {age_days:.1f} days old (RUNNER_BACKUP_MAX_AGE_DAYS={limit})",
+            production=settings.production,
+            **detail,
+        )
+    return _ok("backup", f"newest backup {path.name} is {age_days:.1f} days old", **detail)
+
+
+# -- start-up ---------------------------------------------------------------------------------
+
+
+def startup(runtime: Runtime) -> list[Check]:
+    """Runs the checks at `serve` start-up, keeps them for `/readyz` and diagnostics, logs the
+    problems, and refuses to start on a blocking one only in production mode (a dev machine starts
+    with a warning, and `/readyz` says 503)."""
+    checks = run_checks(runtime.settings, runtime.catalog, runtime.engine)
+    runtime.startup_checks[:] = [c.to_dict() for c in checks]
+    for c in checks:
+        if not c.ok:
+            emit = log.error if c.blocking else log.warning
+            emit("startup_check", check=c.name, level=c.level, detail=c.message)
+    failed = blocking_failures(checks)
+    log.info("startup_checks_done", total=len(checks), failed=len(failed), warnings=_warnings(checks))
+    if failed and runtime.settings.production:
+        raise ConfigError(
+            f"start-up checks failed: {'; '.join(c.message for c in failed)} (see `codex-runner doctor`)"
+        )
+    return checks
+
+
+def _warnings(checks: Iterable[Check]) -> int:
+    return sum(1 for c in checks if not c.ok and not c.blocking)
+

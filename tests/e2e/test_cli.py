@@ -1,0 +1,506 @@
+"""The real `codex-runner` console script against a real `codex-runner serve` on loopback.
+
+The main server runs with RUNNER_ENABLED=false, so jobs stay queued and nothing here depends on
+the launcher; the few tests of `submit --wait` outcomes start their own server with the launcher
+and skip while it cannot be imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.helpers import free_port, make_git_repo, wait_until
+
+from codex_runner import __version__
+from codex_runner.config import load_settings
+from codex_runner.runtime import Runtime
+
+CLI = str(Path(sys.executable).parent / "codex-runner")
+COMMAND_TIMEOUT = 60
+START_TIMEOUT = 30
+STOP_TIMEOUT = 20
+PYTHON = sys.executable
+
+RUNNER_TOML = """
+[repos.demo]
+source = {repo}
+branch = "main"
+
+[scripts.echo]
+command = [{python}, "-c", "import sys; print(' '.join(sys.argv[1:]))"]
+timeout_seconds = 60
+
+[scripts.echo.args.message]
+type = "string"
+required = true
+max_length = 1000
+flag = "--message"
+
+[scripts.echo.args.count]
+type = "int"
+min = 1
+max = 10
+default = 1
+flag = "--count"
+
+[scripts.echo.args.loud]
+type = "bool"
+default = false
+flag = "--loud"
+
+[scripts.fail]
+command = [{python}, "-c", "import sys; print('about to fail'); sys.exit(3)"]
+
+[scripts.slow]
+command = [{python}, "-c", "import time; time.sleep(30)"]
+timeout_seconds = 1
+"""
+
+
+@dataclass
+class Server:
+    url: str
+    root: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def client_env(self, token: str, **extra: str) -> dict[str, str]:
+        return {**self.env, "RUNNER_URL": self.url, "RUNNER_TOKEN": token, **extra}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any RUNNER_* setting of the developer's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    env.update(extra)
+    return env
+
+
+def cli(
+    *args: str, env: Mapping[str, str], input: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args],
+        env=dict(env),
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        cwd=cwd,
+    )
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """A failure: non-zero exit, exactly one `error: …` line on stderr, no traceback, no stdout."""
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
+def start_server(root: Path, *, enabled: bool) -> Server:
+    root.mkdir(parents=True, exist_ok=True)
+    repo = make_git_repo(root / "repo")
+    config = root / "runner.toml"
+    config.write_text(
+        textwrap.dedent(RUNNER_TOML).format(repo=json.dumps(str(repo)), python=json.dumps(PYTHON))
+    )
+    port = free_port()
+    env = clean_env(
+        RUNNER_CONFIG=str(config),
+        RUNNER_DATA_DIR=str(root / "data"),
+        RUNNER_PORT=str(port),
+        RUNNER_ENABLED="true" if enabled else "false",
+        RUNNER_LOG_FORMAT="console",
+        RUNNER_KILL_GRACE_SECONDS="2",
+    )
+    log = root / "serve.log"
+    with log.open("wb") as fh:
+        # Its own session, so teardown can signal the server and anything it started.
+        proc = subprocess.Popen(
+            [CLI, "serve"], env=env, cwd=root, stdout=fh, stderr=fh, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            return True  # reported below
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    ready = wait_until(healthy, timeout=START_TIMEOUT, interval=0.1)
+    if proc.poll() is not None or not ready:
+        stop(proc)
+        pytest.fail(
+            f"`codex-runner serve` did not become healthy:\n{log.read_text(errors='replace')[-4000:]}"
+        )
+    return Server(url, root, env, proc, log)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=STOP_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("cli"), enabled=False)
+    try:
+        yield srv
+    finally:
+        stop(srv.proc)
+
+
+@pytest.fixture(scope="module")
+def admin_token(server: Server) -> str:
+    result = cli("tokens", "create", "--user", "root", "--role", "admin", env=server.env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def api_get(server: Server, token: str, path: str) -> httpx.Response:
+    return httpx.get(server.url + path, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def submit(
+    server: Server, token: str, *args: str, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return cli("submit", "demo", *args, env=server.client_env(token), input=input)
+
+
+# -- local commands -------------------------------------------------------------------------
+
+
+def test_version_prints_the_package_version() -> None:
+    result = cli("version", env=clean_env())
+    assert result.returncode == 0
+    assert result.stdout == f"codex-runner {__version__}\n"
+
+
+def test_keygen_prints_a_fresh_64_hex_key() -> None:
+    first, second = (cli("keygen", env=clean_env()).stdout for _ in range(2))
+    assert re.fullmatch(r"[0-9a-f]{64}\n", first)
+    assert first != second
+
+
+def test_migrate_creates_the_database_and_is_idempotent(tmp_path: Path) -> None:
+    env = clean_env(RUNNER_DATA_DIR=str(tmp_path / "data"))
+    first = cli("migrate", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "data" / "runner.db").is_file()
+    assert "migrated" in first.stderr
+    again = cli("migrate", env=env, cwd=tmp_path)
+    assert again.returncode == 0
+    assert "up to date" in again.stderr
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+def test_tokens_create_prints_only_the_token(server: Server) -> None:
+    result = cli("tokens", "create", "--user", "alice", "--name", "laptop", env=server.env)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"cr_[A-Za-z0-9_-]+\n", result.stdout), result.stdout
+    token = result.stdout.strip()
+    assert token not in result.stderr
+    assert "alice" in result.stderr
+    assert api_get(server, token, "/api/runner/jobs").status_code == 200
+
+
+def test_tokens_list_and_revoke(server: Server) -> None:
+    token = cli("tokens", "create", "--user", "carol", env=server.env).stdout.strip()
+    listed = cli("tokens", "list", "--json", env=server.env)
+    assert listed.returncode == 0
+    assert token not in listed.stdout
+    (record,) = [t for t in json.loads(listed.stdout) if t["user"] == "carol"]
+    assert record["role"] == "user" and record["revoked_at"] is None
+    table = cli("tokens", "list", env=server.env)
+    assert record["id"] in table.stdout and "carol" in table.stdout
+
+    revoked = cli("tokens", "revoke", record["id"], env=server.env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked" in revoked.stderr
+    assert api_get(server, token, "/api/runner/jobs").status_code == 401
+    assert_one_error_line(cli("tokens", "revoke", str(uuid.uuid4()), env=server.env), "(not_found)")
+
+
+# -- credentials ------------------------------------------------------------------------------
+
+
+def test_credentials_secret_is_read_from_stdin_and_never_shown(server: Server) -> None:
+    secret = f"ghp_{uuid.uuid4().hex}{uuid.uuid4().hex}"
+    without_key = cli("credentials", "set", "gh", "--host", "github.com", env=server.env, input=secret + "\n")
+    assert_one_error_line(without_key, "RUNNER_ENCRYPTION_KEY")
+
+    key = cli("keygen", env=clean_env()).stdout.strip()
+    env = {**server.env, "RUNNER_ENCRYPTION_KEY": key}
+    outputs = [
+        cli("credentials", "set", "gh", "--host", "github.com", env=env, input=secret + "\n"),
+        cli("credentials", "list", env=env),
+        cli("credentials", "list", "--json", env=env),
+    ]
+    assert all(r.returncode == 0 for r in outputs), [r.stderr for r in outputs]
+    assert "gh" in outputs[1].stdout and "github.com" in outputs[1].stdout
+    (listed,) = json.loads(outputs[2].stdout)
+    assert {k: listed[k] for k in ("name", "host", "username")} == {
+        "name": "gh",
+        "host": "github.com",
+        "username": "oauth2",
+    }
+    for result in outputs:
+        assert secret not in result.stdout + result.stderr
+    # Not in the database files either (the WAL included), in any plain form.
+    for path in (server.root / "data").glob("runner.db*"):
+        assert secret.encode() not in path.read_bytes(), path
+
+    # Exactly one trailing newline was stripped: what git gets is the secret itself.
+    settings = load_settings(env, cwd=server.root)
+    runtime = Runtime.open(settings, migrate=False)
+    try:
+        assert runtime.credentials.get_secret("gh") == ("github.com", "oauth2", secret)
+    finally:
+        runtime.close()
+
+    assert cli("credentials", "rotate", env=env).returncode == 0
+    assert cli("credentials", "delete", "gh", env=env).returncode == 0
+    assert "gh" not in cli("credentials", "list", env=env).stdout
+    assert_one_error_line(cli("credentials", "delete", "gh", env=env), "(not_found)")
+
+
+# -- submit and jobs --------------------------------------------------------------------------
+
+
+def test_submit_prints_the_job_id_and_parses_args_as_json(server: Server, admin_token: str) -> None:
+    result = submit(
+        server, admin_token, "echo", "--arg", "message=hello world", "--arg", "count=3", "--arg", "loud=true"
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    uuid.UUID(job_id)
+    assert "created job" in result.stderr
+    job = api_get(server, admin_token, f"/api/runner/jobs/{job_id}").json()
+    assert job["args"] == {"message": "hello world", "count": 3, "loud": True}
+    assert job["status"] == "queued"
+
+
+def test_submit_json_shape(server: Server, admin_token: str) -> None:
+    result = submit(server, admin_token, "echo", "--arg", 'message="42"', "--json")
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert {"id", "repo_id", "repo", "script_key", "args", "status", "created_at", "deduplicated"} <= set(job)
+    assert job["repo"] == "demo" and job["script_key"] == "echo"
+    assert job["args"]["message"] == "42"  # a JSON string stays a string
+    assert job["deduplicated"] is False
+
+
+def test_submit_idempotency_key_replays(server: Server, admin_token: str) -> None:
+    key = f"cli-{uuid.uuid4()}"
+    first = submit(server, admin_token, "echo", "--arg", "message=once", "--idempotency-key", key)
+    replay = submit(server, admin_token, "echo", "--arg", "message=once", "--idempotency-key", key, "--json")
+    assert first.returncode == 0 and replay.returncode == 0, replay.stderr
+    assert "deduplicated" in replay.stderr
+    assert json.loads(replay.stdout)["id"] == first.stdout.strip()
+    assert json.loads(replay.stdout)["deduplicated"] is True
+    other = submit(server, admin_token, "echo", "--arg", "message=twice", "--idempotency-key", key)
+    assert_one_error_line(other, "(idempotency_key_reused_with_different_payload)")
+    assert other.returncode == 2
+
+
+def test_submit_reads_args_from_a_file_and_from_stdin(
+    server: Server, admin_token: str, tmp_path: Path
+) -> None:
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("line one\nline [two]\n")
+    from_file = submit(server, admin_token, "echo", "--arg", f"message=@{prompt}")
+    from_stdin = submit(server, admin_token, "echo", "--arg", "message=-", input="from stdin\n")
+    assert from_file.returncode == 0 and from_stdin.returncode == 0, from_stdin.stderr
+    args = [
+        api_get(server, admin_token, f"/api/runner/jobs/{r.stdout.strip()}").json()["args"]["message"]
+        for r in (from_file, from_stdin)
+    ]
+    assert args == ["line one\nline [two]\n", "from stdin\n"]
+
+
+def test_jobs_list_show_events_cancel(server: Server, admin_token: str) -> None:
+    env = server.client_env(admin_token)
+    job_id = submit(server, admin_token, "echo", "--arg", "message=to-cancel").stdout.strip()
+
+    table = cli("jobs", "list", env=env)
+    assert table.returncode == 0 and job_id in table.stdout
+    page = json.loads(cli("jobs", "list", "--status", "queued", "--limit", "200", "--json", env=env).stdout)
+    assert job_id in [j["id"] for j in page["items"]]
+    assert {"items", "total", "limit", "offset"} <= set(page)
+
+    shown = cli("jobs", "show", job_id, env=env)
+    assert shown.returncode == 0 and job_id in shown.stdout and "job_created" in shown.stdout
+    assert json.loads(cli("jobs", "show", job_id, "--json", env=env).stdout)["id"] == job_id
+
+    canceled = cli("jobs", "cancel", job_id, env=env)
+    assert canceled.returncode == 0, canceled.stderr
+    assert "canceled" in canceled.stderr
+    events = json.loads(cli("jobs", "events", job_id, "--json", env=env).stdout)["items"]
+    assert [e["event_type"] for e in events][:1] == ["job_created"]
+    assert "job_canceled" in [e["event_type"] for e in events]
+    assert "job_canceled" in cli("jobs", "events", job_id, env=env).stdout
+    page = json.loads(cli("jobs", "list", "--status", "canceled", "--limit", "200", "--json", env=env).stdout)
+    assert job_id in [j["id"] for j in page["items"]]
+
+    assert_one_error_line(cli("jobs", "cancel", job_id, env=env), "(invalid_transition)")
+
+
+def test_submit_wait_gives_up_after_wait_timeout(server: Server, admin_token: str) -> None:
+    result = submit(server, admin_token, "echo", "--arg", "message=queued", "--wait", "--wait-timeout", "1")
+    assert result.returncode == 5, result.stderr
+    assert "still queued" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def test_unknown_repo_is_one_line(server: Server, admin_token: str) -> None:
+    result = cli("submit", "nowhere", "echo", "--arg", "message=x", env=server.client_env(admin_token))
+    assert_one_error_line(result, "unknown repo", "(invalid_request)")
+    assert result.returncode == 2
+
+
+def test_invalid_args_are_one_line(server: Server, admin_token: str) -> None:
+    result = submit(server, admin_token, "echo", "--arg", "message=x", "--arg", "count=99")
+    assert_one_error_line(result, "count", "(invalid_args)")
+    assert_one_error_line(submit(server, admin_token, "echo", "--arg", "no-equals-sign"), "KEY=VALUE")
+
+
+def test_bad_token_is_one_line(server: Server) -> None:
+    result = cli("jobs", "list", env=server.client_env("cr_not-a-real-token"))
+    assert_one_error_line(result, "(not_authenticated)")
+
+
+def test_missing_token_is_one_line(server: Server) -> None:
+    env = {k: v for k, v in server.client_env("x").items() if k != "RUNNER_TOKEN"}
+    assert_one_error_line(cli("jobs", "list", env=env), "RUNNER_TOKEN is not set")
+
+
+def test_unknown_job_is_one_line(server: Server, admin_token: str) -> None:
+    result = cli("jobs", "show", str(uuid.uuid4()), env=server.client_env(admin_token))
+    assert_one_error_line(result, "(not_found)")
+
+
+def test_unreachable_runner_is_one_line(server: Server, admin_token: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = cli("jobs", "list", env=server.client_env(admin_token, RUNNER_URL=url))
+    line = assert_one_error_line(result, "cannot reach the runner at", url, "codex-runner serve")
+    assert admin_token not in line
+
+
+@pytest.mark.parametrize(
+    ("command", "setting", "value", "fragment"),
+    [
+        (["jobs", "list"], "RUNNER_PORT", "abc", "RUNNER_PORT: expected an integer"),
+        (["tokens", "list"], "RUNNER_MAX_CONCURRENCY", "0", "RUNNER_MAX_CONCURRENCY: must be at least 1"),
+        (["serve"], "RUNNER_ENABLED", "maybe", "RUNNER_ENABLED: expected true or false"),
+        (["credentials", "list"], "RUNNER_ENCRYPTION_KEY", "short", "RUNNER_ENCRYPTION_KEY"),
+        (["jobs", "list"], "RUNNER_URL", "ftp://example.com", "RUNNER_URL"),
+    ],
+)
+def test_bad_config_value_is_one_line(
+    server: Server, admin_token: str, command: list[str], setting: str, value: str, fragment: str
+) -> None:
+    result = cli(*command, env=server.client_env(admin_token, **{setting: value}))
+    assert_one_error_line(result, fragment)
+    assert result.returncode == 2
+
+
+def test_bad_runner_toml_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "runner.toml"
+    config.write_text("[runner]\nmax_concurency = 3\n")
+    result = cli("tokens", "list", env=clean_env(RUNNER_CONFIG=str(config)), cwd=tmp_path)
+    assert_one_error_line(result, "max_concurency", "unknown setting")
+
+
+# -- outcomes of submit --wait (need the launcher) ---------------------------------------------
+
+
+def _launcher_importable() -> bool:
+    try:
+        importlib.import_module("codex_runner.launcher")
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if not _launcher_importable():
+        pytest.skip("codex_runner.launcher cannot be imported yet")
+    srv = start_server(tmp_path_factory.mktemp("cli-live"), enabled=True)
+    try:
+        yield srv
+    finally:
+        stop(srv.proc)
+
+
+@pytest.fixture(scope="module")
+def live_token(live_server: Server) -> str:
+    return cli("tokens", "create", "--user", "root", "--role", "admin", env=live_server.env).stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "exit_code", "status"),
+    [
+        ("echo", ["--arg", "message=done"], 0, "success"),
+        ("fail", [], 1, "failed"),
+        ("slow", [], 3, "timeout"),
+    ],
+)
+def test_submit_wait_exit_code_follows_the_outcome(
+    live_server: Server, live_token: str, script: str, args: list[str], exit_code: int, status: str
+) -> None:
+    result = cli("submit", "demo", script, *args, "--wait", "--json", env=live_server.client_env(live_token))
+    assert result.returncode == exit_code, result.stderr
+    job: dict[str, Any] = json.loads(result.stdout)
+    assert job["status"] == status
+    assert f"job {job['id']} {status}" in result.stderr
+
+
+def test_submit_follow_prints_the_log(live_server: Server, live_token: str) -> None:
+    if importlib.util.find_spec("codex_runner.api.logs") is None:
+        pytest.skip("the logs route does not exist yet")
+    result = cli(
+        "submit",
+        "demo",
+        "echo",
+        "--arg",
+        "message=followed",
+        "--follow",
+        env=live_server.client_env(live_token),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--message followed" in result.stdout
+    assert "success" in result.stderr

@@ -1,0 +1,190 @@
+"""The launcher with real processes, on SQLite and PostgreSQL (issue 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import wait_until
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_success_with_events_stages_and_manifest(runner: Any) -> None:
+    job = runner.submit({"stdout": "hello from the job"})
+    done = runner.wait(job["id"])
+    assert done["status"] == "success", done
+    assert done["exit_code"] == 0 and done["error_code"] is None
+    assert done["started_at"] and done["finished_at"] and done["duration_ms"] >= 0
+    assert done["runner_id"] == "test-runner" and done["attempt"] == 1
+    stages = {s["name"]: s for s in done["stages"]}
+    assert stages["prepare"]["status"] == "success"
+    assert stages["script"]["status"] == "success" and stages["script"]["exit_code"] == 0
+    assert stages["cleanup"]["status"] == "success"
+    kinds = [e["event_type"] for e in done["events"]]
+    assert kinds == ["job_created", "job_started", "job_succeeded"]
+    manifest = json.loads((runner.runtime.settings.runs_dir / job["id"] / "manifest.json").read_text())
+    assert manifest["status"] == "success" and manifest["job_id"] == job["id"]
+    log = (runner.runtime.settings.log_dir / f"{job['id']}.log").read_text()
+    assert "hello from the job" in log and "[runner] " in log
+
+
+def test_failure_records_stderr_tail(runner: Any) -> None:
+    job = runner.submit({"exit": 3, "stderr": "something broke: the reason"})
+    done = runner.wait(job["id"])
+    assert done["status"] == "failed" and done["exit_code"] == 3
+    assert done["error_code"] == "script_failed"
+    assert "something broke: the reason" in done["error_message"]
+    script = next(s for s in done["stages"] if s["name"] == "script")
+    assert script["status"] == "failed" and "something broke" in script["error"]
+    assert [e["event_type"] for e in done["events"]][-1] == "job_failed"
+
+
+def test_missing_program_is_spawn_failed(runner: Any) -> None:
+    done = runner.wait(runner.submit({}, script="missing")["id"])
+    assert done["status"] == "failed" and done["error_code"] == "spawn_failed"
+    assert "not found" in done["error_message"] and "Traceback" not in done["error_message"]
+
+
+def test_cancel_while_queued(runner_factory: Any) -> None:
+    runner = runner_factory(RUNNER_MAX_CONCURRENCY="1")
+    blocker = runner.submit({"sleep": "30"})
+    runner.wait(blocker["id"], {"running"})
+    queued = runner.submit({"stdout": "never"})
+    r = runner.client.post(f"/api/runner/jobs/{queued['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    runner.client.post(f"/api/runner/jobs/{blocker['id']}/cancel")
+    assert runner.wait(blocker["id"])["status"] == "canceled"
+    assert runner.job(queued["id"])["started_at"] is None
+
+
+def test_cancel_running_kills_child_and_stubborn_grandchild(runner: Any, tmp_path: Path) -> None:
+    pids_file = tmp_path / "pids"
+    job = runner.submit({"sleep": "60", "grandchild": True, "ignore_term": True, "pids": str(pids_file)})
+    runner.wait(job["id"], {"running"})
+    assert wait_until(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 2, timeout=10)
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert all(_alive(p) for p in pids)
+    t0 = time.monotonic()
+    r = runner.client.post(f"/api/runner/jobs/{job['id']}/cancel")
+    assert r.status_code == 202
+    grace = runner.runtime.settings.kill_grace_seconds
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=grace + 1)
+    assert time.monotonic() - t0 <= grace + 1
+    done = runner.wait(job["id"])
+    assert done["status"] == "canceled"
+    assert [e["event_type"] for e in done["events"]][-2:] == ["job_cancel_requested", "job_canceled"]
+
+
+def test_timeout(runner: Any) -> None:
+    t0 = time.monotonic()
+    done = runner.wait(runner.submit({"sleep": "30"}, script="short")["id"])
+    assert done["status"] == "timeout" and done["error_code"] == "timeout"
+    assert done["exit_code"] == 128 + 15
+    assert time.monotonic() - t0 < 10
+    assert [e["event_type"] for e in done["events"]][-1] == "job_timeout"
+
+
+def test_environment_is_minimal(runner: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    dump = tmp_path / "env"
+    done = runner.wait(runner.submit({"env_dump": str(dump)})["id"])
+    assert done["status"] == "success"
+    names = {line.split("=", 1)[0] for line in dump.read_text().splitlines()}
+    assert names <= {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "RUNNER_JOB_ID", "RUNNER_WORKSPACE"}
+    assert "RUNNER_JOB_ID" in names and "RUNNER_WORKSPACE" in names
+    assert not any("postgres" in line or "sqlite" in line for line in dump.read_text().splitlines())
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda p: (p[0], p[1]))
+    cur = best = 0
+    for _, delta in points:
+        cur += delta
+        best = max(best, cur)
+    return best
+
+
+def _interval(job: dict[str, Any]) -> tuple[float, float]:
+    start = datetime.fromisoformat(job["started_at"].replace("Z", "+00:00")).timestamp()
+    end = datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
+    return start, end
+
+
+def test_limits_hold_for_200_jobs_from_5_users(runner_factory: Any) -> None:
+    runner = runner_factory(RUNNER_MAX_CONCURRENCY="4", RUNNER_MAX_JOBS_PER_USER="2")
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def submit_many(user: str) -> None:
+        for _ in range(40):
+            job = runner.submit({"sleep": "0.05"}, user=user)
+            with lock:
+                ids.append(job["id"])
+
+    threads = [threading.Thread(target=submit_many, args=(f"user{i}",)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(ids) == 200
+    jobs = runner.wait_all(ids, timeout=180)
+    assert all(j["status"] == "success" for j in jobs)
+    assert _max_overlap([_interval(j) for j in jobs]) <= 4
+    for i in range(5):
+        mine = [_interval(j) for j in jobs if j["requested_by"] == f"user{i}"]
+        assert len(mine) == 40
+        assert _max_overlap(mine) <= 2
+
+
+def test_in_place_repo_runs_one_job_at_a_time(runner_factory: Any) -> None:
+    runner = runner_factory(RUNNER_MAX_CONCURRENCY="4", RUNNER_MAX_JOBS_PER_USER="4")
+    ids = [runner.submit({"sleep": "0.2"}, repo="inplace")["id"] for _ in range(4)]
+    jobs = runner.wait_all(ids, timeout=60)
+    assert all(j["status"] == "success" for j in jobs), [j["error_message"] for j in jobs]
+    assert _max_overlap([_interval(j) for j in jobs]) == 1
+
+
+def test_manifest_reader_never_sees_partial_file(runner: Any) -> None:
+    job = runner.submit({"sleep": "1.5", "stdout": "x"})
+    path = runner.runtime.settings.runs_dir / job["id"] / "manifest.json"
+    reads = bad = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                json.loads(path.read_bytes())
+                reads += 1
+            except json.JSONDecodeError:
+                bad += 1
+        if runner.job(job["id"])["status"] in {"success", "failed"}:
+            break
+    assert bad == 0 and reads > 10
+
+
+def test_wakes_at_once_on_create(runner: Any) -> None:
+    # The fallback poll is 1 s; a job must start well before it.
+    job = runner.submit({})
+    done = runner.wait(job["id"], timeout=10)
+    created = datetime.fromisoformat(done["created_at"].replace("Z", "+00:00"))
+    started = datetime.fromisoformat(done["started_at"].replace("Z", "+00:00"))
+    assert (started - created).total_seconds() < 0.5
+
+
+def test_workspace_removed_after_job(runner: Any) -> None:
+    done = runner.wait(runner.submit({})["id"])
+    assert done["status"] == "success"
+    ws = runner.runtime.settings.workspace_dir / done["id"]
+    assert not ws.exists()
+    assert not any(p for p in os.listdir(runner.runtime.settings.workspace_dir) if done["id"] in p)

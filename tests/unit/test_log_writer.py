@@ -1,0 +1,121 @@
+"""LogWriter on real files: known secrets never reach the disk, the cap holds, runner lines stand alone."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from urllib.parse import quote
+
+from codex_runner.logs.writer import LogWriter
+
+SECRET = "s3cr3t/Value+With=Chars"
+
+
+def written(path: Path, chunks: list[bytes], *, max_bytes: int = 1 << 20, secrets: tuple[str, ...] = ()) -> bytes:
+    with LogWriter(path, max_bytes=max_bytes, known_secrets=secrets) as writer:
+        for chunk in chunks:
+            writer.write(chunk)
+    return path.read_bytes()
+
+
+def test_plain_output_passes_through(tmp_path: Path) -> None:
+    assert written(tmp_path / "a.log", [b"hello ", b"world\n", "é✓\n".encode()]) == "hello world\né✓\n".encode()
+
+
+def test_secret_split_across_every_boundary(tmp_path: Path) -> None:
+    data = f"before {SECRET} after\n".encode()
+    for cut in range(1, len(data)):
+        for second in range(cut, len(data)):
+            out = written(tmp_path / f"{cut}-{second}.log", [data[:cut], data[cut:second], data[second:]], secrets=(SECRET,))
+            assert out == b"before [REDACTED] after\n"
+
+
+def test_secret_byte_by_byte(tmp_path: Path) -> None:
+    data = f"{SECRET}{SECRET}x{SECRET}".encode()
+    out = written(tmp_path / "b.log", [bytes([b]) for b in data], secrets=(SECRET,))
+    assert out == b"[REDACTED][REDACTED]x[REDACTED]"
+
+
+def test_encoded_forms_masked(tmp_path: Path) -> None:
+    raw = SECRET.encode()
+    forms = [
+        base64.b64encode(raw).decode().rstrip("="),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        quote(SECRET, safe=""),
+    ]
+    data = " | ".join(forms).encode() + b"\n"
+    out = written(tmp_path / "c.log", [data[:10], data[10:]], secrets=(SECRET,))
+    assert out == b"[REDACTED] | [REDACTED] | [REDACTED]\n"
+
+
+def test_short_values_untouched(tmp_path: Path) -> None:
+    assert written(tmp_path / "d.log", [b"pass 1234567 ok\n"], secrets=("1234567",)) == b"pass 1234567 ok\n"
+
+
+def test_longest_overlapping_secret_wins(tmp_path: Path) -> None:
+    out = written(tmp_path / "e.log", [b"x password1", b"2 y\n"], secrets=("password1", "password12"))
+    assert out == b"x [REDACTED] y\n"
+
+
+def test_unfinished_secret_at_close_is_masked(tmp_path: Path) -> None:
+    assert written(tmp_path / "f.log", [b"ok ", SECRET[:10].encode()], secrets=(SECRET,)) == b"ok [REDACTED]"
+    assert written(tmp_path / "g.log", [b"ok ", SECRET[:3].encode()], secrets=(SECRET,)) == b"ok " + SECRET[:3].encode()
+
+
+def test_carry_stays_small_and_only_when_needed(tmp_path: Path) -> None:
+    with LogWriter(tmp_path / "h.log", max_bytes=1 << 20, known_secrets=(SECRET,)) as writer:
+        writer.write(b"no secret prefix here\n")
+        assert (tmp_path / "h.log").read_bytes() == b"no secret prefix here\n"
+        writer.write(b"tail " + SECRET[:5].encode())
+        assert (tmp_path / "h.log").read_bytes() == b"no secret prefix here\ntail "
+
+
+def test_cap_truncates_once_at_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "i.log"
+    with LogWriter(path, max_bytes=50) as writer:
+        for i in range(100):
+            writer.write(b"line %03d\n" % i)
+        assert writer.truncated
+        writer.runner_line("exit code 0")
+    data = path.read_bytes()
+    assert data.count(b"log truncated") == 1
+    assert data == b"".join(b"line %03d\n" % i for i in range(5)) + (
+        b"line \n[runner] log truncated at 50 bytes; further output dropped\n[runner] exit code 0\n"
+    )
+
+
+def test_cap_inside_a_long_line_keeps_characters_whole(tmp_path: Path) -> None:
+    path = tmp_path / "j.log"
+    with LogWriter(path, max_bytes=9) as writer:
+        writer.write("ééééééééé".encode())
+        assert writer.bytes_written == len(path.read_bytes())
+    data = path.read_bytes()
+    assert data == "éééé".encode() + b"\n[runner] log truncated at 8 bytes; further output dropped\n"
+
+
+def test_runner_line_stands_alone(tmp_path: Path) -> None:
+    path = tmp_path / "k.log"
+    with LogWriter(path, max_bytes=1 << 20, known_secrets=(SECRET,)) as writer:
+        writer.runner_line("start")
+        writer.write(b"partial")
+        writer.runner_line(f"two\nlines with {SECRET}")
+        writer.write(b"next\n")
+        assert writer.bytes_written == len(path.read_bytes())
+    assert path.read_bytes() == (
+        b"[runner] start\npartial\n[runner] two\n[runner] lines with [REDACTED]\nnext\n"
+    )
+
+
+def test_reopen_appends_and_counts(tmp_path: Path) -> None:
+    path = tmp_path / "l.log"
+    written(path, [b"first\n"])
+    with LogWriter(path, max_bytes=100) as writer:
+        assert writer.bytes_written == 6
+        writer.write(b"second\n")
+        writer.flush()
+    assert path.read_bytes() == b"first\nsecond\n"
+
+
+def test_cap_prefers_the_last_line_end(tmp_path: Path) -> None:
+    out = written(tmp_path / "m.log", [b"aaaa\nbbbb\ncccc\n"], max_bytes=12)
+    assert out == b"aaaa\nbbbb\n[runner] log truncated at 10 bytes; further output dropped\n"

@@ -1,0 +1,174 @@
+"""v1 redaction rules: each with inputs it must mask and look-alikes it must leave alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from codex_runner.errors import InvalidRequest
+from codex_runner.logs.redaction import MAX_PEM_LINES, REDACTION_VERSION, RULESETS, V1, get_ruleset
+
+GH = "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+
+
+def redact(text: str) -> str:
+    out, state = V1.redact(text.encode() + b"\n")
+    assert state == 0
+    return out.decode()[:-1]
+
+
+POSITIVE = [
+    ("openai_key", "key sk-proj-Ab3dEf6hIj9kLmN0pQrStUvWxYz12345 end", "sk-proj-Ab3d"),
+    ("openai_key", "export K=x sk-Ab3dEf6hIj9kLmN0pQrStUvWxYz", "Ab3dEf6hIj9k"),
+    ("anthropic_key", "using sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123 now", "abcdefghij"),
+    ("github_token", f"token ghp_{GH} end", GH),
+    ("github_token", f"gho_{GH}", GH),
+    ("github_token", f"x ghs_{GH}", GH),
+    ("github_token", "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz", "11ABCDEFG0123"),
+    ("gitlab_token", "GL glpat-abcdefghij0123456789xyz", "abcdefghij0123"),
+    ("slack_token", "xoxb-1234567890-abcdefghij", "1234567890-abc"),
+    ("slack_token", "xoxp-1234567890-abcdefghij", "1234567890-abc"),
+    ("slack_webhook", "post https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXX", "T000/B000"),
+    ("webhook_url", "https://discord.com/api/webhooks/123456/abcdefTOKEN", "abcdefTOKEN"),
+    ("webhook_url", "https://acme.webhook.office.com/webhookb2/abc-123@def/IncomingWebhook/x", "abc-123"),
+    ("aws_access_key", "aws_access_key_id = AKIAIOSFODNN7EXAMPLE", "IOSFODNN7EXAMPLE"),
+    ("aws_access_key", "ASIAIOSFODNN7EXAMPLE", "IOSFODNN7EXAMPLE"),
+    ("aws_secret_key", "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtn"),
+    ("aws_secret_key", 'AWS_SECRET_ACCESS_KEY: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"', "wJalrXUtn"),
+    ("google_api_key", "key=AIzaSyA1234567890abcdefghijklmnopqrstuv", "SyA1234567890"),
+    ("google_oauth", "ya29.a0AfH6SMBabcdefghijklmnopqrstuvwxyz", "a0AfH6SMB"),
+    ("jwt", f"cookie: session={JWT}", "dozjgNryP4J3"),
+    ("authorization_header", 'curl -H "Authorization: Bearer abc.def-ghi"', "abc.def-ghi"),
+    ("authorization_header", "authorization: basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNz"),
+    ("authorization_header", "{'Authorization': 'Bearer qwertyuiop'}", "qwertyuiop"),
+    ("bearer_token", "using bearer abcdefghijklmnopqrstuvwxyz012345", "abcdefghijklmn"),
+    ("url_credentials", "remote: https://user:hunter2hunter2@github.com/o/r.git", "hunter2hunter2"),
+    ("url_credentials", "postgresql://app:p@ss@db:5432/x", "p@ss"),
+    ("secret_assignment", "password=hunter2", "hunter2"),
+    ("secret_assignment", "DB_PASSWORD: s3cr3t!", "s3cr3t!"),
+    ("secret_assignment", '{"password": "correct horse battery", "user": "bob"}', "correct horse"),
+    ("secret_assignment", "client_secret = 'abc def'", "abc def"),
+    ("secret_assignment", "GITHUB_TOKEN=abcdef123", "abcdef123"),
+    ("secret_assignment", "?access_token=abc123&x=1", "abc123"),
+    ("secret_assignment", "X-Api-Key: 0123456789abcdef", "0123456789abcdef"),
+    ("secret_assignment", "apikey=zzzyyyxxx", "zzzyyyxxx"),
+    ("secret_assignment", 'SECRET_KEY = "django-insecure-xyz"', "django-insecure"),
+    ("secret_assignment", r'"aggregated_output": "{\"password\": \"hunter2\"}"', "hunter2"),
+    ("secret_assignment", r"env: passwd=hunter2\nnext", "hunter2"),
+]
+
+NEGATIVE = [
+    "sk-short and risk-assessment-of-the-whole-framework-here",
+    "task-abcdefghijklmnopqrstuvwxyz0123456789",
+    f"xghp_{GH}",
+    "ghp_short",
+    "glpat-short",
+    "xoxz-1234567890-abcdefghij",
+    "https://hooks.example.com/services/T000/B000",
+    "https://docs.github.com/en/webhooks/using-webhooks",
+    "AKIAIOSFODNN7EXAMPL",
+    "XAKIAIOSFODNN7EXAMPLE",
+    "aws_secret_access_key = short",
+    "AIzaShort",
+    "ya29.short",
+    "eyJhbGciOiJIUzI1NiJ9 alone",
+    "Authorization: required",
+    "the bearer of bad news",
+    "ssh://git@github.com/o/r.git",
+    "http://localhost:8080/path?q=1",
+    "git@github.com:o/r.git",
+    "def login(password: str, token: Optional[str] = None) -> bool:",
+    "token = get_token(request)",
+    "if password == other:",
+    'password = os.environ["DB_PASSWORD"]',
+    "password=${DB_PASSWORD}",
+    "password: null",
+    '"input_tokens": 24763, "max_tokens": 100, "token_count": 3',
+    "tokenizer=bpe secretary=alice passwords_checked=3",
+    "PWD=/home/user",
+    "-----BEGIN CERTIFICATE-----",
+    "café ✓ — 日本語",
+]
+
+
+@pytest.mark.parametrize(("rule", "text", "secret"), POSITIVE)
+def test_rule_masks(rule: str, text: str, secret: str) -> None:
+    out = redact(text)
+    assert f"[REDACTED:{rule}]" in out
+    assert secret not in out
+
+
+@pytest.mark.parametrize("text", NEGATIVE)
+def test_rule_leaves_lookalikes(text: str) -> None:
+    assert redact(text) == text
+
+
+def test_every_rule_has_a_positive_example() -> None:
+    assert {rule.name for rule in V1.rules} <= {rule for rule, _, _ in POSITIVE}
+
+
+def test_kept_context_around_masked_value() -> None:
+    assert redact("url https://u:pw@host/x") == "url https://[REDACTED:url_credentials]@host/x"
+    assert redact('{"password": "p w"}') == '{"password": "[REDACTED:secret_assignment]"}'
+    assert redact("Authorization: Bearer xyz") == "Authorization: Bearer [REDACTED:authorization_header]"
+
+
+PEM = (
+    b"key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nAbCdEf==\n-----END RSA PRIVATE KEY-----\nafter\n"
+)
+
+
+def test_pem_block_masked_whole() -> None:
+    out, state = V1.redact(PEM)
+    assert out == b"key:\n[REDACTED:private_key]\nafter\n"
+    assert state == 0
+
+
+def test_pem_block_state_crosses_chunks() -> None:
+    lines = PEM.splitlines(keepends=True)
+    out, state = [], 0
+    for line in lines:
+        text, state = V1.redact(line, state)
+        out.append(text)
+    assert b"".join(out) == V1.redact(PEM)[0]
+
+
+def test_pem_single_line_escaped() -> None:
+    text = r'"k": "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaA\n-----END OPENSSH PRIVATE KEY-----\n" ok'
+    assert redact(text) == r'"k": "[REDACTED:private_key]\n" ok'
+
+
+def test_pem_begin_with_text_after_masks_rest_of_line_only() -> None:
+    out, state = V1.redact(b'if b"-----BEGIN PRIVATE KEY-----" in data:\n    pass\n')
+    assert out == b'if b"[REDACTED:private_key]\n    pass\n'
+    assert state == 0
+
+
+def test_pem_unterminated_block_ends_after_cap() -> None:
+    body = b"".join(b"line %d\n" % i for i in range(MAX_PEM_LINES + 5))
+    out, state = V1.redact(b"-----BEGIN EC PRIVATE KEY-----\n" + body)
+    assert out == b"[REDACTED:private_key]\n" + b"".join(
+        b"line %d\n" % i for i in range(MAX_PEM_LINES, MAX_PEM_LINES + 5)
+    )
+    assert state == 0
+
+
+def test_pem_open_block_reports_state() -> None:
+    _, state = V1.redact(b"-----BEGIN PRIVATE KEY-----\nMIIE\n")
+    assert state == 2
+    out, state = V1.redact(b"MIIE\n-----END PRIVATE KEY----- tail\n", state)
+    assert (out, state) == (b" tail\n", 0)
+
+
+def test_invalid_utf8_becomes_replacement_character() -> None:
+    out, _ = V1.redact(b"bad \xff\xfe bytes \xe2\x82\n")
+    assert out.decode() == "bad \ufffd\ufffd bytes \ufffd\n"
+
+
+def test_deterministic_and_registered() -> None:
+    data = PEM + b"password=x sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123\n"
+    assert V1.redact(data) == V1.redact(data)
+    assert RULESETS[REDACTION_VERSION] is V1
+    assert get_ruleset("v1") is V1
+    with pytest.raises(InvalidRequest):
+        get_ruleset("v0")
