@@ -244,6 +244,10 @@ def main() -> None:
         sys.exit(f"error: {exc.message}")
     except (RunnerError, DemoError, OSError, subprocess.SubprocessError) as exc:
         sys.exit(f"error: demo set-up failed: {exc}")
+    except Exception as exc:
+        # Like the CLI: one line, the first of the text only (SQL errors append the statement).
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.exit(f"error: demo set-up failed: {type(exc).__name__}: {first}")
     sys.stderr.write(banner(settings, demo_dir, token_path) + "\n")
     sys.stderr.flush()
     from codex_runner.server import run_serve

@@ -108,15 +108,23 @@ class Runner:
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
-        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
+        self.client = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30
+        )
 
     def token_for(self, user: str) -> str:
         if user not in self.tokens:
             self.tokens[user], _ = self.runtime.tokens.create(user, "user")
         return self.tokens[user]
 
-    def submit(self, args: dict[str, Any] | None = None, *, repo: str = "scratch", script: str = "behave",
-               user: str | None = None) -> dict[str, Any]:
+    def submit(
+        self,
+        args: dict[str, Any] | None = None,
+        *,
+        repo: str = "scratch",
+        script: str = "behave",
+        user: str | None = None,
+    ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.token_for(user)}"} if user else {}
         r = self.client.post(
             "/api/runner/jobs", json={"repo": repo, "script_key": script, "args": args or {}}, headers=headers

@@ -108,7 +108,9 @@ def test_environment_is_minimal(runner: Any, tmp_path: Path, monkeypatch: Any) -
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
-    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda p: (p[0], p[1]))
+    points = sorted(
+        [(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda p: (p[0], p[1])
+    )
     cur = best = 0
     for _, delta in points:
         cur += delta

@@ -14,7 +14,9 @@ from codex_runner.logs.stream import MAX_LINE
 
 
 def page(tmp_path: Path, offset: int, limit: int = 16384, complete: bool = True) -> LogPage:
-    return read_page(tmp_path / "job.log", offset=offset, limit=limit, complete=complete, index_dir=tmp_path / "ix")
+    return read_page(
+        tmp_path / "job.log", offset=offset, limit=limit, complete=complete, index_dir=tmp_path / "ix"
+    )
 
 
 def read_all(tmp_path: Path, limit: int, complete: bool = True, offset: int = 0) -> tuple[str, int]:
@@ -138,13 +140,18 @@ def test_torn_index_tail_is_dropped(tmp_path: Path) -> None:
     path = index_path(tmp_path / "ix", tmp_path / "job.log", "v1")
     with path.open("ab") as index:
         index.write(b"\x01\x02\x03")
-    assert page(tmp_path, 200000, limit=13).content == "line of text\n"[200000 % 13 :] + "line of text\n"[: 200000 % 13]
+    assert (
+        page(tmp_path, 200000, limit=13).content
+        == "line of text\n"[200000 % 13 :] + "line of text\n"[: 200000 % 13]
+    )
     assert (path.stat().st_size - 32) % 20 == 0
 
 
 def test_pem_block_spanning_checkpoints(tmp_path: Path) -> None:
     body = b"".join(b"MIIE%060d\n" % i for i in range(200))
-    data = b"x\n" * 40000 + b"-----BEGIN RSA PRIVATE KEY-----\n" + body + b"-----END RSA PRIVATE KEY-----\nend\n"
+    data = (
+        b"x\n" * 40000 + b"-----BEGIN RSA PRIVATE KEY-----\n" + body + b"-----END RSA PRIVATE KEY-----\nend\n"
+    )
     write(tmp_path, data)
     text, _ = read_all(tmp_path, 65536)
     assert text == "x\n" * 40000 + "[REDACTED:private_key]\nend\n"

@@ -11,7 +11,9 @@ from codex_runner.logs.writer import LogWriter
 SECRET = "s3cr3t/Value+With=Chars"
 
 
-def written(path: Path, chunks: list[bytes], *, max_bytes: int = 1 << 20, secrets: tuple[str, ...] = ()) -> bytes:
+def written(
+    path: Path, chunks: list[bytes], *, max_bytes: int = 1 << 20, secrets: tuple[str, ...] = ()
+) -> bytes:
     with LogWriter(path, max_bytes=max_bytes, known_secrets=secrets) as writer:
         for chunk in chunks:
             writer.write(chunk)
@@ -19,14 +21,20 @@ def written(path: Path, chunks: list[bytes], *, max_bytes: int = 1 << 20, secret
 
 
 def test_plain_output_passes_through(tmp_path: Path) -> None:
-    assert written(tmp_path / "a.log", [b"hello ", b"world\n", "é✓\n".encode()]) == "hello world\né✓\n".encode()
+    assert (
+        written(tmp_path / "a.log", [b"hello ", b"world\n", "é✓\n".encode()]) == "hello world\né✓\n".encode()
+    )
 
 
 def test_secret_split_across_every_boundary(tmp_path: Path) -> None:
     data = f"before {SECRET} after\n".encode()
     for cut in range(1, len(data)):
         for second in range(cut, len(data)):
-            out = written(tmp_path / f"{cut}-{second}.log", [data[:cut], data[cut:second], data[second:]], secrets=(SECRET,))
+            out = written(
+                tmp_path / f"{cut}-{second}.log",
+                [data[:cut], data[cut:second], data[second:]],
+                secrets=(SECRET,),
+            )
             assert out == b"before [REDACTED] after\n"
 
 
@@ -59,7 +67,10 @@ def test_longest_overlapping_secret_wins(tmp_path: Path) -> None:
 
 def test_unfinished_secret_at_close_is_masked(tmp_path: Path) -> None:
     assert written(tmp_path / "f.log", [b"ok ", SECRET[:10].encode()], secrets=(SECRET,)) == b"ok [REDACTED]"
-    assert written(tmp_path / "g.log", [b"ok ", SECRET[:3].encode()], secrets=(SECRET,)) == b"ok " + SECRET[:3].encode()
+    assert (
+        written(tmp_path / "g.log", [b"ok ", SECRET[:3].encode()], secrets=(SECRET,))
+        == b"ok " + SECRET[:3].encode()
+    )
 
 
 def test_carry_stays_small_and_only_when_needed(tmp_path: Path) -> None:

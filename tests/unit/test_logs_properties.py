@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -29,12 +30,15 @@ SHAPES = [(s, s) for s in SECRETS] + [
     ('"api_key": "K3Y K3Y K3Y K3Y"', "K3Y K3Y K3Y K3Y"),
     ("https://USER:PA55W0RD99@example.com", "USER:PA55W0RD99"),
     ("Authorization: Bearer TOK3N.T0K3N.TOK3N", "TOK3N.T0K3N.TOK3N"),
-    ("-----BEGIN PRIVATE KEY-----\nMIIEBODY0123456789\nQQQQ9999QQQQ9999\n-----END PRIVATE KEY-----", "MIIEBODY0123456789"),
+    (
+        "-----BEGIN PRIVATE KEY-----\nMIIEBODY0123456789\nQQQQ9999QQQQ9999\n-----END PRIVATE KEY-----",
+        "MIIEBODY0123456789",
+    ),
 ]
 # Filler cannot spell any 8 bytes of a secret: no upper case, no digits.
-filler = st.text(alphabet=st.sampled_from(list("abcdefgh ijk\n\n") + ["é", "€", "日", "😀"]), max_size=300)
+filler = st.text(alphabet=st.sampled_from([*"abcdefgh ijk\n\n", "é", "€", "日", "😀"]), max_size=80)
 pieces = st.one_of(filler, st.sampled_from(range(len(SHAPES))))
-logs = st.lists(pieces, max_size=40)
+logs = st.lists(pieces, max_size=30)
 SEPARATORS = [" ", "\n", "\t"]
 
 
@@ -81,7 +85,7 @@ def follow(log: Path, index: Path, offset: int, limit: int, complete: bool) -> t
         offset = page.next_offset
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(logs, st.lists(st.integers(0, 2), max_size=5), st.integers(1, 131072) | st.integers(1, 64))
 def test_pages_concatenate_to_the_redacted_log(parts: list[str | int], seps: list[int], limit: int) -> None:
     raw, secrets = build(parts, seps)
@@ -95,7 +99,7 @@ def test_pages_concatenate_to_the_redacted_log(parts: list[str | int], seps: lis
     assert_no_secret(text, secrets)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     logs,
     st.lists(st.integers(0, 2), max_size=5),
@@ -124,12 +128,14 @@ def test_offsets_survive_growth(parts: list[str | int], seps: list[int], cuts: l
 
 @settings(max_examples=300, deadline=None)
 @given(logs, st.lists(st.integers(0, 2), max_size=5), st.lists(st.integers(0, 10_000), max_size=6))
-def test_redaction_ignores_how_lines_are_grouped(parts: list[str | int], seps: list[int], cuts: list[int]) -> None:
+def test_redaction_ignores_how_lines_are_grouped(
+    parts: list[str | int], seps: list[int], cuts: list[int]
+) -> None:
     raw, _ = build(parts, seps)
     lines = raw.splitlines(keepends=True)
     bounds = sorted({min(c, len(lines)) for c in cuts} | {0, len(lines)})
     out, state = [], 0
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         text, state = V1.redact(b"".join(lines[a:b]), state)
         out.append(text)
     assert b"".join(out) == reference(raw)

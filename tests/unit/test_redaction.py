@@ -113,9 +113,7 @@ def test_kept_context_around_masked_value() -> None:
     assert redact("Authorization: Bearer xyz") == "Authorization: Bearer [REDACTED:authorization_header]"
 
 
-PEM = (
-    b"key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nAbCdEf==\n-----END RSA PRIVATE KEY-----\nafter\n"
-)
+PEM = b"key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nAbCdEf==\n-----END RSA PRIVATE KEY-----\nafter\n"
 
 
 def test_pem_block_masked_whole() -> None:

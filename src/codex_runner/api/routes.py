@@ -153,9 +153,6 @@ def metrics(request: Request, principal: Auth) -> Response:
 
 
 def extra_routers() -> list[APIRouter]:
-    """Routers of other packages (logs), imported lazily to keep this module's imports light."""
-    try:
-        from codex_runner.api.logs import router as logs_router
-    except ImportError:
-        return []
+    from codex_runner.api.logs import router as logs_router
+
     return [logs_router]

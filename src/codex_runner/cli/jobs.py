@@ -28,7 +28,7 @@ from codex_runner.cli.common import (
     settings,
     status_text,
 )
-from codex_runner.cli.follow import EXIT_BY_STATUS, LogFollower, jobs_path, wait_for_job
+from codex_runner.cli.follow import EXIT_BY_STATUS, TERMINAL, LogFollower, jobs_path, wait_for_job
 from codex_runner.jobs import Status
 
 jobs_app = typer.Typer(help="List, inspect, cancel and follow jobs.", no_args_is_help=True)
@@ -181,6 +181,8 @@ class StatusLine:
             line.append(" · still queued: is a `serve` or `worker` with RUNNER_ENABLED=true running?", "dim")
         if self._spinner is not None:
             self._spinner.update(line)
+        elif status in TERMINAL:
+            pass  # the outcome line that follows says it, with more
         elif status != self.last_status or (hint and not self.hinted):
             err.print(line)
         self.hinted = self.hinted or hint

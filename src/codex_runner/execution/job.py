@@ -14,6 +14,8 @@ from typing import Any
 import structlog
 
 from codex_runner.catalog import RepoSpec, ScriptSpec
+from codex_runner.execution.agents import apply_risk_policy, codex_home_for, is_codex_exec
+from codex_runner.execution.codex_events import CodexEventParser
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
 from codex_runner.execution.workspace import (
@@ -58,6 +60,7 @@ class JobRun:
         self.started = time.monotonic()
         self.extra_sinks: list[Callable[[bytes], None]] = []
         self._spawn_error = "spawn failed"
+        self.agent: CodexEventParser | None = None
 
     # -- control ----------------------------------------------------------------------------
 
@@ -215,7 +218,13 @@ class JobRun:
             args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
         )
         extra = {"RUNNER_JOB_ID": self.job_id, "RUNNER_WORKSPACE": str(ws.path)}
-        extra.update(self.script_env_extra(script))
+        if is_codex_exec(script):
+            argv = apply_risk_policy(argv, repo.risk_policy)
+            home = await asyncio.to_thread(codex_home_for, self.settings)
+            if home is not None:
+                extra["CODEX_HOME"] = str(home)
+            self.agent = CodexEventParser()
+            self.extra_sinks.append(self.agent.feed)
         spec = ProcessSpec(
             argv=argv,
             cwd=ws.path,
@@ -258,12 +267,6 @@ class JobRun:
             + (f" ({outcome.reason})" if outcome.reason else "")
         )
         return outcome
-
-    def script_env_extra(self, script: ScriptSpec) -> dict[str, str]:
-        """Variables the runner itself gives a script (CODEX_HOME for codex, when configured)."""
-        if self.settings.codex_home is not None and "CODEX_HOME" in script.env:
-            return {"CODEX_HOME": str(self.settings.codex_home)}
-        return {}
 
     async def _supervise(self, proc: JobProcess, timeout: int) -> ProcessOutcome:
         wait_task = asyncio.create_task(proc.wait())
@@ -355,6 +358,9 @@ class JobRun:
             await self._finish(Status.FAILED, ErrorCode.SPAWN_FAILED, self._spawn_error, None)
             return
         exit_code = outcome.exit_code
+        if self.agent is not None:
+            self.agent.close()
+            result = {**(result or {}), "agent": self.agent.summary()}
         if outcome.reason == "timeout":
             msg = f"timed out after {self.row['timeout_seconds']} s"
             await self._finish(Status.TIMEOUT, ErrorCode.TIMEOUT, msg, exit_code)
@@ -370,6 +376,12 @@ class JobRun:
                 f": {tail.splitlines()[-1][:500]}" if tail else ""
             )
             await self._finish(Status.FAILED, ErrorCode.SCRIPT_FAILED, msg, exit_code)
+        elif self.agent is not None and self.agent.failed:
+            # codex exits 0 after some failures (a sandbox refusal, for one): its events decide.
+            message = f"agent failed: {self.agent.error_message or 'turn failed'}"
+            await self._finish(
+                Status.FAILED, ErrorCode.AGENT_FAILED, message[:2000], exit_code, result=result
+            )
         elif result is not None and "error" in result:
             code, message = result.pop("error")
             await self._finish(Status.FAILED, code, message, exit_code, result=result)
@@ -387,6 +399,11 @@ class JobRun:
     ) -> None:
         if self.fenced:
             return
+        # The log is complete before the status is: a reader that sees a terminal status may
+        # treat the file as final (SPEC §5 `is_complete`).
+        self._runner_line(f"job ending: {status.value}" + (f" ({error_code})" if error_code else ""))
+        if self.log is not None:
+            self.log.close()
         for stage in self.stages.values():
             if stage["status"] == "pending":
                 stage["status"] = "skipped"
@@ -450,7 +467,6 @@ class JobRun:
                 status_to=status.value,
                 duration_ms=duration_ms,
             )
-        self._runner_line(f"job {final}" + (f" ({error_code})" if error_code else ""))
 
 
 def queue_wait_seconds(row: dict[str, Any]) -> float:

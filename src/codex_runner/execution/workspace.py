@@ -71,8 +71,6 @@ class RepoLike(Protocol):
     """The part of `catalog.RepoSpec` this module reads."""
 
     @property
-    def id(self) -> str: ...
-    @property
     def source(self) -> str: ...
     @property
     def source_type(self) -> str: ...  # "local_path" | "git_url"
@@ -176,28 +174,19 @@ def _prepare_from_mirror(
     branch: str,
 ) -> Workspace:
     mirror = _mirror_path(repo, settings)
-    with _repo_lock(settings, mirror.stem):
+    with _repo_lock(settings, _lock_key(repo)):
         _sync_mirror(repo, mirror, home, credential)
         base_branch = repo.branch or _remote_default_branch(repo, home, credential)
         base_commit = _resolve(mirror, f"refs/remotes/origin/{base_branch}", home)
-        if mode == "worktree":
-            # Only the cheap part under the lock: the checkout of many files runs in parallel with others.
-            _new_folder(root, path)
-            path.rmdir()  # `worktree add` wants to create it
-            git_dir = _add_worktree(mirror, path, branch, base_commit, home)
-    try:
-        if mode == "worktree":
-            _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "branch_failed")
-        else:
-            _new_folder(root, path)
+    if mode == "worktree":
+        git_dir = _make_worktree(settings, _lock_key(repo), mirror, root, path, branch, base_commit, home)
+    else:
+        _new_folder(root, path)
+        try:
             git_dir = _shared_clone(mirror, path, repo.source, base_branch, base_commit, branch, home)
-    except BaseException:
-        _remove_tree(path, root)
-        if mode == "worktree":
-            with _repo_lock(settings, mirror.stem):
-                run_git([f"--git-dir={mirror}", "worktree", "prune"], home=home, check=False)
-                _delete_branch_if_unchanged(mirror, branch, base_commit, home)
-        raise
+        except BaseException:
+            _remove_tree(path, root)
+            raise
     return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, mirror)
 
 
@@ -224,18 +213,7 @@ def _prepare_local(
         with _repo_lock(settings, _lock_key(repo)):
             return _prepare_in_place(repo, job_id, source, store, base_branch, base_commit, branch, home)
     if mode == "worktree":
-        with _repo_lock(settings, _lock_key(repo)):
-            _new_folder(root, path)
-            path.rmdir()
-            git_dir = _add_worktree(store, path, branch, base_commit, home)
-        try:
-            _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "branch_failed")
-        except BaseException:
-            _remove_tree(path, root)
-            with _repo_lock(settings, _lock_key(repo)):
-                run_git([f"--git-dir={store}", "worktree", "prune"], home=home, check=False)
-                _delete_branch_if_unchanged(store, branch, base_commit, home)
-            raise
+        git_dir = _make_worktree(settings, _lock_key(repo), store, root, path, branch, base_commit, home)
         return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
 
     _new_folder(root, path)
@@ -280,24 +258,33 @@ def _prepare_in_place(
     )
 
 
-def _add_worktree(store: Path, path: Path, branch: str, base_commit: str, home: Path) -> Path:
-    run_git(
-        [
-            f"--git-dir={store}",
-            "worktree",
-            "add",
-            "-q",
-            "--no-checkout",
-            "-b",
-            branch,
-            "--",
-            str(path),
-            base_commit,
-        ],
-        home=home,
-        error_code="branch_failed",
-    )
-    return Path(_git_out(["-C", str(path), "rev-parse", "--absolute-git-dir"], home, "branch_failed"))
+def _make_worktree(
+    settings: Settings,
+    key: str,
+    store: Path,
+    root: Path,
+    path: Path,
+    branch: str,
+    base_commit: str,
+    home: Path,
+) -> Path:
+    """`git worktree add` of the base commit on the job branch; returns the worktree's git dir."""
+    _new_folder(root, path)
+    try:
+        with _repo_lock(settings, key):
+            path.rmdir()  # `worktree add` creates it; the folder only proved the name was free
+            add = ["worktree", "add", "-q", "--no-checkout", "-b", branch, "--", str(path), base_commit]
+            run_git([f"--git-dir={store}", *add], home=home, error_code="branch_failed")
+        git_dir = Path(_git_out(["-C", str(path), "rev-parse", "--absolute-git-dir"], home, "branch_failed"))
+        # The checkout of many files runs outside the lock, in parallel with other jobs' checkouts.
+        _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "branch_failed")
+        return git_dir
+    except BaseException:
+        _remove_tree(path, root)
+        with _repo_lock(settings, key):
+            run_git([f"--git-dir={store}", "worktree", "prune"], home=home, check=False)
+            _delete_branch_if_unchanged(store, branch, base_commit, home)
+        raise
 
 
 def _shared_clone(
@@ -329,12 +316,14 @@ def _shared_clone(
 
 
 def _mirror_path(repo: RepoLike, settings: Settings) -> Path:
-    # The URL's hash in the name: a repo whose source changes gets a new mirror, never a stale one.
     return settings.mirrors_dir.resolve() / f"{_lock_key(repo)}.git"
 
 
 def _lock_key(repo: RepoLike) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", repo.id)[:64] or "repo"
+    """Names a repo's mirror and lock by its source: repos sharing a URL share one mirror, and a repo
+    whose URL changes gets a new mirror rather than a stale one."""
+    name = repo.source.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].removesuffix(".git")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:48] or "repo"
     return f"{safe}-{hashlib.sha256(repo.source.encode()).hexdigest()[:12]}"
 
 
@@ -359,6 +348,8 @@ def _sync_mirror(repo: RepoLike, mirror: Path, home: Path, credential: GitCreden
         _fetch_mirror(repo, mirror, home, credential)
         return
     mirror.parent.mkdir(parents=True, exist_ok=True)
+    for stale in mirror.parent.glob(f".{mirror.name}.*.tmp"):  # a first clone interrupted by a crash
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = mirror.parent / f".{mirror.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         run_git(["init", "-q", "--bare", "--", str(tmp)], home=home, error_code="clone_failed")
@@ -562,8 +553,7 @@ def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, fail
 
 def _cleanup_worktree(ws: Workspace, repo: RepoLike, settings: Settings, root: Path) -> None:
     assert ws.store is not None and ws.branch is not None and ws.base_commit is not None
-    key = _mirror_path(repo, settings).stem if repo.source_type == "git_url" else _lock_key(repo)
-    with _repo_lock(settings, key):
+    with _repo_lock(settings, _lock_key(repo)):
         run_git(
             [f"--git-dir={ws.store}", "worktree", "remove", "--force", "--force", "--", str(ws.path)],
             home=ws.home,
@@ -579,13 +569,12 @@ def _cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path
     tip = _try_resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home)
     if tip is not None and tip != ws.base_commit:
         # The clone goes away, its commits stay: the job branch is kept in the mirror (or local repo).
-        key = _mirror_path(repo, settings).stem if repo.source_type == "git_url" else _lock_key(repo)
-        with _repo_lock(settings, key):
+        with _repo_lock(settings, _lock_key(repo)):
             ref = f"refs/heads/{ws.branch}"
             run_git(
-                [f"--git-dir={ws.store}", "fetch", "-q", "--no-tags", "--", str(ws.git_dir), f"+{ref}:{ref}"],
+                [f"--git-dir={ws.store}", "fetch", "-q", "--no-tags", "--", str(ws.git_dir), f"{ref}:{ref}"],
                 home=ws.home,
-                error_code="commit_failed",
+                error_code="cleanup_failed",
             )
     _remove_tree(ws.path, root)
 
@@ -594,8 +583,8 @@ def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings) -> None
     assert ws.git_dir is not None and ws.branch is not None and ws.base_commit is not None
     with _repo_lock(settings, _lock_key(repo)):
         # The tree was clean when the job began, so what is left uncommitted is the job's own.
-        _run_in(ws.git_dir, ws.path, ["reset", "--hard", "-q"], ws.home, "prepare_failed")
-        _run_in(ws.git_dir, ws.path, ["clean", "-fdq"], ws.home, "prepare_failed")
+        _run_in(ws.git_dir, ws.path, ["reset", "--hard", "-q"], ws.home, "cleanup_failed")
+        _run_in(ws.git_dir, ws.path, ["clean", "-fdq"], ws.home, "cleanup_failed")
         original = ws.original_ref or ws.base_commit
         if original.startswith("refs/heads/"):
             _run_in(
@@ -603,10 +592,10 @@ def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings) -> None
                 ws.path,
                 ["checkout", "-q", original.removeprefix("refs/heads/")],
                 ws.home,
-                "prepare_failed",
+                "cleanup_failed",
             )
         else:
-            _run_in(ws.git_dir, ws.path, ["checkout", "-q", "--detach", original], ws.home, "prepare_failed")
+            _run_in(ws.git_dir, ws.path, ["checkout", "-q", "--detach", original], ws.home, "cleanup_failed")
         _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
 
 
@@ -620,11 +609,14 @@ def _delete_branch_if_unchanged(git_dir: Path, branch: str, base_commit: str, ho
 
 
 def _remove_tree(path: Path, root: Path) -> None:
-    """Deletes a workspace folder, and nothing outside RUNNER_WORKSPACE_DIR whatever the path says."""
-    resolved = path.resolve()
-    if resolved.parent != root or path.is_symlink():
-        raise GitError(f"refusing to delete {path}: not a workspace folder", code="prepare_failed")
-    shutil.rmtree(resolved, ignore_errors=True)
+    """Deletes a workspace folder, and nothing outside RUNNER_WORKSPACE_DIR: a workspace the agent
+    replaced by a symlink loses the link only (rmtree itself never follows links)."""
+    if path.parent != root:
+        raise GitError(f"refusing to delete {path}: not a workspace folder", code="cleanup_failed")
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- small helpers ----------------------------------------------------------------------------------

@@ -81,9 +81,10 @@ class RuleSet:
         valid UTF-8 bytes and the state after them."""
         out: list[bytes] = []
         pos, end = 0, len(data)
-        if state:
-            pos, state = self._inside_pem(data, 0, state, out)
         while pos < end:
+            if state:
+                pos, state = self._inside_pem(data, pos, state, out)
+                continue
             begin = data.find(_PEM_BEGIN, pos)
             if begin < 0:
                 out.append(self._redact_lines(data[pos:]))
@@ -94,8 +95,6 @@ class RuleSet:
             text, state = self._begin_line(data[line_start:line_end])
             out.append(text)
             pos = line_end
-            if state:
-                pos, state = self._inside_pem(data, pos, state, out)
         return _valid_utf8(b"".join(out)), state
 
     def _begin_line(self, line: bytes) -> tuple[bytes, int]:

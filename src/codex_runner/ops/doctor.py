@@ -234,7 +234,7 @@ def _repos(settings: Settings, catalog: Catalog) -> Iterator[Check]:
         if repo.risk_policy == "permissive":
             yield _warn(
                 f"repo_policy:{repo.name}",
-                f"repo {repo.name} has risk_policy \"permissive\"",
+                f'repo {repo.name} has risk_policy "permissive"',
                 production=settings.production,
             )
 
@@ -286,7 +286,9 @@ def _encryption(settings: Settings, engine: Engine | None) -> Iterator[Check]:
                 production=settings.production,
             )
         elif settings.production:
-            yield _fail(name, "RUNNER_ENCRYPTION_KEY is not set (required in production; `codex-runner keygen`)")
+            yield _fail(
+                name, "RUNNER_ENCRYPTION_KEY is not set (required in production; `codex-runner keygen`)"
+            )
         else:
             yield _ok(name, "RUNNER_ENCRYPTION_KEY not set; no credentials stored")
         return
@@ -295,7 +297,9 @@ def _encryption(settings: Settings, engine: Engine | None) -> Iterator[Check]:
         if settings.encryption_key_previous:
             keys.append(secrets.parse_key(settings.encryption_key_previous))
     except RunnerError:
-        yield _fail(name, "RUNNER_ENCRYPTION_KEY (or _PREVIOUS) does not parse: expected 64 hex chars or base64")
+        yield _fail(
+            name, "RUNNER_ENCRYPTION_KEY (or _PREVIOUS) does not parse: expected 64 hex chars or base64"
+        )
         return
     if first is not None:
         try:
@@ -357,7 +361,9 @@ def _backup(settings: Settings) -> Check:
     limit = settings.backup_max_age_days
     if newest is None:
         return _warn(
-            "backup", f"no backup in {settings.backup_dir}: run `codex-runner backup`", production=settings.production
+            "backup",
+            f"no backup in {settings.backup_dir}: run `codex-runner backup`",
+            production=settings.production,
         )
     when, path = newest
     age_days = (utcnow() - when).total_seconds() / 86400
@@ -396,4 +402,3 @@ def startup(runtime: Runtime) -> list[Check]:
 
 def _warnings(checks: Iterable[Check]) -> int:
     return sum(1 for c in checks if not c.ok and not c.blocking)
-

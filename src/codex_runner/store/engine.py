@@ -4,7 +4,9 @@ policy for transient database errors."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,12 +113,32 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+_writer_locks: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
+_writer_locks_guard = threading.Lock()
+
+
+def _writer_lock(engine: Engine) -> threading.RLock:
+    with _writer_locks_guard:
+        lock = _writer_locks.get(engine)
+        if lock is None:
+            lock = _writer_locks[engine] = threading.RLock()
+        return lock
+
+
 @contextmanager
 def write_txn(engine: Engine) -> Iterator[Connection]:
-    """A write transaction: BEGIN IMMEDIATE on SQLite, a plain transaction on PostgreSQL."""
-    with engine.connect() as conn:
-        if engine.dialect.name == "sqlite":
-            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+    """A write transaction: BEGIN IMMEDIATE on SQLite, a plain transaction on PostgreSQL.
+
+    On SQLite the threads of this process also queue on a lock first: a writer that finds the
+    database locked sleeps in SQLite's busy handler (1, 2, 5 … 100 ms) and wakes up late, so under
+    load the write lock would sit idle between transactions. Other processes still wait on
+    `busy_timeout`."""
+    if engine.dialect.name != "sqlite":
+        with engine.connect() as conn, conn.begin():
+            yield conn
+        return
+    with _writer_lock(engine), engine.connect() as conn:
+        conn = conn.execution_options(sqlite_begin="IMMEDIATE")
         with conn.begin():
             yield conn
 

@@ -107,6 +107,20 @@ jobs = sa.Table(
     sa.Index("ix_runner_jobs_finished", "finished_at"),
 )
 
+# Exact job counts per (status, user, repo): list totals and queue caps read a few hundred rows here
+# instead of counting a million jobs. Kept by triggers on `runner_jobs` (migration 0002) in the same
+# transaction as every insert, status change and delete, whatever code writes. A migration that
+# rebuilds `runner_jobs` (SQLite batch mode copies the table) drops them and must create them again.
+job_counts = sa.Table(
+    "runner_job_counts",
+    metadata,
+    sa.Column("status", sa.String(20), primary_key=True),
+    sa.Column("requested_by", sa.String(200), primary_key=True),
+    sa.Column("repo_id", sa.String(36), primary_key=True),
+    sa.Column("n", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=False),
+    sa.Index("ix_runner_job_counts_user", "requested_by", "status"),
+)
+
 events = sa.Table(
     "runner_job_events",
     metadata,

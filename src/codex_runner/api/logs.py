@@ -1,0 +1,103 @@
+"""Log routes (SPEC §5): byte-exact pages of the redacted log, and Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from sse_starlette.sse import EventSourceResponse
+
+from codex_runner.api.auth import current_principal
+from codex_runner.api.errors import responses
+from codex_runner.jobs import TERMINAL, Status
+from codex_runner.logs import read_page
+from codex_runner.runtime import Runtime
+from codex_runner.store.admin import Principal
+
+router = APIRouter(tags=["logs"])
+Auth = Annotated[Principal, Depends(current_principal)]
+MAX_LIMIT = 131072
+STREAM_CHUNK = 65536
+# How often a live stream looks for new output: the bound on line-to-client latency when idle.
+STREAM_POLL_SECONDS = 0.05
+KEEPALIVE_SECONDS = 15
+
+
+def log_paths(runtime: Runtime, job_id: str) -> tuple[Path, Path]:
+    settings = runtime.settings
+    return settings.log_dir / f"{job_id}.log", settings.data_dir / "log-index"
+
+
+def _status(runtime: Runtime, job_id: str, owner: str | None) -> Status:
+    return Status(runtime.jobs.get(job_id, owner=owner)["status"])
+
+
+@router.get("/api/runner/jobs/{job_id}/logs", responses=responses(400, 404, 401, 503))
+def get_logs(
+    request: Request,
+    job_id: str,
+    principal: Auth,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 16384,
+) -> dict[str, Any]:
+    runtime: Runtime = request.app.state.runtime
+    # Read the status before the file: a terminal status means the writer has closed the log.
+    status = _status(runtime, job_id, runtime.owner_of(principal))
+    log_path, index_dir = log_paths(runtime, job_id)
+    page = read_page(log_path, offset=offset, limit=limit, complete=status in TERMINAL, index_dir=index_dir)
+    return {
+        "job_id": job_id,
+        "offset": page.offset,
+        "next_offset": page.next_offset,
+        "is_complete": page.is_complete,
+        "content": page.content,
+        "redaction_version": page.redaction_version,
+    }
+
+
+@router.get("/api/runner/jobs/{job_id}/logs/stream", responses=responses(400, 404, 401, 503))
+async def stream_logs(
+    request: Request,
+    job_id: str,
+    principal: Auth,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    runtime: Runtime = request.app.state.runtime
+    owner = runtime.owner_of(principal)
+    await asyncio.to_thread(_status, runtime, job_id, owner)  # 404 before the stream starts
+    if last_event_id is not None and last_event_id.strip().isdigit():
+        offset = int(last_event_id.strip())
+    log_path, index_dir = log_paths(runtime, job_id)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        position = offset
+        while True:
+            status = await asyncio.to_thread(_status, runtime, job_id, owner)
+            complete = status in TERMINAL
+            page = await asyncio.to_thread(
+                read_page,
+                log_path,
+                offset=position,
+                limit=STREAM_CHUNK,
+                complete=complete,
+                index_dir=index_dir,
+            )
+            if page.content:
+                data = {"offset": page.offset, "next_offset": page.next_offset, "content": page.content}
+                yield {"event": "log", "id": str(page.next_offset), "data": json.dumps(data)}
+                position = page.next_offset
+                continue
+            position = max(position, page.next_offset)
+            if complete and page.is_complete:
+                yield {"event": "end", "id": str(position), "data": json.dumps({"status": status.value})}
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+
+    return EventSourceResponse(events(), ping=KEEPALIVE_SECONDS)

@@ -1,0 +1,361 @@
+"""Retention (SPEC §9): `codex-runner cleanup [--dry-run]` and the loop inside `serve`.
+
+Order: events, then jobs — terminal jobs finished more than RUNNER_RETENTION_DAYS ago, except the
+newest RUNNER_RETENTION_KEEP terminal jobs — then idempotency keys whose job is gone or that
+expired, then files no job row owns (logs, run folders, workspaces, git homes) and that have not
+changed for `ORPHAN_GRACE_SECONDS`.
+
+Safe beside live traffic: active jobs are never selected; rows go in transactions of at most
+`BATCH` jobs, so an API write waits for one short batch at most (SQLite has one writer); a file is
+judged an orphan only after the job table was read, and a job row is always committed before its
+files exist, so a new job's files are never taken for orphans. Safe to repeat: a second run finds
+nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Connection, Engine
+
+from codex_runner.jobs import TERMINAL, EventType
+from codex_runner.ops.audit import audit_event
+from codex_runner.store.engine import read_txn, with_retries, write_txn
+from codex_runner.store.records import utcnow
+from codex_runner.store.schema import events, idempotency_keys, jobs, locks
+
+if TYPE_CHECKING:
+    from codex_runner.runtime import Runtime
+
+log = structlog.get_logger("codex_runner.retention")
+
+BATCH = 500
+ORPHAN_GRACE_SECONDS = 300
+LOCK_NAME = "retention"
+# Between batches: lets queued API writers take the (SQLite) write lock.
+BATCH_PAUSE_SECONDS = 0.01
+# How often an instance looks whether a run is due; the lock says whether it is.
+MAX_POLL_SECONDS = 300
+RETRY_AFTER_FAILURE_SECONDS = 300
+
+_TERMINAL = sorted(s.value for s in TERMINAL)
+_JOB_ID = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\.|$)")
+
+
+@dataclass
+class CleanupReport:
+    dry_run: bool
+    jobs: int = 0
+    events: int = 0
+    idempotency_keys: int = 0
+    logs: int = 0
+    run_dirs: int = 0
+    workspaces: int = 0
+    git_homes: int = 0
+    batches: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return (
+            f"{verb} {self.jobs} jobs, {self.events} events, {self.idempotency_keys} idempotency keys, "
+            f"{self.logs} log files, {self.run_dirs} run folders, {self.workspaces} workspaces, "
+            f"{self.git_homes} git homes"
+        )
+
+
+def cleanup(
+    runtime: Runtime,
+    *,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    batch_size: int = BATCH,
+    orphan_grace_seconds: int = ORPHAN_GRACE_SECONDS,
+) -> CleanupReport:
+    now = now or utcnow()
+    s = runtime.settings
+    report = CleanupReport(dry_run=dry_run)
+    conds = with_retries(
+        lambda: _expired_conditions(runtime.engine, now - timedelta(days=s.retention_days), s.retention_keep)
+    )
+    doomed: set[str] = set()  # a dry run's expired jobs: their files count as orphans too
+    if conds is not None:
+        if dry_run:
+            doomed = with_retries(lambda: _expired_ids(runtime.engine, conds))
+            report.jobs, report.events = with_retries(lambda: _count_expired(runtime.engine, conds))
+        else:
+            _delete_jobs(runtime, conds, batch_size, report)
+    report.idempotency_keys += _delete_keys(runtime.engine, now, batch_size, dry_run, doomed)
+    for kind, path in _orphans(runtime, now, orphan_grace_seconds, batch_size, doomed):
+        if not dry_run:
+            try:
+                _remove(path)
+            except OSError as exc:
+                report.errors.append(f"{path}: {exc.strerror or exc}")
+                continue
+        setattr(report, kind, getattr(report, kind) + 1)
+    log.info("cleanup_done", **report.to_dict())
+    return report
+
+
+# -- rows -------------------------------------------------------------------------------------
+
+
+def _expired_conditions(engine: Engine, cutoff: datetime, keep: int) -> list[sa.ColumnElement[bool]] | None:
+    """The WHERE of expired jobs, or None when nothing can expire. The boundary of the newest
+    `keep` is read once: jobs finishing later are newer still, so it never moves backwards."""
+    conds: list[sa.ColumnElement[bool]] = [jobs.c.status.in_(_TERMINAL), jobs.c.finished_at < cutoff]
+    if keep <= 0:
+        return conds
+    with read_txn(engine) as conn:
+        oldest_kept = conn.execute(
+            sa.select(jobs.c.finished_at, jobs.c.id)
+            .where(jobs.c.status.in_(_TERMINAL), jobs.c.finished_at.is_not(None))
+            .order_by(jobs.c.finished_at.desc(), jobs.c.id.desc())
+            .offset(keep - 1)
+            .limit(1)
+        ).first()
+    if oldest_kept is None:
+        return None
+    older = sa.or_(
+        jobs.c.finished_at < oldest_kept.finished_at,
+        sa.and_(jobs.c.finished_at == oldest_kept.finished_at, jobs.c.id < oldest_kept.id),
+    )
+    return [*conds, older]
+
+
+def _expired_ids(engine: Engine, conds: Sequence[sa.ColumnElement[bool]]) -> set[str]:
+    with read_txn(engine) as conn:
+        return set(conn.execute(sa.select(jobs.c.id).where(*conds)).scalars())
+
+
+def _count_expired(engine: Engine, conds: Sequence[sa.ColumnElement[bool]]) -> tuple[int, int]:
+    with read_txn(engine) as conn:
+        ids = sa.select(jobs.c.id).where(*conds).scalar_subquery()
+        n_jobs = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(*conds)).scalar_one()
+        n_events = conn.execute(
+            sa.select(sa.func.count()).select_from(events).where(events.c.job_id.in_(ids))
+        ).scalar_one()
+    return int(n_jobs), int(n_events)
+
+
+def _delete_jobs(
+    runtime: Runtime, conds: Sequence[sa.ColumnElement[bool]], batch_size: int, report: CleanupReport
+) -> None:
+    def batch() -> tuple[list[str], int, int, int]:
+        with write_txn(runtime.engine) as conn:
+            ids = list(
+                conn.execute(
+                    sa.select(jobs.c.id)
+                    .where(*conds)
+                    .order_by(jobs.c.finished_at, jobs.c.id)
+                    .limit(batch_size)
+                ).scalars()
+            )
+            if not ids:
+                return [], 0, 0, 0
+            n_events = conn.execute(events.delete().where(events.c.job_id.in_(ids))).rowcount
+            n_keys = conn.execute(
+                idempotency_keys.delete().where(idempotency_keys.c.job_id.in_(ids))
+            ).rowcount
+            # The status is checked again: a row selected above cannot have left a terminal status,
+            # but the delete must never be the one statement that could remove an active job.
+            n_jobs = conn.execute(
+                jobs.delete().where(jobs.c.id.in_(ids), jobs.c.status.in_(_TERMINAL))
+            ).rowcount
+            return ids, n_events, n_jobs, n_keys
+
+    while True:
+        ids, n_events, n_jobs, n_keys = with_retries(batch)
+        if not ids or n_jobs == 0:
+            return
+        report.batches += 1
+        report.jobs += n_jobs
+        report.events += n_events
+        report.idempotency_keys += n_keys
+        # One audit line per batch: the job ids are in the service log only as a range.
+        audit_event(
+            runtime,
+            EventType.JOB_CLEANED_UP.value,
+            message=f"retention deleted {n_jobs} jobs and {n_events} events",
+            meta={"jobs": n_jobs, "events": n_events, "first_job_id": ids[0], "last_job_id": ids[-1]},
+        )
+        time.sleep(BATCH_PAUSE_SECONDS)
+
+
+def _delete_keys(engine: Engine, now: datetime, batch_size: int, dry_run: bool, doomed: set[str]) -> int:
+    gone = ~sa.exists(sa.select(jobs.c.id).where(jobs.c.id == idempotency_keys.c.job_id))
+    stale = sa.or_(idempotency_keys.c.expires_at <= now, gone)
+    if dry_run:
+
+        def count() -> int:
+            with read_txn(engine) as conn:
+                rows = conn.execute(sa.select(idempotency_keys.c.job_id, stale.label("stale"))).all()
+                return sum(1 for r in rows if r.stale or r.job_id in doomed)
+
+        return with_retries(count)
+    delete = idempotency_keys.delete().where(
+        idempotency_keys.c.user == sa.bindparam("u"), idempotency_keys.c.key == sa.bindparam("k")
+    )
+
+    def batch() -> int:
+        with write_txn(engine) as conn:
+            rows = conn.execute(
+                sa.select(idempotency_keys.c.user, idempotency_keys.c.key).where(stale).limit(batch_size)
+            ).all()
+            if rows:
+                conn.execute(delete, [{"u": r.user, "k": r.key} for r in rows])
+            return len(rows)
+
+    total = 0
+    while n := with_retries(batch):
+        total += n
+        if n < batch_size:
+            break
+        time.sleep(BATCH_PAUSE_SECONDS)
+    return total
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def _candidates(runtime: Runtime) -> Iterator[tuple[str, str, Path]]:
+    """(kind, job id, path) of every file or folder named after a job. Anything else is not ours."""
+    s = runtime.settings
+    if s.log_dir.is_dir():
+        for path in s.log_dir.rglob("*"):
+            m = _JOB_ID.match(path.name)
+            if m and (path.is_file() or path.is_symlink()):
+                yield "logs", m[1], path
+    for kind, root in (
+        ("run_dirs", s.runs_dir),
+        ("workspaces", s.workspace_dir),
+        ("git_homes", s.data_dir / "git-home"),
+    ):
+        if root.is_dir():
+            for path in root.iterdir():
+                m = _JOB_ID.match(path.name)
+                if m and m[1] == path.name:
+                    yield kind, m[1], path
+
+
+def _orphans(
+    runtime: Runtime, now: datetime, grace_seconds: int, batch_size: int, doomed: set[str]
+) -> Iterator[tuple[str, Path]]:
+    # Listed before the job table is read: a job's row is committed before its first file exists.
+    found = list(_candidates(runtime))
+    owned = _existing_ids(runtime.engine, {job_id for _, job_id, _ in found}, batch_size) - doomed
+    cutoff = now.timestamp() - grace_seconds
+    for kind, job_id, path in found:
+        if job_id in owned:
+            continue
+        try:
+            if path.lstat().st_mtime > cutoff:
+                continue
+        except FileNotFoundError:
+            continue
+        yield kind, path
+
+
+def _existing_ids(engine: Engine, ids: Iterable[str], batch_size: int) -> set[str]:
+    pending = sorted(ids)
+    owned: set[str] = set()
+    for i in range(0, len(pending), batch_size):
+        chunk = pending[i : i + batch_size]
+
+        def query(chunk: list[str] = chunk) -> list[str]:
+            with read_txn(engine) as conn:
+                return list(conn.execute(sa.select(jobs.c.id).where(jobs.c.id.in_(chunk))).scalars())
+
+        owned.update(with_retries(query))
+    return owned
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        # A worktree's registration in its source repo is pruned by the next `git worktree prune`.
+        shutil.rmtree(path)
+
+
+# -- the loop inside serve --------------------------------------------------------------------
+
+
+def try_lock(conn: Connection, name: str, holder: str, until: datetime, now: datetime) -> bool:
+    """Takes the named lock if it is free or expired (or ours), holding it until `until`."""
+    row = conn.execute(sa.select(locks).where(locks.c.name == name)).first()
+    if row is None:
+        conn.execute(locks.insert().values(name=name, holder=holder, expires_at=until))
+        return True
+    if row.holder != holder and row.expires_at > now:
+        return False
+    updated = conn.execute(
+        locks.update()
+        .where(locks.c.name == name, locks.c.holder == row.holder, locks.c.expires_at == row.expires_at)
+        .values(holder=holder, expires_at=until)
+    ).rowcount
+    return bool(updated == 1)
+
+
+def claim_run(engine: Engine, holder: str, interval_seconds: int, now: datetime | None = None) -> bool:
+    """True when this instance should run the cleanup now. The lock's expiry doubles as the
+    schedule: the winner holds it for a whole interval, so one run happens per interval across
+    all instances, and a crashed run is retried after that interval."""
+    now = now or utcnow()
+
+    def txn() -> bool:
+        with write_txn(engine) as conn:
+            return try_lock(conn, LOCK_NAME, holder, now + timedelta(seconds=interval_seconds), now)
+
+    try:
+        return with_retries(txn)
+    except sa.exc.IntegrityError:
+        return False  # another instance inserted the lock row first
+
+
+def _retry_soon(engine: Engine, holder: str, seconds: int) -> None:
+    def txn() -> None:
+        with write_txn(engine) as conn:
+            conn.execute(
+                locks.update()
+                .where(locks.c.name == LOCK_NAME, locks.c.holder == holder)
+                .values(expires_at=utcnow() + timedelta(seconds=seconds))
+            )
+
+    with_retries(txn)
+
+
+async def retention_loop(runtime: Runtime) -> None:
+    """Runs until cancelled: every RUNNER_RETENTION_INTERVAL_SECONDS one instance cleans up."""
+    s = runtime.settings
+    poll = min(s.retention_interval_seconds, MAX_POLL_SECONDS)
+    while True:
+        try:
+            if await asyncio.to_thread(claim_run, runtime.engine, s.id, s.retention_interval_seconds):
+                report = await asyncio.to_thread(cleanup, runtime)
+                if report.errors:
+                    log.warning("cleanup_errors", errors=report.errors[:10], count=len(report.errors))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("cleanup_failed", error_type=type(exc).__name__)
+            try:
+                retry = min(RETRY_AFTER_FAILURE_SECONDS, s.retention_interval_seconds)
+                await asyncio.to_thread(_retry_soon, runtime.engine, s.id, retry)
+            except Exception as again:
+                log.warning("cleanup_lock_update_failed", error_type=type(again).__name__)
+        await asyncio.sleep(poll)

@@ -1,0 +1,160 @@
+"""Log routes: paging edge cases and the SSE stream, on SQLite and PostgreSQL (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from codex_runner.jobs import Status
+
+SECRET = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+
+
+def _job_with_log(api: Any, text: bytes, *, terminal: bool = True) -> tuple[str, Any]:
+    job = api.create(api.alice).json()
+    claimed = api.runtime.jobs.claim("r", slots=1, max_jobs_per_user=5)[0]
+    path = api.runtime.settings.log_dir / f"{job['id']}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text)
+    if terminal:
+        api.runtime.jobs.transition(
+            job["id"], Status.RUNNING, Status.SUCCESS, lease_token=claimed.lease_token
+        )
+    return job["id"], claimed
+
+
+def _read_all(client: httpx.Client, job_id: str, limit: int) -> tuple[str, list[dict[str, Any]]]:
+    offset, parts, pages = 0, [], []
+    for _ in range(100_000):
+        page = client.get(f"/api/runner/jobs/{job_id}/logs", params={"offset": offset, "limit": limit}).json()
+        pages.append(page)
+        parts.append(page["content"])
+        if page["is_complete"]:
+            break
+        assert page["next_offset"] > offset or page["content"] == ""
+        offset = page["next_offset"]
+    return "".join(parts), pages
+
+
+def test_pages_concatenate_and_hide_secrets(api: Any) -> None:
+    # Small: limit=1 costs one request per byte; the property tests cover big logs.
+    text = ("h\u00e9llo \u2603\n" * 4 + f"token={SECRET}\n" + "tail \U0001f600\n" * 3).encode()
+    job_id, _ = _job_with_log(api, text)
+    c = api.client(api.alice)
+    full, _ = _read_all(c, job_id, 131072)
+    assert SECRET not in full and "[REDACTED:" in full
+    for limit in (1, 3, 7, 64, 1000):
+        joined, pages = _read_all(c, job_id, limit)
+        assert joined == full
+        for page in pages:
+            assert len(page["content"].encode()) <= limit
+            assert SECRET[:8] not in page["content"] or SECRET not in full
+            assert page["redaction_version"] == "v1"
+
+
+def test_offset_edges(api: Any) -> None:
+    job_id, _ = _job_with_log(api, "\u00e9\u00e9\u00e9\n".encode())  # 7 bytes
+    c = api.client(api.alice)
+    past = c.get(f"/api/runner/jobs/{job_id}/logs", params={"offset": 1000}).json()
+    assert past["content"] == "" and past["next_offset"] == 1000 and past["offset"] == 1000
+    inside = c.get(f"/api/runner/jobs/{job_id}/logs", params={"offset": 1}).json()
+    assert inside["offset"] == 2 and inside["content"] == "\u00e9\u00e9\n"
+    for bad in (0, 131073, -1):
+        r = c.get(f"/api/runner/jobs/{job_id}/logs", params={"limit": bad})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    r = c.get(f"/api/runner/jobs/{job_id}/logs", params={"offset": -1})
+    assert r.status_code == 400
+
+
+def test_canceled_while_queued_log_is_empty_and_complete(api: Any) -> None:
+    job = api.create(api.alice).json()
+    c = api.client(api.alice)
+    assert c.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 200
+    page = c.get(f"/api/runner/jobs/{job['id']}/logs").json()
+    assert page == {
+        "job_id": job["id"],
+        "offset": 0,
+        "next_offset": 0,
+        "is_complete": True,
+        "content": "",
+        "redaction_version": "v1",
+    }
+
+
+def test_another_users_log_is_404(api: Any) -> None:
+    job_id, _ = _job_with_log(api, b"private\n")
+    bob = api.client(api.bob)
+    assert bob.get(f"/api/runner/jobs/{job_id}/logs").status_code == 404
+    assert bob.get(f"/api/runner/jobs/{job_id}/logs/stream").status_code == 404
+
+
+def _sse_events(response: httpx.Response, stop_after: int | None = None) -> list[tuple[str, str, str]]:
+    events: list[tuple[str, str, str]] = []
+    kind = ident = ""
+    data: list[str] = []
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            continue
+        if line == "":
+            if kind:
+                events.append((kind, ident, "\n".join(data)))
+                if kind == "end" or (stop_after is not None and len(events) >= stop_after):
+                    return events
+            kind, ident, data = "", "", []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            kind = value
+        elif field == "id":
+            ident = value
+        elif field == "data":
+            data.append(value)
+    return events
+
+
+def test_sse_resume_with_last_event_id_gets_every_byte_once(api: Any) -> None:
+    job_id, claimed = _job_with_log(api, b"", terminal=False)
+    path = api.runtime.settings.log_dir / f"{job_id}.log"
+    lines = [f"line {i} \u00e9 {SECRET if i % 7 == 0 else ''}\n" for i in range(300)]
+    stop = threading.Event()
+
+    def writer() -> None:
+        with path.open("ab") as fh:
+            for line in lines:
+                fh.write(line.encode())
+                fh.flush()
+                time.sleep(0.002)
+        api.runtime.jobs.transition(job_id, Status.RUNNING, Status.SUCCESS, lease_token=claimed.lease_token)
+        stop.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    c = api.client(api.alice)
+    received: list[str] = []
+    with c.stream("GET", f"/api/runner/jobs/{job_id}/logs/stream", timeout=30) as r:
+        assert r.status_code == 200
+        first = _sse_events(r, stop_after=3)
+    last_id = ""
+    for kind, ident, data in first:
+        assert kind == "log"
+        received.append(json.loads(data)["content"])
+        last_id = ident
+    assert last_id
+    with c.stream(
+        "GET", f"/api/runner/jobs/{job_id}/logs/stream", headers={"Last-Event-ID": last_id}, timeout=60
+    ) as r:
+        rest = _sse_events(r)
+    t.join(timeout=30)
+    assert stop.is_set()
+    assert rest[-1][0] == "end" and json.loads(rest[-1][2])["status"] == "success"
+    offsets = [json.loads(d)["offset"] for k, _, d in rest if k == "log"]
+    assert offsets and offsets[0] == int(last_id)
+    received += [json.loads(d)["content"] for k, _, d in rest if k == "log"]
+    full, _ = _read_all(c, job_id, 131072)
+    assert "".join(received) == full
+    assert SECRET not in full

@@ -1,0 +1,310 @@
+"""Retention on SQLite and PostgreSQL: exactly the right rows and files go, nothing active is
+touched, a second run changes nothing, a dry run changes nothing, and live API traffic sees no
+error while it runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from tests.helpers import make_git_repo, serve_app
+
+from codex_runner.api import create_app
+from codex_runner.config import load_settings
+from codex_runner.ops.audit import attach
+from codex_runner.ops.retention import cleanup
+from codex_runner.runtime import Runtime
+from codex_runner.store.records import utcnow
+from codex_runner.store.schema import events, idempotency_keys, jobs
+
+TOML = """
+[repos.demo]
+source = "{repo}"
+workspace = "scratch"
+
+[scripts.echo]
+command = ["/bin/echo", "{{message}}"]
+
+[scripts.echo.args.message]
+type = "string"
+required = true
+"""
+
+TERMINAL = ("success", "failed", "canceled", "timeout")
+ACTIVE = ("queued", "running", "cancel_requested")
+DAY = 86400
+
+
+def make_runtime(tmp_path: Path, database_url: str, **env: str) -> Runtime:
+    repo = make_git_repo(tmp_path / "repo")
+    (tmp_path / "runner.toml").write_text(textwrap.dedent(TOML.format(repo=repo)))
+    base = {
+        "RUNNER_DATABASE_URL": database_url,
+        "RUNNER_DATA_DIR": str(tmp_path / "data"),
+        "RUNNER_ENABLED": "false",
+        "RUNNER_ID": "test-retention",
+        "RUNNER_RETENTION_DAYS": "30",
+        "RUNNER_RETENTION_KEEP": "200",
+        "RUNNER_MAX_QUEUE_SIZE": "10000",
+        "RUNNER_MAX_QUEUED_PER_USER": "10000",
+        "RUNNER_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+    }
+    rt = Runtime.open(load_settings({**base, **env}, cwd=tmp_path))
+    attach(rt)
+    return rt
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, database_url: str) -> Iterator[Runtime]:
+    rt = make_runtime(tmp_path, database_url)
+    yield rt
+    rt.close()
+
+
+@dataclass
+class Seeded:
+    now: datetime
+    terminal: list[tuple[str, datetime]]  # (id, finished_at), newest first
+    active: list[str]
+    expected_jobs: set[str]
+    files: dict[str, set[Path]]  # "kept" / "deleted"
+
+
+def _job_row(job_id: str, status: str, created: datetime, finished: datetime | None) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "repo_id": "r",
+        "repo": "demo",
+        "workspace_mode": "scratch",
+        "script_key": "echo",
+        "args": {"message": "x"},
+        "status": status,
+        "requested_by": "alice",
+        "created_at": created,
+        "started_at": created if status != "queued" else None,
+        "finished_at": finished,
+        "timeout_seconds": 60,
+        "attempt": 1,
+    }
+
+
+def _job_files(rt: Runtime, job_id: str, mtime: float) -> set[Path]:
+    s = rt.settings
+    paths = {
+        s.log_dir / f"{job_id}.log",
+        s.runs_dir / job_id,
+        s.workspace_dir / job_id,
+        s.data_dir / "git-home" / job_id,
+    }
+    (s.log_dir).mkdir(parents=True, exist_ok=True)
+    (s.log_dir / f"{job_id}.log").write_bytes(b"output\n")
+    (s.runs_dir / job_id).mkdir(parents=True)
+    (s.runs_dir / job_id / "manifest.json").write_text("{}")
+    (s.workspace_dir / job_id / "src").mkdir(parents=True)
+    (s.workspace_dir / job_id / "src" / "a.py").write_text("print(1)\n")
+    (s.data_dir / "git-home" / job_id).mkdir(parents=True)
+    for p in paths:
+        os.utime(p, (mtime, mtime))
+    return paths
+
+
+def seed(rt: Runtime, n_terminal: int = 500, with_files: bool = True) -> Seeded:
+    """`n_terminal` terminal jobs finished evenly over 90 days, 9 active jobs created 60 days ago,
+    three events each, idempotency keys, and files for all of them plus foreign and fresh ones."""
+    now = utcnow()
+    s = rt.settings
+    old_mtime = time.time() - DAY
+    step = timedelta(days=90) / n_terminal
+    terminal = [(str(uuid.uuid4()), now - step * i - timedelta(seconds=1)) for i in range(n_terminal)]
+    active = [str(uuid.uuid4()) for _ in range(9)]
+    rows = [
+        _job_row(jid, TERMINAL[i % 4], fin - timedelta(minutes=5), fin)
+        for i, (jid, fin) in enumerate(terminal)
+    ]
+    rows += [_job_row(jid, ACTIVE[i % 3], now - timedelta(days=60), None) for i, jid in enumerate(active)]
+    evs = [
+        {
+            "job_id": r["id"],
+            "event_type": t,
+            "actor": "system",
+            "message": "",
+            "meta": {},
+            "created_at": r["created_at"],
+        }
+        for r in rows
+        for t in ("job_created", "job_started", "job_failed")
+    ]
+    cutoff = now - timedelta(days=s.retention_days)
+    newest = {
+        jid for jid, _ in sorted(terminal, key=lambda t: (t[1], t[0]), reverse=True)[: s.retention_keep]
+    }
+    kept_terminal = {jid for jid, fin in terminal if fin >= cutoff} | newest
+    gone_terminal = [jid for jid, _ in terminal if jid not in kept_terminal]
+    keys = [
+        # (user, key, job, expires_at, survives)
+        ("alice", "k-kept", terminal[0][0], now + timedelta(days=1), True),
+        ("alice", "k-expired", terminal[1][0], now - timedelta(seconds=5), False),
+        ("bob", "k-gone-job", gone_terminal[0], now + timedelta(days=1), False),
+        ("bob", "k-active", active[0], now + timedelta(days=1), True),
+    ]
+    with rt.engine.begin() as conn:
+        conn.execute(jobs.insert(), rows)
+        conn.execute(events.insert(), evs)
+        conn.execute(
+            idempotency_keys.insert(),
+            [
+                {
+                    "user": u,
+                    "key": k,
+                    "payload_hash": "0" * 64,
+                    "job_id": j,
+                    "created_at": now,
+                    "expires_at": e,
+                }
+                for u, k, j, e, _ in keys
+            ],
+        )
+    files: dict[str, set[Path]] = {"kept": set(), "deleted": set()}
+    if with_files:
+        for jid in [*kept_terminal, *active]:
+            files["kept"] |= _job_files(rt, jid, old_mtime)
+        for jid in gone_terminal:
+            files["deleted"] |= _job_files(rt, jid, old_mtime)
+        files["deleted"] |= _job_files(rt, str(uuid.uuid4()), old_mtime)  # never had a row
+        files["kept"] |= _job_files(rt, str(uuid.uuid4()), time.time())  # too fresh to judge
+        notes = s.log_dir / "notes.txt"  # not named after a job: not ours
+        notes.write_text("operator notes")
+        os.utime(notes, (old_mtime, old_mtime))
+        files["kept"].add(notes)
+    return Seeded(now, terminal, active, kept_terminal | set(active), files)
+
+
+def snapshot(rt: Runtime) -> tuple[set[str], int, set[tuple[str, str]], set[Path]]:
+    with rt.engine.connect() as conn:
+        ids = set(conn.execute(sa.select(jobs.c.id)).scalars())
+        n_events = conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+        keys = {
+            (r.user, r.key) for r in conn.execute(sa.select(idempotency_keys.c.user, idempotency_keys.c.key))
+        }
+    s = rt.settings
+    files = {
+        p
+        for root in (s.log_dir, s.runs_dir, s.workspace_dir, s.data_dir / "git-home")
+        if root.exists()
+        for p in root.iterdir()
+    }
+    return ids, int(n_events), keys, files
+
+
+def audit_lines(rt: Runtime, event_type: str) -> list[dict[str, Any]]:
+    path = rt.settings.audit_log
+    assert path is not None
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["event_type"] == event_type]
+
+
+def test_cleanup_removes_exactly_the_expired(runtime: Runtime) -> None:
+    seeded = seed(runtime)
+    before = snapshot(runtime)
+
+    dry = cleanup(runtime, dry_run=True, batch_size=64)
+    assert snapshot(runtime) == before, "a dry run changed something"
+    expected_gone = 500 - (len(seeded.expected_jobs) - len(seeded.active))
+    assert expected_gone > 250  # the fixture really exercises both the age and the keep rule
+    assert (dry.jobs, dry.events, dry.idempotency_keys) == (expected_gone, 3 * expected_gone, 2)
+    assert dry.logs == expected_gone + 1 and dry.workspaces == expected_gone + 1
+
+    report = cleanup(runtime, batch_size=64)
+    ids, n_events, keys, files = snapshot(runtime)
+    assert ids == seeded.expected_jobs
+    assert set(seeded.active) <= ids
+    assert n_events == 3 * len(ids)
+    assert keys == {("alice", "k-kept"), ("bob", "k-active")}
+    assert (report.jobs, report.events) == (expected_gone, 3 * expected_gone)
+    # The key of a deleted job goes with its batch; the expired one in the key sweep.
+    assert report.idempotency_keys == 2
+    assert (report.logs, report.run_dirs, report.workspaces, report.git_homes) == (expected_gone + 1,) * 4
+    assert report.errors == []
+    assert files == {p for p in seeded.files["kept"]}
+    assert not any(p.exists() for p in seeded.files["deleted"])
+    # One audit line per batch, not per job.
+    batches = audit_lines(runtime, "job_cleaned_up")
+    assert len(batches) == report.batches == -(-expected_gone // 64)
+    assert sum(b["meta"]["jobs"] for b in batches) == expected_gone
+
+    after = snapshot(runtime)
+    again = cleanup(runtime, batch_size=64)
+    assert snapshot(runtime) == after
+    assert (again.jobs, again.events, again.idempotency_keys, again.logs, again.workspaces) == (0, 0, 0, 0, 0)
+
+
+def test_keep_protects_the_newest_even_when_all_are_old(tmp_path: Path, database_url: str) -> None:
+    rt = make_runtime(tmp_path, database_url, RUNNER_RETENTION_DAYS="0", RUNNER_RETENTION_KEEP="7")
+    try:
+        seeded = seed(rt, n_terminal=20, with_files=False)
+        cleanup(rt)
+        ids = snapshot(rt)[0]
+        assert ids == {jid for jid, _ in seeded.terminal[:7]} | set(seeded.active)
+    finally:
+        rt.close()
+
+
+def test_cleanup_under_api_traffic(runtime: Runtime) -> None:
+    seeded = seed(runtime, with_files=False)
+    admin, _ = runtime.tokens.create("root", "admin")
+    errors: list[str] = []
+    created: list[str] = []
+    stop = threading.Event()
+
+    def traffic(n: int) -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                body = {"repo": "demo", "script_key": "echo", "args": {"message": f"t{n}-{i}"}}
+                headers = {"Idempotency-Key": f"t{n}-{i // 2}"} if i % 3 == 0 else {}
+                r = c.post("/api/runner/jobs", json=body, headers=headers)
+                if r.status_code not in (200, 201, 409):
+                    errors.append(f"create {r.status_code} {r.text[:200]}")
+                    continue
+                if r.status_code in (200, 201):
+                    job_id = r.json()["id"]
+                    created.append(job_id)
+                    if (g := c.get(f"/api/runner/jobs/{job_id}")).status_code != 200:
+                        errors.append(f"get {g.status_code}")
+                old = seeded.terminal[(n * 37 + i) % len(seeded.terminal)][0]
+                if (g := c.get(f"/api/runner/jobs/{old}")).status_code not in (200, 404):
+                    errors.append(f"get old {g.status_code}")
+                if (lst := c.get("/api/runner/jobs", params={"limit": 20})).status_code != 200:
+                    errors.append(f"list {lst.status_code}")
+
+    with serve_app(create_app(runtime)) as url:
+        threads = [threading.Thread(target=traffic, args=(n,), daemon=True) for n in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        report = cleanup(runtime, batch_size=25)
+        time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+            assert not t.is_alive()
+    assert errors == []
+    assert report.jobs == 500 - (len(seeded.expected_jobs) - len(seeded.active))
+    assert len(created) > 0
+    ids = snapshot(runtime)[0]
+    assert set(created) <= ids and seeded.expected_jobs <= ids
+    assert not (ids - set(created)) - seeded.expected_jobs

@@ -1,0 +1,90 @@
+"""The audit log: one JSON object per line, size rotation, several writers, no secrets."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+from codex_runner.ops.audit import AuditLog
+
+KEYS = {"ts", "event_type", "job_id", "actor", "message", "meta"}
+
+
+def _lines(*paths: Path) -> list[dict]:
+    out = []
+    for p in paths:
+        if p.exists():
+            out += [json.loads(line) for line in p.read_text().splitlines()]
+    return out
+
+
+def test_json_lines(tmp_path: Path) -> None:
+    path = tmp_path / "audit" / "audit.jsonl"
+    audit = AuditLog(path, 1024 * 1024, 3)
+    audit.write("job_created", job_id="j1", actor="alice", message="job created", meta={"repo": "r"})
+    audit.on_event(
+        {"job_id": "j2", "event_type": "job_started", "actor": "system", "message": "", "meta": {}}
+    )
+    rows = _lines(path)
+    assert [set(r) for r in rows] == [KEYS, KEYS]
+    assert rows[0]["event_type"] == "job_created" and rows[0]["meta"] == {"repo": "r"}
+    assert rows[1]["job_id"] == "j2" and rows[1]["ts"].endswith("Z")
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_rotation_keeps_backups_and_order(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, 1024, 2)
+    for i in range(100):
+        audit.write("admin", message=f"line {i:03d}", meta={"pad": "x" * 40})
+    files = [path.with_name("audit.jsonl.2"), path.with_name("audit.jsonl.1"), path]
+    assert all(f.exists() for f in files)
+    assert not path.with_name("audit.jsonl.3").exists()
+    assert all(f.stat().st_size <= 1024 for f in files)
+    numbers = [int(r["message"].split()[1]) for r in _lines(*files)]
+    # The newest lines survive, in order, with none missing in between.
+    assert numbers == list(range(numbers[0], 100))
+    assert numbers[0] > 0
+
+
+def test_no_backups_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, 1024, 0)
+    for i in range(50):
+        audit.write("admin", message=f"line {i}")
+    assert path.stat().st_size <= 1024
+    assert not path.with_name("audit.jsonl.1").exists()
+    assert _lines(path)[-1]["message"] == "line 49"
+
+
+def _writer(path: str, n: int, tag: str) -> None:
+    audit = AuditLog(Path(path), 4096, 100)
+    for i in range(n):
+        audit.write("admin", actor=tag, message=str(i), meta={"pad": "y" * 30})
+
+
+def test_several_processes_lose_no_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(path), 150, f"p{i}")) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    files = [path, *sorted(tmp_path.glob("audit.jsonl.*"))]
+    files = [f for f in files if not f.name.endswith(".lock")]
+    rows = _lines(*files)  # every line parses: no interleaved writes
+    assert len(rows) == 600
+    for tag in ("p0", "p1", "p2", "p3"):
+        assert sorted(int(r["message"]) for r in rows if r["actor"] == tag) == list(range(150))
+
+
+def test_known_secrets_are_masked(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, 1024 * 1024, 1, secrets=["s3cr3t-value-123"])
+    audit.write("credential_set", message="set s3cr3t-value-123", meta={"nested": ["s3cr3t-value-123"]})
+    text = path.read_text()
+    assert "s3cr3t-value-123" not in text
+    assert "[REDACTED]" in text
