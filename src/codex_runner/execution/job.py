@@ -185,12 +185,9 @@ class JobRun:
 
         outcome = await self._run_script(script, repo, ws)
         result: dict[str, Any] | None = None
-        if (
-            outcome is not None
-            and outcome.reason is None
-            and outcome.exit_code == 0
-            and self.stop_reason is None
-        ):
+        agent_failed = self.agent is not None and self.agent.failed
+        clean_exit = outcome is not None and outcome.reason is None and outcome.exit_code == 0
+        if clean_exit and self.stop_reason is None and not agent_failed:
             result = await self._commit_and_push(script, repo, ws, credential)
         await self._cleanup(ws, repo, failed=result is None or "error" in result)
         await self._conclude(outcome, result, script)
