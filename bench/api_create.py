@@ -357,51 +357,60 @@ JSON_COLS = {"args", "stages", "result", "meta"}
 def _pg_copy(cur: Any, table: str, cols: list[str], rows: list[dict]) -> None:
     with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
         for r in rows:
-            copy.write_row(
-                [json.dumps(r[c]) if c in JSON_COLS and r[c] is not None else r[c] for c in cols]
-            )
+            copy.write_row([json.dumps(r[c]) if c in JSON_COLS and r[c] is not None else r[c] for c in cols])
+
+
+def _sqlite_value(col: str, value: Any) -> Any:
+    """What SQLAlchemy's SQLite types store: JSON text, `YYYY-MM-DD HH:MM:SS.ffffff`."""
+    if value is None:
+        return None
+    if col in JSON_COLS:
+        return json.dumps(value)
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value
+
+
+def _sqlite_insert(cur: Any, table: str, cols: list[str], rows: list[dict]) -> None:
+    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    cur.executemany(sql, ([_sqlite_value(c, r[c]) for c in cols] for r in rows))
 
 
 def seed(env: Env, count: int, *, batch: int = 20000) -> float:
-    """Adds `count` jobs straight into the database; returns the seconds it took."""
+    """Adds `count` jobs straight into the database (the counts triggers fire as for any insert);
+    returns the seconds it took."""
     if count <= 0:
         return 0.0
     t0 = time.perf_counter()
     rt = open_runtime(env)
+    raw = rt.engine.raw_connection()
     try:
         repo_ids = {r.name: r.id for r in rt.catalog.repos.values()}
-        rng = random.Random(20261123)
-        rows = seed_rows(count, repo_ids, rng)
+        rows = seed_rows(count, repo_ids, random.Random(20261123))
+        pg = env.backend == "postgresql"
+        insert = _pg_copy if pg else _sqlite_insert
         done = 0
         while done < count:
             chunk = [next(rows) for _ in range(min(batch, count - done))]
-            job_rows = [r for r, _ in chunk]
-            event_rows = [e for _, evs in chunk for e in evs]
-            if env.backend == "postgresql":
-                with rt.engine.begin() as conn:
-                    raw = conn.connection.dbapi_connection
-                    assert raw is not None
-                    with raw.cursor() as cur:
-                        _pg_copy(cur, jobs.name, JOB_COLS, job_rows)
-                        _pg_copy(cur, events.name, EVENT_COLS, event_rows)
-            else:
-                with rt.engine.connect() as conn, conn.begin():
-                    conn.execute(jobs.insert(), job_rows)
-                    conn.execute(events.insert(), event_rows)
+            cur = raw.cursor()
+            if not pg:
+                cur.execute("BEGIN IMMEDIATE")
+            insert(cur, jobs.name, JOB_COLS, [r for r, _ in chunk])
+            insert(cur, events.name, EVENT_COLS, [e for _, evs in chunk for e in evs])
+            raw.commit() if pg else cur.execute("COMMIT")
+            cur.close()
             done += len(chunk)
             print(f"\r  seeding {done:,}/{count:,} jobs ({time.perf_counter() - t0:.0f} s)", end="", flush=True)
         print()
-        raw = rt.engine.raw_connection()  # outside any transaction: VACUUM and checkpoints need that
-        try:
-            if env.backend == "postgresql":
-                raw.driver_connection.autocommit = True  # type: ignore[union-attr]
-                raw.cursor().execute("VACUUM ANALYZE")
-            else:
-                raw.cursor().execute("ANALYZE")
-                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            raw.close()
+        # Outside any transaction: VACUUM and checkpoints need that.
+        if pg:
+            raw.driver_connection.autocommit = True  # type: ignore[union-attr]
+            raw.cursor().execute("VACUUM ANALYZE")
+        else:
+            raw.cursor().execute("ANALYZE")
+            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
+        raw.close()
         rt.close()
     return time.perf_counter() - t0
 

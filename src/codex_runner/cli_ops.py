@@ -2,6 +2,9 @@
 
 `register(app)` adds them to the main typer app. Each failure is one `error: …` line on stderr and
 a non-zero exit code, never a traceback, even outside `codex_runner.cli.main`.
+
+`codex_runner.cli` imports this module while it initialises, so the shared console helpers in
+`codex_runner.cli.common` are imported inside the commands, not at the top.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Annotated, ParamSpec, TypeVar
 import typer
 
 from codex_runner.catalog import Catalog
-from codex_runner.cli.common import ExitCode, info, masked, print_json, settings
 from codex_runner.config import Settings
 from codex_runner.errors import RunnerError
 from codex_runner.runtime import Runtime
@@ -35,7 +37,7 @@ def _one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, typer.Abort):
             raise
         except RunnerError as exc:
             line = f"error: {exc.message}"
@@ -44,6 +46,8 @@ def _one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             line = f"error: unexpected {type(exc).__name__}" + (f": {first}" if first else "")
+        from codex_runner.cli.common import ExitCode, masked
+
         sys.stderr.write(masked(line) + "\n")
         raise typer.Exit(ExitCode.ERROR)
 
@@ -52,6 +56,7 @@ def _one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
 def _settings() -> Settings:
     """Settings, with service logs on stderr at WARNING: stdout carries the command's data only."""
+    from codex_runner.cli.common import settings
     from codex_runner.ops.logging import configure_logging
 
     loaded = settings()
@@ -78,6 +83,7 @@ def _runtime(loaded: Settings) -> Iterator[Runtime]:
 @_one_line_errors
 def doctor(json_out: JsonOpt = False) -> None:
     """Run the start-up checks; exit 1 when one of them blocks start-up."""
+    from codex_runner.cli.common import info, masked, print_json
     from codex_runner.ops.doctor import blocking_failures, run_checks
 
     loaded = _settings()
@@ -107,6 +113,7 @@ def cleanup(
     json_out: JsonOpt = False,
 ) -> None:
     """Delete old terminal jobs (RUNNER_RETENTION_DAYS, keeping RUNNER_RETENTION_KEEP) and orphaned files."""
+    from codex_runner.cli.common import info, print_json
     from codex_runner.ops.retention import cleanup as run_cleanup
 
     with _runtime(_settings()) as rt:
@@ -130,6 +137,7 @@ def backup(
     json_out: JsonOpt = False,
 ) -> None:
     """Write runner-<UTC timestamp>.tar.gz: database, logs and run manifests, with checksums."""
+    from codex_runner.cli.common import info, print_json
     from codex_runner.ops.backup import backup as run_backup
 
     result = run_backup(_settings(), out_dir=out, retention_days=retention_days)
@@ -151,6 +159,7 @@ def restore(
     json_out: JsonOpt = False,
 ) -> None:
     """Verify ARCHIVE, then replace the database and put back logs and run manifests."""
+    from codex_runner.cli.common import info, print_json
     from codex_runner.ops.backup import restore as run_restore
 
     result = run_restore(_settings(), archive, force=force)

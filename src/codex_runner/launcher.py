@@ -1,7 +1,7 @@
 """The launcher: claim loop, limits, leases, heartbeats, watchdog, recovery and shutdown.
 
 Readable top to bottom: `start()` recovers what an earlier life left behind, then runs three
-loops — claim, heartbeat, watchdog — until `stop()`.
+loops — claim, heartbeat, watchdog — until `stop()`. docs/crash-safety.md describes the model.
 """
 
 from __future__ import annotations
@@ -9,19 +9,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import signal
+import sys
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
+from codex_runner.errors import StoreUnavailable
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.process import kill_process_group
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
 from codex_runner.runtime import Runtime
 from codex_runner.store.instances import InstanceRegistry
+from codex_runner.store.jobs import ClaimedJob, JobStore
 from codex_runner.store.records import utcnow
 
+if TYPE_CHECKING:
+    import uvicorn
+
 log = structlog.get_logger("codex_runner.launcher")
+
+T = TypeVar("T")
+
+#: The variable the runner puts in every script's environment (SPEC §3); children inherit it, so it
+#: finds a job's processes even when no pid was recorded or a process left the job's group.
+JOB_ENV_PREFIX = b"RUNNER_JOB_ID="
+#: How long start-up recovery and a forced exit keep looking for a job's processes after SIGKILL.
+KILL_SCAN_SECONDS = 5.0
+#: Back-off of an owner write while the database is unavailable (after the store's own retries).
+PATIENT_FIRST_DELAY = 0.5
+PATIENT_MAX_DELAY = 5.0
+#: Bound on waiting for a claim transaction in flight when shutting down.
+CLAIM_DRAIN_SECONDS = 30.0
+
+#: Launchers started in this process, for the forced exit of a second signal.
+_LIVE: set[Launcher] = set()
 
 
 class Launcher:
@@ -35,12 +64,26 @@ class Launcher:
         self._loops: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._stopping = False
+        self._stop_task: asyncio.Task[None] | None = None
+        # Set once shutdown has waited all it will: owner writes still retrying give up.
+        self._abandoned = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Database health as this instance saw it, for the watchdog (see `watchdog_once`).
+        self._db_down = False
+        self._db_ok_since = float("-inf")
+        # Owner writes go through a store that outlasts a database outage (see `_PatientJobStore`).
+        self._job_runtime = replace(runtime, jobs=_PatientJobStore(runtime.jobs, lambda: not self._abandoned))
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # Every store call runs in a thread. During a database outage each running job may hold one
+        # thread retrying its writes, so the default pool (cores + 4) must not be what limits us:
+        # heartbeats and claims need threads of their own.
+        self._loop.set_default_executor(
+            ThreadPoolExecutor(self.settings.max_concurrency + 8, thread_name_prefix="launcher")
+        )
         await asyncio.to_thread(self.registry.register)
         await self.recover_own_jobs()
         self.rt.on_created.append(self._notify_created)
@@ -50,42 +93,67 @@ class Launcher:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._watchdog_loop(), name="watchdog"),
         ]
+        _LIVE.add(self)
         log.info("launcher_started", runner_id=self.runner_id, max_concurrency=self.settings.max_concurrency)
 
     async def stop(self) -> None:
         """SPEC §3 shutdown: stop claiming, give running jobs the grace to finish, then stop the
-        rest and mark them failed with `runner_shutdown`."""
-        if self._stopping:
-            return
+        rest and mark them failed with `runner_shutdown`. Safe to call again and from several places
+        (the signal handler starts it, the server's lifespan awaits it): all wait for one shutdown."""
+        await asyncio.shield(self._start_stopping())
+
+    def begin_stop(self) -> None:
+        """Starts `stop()` from a signal handler or another thread; returns at once."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._start_stopping)
+
+    def _start_stopping(self) -> asyncio.Task[None]:
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._shutdown(), name="launcher-stop")
+        return self._stop_task
+
+    async def _shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
         with contextlib.suppress(ValueError):
             self.rt.on_created.remove(self._notify_created)
+        with contextlib.suppress(ValueError):
             self.rt.on_cancel.remove(self._notify_cancel)
-        for task in self._loops:
-            if task.get_name() == "claim":
+        claim = [t for t in self._loops if t.get_name() == "claim"]
+        if claim:
+            # Not cancelled: a claim transaction in flight keeps running in its thread, and jobs it
+            # claims after a cancel would have no one to run them. The loop ends after this pass.
+            _, pending = await asyncio.wait(claim, timeout=CLAIM_DRAIN_SECONDS)
+            for task in pending:
                 task.cancel()
+        grace = self.settings.kill_grace_seconds
         if self._tasks:
-            await asyncio.wait(list(self._tasks.values()), timeout=self.settings.kill_grace_seconds)
+            await asyncio.wait(list(self._tasks.values()), timeout=grace)
         for run in list(self.active.values()):
             run.request_stop("shutdown")
         if self._tasks:
-            await asyncio.wait(list(self._tasks.values()), timeout=self.settings.kill_grace_seconds + 5)
+            # Heartbeats go on meanwhile, so no watchdog takes these jobs while they stop.
+            await asyncio.wait(list(self._tasks.values()), timeout=grace + 5)
+        self._abandoned = True
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        self.rt.metrics.lock_acquired.set(0)
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.registry.stopped)
-        log.info("launcher_stopped", runner_id=self.runner_id)
+        _LIVE.discard(self)
+        log.info("launcher_stopped", runner_id=self.runner_id, left_running=len(self.active))
 
     def kill_all_now(self) -> None:
-        """Second signal: no grace, but no orphan either."""
+        """Second signal: no grace, but no orphan either. SIGKILLs every job's process group, then
+        whatever still carries one of our jobs' ids in its environment (a process spawned a moment
+        ago, or one that left its group). The job rows stay `running`: the next start of this
+        `RUNNER_ID` (or another instance's watchdog) fails them."""
+        self._abandoned = True
         for run in self.active.values():
             if run.proc is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    import os
-
-                    os.killpg(run.proc.pgid, signal.SIGKILL)
+                _kill_group(run.proc.pgid, run.proc.pid)
+        kill_job_processes(set(self.active), timeout=1.0)
 
     # -- wake-ups from this process (thread-safe: the API runs routes in worker threads) -----
 
@@ -102,6 +170,19 @@ class Launcher:
         if run is not None:
             run.request_stop("cancel")
 
+    # -- database health --------------------------------------------------------------------
+
+    def _db_ok(self) -> None:
+        if self._db_down:
+            self._db_down = False
+            self._db_ok_since = time.monotonic()
+            log.info("database_reachable_again", runner_id=self.runner_id)
+
+    def _db_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, StoreUnavailable) and not self._db_down:
+            self._db_down = True
+            log.warning("database_unavailable", runner_id=self.runner_id)
+
     # -- claim ------------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
@@ -109,7 +190,7 @@ class Launcher:
         while not self._stopping:
             self._wake.clear()
             slots = self.settings.max_concurrency - len(self.active)
-            claimed = []
+            claimed: list[ClaimedJob] = []
             if slots > 0:
                 try:
                     claimed = await asyncio.to_thread(
@@ -119,23 +200,39 @@ class Launcher:
                         max_jobs_per_user=self.settings.max_jobs_per_user,
                     )
                 except Exception as exc:
+                    self._db_failed(exc)
+                    self.rt.metrics.lock_acquired.set(0)
                     log.warning("claim_failed", error_type=type(exc).__name__)
+                else:
+                    # The claim transaction took the scheduler lock and committed (docs/crash-safety.md).
+                    self._db_ok()
+                    self.rt.metrics.lock_acquired.set(1)
             for job in claimed:
                 self.rt.metrics.queue_wait.observe(queue_wait_seconds(job.row))
-                run = JobRun(self.rt, job)
+                run = JobRun(self._job_runtime, job)
                 self.active[job.id] = run
                 task = asyncio.create_task(run.run(), name=f"job-{job.id}")
                 self._tasks[job.id] = task
                 task.add_done_callback(functools.partial(self._job_done, job.id))
+            if claimed:
+                await self._record_scheduler(poll)
             if claimed and len(claimed) == slots:
                 continue  # more may be waiting; a finishing job will wake us
             await self._poll_cancels()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=poll)
 
-    def _job_done(self, job_id: str, _task: object = None) -> None:
+    async def _record_scheduler(self, poll: float) -> None:
+        # Diagnostics only ("who scheduled last"): never worth failing or delaying a claim for.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.registry.record_scheduler, poll)
+
+    def _job_done(self, job_id: str, task: asyncio.Task[None] | None = None) -> None:
         self.active.pop(job_id, None)
         self._tasks.pop(job_id, None)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            # JobRun.run never raises but for a write that gave up at a forced exit.
+            log.warning("job_task_failed", job_id=job_id, error_type=type(task.exception()).__name__)
         self._wake.set()
 
     async def _poll_cancels(self) -> None:
@@ -144,7 +241,8 @@ class Launcher:
             return
         try:
             statuses = await asyncio.to_thread(self.rt.jobs.status_of, list(self.active))
-        except Exception:
+        except Exception as exc:
+            self._db_failed(exc)
             return
         for job_id, status in statuses.items():
             if status == Status.CANCEL_REQUESTED:
@@ -158,14 +256,18 @@ class Launcher:
             await self.heartbeat_once()
 
     async def heartbeat_once(self) -> None:
+        """Refreshes our jobs' heartbeats. A job whose lease is gone (another instance's watchdog
+        failed it) is stopped at once, process group and all, and JobRun writes nothing more to it.
+        When the database is unavailable the processes keep running and the next beat tries again."""
         leases = {job_id: run.lease for job_id, run in self.active.items() if not run.fenced}
         try:
-            await asyncio.to_thread(self.registry.heartbeat)
             alive = await asyncio.to_thread(self.rt.jobs.heartbeat, self.runner_id, leases)
         except Exception as exc:
-            # The processes keep running; the next beat tries again (issue 6: nothing is lost).
+            self._db_failed(exc)
             log.warning("heartbeat_failed", error_type=type(exc).__name__)
             return
+        if leases:
+            self._db_ok()
         for job_id, run in list(self.active.items()):
             if job_id not in leases:
                 continue
@@ -176,19 +278,34 @@ class Launcher:
                 run.request_stop("cancel")
             else:
                 run.heartbeat_files()
+        # After the jobs: the registry row is for diagnostics, the jobs' heartbeats are what count.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.registry.heartbeat)
 
     # -- watchdog and recovery --------------------------------------------------------------
 
     async def _watchdog_loop(self) -> None:
+        # Half the heartbeat period: a dead instance's jobs are failed within
+        # RUNNER_STALE_AFTER_SECONDS + half a heartbeat of its last beat.
+        period = min(self.settings.heartbeat_seconds, self.settings.stale_after_seconds / 2) / 2
         while True:
-            await asyncio.sleep(min(self.settings.heartbeat_seconds, self.settings.stale_after_seconds / 2))
-            with contextlib.suppress(Exception):
+            await asyncio.sleep(period)
+            try:
                 await self.watchdog_once()
+            except Exception as exc:
+                self._db_failed(exc)
 
     async def watchdog_once(self) -> int:
-        """Fails running jobs of any instance whose heartbeat is older than the stale threshold."""
+        """Fails running jobs of any instance whose heartbeat is older than the stale threshold.
+
+        Not within RUNNER_STALE_AFTER_SECONDS of this instance seeing the database come back: while
+        it was down no owner could heartbeat, so every job looks stale; the owners get one stale
+        period to beat again before anything is called dead."""
         threshold = utcnow() - timedelta(seconds=self.settings.stale_after_seconds)
         stale = await asyncio.to_thread(self.rt.jobs.stale_jobs, threshold)
+        self._db_ok()
+        if time.monotonic() - self._db_ok_since < self.settings.stale_after_seconds:
+            return 0
         recovered = 0
         for job in stale:
             ok = await asyncio.to_thread(
@@ -207,12 +324,19 @@ class Launcher:
                 },
                 heartbeat_before=threshold,
             )
+            if ok:
+                log.warning("heartbeat_stale_recovered", job_id=job["id"], runner_id=job["runner_id"])
             recovered += int(ok)
         return recovered
 
     async def recover_own_jobs(self) -> int:
-        """At start-up: kill the process groups an earlier life of this `RUNNER_ID` left behind,
-        then fail those jobs (`recovered_after_crash`)."""
+        """At start-up, before claiming: kill the processes an earlier life of this `RUNNER_ID` left
+        behind, then fail its jobs (`recovered_after_crash`).
+
+        Recorded groups are killed only when the leader's pid and start time still match (never a
+        recycled pid). Then /proc is scanned for `RUNNER_JOB_ID` in environments: that finds a job
+        whose pid was not recorded yet when the runner died, processes that left their group, and
+        processes of jobs that another instance's watchdog already failed while we were down."""
         jobs = await asyncio.to_thread(self.rt.jobs.active_jobs_of_runner, self.runner_id)
         for job in jobs:
             if job["pgid"] and job["pid"] and job["proc_start_time"]:
@@ -225,6 +349,7 @@ class Launcher:
                 )
                 if killed:
                     log.warning("killed_leftover_group", job_id=job["id"], pgid=job["pgid"])
+        await asyncio.to_thread(self._kill_leftovers_by_env, {job["id"] for job in jobs})
         recovered = 0
         for job in jobs:
             ok = await asyncio.to_thread(
@@ -246,6 +371,146 @@ class Launcher:
             log.warning("recovered_after_crash", runner_id=self.runner_id, jobs=recovered)
         return recovered
 
+    def _kill_leftovers_by_env(self, own_active: set[str]) -> None:
+        found = find_job_processes()
+        ours = set(found) & own_active
+        for job_id in set(found) - own_active:
+            # A job another instance runs on this host is not ours; nor is one of another database.
+            row = self.rt.jobs.get_row(job_id)
+            if row is not None and row["runner_id"] == self.runner_id:
+                ours.add(job_id)
+        if ours:
+            log.warning("killing_leftover_processes", job_ids=sorted(ours))
+            kill_job_processes(ours, timeout=KILL_SCAN_SECONDS)
+
+
+class _PatientJobStore(JobStore):
+    """The store JobRun writes through. An owner write (one that names its lease) that fails
+    because the database is unavailable is tried again until it lands, finds the lease gone (the
+    compare-and-set answers False), or the launcher gives up at a forced exit. So a job that
+    finishes during an outage still gets its terminal status once the database is back, instead of
+    staying `running` until a watchdog calls it stale."""
+
+    def __init__(self, inner: JobStore, keep_trying: Callable[[], bool]) -> None:
+        # The same engine and the same listener list (not a copy): listeners added later count too.
+        self.__dict__.update(inner.__dict__)
+        self._keep_trying = keep_trying
+
+    def transition(self, *args: Any, **kwargs: Any) -> bool:
+        call = functools.partial(super().transition, *args, **kwargs)
+        return self._patiently(call) if kwargs.get("lease_token") is not None else call()
+
+    def update_fields(self, *args: Any, **kwargs: Any) -> bool:
+        return self._patiently(functools.partial(super().update_fields, *args, **kwargs))
+
+    def status_of(self, *args: Any, **kwargs: Any) -> dict[str, str]:
+        return self._patiently(functools.partial(super().status_of, *args, **kwargs))
+
+    def _patiently(self, call: Callable[[], T]) -> T:
+        delay = PATIENT_FIRST_DELAY
+        while True:
+            try:
+                return call()
+            except StoreUnavailable:
+                if not self._keep_trying():
+                    raise
+                log.warning("owner_write_waiting_for_database", retry_in=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, PATIENT_MAX_DELAY)
+
+
+# -- processes found by environment ---------------------------------------------------------------
+
+
+def find_job_processes(job_ids: Collection[str] | None = None) -> dict[str, list[int]]:
+    """Live processes whose environment holds `RUNNER_JOB_ID=<id>`, by job id (all ids, or only
+    `job_ids`). Reads /proc/<pid>/environ, so it sees processes of our own user (or all, as root);
+    zombies have no environment left and are skipped."""
+    found: dict[str, list[int]] = {}
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                environ = fh.read()
+        except OSError:
+            continue
+        for var in environ.split(b"\0"):
+            if var.startswith(JOB_ENV_PREFIX):
+                job_id = var[len(JOB_ENV_PREFIX) :].decode("utf-8", "replace")
+                if job_ids is None or job_id in job_ids:
+                    found.setdefault(job_id, []).append(int(entry.name))
+                break
+    return found
+
+
+def kill_job_processes(job_ids: Collection[str], *, timeout: float) -> int:
+    """SIGKILLs every process of these jobs and its process group, again until none is found or
+    `timeout` passes (a process may fork between scan and kill). Returns how many were signalled."""
+    if not job_ids:
+        return 0
+    signalled = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        found = find_job_processes(job_ids)
+        if not found:
+            return signalled
+        for pids in found.values():
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    _kill_group(os.getpgid(pid), pid)
+                    signalled += 1
+        if time.monotonic() >= deadline:
+            log.warning("job_processes_survived_sigkill", job_ids=sorted(found))
+            return signalled
+        time.sleep(0.05)
+
+
+def _kill_group(pgid: int, pid: int) -> None:
+    # Never our own group (or init's): a job process always leads or joins a session of its own,
+    # so a pgid equal to ours means something unexpected and only the process itself is killed.
+    if pgid > 1 and pgid != os.getpgrp():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# -- signals --------------------------------------------------------------------------------------
+
+
+def exit_now(code: int) -> None:
+    """The second signal: kill the children of every launcher in this process, then exit without
+    the graceful path (no waiting on threads, connections or the database)."""
+    for launcher in list(_LIVE):
+        launcher.kill_all_now()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    # os._exit, not SystemExit: the latter waits for every thread to finish (a store call may be
+    # retrying against a database that is down), which is the waiting the operator just refused.
+    os._exit(code)
+
+
+def guard_serve_signals(server: uvicorn.Server) -> None:
+    """For `serve`, where uvicorn owns SIGTERM/SIGINT (call before `server.run()`).
+
+    First signal: uvicorn starts its graceful exit and the launcher stops claiming at once (it would
+    otherwise claim until uvicorn has drained its connections). Second signal (TERM or INT; uvicorn
+    alone forces its exit only on INT, and then skips the lifespan shutdown that stops the jobs):
+    every job's process group is killed and the process exits with 128 + signal."""
+    original = server.handle_exit
+
+    def handle_exit(sig: int, frame: FrameType | None) -> None:
+        if server.should_exit:
+            exit_now(128 + sig)
+        original(sig, frame)
+        for launcher in list(_LIVE):
+            launcher.begin_stop()
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+
 
 async def run_worker_forever(runtime: Runtime) -> None:
     """`codex-runner worker`: the launcher without the API, stopped by SIGTERM/SIGINT; a second
@@ -253,22 +518,24 @@ async def run_worker_forever(runtime: Runtime) -> None:
     launcher = Launcher(runtime)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = 0
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            stop.set()
-        else:
-            launcher.kill_all_now()
-            raise SystemExit(130)
+    def on_signal(sig: int) -> None:
+        if stop.is_set():
+            exit_now(128 + sig)
+        stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     await launcher.start()
     await stop.wait()
     await launcher.stop()
 
 
-__all__ = ["Launcher", "run_worker_forever"]
+__all__ = [
+    "Launcher",
+    "exit_now",
+    "find_job_processes",
+    "guard_serve_signals",
+    "kill_job_processes",
+    "run_worker_forever",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,13 +12,18 @@ from fastapi import FastAPI
 
 from codex_runner.api import create_app
 from codex_runner.config import Settings
+from codex_runner.ops.service import background_chores, on_startup
 from codex_runner.runtime import Runtime
 
 
-def build_app(runtime: Runtime) -> FastAPI:
+def build_app(runtime: Runtime, *, chores: bool = False) -> FastAPI:
+    """The API with the launcher (when `RUNNER_ENABLED`) and, with `chores`, retention running in
+    its lifespan."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         launcher = None
+        chores_task = asyncio.create_task(background_chores(runtime)) if chores else None
         if runtime.settings.enabled:
             from codex_runner.launcher import Launcher
 
@@ -28,6 +34,10 @@ def build_app(runtime: Runtime) -> FastAPI:
         finally:
             if launcher is not None:
                 await launcher.stop()
+            if chores_task is not None:
+                chores_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await chores_task
 
     return create_app(runtime, lifespan=lifespan)
 
@@ -35,8 +45,9 @@ def build_app(runtime: Runtime) -> FastAPI:
 def run_serve(settings: Settings) -> None:
     runtime = Runtime.open(settings)
     try:
+        on_startup(runtime)
         config = uvicorn.Config(
-            build_app(runtime),
+            build_app(runtime, chores=True),
             host=settings.host,
             port=settings.port,
             log_config=None,
@@ -54,6 +65,7 @@ def run_worker(settings: Settings) -> None:
 
     runtime = Runtime.open(settings)
     try:
+        on_startup(runtime)
         asyncio.run(run_worker_forever(runtime))
     finally:
         runtime.close()

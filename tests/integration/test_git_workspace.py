@@ -413,3 +413,24 @@ def test_sources_refused(source: str) -> None:
     with pytest.raises(GitError) as err:
         validate_source(source)
     assert err.value.code == "clone_failed"
+
+
+def test_push_ignores_remote_settings_the_agent_wrote(tmp_path: Path) -> None:
+    seed = make_repo(tmp_path / "seed")
+    bare = tmp_path / "origin.git"
+    evil = tmp_path / "evil.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    git("init", "-q", "--bare", str(evil))
+    settings = settings_for(tmp_path)
+    repo = Repo("remote", f"file://{bare}", source_type="git_url", workspace="clone")
+    ws = prepare_workspace(repo, "14141414-r", settings)
+    (ws.path / "a.txt").write_text("a\n")
+    result = commit(ws)
+    with (ws.path / ".git" / "config").open("a") as fh:
+        fh.write(
+            f'[url "file://{evil}"]\n\tinsteadOf = file://{bare}\n[remote "origin"]\n\tpushurl = {evil}\n'
+        )
+    push_branch(ws, repo, None)
+    assert git("rev-parse", "refs/heads/runner/14141414", cwd=bare) == result.commit
+    assert git("for-each-ref", cwd=evil) == ""
+    cleanup_workspace(ws, repo, settings, failed=False)

@@ -4,6 +4,8 @@ error while it runs."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import textwrap
@@ -24,7 +26,7 @@ from tests.helpers import make_git_repo, serve_app
 from codex_runner.api import create_app
 from codex_runner.config import load_settings
 from codex_runner.ops.audit import attach
-from codex_runner.ops.retention import cleanup
+from codex_runner.ops.retention import claim_run, cleanup, retention_loop
 from codex_runner.runtime import Runtime
 from codex_runner.store.records import utcnow
 from codex_runner.store.schema import events, idempotency_keys, jobs
@@ -231,6 +233,10 @@ def test_cleanup_removes_exactly_the_expired(runtime: Runtime) -> None:
     ids, n_events, keys, files = snapshot(runtime)
     assert ids == seeded.expected_jobs
     assert set(seeded.active) <= ids
+    # List totals (kept by the store, possibly in a counts table) agree with what is left.
+    assert runtime.jobs.list_jobs(limit=1)[1] == len(ids)
+    successes = {jid for i, (jid, _) in enumerate(seeded.terminal) if i % 4 == 0} & ids
+    assert runtime.jobs.list_jobs(limit=1, statuses=["success"])[1] == len(successes)
     assert n_events == 3 * len(ids)
     assert keys == {("alice", "k-kept"), ("bob", "k-active")}
     assert (report.jobs, report.events) == (expected_gone, 3 * expected_gone)
@@ -308,3 +314,42 @@ def test_cleanup_under_api_traffic(runtime: Runtime) -> None:
     ids = snapshot(runtime)[0]
     assert set(created) <= ids and seeded.expected_jobs <= ids
     assert not (ids - set(created)) - seeded.expected_jobs
+
+
+def test_lock_lets_one_instance_run_per_interval(runtime: Runtime) -> None:
+    now = utcnow()
+    assert claim_run(runtime.engine, "a", 60, now)
+    assert not claim_run(runtime.engine, "b", 60, now + timedelta(seconds=30))
+    assert not claim_run(runtime.engine, "a", 60, now + timedelta(seconds=30))  # not before its time
+    assert claim_run(runtime.engine, "b", 60, now + timedelta(seconds=61))
+    assert not claim_run(runtime.engine, "a", 60, now + timedelta(seconds=62))
+
+
+def test_retention_loop_runs_inside_serve(tmp_path: Path, database_url: str) -> None:
+    rt = make_runtime(
+        tmp_path,
+        database_url,
+        RUNNER_RETENTION_INTERVAL_SECONDS="1",
+        RUNNER_RETENTION_DAYS="0",
+        RUNNER_RETENTION_KEEP="0",
+    )
+    try:
+        seeded = seed(rt, n_terminal=30, with_files=False)
+
+        async def run() -> None:
+            task = asyncio.create_task(retention_loop(rt))
+            try:
+                deadline = time.monotonic() + 20
+                while snapshot(rt)[0] != set(seeded.active):
+                    assert time.monotonic() < deadline, "the retention loop did not clean up in 20 s"
+                    assert not task.done(), task
+                    await asyncio.sleep(0.05)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, timeout=10)
+
+        asyncio.run(run())
+        assert audit_lines(rt, "job_cleaned_up")
+    finally:
+        rt.close()

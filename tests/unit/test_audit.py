@@ -88,3 +88,32 @@ def test_known_secrets_are_masked(tmp_path: Path) -> None:
     text = path.read_text()
     assert "s3cr3t-value-123" not in text
     assert "[REDACTED]" in text
+
+
+def test_service_logs_are_json_and_masked(tmp_path: Path) -> None:
+    import io
+    import logging
+
+    import structlog
+
+    from codex_runner.config import load_settings
+    from codex_runner.ops.logging import configure_logging
+
+    secret = "jwt-secret-0123456789"
+    settings = load_settings({"RUNNER_DATA_DIR": str(tmp_path), "RUNNER_JWT_SECRET": secret}, cwd=tmp_path)
+    stream = io.StringIO()
+    try:
+        configure_logging(settings, stream=stream)
+        with structlog.contextvars.bound_contextvars(job_id="j1"):
+            structlog.get_logger("codex_runner.job").info(
+                "job_finished", status_from="running", status_to="success", detail=f"token {secret}"
+            )
+        logging.getLogger("uvicorn.error").warning("stdlib line with %s", secret)
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["job_finished", "stdlib line with [REDACTED]"]
+    assert lines[0]["job_id"] == "j1" and lines[0]["status_to"] == "success" and lines[0]["level"] == "info"
+    assert lines[1]["logger"] == "uvicorn.error" and "ts" in lines[1]
+    assert secret not in stream.getvalue()

@@ -14,6 +14,7 @@ import typer
 from codex_runner import __version__
 from codex_runner.cli import admin, jobs
 from codex_runner.cli.common import CliError, ExitCode, info, masked, settings
+from codex_runner.cli_ops import register as register_ops
 from codex_runner.errors import ConfigError, RunnerError
 
 app = typer.Typer(
@@ -58,6 +59,7 @@ app.add_typer(admin.credentials_app, name="credentials")
 app.command()(admin.migrate)
 app.command()(admin.keygen)
 app.command()(version)
+register_ops(app)
 
 
 def _fail(line: str, code: int = ExitCode.ERROR) -> None:

@@ -1,5 +1,11 @@
 """One job's life on the instance that claimed it: prepare → script → commit → push → cleanup,
-with every write fenced by the job's lease."""
+with every write fenced by the job's lease.
+
+Blocking work (file system, database, git) runs in worker threads, and a job makes as few of those
+trips as it can (a trivial job makes four: set-up and prepare, the post-spawn write, cleanup, the
+end): a stage change marks the run manifest dirty, and the job's next trip writes it before its own
+work, so the manifest still changes at every stage change, in order, before anything that follows.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -34,6 +40,7 @@ from codex_runner.store.jobs import ClaimedJob
 from codex_runner.store.records import initial_stages, iso, utcnow
 
 log = structlog.get_logger("codex_runner.job")
+T = TypeVar("T")
 
 TAIL_BYTES = 8192
 # Passed-through variables whose values are masked in the log: the ones named like secrets.
@@ -61,6 +68,8 @@ class JobRun:
         self.extra_sinks: list[Callable[[bytes], None]] = []
         self._spawn_error = "spawn failed"
         self.agent: CodexEventParser | None = None
+        # A stage changed since the manifest was last written: the next thread trip writes it.
+        self._manifest_dirty = False
 
     # -- control ----------------------------------------------------------------------------
 
@@ -91,12 +100,10 @@ class JobRun:
             stage["exit_code"] = exit_code
         if error is not None:
             stage["error"] = error[-TAIL_BYTES:]
-        self._write_manifest(force=True)
+        self._manifest_dirty = True
 
-    def _write_manifest(
-        self, *, force: bool = False, status: str | None = None, extra: dict | None = None
-    ) -> None:
-        doc = {
+    def _manifest_doc(self, status: str | None = None, extra: dict | None = None) -> dict[str, Any]:
+        return {
             "job_id": self.job_id,
             "status": status or "running",
             "repo": self.row["repo"],
@@ -109,15 +116,43 @@ class JobRun:
             "updated_at": iso(utcnow()),
             **(extra or {}),
         }
+
+    def _write_manifest(self, doc: dict[str, Any], *, force: bool = True, durable: bool = False) -> None:
+        """Stage changes and the periodic refresh are atomic but not fsynced; the terminal write
+        (`durable=True`) is fsynced too. Blocks on the file system: worker threads only, except the
+        throttled periodic refresh."""
         try:
-            self.manifest.update(doc, force=force)
+            self.manifest.update(doc, force=force, durable=durable)
         except OSError as exc:
             log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
+
+    def _take_dirty_manifest(self) -> dict[str, Any] | None:
+        """The document to write on the next thread trip, built now (on the event loop, where the
+        stages change), or None when nothing changed since the last write."""
+        if not self._manifest_dirty:
+            return None
+        self._manifest_dirty = False
+        return self._manifest_doc()
+
+    def _write_then(self, doc: dict[str, Any] | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if doc is not None:
+            self._write_manifest(doc)
+        return fn(*args, **kwargs)
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in a worker thread, after writing the manifest if a stage changed:
+        one trip for both, in that order."""
+        return await asyncio.to_thread(self._write_then, self._take_dirty_manifest(), fn, *args, **kwargs)
+
+    async def _flush_manifest(self) -> None:
+        doc = self._take_dirty_manifest()
+        if doc is not None:
+            await asyncio.to_thread(self._write_manifest, doc)
 
     def heartbeat_files(self) -> None:
         with contextlib.suppress(OSError):
             self.manifest.touch_heartbeat()
-        self._write_manifest()
+        self._write_manifest(self._manifest_doc(), force=False)
 
     def _runner_line(self, text: str) -> None:
         if self.log is not None:
@@ -131,8 +166,9 @@ class JobRun:
 
     async def _fenced_update(self, values: dict[str, Any]) -> None:
         if self.fenced:
+            await self._flush_manifest()
             return
-        ok = await asyncio.to_thread(self.rt.jobs.update_fields, self.job_id, self.lease, values)
+        ok = await self._in_thread(self.rt.jobs.update_fields, self.job_id, self.lease, values)
         if not ok and self.stop_reason is None:
             # Either our lease is gone or the job is no longer running: stop, write nothing.
             status = (await asyncio.to_thread(self.rt.jobs.status_of, [self.job_id])).get(self.job_id)
@@ -149,37 +185,32 @@ class JobRun:
             log.error("job_internal_error", job_id=self.job_id, error_type=type(exc).__name__)
             await self._finish(Status.FAILED, ErrorCode.INTERNAL_ERROR, "internal runner error", None)
         finally:
+            with contextlib.suppress(Exception):
+                await self._flush_manifest()  # a path that ended without a terminal write
             if self.log is not None:
                 self.log.close()
 
     async def _run(self) -> None:
         repo = self.rt.catalog.repos.get(self.row["repo"])
         script = self.rt.catalog.scripts.get(self.row["script_key"])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        credential = await asyncio.to_thread(self._credential, repo)
-        secrets = self._known_secrets(script, credential)
-        self.log = LogWriter(
-            self.settings.log_dir / f"{self.job_id}.log",
-            max_bytes=self.settings.log_max_bytes,
-            known_secrets=secrets,
-        )
-        self._runner_line(f"job {self.job_id} started on {self.settings.id} (attempt {self.row['attempt']})")
+        if repo is not None and script is not None:
+            self._stage("prepare", "running")
+        # One trip: folders, credential, log file, the manifest, the workspace.
+        credential, prepared = await self._in_thread(self._set_up, repo, script)
         if repo is None or script is None:
             missing = f"repo {self.row['repo']!r}" if repo is None else f"script {self.row['script_key']!r}"
             await self._finish(
                 Status.FAILED, ErrorCode.PREPARE_FAILED, f"{missing} is no longer configured", None
             )
             return
-
-        self._stage("prepare", "running")
-        try:
-            ws = await asyncio.to_thread(prepare_workspace, repo, self.job_id, self.settings, credential)
-        except GitError as exc:
+        if isinstance(prepared, GitError):
+            exc = prepared
             self._stage("prepare", "failed", error=exc.message)
             self._runner_line(f"prepare failed: {exc.message}")
             await self._finish(Status.FAILED, exc.code, exc.message, None)
             return
+        assert prepared is not None
+        ws = prepared
         self._stage("prepare", "success")
         self._runner_line(f"workspace ready ({ws.mode}) at {ws.path}")
 
@@ -191,6 +222,28 @@ class JobRun:
             result = await self._commit_and_push(script, repo, ws, credential)
         await self._cleanup(ws, repo, failed=result is None or "error" in result)
         await self._conclude(outcome, result, script)
+
+    def _set_up(
+        self, repo: RepoSpec | None, script: ScriptSpec | None
+    ) -> tuple[GitCredential | None, Workspace | GitError | None]:
+        """Worker thread: the job's folders, credential and log file, then (when its repo and script
+        are still configured) its workspace. A prepare failure is returned, not raised."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        credential = self._credential(repo)
+        secrets = self._known_secrets(script, credential)
+        self.log = LogWriter(
+            self.settings.log_dir / f"{self.job_id}.log",
+            max_bytes=self.settings.log_max_bytes,
+            known_secrets=secrets,
+        )
+        self._runner_line(f"job {self.job_id} started on {self.settings.id} (attempt {self.row['attempt']})")
+        if repo is None or script is None:
+            return credential, None
+        try:
+            return credential, prepare_workspace(repo, self.job_id, self.settings, credential)
+        except GitError as exc:
+            return credential, exc
 
     def _credential(self, repo: RepoSpec | None) -> GitCredential | None:
         if repo is None or not repo.credential:
@@ -217,7 +270,7 @@ class JobRun:
         extra = {"RUNNER_JOB_ID": self.job_id, "RUNNER_WORKSPACE": str(ws.path)}
         if is_codex_exec(script):
             argv = apply_risk_policy(argv, repo.risk_policy)
-            home = await asyncio.to_thread(codex_home_for, self.settings)
+            home = await self._in_thread(codex_home_for, self.settings)
             if home is not None:
                 extra["CODEX_HOME"] = str(home)
             self.agent = CodexEventParser()
@@ -303,7 +356,7 @@ class JobRun:
             return result
         self._stage("commit", "running")
         try:
-            commit = await asyncio.to_thread(
+            commit = await self._in_thread(
                 commit_changes,
                 ws,
                 message=f"{script.key}: job {self.job_id}\n\nCommitted by codex-runner for {self.row['requested_by']}.",
@@ -330,7 +383,7 @@ class JobRun:
             return result
         self._stage("push", "running")
         try:
-            await asyncio.to_thread(push_branch, ws, repo, credential)
+            await self._in_thread(push_branch, ws, repo, credential)
         except GitError as exc:
             self._stage("push", "failed", error=exc.message)
             return {**result, "error": (exc.code, exc.message)}
@@ -342,7 +395,7 @@ class JobRun:
     async def _cleanup(self, ws: Workspace, repo: RepoSpec, *, failed: bool) -> None:
         self._stage("cleanup", "running")
         try:
-            await asyncio.to_thread(cleanup_workspace, ws, repo, self.settings, failed=failed)
+            await self._in_thread(cleanup_workspace, ws, repo, self.settings, failed=failed)
         except (GitError, OSError) as exc:
             self._stage("cleanup", "failed", error=getattr(exc, "message", None) or str(exc))
             return
@@ -396,63 +449,12 @@ class JobRun:
     ) -> None:
         if self.fenced:
             return
-        # The log is complete before the status is: a reader that sees a terminal status may
-        # treat the file as final (SPEC §5 `is_complete`).
-        self._runner_line(f"job ending: {status.value}" + (f" ({error_code})" if error_code else ""))
-        if self.log is not None:
-            self.log.close()
         for stage in self.stages.values():
             if stage["status"] == "pending":
                 stage["status"] = "skipped"
-        values: dict[str, Any] = {
-            "exit_code": exit_code,
-            "error_code": error_code,
-            "error_message": message,
-            "stages": list(self.stages.values()),
-            "result": result,
-        }
-        jobs = self.rt.jobs
-        ok = False
-        if status is Status.CANCELED:
-            ok = await asyncio.to_thread(
-                jobs.transition,
-                self.job_id,
-                Status.CANCEL_REQUESTED,
-                Status.CANCELED,
-                lease_token=self.lease,
-                values=values,
-                message="canceled",
-            )
-        else:
-            src = [Status.RUNNING, Status.CANCEL_REQUESTED] if status is Status.FAILED else [Status.RUNNING]
-            ok = await asyncio.to_thread(
-                jobs.transition,
-                self.job_id,
-                src,
-                status,
-                lease_token=self.lease,
-                values=values,
-                message=message or status.value,
-                meta={"error_code": error_code} if error_code else None,
-            )
-            if not ok:
-                # A cancel arrived while the script finished on its own: the cancel wins (SPEC §3).
-                ok = await asyncio.to_thread(
-                    jobs.transition,
-                    self.job_id,
-                    Status.CANCEL_REQUESTED,
-                    Status.CANCELED,
-                    lease_token=self.lease,
-                    values={**values, "error_code": ErrorCode.CANCELED, "error_message": "canceled"},
-                    message="canceled",
-                )
-                status = Status.CANCELED
-        final = status.value if ok else "unknown"
-        self._write_manifest(
-            force=True,
-            status=final,
-            extra={"exit_code": exit_code, "error_code": error_code, "result": result},
-        )
+        line = f"job ending: {status.value}" + (f" ({error_code})" if error_code else "")
+        # One trip: the log's last line, the pending manifest, the status, the terminal manifest.
+        ok, status = await self._in_thread(self._end, status, error_code, message, exit_code, result, line)
         duration_ms = int((time.monotonic() - self.started) * 1000)
         if ok:
             self.rt.metrics.observe_finished(self.row["script_key"], status.value, duration_ms / 1000)
@@ -464,6 +466,66 @@ class JobRun:
                 status_to=status.value,
                 duration_ms=duration_ms,
             )
+
+    def _end(
+        self,
+        status: Status,
+        error_code: str | None,
+        message: str | None,
+        exit_code: int | None,
+        result: dict[str, Any] | None,
+        line: str,
+    ) -> tuple[bool, Status]:
+        """Worker thread: the terminal status (compare-and-set on status and lease), then the
+        durable terminal manifest. Returns whether the status was written, and which."""
+        # The log is complete before the status is: a reader that sees a terminal status may
+        # treat the file as final (SPEC §5 `is_complete`).
+        self._runner_line(line)
+        if self.log is not None:
+            self.log.close()
+        values: dict[str, Any] = {
+            "exit_code": exit_code,
+            "error_code": error_code,
+            "error_message": message,
+            "stages": list(self.stages.values()),
+            "result": result,
+        }
+        jobs = self.rt.jobs
+        if status is Status.CANCELED:
+            ok = jobs.transition(
+                self.job_id,
+                Status.CANCEL_REQUESTED,
+                Status.CANCELED,
+                lease_token=self.lease,
+                values=values,
+                message="canceled",
+            )
+        else:
+            src = [Status.RUNNING, Status.CANCEL_REQUESTED] if status is Status.FAILED else [Status.RUNNING]
+            ok = jobs.transition(
+                self.job_id,
+                src,
+                status,
+                lease_token=self.lease,
+                values=values,
+                message=message or status.value,
+                meta={"error_code": error_code} if error_code else None,
+            )
+            if not ok:
+                # A cancel arrived while the script finished on its own: the cancel wins (SPEC §3).
+                ok = jobs.transition(
+                    self.job_id,
+                    Status.CANCEL_REQUESTED,
+                    Status.CANCELED,
+                    lease_token=self.lease,
+                    values={**values, "error_code": ErrorCode.CANCELED, "error_message": "canceled"},
+                    message="canceled",
+                )
+                status = Status.CANCELED
+        final = status.value if ok else "unknown"
+        extra = {"exit_code": exit_code, "error_code": error_code, "result": result}
+        self._write_manifest(self._manifest_doc(final, extra), durable=True)
+        return ok, status
 
 
 def queue_wait_seconds(row: dict[str, Any]) -> float:

@@ -296,12 +296,13 @@ def _remove(path: Path) -> None:
 
 
 def try_lock(conn: Connection, name: str, holder: str, until: datetime, now: datetime) -> bool:
-    """Takes the named lock if it is free or expired (or ours), holding it until `until`."""
+    """Takes the named lock if it is free or expired, holding it until `until`. Not even its holder
+    takes it again before then: the expiry is the schedule."""
     row = conn.execute(sa.select(locks).where(locks.c.name == name)).first()
     if row is None:
         conn.execute(locks.insert().values(name=name, holder=holder, expires_at=until))
         return True
-    if row.holder != holder and row.expires_at > now:
+    if row.expires_at > now:
         return False
     updated = conn.execute(
         locks.update()

@@ -1,17 +1,26 @@
-"""The registry of runner instances (id, host, pid, version, started_at, heartbeat_at)."""
+"""The registry of runner instances (id, host, pid, version, started_at, heartbeat_at), and the
+record of which instance scheduled last (the `scheduler` row of `runner_locks`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from codex_runner import __version__
-from codex_runner.store.engine import with_retries, write_txn
-from codex_runner.store.records import utcnow
-from codex_runner.store.schema import instances
+from codex_runner.store.engine import read_txn, with_retries, write_txn
+from codex_runner.store.records import iso, utcnow
+from codex_runner.store.schema import instances, locks
+
+#: The `runner_locks` row naming the instance whose claim transaction last took the scheduler lock
+#: and claimed work. The lock itself is PostgreSQL's advisory lock (SQLite: BEGIN IMMEDIATE); this
+#: row only tells an operator who holds the scheduling role (docs/crash-safety.md).
+SCHEDULER_LOCK = "scheduler"
 
 
 class InstanceRegistry:
@@ -60,13 +69,46 @@ class InstanceRegistry:
 
     def live_instances(self, stale_after_seconds: int) -> list[str]:
         """Instances that heartbeated recently and have not stopped."""
-        from datetime import timedelta
-
         cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
-        with self.engine.connect() as conn:
+        with read_txn(self.engine) as conn:
             rows = conn.execute(
                 sa.select(instances.c.id).where(
                     instances.c.stopped_at.is_(None), instances.c.heartbeat_at >= cutoff
                 )
             ).scalars()
             return list(rows)
+
+    def record_scheduler(self, poll_seconds: float) -> None:
+        """Notes that this instance's claim just took the scheduler lock and claimed work; the role
+        counts as held until its next poll (`expires_at`)."""
+        until = utcnow() + timedelta(seconds=poll_seconds)
+
+        def txn() -> None:
+            with write_txn(self.engine) as conn:
+                updated = conn.execute(
+                    locks.update()
+                    .where(locks.c.name == SCHEDULER_LOCK)
+                    .values(holder=self.runner_id, expires_at=until)
+                ).rowcount
+                if not updated:
+                    conn.execute(
+                        locks.insert().values(name=SCHEDULER_LOCK, holder=self.runner_id, expires_at=until)
+                    )
+
+        # IntegrityError: another instance inserted the row first; its claim is as recent as ours.
+        with contextlib.suppress(sa.exc.IntegrityError):
+            with_retries(txn)
+
+    @staticmethod
+    def scheduler_lock(engine: Engine) -> dict[str, Any] | None:
+        """For diagnostics: who scheduled last, until when, and whether that is still current."""
+
+        def txn() -> dict[str, Any] | None:
+            with read_txn(engine) as conn:
+                row = conn.execute(sa.select(locks).where(locks.c.name == SCHEDULER_LOCK)).first()
+            if row is None:
+                return None
+            expires: datetime = row.expires_at
+            return {"holder": row.holder, "until": iso(expires), "current": expires > utcnow()}
+
+        return with_retries(txn)

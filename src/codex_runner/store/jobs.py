@@ -42,6 +42,15 @@ CREATE_LOCK_KEY = 0x636F646578_02
 
 EventListener = Callable[[dict[str, Any]], None]
 
+# Statements of the hot paths (create, get), built once: SQLAlchemy then skips building them and
+# their cache keys on every call.
+_CREATE_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CREATE_LOCK_KEY))
+_INSERT_JOB = jobs.insert()
+_INSERT_EVENT = events.insert()
+_JOB_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"))
+_JOB_BY_ID_OWNED = _JOB_BY_ID.where(jobs.c.requested_by == sa.bindparam("owner"))
+_EVENTS_OF_JOB = sa.select(events).where(events.c.job_id == sa.bindparam("job_id")).order_by(events.c.id)
+
 # Queue caps from the counts table: (active jobs, queued jobs of :user), a range of the primary key.
 _LIMIT_COUNTS = sa.select(
     sa.func.coalesce(sa.func.sum(job_counts.c.n), 0),
@@ -122,7 +131,7 @@ class JobStore:
             for e in pending
         ]
         if rows:
-            conn.execute(events.insert(), rows)
+            conn.execute(_INSERT_EVENT, rows)
         return rows
 
     def _notify(self, rows: Iterable[dict[str, Any]]) -> None:
@@ -160,7 +169,7 @@ class JobStore:
             now = utcnow()
             with write_txn(self.engine) as conn:
                 if self.is_pg:
-                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(CREATE_LOCK_KEY)))
+                    conn.execute(_CREATE_LOCK)
                 if new.idempotency_key is not None:
                     replay = self._replay(conn, new, digest, now)
                     if replay is not None:
@@ -181,7 +190,7 @@ class JobStore:
                     "attempt": 0,
                     "stages": initial_stages(),
                 }
-                conn.execute(jobs.insert(), row)
+                conn.execute(_INSERT_JOB, row)
                 meta = {"script_key": new.script_key, "repo": new.repo_name}
                 if new.idempotency_key is not None:
                     conn.execute(
@@ -282,18 +291,16 @@ class JobStore:
         return with_retries(txn)
 
     def _get_row(self, conn: Connection, job_id: str, owner: str | None) -> Any:
-        query = sa.select(jobs).where(jobs.c.id == job_id)
-        if owner is not None:
-            query = query.where(jobs.c.requested_by == owner)
-        row = conn.execute(query).mappings().first()
+        if owner is None:
+            row = conn.execute(_JOB_BY_ID, {"id": job_id}).mappings().first()
+        else:
+            row = conn.execute(_JOB_BY_ID_OWNED, {"id": job_id, "owner": owner}).mappings().first()
         if row is None:
             raise NotFound(f"job {job_id} not found")
         return row
 
     def _events(self, conn: Connection, job_id: str) -> list[dict[str, Any]]:
-        rows = conn.execute(
-            sa.select(events).where(events.c.job_id == job_id).order_by(events.c.id)
-        ).mappings()
+        rows = conn.execute(_EVENTS_OF_JOB, {"job_id": job_id}).mappings()
         return [event_to_public(r) for r in rows]
 
     def events(self, job_id: str, *, owner: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,171 @@
+"""SIGKILL and SIGSTOP of real runner instances (issue 6, acceptance 1 and 4, and start-up recovery
+of processes that no recorded pid leads to)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from tests.chaos.harness import (
+    TERMINAL,
+    Cluster,
+    check_invariants,
+    job_pids,
+    random_sleep,
+    wait_for,
+)
+
+from codex_runner.store.schema import jobs
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chaos")]
+
+ROUNDS = {"sqlite": 10, "postgresql": 10}
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_and_restart_rounds(database_url: str, tmp_path: Path) -> None:
+    """Acceptance 1: each round submits jobs, SIGKILLs the instance at a random moment (around a
+    claim, while jobs run, right as one finishes) and restarts it with the same RUNNER_ID."""
+    backend = "sqlite" if database_url.startswith("sqlite") else "postgresql"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"chaos seed {seed}")
+    with Cluster(tmp_path / "cluster", database_url, env={"RUNNER_MAX_CONCURRENCY": "3"}) as c:
+        submitted: list[str] = []
+        queued_at_a_kill: set[str] = set()
+        recovered: set[str] = set()
+        moments: list[str] = []
+        inst = c.start("chaos-1", "worker")
+        for rnd in range(ROUNDS[backend]):
+            before = {i for i, r in c.rows().items() if r["status"] in TERMINAL}
+            ids = c.submit(rng.randint(3, 6), sleep=random_sleep(0.05, 1.5, rng))
+            submitted += ids
+            moment = rng.choice(["claim", "running", "finishing"])
+            moments.append(moment)
+            if moment == "claim":
+                time.sleep(rng.uniform(0.0, 0.3))
+            elif moment == "running":
+                wait_for(lambda: c.running_of("chaos-1"), 30, "a running job")
+                time.sleep(rng.uniform(0.0, 0.8))
+            else:
+                wait_for(
+                    lambda before=before: (
+                        {i for i, r in c.rows().items() if r["status"] in TERMINAL} - before
+                    ),
+                    60,
+                    "a job to finish",
+                    interval=0.01,
+                )
+            c.sigkill(inst)
+            orphaned = c.running_of("chaos-1")
+            queued_at_a_kill |= {i for i, r in c.rows().items() if r["status"] == "queued"}
+            check_invariants(c)
+
+            inst = c.start("chaos-1", "serve" if rnd % 2 else "worker")
+            wait_for(lambda orphaned=orphaned: c.all_done(orphaned), 30, f"round {rnd}: recovery")
+            # Start-up recovery killed them before it failed their jobs.
+            assert job_pids(orphaned) == {}, f"round {rnd} ({moment}): processes outlived recovery"
+            for row in c.rows(orphaned).values():
+                assert row["status"] == "failed" and row["error_code"] == "recovered_after_crash", row
+            recovered |= orphaned
+            check_invariants(c)
+
+        wait_for(lambda: c.all_done(submitted), 120, "every job to finish")
+        rows = check_invariants(c)
+        assert set(rows) == set(submitted)
+        for job_id, row in rows.items():
+            if job_id in recovered:
+                continue
+            # Not running at any kill: it ran once, to the end, whatever happened around it.
+            assert row["status"] == "success", (job_id, row["status"], row["error_code"])
+        # Queued jobs survived every restart and ran later.
+        assert all(rows[j]["attempt"] == 1 for j in queued_at_a_kill)
+        assert set(submitted) - recovered <= set(c.ledger_ids())
+        print(f"{backend}: {len(submitted)} jobs, {len(recovered)} recovered, moments {moments}")
+
+
+@pytest.mark.timeout(180)
+def test_frozen_instance_is_fenced(pg_database_url: str, tmp_path: Path) -> None:
+    """Acceptance 4: an instance frozen past the stale threshold loses its jobs to another
+    instance's watchdog; once resumed it writes nothing to them and kills their processes."""
+    with Cluster(tmp_path / "cluster", pg_database_url) as c:
+        a = c.start("frozen-a", "worker", RUNNER_MAX_CONCURRENCY="3")
+        short = c.submit(1, sleep=3.0)  # exits while A is frozen: A sees it end only after SIGCONT
+        long = c.submit(2, sleep=120.0)
+        ids = short + long
+        wait_for(lambda: c.running_of("frozen-a") == set(ids), 30, "A to run the jobs")
+        wait_for(lambda: len(job_pids(ids)) == 3, 30, "the scripts to start")
+        c.start("frozen-b", "serve", RUNNER_MAX_CONCURRENCY="2")
+
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            frozen_at = time.monotonic()
+            wait_for(lambda: c.all_done(ids), 20, "B's watchdog to recover A's jobs")
+            recovered_after = time.monotonic() - frozen_at
+            rows = c.rows(ids)
+            for row in rows.values():
+                assert row["status"] == "failed" and row["error_code"] == "heartbeat_stale", row
+                assert row["lease_token"] is None
+            evs = {i: c.events()[i] for i in ids}
+            for job_events in evs.values():
+                last = job_events[-1]
+                assert last["event_type"] == "heartbeat_stale_recovered"
+                assert last["meta"]["recovered_by"] == "frozen-b"
+            # A's children run on while A is frozen: recovery alone cannot stop them.
+            wait_for(lambda: set(job_pids(ids)) == set(long), 15, "the short script to exit")
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        woke = time.monotonic()
+        wait_for(lambda: not job_pids(ids), 10, "A to kill its fenced jobs' processes")
+        killed_after = time.monotonic() - woke
+        time.sleep(2.0)  # A's job tasks end after the kill: give any write they would make time to land
+        assert c.rows(ids) == rows, "A wrote to jobs it no longer owns"
+        assert {i: c.events()[i] for i in ids} == evs, "A added events to jobs it no longer owns"
+        assert a.proc.poll() is None, "A died instead of carrying on"
+        # A carries on: it still claims and runs new work.
+        more = c.submit(4, sleep=0.1)
+        wait_for(lambda: c.all_done(more), 60, "new jobs after the freeze")
+        assert {r["status"] for r in c.rows(more).values()} == {"success"}
+        check_invariants(c)
+        print(
+            f"recovered {recovered_after:.2f} s after SIGSTOP; children gone {killed_after:.2f} s after SIGCONT"
+        )
+
+
+@pytest.mark.timeout(180)
+def test_restart_kills_leftovers_found_only_by_environment(pg_database_url: str, tmp_path: Path) -> None:
+    """Start-up recovery also kills (a) processes of a job whose pid was never recorded and (b)
+    processes of jobs that another instance's watchdog failed while this RUNNER_ID was dead."""
+    with Cluster(tmp_path / "cluster", pg_database_url) as c:
+        a = c.start("left-a", "worker", RUNNER_MAX_CONCURRENCY="4")
+        no_pid = c.submit(2, sleep=120.0)
+        wait_for(lambda: c.running_of("left-a") == set(no_pid), 30, "A to run the first jobs")
+        wait_for(lambda: len(job_pids(no_pid)) == 2, 30, "the scripts to start")
+        c.sigkill(a)
+        # As if A had died between spawn and recording the pid.
+        with c.runtime.engine.begin() as conn:
+            conn.execute(
+                sa.update(jobs).where(jobs.c.id.in_(no_pid)).values(pid=None, pgid=None, proc_start_time=None)
+            )
+        a = c.start("left-a", "worker", RUNNER_MAX_CONCURRENCY="4")
+        wait_for(lambda: c.all_done(no_pid), 30, "start-up recovery")
+        assert job_pids(no_pid) == {}
+        assert {r["error_code"] for r in c.rows(no_pid).values()} == {"recovered_after_crash"}
+
+        watched = c.submit(2, sleep=120.0)
+        wait_for(lambda: c.running_of("left-a") == set(watched), 30, "A to run the second jobs")
+        wait_for(lambda: len(job_pids(watched)) == 2, 30, "the scripts to start")
+        c.sigkill(a)
+        c.start("left-b", "worker", RUNNER_MAX_CONCURRENCY="1")
+        wait_for(lambda: c.all_done(watched), 20, "B's watchdog")
+        assert len(job_pids(watched)) == 2, "the orphans of a dead instance run until it comes back"
+        evs = {i: c.events()[i] for i in watched}
+        c.start("left-a", "worker", RUNNER_MAX_CONCURRENCY="4")
+        wait_for(lambda: not job_pids(watched), 10, "A's start-up to kill its orphans")
+        assert {i: c.events()[i] for i in watched} == evs
+        check_invariants(c)

@@ -1,0 +1,374 @@
+"""The real codex binary run by the runner as the built-in `codex.exec` script (issue 8): a real
+server and launcher on loopback, a `worktree` repo, and the scripted fake Responses API.
+
+Each test starts its own runner whose RUNNER_CODEX_HOME points codex at its own fake server. The
+runner's environment holds secrets (encryption key, database URL, API token, JWT secret) and a
+stored git credential, so that the test can show none of them reaches codex or the model server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.e2e.codex_harness import FAST_RETRIES, MODEL, processes_with_env
+from tests.e2e.fake_responses import (
+    FakeResponsesServer,
+    Turn,
+    cut_turn,
+    error_turn,
+    hang_turn,
+    message_item,
+    message_turn,
+    patch_turn,
+    shell_turn,
+)
+from tests.helpers import make_git_repo, serve_app
+
+from codex_runner.config import load_settings
+from codex_runner.execution.codex_home import prepare_codex_home
+from codex_runner.runtime import Runtime
+from codex_runner.server import build_app
+
+pytestmark = pytest.mark.e2e
+
+TERMINAL = {"success", "failed", "canceled", "timeout"}
+PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hello from codex\n*** End Patch\n"
+DUMMY_OPENAI_KEY = "sk-dummy-openai-key-for-the-fake-server"
+HANG_TIMEOUT = 6  # seconds: the script timeout of the runner used for the hang test
+
+TOML = """
+[repos.demo]
+source = "{repo}"
+workspace = "worktree"
+credential = "demo-git"
+risk_policy = "{risk_policy}"
+"""
+
+
+@dataclass
+class CodexRunner:
+    url: str
+    runtime: Runtime
+    fake: FakeResponsesServer
+    repo: Path
+    secrets: dict[str, str]
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        token = self.secrets["admin API token"]
+        self.client = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+
+    def submit(self, prompt: str = "Add a file hello.txt that says hello.") -> str:
+        r = self.client.post(
+            "/api/runner/jobs",
+            json={"repo": "demo", "script_key": "codex.exec", "args": {"prompt": prompt, "model": MODEL}},
+        )
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.client.get(f"/api/runner/jobs/{job_id}").json())
+
+    def wait(self, job_id: str, statuses: set[str] = TERMINAL, timeout: float = 40) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} still {self.job(job_id)['status']} after {timeout} s")
+
+    def log(self, job_id: str) -> str:
+        """The whole (redacted) log of a finished job, page by page."""
+        parts: list[str] = []
+        offset = 0
+        for _ in range(1000):
+            page = self.client.get(f"/api/runner/jobs/{job_id}/logs", params={"offset": offset}).json()
+            parts.append(page["content"])
+            if page["next_offset"] == offset:
+                break
+            offset = page["next_offset"]
+        return "".join(parts)
+
+
+class EnvironWatcher:
+    """Collects, until stopped, the command line and environment of every live process whose
+    environment holds RUNNER_JOB_ID=<job id>: codex, its launcher, and the commands it runs."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.seen: dict[int, tuple[str, dict[str, str]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> EnvironWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in processes_with_env("RUNNER_JOB_ID", self.job_id):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    raw = Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                environ = dict(
+                    entry.decode(errors="replace").partition("=")[::2] for entry in raw.split(b"\0") if entry
+                )
+                self.seen.setdefault(pid, (cmdline, environ))
+            self._stop.wait(0.02)
+
+
+@pytest.fixture
+def start_runner(
+    tmp_path: Path, codex_bin: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., CodexRunner]]:
+    started: list[tuple[Any, CodexRunner]] = []
+
+    def start(turns: list[Turn], risk_policy: str = "conservative", **env: str) -> CodexRunner:
+        fake = FakeResponsesServer(turns).__enter__()
+        codex_home = prepare_codex_home(
+            tmp_path / "codex-home",
+            base_url=fake.base_url,
+            provider_env_key="OPENAI_API_KEY",
+            extra_config=FAST_RETRIES,
+        )
+        repo = make_git_repo(tmp_path / "repo")
+        (tmp_path / "runner.toml").write_text(
+            textwrap.dedent(TOML.format(repo=repo, risk_policy=risk_policy))
+        )
+        runner_env = {
+            "RUNNER_DATABASE_URL": f"sqlite:///{tmp_path / 'runner.db'}",
+            "RUNNER_DATA_DIR": str(tmp_path / "data"),
+            "RUNNER_ID": "codex-e2e",
+            "RUNNER_KILL_GRACE_SECONDS": "1",
+            "RUNNER_HEARTBEAT_SECONDS": "1",
+            "RUNNER_STALE_AFTER_SECONDS": "10",
+            "RUNNER_CODEX_HOME": str(codex_home),
+            "RUNNER_ENCRYPTION_KEY": secrets.token_hex(32),
+            "RUNNER_TOKEN": f"runner-api-token-{secrets.token_hex(12)}",
+            "RUNNER_JWT_SECRET": f"jwt-secret-{secrets.token_hex(12)}",
+            **env,
+        }
+        # The runner's own process environment holds its settings, as in production; codex needs
+        # its bin folder and node on PATH, and OPENAI_API_KEY passes through to it.
+        for name, value in runner_env.items():
+            monkeypatch.setenv(name, value)
+        node = shutil.which("node")
+        path = [str(Path(codex_bin).parent), *([str(Path(node).parent)] if node else []), "/usr/bin", "/bin"]
+        monkeypatch.setenv("PATH", os.pathsep.join(dict.fromkeys(path)))
+        monkeypatch.setenv("OPENAI_API_KEY", DUMMY_OPENAI_KEY)
+        monkeypatch.delenv("CODEX_HOME", raising=False)
+        home = tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        monkeypatch.setenv("HOME", str(home))
+
+        runtime = Runtime.open(load_settings(runner_env, cwd=tmp_path))
+        git_secret = f"ghp_{secrets.token_hex(16)}"
+        runtime.credentials.set("demo-git", "github.com", "oauth2", git_secret)
+        admin_token, _ = runtime.tokens.create("admin", "admin")
+        cm = serve_app(build_app(runtime))
+        url = cm.__enter__()
+        runner_secrets = {
+            "RUNNER_ENCRYPTION_KEY": runner_env["RUNNER_ENCRYPTION_KEY"],
+            "RUNNER_DATABASE_URL": runner_env["RUNNER_DATABASE_URL"],
+            "RUNNER_TOKEN": runner_env["RUNNER_TOKEN"],
+            "RUNNER_JWT_SECRET": runner_env["RUNNER_JWT_SECRET"],
+            "admin API token": admin_token,
+            "git credential": git_secret,
+        }
+        runner = CodexRunner(url, runtime, fake, repo, runner_secrets)
+        started.append((cm, runner))
+        return runner
+
+    yield start
+    for cm, runner in started:
+        runner.client.close()
+        cm.__exit__(None, None, None)
+        runner.runtime.close()
+        runner.fake.close()
+
+
+def assert_no_process_left(job_id: str) -> None:
+    assert processes_with_env("RUNNER_JOB_ID", job_id) == []
+
+
+def test_apply_patch_job_commits_the_file_and_reports_the_agent(
+    start_runner: Callable[..., CodexRunner],
+) -> None:
+    runner = start_runner([patch_turn(PATCH), message_turn("Added hello.txt.")])
+    job_id = runner.submit()
+    job = runner.wait(job_id)
+
+    assert job["status"] == "success", job
+    assert_no_process_left(job_id)
+    result = job["result"]
+    branch = f"runner/{job_id[:8]}"
+    assert result["branch"] == branch and result["commit"] and result["files_changed"] == 1
+    agent = result["agent"]
+    assert agent["failed"] is False and agent["error"] is None
+    assert agent["thread_id"]
+    assert agent["final_message"] == "Added hello.txt."
+    # Two model requests of 1200 input / 80 output tokens each, as scripted.
+    assert agent["usage"]["input_tokens"] == 2400 and agent["usage"]["output_tokens"] == 160
+    assert [(Path(c["path"]).name, c["kind"]) for c in agent["files_changed"]] == [("hello.txt", "add")]
+
+    # The commit is on the job's branch of the source repo; the base branch is untouched.
+    git = ["git", "-C", str(runner.repo)]
+    stat = subprocess.run([*git, "show", "--stat", branch], capture_output=True, text=True, timeout=30)
+    assert stat.returncode == 0 and "hello.txt" in stat.stdout, stat.stderr
+    content = subprocess.run(
+        [*git, "show", f"{branch}:hello.txt"], capture_output=True, text=True, timeout=30
+    )
+    assert content.stdout == "hello from codex\n"
+    assert not (runner.repo / "hello.txt").exists()
+
+    log = runner.log(job_id)
+    assert '"type":"thread.started"' in log
+    assert '"type":"file_change"' in log
+    assert '"type":"turn.completed"' in log
+
+    # The model asked for, and the sandbox of the repo's (default, conservative) risk policy.
+    first = runner.fake.responses_requests()[0]
+    assert first.body["model"] == MODEL
+    assert json.loads(first.headers["x-codex-turn-metadata"])["sandbox_mode"] == "workspace-write"
+
+
+@pytest.mark.parametrize(
+    ("turn", "expected"),
+    [
+        # codex's own words for an HTTP 500, once its retries are spent.
+        (error_turn(500), "experiencing high demand"),
+        (cut_turn(message_item("half an answer")), "stream disconnected before completion"),
+    ],
+    ids=["http-500", "stream-cut"],
+)
+def test_a_failing_model_server_fails_the_job_with_a_readable_error(
+    start_runner: Callable[..., CodexRunner], turn: Turn, expected: str
+) -> None:
+    runner = start_runner([turn])
+    job_id = runner.submit()
+    job = runner.wait(job_id)
+
+    assert job["status"] == "failed", job
+    assert_no_process_left(job_id)
+    # codex exits 1 after turn.failed; the error is what its events say, not its last stderr line.
+    assert job["error_code"] == "agent_failed", job
+    message = job["error_message"]
+    assert message.startswith("agent failed: ") and expected in message, message
+    assert "Reconnecting" not in message
+    agent = job["result"]["agent"]
+    assert agent["failed"] is True and expected in agent["error"]
+    assert agent["retries"] >= 1
+    # Nothing was committed: the job's branch, if kept, has only the base commit.
+    log = subprocess.run(
+        ["git", "-C", str(runner.repo), "rev-list", "--count", f"runner/{job_id[:8]}", "--"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert log.returncode != 0 or log.stdout.strip() == "1", log.stdout
+    assert '"type":"turn.failed"' in runner.log(job_id)
+
+
+def test_a_model_server_that_never_answers_times_out_and_leaves_no_process(
+    start_runner: Callable[..., CodexRunner],
+) -> None:
+    runner = start_runner([hang_turn()], RUNNER_DEFAULT_TIMEOUT_SECONDS=str(HANG_TIMEOUT))
+    started = time.monotonic()
+    job_id = runner.submit()
+    assert runner.fake.wait_for_requests(1, timeout=20)
+    job = runner.wait(job_id, timeout=HANG_TIMEOUT + 20)
+
+    assert job["status"] == "timeout", job
+    assert job["error_code"] == "timeout"
+    assert time.monotonic() - started < HANG_TIMEOUT + 15
+    assert_no_process_left(job_id)
+
+
+def test_cancel_during_a_codex_run_leaves_no_process(start_runner: Callable[..., CodexRunner]) -> None:
+    runner = start_runner([hang_turn()])
+    job_id = runner.submit()
+    # codex is running once the model server has its request.
+    assert runner.fake.wait_for_requests(1, timeout=20)
+    assert processes_with_env("RUNNER_JOB_ID", job_id)
+    r = runner.client.post(f"/api/runner/jobs/{job_id}/cancel")
+    assert r.status_code == 202, r.text
+    job = runner.wait(job_id, timeout=20)
+
+    assert job["status"] == "canceled", job
+    assert_no_process_left(job_id)
+
+
+def test_a_permissive_repo_runs_codex_without_a_sandbox(start_runner: Callable[..., CodexRunner]) -> None:
+    runner = start_runner([message_turn("Nothing to do.")], risk_policy="permissive")
+    job = runner.wait(runner.submit())
+
+    assert job["status"] == "success", job
+    assert job["result"]["agent"]["final_message"] == "Nothing to do."
+    assert job["result"]["commit"] is None
+    metadata = json.loads(runner.fake.responses_requests()[0].headers["x-codex-turn-metadata"])
+    assert metadata["sandbox_mode"] == "danger-full-access"
+
+
+def test_runner_secrets_reach_neither_codex_nor_the_model_server(
+    start_runner: Callable[..., CodexRunner],
+) -> None:
+    # The model runs `env`: its output goes back to the model server, so the server sees the
+    # environment of the commands codex runs too. The sleep gives the watcher time.
+    runner = start_runner([shell_turn("env; sleep 1"), message_turn("ok")])
+    job_id = runner.submit()
+    with EnvironWatcher(job_id) as watcher:
+        job = runner.wait(job_id)
+    assert job["status"] == "success", job
+    assert_no_process_left(job_id)
+
+    # The watcher saw codex itself (and the command it ran) while it ran.
+    cmdlines = [cmdline for cmdline, _ in watcher.seen.values()]
+    assert any("codex" in c and " exec " in f" {c} " for c in cmdlines), cmdlines
+    assert any("env; sleep 1" in c for c in cmdlines), cmdlines
+    for pid, (cmdline, environ) in watcher.seen.items():
+        # The runner's own settings never pass: only the two variables it sets for the script.
+        assert {n for n in environ if n.startswith("RUNNER_")} <= {"RUNNER_JOB_ID", "RUNNER_WORKSPACE"}
+        leaked = [
+            k for k, v in runner.secrets.items() if v in "\0".join(f"{n}={x}" for n, x in environ.items())
+        ]
+        assert not leaked, f"{leaked} in the environment of {pid} ({cmdline})"
+        assert environ.get("OPENAI_API_KEY", DUMMY_OPENAI_KEY) == DUMMY_OPENAI_KEY
+
+    requests = runner.fake.requests
+    assert len(requests) == 2
+    for request in requests:
+        seen = request.raw_body.decode(errors="replace") + json.dumps(request.headers)
+        leaked = [name for name, value in runner.secrets.items() if value in seen]
+        assert not leaked, f"{leaked} reached the model server"
+    # The provider key is only the Authorization header: the runner-owned codex config keeps
+    # *KEY* variables out of the commands the model runs.
+    assert requests[0].headers["authorization"] == f"Bearer {DUMMY_OPENAI_KEY}"
+    env_output = json.dumps([i for i in requests[1].body["input"] if i.get("type") == "function_call_output"])
+    assert f"RUNNER_JOB_ID={job_id}" in env_output
+    assert DUMMY_OPENAI_KEY not in env_output
+    # Nor are they in the job's log.
+    log = runner.log(job_id)
+    assert '"type":"command_execution"' in log
+    assert not [name for name, value in runner.secrets.items() if value in log]

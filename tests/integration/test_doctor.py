@@ -1,0 +1,334 @@
+"""Start-up checks: each one shown failing by a test that really breaks it, with a readable
+message, `codex-runner doctor` exiting non-zero, and production mode turning warnings into
+failures. Also `startup()` and what `/readyz` and the diagnostics route make of the results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.helpers import make_git_repo, serve_app
+from tests.integration.ops_cli import run_cli
+
+from codex_runner.api import create_app
+from codex_runner.catalog import Catalog
+from codex_runner.config import Settings, load_settings
+from codex_runner.errors import ConfigError
+from codex_runner.ops import doctor
+from codex_runner.ops.doctor import Check, blocking_failures, run_checks, startup
+from codex_runner.runtime import Runtime
+from codex_runner.secrets import generate_key
+from codex_runner.store import create_store_engine
+from codex_runner.store.migrate import upgrade
+
+BASE_TOML = """
+[repos.demo]
+source = "{repo}"
+
+[scripts.echo]
+command = ["/bin/echo", "hello"]
+"""
+
+Make = Callable[..., tuple[Settings, dict[str, str]]]
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Make:
+    """Settings for a healthy dev install (migrated SQLite unless a URL is given), plus `extra_toml`."""
+    repo = make_git_repo(tmp_path / "repos" / "demo")
+
+    def build(
+        extra_toml: str = "", database_url: str | None = None, **env: str
+    ) -> tuple[Settings, dict[str, str]]:
+        (tmp_path / "runner.toml").write_text(
+            textwrap.dedent(BASE_TOML.format(repo=repo)) + textwrap.dedent(extra_toml)
+        )
+        full = {
+            "RUNNER_DATA_DIR": str(tmp_path / "data"),
+            "RUNNER_DATABASE_URL": database_url or f"sqlite:///{tmp_path / 'data' / 'runner.db'}",
+            "RUNNER_ALLOWED_REPO_PATHS": str(tmp_path / "repos"),
+            "RUNNER_ID": "test-doctor",
+            **env,
+        }
+        settings = load_settings(full, cwd=tmp_path)
+        engine = create_store_engine(settings.database_url)
+        upgrade(engine)
+        engine.dispose()
+        return settings, full
+
+    return build
+
+
+def checks_of(settings: Settings) -> dict[str, Check]:
+    return {c.name: c for c in run_checks(settings, Catalog.from_settings(settings))}
+
+
+def assert_fails(check: Check, *words: str) -> None:
+    assert not check.ok and check.blocking, check
+    assert "\n" not in check.message and len(check.message) < 300
+    for word in words:
+        assert word in check.message, check.message
+
+
+def make_healthy_production(settings: Settings) -> Settings:
+    """What production mode asks for: a private data folder, a fresh backup, a key."""
+    settings.data_dir.chmod(0o700)
+    settings.backup_dir.mkdir(parents=True, exist_ok=True)
+    from codex_runner.ops.backup import backup
+
+    backup(settings)
+    return dataclasses.replace(settings, production=True, encryption_key=generate_key())
+
+
+def test_healthy_install_has_no_blocking_problem(make: Make, database_url: str) -> None:
+    settings, _ = make(database_url=database_url)
+    checks = checks_of(settings)
+    assert blocking_failures(checks.values()) == []
+    for name in (
+        "database",
+        "migrations",
+        "folder:data",
+        "folder:log",
+        "folder:workspace",
+        "git",
+        "repo:demo",
+    ):
+        assert checks[name].ok, checks[name]
+    assert checks["script:echo"].ok
+    # Built-in codex.exec: a missing `codex` is a warning, never a failure.
+    codex = checks["script:codex.exec"]
+    assert codex.ok if shutil.which("codex") else (codex.level == "warn" and "codex" in codex.message)
+    assert checks["backup"].level == "warn"  # none yet; fine outside production
+    assert all(
+        set(c.to_dict()) == {"name", "ok", "blocking", "level", "message", "detail"} for c in checks.values()
+    )
+
+
+def test_database_unreachable_and_not_migrated(make: Make, tmp_path: Path, database_url: str) -> None:
+    settings, _ = make()
+    down = dataclasses.replace(settings, database_url="postgresql://runner:Pw-0123456789@127.0.0.1:1/runner")
+    check = checks_of(down)["database"]
+    assert_fails(check, "database not reachable")
+    assert "Pw-0123456789" not in check.message
+    fresh = dataclasses.replace(settings, database_url=database_url)
+    if database_url.startswith("sqlite"):
+        fresh = dataclasses.replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.db'}")
+    else:
+        from codex_runner.store.schema import metadata
+
+        engine = create_store_engine(database_url)
+        metadata.create_all(engine)  # tables but no alembic revision: an unmigrated database
+        engine.dispose()
+    assert_fails(checks_of(fresh)["migrations"], "codex-runner migrate")
+
+
+def test_script_not_executable_or_missing(make: Make, tmp_path: Path) -> None:
+    tool = tmp_path / "tool.sh"
+    tool.write_text("#!/bin/sh\necho hi\n")
+    tool.chmod(0o644)  # root may write anything, but exec needs an x bit even for root
+    settings, _ = make(
+        f"""
+        [scripts.noexec]
+        command = ["{tool}"]
+
+        [scripts.gone]
+        command = ["/nonexistent/program-xyz", "--flag"]
+
+        [scripts.notonpath]
+        command = ["no-such-program-xyz"]
+        """
+    )
+    checks = checks_of(settings)
+    assert_fails(checks["script:noexec"], str(tool), "not executable")
+    assert_fails(checks["script:gone"], "/nonexistent/program-xyz", "does not exist")
+    assert_fails(checks["script:notonpath"], "no-such-program-xyz", "not on PATH")
+    tool.chmod(0o755)
+    assert checks_of(settings)["script:noexec"].ok
+
+
+def test_repo_missing_not_git_or_outside_allowlist(make: Make, tmp_path: Path) -> None:
+    plain = tmp_path / "repos" / "plain"
+    plain.mkdir(parents=True)
+    outside = make_git_repo(tmp_path / "elsewhere" / "repo")
+    settings, _ = make(
+        f"""
+        [repos.gone]
+        source = "{tmp_path / "repos" / "gone"}"
+
+        [repos.plain]
+        source = "{plain}"
+
+        [repos.outside]
+        source = "{outside}"
+
+        [repos.off]
+        source = "{tmp_path / "repos" / "also-gone"}"
+        enabled = false
+        """
+    )
+    checks = checks_of(settings)
+    assert_fails(checks["repo:gone"], "gone", "does not exist")
+    assert_fails(checks["repo:plain"], "not a git repository")
+    assert_fails(checks["repo:outside"], "RUNNER_ALLOWED_REPO_PATHS")
+    assert "repo:off" not in checks  # disabled repos are not checked
+
+
+def test_log_folder_that_is_a_file(make: Make, tmp_path: Path) -> None:
+    # chmod 000 does not stop root; a regular file where the folder should be stops everyone.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    settings, _ = make(RUNNER_LOG_DIR=str(blocker))
+    assert_fails(checks_of(settings)["folder:log"], str(blocker), "not a folder")
+    nested = dataclasses.replace(settings, workspace_dir=blocker / "ws")
+    assert_fails(checks_of(nested)["folder:workspace"], "not usable")
+
+
+def test_encryption_key_checks(make: Make, database_url: str) -> None:
+    key = generate_key()
+    settings, _ = make(database_url=database_url, RUNNER_ENCRYPTION_KEY=key)
+    rt = Runtime.open(settings)
+    rt.credentials.set("github", "github.com", "oauth2", "ghp_0123456789abcdef")
+    rt.close()
+    assert checks_of(settings)["encryption_key"].ok
+
+    wrong = dataclasses.replace(settings, encryption_key=generate_key())
+    assert_fails(checks_of(wrong)["encryption_key"], "does not decrypt", "github")
+    garbage = dataclasses.replace(settings, encryption_key="not-a-key")
+    assert_fails(checks_of(garbage)["encryption_key"], "does not parse")
+    # The old key as _PREVIOUS still decrypts: a rotation in progress is fine.
+    rotating = dataclasses.replace(settings, encryption_key=generate_key(), encryption_key_previous=key)
+    assert checks_of(rotating)["encryption_key"].ok
+
+    keyless = dataclasses.replace(settings, encryption_key=None)
+    check = checks_of(keyless)["encryption_key"]
+    assert check.level == "warn" and "1 stored credential" in check.message
+    assert_fails(
+        checks_of(dataclasses.replace(keyless, production=True))["encryption_key"], "RUNNER_ENCRYPTION_KEY"
+    )
+
+
+def test_short_secrets_warn(make: Make) -> None:
+    settings, _ = make(RUNNER_JWT_SECRET="short")
+    check = checks_of(settings)["short_secrets"]
+    assert (
+        check.level == "warn"
+        and "RUNNER_JWT_SECRET" in check.message
+        and "short" not in check.message.split()
+    )
+
+
+def test_disk_thresholds(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, _ = make()
+    real = shutil.disk_usage
+    # A nearly full disk cannot be made here safely; only the free-space figure is replaced.
+    for free, level in ((50 * doctor.MIB, "fail"), (500 * doctor.MIB, "warn"), (5000 * doctor.MIB, "ok")):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p, free=free: real(p)._replace(free=free))
+        check = next(
+            c for c in run_checks(settings, Catalog.from_settings(settings)) if c.name.startswith("disk:")
+        )
+        assert check.level == level, check
+
+
+def test_production_turns_unsafe_settings_into_failures(make: Make, tmp_path: Path) -> None:
+    settings, _ = make(
+        f"""
+        [repos.wild]
+        source = "{tmp_path / "repos" / "demo"}"
+        risk_policy = "permissive"
+
+        [scripts.yolo]
+        command = ["/bin/echo", "--dangerously-bypass-approvals-and-sandbox"]
+        """,
+        RUNNER_HOST="0.0.0.0",
+    )
+    settings.data_dir.chmod(0o755)
+    old = settings.backup_dir / "runner-20200101T000000Z.tar.gz"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_bytes(b"x")
+    dev = checks_of(settings)
+    names = ("data_dir_permissions", "bind_address", "backup", "script_policy:yolo", "repo_policy:wild")
+    for name in names:
+        assert dev[name].level == "warn", dev[name]
+    prod = checks_of(dataclasses.replace(settings, production=True))
+    assert_fails(prod["data_dir_permissions"], "chmod 700")
+    assert_fails(prod["bind_address"], "RUNNER_ALLOW_REMOTE")
+    assert_fails(prod["backup"], "runner-20200101T000000Z.tar.gz", "RUNNER_BACKUP_MAX_AGE_DAYS=7")
+    assert_fails(prod["script_policy:yolo"], "--dangerously-bypass-approvals-and-sandbox")
+    assert_fails(prod["repo_policy:wild"], "permissive")
+    allowed = checks_of(dataclasses.replace(settings, production=True, allow_remote=True))
+    assert "bind_address" not in allowed
+
+
+def test_startup_readyz_and_diagnostics(make: Make, tmp_path: Path) -> None:
+    settings, _ = make('\n[scripts.gone]\ncommand = ["/nonexistent/program-xyz"]\n')
+    rt = Runtime.open(settings)
+    try:
+        checks = startup(rt)  # dev mode: starts anyway
+        assert rt.startup_checks == [c.to_dict() for c in checks]
+        admin, _ = rt.tokens.create("root", "admin")
+        with serve_app(create_app(rt)) as url:
+            assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+            diag = httpx.get(
+                f"{url}/api/runner/diagnostics", headers={"Authorization": f"Bearer {admin}"}, timeout=10
+            ).json()
+            failing = [c for c in diag["startup_checks"] if c["level"] == "fail"]
+            assert [c["name"] for c in failing] == ["script:gone"]
+        with pytest.raises(ConfigError, match="program-xyz"):
+            rt.settings = make_healthy_production(rt.settings)
+            startup(rt)
+    finally:
+        rt.close()
+
+    healthy, _ = make()
+    rt = Runtime.open(make_healthy_production(healthy))
+    try:
+        startup(rt)  # production, nothing blocking: no exception
+        with serve_app(create_app(rt)) as url:
+            assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    finally:
+        rt.close()
+
+
+def _doctor(env: dict[str, str], cwd: Path, *args: str) -> tuple[int, str, str]:
+    done = run_cli(["doctor", *args], env, cwd)
+    assert "Traceback" not in done.stderr
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_cli_doctor_exit_codes(make: Make, tmp_path: Path) -> None:
+    _, env = make()
+    code, out, err = _doctor(env, tmp_path)
+    assert code == 0, out + err
+    assert "no blocking problem" in err
+
+    _, env = make('\n[scripts.gone]\ncommand = ["/nonexistent/program-xyz"]\n')
+    code, out, err = _doctor(env, tmp_path)
+    assert code == 1
+    assert any(line.startswith("FAIL") and "program-xyz" in line for line in out.splitlines())
+    code, out, _ = _doctor(env, tmp_path, "--json")
+    doc: dict[str, Any] = json.loads(out)
+    assert code == 1 and doc["ok"] is False
+    assert {c["name"] for c in doc["checks"] if c["level"] == "fail"} == {"script:gone"}
+
+    settings, env = make()
+    settings.data_dir.chmod(0o700)
+    old = settings.backup_dir / "runner-20200101T000000Z.tar.gz"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_bytes(b"x")
+    env = {**env, "RUNNER_PRODUCTION": "true", "RUNNER_ENCRYPTION_KEY": generate_key()}
+    code, out, _ = _doctor(env, tmp_path)
+    assert code == 1
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("FAIL")] == ["backup"]
+
+    code, out, err = _doctor({**env, "RUNNER_ENCRYPTION_KEY": "not-a-key"}, tmp_path)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [err.strip()] and "RUNNER_ENCRYPTION_KEY" in err
+    assert os.environ.get("RUNNER_PRODUCTION") is None  # the test process itself was not changed
