@@ -94,13 +94,16 @@ def test_frozen_instance_is_fenced(pg_database_url: str, tmp_path: Path) -> None
     """Acceptance 4: an instance frozen past the stale threshold loses its jobs to another
     instance's watchdog; once resumed it writes nothing to them and kills their processes."""
     with Cluster(tmp_path / "cluster", pg_database_url) as c:
+        # B only watches: its one slot is taken by a blocker, so A's jobs can only run on A.
+        c.start("frozen-b", "serve", RUNNER_MAX_CONCURRENCY="1")
+        blocker = c.submit(1, sleep=120.0)
+        wait_for(lambda: c.running_of("frozen-b") == set(blocker), 30, "B to take the blocker")
         a = c.start("frozen-a", "worker", RUNNER_MAX_CONCURRENCY="3")
-        short = c.submit(1, sleep=3.0)  # exits while A is frozen: A sees it end only after SIGCONT
+        short = c.submit(1, sleep=5.0)  # exits while A is frozen: A sees it end only after SIGCONT
         long = c.submit(2, sleep=120.0)
         ids = short + long
         wait_for(lambda: c.running_of("frozen-a") == set(ids), 30, "A to run the jobs")
         wait_for(lambda: len(job_pids(ids)) == 3, 30, "the scripts to start")
-        c.start("frozen-b", "serve", RUNNER_MAX_CONCURRENCY="2")
 
         os.kill(a.pid, signal.SIGSTOP)
         try:

@@ -38,15 +38,26 @@ def admin_runtime(loaded: Settings | None = None) -> Iterator[Runtime]:
 
     `migrate=False` skips `Runtime.open`'s repo sync on purpose: an admin command run with another
     runner.toml (or none) must not disable the repos a running server has configured."""
+    from codex_runner.ops.logging import configure_logging
     from codex_runner.runtime import Runtime
     from codex_runner.store.migrate import upgrade
 
-    rt = Runtime.open(loaded or settings(), migrate=False)
+    loaded = loaded or settings()
+    # Service log lines (and so audit traces) go to stderr: stdout carries only data.
+    configure_logging(loaded)
+    rt = Runtime.open(loaded, migrate=False)
     try:
         upgrade(rt.engine)
         yield rt
     finally:
         rt.close()
+
+
+def audit(rt: Runtime, action: str, meta: dict[str, object]) -> None:
+    """Admin actions have no job: they go to the audit log (and the service log) only."""
+    from codex_runner.ops.audit import audit_admin
+
+    audit_admin(rt, action, f"cli:{getpass.getuser()}", dict(meta))
 
 
 def safe_database_url(url: str) -> str:
@@ -64,6 +75,7 @@ def tokens_create(
     """Create a token. Prints the token, and only it, on stdout: it is shown once."""
     with admin_runtime() as rt:
         token, record = rt.tokens.create(user, role.value, name)
+        audit(rt, "token_created", {"token_id": record["id"], "user": user, "role": role.value})
     sys.stdout.write(token + "\n")
     sys.stdout.flush()
     info(f"created {record['role']} token {record['id']} for user {record['user']!r}; it is not shown again")
@@ -88,6 +100,7 @@ def tokens_revoke(token_id: Annotated[str, typer.Argument(help="The token's id."
     """Revoke a token: it stops working at once."""
     with admin_runtime() as rt:
         record = rt.tokens.revoke(token_id)
+        audit(rt, "token_revoked", {"token_id": record["id"], "user": record["user"]})
     info(f"revoked token {record['id']} of user {record['user']!r} at {record['revoked_at']}")
 
 
@@ -116,6 +129,7 @@ def credentials_set(
     with admin_runtime(loaded) as rt:
         secret = read_secret(name)
         record = rt.credentials.set(name, host, username, secret)
+        audit(rt, "credential_set", {"name": name, "host": host, "username": username})
     info(f"stored credential {record['name']!r} for {record['username']}@{record['host']} (encrypted)")
 
 
@@ -138,6 +152,7 @@ def credentials_delete(name: Annotated[str, typer.Argument(help="The credential'
     """Delete a credential."""
     with admin_runtime() as rt:
         rt.credentials.delete(name)
+        audit(rt, "credential_deleted", {"name": name})
     info(f"deleted credential {name!r}")
 
 
@@ -147,6 +162,7 @@ def credentials_rotate() -> None:
     RUNNER_ENCRYPTION_KEY_PREVIOUS."""
     with admin_runtime() as rt:
         count = rt.credentials.rotate()
+        audit(rt, "credentials_rotated", {"count": count})
     info(f"re-encrypted {count} credential(s) under the current RUNNER_ENCRYPTION_KEY")
 
 
