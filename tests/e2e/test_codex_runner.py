@@ -144,9 +144,11 @@ def start_runner(
     tmp_path: Path, codex_bin: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., CodexRunner]]:
     started: list[tuple[Any, CodexRunner]] = []
+    fakes: list[FakeResponsesServer] = []
 
     def start(turns: list[Turn], risk_policy: str = "conservative", **env: str) -> CodexRunner:
         fake = FakeResponsesServer(turns).__enter__()
+        fakes.append(fake)
         codex_home = prepare_codex_home(
             tmp_path / "codex-home",
             base_url=fake.base_url,
@@ -206,7 +208,8 @@ def start_runner(
         runner.client.close()
         cm.__exit__(None, None, None)
         runner.runtime.close()
-        runner.fake.close()
+    for fake in fakes:
+        fake.close()
 
 
 def assert_no_process_left(job_id: str) -> None:

@@ -420,18 +420,18 @@ class JobRun:
             await self._finish(Status.FAILED, ErrorCode.RUNNER_SHUTDOWN, "the runner shut down", exit_code)
         elif outcome.reason == "lease_lost":
             self._runner_line("lease lost: another instance recovered this job; writing nothing more")
+        elif self.agent is not None and self.agent.failed:
+            # codex's events say why, whatever its exit status (1 after turn.failed).
+            message = f"agent failed: {self.agent.error_message or 'turn failed'}"
+            await self._finish(
+                Status.FAILED, ErrorCode.AGENT_FAILED, message[:2000], exit_code, result=result
+            )
         elif exit_code != 0:
             tail = self._mask(outcome.stderr_tail.decode("utf-8", "replace")).strip()
             msg = f"script exited with code {exit_code}" + (
                 f": {tail.splitlines()[-1][:500]}" if tail else ""
             )
-            await self._finish(Status.FAILED, ErrorCode.SCRIPT_FAILED, msg, exit_code)
-        elif self.agent is not None and self.agent.failed:
-            # codex exits 0 after some failures (a sandbox refusal, for one): its events decide.
-            message = f"agent failed: {self.agent.error_message or 'turn failed'}"
-            await self._finish(
-                Status.FAILED, ErrorCode.AGENT_FAILED, message[:2000], exit_code, result=result
-            )
+            await self._finish(Status.FAILED, ErrorCode.SCRIPT_FAILED, msg, exit_code, result=result)
         elif result is not None and "error" in result:
             code, message = result.pop("error")
             await self._finish(Status.FAILED, code, message, exit_code, result=result)
