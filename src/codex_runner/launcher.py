@@ -309,10 +309,10 @@ class Launcher:
         recovered = 0
         for job in stale:
             ok = await asyncio.to_thread(
-                self.rt.jobs.transition,
+                self.rt.jobs.fail_stale,
                 job["id"],
-                list(RUNNING_LIKE),
-                Status.FAILED,
+                # The write holds only if the owner has not heartbeated since we looked.
+                threshold,
                 event_type=EventType.HEARTBEAT_STALE_RECOVERED,
                 message=f"no heartbeat from {job['runner_id']} for {self.settings.stale_after_seconds} s",
                 meta={"runner_id": job["runner_id"], "recovered_by": self.runner_id},
@@ -322,7 +322,6 @@ class Launcher:
                     # Dropping the lease fences the old owner: its next write finds nothing.
                     "lease_token": None,
                 },
-                heartbeat_before=threshold,
             )
             if ok:
                 log.warning("heartbeat_stale_recovered", job_id=job["id"], runner_id=job["runner_id"])

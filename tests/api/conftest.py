@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.helpers import serve_app
 
 from codex_runner.api import create_app
 from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
+
+from tests.helpers import serve_app
 
 RUNNER_TOML = """
 [repos.demo]

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+
+from codex_runner.store.schema import jobs
+
 from tests.chaos.harness import (
     TERMINAL,
     Cluster,
@@ -19,8 +22,6 @@ from tests.chaos.harness import (
     random_sleep,
     wait_for,
 )
-
-from codex_runner.store.schema import jobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chaos")]
 
@@ -96,7 +97,7 @@ def test_frozen_instance_is_fenced(pg_database_url: str, tmp_path: Path) -> None
     with Cluster(tmp_path / "cluster", pg_database_url) as c:
         # B only watches: its one slot is taken by a blocker, so A's jobs can only run on A.
         c.start("frozen-b", "serve", RUNNER_MAX_CONCURRENCY="1")
-        blocker = c.submit(1, sleep=120.0)
+        blocker = c.submit(1, sleep=120.0, user="bob")
         wait_for(lambda: c.running_of("frozen-b") == set(blocker), 30, "B to take the blocker")
         a = c.start("frozen-a", "worker", RUNNER_MAX_CONCURRENCY="3")
         short = c.submit(1, sleep=5.0)  # exits while A is frozen: A sees it end only after SIGCONT
@@ -104,6 +105,13 @@ def test_frozen_instance_is_fenced(pg_database_url: str, tmp_path: Path) -> None
         ids = short + long
         wait_for(lambda: c.running_of("frozen-a") == set(ids), 30, "A to run the jobs")
         wait_for(lambda: len(job_pids(ids)) == 3, 30, "the scripts to start")
+        wait_for(lambda: all(r["pid"] for r in c.rows(ids).values()), 30, "A to record the pids")
+        # What docs/crash-safety.md recommends: a session left idle inside a transaction (its
+        # instance frozen mid-write) is ended by the server, so its row locks do not outlive it.
+        with c.runtime.engine.connect() as conn:
+            name = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" SET idle_in_transaction_session_timeout = 5000'))
+            conn.commit()
 
         os.kill(a.pid, signal.SIGSTOP)
         try:

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import IN_CI
 from tests.e2e.codex_harness import find_codex
 

@@ -24,11 +24,12 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.helpers import free_port, make_git_repo, wait_until
 
 from codex_runner import __version__
 from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
+
+from tests.helpers import free_port, make_git_repo, wait_until
 
 CLI = str(Path(sys.executable).parent / "codex-runner")
 COMMAND_TIMEOUT = 60

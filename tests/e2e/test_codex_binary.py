@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from codex_runner.execution.codex_home import prepare_codex_home
+
 from tests.e2e.codex_harness import (
     FAKE_KEY,
     FAKE_KEY_VAR,
@@ -38,8 +41,6 @@ from tests.e2e.fake_responses import (
     patch_turn,
     shell_turn,
 )
-
-from codex_runner.execution.codex_home import prepare_codex_home
 
 pytestmark = pytest.mark.e2e
 

@@ -23,6 +23,12 @@ from typing import Any
 
 import httpx
 import pytest
+
+from codex_runner.config import load_settings
+from codex_runner.execution.codex_home import prepare_codex_home
+from codex_runner.runtime import Runtime
+from codex_runner.server import build_app
+
 from tests.e2e.codex_harness import FAST_RETRIES, MODEL, processes_with_env
 from tests.e2e.fake_responses import (
     FakeResponsesServer,
@@ -36,11 +42,6 @@ from tests.e2e.fake_responses import (
     shell_turn,
 )
 from tests.helpers import make_git_repo, serve_app
-
-from codex_runner.config import load_settings
-from codex_runner.execution.codex_home import prepare_codex_home
-from codex_runner.runtime import Runtime
-from codex_runner.server import build_app
 
 pytestmark = pytest.mark.e2e
 

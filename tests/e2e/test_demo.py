@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tests.helpers import free_port, wait_until
 
 START_TIMEOUT = 60

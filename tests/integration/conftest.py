@@ -16,6 +16,7 @@ import pytest
 from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
 from codex_runner.server import build_app
+
 from tests.helpers import make_git_repo, serve_app
 
 BEHAVE = Path(__file__).parent / "scripts" / "behave.py"

@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from tests.helpers import make_git_repo
-from tests.integration.ops_cli import run_cli
 
 from codex_runner.config import Settings, load_settings
 from codex_runner.jobs import Status
@@ -29,6 +27,9 @@ from codex_runner.store import create_store_engine
 from codex_runner.store.admin import Principal
 from codex_runner.store.instances import InstanceRegistry
 from codex_runner.store.schema import events, jobs, metadata
+
+from tests.helpers import make_git_repo
+from tests.integration.ops_cli import run_cli
 
 TOML = """
 [repos.demo]

@@ -15,8 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.helpers import make_git_repo, serve_app
-from tests.integration.ops_cli import run_cli
 
 from codex_runner.api import create_app
 from codex_runner.catalog import Catalog
@@ -28,6 +26,9 @@ from codex_runner.runtime import Runtime
 from codex_runner.secrets import generate_key
 from codex_runner.store import create_store_engine
 from codex_runner.store.migrate import upgrade
+
+from tests.helpers import make_git_repo, serve_app
+from tests.integration.ops_cli import run_cli
 
 BASE_TOML = """
 [repos.demo]

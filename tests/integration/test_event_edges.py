@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from tests.helpers import make_git_repo
 
 from codex_runner.config import load_settings
 from codex_runner.jobs import EVENT_FOR_STATUS, TRANSITIONS, Status
@@ -22,6 +21,8 @@ from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 from codex_runner.store.records import iso
 from codex_runner.store.schema import events, jobs
+
+from tests.helpers import make_git_repo
 
 TOML = """
 [repos.demo]

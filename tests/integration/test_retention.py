@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from tests.helpers import make_git_repo, serve_app
 
 from codex_runner.api import create_app
 from codex_runner.config import load_settings
@@ -30,6 +29,8 @@ from codex_runner.ops.retention import claim_run, cleanup, retention_loop
 from codex_runner.runtime import Runtime
 from codex_runner.store.records import utcnow
 from codex_runner.store.schema import events, idempotency_keys, jobs
+
+from tests.helpers import make_git_repo, serve_app
 
 TOML = """
 [repos.demo]

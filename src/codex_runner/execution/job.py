@@ -228,8 +228,7 @@ class JobRun:
     ) -> tuple[GitCredential | None, Workspace | GitError | None]:
         """Worker thread: the job's folders, credential and log file, then (when its repo and script
         are still configured) its workspace. A prepare failure is returned, not raised."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        # No mkdir of the run and log folders here: the manifest and log writers make theirs.
         credential = self._credential(repo)
         secrets = self._known_secrets(script, credential)
         self.log = LogWriter(
@@ -453,8 +452,10 @@ class JobRun:
             if stage["status"] == "pending":
                 stage["status"] = "skipped"
         line = f"job ending: {status.value}" + (f" ({error_code})" if error_code else "")
-        # One trip: the log's last line, the pending manifest, the status, the terminal manifest.
-        ok, status = await self._in_thread(self._end, status, error_code, message, exit_code, result, line)
+        # One trip: the log's last line, the status, the terminal manifest (which also records the
+        # stage changes not written yet, so they are not written separately).
+        self._manifest_dirty = False
+        ok, status = await asyncio.to_thread(self._end, status, error_code, message, exit_code, result, line)
         duration_ms = int((time.monotonic() - self.started) * 1000)
         if ok:
             self.rt.metrics.observe_finished(self.row["script_key"], status.value, duration_ms / 1000)

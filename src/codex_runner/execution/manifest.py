@@ -64,15 +64,22 @@ class ManifestWriter:
             self._last_write = now
             return True
 
+    def _mkstemp(self) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self.run_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+
     def touch_heartbeat(self) -> None:
         """Create `.heartbeat` or set its modification time to now."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.heartbeat_path.touch(exist_ok=True)
 
     def _write_atomically(self, data: bytes, *, durable: bool) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Same folder as the target: os.replace is atomic only within one file system.
-        fd, tmp_name = tempfile.mkstemp(dir=self.run_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+        # Same folder as the target: os.replace is atomic only within one file system. The folder
+        # is made on the first write (a mkdir per write costs a lookup under the parent's lock).
+        try:
+            fd, tmp_name = self._mkstemp()
+        except FileNotFoundError:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = self._mkstemp()
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -764,3 +764,53 @@ class JobStore:
             }
 
         return with_retries(txn)
+
+    # -- crash safety (issue 6) ----------------------------------------------------------------
+
+    def fail_stale(
+        self,
+        job_id: str,
+        heartbeat_before: datetime,
+        *,
+        event_type: str,
+        message: str,
+        meta: dict[str, Any],
+        values: Mapping[str, Any],
+        lock_timeout_ms: int = 500,
+    ) -> bool:
+        """The watchdog's write: `running`/`cancel_requested` → `failed` if the job has not
+        heartbeated since `heartbeat_before`. Unlike `transition`, a row that another session holds
+        locked is skipped (False) after `lock_timeout_ms` instead of waited for: an owner frozen in
+        the middle of a write (SIGSTOP, a paused VM) holds its row lock until it wakes, and must not
+        stall the watchdog for every other job. The next watchdog pass tries that job again."""
+
+        def txn() -> list[dict] | None:
+            now = utcnow()
+            try:
+                with write_txn(self.engine) as conn:
+                    if self.is_pg:
+                        conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(lock_timeout_ms)}ms'"))
+                    return self._cas(
+                        conn,
+                        job_id,
+                        list(RUNNING_LIKE),
+                        Status.FAILED,
+                        None,
+                        now,
+                        "system",
+                        event_type,
+                        message,
+                        meta,
+                        values,
+                        heartbeat_before=heartbeat_before,
+                    )
+            except sa.exc.OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
+                    return None
+                raise
+
+        ev = with_retries(txn)
+        if ev is None:
+            return False
+        self._notify(ev)
+        return True
