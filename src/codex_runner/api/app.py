@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -57,6 +58,39 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class HttpMetrics:
+    """Counts requests and times them by route template (`/api/runner/jobs/{job_id}`), never by
+    raw path, so label cardinality stays bounded whatever clients send."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.metrics = runtime.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.http_requests.labels(method=method, route=template, status=str(status)).inc()
+            self.metrics.http_latency.labels(method=method, route=template).observe(
+                time.perf_counter() - start
+            )
+
+
 def _replay(first: Message, receive: Receive) -> Receive:
     sent = False
 
@@ -86,4 +120,5 @@ def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> FastAPI
     for extra in routes.extra_routers():
         app.include_router(extra)
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_bytes)
+    app.add_middleware(HttpMetrics, runtime=runtime)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import jwt
 from fastapi import Request
 
@@ -42,9 +44,9 @@ def authenticate(runtime: Runtime, token: str) -> Principal:
     raise NotAuthenticated("invalid or revoked token")
 
 
-def current_principal(request: Request) -> Principal:
+async def current_principal(request: Request) -> Principal:
     runtime: Runtime = request.app.state.runtime
-    principal = authenticate(runtime, _bearer(request))
+    principal = await asyncio.to_thread(authenticate, runtime, _bearer(request))
     request.state.principal = principal
     return principal
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -78,18 +79,18 @@ def list_scripts(request: Request, _: Auth) -> dict[str, Any]:
         **responses(400, 401, 403, 409, 413, 429, 503),
     },
 )
-def create_job(
+async def create_job(
     request: Request,
     body: CreateJobBody,
     principal: Auth,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    job, dedup = _rt(request).create_job(principal, body.model_dump(), idempotency_key)
+    job, dedup = await asyncio.to_thread(_rt(request).create_job, principal, body.model_dump(), idempotency_key)
     return JSONResponse({**job, "deduplicated": dedup}, status_code=200 if dedup else 201)
 
 
 @router.get("/api/runner/jobs", tags=["jobs"], responses=responses(400, *AUTH_ERRORS))
-def list_jobs(
+async def list_jobs(
     request: Request,
     principal: Auth,
     status: Annotated[list[Status] | None, Query()] = None,
@@ -98,7 +99,8 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
     runtime = _rt(request)
-    items, total = runtime.jobs.list_jobs(
+    items, total = await asyncio.to_thread(
+        runtime.jobs.list_jobs,
         owner=runtime.owner_of(principal),
         statuses=[s.value for s in status or []],
         repo_id=repo_id,
@@ -109,9 +111,11 @@ def list_jobs(
 
 
 @router.get("/api/runner/jobs/{job_id}", tags=["jobs"], responses=responses(404, *AUTH_ERRORS))
-def get_job(request: Request, job_id: str, principal: Auth) -> dict[str, Any]:
+async def get_job(request: Request, job_id: str, principal: Auth) -> dict[str, Any]:
     runtime = _rt(request)
-    return runtime.jobs.get(job_id, owner=runtime.owner_of(principal), with_events=True)
+    return await asyncio.to_thread(
+        runtime.jobs.get, job_id, owner=runtime.owner_of(principal), with_events=True
+    )
 
 
 @router.post(
