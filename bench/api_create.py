@@ -400,7 +400,9 @@ def seed(env: Env, count: int, *, batch: int = 20000) -> float:
             raw.commit() if pg else cur.execute("COMMIT")
             cur.close()
             done += len(chunk)
-            print(f"\r  seeding {done:,}/{count:,} jobs ({time.perf_counter() - t0:.0f} s)", end="", flush=True)
+            print(
+                f"\r  seeding {done:,}/{count:,} jobs ({time.perf_counter() - t0:.0f} s)", end="", flush=True
+            )
         print()
         # Outside any transaction: VACUUM and checkpoints need that.
         if pg:
@@ -424,24 +426,33 @@ def table_facts(env: Env) -> dict[str, Any]:
                 sa.select(sa.func.count()).select_from(jobs).where(jobs.c.requested_by == "user000")
             ).scalar_one()
             rand = "random()"
-            admin_ids = list(
-                conn.execute(sa.select(jobs.c.id).order_by(sa.text(rand)).limit(500)).scalars()
-            )
+            admin_ids = list(conn.execute(sa.select(jobs.c.id).order_by(sa.text(rand)).limit(500)).scalars())
             user_ids = list(
                 conn.execute(
-                    sa.select(jobs.c.id).where(jobs.c.requested_by == "user000").order_by(sa.text(rand)).limit(500)
+                    sa.select(jobs.c.id)
+                    .where(jobs.c.requested_by == "user000")
+                    .order_by(sa.text(rand))
+                    .limit(500)
                 ).scalars()
             )
         repo_id = next(r.id for r in rt.catalog.repos.values() if r.name == "beta")
     finally:
         rt.close()
-    return {"total": total, "user_rows": mine, "admin_ids": admin_ids, "user_ids": user_ids, "repo_id": repo_id}
+    return {
+        "total": total,
+        "user_rows": mine,
+        "admin_ids": admin_ids,
+        "user_ids": user_ids,
+        "repo_id": repo_id,
+    }
 
 
 # -- load -------------------------------------------------------------------------------------
 
 
-async def create_load(url: str, tokens: list[str], repo: str, duration: float, concurrency: int) -> CreateResult:
+async def create_load(
+    url: str, tokens: list[str], repo: str, duration: float, concurrency: int
+) -> CreateResult:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -502,7 +513,9 @@ def read_latency(url: str, env: Env, facts: dict[str, Any], samples: int) -> dic
             for name, path in paths.items():
                 out[f"{who} {name}"] = _sample(c, [path] * samples)
             if ids:
-                out[f"{who} get"] = _sample(c, [f"/api/runner/jobs/{ids[i % len(ids)]}" for i in range(samples)])
+                out[f"{who} get"] = _sample(
+                    c, [f"/api/runner/jobs/{ids[i % len(ids)]}" for i in range(samples)]
+                )
     return out
 
 
@@ -530,8 +543,12 @@ def print_creates(label: str, res: CreateResult) -> None:
     )
 
 
-def print_reads(small: dict[str, tuple[float, float]], big: dict[str, tuple[float, float]], rows: str) -> None:
-    print(f"  {'reads (ms)':<28} {'small p50':>10} {'p99':>7} {rows + ' p50':>12} {'p99':>7} {'ratio p50':>10}")
+def print_reads(
+    small: dict[str, tuple[float, float]], big: dict[str, tuple[float, float]], rows: str
+) -> None:
+    print(
+        f"  {'reads (ms)':<28} {'small p50':>10} {'p99':>7} {rows + ' p50':>12} {'p99':>7} {'ratio p50':>10}"
+    )
     for name, (p50, p99) in small.items():
         b50, b99 = big.get(name, (float("nan"), float("nan")))
         print(f"  {name:<28} {p50:>10.2f} {p99:>7.2f} {b50:>12.2f} {b99:>7.2f} {b50 / p50:>9.2f}x")
@@ -560,7 +577,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--rows", type=int, default=1_000_000, help="jobs in the table for the big phase")
     parser.add_argument("--small-rows", type=int, default=100, help="jobs in the table for the small phase")

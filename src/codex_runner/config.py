@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import tomllib
@@ -59,6 +60,10 @@ def _parse_list(name: str, raw: object) -> tuple[str, ...]:
             if not isinstance(loaded, list) or not all(isinstance(x, str) for x in loaded):
                 raise ConfigError(f"{name}: expected a JSON array of strings")
             items = loaded
+        elif "://" in text:
+            # URLs hold colons of their own (scheme, port): split only where a colon starts
+            # neither "//" nor a port number. A JSON array says it without ambiguity.
+            items = [part for part in re.split(r":(?!//)(?!\d)", text) if part]
         else:
             items = [part for part in text.split(":") if part]
     return tuple(items)

@@ -149,10 +149,15 @@ class Runner:
         return [self.wait(i, timeout=timeout) for i in ids]
 
 
-def runner_settings(tmp_path: Path, database_url: str, timeout: int = 60, **env: str) -> Any:
-    repo = make_git_repo(tmp_path / "repo")
+def runner_settings(
+    tmp_path: Path, database_url: str, timeout: int = 60, extra_toml: str = "", **env: str
+) -> Any:
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        make_git_repo(repo)
     (tmp_path / "runner.toml").write_text(
         textwrap.dedent(TOML.format(repo=repo, python=sys.executable, behave=BEHAVE, timeout=timeout))
+        + extra_toml
     )
     base = {
         "RUNNER_DATABASE_URL": database_url,
@@ -171,8 +176,8 @@ def runner_settings(tmp_path: Path, database_url: str, timeout: int = 60, **env:
 def runner_factory(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Runner]]:
     started: list[tuple[Any, Runner]] = []
 
-    def start(**env: str) -> Runner:
-        runtime = Runtime.open(runner_settings(tmp_path, database_url, **env))
+    def start(extra_toml: str = "", **env: str) -> Runner:
+        runtime = Runtime.open(runner_settings(tmp_path, database_url, extra_toml=extra_toml, **env))
         cm = serve_app(build_app(runtime))
         url = cm.__enter__()
         token, _ = runtime.tokens.create("admin", "admin")

@@ -97,6 +97,8 @@ def test_missing_local_path_is_not_a_config_error(tmp_path: Path) -> None:
         "ssh://git@[::1]:2222/w.git",
         "file:///srv/git/w",
         "HTTPS://GitHub.com/acme/w",
+        "http://127.0.0.1:8080/git/w.git",
+        "http://localhost/w.git",
     ],
 )
 def test_accepted_urls(source: str) -> None:
@@ -112,6 +114,7 @@ BAD_SOURCES = [
     ("fd::17", "remote-helper transports"),
     ("git@github.com:acme/w.git", "scp-like addresses are refused"),
     ("http://github.com/acme/w", "scheme http:// is refused"),
+    ("http://10.0.0.1/acme/w", "scheme http:// is refused"),
     ("git://github.com/acme/w", "scheme git:// is refused"),
     ("ftp://h/w", "scheme ftp:// is refused"),
     ("https://github.com/acme/w?x=1", "must not have a query or fragment"),

@@ -85,7 +85,9 @@ async def create_job(
     principal: Auth,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    job, dedup = await asyncio.to_thread(_rt(request).create_job, principal, body.model_dump(), idempotency_key)
+    job, dedup = await asyncio.to_thread(
+        _rt(request).create_job, principal, body.model_dump(), idempotency_key
+    )
     return JSONResponse({**job, "deduplicated": dedup}, status_code=200 if dedup else 201)
 
 

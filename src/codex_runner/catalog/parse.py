@@ -204,7 +204,9 @@ def _url_source_problem(source: str) -> str | None:
         if _SCP_LIKE.fullmatch(source):
             return "scp-like addresses are refused; write ssh://user@host/path"
         return "must be an absolute local path or an https://, ssh:// or file:// URL"
-    if scheme not in URL_SCHEMES:
+    if scheme == "http" and _is_loopback(source):
+        scheme = "https"  # plain http only to this machine (local mirrors, tests); never over a network
+    elif scheme not in URL_SCHEMES:
         return f"scheme {scheme}:// is refused; use https://, ssh:// or file://"
     try:
         parts = urlsplit(source)
@@ -232,6 +234,14 @@ def _url_source_problem(source: str) -> str | None:
     if len(path) <= 1:
         return "needs a repository path"
     return None
+
+
+def _is_loopback(url: str) -> bool:
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    return host in {"localhost", "::1"} or host.startswith("127.")
 
 
 def _ref_problem(ref: str) -> str | None:

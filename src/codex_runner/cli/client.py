@@ -6,8 +6,9 @@ what to check when the runner cannot be reached.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,7 +38,14 @@ def display_url(url: str) -> str:
 
 
 class RunnerClient:
-    def __init__(self, url: str, token: str | None, *, timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        timeout: float = REQUEST_TIMEOUT_SECONDS,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         if not token:
             raise CliError(
                 "RUNNER_TOKEN is not set; create a token with `codex-runner tokens create --user NAME` "
@@ -57,6 +65,7 @@ class RunnerClient:
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "User-Agent": f"codex-runner-cli/{__version__}"},
             timeout=timeout,
+            transport=transport,
         )
 
     @classmethod
@@ -81,22 +90,45 @@ class RunnerClient:
         """(status, decoded JSON body) of a 2xx answer; anything else raises `CliError`."""
         try:
             response = self._http.request(method, path, params=params, json=json, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout):
-            raise RunnerUnreachable(
-                f"cannot reach the runner at {self.url}: is `codex-runner serve` running?"
-            ) from None
-        except httpx.TimeoutException:
-            raise RunnerUnreachable(f"the runner at {self.url} did not answer in time") from None
         except httpx.TransportError as exc:
-            raise RunnerUnreachable(
-                f"request to the runner at {self.url} failed ({type(exc).__name__})"
-            ) from None
+            raise self._unreachable(exc) from None
         if response.is_success:
             try:
                 return response.status_code, response.json()
             except ValueError:
                 raise CliError(f"the runner at {self.url} answered something that is not JSON") from None
         raise _api_error(response)
+
+    @contextlib.contextmanager
+    def stream(
+        self,
+        path: str,
+        *,
+        params: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> Iterator[httpx.Response]:
+        """A streamed GET: the 2xx response with its body still to read. A non-2xx answer raises
+        `CliError` like `request`; a transport failure, also while reading the body, raises
+        `RunnerUnreachable`."""
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        try:
+            with self._http.stream("GET", path, params=params, headers=headers, **extra) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _api_error(response)
+                yield response
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: httpx.TransportError) -> RunnerUnreachable:
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return RunnerUnreachable(
+                f"cannot reach the runner at {self.url}: is `codex-runner serve` running?"
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return RunnerUnreachable(f"the runner at {self.url} did not answer in time")
+        return RunnerUnreachable(f"request to the runner at {self.url} failed ({type(exc).__name__})")
 
     def get(self, path: str, params: Any = None) -> Any:
         return self.request("GET", path, params=params)[1]

@@ -132,8 +132,9 @@ def await_job(
             info(f"following the log of job {job_id} (Ctrl-C stops following; the job keeps running)")
             follower = LogFollower(client, job_id)
             # With --json stdout is reserved for the final job object.
-            for chunk in follower.chunks(follow=True, deadline=deadline):
+            for chunk in follower.stream(deadline=deadline):
                 _write(chunk, to_stderr=json_out)
+            # After the stream's `end` the job is terminal: one read gets it for the outcome line.
             job, done = wait_for_job(client, job_id, on_poll=lambda _: None, deadline=deadline)
         else:
             with StatusLine(job_id) as line:
@@ -347,16 +348,22 @@ def job_events(job_id: JobId, json_out: JsonOpt = False) -> None:
 @jobs_app.command("logs")
 def job_logs(
     job_id: JobId,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep printing until the job ends; exit code follows it."),
+    ] = False,
     offset: Annotated[int, typer.Option(min=0, help="Start at this byte offset of the redacted log.")] = 0,
 ) -> None:
     """Print a job's redacted log (stdout and stderr merged)."""
     with _client() as client:
         follower = LogFollower(client, job_id, offset=offset)
         try:
-            for chunk in follower.chunks(follow=follow):
+            for chunk in follower.stream() if follow else follower.chunks(follow=False):
                 _write(chunk)
         except KeyboardInterrupt:
             # Ctrl-C is how one stops following: not an error.
             info(f"stopped following at offset {follower.offset}")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    if follow and follower.status is not None:
+        err.print(Text.assemble(f"job {job_id} ", status_text(follower.status)))
+        raise typer.Exit(int(EXIT_BY_STATUS.get(follower.status, ExitCode.ERROR)))

@@ -1,0 +1,88 @@
+"""Settings: environment over runner.toml, validation with one line naming the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codex_runner.config import load_settings
+from codex_runner.errors import ConfigError
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = load_settings({}, cwd=tmp_path)
+    assert s.data_dir == tmp_path / ".runner-data"
+    assert s.database_url == f"sqlite:///{tmp_path / '.runner-data' / 'runner.db'}"
+    assert s.log_dir == s.data_dir / "logs" and s.workspace_dir == s.data_dir / "workspaces"
+    assert (s.host, s.port, s.max_concurrency, s.max_jobs_per_user) == ("127.0.0.1", 8787, 2, 3)
+    assert (s.max_queue_size, s.max_queued_per_user, s.log_max_bytes) == (200, 20, 67108864)
+    assert s.enabled and s.cleanup_after_job and not s.production
+    assert s.id
+
+
+def test_environment_wins_over_toml(tmp_path: Path) -> None:
+    (tmp_path / "runner.toml").write_text("[runner]\nmax_concurrency = 4\nport = 9000\n")
+    s = load_settings({"RUNNER_MAX_CONCURRENCY": "7"}, cwd=tmp_path)
+    assert s.max_concurrency == 7 and s.port == 9000
+    assert s.config == (tmp_path / "runner.toml").resolve()
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"RUNNER_MAX_CONCURRENCY": "0"}, "RUNNER_MAX_CONCURRENCY: must be at least 1"),
+        ({"RUNNER_PORT": "http"}, "RUNNER_PORT: expected an integer"),
+        ({"RUNNER_PORT": "70000"}, "RUNNER_PORT: must be at most 65535"),
+        ({"RUNNER_ENABLED": "maybe"}, "RUNNER_ENABLED: expected true or false"),
+        ({"RUNNER_LOG_FORMAT": "xml"}, "RUNNER_LOG_FORMAT"),
+        ({"RUNNER_DATABASE_URL": "mysql://x"}, "RUNNER_DATABASE_URL"),
+        ({"RUNNER_ENCRYPTION_KEY": "short"}, "RUNNER_ENCRYPTION_KEY"),
+        ({"RUNNER_ALLOWED_REPO_PATHS": "[1, 2]"}, "RUNNER_ALLOWED_REPO_PATHS"),
+        (
+            {"RUNNER_STALE_AFTER_SECONDS": "10", "RUNNER_HEARTBEAT_SECONDS": "30"},
+            "RUNNER_STALE_AFTER_SECONDS",
+        ),
+        ({"RUNNER_CONFIG": "missing.toml"}, "RUNNER_CONFIG: file"),
+    ],
+)
+def test_bad_values_name_the_setting(tmp_path: Path, env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env, cwd=tmp_path)
+    assert fragment in exc.value.message
+    assert "\n" not in exc.value.message
+    if "RUNNER_ENCRYPTION_KEY" in env:
+        assert env["RUNNER_ENCRYPTION_KEY"] not in exc.value.message
+
+
+def test_toml_errors(tmp_path: Path) -> None:
+    (tmp_path / "runner.toml").write_text("[runner]\nmax_concurency = 4\n")
+    with pytest.raises(ConfigError, match=r"\[runner\].max_concurency: unknown setting"):
+        load_settings({}, cwd=tmp_path)
+    (tmp_path / "runner.toml").write_text("[runner\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({}, cwd=tmp_path)
+    (tmp_path / "runner.toml").write_text('[runner]\nmax_concurrency = "many"\n')
+    with pytest.raises(ConfigError, match=r"runner.toml \[runner\].max_concurrency: expected an integer"):
+        load_settings({}, cwd=tmp_path)
+
+
+def test_lists_json_or_colon_separated(tmp_path: Path) -> None:
+    s = load_settings(
+        {
+            "RUNNER_ALLOWED_REPO_PATHS": "/srv/a:/srv/b",
+            "RUNNER_ALLOWED_GIT_URL_PREFIXES": "https://h.com:8443/acme:ssh://git@h/x",
+        },
+        cwd=tmp_path,
+    )
+    assert s.allowed_repo_paths == ("/srv/a", "/srv/b")
+    assert s.allowed_git_url_prefixes == ("https://h.com:8443/acme", "ssh://git@h/x")
+    s = load_settings({"RUNNER_ALLOWED_REPO_PATHS": '["/a:b", "/c"]'}, cwd=tmp_path)
+    assert s.allowed_repo_paths == ("/a:b", "/c")
+
+
+def test_secret_values_never_include_sqlite_url(tmp_path: Path) -> None:
+    s = load_settings({"RUNNER_JWT_SECRET": "jwt-secret-123456"}, cwd=tmp_path)
+    assert s.secret_values() == ["jwt-secret-123456"]
+    pg = load_settings({"RUNNER_DATABASE_URL": "postgresql://u:pw@h/db"}, cwd=tmp_path)
+    assert "postgresql://u:pw@h/db" in pg.secret_values()
