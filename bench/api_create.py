@@ -40,7 +40,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -61,6 +61,7 @@ SEED_USERS = 200
 TERMINAL_MIX = [("success", 80), ("failed", 12), ("canceled", 5), ("timeout", 3)]
 ACTIVE_MIX = [("queued", 300), ("running", 150), ("cancel_requested", 20)]
 STAGES = ("prepare", "script", "commit", "push", "cleanup")
+SEED_CACHE_KIB = 1024 * 1024
 
 RUNNER_TOML = """
 [runner]
@@ -102,7 +103,8 @@ class CreateResult:
     seconds: float
     latencies_ms: list[float]
     errors: dict[str, int]
-    server_cpu: float
+    sent: int  # warm-up included
+    server_cpu: float  # server CPU seconds per wall second, warm-up included
 
     @property
     def rate(self) -> float:
@@ -229,12 +231,50 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _iso(ts: datetime) -> str:
-    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return ts.isoformat(timespec="milliseconds") + "Z"
 
 
-def seed_rows(count: int, repo_ids: dict[str, str], rng: random.Random) -> Iterator[tuple[dict, list[dict]]]:
-    """`count` jobs, oldest first over the last 30 days, the active ones among the newest; each with
-    its `job_created` event and, once started, its last event."""
+def _stages_json(status: str, at: datetime) -> str:
+    """A job's `stages` as the runner leaves them for `status` (the times are typical, not exact)."""
+    stages: list[dict[str, Any]] = [
+        {"name": n, "status": "pending", "started_at": None, "finished_at": None, "exit_code": None}
+        for n in STAGES
+    ]
+    if status != "queued":
+        done = 5 if status == "success" else 2
+        for i, st in enumerate(stages[:done]):
+            st.update(status="success", exit_code=0)
+            st["started_at"] = _iso(at + timedelta(seconds=i))
+            st["finished_at"] = _iso(at + timedelta(seconds=i + 1))
+        if status in ("failed", "timeout", "canceled"):
+            stages[1].update(status="failed", exit_code=1)
+        if status in ("running", "cancel_requested"):
+            stages[1].update(status="running", finished_at=None, exit_code=None)
+    return json.dumps(stages)
+
+
+LAST_EVENT = {
+    "success": "job_succeeded",
+    "failed": "job_failed",
+    "canceled": "job_canceled",
+    "timeout": "job_timeout",
+    "running": "job_started",
+    "cancel_requested": "job_started",
+}
+ERRORS = {
+    "failed": (1, "script_failed", "the script exited with status 1"),
+    "timeout": (137, "timeout", "the job ran past its timeout"),
+    "canceled": (None, "canceled", None),
+    "success": (0, None, None),
+}
+
+
+def seed_rows(
+    count: int, repo_ids: dict[str, str], rng: random.Random, ts: Callable[[datetime | None], Any]
+) -> Iterator[tuple[tuple, list[tuple]]]:
+    """`count` jobs (columns in JOB_COLS order, JSON as text, times through `ts`), oldest first over
+    the last 30 days, the active ones among the newest; each with its `job_created` event and, once
+    started, its last event (EVENT_COLS order)."""
     now = datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=1)
     start = now - timedelta(days=30)
     step = (now - start) / max(count, 1)
@@ -248,132 +288,91 @@ def seed_rows(count: int, repo_ids: dict[str, str], rng: random.Random) -> Itera
     chosen_users = rng.choices(users, user_weights, k=count)
     chosen_repos = rng.choices(REPOS, REPO_WEIGHTS, k=count)
     chosen_status = rng.choices(statuses, weights, k=count)
+    stages = {st: _stages_json(st, now) for st in [*statuses, *(s for s, _ in ACTIVE_MIX)]}
+    created_meta = {r: json.dumps({"script_key": "echo", "repo": r}) for r in REPOS}
+    pad = "x" * 120
     for i in range(count):
         created = start + step * i
         status = active[i - (count - n_active)] if i >= count - n_active else chosen_status[i]
-        repo = chosen_repos[i]
+        repo, user = chosen_repos[i], chosen_users[i]
         job_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        started = created + timedelta(seconds=rng.uniform(0.05, 5)) if status != "queued" else None
-        finished = None
-        exit_code = error_code = error_message = result = None
-        stages: list[dict[str, Any]] = [
-            {"name": n, "status": "pending", "started_at": None, "finished_at": None, "exit_code": None}
-            for n in STAGES
-        ]
-        if started is not None:
-            finished = started + timedelta(seconds=rng.uniform(2, 900))
-            t = started
-            ok = status in ("success", "running", "cancel_requested")
-            for st in stages[: 5 if status == "success" else 2]:
-                st.update(status="success", started_at=_iso(t), exit_code=0)
-                t += timedelta(seconds=1)
-                st["finished_at"] = _iso(t)
-            if not ok:
-                stages[1]["status"] = "failed"
-                stages[1]["exit_code"] = 1
-            if status in ("running", "cancel_requested"):
-                finished = None
-                stages[1].update(status="running", finished_at=None, exit_code=None)
-        if status == "success":
-            exit_code = 0
-            result = {
-                "branch": f"runner/{job_id[:8]}",
-                "base_branch": "main",
-                "commit": f"{rng.getrandbits(160):040x}",
-                "pushed": False,
-                "files_changed": rng.randint(0, 20),
-                "lines_added": rng.randint(0, 500),
-                "lines_removed": rng.randint(0, 200),
-            }
-        elif status == "failed":
-            exit_code, error_code, error_message = 1, "script_failed", "the script exited with status 1"
-        elif status == "timeout":
-            exit_code, error_code, error_message = 137, "timeout", "the job ran past its timeout"
-        elif status == "canceled":
-            error_code = "canceled"
         running = status in ("running", "cancel_requested")
-        row = {
-            "id": job_id,
-            "repo_id": repo_ids[repo],
-            "repo": repo,
-            "workspace_mode": "scratch",
-            "script_key": "echo",
-            "args": {"message": f"seed job {i} " + "x" * rng.randint(10, 120)},
-            "status": status,
-            "requested_by": chosen_users[i],
-            "created_at": created,
-            "started_at": started,
-            "finished_at": finished,
-            "heartbeat_at": now if running else finished,
-            "timeout_seconds": 600,
-            "exit_code": exit_code,
-            "error_code": error_code,
-            "error_message": error_message,
-            "cancel_requested_at": started if status == "cancel_requested" else None,
-            "runner_id": "bench-seed" if started is not None else None,
-            "lease_token": uuid.uuid4().hex if running else None,
-            "attempt": 1 if started is not None else 0,
-            "stages": stages,
-            "result": result,
-            "pid": None,
-            "pgid": None,
-            "proc_start_time": None,
-        }
-        evs = [
-            {
-                "job_id": job_id,
-                "event_type": "job_created",
-                "actor": chosen_users[i],
-                "message": "job created",
-                "meta": {"script_key": "echo", "repo": repo},
-                "created_at": created,
-            }
-        ]
-        if started is not None:
-            last = {
-                "success": "job_succeeded",
-                "failed": "job_failed",
-                "canceled": "job_canceled",
-                "timeout": "job_timeout",
-            }.get(status, "job_started")
-            evs.append(
-                {
-                    "job_id": job_id,
-                    "event_type": last,
-                    "actor": "system",
-                    "message": last.replace("_", " "),
-                    "meta": {},
-                    "created_at": finished or started,
-                }
+        started = finished = None
+        if status != "queued":
+            started = created + timedelta(seconds=rng.uniform(0.05, 5))
+            if not running:
+                finished = started + timedelta(seconds=rng.uniform(2, 900))
+        exit_code, error_code, error_message = ERRORS.get(status, (None, None, None))
+        result = None
+        if status == "success":
+            result = (
+                f'{{"branch": "runner/{job_id[:8]}", "base_branch": "main", '
+                f'"commit": "{rng.getrandbits(160):040x}", "pushed": false, '
+                f'"files_changed": {i % 20}, "lines_added": {i % 500}, "lines_removed": {i % 200}}}'
             )
+        row = (
+            job_id,
+            repo_ids[repo],
+            repo,
+            "scratch",
+            "echo",
+            f'{{"message": "seed job {i} {pad[: 10 + i % 110]}"}}',
+            status,
+            user,
+            ts(created),
+            ts(started),
+            ts(finished),
+            ts(now if running else finished),
+            600,
+            exit_code,
+            error_code,
+            error_message,
+            ts(started if status == "cancel_requested" else None),
+            "bench-seed" if started is not None else None,
+            uuid.uuid4().hex if running else None,
+            1 if started is not None else 0,
+            stages[status],
+            result,
+            None,
+            None,
+            None,
+        )
+        evs = [(job_id, "job_created", user, "job created", created_meta[repo], ts(created))]
+        if started is not None:
+            last = LAST_EVENT[status]
+            evs.append((job_id, last, "system", last.replace("_", " "), "{}", ts(finished or started)))
         yield row, evs
 
 
 JOB_COLS = [c.name for c in jobs.c]
 EVENT_COLS = ["job_id", "event_type", "actor", "message", "meta", "created_at"]
-JSON_COLS = {"args", "stages", "result", "meta"}
+assert (
+    JOB_COLS
+    == (
+        "id repo_id repo workspace_mode script_key args status requested_by created_at started_at finished_at "
+        "heartbeat_at timeout_seconds exit_code error_code error_message cancel_requested_at runner_id "
+        "lease_token attempt stages result pid pgid proc_start_time"
+    ).split()
+), "seed_rows yields the columns in this order"
 
 
-def _pg_copy(cur: Any, table: str, cols: list[str], rows: list[dict]) -> None:
-    with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
-        for r in rows:
-            copy.write_row([json.dumps(r[c]) if c in JSON_COLS and r[c] is not None else r[c] for c in cols])
+def _sqlite_ts(value: datetime | None) -> str | None:
+    """How SQLAlchemy's SQLite DateTime stores a time."""
+    return None if value is None else value.isoformat(" ", "microseconds")
 
 
-def _sqlite_value(col: str, value: Any) -> Any:
-    """What SQLAlchemy's SQLite types store: JSON text, `YYYY-MM-DD HH:MM:SS.ffffff`."""
-    if value is None:
-        return None
-    if col in JSON_COLS:
-        return json.dumps(value)
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+def _pg_ts(value: datetime | None) -> datetime | None:
     return value
 
 
-def _sqlite_insert(cur: Any, table: str, cols: list[str], rows: list[dict]) -> None:
-    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-    cur.executemany(sql, ([_sqlite_value(c, r[c]) for c in cols] for r in rows))
+def _pg_copy(cur: Any, table: str, cols: list[str], rows: list[tuple]) -> None:
+    with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
+        for r in rows:
+            copy.write_row(r)
+
+
+def _sqlite_insert(cur: Any, table: str, cols: list[str], rows: list[tuple]) -> None:
+    cur.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", rows)
 
 
 def seed(env: Env, count: int, *, batch: int = 20000) -> float:
@@ -386,9 +385,13 @@ def seed(env: Env, count: int, *, batch: int = 20000) -> float:
     raw = rt.engine.raw_connection()
     try:
         repo_ids = {r.name: r.id for r in rt.catalog.repos.values()}
-        rows = seed_rows(count, repo_ids, random.Random(20261123))
         pg = env.backend == "postgresql"
+        rows = seed_rows(count, repo_ids, random.Random(20261123), _pg_ts if pg else _sqlite_ts)
         insert = _pg_copy if pg else _sqlite_insert
+        if not pg:
+            # A big page cache for this connection: the random-UUID primary key and ten indexes
+            # touch pages all over the file.
+            raw.cursor().execute(f"PRAGMA cache_size=-{SEED_CACHE_KIB}")
         done = 0
         while done < count:
             chunk = [next(rows) for _ in range(min(batch, count - done))]
@@ -458,11 +461,11 @@ async def create_load(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     warmup_end = time.perf_counter() + 1.0
     end = warmup_end + duration
-    count = 0
+    count = sent = 0
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
 
         async def worker(w: int) -> None:
-            nonlocal count
+            nonlocal count, sent
             headers = {"Authorization": f"Bearer {tokens[w % len(tokens)]}"}
             seq = 0
             while True:
@@ -477,6 +480,7 @@ async def create_load(
                 except httpx.HTTPError as exc:
                     code = type(exc).__name__
                 t1 = time.perf_counter()
+                sent += 1
                 if t0 < warmup_end:
                     continue
                 count += 1
@@ -485,7 +489,7 @@ async def create_load(
                     errors[code] = errors.get(code, 0) + 1
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return CreateResult(count, duration, latencies, errors, 0.0)
+    return CreateResult(count, duration, latencies, errors, sent, 0.0)
 
 
 def run_creates(url: str, pid: int, env: Env, args: argparse.Namespace) -> CreateResult:
@@ -519,6 +523,15 @@ def read_latency(url: str, env: Env, facts: dict[str, Any], samples: int) -> dic
     return out
 
 
+def check_totals(url: str, env: Env, facts: dict[str, Any]) -> None:
+    """The API's `total` must be the exact row count, for the admin and for the user."""
+    for token, expected in ((env.admin, facts["total"]), (env.user_tokens["user000"], facts["user_rows"])):
+        r = httpx.get(url + "/api/runner/jobs?limit=1", headers={"Authorization": f"Bearer {token}"})
+        total = r.raise_for_status().json()["total"]
+        if total != expected:
+            raise SystemExit(f"list total {total} != COUNT(*) {expected}")
+
+
 def _sample(c: httpx.Client, paths: list[str]) -> tuple[float, float]:
     for p in paths[:10]:  # warm-up
         c.get(p).raise_for_status()
@@ -539,7 +552,8 @@ def print_creates(label: str, res: CreateResult) -> None:
     print(
         f"  creates [{label}]: {res.rate:,.0f} req/s, p50 {pct(res.latencies_ms, 50):.1f} ms, "
         f"p95 {pct(res.latencies_ms, 95):.1f} ms, p99 {pct(res.latencies_ms, 99):.1f} ms, "
-        f"errors {errs}, server CPU {res.server_cpu * 100:.0f}%"
+        f"errors {errs}, server CPU {res.server_cpu * 100:.0f}% "
+        f"({res.server_cpu * (res.seconds + 1) * 1000 / max(res.sent, 1):.1f} ms/request)"
     )
 
 
@@ -561,6 +575,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
         seed(env, args.small_rows)
         facts = table_facts(env)
         with server(env) as (url, pid):
+            check_totals(url, env, facts)
             small = read_latency(url, env, facts, args.samples)
             created_small = run_creates(url, pid, env, args)
         print(f"  table: {facts['total']:,} jobs (user000: {facts['user_rows']:,})")
@@ -570,6 +585,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
         facts = table_facts(env)
         print(f"  seeded to {facts['total']:,} jobs (user000: {facts['user_rows']:,}) in {took:.0f} s")
         with server(env) as (url, pid):
+            check_totals(url, env, facts)
             big = read_latency(url, env, facts, args.samples)
             created_big = run_creates(url, pid, env, args)
         print_creates(f"{facts['total']:,} rows", created_big)

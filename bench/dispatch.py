@@ -24,7 +24,8 @@ server, dropped at the end), a runner.toml with one `scratch` repo and three scr
     process lives, the client takes the time, POSTs the cancel and polls /proc until the group has
     no live (non-zombie) process. `--cancels` jobs, one at a time.
 
-Prints one markdown table per run (the rows of docs/performance.md's "Dispatch" section) and the
+`BENCH_SERVE_CMD` replaces `codex-runner serve` (same environment), for experiments such as another
+event loop. Prints one markdown table per run (the rows of docs/performance.md's "Dispatch" section) and the
 machine's load average, which matters: on a shared 2-core box other work steals the CPU.
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -173,6 +175,8 @@ def server(env: Env, **extra: str) -> Iterator[tuple[str, int]]:
     log = (env.root / "server.log").open("ab")
     exe = Path(sys.executable).with_name("codex-runner")
     cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "codex_runner.cli", "serve"]
+    if os.environ.get("BENCH_SERVE_CMD"):  # an experiment: another way to run the same server
+        cmd = shlex.split(os.environ["BENCH_SERVE_CMD"])
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, **env.env, **extra, "RUNNER_PORT": str(port)},

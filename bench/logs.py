@@ -1,22 +1,37 @@
-"""Log library benchmark: v1 redaction throughput, writer throughput, index build and page reads.
+"""Log benchmark: (a) v1 redaction and writer throughput, (b) index build and page reads of a big
+log, (c) latency from a line written by a job to an SSE client of `/logs/stream`.
 
 Prints numbers; not a pass/fail test. Throughputs are given in CPU time (what one core does, the
 machine may be shared) and in wall time. Targets: redaction and index build >= 50 MB/s, a 128 KiB
-page anywhere in a 1 GiB log <= 20 ms once indexed.
+page anywhere in a 1 GiB log <= 20 ms once indexed, line-to-client latency p99 <= 250 ms.
+
+(c) runs a real `codex-runner serve` (launcher on) in a subprocess, with a temp data dir and a
+runner.toml whose script prints `tick <time.time_ns()>` every `--interval` seconds (flushing each
+line) for `--latency-seconds`; an SSE client reads the job's stream from offset 0 and, for each line
+received, takes receive time minus the time written in the line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
+from codex_runner.cli.follow import SseDecoder
 from codex_runner.logs import LogWriter, read_page, redacted_size
 from codex_runner.logs.redaction import V1
 from codex_runner.logs.stream import MAX_LINE
@@ -200,6 +215,132 @@ def bench_log(size: int, sample: bytes, folder: Path) -> None:
         )
 
 
+TICKER = """
+import sys, time
+time.sleep(0.5)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    print("tick", time.time_ns(), flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+LATENCY_TOML = """
+[repos.bench]
+source = {repo}
+workspace = "scratch"
+
+[scripts.ticker]
+command = [{python}, "-c", {ticker}, {seconds}, {interval}]
+timeout_seconds = {timeout}
+"""
+
+
+def _serve(
+    folder: Path, seconds: float, interval: float
+) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+    """`codex-runner serve` with its launcher on a free port, healthy; (process, url, its env)."""
+    repo = folder / "repo"
+    git = ["git", "-C", str(repo), "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
+    repo.mkdir()
+    (repo / "README.md").write_text("bench\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "README.md"], ["commit", "-q", "-m", "initial"]):
+        subprocess.run([*git, *args], check=True, timeout=30)
+    toml = LATENCY_TOML.format(
+        repo=json.dumps(str(repo)),
+        python=json.dumps(sys.executable),
+        ticker=json.dumps(TICKER),
+        seconds=json.dumps(str(seconds)),
+        interval=json.dumps(str(interval)),
+        timeout=int(seconds) + 60,
+    )
+    (folder / "runner.toml").write_text(toml)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    env |= {
+        "RUNNER_CONFIG": str(folder / "runner.toml"),
+        "RUNNER_DATA_DIR": str(folder / "data"),
+        "RUNNER_PORT": str(port),
+        "RUNNER_ENABLED": "true",
+        "RUNNER_LOG_FORMAT": "console",
+    }
+    cli = str(Path(sys.executable).parent / "codex-runner")
+    with (folder / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [cli, "serve"], env=env, cwd=folder, stdout=log, stderr=log, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url, env
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    _stop(proc)
+    raise SystemExit(f"codex-runner serve did not start:\n{(folder / 'serve.log').read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def bench_latency(folder: Path, seconds: float, interval: float) -> None:
+    proc, url, env = _serve(folder, seconds, interval)
+    try:
+        cli = str(Path(sys.executable).parent / "codex-runner")
+        made = subprocess.run(
+            [cli, "tokens", "create", "--user", "bench", "--role", "admin"],
+            env=env,
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        headers = {"Authorization": f"Bearer {made.stdout.strip()}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(10, read=30)) as http:
+            body = {"repo": "bench", "script_key": "ticker", "args": {}}
+            job = http.post("/api/runner/jobs", json=body).raise_for_status().json()
+            latencies: list[float] = []
+            status = "?"
+            decoder = SseDecoder()
+            with http.stream("GET", f"/api/runner/jobs/{job['id']}/logs/stream") as response:
+                response.raise_for_status()
+                for chunk in response.iter_bytes():
+                    received = time.time_ns()
+                    for event in decoder.feed(chunk):
+                        if event.event == "end":
+                            status = json.loads(event.data)["status"]
+                        elif event.event == "log":
+                            for written in re.findall(
+                                r"^tick (\d+)$", json.loads(event.data)["content"], re.M
+                            ):
+                                latencies.append((received - int(written)) / 1e6)
+    finally:
+        _stop(proc)
+    if not latencies:
+        raise SystemExit(f"no tick line received (job {status})")
+    p50, p95, p99 = (_percentile(latencies, q) for q in (50, 95, 99))
+    print(
+        f"SSE latency    {len(latencies):5d} lines every {interval * 1000:.0f} ms (job {status}): "
+        f"p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  p99 {p99:6.1f} ms  max {max(latencies):6.1f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -211,13 +352,31 @@ def main() -> None:
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to put the big log (default: a temp dir)"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["throughput", "pages", "latency"],
+        help="run only these parts: (a) throughput, (b) pages, (c) latency (repeatable; default all)",
+    )
+    parser.add_argument(
+        "--latency-seconds", type=float, default=5.0, help="(c): how long the job prints (default 5)"
+    )
+    parser.add_argument(
+        "--interval", type=float, default=0.02, help="(c): seconds between lines (default 0.02)"
+    )
     args = parser.parse_args()
+    parts = set(args.only or ["throughput", "pages", "latency"])
     folder = Path(tempfile.mkdtemp(prefix="bench-logs-", dir=args.dir))
     try:
-        sample = agent_output(args.sample)
-        bench_redaction(sample)
-        bench_writer(sample, folder)
-        bench_log(args.size, sample, folder)
+        if parts & {"throughput", "pages"}:
+            sample = agent_output(args.sample)
+        if "throughput" in parts:
+            bench_redaction(sample)
+            bench_writer(sample, folder)
+        if "pages" in parts:
+            bench_log(args.size, sample, folder)
+        if "latency" in parts:
+            bench_latency(folder, args.latency_seconds, args.interval)
     finally:
         shutil.rmtree(folder)
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from codex_runner.api import create_app
 from codex_runner.config import Settings
+from codex_runner.launcher import guard_serve_signals
 from codex_runner.ops.service import background_chores, on_startup
 from codex_runner.runtime import Runtime
 
@@ -55,7 +56,10 @@ def run_serve(settings: Settings) -> None:
             lifespan="on",
             timeout_graceful_shutdown=settings.kill_grace_seconds + 5,
         )
-        uvicorn.Server(config).run()
+        server = uvicorn.Server(config)
+        # A second SIGTERM/SIGINT exits at once but still kills every job's process group.
+        guard_serve_signals(server)
+        server.run()
     finally:
         runtime.close()
 

@@ -344,6 +344,21 @@ def max_overlap(intervals: Iterable[tuple[datetime, datetime]], slack: float = 0
     return best
 
 
+def excess_seconds(intervals: Iterable[tuple[datetime, datetime]], limit: int) -> float:
+    """Longest stretch during which more than `limit` intervals were open (raw timestamps)."""
+    points = sorted(
+        [(s.timestamp(), 1) for s, _ in intervals] + [(e.timestamp(), -1) for _, e in intervals],
+        key=lambda p: (p[0], p[1]),
+    )
+    longest, current, since = 0.0, 0, 0.0
+    for at, delta in points:
+        if current > limit:
+            longest = max(longest, at - since)
+        current += delta
+        since = at
+    return longest
+
+
 def random_sleep(low: float, high: float, rng: random.Random) -> Callable[[], float]:
     return lambda: rng.uniform(low, high)
 

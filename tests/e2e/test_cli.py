@@ -7,15 +7,18 @@ and skip while it cannot be imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -505,3 +508,214 @@ def test_submit_follow_prints_the_log(live_server: Server, live_token: str) -> N
     assert result.returncode == 0, result.stderr
     assert "--message followed" in result.stdout
     assert "success" in result.stderr
+
+
+# -- following over the SSE route (an in-process server with its launcher) ---------------------
+
+
+class _Recorder:
+    """ASGI middleware noting each request's path and Last-Event-ID header."""
+
+    def __init__(self, app: Any, seen: list[tuple[str, str | None]]) -> None:
+        self.app, self.seen = app, seen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            last = headers.get(b"last-event-id")
+            self.seen.append((scope["path"], last.decode() if last is not None else None))
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class SseRunner:
+    runner: Any  # tests.integration.conftest.Runner
+    seen: list[tuple[str, str | None]]
+
+    def env(self, url: str | None = None) -> dict[str, str]:
+        return clean_env(RUNNER_URL=url or self.runner.url, RUNNER_TOKEN=self.runner.token)
+
+    def streams(self, job_id: str) -> list[str | None]:
+        """The Last-Event-ID of each request made to the job's SSE route."""
+        return [last for path, last in self.seen if path == f"/api/runner/jobs/{job_id}/logs/stream"]
+
+    def full_log(self, job_id: str) -> str:
+        page = self.runner.client.get(f"/api/runner/jobs/{job_id}/logs", params={"limit": 131072}).json()
+        assert page["is_complete"], page
+        return str(page["content"])
+
+    def wait_for_output(self, job_id: str, text: str) -> None:
+        def has_it() -> bool:
+            page = self.runner.client.get(f"/api/runner/jobs/{job_id}/logs").json()
+            return text in page["content"]
+
+        assert wait_until(has_it, timeout=30), self.runner.job(job_id)
+
+
+@pytest.fixture
+def sse_runner(tmp_path: Path) -> Iterator[SseRunner]:
+    if not _launcher_importable():
+        pytest.skip("codex_runner.launcher cannot be imported yet")
+    from codex_runner.server import build_app
+
+    from tests.helpers import serve_app
+    from tests.integration.conftest import Runner, runner_settings
+
+    runtime = Runtime.open(runner_settings(tmp_path, f"sqlite:///{tmp_path / 'runner.db'}"))
+    seen: list[tuple[str, str | None]] = []
+    app = build_app(runtime)
+    app.add_middleware(_Recorder, seen=seen)
+    token, _ = runtime.tokens.create("admin", "admin")
+    try:
+        with serve_app(app) as url:
+            runner = Runner(url, runtime, token, tmp_path)
+            try:
+                yield SseRunner(runner, seen)
+            finally:
+                runner.client.close()
+    finally:
+        runtime.close()
+
+
+def _follow(env: Mapping[str, str], job_id: str, *more: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [CLI, "jobs", "logs", job_id, "-f", *more],
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        stdout, stderr = proc.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate(timeout=STOP_TIMEOUT)
+        pytest.fail(f"the follow did not end: {stderr}")
+    return proc.returncode, stdout, stderr
+
+
+def test_jobs_logs_follow_streams_a_running_job_over_sse(sse_runner: SseRunner) -> None:
+    job = sse_runner.runner.submit({"stdout": "first line", "sleep": "1.5", "exit": 0})
+    sse_runner.wait_for_output(job["id"], "first line")
+    before = len(sse_runner.seen)
+    proc = _follow(sse_runner.env(), job["id"])
+    assert sse_runner.runner.job(job["id"])["status"] == "running"  # followed while running
+    code, stdout, stderr = _finish(proc)
+    during = [path for path, _ in sse_runner.seen[before:]]
+
+    assert code == 0, stderr
+    # Every byte of the log, once: what was there before the follow and what came after it.
+    assert stdout == sse_runner.full_log(job["id"])
+    assert stdout.count("first line") == 1
+    assert f"job {job['id']} success" in stderr
+    # Through the SSE route, on one connection, and not by polling pages.
+    assert sse_runner.streams(job["id"]) == [None]
+    assert f"/api/runner/jobs/{job['id']}/logs" not in during
+
+
+@pytest.mark.parametrize(
+    ("args", "script", "cancel", "exit_code", "status"),
+    [
+        ({"sleep": "1", "exit": 7}, "behave", False, 1, "failed"),
+        ({"sleep": "30"}, "short", False, 3, "timeout"),
+        ({"sleep": "30"}, "behave", True, 4, "canceled"),
+    ],
+)
+def test_jobs_logs_follow_exit_code_follows_the_job(
+    sse_runner: SseRunner, args: dict[str, Any], script: str, cancel: bool, exit_code: int, status: str
+) -> None:
+    job = sse_runner.runner.submit(args, script=script)
+    sse_runner.runner.wait(job["id"], {"running"})
+    proc = _follow(sse_runner.env(), job["id"])
+    if cancel:
+        assert wait_until(lambda: bool(sse_runner.streams(job["id"])), timeout=30)
+        assert sse_runner.runner.client.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 202
+    code, stdout, stderr = _finish(proc)
+    assert code == exit_code, stderr
+    assert f"job {job['id']} {status}" in stderr
+    assert stdout == sse_runner.full_log(job["id"])
+    assert "Traceback" not in stderr
+
+
+class _CuttingProxy:
+    """A TCP proxy in front of the server that drops the first SSE connection in the middle of its
+    second event (its first whole event received, so the client has a Last-Event-ID)."""
+
+    def __init__(self, upstream: str) -> None:
+        parts = httpx.URL(upstream)
+        self.upstream = (parts.host, parts.port or 80)
+        self.cut_one = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(timeout=10)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream, timeout=30)
+        client.settimeout(30)
+        with client, upstream:
+            request = client.recv(65536)
+            cut = b"/logs/stream" in request.split(b"\r\n", 1)[0] and not self.cut_one.is_set()
+            self.cut_one.set()
+            upstream.sendall(request)
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            sent = b""
+            while data := self._recv(upstream):
+                if cut:
+                    sent += data
+                    # The head ends at the first blank line, each event at a later one.
+                    ends = [m.end() for m in re.finditer(rb"\r\n\r\n", sent)]
+                    if len(ends) >= 2 and len(sent) >= ends[1] + 25:
+                        client.sendall(data[: len(data) - (len(sent) - ends[1] - 25)])
+                        client.shutdown(socket.SHUT_RDWR)
+                        return
+                client.sendall(data)
+
+    @staticmethod
+    def _recv(sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+
+
+def test_jobs_logs_follow_reconnects_with_last_event_id(sse_runner: SseRunner) -> None:
+    job = sse_runner.runner.submit({"stdout": "before the cut", "sleep": "1.5", "exit": 0})
+    sse_runner.wait_for_output(job["id"], "before the cut")
+    proxy = _CuttingProxy(sse_runner.runner.url)
+    try:
+        code, stdout, stderr = _finish(_follow(sse_runner.env(proxy.url), job["id"]))
+    finally:
+        proxy.close()
+    assert code == 0, stderr
+    assert stdout == sse_runner.full_log(job["id"])  # nothing lost, nothing twice
+    # Cut once, opened again from the offset after the last whole event received.
+    first, again = sse_runner.streams(job["id"])
+    assert first is None and again is not None
+    resumed = stdout.encode()[: int(again)]
+    assert resumed.endswith(b"\n") and b"before the cut" in resumed, again

@@ -193,10 +193,8 @@ class JobRun:
     async def _run(self) -> None:
         repo = self.rt.catalog.repos.get(self.row["repo"])
         script = self.rt.catalog.scripts.get(self.row["script_key"])
-        if repo is not None and script is not None:
-            self._stage("prepare", "running")
-        # One trip: folders, credential, log file, the manifest, the workspace.
-        credential, prepared = await self._in_thread(self._set_up, repo, script)
+        # One trip: credential, log file, the manifest, the workspace.
+        credential, prepared = await asyncio.to_thread(self._set_up, repo, script)
         if repo is None or script is None:
             missing = f"repo {self.row['repo']!r}" if repo is None else f"script {self.row['script_key']!r}"
             await self._finish(
@@ -226,8 +224,9 @@ class JobRun:
     def _set_up(
         self, repo: RepoSpec | None, script: ScriptSpec | None
     ) -> tuple[GitCredential | None, Workspace | GitError | None]:
-        """Worker thread: the job's folders, credential and log file, then (when its repo and script
-        are still configured) its workspace. A prepare failure is returned, not raised."""
+        """Worker thread: the job's credential and log file, then (when its repo and script are
+        still configured) the prepare stage and its workspace. A prepare failure is returned, not
+        raised. The job's coroutine waits for this trip, so the stage may change here."""
         # No mkdir of the run and log folders here: the manifest and log writers make theirs.
         credential = self._credential(repo)
         secrets = self._known_secrets(script, credential)
@@ -239,6 +238,9 @@ class JobRun:
         self._runner_line(f"job {self.job_id} started on {self.settings.id} (attempt {self.row['attempt']})")
         if repo is None or script is None:
             return credential, None
+        self._stage("prepare", "running")
+        self._write_manifest(self._manifest_doc())
+        self._manifest_dirty = False
         try:
             return credential, prepare_workspace(repo, self.job_id, self.settings, credential)
         except GitError as exc:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from codex_runner.store.instances import InstanceRegistry
+
 if TYPE_CHECKING:
     from codex_runner.runtime import Runtime
 
@@ -15,5 +17,6 @@ def collect(runtime: Runtime) -> dict[str, Any]:
         "runner_id": runtime.settings.id,
         "queue_depth": store.counts_by_status(),
         **snapshot,
+        "scheduler_lock": InstanceRegistry.scheduler_lock(runtime.engine),
         "startup_checks": runtime.startup_checks,
     }

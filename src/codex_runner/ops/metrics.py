@@ -32,7 +32,9 @@ class Metrics:
         self.timeouts = Counter("runner_job_timeouts_total", "Jobs that timed out", registry=r)
         self.cancellations = Counter("runner_job_cancellations_total", "Jobs canceled", registry=r)
         self.lock_acquired = Gauge(
-            "runner_scheduler_lock_acquired", "1 while this instance holds the scheduler lock", registry=r
+            "runner_scheduler_lock_acquired",
+            "1 when this instance's last claim pass took the scheduler lock",
+            registry=r,
         )
         self.job_duration = Histogram(
             "runner_job_duration_seconds",

@@ -23,6 +23,8 @@ T = TypeVar("T")
 # SPEC issue 6: 5 attempts from 100 ms, under 3 s in all.
 RETRY_ATTEMPTS = 5
 RETRY_FIRST_DELAY = 0.1
+# How long an SQLite writer waits for the write lock before "database is locked".
+SQLITE_BUSY_TIMEOUT_SECONDS = 30
 
 
 def normalise_url(url: str) -> str:
@@ -42,7 +44,7 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
             pool_size=pool_size,
             max_overflow=pool_size,
         )
@@ -53,7 +55,7 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
@@ -72,7 +74,8 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5},
+        # A session idle inside a transaction (a frozen instance) lets its locks go after 30 s.
+        connect_args={"connect_timeout": 5, "options": "-c idle_in_transaction_session_timeout=30000"},
     )
 
 
@@ -132,15 +135,21 @@ def write_txn(engine: Engine) -> Iterator[Connection]:
     On SQLite the threads of this process also queue on a lock first: a writer that finds the
     database locked sleeps in SQLite's busy handler (1, 2, 5 … 100 ms) and wakes up late, so under
     load the write lock would sit idle between transactions. Other processes still wait on
-    `busy_timeout`."""
+    `busy_timeout`; a thread that waits as long here fails as SQLite would, "database is locked"."""
     if engine.dialect.name != "sqlite":
         with engine.connect() as conn, conn.begin():
             yield conn
         return
-    with _writer_lock(engine), engine.connect() as conn:
-        conn = conn.execution_options(sqlite_begin="IMMEDIATE")
-        with conn.begin():
-            yield conn
+    lock = _writer_lock(engine)
+    if not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_SECONDS):
+        raise sa.exc.OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked"))
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield conn
+    finally:
+        lock.release()
 
 
 @contextmanager

@@ -524,10 +524,13 @@ class JobStore:
             return []
 
         def txn() -> tuple[list[ClaimedJob], list[dict]]:
-            now = utcnow()
             with write_txn(self.engine) as conn:
                 if self.is_pg:
+                    # A frozen instance holding a row lock must not stall claims cluster-wide.
+                    conn.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+                # After the lock: started_at must not predate the wait for it.
+                now = utcnow()
                 running: dict[str, int] = dict(
                     conn.execute(
                         sa.select(jobs.c.requested_by, sa.func.count())

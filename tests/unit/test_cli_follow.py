@@ -1,0 +1,95 @@
+"""The CLI's SSE decoder and log follower against a scripted transport (no server)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from codex_runner.cli.client import RunnerClient, RunnerUnreachable
+from codex_runner.cli.follow import LogFollower, SseDecoder, SseEvent
+
+
+def decode(*chunks: bytes) -> list[SseEvent]:
+    decoder = SseDecoder()
+    return [event for chunk in chunks for event in decoder.feed(chunk)]
+
+
+def test_decoder_handles_every_line_end_split_anywhere() -> None:
+    wire = b": ping\r\nevent: log\r\nid: 7\r\ndata: a\r\ndata: b\r\n\r\nevent: end\rdata: {}\r\r\ndata: x\n\n"
+    expected = [SseEvent("log", "a\nb", "7"), SseEvent("end", "{}", "7"), SseEvent("message", "x", "7")]
+    assert decode(wire) == expected
+    for cut in range(1, len(wire)):
+        assert decode(wire[:cut], wire[cut:]) == expected, cut
+    assert decode(*(wire[i : i + 1] for i in range(len(wire)))) == expected
+
+
+def test_decoder_holds_an_unfinished_event() -> None:
+    assert decode(b'event: log\r\nid: 3\r\ndata: {"content"') == []
+
+
+def _log(offset: int, content: str) -> bytes:
+    end = offset + len(content.encode())
+    data = json.dumps({"offset": offset, "next_offset": end, "content": content})
+    return f"event: log\r\nid: {end}\r\ndata: {data}\r\n\r\n".encode()
+
+
+class _Broken(httpx.SyncByteStream):
+    def __init__(self, *parts: bytes) -> None:
+        self.parts = parts
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.parts
+        raise httpx.ReadError("connection reset")
+
+
+def test_follower_resumes_from_the_last_whole_event() -> None:
+    seen: list[tuple[str | None, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        last = request.headers.get("Last-Event-ID")
+        seen.append((request.url.params.get("offset"), last))
+        if last is None:  # cut in the middle of the second event
+            return httpx.Response(200, stream=_Broken(_log(0, "one\n"), _log(4, "two\n")[:20]))
+        body = _log(4, "two\n") + b'event: end\r\ndata: {"status": "failed"}\r\n\r\n'
+        return httpx.Response(200, content=body)
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        follower = LogFollower(client, "j", reconnect_delays=(0.0,))
+        assert "".join(follower.stream()) == "one\ntwo\n"
+    assert seen == [("0", None), ("4", "4")]
+    assert (follower.status, follower.complete, follower.offset, follower.reconnects) == (
+        "failed",
+        True,
+        8,
+        1,
+    )
+
+
+def test_follower_gives_up_after_bounded_reconnects() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise httpx.ConnectError("refused")
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        follower = LogFollower(client, "j", reconnect_delays=(0.0, 0.0, 0.0))
+        with pytest.raises(RunnerUnreachable, match="after 3 reconnects"):
+            list(follower.stream())
+    assert calls == 4
+
+
+def test_follower_stops_at_the_deadline() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b": ping\r\n\r\n")  # ends without `end`
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        follower = LogFollower(client, "j", reconnect_delays=(0.05,) * 1000)
+        started = time.monotonic()
+        assert list(follower.stream(deadline=started + 0.3)) == []
+    assert 0.25 <= time.monotonic() - started < 2 and not follower.complete
