@@ -7,6 +7,7 @@ database layers are imported inside the commands: client commands should not pay
 from __future__ import annotations
 
 import getpass
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,8 @@ def admin_runtime(loaded: Settings | None = None) -> Iterator[Runtime]:
     loaded = loaded or settings()
     # Service log lines (and so audit traces) go to stderr: stdout carries only data.
     configure_logging(loaded)
+    # A one-shot command says what it did in one line; migration chatter is for `serve`'s log.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     rt = Runtime.open(loaded, migrate=False)
     try:
         upgrade(rt.engine)

@@ -58,23 +58,40 @@ class ManifestWriter:
             now = time.monotonic()
             if not force and self._last_write is not None and now - self._last_write < self.min_interval:
                 return False
-            # Serialise first, so a document that cannot be encoded leaves no temporary file behind.
-            # One line, no indent: `indent` forces json's pure-Python encoder, ~10x slower than the C
-            # one, and a job writes its manifest several times (`jq .` reads it just as well).
-            data = (json.dumps(doc, sort_keys=True, default=_json_default) + "\n").encode()
-            self._write_atomically(data, durable=durable)
+            self._publish(self._prepare(doc, durable=durable), durable=durable)
             self._last_write = now
             return True
 
-    def _mkstemp(self) -> tuple[int, str]:
-        return tempfile.mkstemp(dir=self.run_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+    def prepare(self, doc: Mapping[str, Any]) -> str:
+        """The slow half of a durable write, done ahead: `doc` in a fsynced temporary file, not yet
+        the manifest. Then `publish()` it (a rename, so readers see it at once) or `discard()` it.
+        The runner prepares the terminal manifest before the terminal status write and publishes it
+        after: a reader never sees a terminal manifest before the database has it, and hardly ever
+        the other way round."""
+        return self._prepare(doc, durable=True)
+
+    def publish(self, tmp_name: str) -> None:
+        with self._lock:
+            self._publish(tmp_name, durable=True)
+            self._last_write = time.monotonic()
+
+    def discard(self, tmp_name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
 
     def touch_heartbeat(self) -> None:
         """Create `.heartbeat` or set its modification time to now."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.heartbeat_path.touch(exist_ok=True)
 
-    def _write_atomically(self, data: bytes, *, durable: bool) -> None:
+    def _mkstemp(self) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self.run_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+
+    def _prepare(self, doc: Mapping[str, Any], *, durable: bool) -> str:
+        # Serialise first, so a document that cannot be encoded leaves no temporary file behind.
+        # One line, no indent: `indent` forces json's pure-Python encoder, ~10x slower than the C
+        # one, and a job writes its manifest several times (`jq .` reads it just as well).
+        data = (json.dumps(doc, sort_keys=True, default=_json_default) + "\n").encode()
         # Same folder as the target: os.replace is atomic only within one file system. The folder
         # is made on the first write (a mkdir per write costs a lookup under the parent's lock).
         try:
@@ -88,10 +105,16 @@ class ManifestWriter:
                 f.flush()
                 if durable:
                     os.fsync(f.fileno())
+        except BaseException:
+            self.discard(tmp_name)
+            raise
+        return tmp_name
+
+    def _publish(self, tmp_name: str, *, durable: bool) -> None:
+        try:
             os.replace(tmp_name, self.path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
+            self.discard(tmp_name)
             raise
         if not durable:
             return
