@@ -1,28 +1,31 @@
-"""Sustained job creation over HTTP, and list/get latency with a big jobs table, on SQLite and
-PostgreSQL.
+"""Sustained job creation over HTTP, and list/get latency with a million jobs in the table against a
+near-empty one, on SQLite and PostgreSQL.
 
     .venv/bin/python bench/api_create.py [--backend sqlite|postgresql|both] [--rows 1000000]
-        [--duration 10] [--concurrency 16] [--users 8] [--samples 500]
+        [--small-rows 5000] [--duration 10] [--concurrency 16] [--users 8] [--samples 500]
 
-For each backend the bench makes a scratch database (a temp data dir; on PostgreSQL a database
-`cr_bench_<hex>` on `--pg-url`'s server, dropped at the end), a runner.toml with local repos and one
-script, tokens for an admin and `--users` load users, and runs the real `codex-runner serve` in a
-subprocess (RUNNER_ENABLED=false: API only; queue caps at 10,000,000 so the bench measures creation,
-not backpressure). Then:
+Per backend, two scratch databases (temp data dirs; on PostgreSQL databases `cr_bench_<hex>` on
+`--pg-url`'s server, dropped at the end), each with a runner.toml of 5 local repos and one script,
+tokens for an admin, for `--users` load users and for `user000`; the small one gets `--small-rows`
+jobs, the big one `--rows`, straight into the database (executemany on SQLite, COPY on PostgreSQL;
+the counts triggers fire as for any insert): 200 users with a skewed share (`user000` has ~17%),
+5 repos, mostly terminal, 300 queued / 150 running / 20 cancel_requested among the newest, two
+events per job; then ANALYZE. The small table has the same active mix, so every list fills its
+50-job page on both and the comparison is about the table's size, not the page's.
 
-1. "small": `--small-rows` seeded jobs (a near-empty table whose lists still fill a 50-job page,
-   so both phases serialise the same amount); sequential list/get latency (admin and user token);
-   `--duration` s of creates from `--concurrency` keep-alive HTTP/1.1 connections (httpx, async,
-   its own process, so it does not share the server's GIL), spread over the load users, unique
-   arguments per request, after 1 s of warm-up.
-2. "big": the server is stopped, the table is filled to `--rows` jobs straight into the database
-   (executemany on SQLite, COPY on PostgreSQL; a realistic mix: 200 users with a skewed share,
-   5 repos, mostly terminal, a few hundred queued/running, two events per job), ANALYZE; the server
-   is started again and the same reads and creates are measured.
+Each database gets the real `codex-runner serve` in its own process (RUNNER_ENABLED=false: API only;
+queue caps at 10,000,000 so the bench measures creation, not backpressure). Then:
 
-Reads are `--samples` sequential requests per route, one connection: the list (default, a single
-`?status=`, `?repo_id=`) and `GET /api/runner/jobs/{id}` of random jobs, for the admin and for the
-seeded user with the most jobs. Prints tables; not a pass/fail test.
+- reads: `--samples` sequential requests per route, one connection per server, the two servers
+  asked in turn (same machine conditions for both): the list (default, `?status=queued`,
+  `?status=success`, `?repo_id=`) and `GET /api/runner/jobs/{id}` of random jobs, as the admin and as
+  `user000`; first, `total` is checked against COUNT(*).
+- creates, on each table: `--duration` s after 1 s of warm-up, `--concurrency` keep-alive HTTP/1.1
+  connections (httpx, async, in this process, so the load does not share the server's GIL), spread
+  over the load users, unique arguments per request; req/s, p50/p95/p99, errors, and the server's
+  CPU per request.
+
+Prints tables; not a pass/fail test.
 """
 
 from __future__ import annotations
@@ -522,27 +525,65 @@ def run_creates(url: str, pid: int, env: Env, args: argparse.Namespace) -> Creat
     return res
 
 
-def read_latency(url: str, env: Env, facts: dict[str, Any], samples: int) -> dict[str, tuple[float, float]]:
-    """(p50, p99) in ms of `samples` sequential requests per route and token."""
-    out: dict[str, tuple[float, float]] = {}
-    routes = {
-        "list": "/api/runner/jobs",
-        "list ?status=queued": "/api/runner/jobs?status=queued",
-        "list ?status=success": "/api/runner/jobs?status=success",
-        "list ?repo_id=": f"/api/runner/jobs?repo_id={facts['repo_id']}",
-    }
-    for who, token, ids in (
-        ("admin", env.admin, facts["admin_ids"]),
-        ("user", env.user_tokens["user000"], facts["user_ids"]),
-    ):
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
-            paths = dict(routes)
-            for name, path in paths.items():
-                out[f"{who} {name}"] = _sample(c, [path] * samples)
-            if ids:
-                out[f"{who} get"] = _sample(
-                    c, [f"/api/runner/jobs/{ids[i % len(ids)]}" for i in range(samples)]
+@dataclass
+class Target:
+    """One running server over one scratch database, with what the reads need."""
+
+    url: str
+    env: Env
+    facts: dict[str, Any]
+
+
+def read_latency(
+    small: Target, big: Target, samples: int
+) -> dict[str, tuple[tuple[float, float], tuple[float, float]]]:
+    """(p50, p99) in ms on the small and on the big table of `samples` sequential requests per route
+    and token. The two servers are asked in turn, request by request, so that both see the same
+    machine: on a shared machine, two runs minutes apart differ more than the tables do."""
+    out: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
+
+    def routes(t: Target, who: str) -> dict[str, list[str]]:
+        ids = t.facts["admin_ids" if who == "admin" else "user_ids"]
+        paths = {
+            "list": "/api/runner/jobs",
+            "list ?status=queued": "/api/runner/jobs?status=queued",
+            "list ?status=success": "/api/runner/jobs?status=success",
+            "list ?repo_id=": f"/api/runner/jobs?repo_id={t.facts['repo_id']}",
+        }
+        out = {name: [path] * samples for name, path in paths.items()}
+        out["get"] = [f"/api/runner/jobs/{ids[i % len(ids)]}" for i in range(samples)]
+        return out
+
+    for who in ("admin", "user"):
+        clients = [
+            httpx.Client(
+                base_url=t.url,
+                headers={
+                    "Authorization": f"Bearer {t.env.admin if who == 'admin' else t.env.user_tokens['user000']}"
+                },
+                timeout=30,
+            )
+            for t in (small, big)
+        ]
+        small_routes, big_routes = routes(small, who), routes(big, who)
+        try:
+            for name in small_routes:
+                lat: tuple[list[float], list[float]] = ([], [])
+                pairs = list(zip(small_routes[name], big_routes[name], strict=True))
+                for k, pair in enumerate(pairs[:10] + pairs):  # the first 10 warm up
+                    for side in (0, 1):
+                        t0 = time.perf_counter()
+                        r = clients[side].get(pair[side])
+                        if k >= 10:
+                            lat[side].append((time.perf_counter() - t0) * 1000)
+                        r.raise_for_status()
+                out[f"{who} {name}"] = (
+                    (statistics.median(lat[0]), pct(lat[0], 99)),
+                    (statistics.median(lat[1]), pct(lat[1], 99)),
                 )
+        finally:
+            for c in clients:
+                c.close()
     return out
 
 
@@ -553,18 +594,6 @@ def check_totals(url: str, env: Env, facts: dict[str, Any]) -> None:
         total = r.raise_for_status().json()["total"]
         if total != expected:
             raise SystemExit(f"list total {total} != COUNT(*) {expected}")
-
-
-def _sample(c: httpx.Client, paths: list[str]) -> tuple[float, float]:
-    for p in paths[:10]:  # warm-up
-        c.get(p).raise_for_status()
-    lat = []
-    for p in paths:
-        t0 = time.perf_counter()
-        r = c.get(p)
-        lat.append((time.perf_counter() - t0) * 1000)
-        r.raise_for_status()
-    return statistics.median(lat), pct(lat, 99)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -587,38 +616,38 @@ def print_creates(label: str, res: CreateResult) -> None:
 
 
 def print_reads(
-    small: dict[str, tuple[float, float]], big: dict[str, tuple[float, float]], rows: str
+    reads: dict[str, tuple[tuple[float, float], tuple[float, float]]], small: str, big: str
 ) -> None:
     print(
-        f"  {'reads (ms)':<28} {'small p50':>10} {'p99':>7} {rows + ' p50':>12} {'p99':>7} {'ratio p50':>10}"
+        f"  {'reads (ms)':<26} {small + ' p50':>11} {'p99':>7} {big + ' p50':>11} {'p99':>7} {'p50 ratio':>10}"
     )
-    for name, (p50, p99) in small.items():
-        b50, b99 = big.get(name, (float("nan"), float("nan")))
-        print(f"  {name:<28} {p50:>10.2f} {p99:>7.2f} {b50:>12.2f} {b99:>7.2f} {b50 / p50:>9.2f}x")
+    for name, ((s50, s99), (b50, b99)) in reads.items():
+        print(f"  {name:<26} {s50:>11.2f} {s99:>7.2f} {b50:>11.2f} {b99:>7.2f} {b50 / s50:>9.2f}x")
 
 
 def run_backend(backend: str, args: argparse.Namespace) -> None:
     print(f"== {backend} ==")
-    with scratch(backend, args.pg_url) as env:
-        make_tokens(env, args.users)
-        seed(env, args.small_rows)
-        facts = table_facts(env)
-        with server(env) as (url, pid):
-            check_totals(url, env, facts)
-            small = read_latency(url, env, facts, args.samples)
-            created_small = run_creates(url, pid, env, args)
-        print(f"  table: {facts['total']:,} jobs (user000: {facts['user_rows']:,})")
-        print_creates(f"{facts['total']:,} rows", created_small)
-        existing = facts["total"] + created_small.requests + 1000
-        took = seed(env, args.rows - existing)
-        facts = table_facts(env)
-        print(f"  seeded to {facts['total']:,} jobs (user000: {facts['user_rows']:,}) in {took:.0f} s")
-        with server(env) as (url, pid):
-            check_totals(url, env, facts)
-            big = read_latency(url, env, facts, args.samples)
-            created_big = run_creates(url, pid, env, args)
-        print_creates(f"{facts['total']:,} rows", created_big)
-        print_reads(small, big, f"{facts['total'] / 1e6:.1f}M")
+    with scratch(backend, args.pg_url) as small_env, scratch(backend, args.pg_url) as big_env:
+        for env in (small_env, big_env):
+            make_tokens(env, args.users)
+        seed(small_env, args.small_rows)
+        took = seed(big_env, args.rows)
+        small_facts, big_facts = table_facts(small_env), table_facts(big_env)
+        for facts in (small_facts, big_facts):
+            print(f"  table: {facts['total']:,} jobs (user000: {facts['user_rows']:,})")
+        print(f"  ({took:.0f} s to seed the big one)")
+        with server(small_env) as (small_url, small_pid), server(big_env) as (big_url, big_pid):
+            small = Target(small_url, small_env, small_facts)
+            big = Target(big_url, big_env, big_facts)
+            for t in (small, big):
+                check_totals(t.url, t.env, t.facts)
+            reads = read_latency(small, big, args.samples)
+            print_reads(reads, f"{small_facts['total'] / 1e3:,.0f}k", f"{big_facts['total'] / 1e6:,.1f}M")
+            for url, pid, env, facts in (
+                (small_url, small_pid, small_env, small_facts),
+                (big_url, big_pid, big_env, big_facts),
+            ):
+                print_creates(f"{facts['total']:,} rows", run_creates(url, pid, env, args))
 
 
 def main() -> None:
@@ -628,7 +657,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--rows", type=int, default=1_000_000, help="jobs in the table for the big phase")
     parser.add_argument(
-        "--small-rows", type=int, default=2000, help="jobs in the small table (enough for full pages)"
+        "--small-rows", type=int, default=5000, help="jobs in the small table (enough for full pages)"
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of creates per phase")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP connections")

@@ -486,6 +486,41 @@ class JobRun:
         self._runner_line(line)
         if self.log is not None:
             self.log.close()
+        extra = {"exit_code": exit_code, "error_code": error_code, "result": result}
+        # The fsynced manifest of the likely outcome first; published (renamed) once the status
+        # is written, so it shows up right after the status does, never before.
+        prepared: str | None = None
+        expected = status.value
+        try:
+            prepared = self.manifest.prepare(self._manifest_doc(expected, extra))
+        except (OSError, ValueError) as exc:
+            log.warning("manifest_write_failed", job_id=self.job_id, error=str(exc))
+        try:
+            ok, status = self._write_terminal(status, error_code, message, exit_code, result)
+        except BaseException:
+            if prepared is not None:
+                self.manifest.discard(prepared)
+            raise
+        final = status.value if ok else "unknown"
+        if prepared is not None and final == expected:
+            try:
+                self.manifest.publish(prepared)
+                return ok, status
+            except OSError as exc:
+                log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
+        elif prepared is not None:
+            self.manifest.discard(prepared)
+        self._write_manifest(self._manifest_doc(final, extra), durable=True)
+        return ok, status
+
+    def _write_terminal(
+        self,
+        status: Status,
+        error_code: str | None,
+        message: str | None,
+        exit_code: int | None,
+        result: dict[str, Any] | None,
+    ) -> tuple[bool, Status]:
         values: dict[str, Any] = {
             "exit_code": exit_code,
             "error_code": error_code,
@@ -525,9 +560,6 @@ class JobRun:
                     message="canceled",
                 )
                 status = Status.CANCELED
-        final = status.value if ok else "unknown"
-        extra = {"exit_code": exit_code, "error_code": error_code, "result": result}
-        self._write_manifest(self._manifest_doc(final, extra), durable=True)
         return ok, status
 
 
