@@ -4,7 +4,7 @@ near-empty one, on SQLite and PostgreSQL.
     .venv/bin/python bench/api_create.py [--backend sqlite|postgresql|both] [--rows 1000000]
         [--small-rows 5000] [--duration 10] [--concurrency 16] [--users 8] [--samples 500]
 
-Per backend, two scratch databases (temp data dirs; on PostgreSQL databases `cr_bench_<hex>` on
+Per backend, two scratch databases (temp data dirs; on PostgreSQL databases `cr_bench_api_<hex>` on
 `--pg-url`'s server, dropped at the end), each with a runner.toml of 5 local repos and one script,
 tokens for an admin, for `--users` load users and for `user000`; the small one gets `--small-rows`
 jobs, the big one `--rows`, straight into the database (executemany on SQLite, COPY on PostgreSQL;
@@ -139,7 +139,7 @@ def free_port() -> int:
 @contextmanager
 def scratch(backend: str, pg_url: str) -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix=f"cr-bench-{backend}-"))
-    dbname = f"cr_bench_{uuid.uuid4().hex[:10]}"
+    dbname = f"cr_bench_api_{uuid.uuid4().hex[:10]}"
     if backend == "postgresql":
         import psycopg
 
@@ -411,6 +411,8 @@ def seed(env: Env, count: int, *, batch: int = 100_000) -> float:
         pg = env.backend == "postgresql"
         rows = seed_rows(count, repo_ids, random.Random(20261123), _pg_ts if pg else _sqlite_ts)
         insert = _pg_copy if pg else _sqlite_insert
+        if pg and os.environ.get("BENCH_PG_NO_TRIGGERS"):
+            raw.cursor().execute("SET session_replication_role = replica")
         if not pg:
             # A big page cache for this connection: the random-UUID primary key and ten indexes
             # touch pages all over the file.
@@ -615,6 +617,10 @@ def print_creates(label: str, res: CreateResult) -> None:
     )
 
 
+def _rows(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1_000_000 else f"{n / 1e3:.0f}k"
+
+
 def print_reads(
     reads: dict[str, tuple[tuple[float, float], tuple[float, float]]], small: str, big: str
 ) -> None:
@@ -642,7 +648,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
             for t in (small, big):
                 check_totals(t.url, t.env, t.facts)
             reads = read_latency(small, big, args.samples)
-            print_reads(reads, f"{small_facts['total'] / 1e3:,.0f}k", f"{big_facts['total'] / 1e6:,.1f}M")
+            print_reads(reads, _rows(small_facts["total"]), _rows(big_facts["total"]))
             for url, pid, env, facts in (
                 (small_url, small_pid, small_env, small_facts),
                 (big_url, big_pid, big_env, big_facts),

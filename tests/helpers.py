@@ -61,3 +61,25 @@ def make_git_repo(path: Path, files: dict[str, str] | None = None, branch: str =
     subprocess.run(["git", "-C", str(path), "add", "-A"], check=True)
     subprocess.run(["git", *env_args, "-C", str(path), "commit", "-q", "-m", "initial"], check=True)
     return path
+
+
+SCRATCH_ECHO_TOML = """
+[repos.demo]
+source = "{repo}"
+workspace = "scratch"
+
+[scripts.echo]
+command = ["/bin/echo", "{{message}}"]
+
+[scripts.echo.args.message]
+type = "string"
+required = true
+"""
+
+
+def write_scratch_echo_config(tmp_path: Path) -> Path:
+    """A git repo at tmp_path/repo and a runner.toml with one scratch repo `demo` and one script
+    `echo`: the smallest catalog an operations test needs."""
+    repo = make_git_repo(tmp_path / "repo")
+    (tmp_path / "runner.toml").write_text(SCRATCH_ECHO_TOML.format(repo=repo))
+    return repo

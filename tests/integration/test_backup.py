@@ -11,7 +11,6 @@ import os
 import shutil
 import stat
 import tarfile
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,26 +27,12 @@ from codex_runner.store.admin import Principal
 from codex_runner.store.instances import InstanceRegistry
 from codex_runner.store.schema import events, jobs, metadata
 
-from tests.helpers import make_git_repo
+from tests.helpers import write_scratch_echo_config
 from tests.integration.ops_cli import run_cli
-
-TOML = """
-[repos.demo]
-source = "{repo}"
-workspace = "scratch"
-
-[scripts.echo]
-command = ["/bin/echo", "{{message}}"]
-
-[scripts.echo.args.message]
-type = "string"
-required = true
-"""
 
 
 def make_env(tmp_path: Path, database_url: str) -> dict[str, str]:
-    repo = make_git_repo(tmp_path / "repo")
-    (tmp_path / "runner.toml").write_text(textwrap.dedent(TOML.format(repo=repo)))
+    write_scratch_echo_config(tmp_path)
     return {
         "RUNNER_DATABASE_URL": database_url,
         "RUNNER_DATA_DIR": str(tmp_path / "data"),

@@ -5,7 +5,6 @@ audit line."""
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,20 +21,7 @@ from codex_runner.store.admin import Principal
 from codex_runner.store.records import iso
 from codex_runner.store.schema import events, jobs
 
-from tests.helpers import make_git_repo
-
-TOML = """
-[repos.demo]
-source = "{repo}"
-workspace = "scratch"
-
-[scripts.echo]
-command = ["/bin/echo", "{{message}}"]
-
-[scripts.echo.args.message]
-type = "string"
-required = true
-"""
+from tests.helpers import write_scratch_echo_config
 
 EDGES = [(src, dst) for src in Status for dst in sorted(TRANSITIONS[src])]
 ALICE = Principal("alice", "user")
@@ -43,8 +29,7 @@ ALICE = Principal("alice", "user")
 
 @pytest.fixture
 def runtime(tmp_path: Path, database_url: str) -> Iterator[Runtime]:
-    repo = make_git_repo(tmp_path / "repo")
-    (tmp_path / "runner.toml").write_text(textwrap.dedent(TOML.format(repo=repo)))
+    write_scratch_echo_config(tmp_path)
     env = {
         "RUNNER_DATABASE_URL": database_url,
         "RUNNER_DATA_DIR": str(tmp_path / "data"),

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import textwrap
 import threading
 import time
 import uuid
@@ -30,20 +29,7 @@ from codex_runner.runtime import Runtime
 from codex_runner.store.records import utcnow
 from codex_runner.store.schema import events, idempotency_keys, jobs
 
-from tests.helpers import make_git_repo, serve_app
-
-TOML = """
-[repos.demo]
-source = "{repo}"
-workspace = "scratch"
-
-[scripts.echo]
-command = ["/bin/echo", "{{message}}"]
-
-[scripts.echo.args.message]
-type = "string"
-required = true
-"""
+from tests.helpers import serve_app, write_scratch_echo_config
 
 TERMINAL = ("success", "failed", "canceled", "timeout")
 ACTIVE = ("queued", "running", "cancel_requested")
@@ -51,8 +37,7 @@ DAY = 86400
 
 
 def make_runtime(tmp_path: Path, database_url: str, **env: str) -> Runtime:
-    repo = make_git_repo(tmp_path / "repo")
-    (tmp_path / "runner.toml").write_text(textwrap.dedent(TOML.format(repo=repo)))
+    write_scratch_echo_config(tmp_path)
     base = {
         "RUNNER_DATABASE_URL": database_url,
         "RUNNER_DATA_DIR": str(tmp_path / "data"),
