@@ -187,6 +187,7 @@ class Launcher:
 
     async def _claim_loop(self) -> None:
         poll = self.settings.poll_interval_seconds
+        self._last_scheduler_record = self._last_cancel_poll = 0.0
         while not self._stopping:
             self._wake.clear()
             slots = self.settings.max_concurrency - len(self.active)
@@ -214,13 +215,21 @@ class Launcher:
                 task = asyncio.create_task(run.run(), name=f"job-{job.id}")
                 self._tasks[job.id] = task
                 task.add_done_callback(functools.partial(self._job_done, job.id))
-            if claimed:
+            now = time.monotonic()
+            if claimed and now - self._last_scheduler_record >= poll:
+                # Diagnostics only: at most once a poll, not a write per claim.
+                self._last_scheduler_record = now
                 await self._record_scheduler(poll)
             if claimed and len(claimed) == slots:
                 continue  # more may be waiting; a finishing job will wake us
-            await self._poll_cancels()
+            if now - self._last_cancel_poll >= poll:
+                self._last_cancel_poll = now
+                await self._poll_cancels()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=poll)
+            # One loop turn before claiming, so jobs that finished together free their slots
+            # into one claim instead of one claim each.
+            await asyncio.sleep(0)
 
     async def _record_scheduler(self, poll: float) -> None:
         # Diagnostics only ("who scheduled last"): never worth failing or delaying a claim for.

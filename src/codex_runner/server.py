@@ -54,6 +54,9 @@ def run_serve(settings: Settings) -> None:
             log_config=None,
             access_log=False,
             lifespan="on",
+            # asyncio's own loop spawns children with vfork/posix_spawn; uvloop forks the whole
+            # server for each job (docs/performance.md, Dispatch).
+            loop="asyncio",
             timeout_graceful_shutdown=settings.kill_grace_seconds + 5,
         )
         server = uvicorn.Server(config)

@@ -515,13 +515,16 @@ class JobStore:
         *,
         slots: int,
         max_jobs_per_user: int,
-        scan: int = 200,
+        scan: int | None = None,
     ) -> list[ClaimedJob]:
         """Claims up to `slots` queued jobs, FIFO by (created_at, id), skipping users at their
         running limit and `in_place` repos that already have an active job. One transaction, under
         the claim lock, so the limits hold across instances."""
         if slots <= 0:
             return []
+        # A few candidates per free slot: users at their limit are filtered in SQL, so a page
+        # this size nearly always fills the slots; the keyset loop fetches more when it does not.
+        page = scan or min(200, max(16, slots * 4))
 
         def txn() -> tuple[list[ClaimedJob], list[dict]]:
             with write_txn(self.engine) as conn:
@@ -557,7 +560,7 @@ class JobStore:
                         query = query.where(jobs.c.requested_by.not_in(saturated))
                     if after is not None:
                         query = query.where(sa.tuple_(jobs.c.created_at, jobs.c.id) > sa.tuple_(*after))
-                    query = query.order_by(jobs.c.created_at, jobs.c.id).limit(scan)
+                    query = query.order_by(jobs.c.created_at, jobs.c.id).limit(page)
                     if self.is_pg:
                         query = query.with_for_update(skip_locked=True)
                     batch = conn.execute(query).mappings().all()
@@ -573,7 +576,7 @@ class JobStore:
                         picked.append(row)
                         if len(picked) >= slots:
                             break
-                    if len(batch) < scan:
+                    if len(batch) < page:
                         break
                     after = (batch[-1]["created_at"], batch[-1]["id"])
                 claimed: list[ClaimedJob] = []
