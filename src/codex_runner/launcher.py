@@ -334,6 +334,7 @@ class Launcher:
             )
             if ok:
                 log.warning("heartbeat_stale_recovered", job_id=job["id"], runner_id=job["runner_id"])
+                log_terminal(job, "failed")
             recovered += int(ok)
         return recovered
 
@@ -374,6 +375,8 @@ class Launcher:
                 },
                 runner_id=self.runner_id,
             )
+            if ok:
+                log_terminal(job, "failed")
             recovered += int(ok)
         if recovered:
             log.warning("recovered_after_crash", runner_id=self.runner_id, jobs=recovered)
@@ -518,6 +521,21 @@ def guard_serve_signals(server: uvicorn.Server) -> None:
             launcher.begin_stop()
 
     server.handle_exit = handle_exit  # type: ignore[method-assign]
+
+
+def log_terminal(job: dict[str, Any], status_to: str) -> None:
+    """SPEC §8: every terminal transition is a service log line with these fields; the owner's
+    own transitions are logged by `JobRun`, recoveries here."""
+    started = job.get("started_at")
+    duration_ms = int((utcnow() - started).total_seconds() * 1000) if started is not None else None
+    log.info(
+        "job_finished",
+        job_id=job["id"],
+        script_key=job.get("script_key"),
+        status_from=job.get("status"),
+        status_to=status_to,
+        duration_ms=duration_ms,
+    )
 
 
 async def run_worker_forever(runtime: Runtime) -> None:

@@ -190,3 +190,17 @@ def test_workspace_removed_after_job(runner: Any) -> None:
     ws = runner.runtime.settings.workspace_dir / done["id"]
     assert not ws.exists()
     assert not any(p for p in os.listdir(runner.runtime.settings.workspace_dir) if done["id"] in p)
+
+
+def test_terminal_transitions_are_logged_with_their_fields(runner: Any) -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        ok = runner.wait(runner.submit({})["id"])
+        bad = runner.wait(runner.submit({"exit": 4})["id"])
+    finished = {e["job_id"]: e for e in logs if e.get("event") == "job_finished"}
+    for job, status in ((ok, "success"), (bad, "failed")):
+        entry = finished[job["id"]]
+        assert entry["script_key"] == "behave"
+        assert entry["status_from"] == "running" and entry["status_to"] == status
+        assert isinstance(entry["duration_ms"], int) and entry["duration_ms"] >= 0

@@ -465,7 +465,7 @@ class JobRun:
                 "job_finished",
                 job_id=self.job_id,
                 script_key=self.row["script_key"],
-                status_from="running",
+                status_from="cancel_requested" if status is Status.CANCELED else "running",
                 status_to=status.value,
                 duration_ms=duration_ms,
             )

@@ -683,7 +683,14 @@ class JobStore:
         def txn() -> list[dict[str, Any]]:
             with read_txn(self.engine) as conn:
                 rows = conn.execute(
-                    sa.select(jobs.c.id, jobs.c.status, jobs.c.lease_token, jobs.c.runner_id).where(
+                    sa.select(
+                        jobs.c.id,
+                        jobs.c.status,
+                        jobs.c.lease_token,
+                        jobs.c.runner_id,
+                        jobs.c.script_key,
+                        jobs.c.started_at,
+                    ).where(
                         jobs.c.status.in_([s.value for s in RUNNING_LIKE]), jobs.c.heartbeat_at < older_than
                     )
                 ).mappings()
