@@ -379,6 +379,10 @@ class JobRun:
                 f"committed {commit.commit[:12]} on {ws.branch}: {commit.files_changed} files, "
                 f"+{commit.lines_added} -{commit.lines_removed}"
             )
+        if self.fenced:
+            # Another instance recovered this job while it committed: push nothing in its name.
+            self._stage("push", "skipped")
+            return result
         if not repo.push or commit.commit is None:
             self._stage("push", "skipped")
             return result
