@@ -36,9 +36,7 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -54,6 +52,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from _serve import cpu_seconds, database_url, serve_process
 from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
 from codex_runner.store.schema import events, job_counts, jobs
@@ -129,51 +128,33 @@ class Env:
 # -- set-up -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def scratch(backend: str, pg_url: str) -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix=f"cr-bench-{backend}-"))
-    dbname = f"cr_bench_api_{uuid.uuid4().hex[:10]}"
-    if backend == "postgresql":
-        import psycopg
-
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{dbname}"')
-        url = pg_url.rsplit("/", 1)[0] + "/" + dbname
-    else:
-        url = f"sqlite:///{root / 'data' / 'runner.db'}"
-    repo_tables = ""
-    for name in REPOS:
-        (root / "repos" / name).mkdir(parents=True)
-        repo_tables += f'\n[repos.{name}]\nsource = "{root / "repos" / name}"\nworkspace = "scratch"\n'
-    (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repos=repo_tables)))
-    env = {
-        "RUNNER_CONFIG": str(root / "runner.toml"),
-        "RUNNER_DATA_DIR": str(root / "data"),
-        "RUNNER_DATABASE_URL": url,
-        "RUNNER_ENABLED": "false",
-        "RUNNER_ALLOWED_REPO_PATHS": str(root / "repos"),
-        "RUNNER_ID": f"bench-{backend}",
-        "RUNNER_LOG_FORMAT": "json",
-        # The seeded jobs go 30 days back: retention inside `serve` would delete the oldest
-        # while the bench measures.
-        "RUNNER_RETENTION_DAYS": "3650",
-    }
     try:
-        yield Env(backend, root, env, url)
+        with database_url(backend, pg_url, root, "cr_bench_api_") as url:
+            repo_tables = ""
+            for name in REPOS:
+                (root / "repos" / name).mkdir(parents=True)
+                repo_tables += (
+                    f'\n[repos.{name}]\nsource = "{root / "repos" / name}"\nworkspace = "scratch"\n'
+                )
+            (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repos=repo_tables)))
+            env = {
+                "RUNNER_CONFIG": str(root / "runner.toml"),
+                "RUNNER_DATA_DIR": str(root / "data"),
+                "RUNNER_DATABASE_URL": url,
+                "RUNNER_ENABLED": "false",
+                "RUNNER_ALLOWED_REPO_PATHS": str(root / "repos"),
+                "RUNNER_ID": f"bench-{backend}",
+                "RUNNER_LOG_FORMAT": "json",
+                # The seeded jobs go 30 days back: retention inside `serve` would delete the
+                # oldest while the bench measures.
+                "RUNNER_RETENTION_DAYS": "3650",
+            }
+            yield Env(backend, root, env, url)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-        if backend == "postgresql":
-            import psycopg
-
-            with psycopg.connect(pg_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 def open_runtime(env: Env) -> Runtime:
@@ -193,45 +174,8 @@ def make_tokens(env: Env, users: int) -> None:
 @contextmanager
 def server(env: Env) -> Iterator[tuple[str, int]]:
     """`codex-runner serve` in its own process; yields (base URL, pid)."""
-    port = free_port()
-    log = (env.root / "server.log").open("ab")
-    exe = Path(sys.executable).with_name("codex-runner")
-    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "codex_runner.cli", "serve"]
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, **env.env, "RUNNER_PORT": str(port)},
-        cwd=env.root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {env.root / 'server.log'}")
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start in 60 s")
-            time.sleep(0.1)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with serve_process(env.root, env.env, stop_timeout=30) as served:
+        yield served
 
 
 # -- seeding ----------------------------------------------------------------------------------

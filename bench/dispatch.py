@@ -35,14 +35,10 @@ import argparse
 import os
 import shlex
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +49,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from _serve import cpu_seconds, database_url, serve_process
 from codex_runner.config import load_settings
 from codex_runner.execution.process import group_alive
 from codex_runner.runtime import Runtime
@@ -121,97 +118,40 @@ class Result:
 # -- set-up -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def scratch(backend: str, pg_url: str) -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix=f"cr-dispatch-{backend}-"))
-    dbname = f"cr_bench_{uuid.uuid4().hex[:10]}"
-    if backend == "postgresql":
-        import psycopg
-
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{dbname}"')
-        url = pg_url.rsplit("/", 1)[0] + "/" + dbname
-    else:
-        url = f"sqlite:///{root / 'data' / 'runner.db'}"
-    (root / "repo").mkdir()
-    (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repo=root / "repo")))
-    env = {
-        "RUNNER_CONFIG": str(root / "runner.toml"),
-        "RUNNER_DATA_DIR": str(root / "data"),
-        "RUNNER_DATABASE_URL": url,
-        "RUNNER_ALLOWED_REPO_PATHS": str(root / "repo"),
-        "RUNNER_ID": f"bench-{backend}",
-        "RUNNER_LOG_FORMAT": "json",
-        "RUNNER_MAX_JOBS_PER_USER": "1000",
-        "RUNNER_KILL_GRACE_SECONDS": "5",
-    }
     try:
-        rt = Runtime.open(load_settings(env, cwd=root))  # migrates, registers the repo
-        try:
-            token, _ = rt.tokens.create("root", "admin", "bench")
-        finally:
-            rt.close()
-        yield Env(backend, root, env, url, token)
+        with database_url(backend, pg_url, root, "cr_bench_") as url:
+            (root / "repo").mkdir()
+            (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repo=root / "repo")))
+            env = {
+                "RUNNER_CONFIG": str(root / "runner.toml"),
+                "RUNNER_DATA_DIR": str(root / "data"),
+                "RUNNER_DATABASE_URL": url,
+                "RUNNER_ALLOWED_REPO_PATHS": str(root / "repo"),
+                "RUNNER_ID": f"bench-{backend}",
+                "RUNNER_LOG_FORMAT": "json",
+                "RUNNER_MAX_JOBS_PER_USER": "1000",
+                "RUNNER_KILL_GRACE_SECONDS": "5",
+            }
+            rt = Runtime.open(load_settings(env, cwd=root))  # migrates, registers the repo
+            try:
+                token, _ = rt.tokens.create("root", "admin", "bench")
+            finally:
+                rt.close()
+            yield Env(backend, root, env, url, token)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-        if backend == "postgresql":
-            import psycopg
-
-            with psycopg.connect(pg_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 @contextmanager
 def server(env: Env, **extra: str) -> Iterator[tuple[str, int]]:
     """`codex-runner serve` in its own process; yields (base URL, pid)."""
-    port = free_port()
-    log = (env.root / "server.log").open("ab")
-    exe = Path(sys.executable).with_name("codex-runner")
-    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "codex_runner.cli", "serve"]
-    if os.environ.get("BENCH_SERVE_CMD"):  # an experiment: another way to run the same server
-        cmd = shlex.split(os.environ["BENCH_SERVE_CMD"])
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, **env.env, **extra, "RUNNER_PORT": str(port)},
-        cwd=env.root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {env.root / 'server.log'}")
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start in 60 s")
-            time.sleep(0.05)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # BENCH_SERVE_CMD: an experiment, another way to run the same server.
+    cmd = shlex.split(os.environ["BENCH_SERVE_CMD"]) if os.environ.get("BENCH_SERVE_CMD") else None
+    with serve_process(env.root, {**env.env, **extra}, cmd=cmd, stop_timeout=60) as served:
+        yield served
 
 
 def _ts(value: Any) -> float:
