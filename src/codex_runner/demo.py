@@ -198,6 +198,8 @@ def prepare() -> tuple[Settings, Path, Path]:
     data_dir = Path(os.environ.get("RUNNER_DATA_DIR") or ".runner-data")
     demo_dir = (Path.cwd() / data_dir).resolve() / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
+    # The data folder holds the database and tokens: only its owner reads it (doctor checks this).
+    demo_dir.parent.chmod(0o700)
     repo = ensure_repo(demo_dir / "demo-repo")
     if not EDIT_SCRIPT.is_file():
         raise DemoError(f"{EDIT_SCRIPT} is missing: run the demo from a source checkout (make run)")
