@@ -3,7 +3,6 @@ same service functions here, so there is one way to do each thing."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +45,6 @@ class Runtime:
     on_created: list[Callable[[str], None]] = field(default_factory=list)
     on_cancel: list[Callable[[str], None]] = field(default_factory=list)
     startup_checks: list[dict[str, Any]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, catalog: Catalog | None = None) -> Runtime:
