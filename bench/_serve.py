@@ -1,5 +1,5 @@
 """What the benchmarks share: a free port, a scratch PostgreSQL database, a real `codex-runner
-serve` in its own process, and a process's CPU time."""
+serve` in its own process, a process's CPU time, and percentiles."""
 
 from __future__ import annotations
 
@@ -86,3 +86,11 @@ def serve_process(
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile by nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]

@@ -52,7 +52,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from _serve import cpu_seconds, database_url, serve_process
+from _serve import cpu_seconds, database_url, pct, serve_process
 from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
 from codex_runner.store.schema import events, job_counts, jobs
@@ -91,13 +91,6 @@ flag = "--count"
 
 
 # -- statistics -------------------------------------------------------------------------------
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 @dataclass

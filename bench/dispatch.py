@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from _serve import cpu_seconds, database_url, serve_process
+from _serve import cpu_seconds, database_url, pct, serve_process
 from codex_runner.config import load_settings
 from codex_runner.execution.process import group_alive
 from codex_runner.runtime import Runtime
@@ -82,13 +82,6 @@ timeout_seconds = 60
 command = ["/bin/sleep", "600"]
 timeout_seconds = 3600
 """
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 @dataclass
