@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -83,3 +85,28 @@ def write_scratch_echo_config(tmp_path: Path) -> Path:
     repo = make_git_repo(tmp_path / "repo")
     (tmp_path / "runner.toml").write_text(SCRATCH_ECHO_TOML.format(repo=repo))
     return repo
+
+
+TERMINAL = frozenset({"success", "failed", "canceled", "timeout"})
+
+
+class JobPolling:
+    """`job()` and `wait()` for a test harness that has an authenticated `client`."""
+
+    client: httpx.Client
+    wait_timeout: float = 30
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.client.get(f"/api/runner/jobs/{job_id}").json())
+
+    def wait(
+        self, job_id: str, statuses: frozenset[str] | set[str] = TERMINAL, timeout: float | None = None
+    ) -> dict[str, Any]:
+        timeout = self.wait_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.02)
+        raise AssertionError(f"job {job_id} still {self.job(job_id)['status']} after {timeout} s")

@@ -41,11 +41,10 @@ from tests.e2e.fake_responses import (
     patch_turn,
     shell_turn,
 )
-from tests.helpers import make_git_repo, serve_app
+from tests.helpers import JobPolling, make_git_repo, serve_app
 
 pytestmark = pytest.mark.e2e
 
-TERMINAL = {"success", "failed", "canceled", "timeout"}
 PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hello from codex\n*** End Patch\n"
 DUMMY_OPENAI_KEY = "sk-dummy-openai-key-for-the-fake-server"
 HANG_TIMEOUT = 6  # seconds: the script timeout of the runner used for the hang test
@@ -60,13 +59,14 @@ risk_policy = "{risk_policy}"
 
 
 @dataclass
-class CodexRunner:
+class CodexRunner(JobPolling):
     url: str
     runtime: Runtime
     fake: FakeResponsesServer
     repo: Path
     secrets: dict[str, str]
     client: httpx.Client = field(init=False)
+    wait_timeout = 40.0
 
     def __post_init__(self) -> None:
         token = self.secrets["admin API token"]
@@ -81,18 +81,6 @@ class CodexRunner:
         )
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return dict(self.client.get(f"/api/runner/jobs/{job_id}").json())
-
-    def wait(self, job_id: str, statuses: set[str] = TERMINAL, timeout: float = 40) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if job["status"] in statuses:
-                return job
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} still {self.job(job_id)['status']} after {timeout} s")
 
     def log(self, job_id: str) -> str:
         """The whole (redacted) log of a finished job, page by page."""

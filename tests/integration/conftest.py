@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
 from codex_runner.server import build_app
 
-from tests.helpers import make_git_repo, serve_app
+from tests.helpers import JobPolling, make_git_repo, serve_app
 
 BEHAVE = Path(__file__).parent / "scripts" / "behave.py"
 
@@ -96,11 +95,9 @@ pattern = "^[0-9.]+$"
 flag = "--sleep"
 """
 
-TERMINAL = {"success", "failed", "canceled", "timeout"}
-
 
 @dataclass
-class Runner:
+class Runner(JobPolling):
     url: str
     runtime: Runtime
     token: str
@@ -132,18 +129,6 @@ class Runner:
         )
         assert r.status_code == 201, r.text
         return dict(r.json())
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return dict(self.client.get(f"/api/runner/jobs/{job_id}").json())
-
-    def wait(self, job_id: str, statuses: set[str] = TERMINAL, timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if job["status"] in statuses:
-                return job
-            time.sleep(0.02)
-        raise AssertionError(f"job {job_id} still {self.job(job_id)['status']} after {timeout} s")
 
     def wait_all(self, ids: list[str], timeout: float = 120) -> list[dict[str, Any]]:
         return [self.wait(i, timeout=timeout) for i in ids]
