@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codex_runner import __version__
-from codex_runner.api import errors, routes
+from codex_runner.api import errors, logs, routes
 from codex_runner.api.errors import error_response
 from codex_runner.runtime import Runtime
 
@@ -117,8 +117,7 @@ def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> FastAPI
     app.state.runtime = runtime
     errors.install(app)
     app.include_router(routes.router)
-    for extra in routes.extra_routers():
-        app.include_router(extra)
+    app.include_router(logs.router)
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_bytes)
     app.add_middleware(HttpMetrics, runtime=runtime)
     return app

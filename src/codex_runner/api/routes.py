@@ -156,9 +156,3 @@ def metrics(request: Request, principal: Auth) -> Response:
 
     body, content_type = render(_rt(request))
     return Response(body, media_type=content_type)
-
-
-def extra_routers() -> list[APIRouter]:
-    from codex_runner.api.logs import router as logs_router
-
-    return [logs_router]
