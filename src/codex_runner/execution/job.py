@@ -63,6 +63,9 @@ class JobRun:
         self.run_dir = self.settings.runs_dir / self.job_id
         self.manifest = ManifestWriter(self.run_dir)
         self.log: LogWriter | None = None
+        # The job's known secret values, found once with its credential; the log writer and every
+        # error message mask the same set.
+        self.secrets: list[str] = list(self.settings.secret_values())
         self.proc: JobProcess | None = None
         self.started = time.monotonic()
         self.extra_sinks: list[Callable[[bytes], None]] = []
@@ -229,11 +232,11 @@ class JobRun:
         raised. The job's coroutine waits for this trip, so the stage may change here."""
         # No mkdir of the run and log folders here: the manifest and log writers make theirs.
         credential = self._credential(repo)
-        secrets = self._known_secrets(script, credential)
+        self.secrets = self._known_secrets(script, credential)
         self.log = LogWriter(
             self.settings.log_dir / f"{self.job_id}.log",
             max_bytes=self.settings.log_max_bytes,
-            known_secrets=secrets,
+            known_secrets=self.secrets,
         )
         self._runner_line(f"job {self.job_id} started on {self.settings.id} (attempt {self.row['attempt']})")
         if repo is None or script is None:
@@ -337,7 +340,7 @@ class JobRun:
     def _mask(self, text: str) -> str:
         from codex_runner.secrets import mask
 
-        return mask(text, self._known_secrets(self.rt.catalog.scripts.get(self.row["script_key"]), None))
+        return mask(text, self.secrets)
 
     async def _commit_and_push(
         self, script: ScriptSpec, repo: RepoSpec, ws: Workspace, credential: GitCredential | None
