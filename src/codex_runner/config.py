@@ -98,6 +98,7 @@ class Settings:
     workspace_dir: Path = Path()
     cleanup_after_job: bool = True
     keep_failed_workspaces: bool = False
+    warm_workspaces: int = 1
     allowed_repo_paths: tuple[str, ...] = ()
     allowed_git_url_prefixes: tuple[str, ...] = ()
     encryption_key: str | None = None
@@ -175,6 +176,8 @@ def _coerce(name: str, env_name: str, raw: object, current: object) -> object:
         value = _parse_int(env_name, raw, _INT_MINIMUMS.get(name, 0))
         if name == "port" and value > 65535:
             raise ConfigError(f"{env_name}: must be at most 65535, got {value}")
+        if name == "warm_workspaces" and value > 16:
+            raise ConfigError(f"{env_name}: must be at most 16, got {value}")
         return value
     if f_type is float:
         try:

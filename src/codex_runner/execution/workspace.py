@@ -16,14 +16,9 @@ meets a configuration file the agent could have edited.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,6 +35,14 @@ from codex_runner.execution.git import (
     validate_ref_name,
     validate_source,
 )
+from codex_runner.execution.gitutil import current_branch as _current_branch
+from codex_runner.execution.gitutil import git_out as _git_out
+from codex_runner.execution.gitutil import lock_key
+from codex_runner.execution.gitutil import repo_lock as _repo_lock
+from codex_runner.execution.gitutil import resolve as _resolve
+from codex_runner.execution.gitutil import run_in as _run_in
+from codex_runner.execution.gitutil import try_resolve as _try_resolve
+from codex_runner.execution.spares import SpareSource, refill_later, take_spare
 from codex_runner.jobs import job_branch
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "Workspace",
     "cleanup_workspace",
     "commit_changes",
+    "lock_key",
     "prepare_workspace",
     "push_branch",
     "validate_ref_name",
@@ -178,15 +182,18 @@ def _prepare_from_mirror(
         _sync_mirror(repo, mirror, home, credential)
         base_branch = repo.branch or _remote_default_branch(repo, home, credential)
         base_commit = _resolve(mirror, f"refs/remotes/origin/{base_branch}", home)
-    if mode == "worktree":
+    spare = SpareSource(_lock_key(repo), mode, mirror, repo.source, base_commit)
+    git_dir = take_spare(settings, spare, path, base_branch, branch, home)
+    if git_dir is None and mode == "worktree":
         git_dir = _make_worktree(settings, _lock_key(repo), mirror, root, path, branch, base_commit, home)
-    else:
+    elif git_dir is None:
         _new_folder(root, path)
         try:
             git_dir = _shared_clone(mirror, path, repo.source, base_branch, base_commit, branch, home)
         except BaseException:
             _remove_tree(path, root)
             raise
+    refill_later(settings, spare)
     return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, mirror)
 
 
@@ -213,7 +220,11 @@ def _prepare_local(
         with _repo_lock(settings, _lock_key(repo)):
             return _prepare_in_place(repo, job_id, source, store, base_branch, base_commit, branch, home)
     if mode == "worktree":
-        git_dir = _make_worktree(settings, _lock_key(repo), store, root, path, branch, base_commit, home)
+        spare = SpareSource(_lock_key(repo), mode, store, str(source), base_commit)
+        git_dir = take_spare(settings, spare, path, base_branch, branch, home) or _make_worktree(
+            settings, _lock_key(repo), store, root, path, branch, base_commit, home
+        )
+        refill_later(settings, spare)
         return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
 
     _new_folder(root, path)
@@ -320,24 +331,7 @@ def _mirror_path(repo: RepoLike, settings: Settings) -> Path:
 
 
 def _lock_key(repo: RepoLike) -> str:
-    """Names a repo's mirror and lock by its source: repos sharing a URL share one mirror, and a repo
-    whose URL changes gets a new mirror rather than a stale one."""
-    name = repo.source.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].removesuffix(".git")
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:48] or "repo"
-    return f"{safe}-{hashlib.sha256(repo.source.encode()).hexdigest()[:12]}"
-
-
-@contextmanager
-def _repo_lock(settings: Settings, key: str) -> Iterator[None]:
-    """An exclusive per-repo lock that holds across runner processes on this host (flock)."""
-    locks = settings.data_dir.resolve() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    return lock_key(repo.source)
 
 
 def _sync_mirror(repo: RepoLike, mirror: Path, home: Path, credential: GitCredential | None) -> None:
@@ -625,54 +619,3 @@ def _remove_tree(path: Path, root: Path) -> None:
 def _dot_git(source: Path) -> Path:
     dot = source / ".git"
     return dot if dot.exists() else source  # a bare repository is its own git dir
-
-
-def _run_in(
-    git_dir: Path,
-    work_tree: Path,
-    args: list[str],
-    home: Path,
-    code: str,
-    *,
-    check: bool = True,
-    env_extra: dict[str, str] | None = None,
-    input_text: str | None = None,
-) -> GitResult:
-    """A command in a workspace, naming its pinned git dir and work tree explicitly."""
-    return run_git(
-        [f"--git-dir={git_dir}", f"--work-tree={work_tree}", *args],
-        cwd=work_tree,
-        home=home,
-        error_code=code,
-        check=check,
-        env_extra=env_extra,
-        input_text=input_text,
-    )
-
-
-def _git_out(args: list[str], home: Path, code: str) -> str:
-    return run_git(args, home=home, error_code=code).stdout.strip()
-
-
-def _try_resolve(git_dir: Path, rev: str, home: Path) -> str | None:
-    got = run_git(
-        [f"--git-dir={git_dir}", "rev-parse", "-q", "--verify", f"{rev}^{{commit}}"], home=home, check=False
-    )
-    return got.stdout.strip() if got.returncode == 0 else None
-
-
-def _resolve(git_dir: Path, rev: str, home: Path, *, code: str = "branch_failed") -> str:
-    commit = _try_resolve(git_dir, rev, home)
-    if commit is None:
-        shown = rev.removeprefix("refs/remotes/origin/").removeprefix("refs/heads/")
-        raise GitError(f"branch {shown!r} not found", code=code)
-    return commit
-
-
-def _current_branch(git_dir: Path, home: Path) -> str:
-    got = run_git([f"--git-dir={git_dir}", "symbolic-ref", "-q", "--short", "HEAD"], home=home, check=False)
-    name = got.stdout.strip()
-    if got.returncode != 0 or not name:
-        raise GitError("the repo's HEAD is detached; set `branch` for this repo", code="branch_failed")
-    validate_ref_name(name)
-    return name

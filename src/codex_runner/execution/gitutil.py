@@ -1,0 +1,89 @@
+"""Small git helpers shared by the workspace and warm-spare modules: the per-repo lock, commands
+pinned to a git dir and work tree, and ref resolution. Synchronous; callers run them in threads."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from codex_runner.config import Settings
+from codex_runner.execution.git import GitError, GitResult, run_git, validate_ref_name
+
+__all__ = ["current_branch", "git_out", "lock_key", "repo_lock", "resolve", "run_in", "try_resolve"]
+
+
+def lock_key(source: str) -> str:
+    """Names a repo's mirror, lock and spares by its source: repos sharing a URL share one mirror, and
+    a repo whose URL changes gets a new mirror rather than a stale one."""
+    name = source.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].removesuffix(".git")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:48] or "repo"
+    return f"{safe}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+
+@contextmanager
+def repo_lock(settings: Settings, key: str) -> Iterator[None]:
+    """An exclusive per-repo lock that holds across runner processes on this host (flock)."""
+    locks = settings.data_dir.resolve() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def run_in(
+    git_dir: Path,
+    work_tree: Path,
+    args: list[str],
+    home: Path,
+    code: str,
+    *,
+    check: bool = True,
+    env_extra: dict[str, str] | None = None,
+    input_text: str | None = None,
+) -> GitResult:
+    """A command in a workspace, naming its pinned git dir and work tree explicitly."""
+    return run_git(
+        [f"--git-dir={git_dir}", f"--work-tree={work_tree}", *args],
+        cwd=work_tree,
+        home=home,
+        error_code=code,
+        check=check,
+        env_extra=env_extra,
+        input_text=input_text,
+    )
+
+
+def git_out(args: list[str], home: Path, code: str) -> str:
+    return run_git(args, home=home, error_code=code).stdout.strip()
+
+
+def try_resolve(git_dir: Path, rev: str, home: Path) -> str | None:
+    got = run_git(
+        [f"--git-dir={git_dir}", "rev-parse", "-q", "--verify", f"{rev}^{{commit}}"], home=home, check=False
+    )
+    return got.stdout.strip() if got.returncode == 0 else None
+
+
+def resolve(git_dir: Path, rev: str, home: Path, *, code: str = "branch_failed") -> str:
+    commit = try_resolve(git_dir, rev, home)
+    if commit is None:
+        shown = rev.removeprefix("refs/remotes/origin/").removeprefix("refs/heads/")
+        raise GitError(f"branch {shown!r} not found", code=code)
+    return commit
+
+
+def current_branch(git_dir: Path, home: Path) -> str:
+    got = run_git([f"--git-dir={git_dir}", "symbolic-ref", "-q", "--short", "HEAD"], home=home, check=False)
+    name = got.stdout.strip()
+    if got.returncode != 0 or not name:
+        raise GitError("the repo's HEAD is detached; set `branch` for this repo", code="branch_failed")
+    validate_ref_name(name)
+    return name

@@ -1,0 +1,311 @@
+"""Warm workspaces ("spares"): a checkout of a repo's base commit that the runner makes in the
+background after a job's prepare, so that the next job of the same repo and mode starts from it
+instead of writing every file of the tree again.
+
+A CI runner keeps its checkout between builds (Buildkite's agents, GitHub's self-hosted runners);
+here a spare is never one an agent has touched. The runner makes it, then hands it to exactly one
+job: it is renamed into the job's workspace folder (an atomic claim: two jobs never get the same
+spare), its git configuration is written again, and it is forced onto the job's base commit on the
+job branch and cleaned — the tree a fresh checkout would give, with only the files that differ
+written. A spare that cannot be used is deleted and the job prepares the ordinary way.
+
+Layout: `<workspace dir>/.spares/<repo key>.<mode>/ready-<id>`, built as `building-<id>` (with its
+git HOME `home-<id>`) and renamed when complete, so an interrupted build is never taken.
+`RUNNER_WARM_WORKSPACES` spares are kept per repo and mode (0: none). Only `clone` and `worktree`
+workspaces made from a mirror or a local repo's own objects have spares; `in_place`, `scratch` and
+`clone` of a local path (a hard-linked copy) do not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from codex_runner.config import Settings
+from codex_runner.execution.git import GitError, run_git
+from codex_runner.execution.gitutil import git_out, repo_lock, run_in
+
+__all__ = ["SpareSource", "pool_dir", "refill_later", "stop_refills", "take_spare", "wait_for_refills"]
+
+log = structlog.get_logger("codex_runner.spares")
+
+POOLS = ".spares"
+# A build older than this was interrupted (its process died): its leftovers are deleted.
+STALE_BUILD_SECONDS = 900
+_CLONE_CONFIG = (
+    "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+    "\tlogallrefupdates = true\n"
+    '[remote "origin"]\n\turl = {url}\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n'
+)
+
+
+@dataclass(frozen=True)
+class SpareSource:
+    """What a spare is made from and for: the repo's lock key, the workspace mode, the git dir whose
+    objects it borrows (mirror or local repo), the URL a clone names as origin, and the commit."""
+
+    key: str
+    mode: str  # "clone" | "worktree"
+    store: Path
+    origin: str
+    commit: str
+
+
+def pool_dir(settings: Settings, key: str, mode: str) -> Path:
+    return settings.workspace_dir.resolve() / POOLS / f"{key}.{mode}"
+
+
+# --- taking a spare ---------------------------------------------------------------------------------
+
+
+def take_spare(
+    settings: Settings, src: SpareSource, path: Path, base_branch: str, branch: str, home: Path
+) -> Path | None:
+    """Moves a ready spare to the workspace folder `path` (which must not exist) and puts it on
+    `branch` at `src.commit`. Returns its git dir, or None when there is no usable spare."""
+    if settings.warm_workspaces <= 0:
+        return None
+    pool = pool_dir(settings, src.key, src.mode)
+    try:
+        names = sorted(n for n in os.listdir(pool) if n.startswith("ready-"))
+    except FileNotFoundError:
+        return None
+    for name in names:
+        if path.exists():  # never rename over a folder: the caller's checks say it is free
+            return None
+        try:
+            git_dir = _claim(settings, src, pool / name, path, home)
+            if git_dir is None:
+                continue  # another job took it first
+            _reset(git_dir, path, src, base_branch, branch, home)
+            return git_dir
+        except (GitError, OSError) as exc:
+            log.warning("spare_unusable", pool=str(pool), error=str(exc)[:300])
+            _discard(settings, src, path, home)
+            if src.mode == "worktree":  # the job branch may exist already; the fresh path makes it again
+                with repo_lock(settings, src.key):
+                    ref = f"refs/heads/{branch}"
+                    run_git(
+                        [f"--git-dir={src.store}", "update-ref", "-d", ref, src.commit],
+                        home=home,
+                        check=False,
+                    )
+            return None
+    return None
+
+
+def _claim(settings: Settings, src: SpareSource, spare: Path, path: Path, home: Path) -> Path | None:
+    """Renames the spare to `path`; None if it is gone. Raises if it came but cannot be relinked."""
+    if src.mode != "worktree":
+        return path / ".git" if _rename(spare, path) else None
+    # Under the repo lock: a `worktree prune` run between the rename and the repair would drop the
+    # registration of a worktree whose recorded folder is gone.
+    with repo_lock(settings, src.key):
+        if not _rename(spare, path):
+            return None
+        run_git(
+            [f"--git-dir={src.store}", "worktree", "repair", "--", str(path)],
+            home=home,
+            error_code="branch_failed",
+        )
+    git_dir = Path(git_out(["-C", str(path), "rev-parse", "--absolute-git-dir"], home, "branch_failed"))
+    if git_dir.parent != src.store / "worktrees":
+        raise GitError("spare worktree belongs to another repository", code="branch_failed")
+    return git_dir
+
+
+def _rename(spare: Path, path: Path) -> bool:
+    try:
+        os.rename(spare, path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _reset(git_dir: Path, path: Path, src: SpareSource, base_branch: str, branch: str, home: Path) -> None:
+    if src.mode == "clone":
+        # Written again rather than trusted: the same configuration and objects a fresh clone gets.
+        _write_file(git_dir / "config", _CLONE_CONFIG.format(url=_config_quote(src.origin)))
+        _write_file(git_dir / "objects" / "info" / "alternates", f"{src.store / 'objects'}\n")
+        run_git(
+            [f"--git-dir={git_dir}", "update-ref", f"refs/remotes/origin/{base_branch}", src.commit],
+            home=home,
+            error_code="clone_failed",
+        )
+    # -f: whatever differs from the commit is overwritten; files that already match are not written.
+    run_in(git_dir, path, ["checkout", "-q", "-f", "-b", branch, src.commit], home, "branch_failed")
+    run_in(git_dir, path, ["clean", "-ffdxq"], home, "branch_failed")
+
+
+def _config_quote(value: str) -> str:
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise GitError("repo source has a control character", code="clone_failed")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _write_file(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.runner-tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --- making spares ----------------------------------------------------------------------------------
+
+
+def build_spare(settings: Settings, src: SpareSource) -> bool:
+    """Makes one spare if the pool has fewer than `RUNNER_WARM_WORKSPACES`. True if one was made."""
+    pool = pool_dir(settings, src.key, src.mode)
+    pool.mkdir(parents=True, exist_ok=True)
+    _sweep(settings, src, pool)
+    if len([n for n in os.listdir(pool) if n.startswith("ready-")]) >= settings.warm_workspaces:
+        return False
+    ident = uuid.uuid4().hex[:12]
+    building, home = pool / f"building-{ident}", pool / f"home-{ident}"
+    home.mkdir(mode=0o700)
+    try:
+        if src.mode == "worktree":
+            with repo_lock(settings, src.key):
+                add = ["worktree", "add", "-q", "--detach", "--no-checkout", "--", str(building), src.commit]
+                run_git([f"--git-dir={src.store}", *add], home=home, error_code="branch_failed")
+            git_dir = Path(
+                git_out(["-C", str(building), "rev-parse", "--absolute-git-dir"], home, "branch_failed")
+            )
+            run_in(git_dir, building, ["reset", "--hard", "-q"], home, "branch_failed")
+        else:
+            run_git(["init", "-q", "--", str(building)], home=home, error_code="clone_failed")
+            _write_file(building / ".git" / "objects" / "info" / "alternates", f"{src.store / 'objects'}\n")
+            run_in(
+                building / ".git", building, ["checkout", "-q", "--detach", src.commit], home, "branch_failed"
+            )
+        _publish(settings, src, building, pool / f"ready-{ident}", home)
+        return True
+    except BaseException:
+        _discard(settings, src, building, home)
+        raise
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _publish(settings: Settings, src: SpareSource, building: Path, ready: Path, home: Path) -> None:
+    if src.mode != "worktree":
+        os.rename(building, ready)
+        return
+    with repo_lock(settings, src.key):
+        os.rename(building, ready)
+        run_git(
+            [f"--git-dir={src.store}", "worktree", "repair", "--", str(ready)],
+            home=home,
+            error_code="branch_failed",
+        )
+
+
+def _sweep(settings: Settings, src: SpareSource, pool: Path) -> None:
+    """Deletes what an interrupted build left, and spares past the configured number."""
+    cutoff = time.time() - STALE_BUILD_SECONDS
+    ready = sorted(n for n in os.listdir(pool) if n.startswith("ready-"))
+    extra = set(ready[settings.warm_workspaces :]) if settings.warm_workspaces >= 0 else set()
+    for name in os.listdir(pool):
+        path = pool / name
+        stale = name.startswith(("building-", "home-")) and _mtime(path) < cutoff
+        if stale or name in extra:
+            _discard(settings, src, path, None)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _discard(settings: Settings, src: SpareSource, path: Path, home: Path | None) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if src.mode == "worktree":
+        # The registration of the deleted worktree goes with the next prune; do it now.
+        scratch = home or path.with_name(f"home-{uuid.uuid4().hex[:12]}")
+        try:
+            with repo_lock(settings, src.key):
+                run_git([f"--git-dir={src.store}", "worktree", "prune"], home=scratch, check=False)
+        finally:
+            if home is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --- the background refill --------------------------------------------------------------------------
+
+
+class _Refiller:
+    """One thread per process makes spares, one at a time, newest request per pool first. Requests
+    for a pool that is already waiting replace it (its commit is newer). Not a daemon thread: at
+    exit the build in progress finishes instead of leaving a git process behind."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: dict[Path, tuple[Settings, SpareSource]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def request(self, settings: Settings, src: SpareSource) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._pending[pool_dir(settings, src.key, src.mode)] = (settings, src)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spare-refill")
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending or self._stopped:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                _, (settings, src) = self._pending.popitem()
+            try:
+                build_spare(settings, src)
+            except Exception as exc:  # a spare is an optimisation: its failure never reaches a job
+                log.warning("spare_build_failed", key=src.key, mode=src.mode, error=str(exc)[:300])
+
+    def wait(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._thread is None, timeout)
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopped = True
+            self._pending.clear()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def restart(self) -> None:
+        with self._cond:
+            self._stopped = False
+
+
+_refiller = _Refiller()
+
+
+def refill_later(settings: Settings, src: SpareSource) -> None:
+    """Asks for a spare of `src` to be made in the background (nothing when spares are off)."""
+    if settings.warm_workspaces > 0:
+        _refiller.request(settings, src)
+
+
+def wait_for_refills(timeout: float = 60.0) -> bool:
+    """Waits until no spare is being made; True if so within `timeout` (tests and benchmarks)."""
+    return _refiller.wait(timeout)
+
+
+def stop_refills(timeout: float = 30.0) -> None:
+    """Drops pending requests and waits (at most `timeout`) for the build in progress: shutdown."""
+    _refiller.stop(timeout)
+    _refiller.restart()  # a later runtime in the same process (tests) may use spares again

@@ -1,0 +1,254 @@
+"""Warm workspaces with real git: a spare is made after a job's prepare, the next job of the repo and
+mode takes it, and what it gets is exactly a fresh checkout of its base commit on its branch — also
+when the base moved, when someone tampered with the spare, or when the spare is broken."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from test_git_workspace import Repo, git, make_repo, settings_for
+
+from codex_runner.config import ConfigError, Settings, load_settings
+from codex_runner.execution.spares import pool_dir, stop_refills, wait_for_refills
+from codex_runner.execution.workspace import Workspace, cleanup_workspace, lock_key, prepare_workspace
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def ready_spares(settings: Settings, repo: Repo) -> list[Path]:
+    pool = pool_dir(settings, lock_key(repo.source), repo.workspace)
+    return sorted(pool.glob("ready-*")) if pool.is_dir() else []
+
+
+def assert_pristine(ws: Workspace, seed: Path) -> None:
+    """The workspace is on its job branch at the base commit, with exactly the base's files."""
+    assert ws.branch is not None and ws.base_commit is not None
+    assert git("symbolic-ref", "--short", "HEAD", cwd=ws.path) == ws.branch
+    assert git("rev-parse", "HEAD", cwd=ws.path) == ws.base_commit
+    assert git("status", "--porcelain", "--ignored", "--untracked-files=all", cwd=ws.path) == ""
+    expected = git("ls-tree", "-r", "--name-only", ws.base_commit, cwd=seed).splitlines()
+    on_disk = sorted(
+        str(p.relative_to(ws.path)) for p in ws.path.rglob("*") if p.is_file() and ".git" not in p.parts
+    )
+    assert on_disk == sorted(expected)
+    for name in expected:
+        assert (ws.path / name).read_bytes() == git_blob(seed, ws.base_commit, name)
+
+
+def git_blob(repo: Path, commit: str, name: str) -> bytes:
+    import subprocess
+
+    return subprocess.run(
+        ["git", "show", f"{commit}:{name}"], cwd=repo, capture_output=True, check=True
+    ).stdout
+
+
+def advance(seed: Path) -> str:
+    """A new base commit that changes, deletes and adds files."""
+    (seed / "README.md").write_text("hello\nagain\n")
+    (seed / "src/app.py").unlink()
+    (seed / "docs").mkdir(exist_ok=True)
+    (seed / "docs/new.md").write_text("new\n")
+    git("add", "-A", cwd=seed)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "move", cwd=seed)
+    return git("rev-parse", "HEAD", cwd=seed)
+
+
+@pytest.fixture(autouse=True)
+def _no_refill_leftovers() -> None:
+    yield
+    stop_refills(timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["worktree", "clone"])
+def test_second_job_takes_the_spare_made_after_the_first(tmp_path: Path, mode: str) -> None:
+    seed = make_repo(tmp_path / "seed")
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    settings = settings_for(tmp_path)
+    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace=mode)
+
+    first = prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+    (first.path / "agent.txt").write_text("the first job's work\n")  # never seen by the second
+
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()  # taken: renamed into the second job's workspace
+    assert second.path == settings.workspace_dir.resolve() / "22222222-b"
+    assert_pristine(second, seed)
+    if mode == "clone":
+        assert git("config", "--get", "remote.origin.url", cwd=second.path) == repo.source
+        assert git("rev-parse", "refs/remotes/origin/main", cwd=second.path) == second.base_commit
+    else:
+        assert second.git_dir is not None and second.git_dir.parent == second.store / "worktrees"
+
+    # The taken spare is a normal workspace: commit, cleanup and the kept branch work as usual.
+    (second.path / "feature.txt").write_text("x\n")
+    from test_git_workspace import commit
+
+    assert commit(second).files_changed == 1
+    assert wait_for_refills(30)
+    assert len(ready_spares(settings, repo)) == 1  # refilled for the job after
+    cleanup_workspace(first, repo, settings, failed=False)
+    cleanup_workspace(second, repo, settings, failed=False)
+    assert not second.path.exists()
+    assert git("rev-parse", "--verify", "refs/heads/runner/22222222", cwd=second.store)
+
+
+@pytest.mark.parametrize("mode", ["worktree", "clone"])
+def test_a_spare_follows_the_base_when_it_moved(tmp_path: Path, mode: str) -> None:
+    seed = make_repo(tmp_path / "seed")
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    settings = settings_for(tmp_path)
+    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace=mode)
+    prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30) and ready_spares(settings, repo)
+
+    [spare] = ready_spares(settings, repo)
+    moved = advance(seed)
+    git("push", "-q", str(bare), "main", cwd=seed)
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()
+    assert second.base_commit == moved
+    assert_pristine(second, seed)
+    assert not (second.path / "src/app.py").exists()
+
+
+@pytest.mark.parametrize("mode", ["worktree", "clone"])
+def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str) -> None:
+    seed = make_repo(tmp_path / "seed", {"README.md": "hello\n", ".gitignore": "*.log\n", "a/b.txt": "b\n"})
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    settings = settings_for(tmp_path)
+    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace=mode)
+    prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+
+    # Whatever a process of the same user could do to a spare while it waits.
+    (spare / "README.md").write_text("planted\n")
+    (spare / "a/b.txt").unlink()
+    (spare / "planted.py").write_text("import os\n")
+    (spare / "debug.log").write_text("ignored but planted\n")
+    (spare / "a/deep").mkdir()
+    (spare / "a/deep/x").write_text("x\n")
+    evil = tmp_path / "evil.git"
+    git("init", "-q", "--bare", str(evil))
+    if mode == "clone":
+        (spare / ".git/config").write_text(f'[remote "origin"]\n\turl = {evil}\n[core]\n\tbare = false\n')
+        (spare / ".git/objects/info/alternates").write_text(f"{evil}/objects\n")
+
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()  # the tampered spare was the one taken
+    assert_pristine(second, seed)
+    if mode == "clone":
+        assert git("config", "--get", "remote.origin.url", cwd=second.path) == repo.source
+        assert str(evil) not in (second.path / ".git/objects/info/alternates").read_text()
+
+
+def test_a_broken_spare_is_dropped_and_the_job_prepares_the_usual_way(tmp_path: Path) -> None:
+    seed = make_repo(tmp_path / "seed")
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    settings = settings_for(tmp_path)
+    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace="worktree")
+    prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+    (spare / ".git").unlink()  # no longer a worktree of anything
+    (spare / ".git").write_text("gitdir: /nowhere\n")
+
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert_pristine(second, seed)
+    assert second.git_dir is not None and second.git_dir.parent == second.store / "worktrees"
+    assert not spare.exists()
+
+
+def test_local_worktree_repo_has_spares_too(tmp_path: Path) -> None:
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("l", str(local))
+    first = prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30) and ready_spares(settings, repo)
+    [spare] = ready_spares(settings, repo)
+    advance(local)
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()
+    assert_pristine(second, local)
+    cleanup_workspace(first, repo, settings, failed=False)
+    cleanup_workspace(second, repo, settings, failed=False)
+    assert git("status", "--porcelain", cwd=local) == ""
+
+
+def test_two_jobs_racing_for_one_spare_both_get_a_workspace(tmp_path: Path) -> None:
+    seed = make_repo(tmp_path / "seed")
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    settings = settings_for(tmp_path)
+    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace="worktree")
+    prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30) and len(ready_spares(settings, repo)) == 1
+
+    got: dict[str, Workspace] = {}
+    errors: list[BaseException] = []
+
+    def job(job_id: str) -> None:
+        try:
+            got[job_id] = prepare_workspace(repo, job_id, settings)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(f"{i}{i}{i}{i}{i}{i}{i}{i}-x",)) for i in range(2, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(got) == 4
+    for ws in got.values():
+        assert_pristine(ws, seed)
+    assert len({ws.git_dir for ws in got.values()}) == 4
+
+
+def test_spares_off_leaves_no_pool(tmp_path: Path) -> None:
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path, warm_workspaces=0)
+    repo = Repo("l", str(local))
+    ws = prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    assert not (settings.workspace_dir / ".spares").exists()
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert git("worktree", "list", "--porcelain", cwd=local).count("worktree ") == 1
+
+
+def test_interrupted_builds_are_swept(tmp_path: Path) -> None:
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("l", str(local))
+    pool = pool_dir(settings, lock_key(repo.source), "worktree")
+    pool.mkdir(parents=True)
+    leftover = pool / "building-0123456789ab"
+    leftover.mkdir()
+    (leftover / "half.txt").write_text("x")
+    os.utime(leftover, (0, 0))
+    fresh = pool / "building-ba9876543210"  # a build in progress elsewhere: kept
+    fresh.mkdir()
+    prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    assert not leftover.exists() and fresh.exists()
+    assert len(ready_spares(settings, repo)) == 1
+
+
+def test_warm_workspaces_setting_is_bounded(tmp_path: Path) -> None:
+    assert (
+        load_settings(env={"RUNNER_DATA_DIR": str(tmp_path), "RUNNER_WARM_WORKSPACES": "3"}).warm_workspaces
+        == 3
+    )
+    with pytest.raises(ConfigError, match="RUNNER_WARM_WORKSPACES"):
+        load_settings(env={"RUNNER_DATA_DIR": str(tmp_path), "RUNNER_WARM_WORKSPACES": "17"})
+    with pytest.raises(ConfigError, match="RUNNER_WARM_WORKSPACES"):
+        load_settings(env={"RUNNER_DATA_DIR": str(tmp_path), "RUNNER_WARM_WORKSPACES": "-1"})
