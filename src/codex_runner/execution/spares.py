@@ -39,6 +39,8 @@ log = structlog.get_logger("codex_runner.spares")
 POOLS = ".spares"
 # A build older than this was interrupted (its process died): its leftovers are deleted.
 STALE_BUILD_SECONDS = 900
+# About 1,500 files: below this an index is not worth settling (see `_settle_index`).
+_SETTLE_MIN_INDEX_BYTES = 128 * 1024
 _CLONE_CONFIG = (
     "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
     "\tlogallrefupdates = true\n"
@@ -199,7 +201,10 @@ def _settle_index(git_dir: Path, work_tree: Path, home: Path) -> None:
     stat data and would read or rewrite every one of them at the job's checkout. Refreshing the index
     once that second has passed records them as clean, so the checkout only touches what changed."""
     index = git_dir / "index"
-    wait = index.stat().st_mtime + 1.05 - time.time()
+    info = index.stat()
+    if info.st_size < _SETTLE_MIN_INDEX_BYTES:
+        return  # a small tree is re-read in a few milliseconds: not worth the wait
+    wait = info.st_mtime + 1.05 - time.time()
     if wait > 0:
         time.sleep(wait)
     run_in(git_dir, work_tree, ["update-index", "-q", "--refresh"], home, "branch_failed", check=False)
