@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -23,6 +24,8 @@ import sqlalchemy as sa
 
 from codex_runner.api import create_app
 from codex_runner.config import load_settings
+from codex_runner.execution.gitutil import lock_key
+from codex_runner.execution.spares import POOLS
 from codex_runner.ops.audit import attach
 from codex_runner.ops.retention import claim_run, cleanup, retention_loop
 from codex_runner.runtime import Runtime
@@ -337,5 +340,27 @@ def test_retention_loop_runs_inside_serve(tmp_path: Path, database_url: str) -> 
 
         asyncio.run(run())
         assert audit_lines(rt, "job_cleaned_up")
+    finally:
+        rt.close()
+
+
+def test_cleanup_removes_spare_pools_no_repo_would_take_from(tmp_path: Path, database_url: str) -> None:
+    rt = make_runtime(tmp_path, database_url)
+    try:
+        [demo] = rt.catalog.repos.values()
+        pools = rt.settings.workspace_dir / POOLS
+        wanted = pools / f"{lock_key(demo.source)}.{demo.workspace}"
+        gone = [pools / f"{lock_key(demo.source)}.clone", pools / "removed-repo-0123456789ab.worktree"]
+        for pool in (wanted, *gone):
+            (pool / "ready-0123456789ab").mkdir(parents=True)
+            (pool / "ready-0123456789ab" / "f.txt").write_text("x")
+
+        dry = cleanup(rt, dry_run=True)
+        assert dry.spare_pools == 2 and all(p.exists() for p in (wanted, *gone))
+        assert cleanup(rt).spare_pools == 2
+        assert wanted.exists() and not any(p.exists() for p in gone)
+        assert cleanup(rt).spare_pools == 0
+        rt.settings = dataclasses.replace(rt.settings, warm_workspaces=0)  # spares turned off
+        assert cleanup(rt).spare_pools == 1 and not wanted.exists()
     finally:
         rt.close()

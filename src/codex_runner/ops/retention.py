@@ -28,6 +28,8 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection, Engine
 
+from codex_runner.execution.gitutil import lock_key
+from codex_runner.execution.spares import POOLS
 from codex_runner.jobs import TERMINAL, EventType
 from codex_runner.ops.audit import audit_event
 from codex_runner.store.engine import read_txn, with_retries, write_txn
@@ -62,6 +64,7 @@ class CleanupReport:
     run_dirs: int = 0
     workspaces: int = 0
     git_homes: int = 0
+    spare_pools: int = 0
     batches: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -73,7 +76,7 @@ class CleanupReport:
         return (
             f"{verb} {self.jobs} jobs, {self.events} events, {self.idempotency_keys} idempotency keys, "
             f"{self.logs} log files, {self.run_dirs} run folders, {self.workspaces} workspaces, "
-            f"{self.git_homes} git homes"
+            f"{self.git_homes} git homes, {self.spare_pools} spare pools"
         )
 
 
@@ -107,6 +110,10 @@ def cleanup(
                 report.errors.append(f"{path}: {exc.strerror or exc}")
                 continue
         setattr(report, kind, getattr(report, kind) + 1)
+    for pool in _unused_spare_pools(runtime):
+        if not dry_run:
+            shutil.rmtree(pool, ignore_errors=True)
+        report.spare_pools += 1
     log.info("cleanup_done", **report.to_dict())
     return report
 
@@ -268,6 +275,21 @@ def _orphans(
         except FileNotFoundError:
             continue
         yield kind, path
+
+
+def _unused_spare_pools(runtime: Runtime) -> Iterator[Path]:
+    """Warm-workspace pools no configured repo and mode would take from (repo removed, its URL or
+    mode changed, or spares turned off). Taking a spare is a rename out of the pool, so deleting a
+    pool never removes a workspace a job has already taken."""
+    root = runtime.settings.workspace_dir / POOLS
+    if not root.is_dir():
+        return
+    wanted = set()
+    if runtime.settings.warm_workspaces > 0:
+        wanted = {f"{lock_key(r.source)}.{r.workspace}" for r in runtime.catalog.repos.values()}
+    for pool in root.iterdir():
+        if pool.is_dir() and not pool.is_symlink() and pool.name not in wanted:
+            yield pool
 
 
 def _existing_ids(engine: Engine, ids: Iterable[str], batch_size: int) -> set[str]:
