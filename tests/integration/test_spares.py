@@ -57,6 +57,17 @@ def advance(seed: Path) -> str:
     return git("rev-parse", "HEAD", cwd=seed)
 
 
+def url_repo(
+    tmp_path: Path, mode: str, files: dict[str, str] | None = None
+) -> tuple[Path, Path, Settings, Repo]:
+    """A seed repo, its bare copy served as a `file://` URL repo in `mode`, and the runner's settings."""
+    seed = make_repo(tmp_path / "seed", files)
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace=mode)
+    return seed, bare, settings_for(tmp_path), repo
+
+
 @pytest.fixture(autouse=True)
 def _no_refill_leftovers() -> None:
     yield
@@ -65,11 +76,7 @@ def _no_refill_leftovers() -> None:
 
 @pytest.mark.parametrize("mode", ["worktree", "clone"])
 def test_second_job_takes_the_spare_made_after_the_first(tmp_path: Path, mode: str) -> None:
-    seed = make_repo(tmp_path / "seed")
-    bare = tmp_path / "origin.git"
-    git("clone", "-q", "--bare", str(seed), str(bare))
-    settings = settings_for(tmp_path)
-    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace=mode)
+    seed, _bare, settings, repo = url_repo(tmp_path, mode)
 
     first = prepare_workspace(repo, "11111111-a", settings)
     assert wait_for_refills(30)
@@ -101,11 +108,7 @@ def test_second_job_takes_the_spare_made_after_the_first(tmp_path: Path, mode: s
 
 @pytest.mark.parametrize("mode", ["worktree", "clone"])
 def test_a_spare_follows_the_base_when_it_moved(tmp_path: Path, mode: str) -> None:
-    seed = make_repo(tmp_path / "seed")
-    bare = tmp_path / "origin.git"
-    git("clone", "-q", "--bare", str(seed), str(bare))
-    settings = settings_for(tmp_path)
-    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace=mode)
+    seed, bare, settings, repo = url_repo(tmp_path, mode)
     prepare_workspace(repo, "11111111-a", settings)
     assert wait_for_refills(30) and ready_spares(settings, repo)
 
@@ -121,11 +124,9 @@ def test_a_spare_follows_the_base_when_it_moved(tmp_path: Path, mode: str) -> No
 
 @pytest.mark.parametrize("mode", ["worktree", "clone"])
 def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str) -> None:
-    seed = make_repo(tmp_path / "seed", {"README.md": "hello\n", ".gitignore": "*.log\n", "a/b.txt": "b\n"})
-    bare = tmp_path / "origin.git"
-    git("clone", "-q", "--bare", str(seed), str(bare))
-    settings = settings_for(tmp_path)
-    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace=mode)
+    seed, _bare, settings, repo = url_repo(
+        tmp_path, mode, files={"README.md": "hello\n", ".gitignore": "*.log\n", "a/b.txt": "b\n"}
+    )
     prepare_workspace(repo, "11111111-a", settings)
     assert wait_for_refills(30)
     [spare] = ready_spares(settings, repo)
@@ -152,11 +153,7 @@ def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str) -> None:
 
 
 def test_a_broken_spare_is_dropped_and_the_job_prepares_the_usual_way(tmp_path: Path) -> None:
-    seed = make_repo(tmp_path / "seed")
-    bare = tmp_path / "origin.git"
-    git("clone", "-q", "--bare", str(seed), str(bare))
-    settings = settings_for(tmp_path)
-    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace="worktree")
+    seed, _bare, settings, repo = url_repo(tmp_path, "worktree")
     prepare_workspace(repo, "11111111-a", settings)
     assert wait_for_refills(30)
     [spare] = ready_spares(settings, repo)
@@ -186,11 +183,7 @@ def test_local_worktree_repo_has_spares_too(tmp_path: Path) -> None:
 
 
 def test_two_jobs_racing_for_one_spare_both_get_a_workspace(tmp_path: Path) -> None:
-    seed = make_repo(tmp_path / "seed")
-    bare = tmp_path / "origin.git"
-    git("clone", "-q", "--bare", str(seed), str(bare))
-    settings = settings_for(tmp_path)
-    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="main", workspace="worktree")
+    seed, _bare, settings, repo = url_repo(tmp_path, "worktree")
     prepare_workspace(repo, "11111111-a", settings)
     assert wait_for_refills(30) and len(ready_spares(settings, repo)) == 1
 
