@@ -5,11 +5,12 @@ when the base moved, when someone tampered with the spare, or when the spare is 
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from test_git_workspace import Repo, git, make_repo, settings_for
+from test_git_workspace import Repo, commit, git, make_repo, settings_for
 
 from codex_runner.config import ConfigError, Settings, load_settings
 from codex_runner.execution.spares import pool_dir, stop_refills, wait_for_refills
@@ -39,8 +40,6 @@ def assert_pristine(ws: Workspace, seed: Path) -> None:
 
 
 def git_blob(repo: Path, commit: str, name: str) -> bytes:
-    import subprocess
-
     return subprocess.run(
         ["git", "show", f"{commit}:{name}"], cwd=repo, capture_output=True, check=True
     ).stdout
@@ -95,8 +94,6 @@ def test_second_job_takes_the_spare_made_after_the_first(tmp_path: Path, mode: s
 
     # The taken spare is a normal workspace: commit, cleanup and the kept branch work as usual.
     (second.path / "feature.txt").write_text("x\n")
-    from test_git_workspace import commit
-
     assert commit(second).files_changed == 1
     assert wait_for_refills(30)
     assert len(ready_spares(settings, repo)) == 1  # refilled for the job after
