@@ -21,9 +21,13 @@ queue caps at 10,000,000 so the bench measures creation, not backpressure). Then
   `?status=success`, `?repo_id=`) and `GET /api/runner/jobs/{id}` of random jobs, as the admin and as
   `user000`; first, `total` is checked against COUNT(*).
 - creates, on each table: `--duration` s after 1 s of warm-up, `--concurrency` keep-alive HTTP/1.1
-  connections (httpx, async, in this process, so the load does not share the server's GIL), spread
-  over the load users, unique arguments per request; req/s, p50/p95/p99, errors, and the server's
-  CPU per request.
+  connections spread over the load users, unique arguments per request. The load comes from `wrk`
+  (C; a Lua script gives each request its arguments and a token) when it is installed, else from a
+  lean asyncio client in a process of its own (`--load`): a load generator in Python (httpx) took a
+  whole core of the two. Reported: req/s, p50/p95/p99, every answer that is not a 201 (by status)
+  and socket errors, the server's CPU per request, the load average; then the jobs the database
+  gained are checked against the 201 answers (wrk stops with requests in flight, so up to one per
+  connection and phase may be written unanswered).
 
 Prints tables; not a pass/fail test.
 """
@@ -37,12 +41,14 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -95,12 +101,20 @@ flag = "--count"
 
 @dataclass
 class CreateResult:
-    requests: int
+    requests: int  # answers in the measured window
     seconds: float
-    latencies_ms: list[float]
-    errors: dict[str, int]
-    sent: int  # warm-up included
-    server_cpu: float  # server CPU seconds per wall second, warm-up included
+    p50: float  # ms
+    p95: float
+    p99: float
+    errors: dict[str, int]  # non-201 answers by status, and socket errors, in the measured window
+    created: int  # 201 answers, warm-up included
+    sent: int  # answers, warm-up included
+    tool: str
+    server_cpu: float = 0.0  # server CPU seconds per wall second, warm-up included
+    cpu_per_request: float = 0.0  # server CPU seconds
+    rows_written: int = 0  # jobs the database gained meanwhile; must equal `created`
+    load_average: float = 0.0
+    in_flight_at_stop: int = 0  # requests the load may have left unanswered when it stopped
 
     @property
     def rate(self) -> float:
@@ -432,50 +446,202 @@ def table_facts(env: Env) -> dict[str, Any]:
 
 # -- load -------------------------------------------------------------------------------------
 
+# wrk's script: unique arguments per request, the load users' tokens in turn, and every answer that
+# is not a 201 counted by status (wrk itself only counts non-2xx/3xx, and a 200 here would be a
+# replay, not a creation).
+WRK_SCRIPT = """
+local tokens = {%(tokens)s}
+local threads = {}
+local next_id = 0
+function setup(thread)
+  next_id = next_id + 1
+  thread:set("tid", next_id)
+  table.insert(threads, thread)
+end
+function init(args)
+  n = 0
+  statuses = {}
+end
+function request()
+  n = n + 1
+  local body = '{"repo":"%(repo)s","script_key":"echo","args":{"message":"bench %(run)s ' .. tid .. '-' .. n .. '"}}'
+  return wrk.format("POST", "/api/runner/jobs", {
+    ["Authorization"] = "Bearer " .. tokens[(n %% #tokens) + 1],
+    ["Content-Type"] = "application/json",
+  }, body)
+end
+function response(status, headers, body)
+  if status ~= 201 then
+    local k = tostring(status)
+    statuses[k] = (statuses[k] or 0) + 1
+  end
+end
+function done(summary, latency, requests)
+  local bad = {}
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("statuses")) do bad[k] = (bad[k] or 0) + v end
+  end
+  local parts = {}
+  for k, v in pairs(bad) do table.insert(parts, string.format('"%%s": %%d', k, v)) end
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %%d, "us": %%d, "p50": %%d, "p95": %%d, "p99": %%d, "statuses": {%%s}, ' ..
+    '"connect": %%d, "read": %%d, "write": %%d, "timeout": %%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99), table.concat(parts, ", "), e.connect, e.read, e.write, e.timeout))
+end
+"""
 
-async def create_load(
-    url: str, tokens: list[str], repo: str, duration: float, concurrency: int
+
+def _wrk(url: str, script: Path, seconds: float, concurrency: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{min(2, concurrency)}",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(script),
+            url + "/api/runner/jobs",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    res: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    return res
+
+
+def wrk_load(url: str, tokens: list[str], repo: str, duration: float, concurrency: int) -> CreateResult:
+    """1 s of warm-up, then `duration` s measured, with wrk (C, a few % of a core at these rates)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for phase, seconds in (("warm", 1.0), ("run", duration)):
+            script = Path(tmp) / f"{phase}.lua"
+            tokens_lua = ", ".join(f'"{t}"' for t in tokens)
+            run = f"{phase}{uuid.uuid4().hex[:8]}"
+            script.write_text(WRK_SCRIPT % {"tokens": tokens_lua, "repo": repo, "run": run})
+            results.append(_wrk(url, script, seconds, concurrency))
+    warm, res = results
+    errors = {k: int(v) for k, v in res["statuses"].items()}
+    for kind in ("connect", "read", "write", "timeout"):
+        if res[kind]:
+            errors[kind] = int(res[kind])
+    # wrk's `requests` are answers: a socket error is not one, and whether its job was made is unknown.
+    created = (
+        warm["requests"] - sum(warm["statuses"].values()) + res["requests"] - sum(res["statuses"].values())
+    )
+    unknown = sum(int(phase[k]) for phase in (warm, res) for k in ("connect", "read", "write", "timeout"))
+    sent = warm["requests"] + res["requests"]
+    return CreateResult(
+        requests=res["requests"],
+        seconds=res["us"] / 1e6,
+        p50=res["p50"] / 1000,
+        p95=res["p95"] / 1000,
+        p99=res["p99"] / 1000,
+        errors=errors,
+        created=created,
+        sent=sent,
+        tool="wrk",
+        in_flight_at_stop=2 * concurrency + unknown,
+    )
+
+
+async def _raw_load(
+    host: str, port: int, tokens: list[str], repo: str, duration: float, concurrency: int
 ) -> CreateResult:
+    """A lean HTTP/1.1 client: request bytes built from a template, only the status line and
+    Content-Length parsed. Runs in a process of its own, off the server's core."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     warmup_end = time.perf_counter() + 1.0
     end = warmup_end + duration
-    count = sent = 0
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+    created = sent = 0
+    run = uuid.uuid4().hex[:8]
 
-        async def worker(w: int) -> None:
-            nonlocal count, sent
-            headers = {"Authorization": f"Bearer {tokens[w % len(tokens)]}"}
-            seq = 0
-            while True:
+    async def worker(w: int) -> None:
+        nonlocal created, sent
+        reader, writer = await asyncio.open_connection(host, port)
+        head = (
+            f"POST /api/runner/jobs HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {tokens[w % len(tokens)]}\r\nContent-Type: application/json\r\n"
+        ).encode()
+        seq = 0
+        try:
+            while (t0 := time.perf_counter()) < end:
                 seq += 1
-                body = {"repo": repo, "script_key": "echo", "args": {"message": f"bench {w}-{seq}"}}
-                t0 = time.perf_counter()
-                if t0 >= end:
-                    return
-                try:
-                    r = await client.post("/api/runner/jobs", json=body, headers=headers)
-                    code = str(r.status_code) if r.status_code != 201 else ""
-                except httpx.HTTPError as exc:
-                    code = type(exc).__name__
+                body = (
+                    f'{{"repo":"{repo}","script_key":"echo","args":{{"message":"bench {run} {w}-{seq}"}}}}'
+                ).encode()
+                writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                status_line = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
                 t1 = time.perf_counter()
+                status = status_line.split(b" ", 2)[1].decode()
+                created += status == "201"
                 sent += 1
                 if t0 < warmup_end:
                     continue
-                count += 1
                 latencies.append((t1 - t0) * 1000)
-                if code:
-                    errors[code] = errors.get(code, 0) + 1
+                if status != "201":
+                    errors[status] = errors.get(status, 0) + 1
+        except (OSError, asyncio.IncompleteReadError, IndexError) as exc:
+            # A dead connection ends its worker; its last request's fate is unknown.
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+        finally:
+            writer.close()
 
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return CreateResult(count, duration, latencies, errors, sent, 0.0)
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return CreateResult(
+        requests=len(latencies),
+        seconds=duration,
+        p50=pct(latencies, 50),
+        p95=pct(latencies, 95),
+        p99=pct(latencies, 99),
+        errors=errors,
+        created=created,
+        sent=sent,
+        tool="asyncio client",
+        in_flight_at_stop=sum(n for k, n in errors.items() if not k.isdigit()),
+    )
+
+
+def raw_load(url: str, tokens: list[str], repo: str, duration: float, concurrency: int) -> CreateResult:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return asyncio.run(_raw_load(host, int(port), tokens, repo, duration, concurrency))
+
+
+def job_rows(env: Env) -> int:
+    rt = open_runtime(env)
+    try:
+        with rt.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar_one())
+    finally:
+        rt.close()
 
 
 def run_creates(url: str, pid: int, env: Env, args: argparse.Namespace) -> CreateResult:
-    cpu0 = cpu_seconds(pid)
-    res = asyncio.run(create_load(url, env.load_tokens, "alpha", args.duration, args.concurrency))
-    res.server_cpu = (cpu_seconds(pid) - cpu0) / (args.duration + 1.0)
+    use_wrk = args.load == "wrk" or (args.load == "auto" and shutil.which("wrk"))
+    load = wrk_load if use_wrk else raw_load
+    rows0 = job_rows(env)
+    # The load generator in a process of its own (wrk is one anyway): in this one it would share a
+    # GIL with nothing, but the process must not be the server's either.
+    with ProcessPoolExecutor(1) as pool:
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        fut = pool.submit(load, url, env.load_tokens, "alpha", args.duration, args.concurrency)
+        res = fut.result()
+        cpu, wall = cpu_seconds(pid) - cpu0, time.perf_counter() - t0
+    res.server_cpu = cpu / wall
+    res.cpu_per_request = cpu / max(res.sent, 1)
+    res.rows_written = job_rows(env) - rows0
+    res.load_average = os.getloadavg()[0]
     return res
 
 
@@ -556,17 +722,27 @@ def check_totals(url: str, env: Env, facts: dict[str, Any]) -> None:
 def print_creates(label: str, res: CreateResult) -> None:
     errs = ", ".join(f"{k}: {v}" for k, v in sorted(res.errors.items())) or "0"
     print(
-        f"  creates [{label}]: {res.rate:,.0f} req/s, p50 {pct(res.latencies_ms, 50):.1f} ms, "
-        f"p95 {pct(res.latencies_ms, 95):.1f} ms, p99 {pct(res.latencies_ms, 99):.1f} ms, "
-        f"errors {errs}"
+        f"  creates [{label}, {res.tool}]: {res.rate:,.0f} req/s, p50 {res.p50:.1f} ms, "
+        f"p95 {res.p95:.1f} ms, p99 {res.p99:.1f} ms, errors {errs}"
     )
     # The server runs its Python on one core at a time (the GIL): its CPU per request bounds what a
     # whole free core would give, whatever else the machine is doing.
-    per_request = res.server_cpu * (res.seconds + 1) / max(res.sent, 1)
     print(
-        f"    server CPU {res.server_cpu * 100:.0f}% of a core, {per_request * 1000:.2f} ms per request "
-        f"(≈ {1 / per_request:,.0f} req/s on one free core); load average {os.getloadavg()[0]:.1f}"
+        f"    server CPU {res.server_cpu * 100:.0f}% of a core, {res.cpu_per_request * 1000:.2f} ms per "
+        f"request (≈ {1 / max(res.cpu_per_request, 1e-9):,.0f} req/s on one free core); "
+        f"load average {res.load_average:.1f}"
     )
+    # wrk stops with requests in flight: the server may still create those jobs after wrk has
+    # stopped reading, at most one per connection and phase (the asyncio client waits for them).
+    unanswered = res.rows_written - res.created
+    ok = 0 <= unanswered <= res.in_flight_at_stop
+    print(
+        f"    201 answers {res.created:,}, jobs written {res.rows_written:,} "
+        f"({unanswered} in flight when the load stopped, at most {res.in_flight_at_stop}): "
+        f"{'ok' if ok else 'MISMATCH'}"
+    )
+    if not ok:
+        raise SystemExit("the jobs written do not match the 201 answers")
 
 
 def _rows(n: int) -> str:
@@ -599,8 +775,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
             big = Target(big_url, big_env, big_facts)
             for t in (small, big):
                 check_totals(t.url, t.env, t.facts)
-            reads = read_latency(small, big, args.samples)
-            print_reads(reads, _rows(small_facts["total"]), _rows(big_facts["total"]))
+            if args.samples > 0:
+                reads = read_latency(small, big, args.samples)
+                print_reads(reads, _rows(small_facts["total"]), _rows(big_facts["total"]))
             for url, pid, env, facts in (
                 (small_url, small_pid, small_env, small_facts),
                 (big_url, big_pid, big_env, big_facts),
@@ -621,6 +798,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP connections")
     parser.add_argument("--users", type=int, default=8, help="load users the creates are spread over")
     parser.add_argument("--samples", type=int, default=500, help="sequential requests per read route")
+    parser.add_argument(
+        "--load",
+        choices=["auto", "wrk", "asyncio"],
+        default="auto",
+        help="load generator for the creates: wrk if installed, else a lean asyncio client",
+    )
     parser.add_argument("--pg-url", default=PG_URL, help="PostgreSQL server (admin database URL)")
     args = parser.parse_args()
     print(

@@ -3,7 +3,7 @@ same service functions here, so there is one way to do each thing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from codex_runner.ops.metrics import Metrics
 from codex_runner.secrets import parse_key
 from codex_runner.store import JobStore, create_store_engine
 from codex_runner.store.admin import CredentialStore, Principal, TokenStore
+from codex_runner.store.creates import CreateOutcome
 from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.migrate import upgrade
 
@@ -90,6 +91,16 @@ class Runtime:
         self, principal: Principal, body: dict[str, Any], idempotency_key: str | None = None
     ) -> tuple[dict[str, Any], bool]:
         """Validates against the catalog, then creates (or replays) the job."""
+        outcome = self.create_jobs([self.new_job(principal, body, idempotency_key)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def new_job(
+        self, principal: Principal, body: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> NewJob:
+        """The job a request asks for, checked against the catalog; raises `InvalidRequest` and
+        `Forbidden` kinds."""
         idempotency_key = validate_idempotency_key(idempotency_key)
         repo, script, args = self.catalog.resolve(
             repo_id=body.get("repo_id"),
@@ -97,24 +108,27 @@ class Runtime:
             script_key=body.get("script_key", ""),
             args=body.get("args", {}),
         )
-        job, dedup = self.jobs.create(
-            NewJob(
-                repo_id=repo.id,
-                repo_name=repo.name,
-                workspace_mode=repo.workspace,
-                script_key=script.key,
-                args=args,
-                defaults=script.defaults(),
-                timeout_seconds=script.timeout_seconds,
-                requested_by=principal.user,
-                idempotency_key=idempotency_key,
-            ),
-            self.limits,
+        return NewJob(
+            repo_id=repo.id,
+            repo_name=repo.name,
+            workspace_mode=repo.workspace,
+            script_key=script.key,
+            args=args,
+            defaults=script.defaults(),
+            timeout_seconds=script.timeout_seconds,
+            requested_by=principal.user,
+            idempotency_key=idempotency_key,
         )
-        if not dedup:
-            for hook in self.on_created:
-                hook(job["id"])
-        return job, dedup
+
+    def create_jobs(self, items: Sequence[NewJob]) -> list[CreateOutcome]:
+        """Creates (or replays) several jobs in one transaction (group commit); each item gets its
+        own answer, a refused one (`QueueFull`, `IdempotencyConflict`) as its error."""
+        outcomes = self.jobs.create_many(items, self.limits)
+        for outcome in outcomes:
+            if not isinstance(outcome, Exception) and not outcome[1]:
+                for hook in self.on_created:
+                    hook(outcome[0]["id"])
+        return outcomes
 
     def cancel_job(self, principal: Principal, job_id: str) -> tuple[dict[str, Any], int]:
         job, code = self.jobs.cancel(

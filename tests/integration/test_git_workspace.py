@@ -110,7 +110,9 @@ def test_worktree_jobs_are_isolated_and_cleanup_keeps_branches_with_commits(
     assert not one.path.exists() and not two.path.exists() and not one.home.exists()
     worktrees = git("worktree", "list", "--porcelain", cwd=local).splitlines()
     # The repo itself, plus at most the warm spare the runner keeps for the next job.
-    assert [w for w in worktrees if w.startswith("worktree ") and "/.spares/" not in w] == [f"worktree {local}"]
+    assert [w for w in worktrees if w.startswith("worktree ") and "/.spares/" not in w] == [
+        f"worktree {local}"
+    ]
     branches = git("branch", "--format=%(refname:short)", cwd=local).split()
     assert "runner/11111111" in branches  # has a commit: kept
     assert "runner/22222222" not in branches  # nothing committed: deleted
@@ -273,7 +275,9 @@ def test_prepare_errors_have_codes_and_leave_nothing_behind(tmp_path: Path, loca
     )
     worktrees = git("worktree", "list", "--porcelain", cwd=local).splitlines()
     # The repo itself, plus at most the warm spare the runner keeps for the next job.
-    assert [w for w in worktrees if w.startswith("worktree ") and "/.spares/" not in w] == [f"worktree {local}"]
+    assert [w for w in worktrees if w.startswith("worktree ") and "/.spares/" not in w] == [
+        f"worktree {local}"
+    ]
     with pytest.raises(GitError):
         prepare_workspace(Repo("w", str(local)), "../escape", settings)
 

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codex_runner import __version__
 from codex_runner.api import errors, logs, routes
+from codex_runner.api.create import CreateBatcher
 from codex_runner.api.errors import error_response
 from codex_runner.runtime import Runtime
 
@@ -115,6 +116,7 @@ def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> FastAPI
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.create_batcher = CreateBatcher(runtime)
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(logs.router)

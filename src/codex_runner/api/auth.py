@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import jwt
 from fastapi import Request
@@ -13,7 +14,7 @@ from codex_runner.secrets import TOKEN_PREFIX
 from codex_runner.store.admin import ROLES, Principal
 
 
-def _bearer(request: Request) -> str:
+def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
         raise NotAuthenticated("missing Authorization: Bearer <token> header")
@@ -30,6 +31,29 @@ def authenticate(runtime: Runtime, token: str) -> Principal:
         if principal is None:
             raise NotAuthenticated("invalid or revoked token")
         return principal
+    return _jwt_principal(runtime, token)
+
+
+def authenticate_many(runtime: Runtime, raw_tokens: Sequence[str]) -> list[Principal | NotAuthenticated]:
+    """`authenticate` for a batch of requests: the API tokens in one read, each still checked
+    against the table (no cache). `StoreUnavailable` is the whole batch's answer."""
+    looked_up = iter(runtime.tokens.authenticate_many([t for t in raw_tokens if t.startswith(TOKEN_PREFIX)]))
+    out: list[Principal | NotAuthenticated] = []
+    for token in raw_tokens:
+        try:
+            if token.startswith(TOKEN_PREFIX):
+                principal = next(looked_up)
+                if principal is None:
+                    raise NotAuthenticated("invalid or revoked token")
+                out.append(principal)
+            else:
+                out.append(_jwt_principal(runtime, token))
+        except NotAuthenticated as exc:
+            out.append(exc)
+    return out
+
+
+def _jwt_principal(runtime: Runtime, token: str) -> Principal:
     secret = runtime.settings.jwt_secret
     if secret and token.count(".") == 2:
         try:
@@ -46,7 +70,7 @@ def authenticate(runtime: Runtime, token: str) -> Principal:
 
 async def current_principal(request: Request) -> Principal:
     runtime: Runtime = request.app.state.runtime
-    principal = await asyncio.to_thread(authenticate, runtime, _bearer(request))
+    principal = await asyncio.to_thread(authenticate, runtime, bearer_token(request))
     request.state.principal = principal
     return principal
 

@@ -6,11 +6,11 @@ import asyncio
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from codex_runner.api.auth import current_principal, require_admin
+from codex_runner.api.auth import bearer_token, current_principal, require_admin
+from codex_runner.api.create import OPENAPI_EXTRA, CreateBatcher, CreateRequest
 from codex_runner.api.errors import error_response, responses
 from codex_runner.jobs import Status
 from codex_runner.runtime import Runtime
@@ -24,21 +24,6 @@ AUTH_ERRORS = (401, 503)
 def _rt(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
-
-
-class CreateJobBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    repo_id: str | None = Field(default=None, max_length=200)
-    repo: str | None = Field(default=None, max_length=200)
-    script_key: str = Field(min_length=1, max_length=200)
-    args: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_repo(self) -> CreateJobBody:
-        if not self.repo_id and not self.repo:
-            raise ValueError("give repo_id or repo")
-        return self
 
 
 @router.get("/healthz", tags=["health"])
@@ -78,16 +63,19 @@ def list_scripts(request: Request, _: Auth) -> dict[str, Any]:
         200: {"description": "idempotent replay of an earlier job"},
         **responses(400, 401, 403, 409, 413, 429, 503),
     },
+    openapi_extra=OPENAPI_EXTRA,
 )
-async def create_job(
-    request: Request,
-    body: CreateJobBody,
-    principal: Auth,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JSONResponse:
-    job, dedup = await asyncio.to_thread(
-        _rt(request).create_job, principal, body.model_dump(), idempotency_key
+async def create_job(request: Request) -> JSONResponse:
+    # No FastAPI dependencies or body parameter: the token is checked here and looked up, and the
+    # body validated, in the batch's worker thread (api/create.py), one thread hop for the lot.
+    req = CreateRequest(
+        token=bearer_token(request),
+        body=await request.body(),
+        content_type=request.headers.get("content-type"),
+        idempotency_key=request.headers.get("idempotency-key"),
     )
+    batcher: CreateBatcher = request.app.state.create_batcher
+    job, dedup = await batcher.submit(req)
     return JSONResponse({**job, "deduplicated": dedup}, status_code=200 if dedup else 201)
 
 

@@ -7,6 +7,7 @@ per job request; it has no side effects. The rules are documented in docs/catalo
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -112,8 +113,15 @@ class Catalog:
 
 def _path_inside(path: str, allowed: Iterable[str]) -> bool:
     # realpath on both sides, compared by components: "..", symlinks and "/srv/gitx" cannot slip through.
-    real = Path(os.path.realpath(path))
-    return any(a and real.is_relative_to(os.path.realpath(a)) for a in allowed)
+    real = _real(path)
+    return any(a and real.is_relative_to(_real(a)) for a in allowed)
+
+
+@functools.lru_cache(maxsize=1024)
+def _real(path: str) -> Path:
+    # Repo sources and allowlists are configuration, loaded once per process like the catalog:
+    # resolved once, not on every job request (realpath walks every component with lstat).
+    return Path(os.path.realpath(path))
 
 
 def _canonical_url(url: str) -> str | None:

@@ -8,18 +8,15 @@ import contextlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from codex_runner.errors import (
-    IdempotencyConflict,
     InvalidTransition,
     NotFound,
-    QueueFull,
-    UserQueueFull,
 )
 from codex_runner.jobs import (
     ACTIVE,
@@ -31,9 +28,10 @@ from codex_runner.jobs import (
     can_transition,
     payload_hash,
 )
+from codex_runner.store.creates import CreateOutcome, create_in_txn
 from codex_runner.store.engine import read_txn, with_retries, write_txn
-from codex_runner.store.records import event_to_public, initial_stages, iso, job_to_public, utcnow
-from codex_runner.store.schema import events, idempotency_keys, instances, job_counts, jobs, repos
+from codex_runner.store.records import event_to_public, iso, job_to_public, utcnow
+from codex_runner.store.schema import events, instances, job_counts, jobs, repos
 
 # Advisory lock keys (PostgreSQL): one serialises claims, one serialises creates so that the
 # queue caps hold across instances.
@@ -45,31 +43,36 @@ EventListener = Callable[[dict[str, Any]], None]
 # Statements of the hot paths (create, get), built once: SQLAlchemy then skips building them and
 # their cache keys on every call.
 _CREATE_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CREATE_LOCK_KEY))
-_INSERT_JOB = jobs.insert()
 _INSERT_EVENT = events.insert()
 _JOB_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"))
 _JOB_BY_ID_OWNED = _JOB_BY_ID.where(jobs.c.requested_by == sa.bindparam("owner"))
 _EVENTS_OF_JOB = sa.select(events).where(events.c.job_id == sa.bindparam("job_id")).order_by(events.c.id)
 
-# Queue caps from the counts table: (active jobs, queued jobs of :user), a range of the primary key.
-_LIMIT_COUNTS = sa.select(
-    sa.func.coalesce(sa.func.sum(job_counts.c.n), 0),
-    sa.func.coalesce(
-        sa.func.sum(
-            sa.case(
-                (
-                    sa.and_(
-                        job_counts.c.status == Status.QUEUED.value,
-                        job_counts.c.requested_by == sa.bindparam("user"),
-                    ),
-                    job_counts.c.n,
-                ),
-                else_=0,
-            )
-        ),
-        0,
-    ),
-).where(job_counts.c.status.in_([s.value for s in ACTIVE]))
+
+# Claims: the columns that picking reads, and the move of one picked job to `running`.
+_PICK_COLUMNS = (jobs.c.id, jobs.c.requested_by, jobs.c.workspace_mode, jobs.c.repo_id, jobs.c.created_at)
+_RUNNING_BY_USER = (
+    sa.select(jobs.c.requested_by, sa.func.count())
+    .where(jobs.c.status.in_([s.value for s in RUNNING_LIKE]))
+    .group_by(jobs.c.requested_by)
+)
+_BUSY_IN_PLACE_REPOS = (
+    sa.select(jobs.c.repo_id)
+    .where(jobs.c.status.in_([s.value for s in RUNNING_LIKE]), jobs.c.workspace_mode == "in_place")
+    .distinct()
+)
+_CLAIM_UPDATE = (
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.status == Status.QUEUED.value)
+    .values(
+        status=Status.RUNNING.value,
+        started_at=sa.bindparam("b_now"),
+        heartbeat_at=sa.bindparam("b_now"),
+        runner_id=sa.bindparam("b_runner"),
+        lease_token=sa.bindparam("b_lease"),
+        attempt=jobs.c.attempt + 1,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,37 @@ class ClaimedJob:
     id: str
     lease_token: str
     row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Cas:
+    """One compare-and-set of an owner write: from one of `allowed` to `dst`, setting `values`."""
+
+    allowed: tuple[Status, ...]
+    dst: Status
+    values: Mapping[str, Any]
+    message: str = ""
+    meta: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """What `claim` takes; `finish_many` may make a claim too, in its own transaction."""
+
+    runner_id: str
+    slots: int
+    max_jobs_per_user: int
+    scan: int | None = None
+
+
+@dataclass(frozen=True)
+class OwnerWrite:
+    """A write of the instance that holds `lease_token`: the first of `attempts` that matches is
+    applied (e.g. running → success, else cancel_requested → canceled), the rest are not tried."""
+
+    job_id: str
+    lease_token: str
+    attempts: tuple[Cas, ...]
 
 
 @dataclass
@@ -163,107 +197,45 @@ class JobStore:
     def create(self, new: NewJob, limits: Limits) -> tuple[dict[str, Any], bool]:
         """Creates a queued job, or replays the job of an earlier request with the same
         idempotency key and payload. Returns (public job, deduplicated)."""
-        digest = payload_hash(new.repo_id, new.script_key, new.args, new.defaults)
+        outcome = self.create_many([new], limits)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-        def txn() -> tuple[dict[str, Any], bool, list[dict]]:
-            now = utcnow()
+    def create_many(self, items: Sequence[NewJob], limits: Limits) -> list[CreateOutcome]:
+        """`create` for several requests in ONE transaction (group commit: one write lock, one
+        commit for the lot); each item is answered as if it had come alone after the ones before
+        it (store/creates.py). A refused item (`QueueFull`, `IdempotencyConflict`) gets its error
+        as its outcome. A database error that is not transient reruns the items one at a time, so
+        it fails only the item that causes it."""
+        if not items:
+            return []
+        # The payload's hash only matters with an idempotency key (canonical JSON + SHA-256).
+        digests = [
+            payload_hash(n.repo_id, n.script_key, n.args, n.defaults) if n.idempotency_key is not None else ""
+            for n in items
+        ]
+
+        def txn() -> tuple[list[CreateOutcome], list[dict[str, Any]]]:
             with write_txn(self.engine) as conn:
                 if self.is_pg:
                     conn.execute(_CREATE_LOCK)
-                if new.idempotency_key is not None:
-                    replay = self._replay(conn, new, digest, now)
-                    if replay is not None:
-                        return replay
-                self._check_limits(conn, new.requested_by, limits)
-                job_id = str(uuid.uuid4())
-                row = {
-                    "id": job_id,
-                    "repo_id": new.repo_id,
-                    "repo": new.repo_name,
-                    "workspace_mode": new.workspace_mode,
-                    "script_key": new.script_key,
-                    "args": dict(new.args),
-                    "status": Status.QUEUED.value,
-                    "requested_by": new.requested_by,
-                    "created_at": now,
-                    "timeout_seconds": new.timeout_seconds,
-                    "attempt": 0,
-                    "stages": initial_stages(),
-                }
-                conn.execute(_INSERT_JOB, row)
-                meta = {"script_key": new.script_key, "repo": new.repo_name}
-                if new.idempotency_key is not None:
-                    conn.execute(
-                        idempotency_keys.insert(),
-                        {
-                            "user": new.requested_by,
-                            "key": new.idempotency_key,
-                            "payload_hash": digest,
-                            "job_id": job_id,
-                            "created_at": now,
-                            "expires_at": now + timedelta(seconds=limits.idempotency_window_seconds),
-                        },
-                    )
-                    meta["idempotency_key_sha256"] = digest[:16]
-                ev = self._insert_events(
-                    conn,
-                    [_PendingEvent(job_id, EventType.JOB_CREATED, new.requested_by, "job created", meta)],
-                    now,
-                )
-                full = {
-                    **row,
-                    **{c.name: None for c in jobs.c if c.name not in row},
-                }
-                return job_to_public(full, now=now), False, ev
+                return create_in_txn(conn, items, digests, limits)
 
-        job, dedup, ev = with_retries(txn)
+        try:
+            outcomes, ev = with_retries(txn)
+        except sa.exc.DBAPIError:
+            if len(items) == 1:
+                raise
+            return [self._create_alone(new, limits) for new in items]
         self._notify(ev)
-        return job, dedup
+        return outcomes
 
-    def _replay(
-        self, conn: Connection, new: NewJob, digest: str, now: datetime
-    ) -> tuple[dict[str, Any], bool, list[dict]] | None:
-        key_row = (
-            conn.execute(
-                sa.select(idempotency_keys).where(
-                    idempotency_keys.c.user == new.requested_by, idempotency_keys.c.key == new.idempotency_key
-                )
-            )
-            .mappings()
-            .first()
-        )
-        if key_row is None:
-            return None
-        job_row = conn.execute(sa.select(jobs).where(jobs.c.id == key_row["job_id"])).mappings().first()
-        if key_row["expires_at"] <= now or job_row is None:
-            # Expired, or its job was removed by retention: the key is free again.
-            conn.execute(
-                idempotency_keys.delete().where(
-                    idempotency_keys.c.user == new.requested_by, idempotency_keys.c.key == new.idempotency_key
-                )
-            )
-            return None
-        if key_row["payload_hash"] != digest:
-            raise IdempotencyConflict(
-                "this Idempotency-Key was already used with a different payload; use a new key"
-            )
-        ev = self._insert_events(
-            conn,
-            [_PendingEvent(job_row["id"], EventType.JOB_DEDUPLICATED, new.requested_by, "idempotent replay")],
-            now,
-        )
-        return job_to_public(job_row, now=now), True, ev
-
-    def _check_limits(self, conn: Connection, user: str, limits: Limits) -> None:
-        active, queued = conn.execute(_LIMIT_COUNTS, {"user": user}).one()
-        if active >= limits.max_queue_size:
-            raise QueueFull(
-                f"the queue is full ({active} active jobs, limit {limits.max_queue_size}); retry later"
-            )
-        if queued >= limits.max_queued_per_user:
-            raise UserQueueFull(
-                f"you have {queued} queued jobs (limit {limits.max_queued_per_user}); retry when some have started"
-            )
+    def _create_alone(self, new: NewJob, limits: Limits) -> CreateOutcome:
+        try:
+            return self.create_many([new], limits)[0]
+        except sa.exc.DBAPIError as exc:
+            return exc
 
     # -- read -------------------------------------------------------------------------------
 
@@ -430,7 +402,10 @@ class JobStore:
         *,
         runner_id: str | None = None,
         heartbeat_before: datetime | None = None,
+        defer_event: list[_PendingEvent] | None = None,
     ) -> list[dict] | None:
+        """The compare-and-set and its event row; None when it matched nothing. With `defer_event`
+        the event is appended there for the caller to insert (one insert for a whole batch)."""
         update: dict[str, Any] = dict(values or {})
         update["status"] = dst.value
         if dst in TERMINAL:
@@ -448,11 +423,74 @@ class JobStore:
         result = conn.execute(jobs.update().where(*conds).values(**update))
         if result.rowcount != 1:
             return None
+        if defer_event is not None:
+            defer_event.append(
+                _PendingEvent(job_id, event_type or EVENT_FOR_STATUS[dst], actor, message, meta or {})
+            )
+            return []
         return self._insert_events(
             conn,
             [_PendingEvent(job_id, event_type or EVENT_FOR_STATUS[dst], actor, message, meta or {})],
             now,
         )
+
+    def finish_many(
+        self, writes: Sequence[OwnerWrite], claim: ClaimRequest | None = None
+    ) -> tuple[list[int | None], list[ClaimedJob]]:
+        """Group commit of owner writes (the terminal status of every job that ended meanwhile):
+        one transaction, each write still its own compare-and-set on status and lease, with its
+        event row. For each write, the index of the first of its `attempts` that matched, or None
+        when none did (a lost lease or a status that moved on) — which affects no other write.
+
+        With `claim`, the same transaction then claims jobs for the slots the finished ones free
+        (as `claim` does, after the writes, so their users' running counts are already down):
+        one transaction per finished batch instead of two."""
+        for write in writes:
+            for cas in write.attempts:
+                if not all(can_transition(s, cas.dst) for s in cas.allowed):
+                    raise InvalidTransition(f"no transition from {', '.join(cas.allowed)} to {cas.dst}")
+        if not writes and claim is None:
+            return [], []
+
+        def txn() -> tuple[list[int | None], list[ClaimedJob], list[dict]]:
+            now = utcnow()
+            held: list[int | None] = []
+            pending: list[_PendingEvent] = []
+            with write_txn(self.engine) as conn:
+                for write in writes:
+                    held.append(self._first_cas(conn, write, now, pending))
+                ev = self._insert_events(conn, pending, now)
+                claimed: list[ClaimedJob] = []
+                if claim is not None and claim.slots > 0:
+                    claimed, started = self._claim_in(conn, claim)
+                    ev += started
+                return held, claimed, ev
+
+        held, claimed, ev = with_retries(txn)
+        self._notify(ev)
+        return held, claimed
+
+    def _first_cas(
+        self, conn: Connection, write: OwnerWrite, now: datetime, pending: list[_PendingEvent]
+    ) -> int | None:
+        for index, cas in enumerate(write.attempts):
+            matched = self._cas(
+                conn,
+                write.job_id,
+                cas.allowed,
+                cas.dst,
+                write.lease_token,
+                now,
+                "system",
+                None,
+                cas.message,
+                cas.meta,
+                cas.values,
+                defer_event=pending,
+            )
+            if matched is not None:
+                return index
+        return None
 
     def cancel(self, job_id: str, *, owner: str | None, actor: str) -> tuple[dict[str, Any], int]:
         """SPEC §4 cancel: queued → 200 canceled; running → 202 cancel_requested; already
@@ -522,96 +560,81 @@ class JobStore:
         the claim lock, so the limits hold across instances."""
         if slots <= 0:
             return []
-        # A few candidates per free slot: users at their limit are filtered in SQL, so a page
-        # this size nearly always fills the slots; the keyset loop fetches more when it does not.
-        page = scan or min(200, max(16, slots * 4))
+        request = ClaimRequest(runner_id, slots, max_jobs_per_user, scan)
 
         def txn() -> tuple[list[ClaimedJob], list[dict]]:
             with write_txn(self.engine) as conn:
-                if self.is_pg:
-                    # A frozen instance holding a row lock must not stall claims cluster-wide.
-                    conn.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
-                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
-                # After the lock: started_at must not predate the wait for it.
-                now = utcnow()
-                running: dict[str, int] = dict(
-                    conn.execute(
-                        sa.select(jobs.c.requested_by, sa.func.count())
-                        .where(jobs.c.status.in_([s.value for s in RUNNING_LIKE]))
-                        .group_by(jobs.c.requested_by)
-                    ).all()
-                )
-                busy_repos = set(
-                    conn.execute(
-                        sa.select(jobs.c.repo_id)
-                        .where(
-                            jobs.c.status.in_([s.value for s in RUNNING_LIKE]),
-                            jobs.c.workspace_mode == "in_place",
-                        )
-                        .distinct()
-                    ).scalars()
-                )
-                saturated = [u for u, n in running.items() if n >= max_jobs_per_user]
-                picked: list[Any] = []
-                after: tuple[datetime, str] | None = None
-                while len(picked) < slots:
-                    query = sa.select(jobs).where(jobs.c.status == Status.QUEUED.value)
-                    if saturated:
-                        query = query.where(jobs.c.requested_by.not_in(saturated))
-                    if after is not None:
-                        query = query.where(sa.tuple_(jobs.c.created_at, jobs.c.id) > sa.tuple_(*after))
-                    query = query.order_by(jobs.c.created_at, jobs.c.id).limit(page)
-                    if self.is_pg:
-                        query = query.with_for_update(skip_locked=True)
-                    batch = conn.execute(query).mappings().all()
-                    for row in batch:
-                        user = row["requested_by"]
-                        if running.get(user, 0) >= max_jobs_per_user:
-                            continue
-                        if row["workspace_mode"] == "in_place":
-                            if row["repo_id"] in busy_repos:
-                                continue
-                            busy_repos.add(row["repo_id"])
-                        running[user] = running.get(user, 0) + 1
-                        picked.append(row)
-                        if len(picked) >= slots:
-                            break
-                    if len(batch) < page:
-                        break
-                    after = (batch[-1]["created_at"], batch[-1]["id"])
-                claimed: list[ClaimedJob] = []
-                pending: list[_PendingEvent] = []
-                for row in picked:
-                    lease = uuid.uuid4().hex
-                    values = {
-                        "status": Status.RUNNING.value,
-                        "started_at": now,
-                        "heartbeat_at": now,
-                        "runner_id": runner_id,
-                        "lease_token": lease,
-                        "attempt": row["attempt"] + 1,
-                    }
-                    conn.execute(
-                        jobs.update()
-                        .where(jobs.c.id == row["id"], jobs.c.status == Status.QUEUED.value)
-                        .values(**values)
-                    )
-                    claimed.append(ClaimedJob(row["id"], lease, {**row, **values}))
-                    pending.append(
-                        _PendingEvent(
-                            row["id"],
-                            EventType.JOB_STARTED,
-                            "system",
-                            "job started",
-                            {"runner_id": runner_id},
-                        )
-                    )
-                ev = self._insert_events(conn, pending, now)
-                return claimed, ev
+                return self._claim_in(conn, request)
 
         claimed, ev = with_retries(txn)
         self._notify(ev)
         return claimed
+
+    def _claim_in(self, conn: Connection, request: ClaimRequest) -> tuple[list[ClaimedJob], list[dict]]:
+        """The claim, inside the caller's write transaction (see `claim`)."""
+        runner_id, slots, max_jobs_per_user = request.runner_id, request.slots, request.max_jobs_per_user
+        # A few candidates per free slot: users at their limit are filtered in SQL, so a page
+        # this size nearly always fills the slots; the keyset loop fetches more when it does not.
+        page = request.scan or min(200, max(16, slots * 4))
+        if self.is_pg:
+            # A frozen instance holding a row lock must not stall claims cluster-wide.
+            conn.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+        # After the lock: started_at must not predate the wait for it.
+        now = utcnow()
+        running: dict[str, int] = dict(conn.execute(_RUNNING_BY_USER).all())
+        busy_repos = set(conn.execute(_BUSY_IN_PLACE_REPOS).scalars())
+        saturated = [u for u, n in running.items() if n >= max_jobs_per_user]
+        picked: list[Any] = []
+        after: tuple[datetime, str] | None = None
+        while len(picked) < slots:
+            # Only what picking needs: the full rows (JSON columns and all) are read for
+            # the picked jobs alone, after their update.
+            query = sa.select(*_PICK_COLUMNS).where(jobs.c.status == Status.QUEUED.value)
+            if saturated:
+                query = query.where(jobs.c.requested_by.not_in(saturated))
+            if after is not None:
+                query = query.where(sa.tuple_(jobs.c.created_at, jobs.c.id) > sa.tuple_(*after))
+            query = query.order_by(jobs.c.created_at, jobs.c.id).limit(page)
+            if self.is_pg:
+                query = query.with_for_update(skip_locked=True)
+            batch = conn.execute(query).mappings().all()
+            for row in batch:
+                user = row["requested_by"]
+                if running.get(user, 0) >= max_jobs_per_user:
+                    continue
+                if row["workspace_mode"] == "in_place":
+                    if row["repo_id"] in busy_repos:
+                        continue
+                    busy_repos.add(row["repo_id"])
+                running[user] = running.get(user, 0) + 1
+                picked.append(row)
+                if len(picked) >= slots:
+                    break
+            if len(batch) < page:
+                break
+            after = (batch[-1]["created_at"], batch[-1]["id"])
+        if not picked:
+            return [], []
+        leases = {row["id"]: uuid.uuid4().hex for row in picked}
+        # One statement for all (an executemany), each job with a lease of its own.
+        conn.execute(
+            _CLAIM_UPDATE,
+            [
+                {"b_id": job_id, "b_lease": lease, "b_now": now, "b_runner": runner_id}
+                for job_id, lease in leases.items()
+            ],
+        )
+        rows = {
+            r["id"]: dict(r)
+            for r in conn.execute(sa.select(jobs).where(jobs.c.id.in_(list(leases)))).mappings()
+        }
+        claimed = [ClaimedJob(job_id, lease, rows[job_id]) for job_id, lease in leases.items()]
+        pending = [
+            _PendingEvent(job_id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id})
+            for job_id in leases
+        ]
+        return claimed, self._insert_events(conn, pending, now)
 
     def heartbeat(self, runner_id: str, leases: Mapping[str, str]) -> dict[str, str]:
         """Refreshes `heartbeat_at` of this instance's jobs in one statement. Returns the jobs
