@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from codex_runner.errors import StoreUnavailable
+from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.process import kill_process_group
+from codex_runner.execution.spares import stop_refills
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
 from codex_runner.runtime import Runtime
 from codex_runner.store.instances import InstanceRegistry
-from codex_runner.store.jobs import ClaimedJob, JobStore
+from codex_runner.store.jobs import ClaimedJob, ClaimRequest, JobStore, OwnerWrite
 from codex_runner.store.records import utcnow
 
 if TYPE_CHECKING:
@@ -73,6 +75,12 @@ class Launcher:
         self._db_ok_since = float("-inf")
         # Owner writes go through a store that outlasts a database outage (see `_PatientJobStore`).
         self._job_runtime = replace(runtime, jobs=_PatientJobStore(runtime.jobs, lambda: not self._abandoned))
+        # Whoever claims holds this turn (the claim loop, or a batch of terminal writes that claims
+        # along), so that two claims never count the same free slots.
+        self._claim_turn = asyncio.Lock()
+        # The jobs' terminal writes, committed together when they end together, with a claim for
+        # the slots they free in the same transaction.
+        self._finisher = GroupCommitter(self._job_runtime.jobs, _ClaimAlong(self))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -126,6 +134,10 @@ class Launcher:
             _, pending = await asyncio.wait(claim, timeout=CLAIM_DRAIN_SECONDS)
             for task in pending:
                 task.cancel()
+        # Likewise a batch of terminal writes claiming along: its jobs are started, then no more.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._claim_turn.acquire(), CLAIM_DRAIN_SECONDS)
+            self._claim_turn.release()
         grace = self.settings.kill_grace_seconds
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=grace)
@@ -139,6 +151,9 @@ class Launcher:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self.rt.metrics.lock_acquired.set(0)
+        # A warm workspace being built finishes (its git process is not left behind); requests
+        # for more are dropped.
+        await asyncio.to_thread(stop_refills, float(grace))
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.registry.stopped)
         _LIVE.discard(self)
@@ -190,31 +205,21 @@ class Launcher:
         self._last_scheduler_record = self._last_cancel_poll = 0.0
         while not self._stopping:
             self._wake.clear()
-            slots = self.settings.max_concurrency - len(self.active)
             claimed: list[ClaimedJob] = []
-            if slots > 0:
-                try:
-                    claimed = await asyncio.to_thread(
-                        self.rt.jobs.claim,
-                        self.runner_id,
-                        slots=slots,
-                        max_jobs_per_user=self.settings.max_jobs_per_user,
-                    )
-                except Exception as exc:
-                    self._db_failed(exc)
-                    self.rt.metrics.lock_acquired.set(0)
-                    log.warning("claim_failed", error_type=type(exc).__name__)
-                else:
-                    # The claim transaction took the scheduler lock and committed (docs/crash-safety.md).
-                    self._db_ok()
-                    self.rt.metrics.lock_acquired.set(1)
-            for job in claimed:
-                self.rt.metrics.queue_wait.observe(queue_wait_seconds(job.row))
-                run = JobRun(self._job_runtime, job)
-                self.active[job.id] = run
-                task = asyncio.create_task(run.run(), name=f"job-{job.id}")
-                self._tasks[job.id] = task
-                task.add_done_callback(functools.partial(self._job_done, job.id))
+            async with self._claim_turn:
+                slots = self.settings.max_concurrency - len(self.active)
+                if slots > 0:
+                    try:
+                        claimed = await asyncio.to_thread(
+                            self.rt.jobs.claim,
+                            self.runner_id,
+                            slots=slots,
+                            max_jobs_per_user=self.settings.max_jobs_per_user,
+                        )
+                    except Exception as exc:
+                        self._claim_failed(exc)
+                    else:
+                        self._claimed(claimed)
             now = time.monotonic()
             if claimed and now - self._last_scheduler_record >= poll:
                 # Diagnostics only: at most once a poll, not a write per claim.
@@ -230,6 +235,24 @@ class Launcher:
             # One loop turn before claiming, so jobs that finished together free their slots
             # into one claim instead of one claim each.
             await asyncio.sleep(0)
+
+    def _claim_failed(self, exc: BaseException) -> None:
+        self._db_failed(exc)
+        self.rt.metrics.lock_acquired.set(0)
+        log.warning("claim_failed", error_type=type(exc).__name__)
+
+    def _claimed(self, claimed: list[ClaimedJob]) -> None:
+        """A claim transaction took the scheduler lock and committed (docs/crash-safety.md): start
+        its jobs. Also after `stop()` began: a claimed job is started, never dropped."""
+        self._db_ok()
+        self.rt.metrics.lock_acquired.set(1)
+        for job in claimed:
+            self.rt.metrics.queue_wait.observe(queue_wait_seconds(job.row))
+            run = JobRun(self._job_runtime, job, self._finisher)
+            self.active[job.id] = run
+            task = asyncio.create_task(run.run(), name=f"job-{job.id}")
+            self._tasks[job.id] = task
+            task.add_done_callback(functools.partial(self._job_done, job.id))
 
     async def _record_scheduler(self, poll: float) -> None:
         # Diagnostics only ("who scheduled last"): never worth failing or delaying a claim for.
@@ -395,6 +418,40 @@ class Launcher:
             kill_job_processes(ours, timeout=KILL_SCAN_SECONDS)
 
 
+class _ClaimAlong:
+    """The launcher's `ClaimHook`: a batch of terminal writes claims, in its own transaction, the
+    jobs that take the slots it frees (one transaction per finished batch instead of two). It holds
+    the claim turn meanwhile; nothing is claimed once the launcher stops."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+        self._request: ClaimRequest | None = None
+
+    async def begin(self, ending: list[str]) -> ClaimRequest | None:
+        la = self.launcher
+        await la._claim_turn.acquire()
+        slots = la.settings.max_concurrency - len(la.active.keys() - set(ending))
+        self._request = None
+        if slots > 0 and not la._stopping:
+            self._request = ClaimRequest(la.runner_id, slots, la.settings.max_jobs_per_user)
+        return self._request
+
+    def end(self, ending: list[str], claimed: list[ClaimedJob], error: BaseException | None) -> None:
+        try:
+            # Their processes are gone and their terminal writes made (or given up): they take
+            # no slot, need no heartbeat and no cancel any more, though their tasks end a moment
+            # later.
+            for job_id in ending:
+                self.launcher.active.pop(job_id, None)
+            if self._request is not None and error is not None:
+                self.launcher._claim_failed(error)
+            elif self._request is not None:
+                self.launcher._claimed(claimed)
+        finally:
+            self._request = None
+            self.launcher._claim_turn.release()
+
+
 class _PatientJobStore(JobStore):
     """The store JobRun writes through. An owner write (one that names its lease) that fails
     because the database is unavailable is tried again until it lands, finds the lease gone (the
@@ -416,6 +473,11 @@ class _PatientJobStore(JobStore):
 
     def status_of(self, *args: Any, **kwargs: Any) -> dict[str, str]:
         return self._patiently(functools.partial(super().status_of, *args, **kwargs))
+
+    def finish_many(
+        self, writes: Sequence[OwnerWrite], claim: ClaimRequest | None = None
+    ) -> tuple[list[int | None], list[ClaimedJob]]:
+        return self._patiently(functools.partial(super().finish_many, writes, claim))
 
     def _patiently(self, call: Callable[[], T]) -> T:
         delay = PATIENT_FIRST_DELAY

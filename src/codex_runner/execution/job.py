@@ -2,18 +2,22 @@
 with every write fenced by the job's lease.
 
 Blocking work (file system, database, git) runs in worker threads, and a job makes as few of those
-trips as it can (a trivial job makes four: set-up and prepare, the post-spawn write, cleanup, the
-end): a stage change marks the run manifest dirty, and the job's next trip writes it before its own
-work, so the manifest still changes at every stage change, in order, before anything that follows.
+trips as it can (a trivial job makes three: set-up and prepare, cleanup, and the end, which it
+shares with the other jobs ending meanwhile, see `finisher.py`): a stage change marks the run
+manifest dirty, and the job's next trip writes it before its own work, so the manifest still changes
+at every stage change, in order, before anything that follows. A running script's next trip comes
+at the latest `PID_RECORD_DELAY_SECONDS` after its spawn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -22,6 +26,7 @@ import structlog
 from codex_runner.catalog import RepoSpec, ScriptSpec
 from codex_runner.execution.agents import apply_risk_policy, codex_home_for, is_codex_exec
 from codex_runner.execution.codex_events import CodexEventParser
+from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
 from codex_runner.execution.workspace import (
@@ -36,13 +41,18 @@ from codex_runner.execution.workspace import (
 from codex_runner.jobs import ErrorCode, Status
 from codex_runner.logs.writer import LogWriter
 from codex_runner.runtime import Runtime
-from codex_runner.store.jobs import ClaimedJob
+from codex_runner.store.jobs import Cas, ClaimedJob, OwnerWrite
 from codex_runner.store.records import initial_stages, iso, utcnow
 
 log = structlog.get_logger("codex_runner.job")
 T = TypeVar("T")
 
 TAIL_BYTES = 8192
+#: A script still running this long after spawn gets its pid, pgid and start time recorded; one
+#: that ends sooner has them written with its terminal status instead (a write transaction and a
+#: thread trip less per short job). Until then crash recovery finds its processes by their
+#: `RUNNER_JOB_ID` (docs/crash-safety.md).
+PID_RECORD_DELAY_SECONDS = 1.0
 # Passed-through variables whose values are masked in the log: the ones named like secrets.
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
 
@@ -51,8 +61,10 @@ class JobRun:
     """Runs one claimed job. `request_stop(reason)` asks it to stop: "cancel", "shutdown" or
     "lease_lost" (then it writes nothing more to the job)."""
 
-    def __init__(self, runtime: Runtime, claimed: ClaimedJob) -> None:
+    def __init__(self, runtime: Runtime, claimed: ClaimedJob, finisher: GroupCommitter | None = None) -> None:
         self.rt = runtime
+        # The launcher's, shared by its jobs so that their terminal writes commit together.
+        self.finisher = finisher or GroupCommitter(runtime.jobs)
         self.settings = runtime.settings
         self.job_id = claimed.id
         self.lease = claimed.lease_token
@@ -73,6 +85,11 @@ class JobRun:
         self.agent: CodexEventParser | None = None
         # A stage changed since the manifest was last written: the next thread trip writes it.
         self._manifest_dirty = False
+        # Process ids not yet in the job row: the terminal write carries them.
+        self._unrecorded_process: dict[str, int] = {}
+        # (expected status, manifest extras, prepared manifest file) between `_end_before` and
+        # `_end_after`.
+        self._ending: tuple[str, dict[str, Any], str | None] = ("", {}, None)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -212,8 +229,6 @@ class JobRun:
             return
         assert prepared is not None
         ws = prepared
-        self._stage("prepare", "success")
-        self._runner_line(f"workspace ready ({ws.mode}) at {ws.path}")
 
         outcome = await self._run_script(script, repo, ws)
         result: dict[str, Any] | None = None
@@ -245,9 +260,15 @@ class JobRun:
         self._write_manifest(self._manifest_doc())
         self._manifest_dirty = False
         try:
-            return credential, prepare_workspace(repo, self.job_id, self.settings, credential)
+            ws = prepare_workspace(repo, self.job_id, self.settings, credential)
         except GitError as exc:
             return credential, exc
+        # Both reach the manifest on the job's next trip: the pid record of a script that runs on
+        # (`PID_RECORD_DELAY_SECONDS`), else the cleanup; not here, ahead of the spawn.
+        self._stage("prepare", "success")
+        self._runner_line(f"workspace ready ({ws.mode}) at {ws.path}")
+        self._stage("script", "running")
+        return credential, ws
 
     def _credential(self, repo: RepoSpec | None) -> GitCredential | None:
         if repo is None or not repo.credential:
@@ -285,7 +306,6 @@ class JobRun:
             env=build_env(script.env, extra),
             stdin=script.build_stdin(args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name),
         )
-        self._stage("script", "running")
         if self.stop_reason is not None:
             self._stage("script", "canceled")
             return ProcessOutcome(
@@ -298,14 +318,11 @@ class JobRun:
             self._runner_line(f"spawn failed: {exc.message}")
             self._spawn_error = exc.message
             return None
-        await self._fenced_update(
-            {
-                "pid": self.proc.pid,
-                "pgid": self.proc.pgid,
-                "proc_start_time": self.proc.start_time,
-                "stages": list(self.stages.values()),
-            }
-        )
+        self._unrecorded_process = {
+            "pid": self.proc.pid,
+            "pgid": self.proc.pgid,
+            "proc_start_time": self.proc.start_time,
+        }
         outcome = await self._supervise(self.proc, self.row["timeout_seconds"])
         tail = outcome.stderr_tail.decode("utf-8", "replace")
         if outcome.reason == "timeout":
@@ -325,10 +342,20 @@ class JobRun:
     async def _supervise(self, proc: JobProcess, timeout: int) -> ProcessOutcome:
         wait_task = asyncio.create_task(proc.wait())
         stop_task = asyncio.create_task(self._stop.wait())
+        deadline = time.monotonic() + timeout
         try:
             done, _ = await asyncio.wait(
-                {wait_task, stop_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                {wait_task, stop_task},
+                timeout=min(timeout, PID_RECORD_DELAY_SECONDS),
+                return_when=asyncio.FIRST_COMPLETED,
             )
+            if not done:
+                await self._record_process()
+                done, _ = await asyncio.wait(
+                    {wait_task, stop_task},
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             if wait_task not in done:
                 reason = self.stop_reason if stop_task in done and self.stop_reason else "timeout"
                 self._runner_line(f"stopping the process group ({reason})")
@@ -336,6 +363,11 @@ class JobRun:
             return await wait_task
         finally:
             stop_task.cancel()
+
+    async def _record_process(self) -> None:
+        """The pid record of a script that runs on (`PID_RECORD_DELAY_SECONDS`); a fenced write."""
+        values, self._unrecorded_process = self._unrecorded_process, {}
+        await self._fenced_update({**values, "stages": list(self.stages.values())})
 
     def _mask(self, text: str) -> str:
         from codex_runner.secrets import mask
@@ -461,113 +493,102 @@ class JobRun:
             if stage["status"] == "pending":
                 stage["status"] = "skipped"
         line = f"job ending: {status.value}" + (f" ({error_code})" if error_code else "")
-        # One trip: the log's last line, the status, the terminal manifest (which also records the
-        # stage changes not written yet, so they are not written separately).
+        # One trip, shared with the other jobs ending meanwhile (`GroupCommitter`): the log's last
+        # line, the status, the terminal manifest (which also records the stage changes not
+        # written yet, so they are not written separately).
         self._manifest_dirty = False
-        ok, status = await asyncio.to_thread(self._end, status, error_code, message, exit_code, result, line)
-        duration_ms = int((time.monotonic() - self.started) * 1000)
-        if ok:
-            self.rt.metrics.observe_finished(self.row["script_key"], status.value, duration_ms / 1000)
-            log.info(
-                "job_finished",
-                job_id=self.job_id,
-                script_key=self.row["script_key"],
-                status_from="cancel_requested" if status is Status.CANCELED else "running",
-                status_to=status.value,
-                duration_ms=duration_ms,
-            )
+        extra = {"exit_code": exit_code, "error_code": error_code, "result": result}
+        write = self._terminal_write(status, error_code, message, exit_code, result)
+        await self.finisher.commit(
+            Ending(write, functools.partial(self._end_before, line, status, extra), self._end_after)
+        )
 
-    def _end(
-        self,
-        status: Status,
-        error_code: str | None,
-        message: str | None,
-        exit_code: int | None,
-        result: dict[str, Any] | None,
-        line: str,
-    ) -> tuple[bool, Status]:
-        """Worker thread: the terminal status (compare-and-set on status and lease), then the
-        durable terminal manifest. Returns whether the status was written, and which."""
-        # The log is complete before the status is: a reader that sees a terminal status may
-        # treat the file as final (SPEC §5 `is_complete`).
+    def _log_finished(self, status: str) -> None:
+        """SPEC §8's service log line (and the metrics) of the terminal transition; written from
+        the committing thread at once, so it is out by the time a client sees the status."""
+        duration_ms = int((time.monotonic() - self.started) * 1000)
+        self.rt.metrics.observe_finished(self.row["script_key"], status, duration_ms / 1000)
+        log.info(
+            "job_finished",
+            job_id=self.job_id,
+            script_key=self.row["script_key"],
+            status_from="cancel_requested" if status == Status.CANCELED.value else "running",
+            status_to=status,
+            duration_ms=duration_ms,
+        )
+
+    def _end_before(self, line: str, status: Status, extra: dict[str, Any]) -> None:
+        """Committing thread, ahead of the status write. The log is complete before the status
+        is: a reader that sees a terminal status may treat the file as final (SPEC §5
+        `is_complete`). The fsynced manifest of the likely outcome is made ready too; `_end_after`
+        publishes (renames) it once the status is written, so it shows up right after the status
+        does, never before."""
         self._runner_line(line)
         if self.log is not None:
             self.log.close()
-        extra = {"exit_code": exit_code, "error_code": error_code, "result": result}
-        # The fsynced manifest of the likely outcome first; published (renamed) once the status
-        # is written, so it shows up right after the status does, never before.
-        prepared: str | None = None
-        expected = status.value
+        self._ending = (status.value, extra, None)
         try:
-            prepared = self.manifest.prepare(self._manifest_doc(expected, extra))
+            prepared = self.manifest.prepare(self._manifest_doc(status.value, extra))
         except (OSError, ValueError) as exc:
             log.warning("manifest_write_failed", job_id=self.job_id, error=str(exc))
-        try:
-            ok, status = self._write_terminal(status, error_code, message, exit_code, result)
-        except BaseException:
+            return
+        self._ending = (status.value, extra, prepared)
+
+    def _end_after(self, outcome: Outcome) -> None:
+        """Committing thread, once the status write is over: the durable terminal manifest."""
+        expected, extra, prepared = self._ending
+        if isinstance(outcome, BaseException):
             if prepared is not None:
                 self.manifest.discard(prepared)
-            raise
-        final = status.value if ok else "unknown"
+            return
+        # Attempt 1 matched: a cancel arrived while the script finished on its own.
+        final = "unknown" if outcome is None else expected if outcome == 0 else Status.CANCELED.value
+        if outcome is not None:
+            self._log_finished(final)
         if prepared is not None and final == expected:
             try:
                 self.manifest.publish(prepared)
-                return ok, status
+                return
             except OSError as exc:
                 log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
         elif prepared is not None:
             self.manifest.discard(prepared)
         self._write_manifest(self._manifest_doc(final, extra), durable=True)
-        return ok, status
 
-    def _write_terminal(
+    def _terminal_write(
         self,
         status: Status,
         error_code: str | None,
         message: str | None,
         exit_code: int | None,
         result: dict[str, Any] | None,
-    ) -> tuple[bool, Status]:
+    ) -> OwnerWrite:
+        """The compare-and-set(s) of the terminal status, on status and lease."""
         values: dict[str, Any] = {
             "exit_code": exit_code,
             "error_code": error_code,
             "error_message": message,
             "stages": list(self.stages.values()),
             "result": result,
+            # A job that ended before its process ids were recorded gets them here (see
+            # `PID_RECORD_DELAY_SECONDS`).
+            **self._unrecorded_process,
         }
-        jobs = self.rt.jobs
+        canceled = Cas(
+            (Status.CANCEL_REQUESTED,),
+            Status.CANCELED,
+            {**values, "error_code": ErrorCode.CANCELED, "error_message": "canceled"},
+            "canceled",
+        )
         if status is Status.CANCELED:
-            ok = jobs.transition(
-                self.job_id,
-                Status.CANCEL_REQUESTED,
-                Status.CANCELED,
-                lease_token=self.lease,
-                values=values,
-                message="canceled",
-            )
-        else:
-            src = [Status.RUNNING, Status.CANCEL_REQUESTED] if status is Status.FAILED else [Status.RUNNING]
-            ok = jobs.transition(
-                self.job_id,
-                src,
-                status,
-                lease_token=self.lease,
-                values=values,
-                message=message or status.value,
-                meta={"error_code": error_code} if error_code else None,
-            )
-            if not ok:
-                # A cancel arrived while the script finished on its own: the cancel wins (SPEC §3).
-                ok = jobs.transition(
-                    self.job_id,
-                    Status.CANCEL_REQUESTED,
-                    Status.CANCELED,
-                    lease_token=self.lease,
-                    values={**values, "error_code": ErrorCode.CANCELED, "error_message": "canceled"},
-                    message="canceled",
-                )
-                status = Status.CANCELED
-        return ok, status
+            return OwnerWrite(self.job_id, self.lease, (replace(canceled, values=values),))
+        src = (Status.RUNNING, Status.CANCEL_REQUESTED) if status is Status.FAILED else (Status.RUNNING,)
+        meta = {"error_code": error_code} if error_code else None
+        # If the first does not match, a cancel arrived while the script finished on its own: the
+        # cancel wins (SPEC §3).
+        return OwnerWrite(
+            self.job_id, self.lease, (Cas(src, status, values, message or status.value, meta), canceled)
+        )
 
 
 def queue_wait_seconds(row: dict[str, Any]) -> float:

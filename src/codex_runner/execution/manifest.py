@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import itertools
 import json
 import os
 import tempfile
@@ -24,6 +25,8 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 HEARTBEAT_NAME = ".heartbeat"
+#: Numbers the temporary files of this process (itertools.count is thread-safe in CPython).
+_TMP_COUNTER = itertools.count()
 
 
 def _json_default(value: Any) -> Any:
@@ -85,7 +88,13 @@ class ManifestWriter:
         self.heartbeat_path.touch(exist_ok=True)
 
     def _mkstemp(self) -> tuple[int, str]:
-        return tempfile.mkstemp(dir=self.run_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+        # A name of our own (pid and a counter) rather than tempfile's random one, which costs a
+        # few random draws and checks per write; tempfile still settles a clash (a leftover).
+        name = str(self.run_dir / f".{MANIFEST_NAME}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), name
+        except FileExistsError:
+            return tempfile.mkstemp(dir=self.run_dir, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
 
     def _prepare(self, doc: Mapping[str, Any], *, durable: bool) -> str:
         # Serialise first, so a document that cannot be encoded leaves no temporary file behind.
@@ -93,11 +102,13 @@ class ManifestWriter:
         # one, and a job writes its manifest several times (`jq .` reads it just as well).
         data = (json.dumps(doc, sort_keys=True, default=_json_default) + "\n").encode()
         # Same folder as the target: os.replace is atomic only within one file system. The folder
-        # is made on the first write (a mkdir per write costs a lookup under the parent's lock).
+        # is made before the first write (a mkdir per write costs a lookup under the parent's lock).
+        if self._last_write is None:
+            os.makedirs(self.run_dir, exist_ok=True)
         try:
             fd, tmp_name = self._mkstemp()
-        except FileNotFoundError:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:  # removed meanwhile (the first write prepared, not published)
+            os.makedirs(self.run_dir, exist_ok=True)
             fd, tmp_name = self._mkstemp()
         try:
             with os.fdopen(fd, "wb") as f:

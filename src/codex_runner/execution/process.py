@@ -15,10 +15,12 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import structlog
 
@@ -250,7 +252,7 @@ class JobProcess:
 
     def __init__(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: subprocess.Popen[bytes],
         spec: ProcessSpec,
         sink: Sink,
         out_fd: int,
@@ -259,6 +261,7 @@ class JobProcess:
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._proc = proc
+        self._exit: asyncio.Future[int] = self._loop.create_future()
         self._sink = sink
         self._started = started
         self.pid = proc.pid
@@ -276,9 +279,10 @@ class JobProcess:
             os.set_blocking(fd, False)
             self._loop.add_reader(fd, self._on_readable, fd, is_stderr)
             self._open_fds.add(fd)
-        self._stdin_task: asyncio.Task[None] | None = None
+        self._watch_exit()
+        self._stdin: _StdinFeeder | None = None
         if spec.stdin is not None and proc.stdin is not None:
-            self._stdin_task = self._loop.create_task(_feed_stdin(proc.stdin, spec.stdin))
+            self._stdin = _StdinFeeder(self._loop, proc.stdin, spec.stdin)
         # Runs whether or not anyone awaits wait(): once the leader exits, the rest of its group
         # must go too (SPEC §3), and a cancelled wait() must not stop that.
         self._supervisor = self._loop.create_task(self._supervise())
@@ -299,8 +303,11 @@ class JobProcess:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
+            # Popen on the loop, as asyncio's own subprocess support does (vfork + exec take well
+            # under a millisecond); the exit is watched through a pidfd (`_watch_exit`) instead of
+            # asyncio's child watcher, which starts a thread per child.
+            proc = subprocess.Popen(
+                argv,
                 stdin=subprocess.PIPE if spec.stdin is not None else subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=err_w,
@@ -382,8 +389,46 @@ class JobProcess:
             delay = min(delay * 2, 0.1)
         return True
 
+    def _watch_exit(self) -> None:
+        """Resolves `_exit` with the leader's wait status once it exits, and reaps it. A pidfd
+        becomes readable when its process exits: the loop watches it like any other descriptor.
+        Kernels older than 5.3 have none: a thread waits for the child instead."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            threading.Thread(target=self._wait_blocking, name=f"waitpid-{self.pid}", daemon=True).start()
+            return
+        self._loop.add_reader(pidfd, self._on_pidfd, pidfd)
+
+    def _on_pidfd(self, pidfd: int) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 255 << 8  # reaped by someone else: the status is lost
+        if pid == 0:
+            return  # not exited after all
+        self._loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._exited(os.waitstatus_to_exitcode(status))
+
+    def _wait_blocking(self) -> None:
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            rc = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            rc = 255
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self._loop.call_soon_threadsafe(self._exited, rc)
+
+    def _exited(self, rc: int) -> None:
+        # Popen must know too: one that thinks its child unreaped would waitpid() the same pid
+        # later, by then perhaps another process's.
+        self._proc.returncode = rc
+        if not self._exit.done():
+            self._exit.set_result(rc)
+
     async def _supervise(self) -> ProcessOutcome:
-        rc = await self._proc.wait()
+        rc = await asyncio.shield(self._exit)
         duration_ms = int((time.monotonic() - self._started) * 1000)
         strays = self._reason is None and group_alive(self.pgid)
         if strays:
@@ -398,10 +443,8 @@ class JobProcess:
             log.warning("output_pipes_held_open_after_exit", pgid=self.pgid)
             for fd in list(self._open_fds):
                 self._close_reader(fd)
-        if self._stdin_task is not None and not self._stdin_task.done():
-            self._stdin_task.cancel()
-        if self._stdin_task is not None:
-            await asyncio.gather(self._stdin_task, return_exceptions=True)
+        if self._stdin is not None:
+            self._stdin.close()
         exit_code, sig = _exit_code(rc)
         return ProcessOutcome(
             exit_code=exit_code,
@@ -441,15 +484,39 @@ class JobProcess:
             self._drained.set()
 
 
-async def _feed_stdin(stdin: asyncio.StreamWriter, data: bytes) -> None:
-    # A task of its own: a child that never reads its input must not block anything of ours.
-    try:
-        stdin.write(data)
-        await stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the child exited or closed its input early; what it reads is its business
-    finally:
-        stdin.close()
+class _StdinFeeder:
+    """Writes `data` to the child's stdin as the pipe takes it, then closes it. Non-blocking, from
+    the loop: a child that never reads its input must not block anything of ours."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stdin: IO[bytes], data: bytes) -> None:
+        self._loop = loop
+        self._stdin = stdin
+        self._fd = stdin.fileno()
+        self._rest = memoryview(data)
+        self._watching = False
+        os.set_blocking(self._fd, False)
+        self._on_writable()
+        if not self._stdin.closed:
+            self._loop.add_writer(self._fd, self._on_writable)
+            self._watching = True
+
+    def _on_writable(self) -> None:
+        try:
+            while self._rest:
+                self._rest = self._rest[os.write(self._fd, self._rest[:READ_CHUNK]) :]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass  # the child exited or closed its input early; what it reads is its business
+        self.close()
+
+    def close(self) -> None:
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+        if not self._stdin.closed:
+            with contextlib.suppress(OSError):
+                self._stdin.close()
 
 
 def _exit_code(returncode: int) -> tuple[int, int | None]:

@@ -33,8 +33,12 @@ class LogWriter:
         self._at_line_start = True
         self._truncated = False
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self._fd: int | None = os.open(path, flags, 0o600)
+        except FileNotFoundError:  # the first log of this folder (a mkdir each time costs a lookup)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, flags, 0o600)
         # A reopened log keeps its bytes, and they count toward the cap.
         self._written = os.fstat(self._fd).st_size
 

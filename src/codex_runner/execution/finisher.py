@@ -1,0 +1,132 @@
+"""Group commit of the jobs' terminal writes.
+
+A trivial job costs the runner more in its end than in its run: the log's last line, the fsynced
+terminal manifest, a write transaction with its event row, the manifest's rename, and a thread trip
+for all of it. Jobs that end while a commit is in flight wait for the next one, and that one takes
+them all: one thread trip and one transaction (each job still its own compare-and-set on status
+and lease, so a lost lease fails only its own job). Nothing waits on purpose: a lone job commits at
+once, and a busy runner batches by itself. The launcher may have the same transaction claim the
+jobs that take the freed slots (`ClaimHook`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from codex_runner.errors import StoreUnavailable
+from codex_runner.store.jobs import ClaimedJob, ClaimRequest, JobStore, OwnerWrite
+
+log = structlog.get_logger("codex_runner.finisher")
+
+#: Which of a write's attempts matched (None: none did), or why the write could not be made.
+Outcome = int | None | BaseException
+
+
+@dataclass(frozen=True)
+class Ending:
+    """One job's terminal write and what goes around it, both run in the committing thread:
+    `before` ahead of the transaction (the log's last line, the fsynced manifest), `after` once it
+    is over, with the outcome (publish the manifest, or write the one of the real outcome)."""
+
+    write: OwnerWrite
+    before: Callable[[], None]
+    after: Callable[[Outcome], None]
+
+
+class ClaimHook(Protocol):
+    """The launcher's side of a claim made along with a batch. `begin` (on the loop, before the
+    trip) takes the launcher's claim turn and says what to claim, given that the jobs `ending` end
+    in this batch; `end` (on the loop, after) counts them out, starts what was claimed and gives
+    the turn back. Every `begin` is followed by one `end`, with the error when the trip failed."""
+
+    async def begin(self, ending: list[str]) -> ClaimRequest | None: ...
+
+    def end(self, ending: list[str], claimed: list[ClaimedJob], error: BaseException | None) -> None: ...
+
+
+class GroupCommitter:
+    """Commits `Ending`s in batches; one per launcher (tests may give each job its own)."""
+
+    def __init__(self, store: JobStore, claims: ClaimHook | None = None) -> None:
+        self.store = store
+        self.claims = claims
+        self._queue: list[tuple[Ending, asyncio.Future[Outcome]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def commit(self, ending: Ending) -> int | None:
+        """Waits for the batch that holds `ending`; the index of the attempt that matched, or
+        None. Raises what the write raised (StoreUnavailable once the launcher stops waiting)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        self._queue.append((ending, future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain(), name="group-commit")
+        # Shielded: a cancelled job task must not drop a write other jobs' batch already carries.
+        outcome = await asyncio.shield(future)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            ids = [ending.write.job_id for ending, _ in batch]
+            request = await self.claims.begin(ids) if self.claims is not None else None
+            claimed: list[ClaimedJob] = []
+            error: BaseException | None = None
+            try:
+                outcomes, claimed = await asyncio.to_thread(
+                    self._commit, [ending for ending, _ in batch], request
+                )
+            except BaseException as exc:  # the thread itself failed: every job of the batch hears of it
+                outcomes, error = [exc] * len(batch), exc
+            finally:
+                if self.claims is not None:
+                    self.claims.end(ids, claimed, error)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+
+    def _commit(
+        self, endings: Sequence[Ending], claim: ClaimRequest | None
+    ) -> tuple[list[Outcome], list[ClaimedJob]]:
+        """Worker thread: every `before`, one transaction (and the claim, if any), every `after`."""
+        outcomes: list[Outcome] = [None] * len(endings)
+        ready: list[int] = []
+        for i, ending in enumerate(endings):
+            try:
+                ending.before()
+                ready.append(i)
+            except Exception as exc:
+                outcomes[i] = exc
+        written, claimed = self._write([endings[i].write for i in ready], claim)
+        for i, outcome in zip(ready, written, strict=True):
+            outcomes[i] = outcome
+            try:
+                endings[i].after(outcome)
+            except Exception:
+                log.exception("job_ending_failed", job_id=endings[i].write.job_id)
+        return outcomes, claimed
+
+    def _write(
+        self, writes: list[OwnerWrite], claim: ClaimRequest | None = None
+    ) -> tuple[list[Outcome], list[ClaimedJob]]:
+        if not writes and claim is None:
+            return [], []
+        try:
+            held, claimed = self.store.finish_many(writes, claim)
+            return list(held), claimed
+        except StoreUnavailable as exc:
+            # The store waited all it would (the launcher is giving up): alone they would too.
+            return [exc] * len(writes), []
+        except Exception as exc:
+            if len(writes) <= 1 and claim is None:
+                return [exc] * len(writes), []
+        # A write the database refused (not a lost compare-and-set, which is no error): each in a
+        # transaction of its own, so only the faulty one fails; the claim waits for the claim loop.
+        return [self._write([write])[0][0] for write in writes], []

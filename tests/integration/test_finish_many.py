@@ -1,0 +1,137 @@
+"""Group commit of terminal writes (`JobStore.finish_many`, `GroupCommitter`) on SQLite and
+PostgreSQL: one write that does not hold, or that the database refuses, never costs the others."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
+from codex_runner.jobs import Status
+from codex_runner.store import JobStore, create_store_engine
+from codex_runner.store.jobs import Cas, ClaimRequest, Limits, NewJob, OwnerWrite
+from codex_runner.store.migrate import upgrade
+from codex_runner.store.schema import events, jobs
+
+BIG = Limits(max_queue_size=10_000, max_queued_per_user=10_000)
+
+
+@pytest.fixture
+def store(database_url: str) -> Any:
+    engine = create_store_engine(database_url)
+    upgrade(engine)
+    yield JobStore(engine)
+    engine.dispose()
+
+
+def _new(user: str) -> NewJob:
+    return NewJob(
+        repo_id="id-r",
+        repo_name="r",
+        workspace_mode="scratch",
+        script_key="s",
+        args={},
+        defaults={},
+        timeout_seconds=60,
+        requested_by=user,
+    )
+
+
+def _success(job_id: str, lease: str, exit_code: int = 0) -> OwnerWrite:
+    values = {"exit_code": exit_code, "pid": 4242}
+    canceled = Cas((Status.CANCEL_REQUESTED,), Status.CANCELED, values, "canceled")
+    return OwnerWrite(job_id, lease, (Cas((Status.RUNNING,), Status.SUCCESS, values, "success"), canceled))
+
+
+def _terminal_events(store: JobStore, job_id: str) -> list[str]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(events.c.event_type).where(events.c.job_id == job_id).order_by(events.c.id)
+        ).scalars()
+        return [t for t in rows if t not in ("job_created", "job_started", "job_cancel_requested")]
+
+
+def _claim_all(store: JobStore, n: int) -> dict[str, str]:
+    for i in range(n):
+        store.create(_new(f"u{i}"), BIG)
+    return {c.id: c.lease_token for c in store.claim("r", slots=n, max_jobs_per_user=n)}
+
+
+def test_one_lost_cas_does_not_affect_the_batch(store: JobStore) -> None:
+    leases = _claim_all(store, 4)
+    ok, lost, canceled, other = list(leases)
+    # Another instance's watchdog took `lost` (lease dropped); a cancel arrived for `canceled`.
+    assert store.transition(lost, Status.RUNNING, Status.FAILED, values={"lease_token": None})
+    store.cancel(canceled, owner=None, actor="admin")
+    held, claimed = store.finish_many([_success(j, leases[j]) for j in (ok, lost, canceled, other)])
+    assert held == [0, None, 1, 0] and claimed == []
+    statuses = store.status_of(list(leases))
+    assert statuses == {ok: "success", lost: "failed", canceled: "canceled", other: "success"}
+    for job_id in (ok, other):
+        assert _terminal_events(store, job_id) == ["job_succeeded"]
+        assert store.get_row(job_id)["pid"] == 4242  # type: ignore[index]
+    assert _terminal_events(store, canceled) == ["job_canceled"]
+    # The lost job keeps what the watchdog wrote, and only its event.
+    assert store.get_row(lost)["pid"] is None  # type: ignore[index]
+    assert len(_terminal_events(store, lost)) == 1
+
+
+def test_finish_and_claim_in_one_transaction(store: JobStore) -> None:
+    first = store.create(_new("alice"), BIG)[0]["id"]
+    second = store.create(_new("alice"), BIG)[0]["id"]
+    [claimed] = store.claim("r", slots=2, max_jobs_per_user=1)
+    assert claimed.id == first  # alice is at her limit: `second` waits
+    held, more = store.finish_many(
+        [_success(first, claimed.lease_token)], ClaimRequest("r", slots=1, max_jobs_per_user=1)
+    )
+    # The claim sees `first` finished in the same transaction, so alice has a slot again.
+    assert held == [0] and [c.id for c in more] == [second]
+    assert more[0].row["status"] == "running" and more[0].row["lease_token"] == more[0].lease_token
+    assert store.status_of([first, second]) == {first: "success", second: "running"}
+
+
+def test_group_committer_isolates_a_refused_write(store: JobStore) -> None:
+    leases = _claim_all(store, 3)
+    good1, bad, good2 = list(leases)
+    seen: dict[str, Outcome] = {}
+    broken = OwnerWrite(bad, leases[bad], (Cas((Status.RUNNING,), Status.SUCCESS, {"no_such_column": 1}),))
+
+    def ending(write: OwnerWrite) -> Ending:
+        return Ending(write, lambda: None, lambda outcome: seen.__setitem__(write.job_id, outcome))
+
+    async def scenario() -> list[Any]:
+        committer = GroupCommitter(store)
+        writes = [_success(good1, leases[good1]), broken, _success(good2, leases[good2])]
+        return await asyncio.gather(*(committer.commit(ending(w)) for w in writes), return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert results[0] == 0 and results[2] == 0
+    assert isinstance(results[1], Exception)
+    assert seen[good1] == 0 and seen[good2] == 0 and isinstance(seen[bad], Exception)
+    assert store.status_of(list(leases)) == {good1: "success", bad: "running", good2: "success"}
+
+
+def test_group_committer_batches_endings(store: JobStore) -> None:
+    leases = _claim_all(store, 5)
+    calls: list[int] = []
+    inner = store.finish_many
+
+    def counting(writes: Any, claim: Any = None) -> Any:
+        calls.append(len(writes))
+        return inner(writes, claim)
+
+    store.finish_many = counting  # type: ignore[method-assign]
+
+    async def scenario() -> list[int | None]:
+        committer = GroupCommitter(store)
+        ends = [Ending(_success(j, lease), lambda: None, lambda _: None) for j, lease in leases.items()]
+        return await asyncio.gather(*(committer.commit(e) for e in ends))
+
+    assert asyncio.run(scenario()) == [0] * 5
+    assert calls == [5]  # one transaction for all that ended together
+    with store.engine.connect() as conn:
+        done = conn.execute(sa.select(sa.func.count()).where(jobs.c.status == "success")).scalar_one()
+    assert done == 5
