@@ -76,7 +76,13 @@ class GroupCommitter:
         while self._queue:
             batch, self._queue = self._queue, []
             ids = [ending.write.job_id for ending, _ in batch]
-            request = await self.claims.begin(ids) if self.claims is not None else None
+            try:
+                request = await self.claims.begin(ids) if self.claims is not None else None
+            except BaseException as exc:  # e.g. cancelled at shutdown: no job may wait forever
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(exc)
+                raise
             claimed: list[ClaimedJob] = []
             error: BaseException | None = None
             try:
