@@ -15,6 +15,8 @@ import pytest
 from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
 from codex_runner.server import build_app
+from codex_runner.store import JobStore, create_store_engine
+from codex_runner.store.migrate import upgrade
 
 from tests.helpers import JobPolling, make_git_repo, serve_app
 
@@ -180,3 +182,12 @@ def runner_factory(tmp_path: Path, database_url: str) -> Iterator[Callable[..., 
 @pytest.fixture
 def runner(runner_factory: Callable[..., Runner]) -> Runner:
     return runner_factory()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[JobStore]:
+    """A migrated store on the test's database (SQLite file or a scratch PostgreSQL database)."""
+    engine = create_store_engine(database_url)
+    upgrade(engine)
+    yield JobStore(engine)
+    engine.dispose()

@@ -6,25 +6,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.jobs import Status
-from codex_runner.store import JobStore, create_store_engine
+from codex_runner.store import JobStore
 from codex_runner.store.jobs import Cas, ClaimRequest, Limits, NewJob, OwnerWrite
-from codex_runner.store.migrate import upgrade
 from codex_runner.store.schema import events, jobs
 
 BIG = Limits(max_queue_size=10_000, max_queued_per_user=10_000)
-
-
-@pytest.fixture
-def store(database_url: str) -> Any:
-    engine = create_store_engine(database_url)
-    upgrade(engine)
-    yield JobStore(engine)
-    engine.dispose()
 
 
 def _new(user: str) -> NewJob:

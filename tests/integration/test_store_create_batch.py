@@ -12,18 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from codex_runner.errors import IdempotencyConflict, QueueFull, UserQueueFull
-from codex_runner.store import JobStore, create_store_engine
+from codex_runner.store import JobStore
 from codex_runner.store.jobs import Limits, NewJob
-from codex_runner.store.migrate import upgrade
 from codex_runner.store.schema import events, idempotency_keys, job_counts, jobs
-
-
-@pytest.fixture
-def store(database_url: str) -> Any:
-    engine = create_store_engine(database_url)
-    upgrade(engine)
-    yield JobStore(engine)
-    engine.dispose()
 
 
 def job(user: str, key: str | None = None, payload: int = 1) -> NewJob:

@@ -11,19 +11,11 @@ import sqlalchemy as sa
 
 from codex_runner.errors import InvalidTransition
 from codex_runner.jobs import EVENT_FOR_STATUS, TRANSITIONS, Status, canonical_payload, payload_hash
-from codex_runner.store import JobStore, create_store_engine
+from codex_runner.store import JobStore
 from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.migrate import current_revision, head_revision, upgrade
 from codex_runner.store.records import utcnow
 from codex_runner.store.schema import events, jobs
-
-
-@pytest.fixture
-def store(database_url: str) -> Any:
-    engine = create_store_engine(database_url)
-    upgrade(engine)
-    yield JobStore(engine)
-    engine.dispose()
 
 
 def new_job(user: str = "alice", repo: str = "r1", mode: str = "worktree", key: str | None = None) -> NewJob:
