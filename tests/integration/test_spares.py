@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def url_repo(
 
 
 @pytest.fixture(autouse=True)
-def _no_refill_leftovers() -> None:
+def _no_refill_leftovers() -> Iterator[None]:
     yield
     stop_refills(timeout=30)
 
