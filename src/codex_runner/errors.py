@@ -85,6 +85,13 @@ class StoreUnavailable(RunnerError):
     code = "unavailable"
 
 
+class InstanceConflict(RunnerError):
+    """Another live instance already runs under this RUNNER_ID: starting would have this one's
+    recovery kill that one's jobs."""
+
+    code = "instance_conflict"
+
+
 class LeaseLost(RunnerError):
     """A fenced write found another lease (or none): the writer must stop touching the job."""
 

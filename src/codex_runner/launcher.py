@@ -92,7 +92,7 @@ class Launcher:
         self._loop.set_default_executor(
             ThreadPoolExecutor(self.settings.max_concurrency + 8, thread_name_prefix="launcher")
         )
-        await asyncio.to_thread(self.registry.register)
+        await asyncio.to_thread(self.registry.register, self.settings.stale_after_seconds)
         await self.recover_own_jobs()
         self.rt.on_created.append(self._notify_created)
         self.rt.on_cancel.append(self._notify_cancel)

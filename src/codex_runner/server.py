@@ -16,6 +16,7 @@ from codex_runner.config import Settings
 from codex_runner.launcher import guard_serve_signals
 from codex_runner.ops.service import background_chores, on_startup
 from codex_runner.runtime import Runtime
+from codex_runner.store.instances import InstanceRegistry
 
 
 def build_app(runtime: Runtime, *, chores: bool = False) -> FastAPI:
@@ -54,9 +55,17 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 50)
 
 
+def _refuse_duplicate(runtime: Runtime) -> None:
+    """Before anything starts: a second live instance under one RUNNER_ID would have its recovery
+    kill the first one's jobs (docs/crash-safety.md)."""
+    if runtime.settings.enabled:
+        InstanceRegistry(runtime.engine, runtime.settings.id).check_free(runtime.settings.stale_after_seconds)
+
+
 def run_serve(settings: Settings) -> None:
     runtime = Runtime.open(settings)
     try:
+        _refuse_duplicate(runtime)
         on_startup(runtime)
         config = uvicorn.Config(
             build_app(runtime, chores=True),
@@ -84,6 +93,7 @@ def run_worker(settings: Settings) -> None:
 
     runtime = Runtime.open(settings)
     try:
+        _refuse_duplicate(runtime)
         on_startup(runtime)
         tune_gc()
         asyncio.run(run_worker_forever(runtime))

@@ -7,12 +7,14 @@ import contextlib
 import os
 import socket
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from codex_runner import __version__
+from codex_runner.errors import InstanceConflict
 from codex_runner.store.engine import read_txn, with_retries, write_txn
 from codex_runner.store.records import iso, utcnow
 from codex_runner.store.schema import instances, locks
@@ -28,7 +30,40 @@ class InstanceRegistry:
         self.engine = engine
         self.runner_id = runner_id
 
-    def register(self) -> None:
+    def check_free(self, stale_after_seconds: int) -> None:
+        """Raises `InstanceConflict` when another live instance holds this RUNNER_ID (see
+        `_holder`). Called before start-up, so the refusal is one line and nothing has started."""
+        with read_txn(self.engine) as conn:
+            problem = self._holder(conn, stale_after_seconds)
+        if problem:
+            raise InstanceConflict(problem)
+
+    def _holder(self, conn: sa.Connection, stale_after_seconds: int) -> str | None:
+        """Who else runs under this id, if anyone: a row that has not stopped and heartbeated within
+        RUNNER_STALE_AFTER_SECONDS, of another host, or of a live codex-runner process of this host
+        that is not this one. A crashed process (gone, or its pid reused by another program) is
+        not a holder: that is the restart that start-up recovery is for."""
+        cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
+        row = conn.execute(
+            sa.select(instances.c.host, instances.c.pid, instances.c.heartbeat_at).where(
+                instances.c.id == self.runner_id,
+                instances.c.stopped_at.is_(None),
+                instances.c.heartbeat_at >= cutoff,
+            )
+        ).first()
+        if row is None:
+            return None
+        if row.host == socket.gethostname() and (row.pid == os.getpid() or not _is_runner_process(row.pid)):
+            return None
+        return (
+            f"RUNNER_ID {self.runner_id!r} is in use by pid {row.pid} on {row.host}, which heartbeated within "
+            f"the last {stale_after_seconds} s; give each instance its own RUNNER_ID, or wait until that "
+            "one has been stopped or silent for RUNNER_STALE_AFTER_SECONDS"
+        )
+
+    def register(self, stale_after_seconds: int | None = None) -> None:
+        """Records this instance as live. With `stale_after_seconds`, refuses (InstanceConflict)
+        when another live instance holds the id, checked in the same transaction."""
         now = utcnow()
         values = {
             "host": socket.gethostname(),
@@ -41,6 +76,9 @@ class InstanceRegistry:
 
         def txn() -> None:
             with write_txn(self.engine) as conn:
+                problem = self._holder(conn, stale_after_seconds) if stale_after_seconds else None
+                if problem:
+                    raise InstanceConflict(problem)
                 updated = conn.execute(
                     instances.update().where(instances.c.id == self.runner_id).values(**values)
                 ).rowcount
@@ -112,3 +150,12 @@ class InstanceRegistry:
             return {"holder": row.holder, "until": iso(expires), "current": expires > utcnow()}
 
         return with_retries(txn)
+
+
+def _is_runner_process(pid: int) -> bool:
+    """Whether `pid` is a live codex-runner process of this host (its command line says so)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"codex-runner" in cmdline or b"codex_runner" in cmdline
