@@ -45,7 +45,7 @@ class InstanceRegistry:
         not a holder: that is the restart that start-up recovery is for."""
         cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
         row = conn.execute(
-            sa.select(instances.c.host, instances.c.pid, instances.c.heartbeat_at).where(
+            sa.select(instances.c.host, instances.c.pid).where(
                 instances.c.id == self.runner_id,
                 instances.c.stopped_at.is_(None),
                 instances.c.heartbeat_at >= cutoff,
