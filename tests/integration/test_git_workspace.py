@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import run_git
+from codex_runner.execution.gitutil import repo_lock
 from codex_runner.execution.workspace import (
     CommitResult,
     GitError,
@@ -442,3 +444,21 @@ def test_push_ignores_remote_settings_the_agent_wrote(tmp_path: Path) -> None:
     assert git("rev-parse", "refs/heads/runner/14141414", cwd=bare) == result.commit
     assert git("for-each-ref", cwd=evil) == ""
     cleanup_workspace(ws, repo, settings, failed=False)
+
+
+def test_repo_lock_gives_up_on_a_holder_that_never_lets_go(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    # flock is per open file: a second open in this process contends as another process would.
+    with repo_lock(settings, "frozen-repo"):
+        started = time.monotonic()
+        with (
+            pytest.raises(GitError, match="held by someone else for 1 s") as err,
+            repo_lock(settings, "frozen-repo", timeout=1.0),
+        ):
+            pytest.fail("the lock was taken twice")
+        assert err.value.code == "prepare_failed"
+        assert 1.0 <= time.monotonic() - started < 5
+        with repo_lock(settings, "another-repo", timeout=0.5):
+            pass  # other repos are not held up
+    with repo_lock(settings, "frozen-repo", timeout=0.5):
+        pass  # released: taken at once

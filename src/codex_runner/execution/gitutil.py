@@ -7,12 +7,23 @@ import fcntl
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from codex_runner.config import Settings
-from codex_runner.execution.git import GitError, GitResult, run_git, validate_ref_name
+from codex_runner.execution.git import (
+    LOCAL_TIMEOUT,
+    NETWORK_TIMEOUT,
+    GitError,
+    GitResult,
+    run_git,
+    validate_ref_name,
+)
+
+# Longer than any one holder's git commands (a fetch, then local ones) can take.
+REPO_LOCK_TIMEOUT = NETWORK_TIMEOUT + LOCAL_TIMEOUT
 
 __all__ = ["current_branch", "git_out", "lock_key", "repo_lock", "resolve", "run_in", "try_resolve"]
 
@@ -26,13 +37,29 @@ def lock_key(source: str) -> str:
 
 
 @contextmanager
-def repo_lock(settings: Settings, key: str) -> Iterator[None]:
-    """An exclusive per-repo lock that holds across runner processes on this host (flock)."""
+def repo_lock(settings: Settings, key: str, *, timeout: float = REPO_LOCK_TIMEOUT) -> Iterator[None]:
+    """An exclusive per-repo lock that holds across runner processes on this host (flock).
+
+    Every holder runs git commands bounded by their timeouts, so a wait longer than the longest of
+    them means a holder that no longer moves (a frozen process): `prepare_failed` rather than a job
+    that waits forever."""
     locks = settings.data_dir.resolve() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise GitError(
+                        f"the repo lock was held by someone else for {timeout:.0f} s", code="prepare_failed"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
         yield
     finally:
         os.close(fd)  # closing releases the lock
