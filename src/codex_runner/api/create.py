@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from codex_runner.api.auth import authenticate_many
-from codex_runner.errors import NotAuthenticated, RunnerError
+from codex_runner.errors import NotAuthenticated, RunnerError, StoreUnavailable
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 from codex_runner.store.creates import CreateOutcome
@@ -149,6 +149,14 @@ class CreateBatcher:
                 outcomes = await asyncio.to_thread(run_batch, self.runtime, [r for r, _ in batch])
             except Exception as exc:
                 outcomes = [exc] * len(batch)
+            except BaseException:
+                # Cancelled (shutdown): no request may wait for an answer forever. The thread may
+                # still create its batch's jobs; a client that retries with its Idempotency-Key gets them.
+                for _, future in batch + self._pending:
+                    if not future.done():
+                        future.set_exception(StoreUnavailable("the server is shutting down"))
+                self._pending.clear()
+                raise
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 # A client that went away has cancelled its future; its job stands, as before.
                 if not future.done():
