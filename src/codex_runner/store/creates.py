@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from codex_runner.errors import IdempotencyConflict, QueueFull, UserQueueFull
 from codex_runner.jobs import ACTIVE, EventType, Status
-from codex_runner.store.records import initial_stages, job_to_public, utcnow
+from codex_runner.store.records import event_row, initial_stages, job_to_public, utcnow
 from codex_runner.store.schema import events, idempotency_keys, job_counts, jobs
 
 if TYPE_CHECKING:
@@ -68,16 +68,7 @@ class _Batch:
     def event(
         self, job_id: str, kind: str, actor: str, message: str, meta: dict[str, Any], now: datetime
     ) -> None:
-        self.event_rows.append(
-            {
-                "job_id": job_id,
-                "event_type": kind,
-                "actor": actor,
-                "message": message,
-                "meta": meta,
-                "created_at": now,
-            }
-        )
+        self.event_rows.append(event_row(job_id, kind, actor, message, meta, now))
 
 
 def create_in_txn(

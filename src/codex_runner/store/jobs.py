@@ -30,7 +30,7 @@ from codex_runner.jobs import (
 )
 from codex_runner.store.creates import CreateOutcome, create_in_txn
 from codex_runner.store.engine import read_txn, with_retries, write_txn
-from codex_runner.store.records import event_to_public, iso, job_to_public, utcnow
+from codex_runner.store.records import event_row, event_to_public, iso, job_to_public, utcnow
 from codex_runner.store.schema import events, instances, job_counts, jobs, repos
 
 # Advisory lock keys (PostgreSQL): one serialises claims, one serialises creates so that the
@@ -153,17 +153,7 @@ class JobStore:
     # -- events -----------------------------------------------------------------------------
 
     def _insert_events(self, conn: Connection, pending: Iterable[_PendingEvent], now: datetime) -> list[dict]:
-        rows = [
-            {
-                "job_id": e.job_id,
-                "event_type": e.event_type,
-                "actor": e.actor,
-                "message": e.message,
-                "meta": e.meta,
-                "created_at": now,
-            }
-            for e in pending
-        ]
+        rows = [event_row(e.job_id, e.event_type, e.actor, e.message, e.meta, now) for e in pending]
         if rows:
             conn.execute(_INSERT_EVENT, rows)
         return rows
@@ -423,16 +413,11 @@ class JobStore:
         result = conn.execute(jobs.update().where(*conds).values(**update))
         if result.rowcount != 1:
             return None
+        event = _PendingEvent(job_id, event_type or EVENT_FOR_STATUS[dst], actor, message, meta or {})
         if defer_event is not None:
-            defer_event.append(
-                _PendingEvent(job_id, event_type or EVENT_FOR_STATUS[dst], actor, message, meta or {})
-            )
+            defer_event.append(event)
             return []
-        return self._insert_events(
-            conn,
-            [_PendingEvent(job_id, event_type or EVENT_FOR_STATUS[dst], actor, message, meta or {})],
-            now,
-        )
+        return self._insert_events(conn, [event], now)
 
     def finish_many(
         self, writes: Sequence[OwnerWrite], claim: ClaimRequest | None = None

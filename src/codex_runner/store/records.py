@@ -57,6 +57,20 @@ def job_to_public(row: Any, *, now: datetime | None = None) -> dict[str, Any]:
     }
 
 
+def event_row(
+    job_id: str, event_type: str, actor: str, message: str, meta: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """A `runner_job_events` row as inserted (and as handed to the event listeners)."""
+    return {
+        "job_id": job_id,
+        "event_type": event_type,
+        "actor": actor,
+        "message": message,
+        "meta": meta,
+        "created_at": now,
+    }
+
+
 def event_to_public(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"],
