@@ -227,7 +227,7 @@ def _sweep(settings: Settings, src: SpareSource, pool: Path) -> None:
     """Deletes what an interrupted build left, and spares past the configured number."""
     cutoff = time.time() - STALE_BUILD_SECONDS
     ready = sorted(n for n in os.listdir(pool) if n.startswith("ready-"))
-    extra = set(ready[settings.warm_workspaces :]) if settings.warm_workspaces >= 0 else set()
+    extra = set(ready[settings.warm_workspaces :])
     for name in os.listdir(pool):
         path = pool / name
         stale = name.startswith(("building-", "home-")) and _mtime(path) < cutoff
