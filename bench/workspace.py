@@ -96,6 +96,9 @@ def push_a_commit(local: Path, bare: Path, n: int) -> None:
     env = ["-c", "user.name=b", "-c", "user.email=b@b"]
     subprocess.run(["git", *env, "commit", "-qam", f"change {n}"], cwd=local, check=True)
     subprocess.run(["git", "push", "-q", str(bare), "HEAD:main"], cwd=local, check=True)
+    # A hosting server keeps its repos packed; left alone, one more pack per push makes every later
+    # clone and fetch slower, and the last rounds would measure a different server than the first.
+    subprocess.run(["git", "--git-dir", str(bare), "repack", "-adq"], check=True)
 
 
 def run_way(

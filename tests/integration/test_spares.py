@@ -14,6 +14,7 @@ import pytest
 from test_git_workspace import Repo, commit, git, make_repo, settings_for
 
 from codex_runner.config import ConfigError, Settings, load_settings
+from codex_runner.execution.git import GitError
 from codex_runner.execution.spares import pool_dir, stop_refills, wait_for_refills
 from codex_runner.execution.workspace import Workspace, cleanup_workspace, lock_key, prepare_workspace
 
@@ -148,6 +149,51 @@ def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str) -> None:
     if mode == "clone":
         assert git("config", "--get", "remote.origin.url", cwd=second.path) == repo.source
         assert str(evil) not in (second.path / ".git/objects/info/alternates").read_text()
+
+
+@pytest.mark.parametrize("mode", ["worktree", "clone"])
+def test_a_tampered_spare_is_made_pristine_when_the_base_moved_too(tmp_path: Path, mode: str) -> None:
+    """The untracked files go before the checkout to the new base (while the fetch runs): a planted
+    file at a path the new base adds, or in a folder it deletes, must not survive either."""
+    seed, bare, settings, repo = url_repo(tmp_path, mode)
+    prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+    (spare / "docs").mkdir()
+    (spare / "docs/new.md").write_text("planted where the new base adds a file\n")
+    (spare / "src/planted.py").write_text("beside a file the new base deletes\n")
+    (spare / "README.md").write_text("modified\n")
+
+    advance(seed)
+    git("push", "-q", str(bare), "main", cwd=seed)
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()
+    assert_pristine(second, seed)
+    assert (second.path / "docs/new.md").read_text() == "new\n"
+    assert not (second.path / "src").exists()
+
+
+@pytest.mark.parametrize("mode", ["worktree", "clone"])
+def test_a_failed_fetch_keeps_the_spare_and_leaves_no_workspace(tmp_path: Path, mode: str) -> None:
+    seed, bare, settings, repo = url_repo(tmp_path, mode)
+    first = prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+    moved = bare.with_name("moved.git")
+    bare.rename(moved)  # the remote is gone: the fetch fails
+
+    with pytest.raises(GitError) as info:
+        prepare_workspace(repo, "22222222-b", settings)
+    assert info.value.code == "clone_failed"
+    assert spare.exists()  # claimed only once the job's commit is known
+    assert not (settings.workspace_dir / "22222222-b").exists()
+    assert first.store is not None
+    assert "22222222-b" not in git("--git-dir", str(first.store), "worktree", "list", "--porcelain")
+
+    moved.rename(bare)  # back: the next job takes the spare
+    third = prepare_workspace(repo, "33333333-c", settings)
+    assert not spare.exists()
+    assert_pristine(third, seed)
 
 
 def test_a_broken_spare_is_dropped_and_the_job_prepares_the_usual_way(tmp_path: Path) -> None:
