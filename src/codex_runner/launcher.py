@@ -45,6 +45,9 @@ T = TypeVar("T")
 JOB_ENV_PREFIX = b"RUNNER_JOB_ID="
 #: How long start-up recovery and a forced exit keep looking for a job's processes after SIGKILL.
 KILL_SCAN_SECONDS = 5.0
+#: After a job ends, how long until /proc is scanned for its processes that left its group (one scan
+#: covers every job that ended meanwhile, so a drain costs at most one scan a second).
+ESCAPED_SWEEP_DELAY = 1.0
 #: Back-off of an owner write while the database is unavailable (after the store's own retries).
 PATIENT_FIRST_DELAY = 0.5
 PATIENT_MAX_DELAY = 5.0
@@ -81,6 +84,9 @@ class Launcher:
         # The jobs' terminal writes, committed together when they end together, with a claim for
         # the slots they free in the same transaction.
         self._finisher = GroupCommitter(self._job_runtime.jobs, _ClaimAlong(self))
+        # Jobs that ended since the last scan for processes that escaped their group.
+        self._ended: set[str] = set()
+        self._ended_wake = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -100,6 +106,7 @@ class Launcher:
             asyncio.create_task(self._claim_loop(), name="claim"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._watchdog_loop(), name="watchdog"),
+            asyncio.create_task(self._escaped_loop(), name="escaped"),
         ]
         _LIVE.add(self)
         log.info("launcher_started", runner_id=self.runner_id, max_concurrency=self.settings.max_concurrency)
@@ -146,6 +153,8 @@ class Launcher:
         if self._tasks:
             # Heartbeats go on meanwhile, so no watchdog takes these jobs while they stop.
             await asyncio.wait(list(self._tasks.values()), timeout=grace + 5)
+        with contextlib.suppress(Exception):
+            await self.kill_escaped_once()  # nothing a finished job started outlives the runner
         self._abandoned = True
         for task in self._loops:
             task.cancel()
@@ -262,6 +271,8 @@ class Launcher:
     def _job_done(self, job_id: str, task: asyncio.Task[None] | None = None) -> None:
         self.active.pop(job_id, None)
         self._tasks.pop(job_id, None)
+        self._ended.add(job_id)
+        self._ended_wake.set()
         if task is not None and not task.cancelled() and task.exception() is not None:
             # JobRun.run never raises but for a write that gave up at a forced exit.
             log.warning("job_task_failed", job_id=job_id, error_type=type(task.exception()).__name__)
@@ -279,6 +290,29 @@ class Launcher:
         for job_id, status in statuses.items():
             if status == Status.CANCEL_REQUESTED:
                 self._cancel_local(job_id)
+
+    # -- processes that left their job's group ----------------------------------------------
+
+    async def _escaped_loop(self) -> None:
+        """A job's group is stopped when its script ends, but a process that left the group (a
+        daemon that called setsid) is not in it. Its environment still carries RUNNER_JOB_ID, so
+        shortly after jobs end one scan of /proc finds such processes of all of them, and they are
+        killed: no job leaves a process behind, and a busy runner pays one scan a second."""
+        while True:
+            await self._ended_wake.wait()
+            await asyncio.sleep(ESCAPED_SWEEP_DELAY)
+            try:
+                await self.kill_escaped_once()
+            except Exception as exc:  # a failed scan is retried with the next job that ends
+                log.warning("escaped_process_scan_failed", error_type=type(exc).__name__)
+
+    async def kill_escaped_once(self) -> int:
+        """SIGKILLs the live processes of jobs that ended since the last call; returns how many."""
+        self._ended_wake.clear()
+        ended, self._ended = self._ended, set()
+        if not ended:
+            return 0
+        return await asyncio.to_thread(_kill_escaped, ended)
 
     # -- heartbeats -------------------------------------------------------------------------
 
@@ -516,6 +550,14 @@ def find_job_processes(job_ids: Collection[str] | None = None) -> dict[str, list
                     found.setdefault(job_id, []).append(int(entry.name))
                 break
     return found
+
+
+def _kill_escaped(job_ids: Collection[str]) -> int:
+    found = find_job_processes(job_ids)
+    if not found:
+        return 0
+    log.warning("killing_escaped_processes", job_ids=sorted(found), processes=sum(map(len, found.values())))
+    return kill_job_processes(found, timeout=KILL_SCAN_SECONDS)
 
 
 def kill_job_processes(job_ids: Collection[str], *, timeout: float) -> int:

@@ -84,6 +84,10 @@ flag = "--touch"
 type = "string"
 flag = "--env-dump"
 
+[scripts.behave.args.escape]
+type = "string"
+flag = "--escape"
+
 [scripts.missing]
 command = ["/nonexistent/program-xyz"]
 

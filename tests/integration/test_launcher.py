@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.helpers import wait_until
 
@@ -204,3 +210,51 @@ def test_terminal_transitions_are_logged_with_their_fields(runner: Any) -> None:
         assert entry["script_key"] == "behave"
         assert entry["status_from"] == "running" and entry["status_to"] == status
         assert isinstance(entry["duration_ms"], int) and entry["duration_ms"] >= 0
+
+
+@pytest.fixture
+def escapees() -> Iterator[Callable[[Path], list[int]]]:
+    """Reads the pids a job's daemon wrote; whatever is still alive at teardown is killed, so a
+    failing test leaves nothing behind."""
+    seen: list[int] = []
+
+    def read(path: Path) -> list[int]:
+        child = Path(f"{path}.child")
+        assert wait_until(lambda: path.exists() and child.exists() and child.read_text().strip(), timeout=10)
+        pids = [int(path.read_text()), int(child.read_text())]
+        seen.extend(pids)
+        return pids
+
+    yield read
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_daemon_that_left_the_group_dies_after_its_job(
+    runner: Any, tmp_path: Path, escapees: Callable[[Path], list[int]]
+) -> None:
+    """setsid takes a process out of the job's group, so the group kill misses it; the runner
+    finds it by RUNNER_JOB_ID in its environment shortly after the job ends."""
+    escape = tmp_path / "escaped"
+    done = runner.wait(runner.submit({"escape": str(escape)})["id"])
+    assert done["status"] == "success"
+    pids = escapees(escape)
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+
+
+def test_stop_kills_a_daemon_of_a_job_that_just_ended(
+    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]]
+) -> None:
+    from codex_runner import launcher as launcher_module
+
+    monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # only the stop's scan runs
+    escape = tmp_path / "escaped"
+    [launcher] = launcher_module._LIVE
+    assert runner.wait(runner.submit({"escape": str(escape)})["id"])["status"] == "success"
+    pids = escapees(escape)
+    loop = launcher._loop
+    assert loop is not None
+    assert all(_alive(p) for p in pids)
+    asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(timeout=30)
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=2)

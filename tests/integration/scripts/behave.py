@@ -23,6 +23,7 @@ def main() -> int:
     p.add_argument("--ledger", default="")
     p.add_argument("--touch", default="")
     p.add_argument("--env-dump", default="")
+    p.add_argument("--escape", default="", help="start a daemon out of the job's group; its pid here")
     a = p.parse_args()
     if a.ledger:
         with open(a.ledger, "a") as fh:
@@ -39,6 +40,17 @@ def main() -> int:
         pids.append(child.pid)
     if a.pids:
         Path(a.pids).write_text(" ".join(map(str, pids)))
+    if a.escape:
+        # A daemon: a session of its own (out of the job's process group), no pipe of the job's,
+        # and a child of its own in its group.
+        daemon = subprocess.Popen(
+            ["sh", "-c", 'sleep 1000 & echo $! > "$1.child"; exec sleep 1000', "sh", a.escape],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        Path(a.escape).write_text(str(daemon.pid))
     if a.stdout:
         print(a.stdout, flush=True)
     if a.stderr:
