@@ -21,11 +21,13 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from test_git_workspace import Repo, git, make_repo
 
 from codex_runner.api import create_app
 from codex_runner.config import load_settings
 from codex_runner.execution.gitutil import lock_key
-from codex_runner.execution.spares import POOLS
+from codex_runner.execution.spares import POOLS, stop_refills, wait_for_refills
+from codex_runner.execution.workspace import cleanup_workspace, prepare_workspace
 from codex_runner.ops.audit import attach
 from codex_runner.ops.retention import claim_run, cleanup, retention_loop
 from codex_runner.runtime import Runtime
@@ -363,4 +365,64 @@ def test_cleanup_removes_spare_pools_no_repo_would_take_from(tmp_path: Path, dat
         rt.settings = dataclasses.replace(rt.settings, warm_workspaces=0)  # spares turned off
         assert cleanup(rt).spare_pools == 1 and not wanted.exists()
     finally:
+        rt.close()
+
+
+def test_cleanup_removes_mirrors_of_removed_repos_once_no_workspace_borrows_them(
+    tmp_path: Path, database_url: str
+) -> None:
+    seed = make_repo(tmp_path / "seed")
+    origins = {}
+    for name in ("kept", "cloned", "treed"):
+        origins[name] = tmp_path / f"{name}.git"
+        git("clone", "-q", "--bare", str(seed), str(origins[name]))
+    write_scratch_echo_config(tmp_path)
+    with (tmp_path / "runner.toml").open("a") as fh:  # only `kept` stays in the catalog
+        fh.write(f'\n[repos.kept]\nsource = "file://{origins["kept"]}"\nworkspace = "clone"\n')
+    env = {
+        "RUNNER_DATABASE_URL": database_url,
+        "RUNNER_DATA_DIR": str(tmp_path / "data"),
+        "RUNNER_ENABLED": "false",
+        "RUNNER_ID": "test-retention",
+        "RUNNER_ALLOWED_GIT_URL_PREFIXES": "file://",
+    }
+    rt = Runtime.open(load_settings(env, cwd=tmp_path))
+    try:
+        s = rt.settings
+        kept = Repo("kept", f"file://{origins['kept']}", "git_url", "main", "clone")
+        cloned = Repo("cloned", f"file://{origins['cloned']}", "git_url", "main", "clone")
+        treed = Repo("treed", f"file://{origins['treed']}", "git_url", "main", "worktree")
+        spaces = [
+            (repo, prepare_workspace(repo, job_id, s))
+            for repo, job_id in ((kept, "11111111-a"), (cloned, "22222222-b"), (treed, "33333333-c"))
+        ]
+        assert wait_for_refills(30)
+        mirrors = {
+            repo.id: s.mirrors_dir.resolve() / f"{lock_key(repo.source)}.git"
+            for repo in (kept, cloned, treed)
+        }
+        assert all(m.is_dir() for m in mirrors.values())
+        (s.mirrors_dir / ".other.git.0123abcd.tmp").mkdir()  # a first clone in progress: not ours to judge
+
+        # The kept workspaces of the removed repos still borrow their mirrors' objects.
+        dry = cleanup(rt, dry_run=True)
+        assert dry.mirrors == 0 and dry.spare_pools == 2
+        report = cleanup(rt)
+        assert report.mirrors == 0 and report.spare_pools == 2
+        assert all(m.is_dir() for m in mirrors.values())
+        for _, ws in spaces[1:]:
+            assert git("status", "--porcelain", cwd=ws.path) == ""  # still whole
+
+        for repo, ws in spaces[1:]:
+            cleanup_workspace(ws, repo, s, failed=False)
+        assert cleanup(rt, dry_run=True).mirrors == 2 and mirrors["cloned"].is_dir()
+        assert cleanup(rt).mirrors == 2
+        assert mirrors["kept"].is_dir() and not mirrors["cloned"].exists() and not mirrors["treed"].exists()
+        assert (s.mirrors_dir / ".other.git.0123abcd.tmp").is_dir()
+        assert cleanup(rt).mirrors == 0
+        # A repo added back later simply mirrors again.
+        again = prepare_workspace(cloned, "44444444-d", s)
+        assert git("rev-parse", "HEAD", cwd=again.path) == git("rev-parse", "HEAD", cwd=seed)
+    finally:
+        stop_refills(30)
         rt.close()

@@ -3,7 +3,8 @@
 Order: events, then jobs — terminal jobs finished more than RUNNER_RETENTION_DAYS ago, except the
 newest RUNNER_RETENTION_KEEP terminal jobs — then idempotency keys whose job is gone or that
 expired, then files no job row owns (logs, run folders, workspaces, git homes) and that have not
-changed for `ORPHAN_GRACE_SECONDS`.
+changed for `ORPHAN_GRACE_SECONDS`, then the warm-workspace pools and URL mirrors of repos the
+catalog no longer has (a mirror only once no kept workspace borrows its objects).
 
 Safe beside live traffic: active jobs are never selected; rows go in transactions of at most
 `BATCH` jobs, so an API write waits for one short batch at most (SQLite has one writer); a file is
@@ -18,6 +19,7 @@ import asyncio
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -28,7 +30,9 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection, Engine
 
-from codex_runner.execution.gitutil import lock_key
+from codex_runner.config import Settings
+from codex_runner.execution.git import GitError
+from codex_runner.execution.gitutil import lock_key, repo_lock
 from codex_runner.execution.spares import POOLS
 from codex_runner.jobs import TERMINAL, EventType
 from codex_runner.ops.audit import audit_event
@@ -49,6 +53,8 @@ BATCH_PAUSE_SECONDS = 0.01
 # How often an instance looks whether a run is due; the lock says whether it is.
 MAX_POLL_SECONDS = 300
 RETRY_AFTER_FAILURE_SECONDS = 300
+# A mirror whose lock is held this long is being used after all: left for the next run.
+MIRROR_LOCK_SECONDS = 5.0
 
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _JOB_ID = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\.|$)")
@@ -65,6 +71,7 @@ class CleanupReport:
     workspaces: int = 0
     git_homes: int = 0
     spare_pools: int = 0
+    mirrors: int = 0
     batches: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -76,7 +83,7 @@ class CleanupReport:
         return (
             f"{verb} {self.jobs} jobs, {self.events} events, {self.idempotency_keys} idempotency keys, "
             f"{self.logs} log files, {self.run_dirs} run folders, {self.workspaces} workspaces, "
-            f"{self.git_homes} git homes, {self.spare_pools} spare pools"
+            f"{self.git_homes} git homes, {self.spare_pools} spare pools, {self.mirrors} mirrors"
         )
 
 
@@ -110,10 +117,14 @@ def cleanup(
                 report.errors.append(f"{path}: {exc.strerror or exc}")
                 continue
         setattr(report, kind, getattr(report, kind) + 1)
-    for pool in _unused_spare_pools(runtime):
+    unused_pools = list(_unused_spare_pools(runtime))
+    for pool in unused_pools:
         if not dry_run:
             shutil.rmtree(pool, ignore_errors=True)
         report.spare_pools += 1
+    for mirror in _unused_mirrors(runtime, unused_pools):
+        if dry_run or _remove_mirror(runtime, mirror, unused_pools):
+            report.mirrors += 1
     log.info("cleanup_done", **report.to_dict())
     return report
 
@@ -290,6 +301,68 @@ def _unused_spare_pools(runtime: Runtime) -> Iterator[Path]:
     for pool in root.iterdir():
         if pool.is_dir() and not pool.is_symlink() and pool.name not in wanted:
             yield pool
+
+
+def _unused_mirrors(runtime: Runtime, dropped_pools: Sequence[Path]) -> Iterator[Path]:
+    """Mirrors of URL repos the catalog no longer has (removed, or their URL changed) from which no
+    workspace still borrows objects. The spares of such a repo are in `dropped_pools`, deleted in the
+    same run, so they do not count."""
+    s = runtime.settings
+    root = s.mirrors_dir
+    if not root.is_dir():
+        return
+    wanted = {
+        f"{lock_key(r.source)}.git" for r in runtime.catalog.repos.values() if r.source_type == "git_url"
+    }
+    for mirror in sorted(root.iterdir()):
+        name = mirror.name
+        if name in wanted or name.startswith(".") or not name.endswith(".git"):
+            continue  # `.<name>.<hex>.tmp`: a first clone in progress, or swept by the next one
+        if mirror.is_dir() and not mirror.is_symlink() and not _mirror_in_use(s, mirror, dropped_pools):
+            yield mirror
+
+
+def _mirror_in_use(settings: Settings, mirror: Path, dropped_pools: Sequence[Path]) -> bool:
+    """A kept `clone` workspace names the mirror's objects in its alternates; a `worktree` one is
+    registered under the mirror's `worktrees/` with the path of its `.git` file."""
+    target = (mirror / "objects").resolve()
+    dropped = [p.resolve() for p in dropped_pools]
+    if settings.workspace_dir.is_dir():
+        for ws in settings.workspace_dir.iterdir():
+            try:
+                lines = (ws / ".git" / "objects" / "info" / "alternates").read_text().splitlines()
+            except OSError:
+                continue
+            if any(line.strip() and Path(line.strip()).resolve() == target for line in lines):
+                return True
+    registered = mirror / "worktrees"
+    if registered.is_dir():
+        for entry in registered.iterdir():
+            try:
+                dot_git = Path((entry / "gitdir").read_text().strip())
+            except OSError:
+                continue
+            if dot_git.exists() and not any(dot_git.resolve().is_relative_to(p) for p in dropped):
+                return True
+    return False
+
+
+def _remove_mirror(runtime: Runtime, mirror: Path, dropped_pools: Sequence[Path]) -> bool:
+    """Deletes an unused mirror under its repo lock (an instance whose catalog still has the repo
+    may be fetching into it); renamed first, so no one ever sees half a mirror. False if it was
+    busy or came into use."""
+    key = mirror.name.removesuffix(".git")
+    try:
+        with repo_lock(runtime.settings, key, timeout=MIRROR_LOCK_SECONDS):
+            if _mirror_in_use(runtime.settings, mirror, dropped_pools):
+                return False
+            doomed = mirror.with_name(f".{mirror.name}.{uuid.uuid4().hex[:8]}.tmp")
+            mirror.rename(doomed)
+    except (GitError, OSError) as exc:
+        log.warning("mirror_not_removed", mirror=mirror.name, error=str(exc)[:200])
+        return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
 
 
 def _existing_ids(engine: Engine, ids: Iterable[str], batch_size: int) -> set[str]:

@@ -165,23 +165,6 @@ class JobStore:
                 with contextlib.suppress(Exception):
                     listener(row)
 
-    def add_event(
-        self,
-        job_id: str,
-        event_type: str,
-        *,
-        actor: str = "system",
-        message: str = "",
-        meta: dict | None = None,
-    ) -> None:
-        def txn() -> list[dict]:
-            with write_txn(self.engine) as conn:
-                return self._insert_events(
-                    conn, [_PendingEvent(job_id, event_type, actor, message, meta or {})], utcnow()
-                )
-
-        self._notify(with_retries(txn))
-
     # -- create -----------------------------------------------------------------------------
 
     def create(self, new: NewJob, limits: Limits) -> tuple[dict[str, Any], bool]:
