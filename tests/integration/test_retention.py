@@ -426,3 +426,49 @@ def test_cleanup_removes_mirrors_of_removed_repos_once_no_workspace_borrows_them
     finally:
         stop_refills(30)
         rt.close()
+
+
+def _transcript(sessions: Path, day: str, name: str, age_days: float) -> Path:
+    path = sessions / day / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"type":"session_meta"}\n')
+    then = time.time() - age_days * DAY
+    os.utime(path, (then, then))
+    return path
+
+
+def test_cleanup_removes_old_codex_transcripts_of_the_runners_codex_home(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CODEX_HOME", raising=False)
+    sessions = runtime.settings.data_dir / "codex-home" / "sessions"
+    old = _transcript(sessions, "2020/01/02", "rollout-2020-01-02T10-00-00-a.jsonl", 40)
+    old_neighbour = _transcript(sessions, "2020/01/03", "rollout-2020-01-03T10-00-00-b.jsonl", 40)
+    keep_other = _transcript(sessions, "2020/01/03", "notes.txt", 40)  # not codex's: never touched
+    recent = _transcript(sessions, "2020/01/04", "rollout-2020-01-04T10-00-00-c.jsonl", 3)
+    today = sessions / utcnow().strftime("%Y/%m/%d")
+    today.mkdir(parents=True)  # codex may be about to write here: an empty folder of today stays
+    (sessions / "2020/01/05").mkdir(parents=True)
+    elsewhere = runtime.settings.data_dir / "other" / "rollout-x.jsonl"  # not under sessions/
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("x")
+    os.utime(elsewhere, (0, 0))
+
+    dry = cleanup(runtime, dry_run=True)
+    assert dry.codex_transcripts == 2 and old.exists() and old_neighbour.exists()
+    report = cleanup(runtime)
+    assert report.codex_transcripts == 2 and not report.errors
+    assert not old.exists() and not old_neighbour.exists()
+    assert not old.parent.exists()  # its day folder emptied, and it is long past
+    assert keep_other.exists() and recent.exists() and today.is_dir() and elsewhere.exists()
+    assert not (sessions / "2020/01/05").exists()
+    assert cleanup(runtime).codex_transcripts == 0
+
+
+def test_cleanup_leaves_a_codex_home_the_operator_passes_through_alone(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    theirs = tmp_path / "their-codex-home"
+    monkeypatch.setenv("CODEX_HOME", str(theirs))
+    old = _transcript(theirs / "sessions", "2020/01/02", "rollout-2020-01-02T10-00-00-a.jsonl", 400)
+    assert cleanup(runtime).codex_transcripts == 0 and old.exists()

@@ -4,7 +4,8 @@ Order: events, then jobs — terminal jobs finished more than RUNNER_RETENTION_D
 newest RUNNER_RETENTION_KEEP terminal jobs — then idempotency keys whose job is gone or that
 expired, then files no job row owns (logs, run folders, workspaces, git homes) and that have not
 changed for `ORPHAN_GRACE_SECONDS`, then the warm-workspace pools and URL mirrors of repos the
-catalog no longer has (a mirror only once no kept workspace borrows its objects).
+catalog no longer has (a mirror only once no kept workspace borrows its objects), then codex's
+session transcripts older than RUNNER_RETENTION_DAYS in the runner's CODEX_HOME.
 
 Safe beside live traffic: active jobs are never selected; rows go in transactions of at most
 `BATCH` jobs, so an API write waits for one short batch at most (SQLite has one writer); a file is
@@ -16,8 +17,11 @@ nothing to do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -72,6 +76,7 @@ class CleanupReport:
     git_homes: int = 0
     spare_pools: int = 0
     mirrors: int = 0
+    codex_transcripts: int = 0
     batches: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -83,7 +88,8 @@ class CleanupReport:
         return (
             f"{verb} {self.jobs} jobs, {self.events} events, {self.idempotency_keys} idempotency keys, "
             f"{self.logs} log files, {self.run_dirs} run folders, {self.workspaces} workspaces, "
-            f"{self.git_homes} git homes, {self.spare_pools} spare pools, {self.mirrors} mirrors"
+            f"{self.git_homes} git homes, {self.spare_pools} spare pools, {self.mirrors} mirrors, "
+            f"{self.codex_transcripts} codex transcripts"
         )
 
 
@@ -125,6 +131,7 @@ def cleanup(
     for mirror in _unused_mirrors(runtime, unused_pools):
         if dry_run or _remove_mirror(runtime, mirror, unused_pools):
             report.mirrors += 1
+    _delete_transcripts(runtime, now, dry_run, report)
     log.info("cleanup_done", **report.to_dict())
     return report
 
@@ -363,6 +370,50 @@ def _remove_mirror(runtime: Runtime, mirror: Path, dropped_pools: Sequence[Path]
         return False
     shutil.rmtree(doomed, ignore_errors=True)
     return True
+
+
+def _delete_transcripts(runtime: Runtime, now: datetime, dry_run: bool, report: CleanupReport) -> None:
+    """Codex writes the whole conversation of every run to `sessions/YYYY/MM/DD/rollout-*.jsonl` in
+    its CODEX_HOME. In the runner's CODEX_HOME (RUNNER_CODEX_HOME, or `<data dir>/codex-home`; not
+    one the operator passes through as CODEX_HOME) those older than RUNNER_RETENTION_DAYS go, with
+    the day folders they leave empty."""
+    s = runtime.settings
+    if s.codex_home is None and os.environ.get("CODEX_HOME"):
+        return
+    sessions = (s.codex_home or s.data_dir / "codex-home") / "sessions"
+    if not sessions.is_dir() or sessions.is_symlink():
+        return
+    cutoff = (now - timedelta(days=s.retention_days)).timestamp()
+    # Codex may be making today's folder this very moment: only folders of days well past go.
+    settled = (now - timedelta(days=2)).strftime("%Y-%m-%d")
+    # Bottom-up and without following links: a folder is looked at after its files went.
+    for folder, _dirs, files in os.walk(sessions, topdown=False):
+        here = Path(folder)
+        for name in files:
+            path = here / name
+            if not (name.startswith("rollout-") and name.endswith(".jsonl")):
+                continue
+            try:
+                info = path.lstat()
+                if not stat.S_ISREG(info.st_mode) or info.st_mtime >= cutoff:
+                    continue
+                if not dry_run:
+                    path.unlink()
+            except OSError as exc:
+                report.errors.append(f"{path}: {exc.strerror or exc}")
+                continue
+            report.codex_transcripts += 1
+        if not dry_run and _period_end(here.relative_to(sessions).parts) < settled:
+            with contextlib.suppress(OSError):
+                here.rmdir()  # only succeeds when empty
+
+
+def _period_end(parts: tuple[str, ...]) -> str:
+    """The last day a `YYYY[/MM[/DD]]` folder of codex's sessions can hold, as `YYYY-MM-DD`; "~"
+    (later than any date) for anything else, which is never removed."""
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return "~"
+    return "-".join((*parts, *("12", "31")[len(parts) - 1 :]))
 
 
 def _existing_ids(engine: Engine, ids: Iterable[str], batch_size: int) -> set[str]:
