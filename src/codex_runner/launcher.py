@@ -27,6 +27,7 @@ from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.process import kill_process_group
 from codex_runner.execution.spares import stop_refills
+from codex_runner.execution.workspace import prewarm_spares
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
 from codex_runner.runtime import Runtime
 from codex_runner.store.instances import InstanceRegistry
@@ -100,6 +101,7 @@ class Launcher:
         )
         await asyncio.to_thread(self.registry.register, self.settings.stale_after_seconds)
         await self.recover_own_jobs()
+        await self._prewarm_spares()
         self.rt.on_created.append(self._notify_created)
         self.rt.on_cancel.append(self._notify_cancel)
         self._loops = [
@@ -110,6 +112,18 @@ class Launcher:
         ]
         _LIVE.add(self)
         log.info("launcher_started", runner_id=self.runner_id, max_concurrency=self.settings.max_concurrency)
+
+    async def _prewarm_spares(self) -> None:
+        """Warm workspaces for the repos whose objects are already here, built in the background:
+        the first job after a restart need not write its whole tree. Never worth failing a start."""
+        repos = [r for r in self.rt.catalog.repos.values() if r.enabled]
+        try:
+            asked = await asyncio.to_thread(prewarm_spares, repos, self.settings)
+        except Exception as exc:
+            log.warning("spare_prewarm_failed", error_type=type(exc).__name__)
+        else:
+            if asked:
+                log.info("spare_prewarm_requested", repos=asked)
 
     async def stop(self) -> None:
         """SPEC §3 shutdown: stop claiming, give running jobs the grace to finish, then stop the

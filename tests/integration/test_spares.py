@@ -5,6 +5,7 @@ when the base moved, when someone tampered with the spare, or when the spare is 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,13 @@ from test_git_workspace import Repo, commit, git, make_repo, settings_for
 from codex_runner.config import ConfigError, Settings, load_settings
 from codex_runner.execution.git import GitError
 from codex_runner.execution.spares import pool_dir, stop_refills, wait_for_refills
-from codex_runner.execution.workspace import Workspace, cleanup_workspace, lock_key, prepare_workspace
+from codex_runner.execution.workspace import (
+    Workspace,
+    cleanup_workspace,
+    lock_key,
+    prepare_workspace,
+    prewarm_spares,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -289,3 +296,49 @@ def test_warm_workspaces_setting_is_bounded(tmp_path: Path) -> None:
         load_settings(env={"RUNNER_DATA_DIR": str(tmp_path), "RUNNER_WARM_WORKSPACES": "17"})
     with pytest.raises(ConfigError, match="RUNNER_WARM_WORKSPACES"):
         load_settings(env={"RUNNER_DATA_DIR": str(tmp_path), "RUNNER_WARM_WORKSPACES": "-1"})
+
+
+def test_prewarm_at_start_makes_spares_from_what_is_already_here(tmp_path: Path) -> None:
+    """After a restart the pools may be empty (swept, or a new workspace dir): the launcher asks for a
+    spare of each repo whose objects are here, so the first job does not write its whole tree."""
+    local = make_repo(tmp_path / "local")
+    seed, bare, settings, url = url_repo(tmp_path, "clone")
+    local_repo = Repo("l", str(local))
+    prepare_workspace(url, "11111111-a", settings)  # an earlier life made the mirror
+    assert wait_for_refills(30)
+    for spare in ready_spares(settings, url):
+        shutil.rmtree(spare)
+
+    assert prewarm_spares([local_repo, url], settings) == 2
+    assert wait_for_refills(30)
+    assert len(ready_spares(settings, local_repo)) == 1 and len(ready_spares(settings, url)) == 1
+    assert not list((settings.data_dir / "git-home").glob("prewarm-*"))  # its git HOME is gone
+
+    moved = advance(seed)
+    git("push", "-q", str(bare), "main", cwd=seed)
+    [spare] = ready_spares(settings, url)
+    second = prepare_workspace(url, "22222222-b", settings)
+    assert not spare.exists() and second.base_commit == moved
+    assert_pristine(second, seed)
+    [local_spare] = ready_spares(settings, local_repo)
+    third = prepare_workspace(local_repo, "33333333-c", settings)
+    assert not local_spare.exists()
+    assert_pristine(third, local)
+
+
+def test_prewarm_skips_what_it_cannot_make_without_the_network(tmp_path: Path) -> None:
+    local = make_repo(tmp_path / "local")
+    settings = settings_for(tmp_path)
+    repos = [
+        Repo("u", f"file://{tmp_path}/nowhere.git", source_type="git_url", workspace="clone"),  # no mirror
+        Repo("n", f"file://{tmp_path}/other.git", source_type="git_url", branch=None, workspace="clone"),
+        Repo("s", str(local), workspace="scratch"),
+        Repo("i", str(local), workspace="in_place"),
+        Repo("c", str(local), workspace="clone"),  # a local clone has no spares
+        Repo("m", str(tmp_path / "missing")),
+    ]
+    assert prewarm_spares(repos, settings) == 0
+    off = settings_for(tmp_path, warm_workspaces=0)
+    assert prewarm_spares([Repo("l", str(local))], off) == 0
+    assert wait_for_refills(30)
+    assert not (settings.workspace_dir / ".spares").exists()

@@ -19,9 +19,12 @@ from __future__ import annotations
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import structlog
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import (
@@ -56,10 +59,13 @@ __all__ = [
     "commit_changes",
     "lock_key",
     "prepare_workspace",
+    "prewarm_spares",
     "push_branch",
     "validate_ref_name",
     "validate_source",
 ]
+
+log = structlog.get_logger("codex_runner.workspace")
 
 MODES = ("worktree", "clone", "in_place", "scratch")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -321,6 +327,58 @@ def _shared_clone(
     )
     _run_in(git_dir, path, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
     return git_dir
+
+
+def prewarm_spares(repos: Iterable[RepoLike], settings: Settings) -> int:
+    """At start-up: asks for a warm spare of every `clone`/`worktree` repo whose objects are
+    already here (a local repo, or a URL repo's mirror from an earlier life) at its base commit as
+    the runner last saw it, so the first job after a restart need not write the whole tree. No
+    network: a URL repo without a configured branch or without a mirror waits for its first job.
+    Returns how many were asked for; the builds run in the background."""
+    if settings.warm_workspaces <= 0:
+        return 0
+    home = settings.data_dir.resolve() / "git-home" / f"prewarm-{uuid.uuid4().hex[:12]}"
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    asked = 0
+    try:
+        for repo in repos:
+            try:
+                src = _spare_source_now(repo, settings, home)
+            except (GitError, OSError) as exc:
+                log.info("spare_prewarm_skipped", repo=lock_key(repo.source), error=str(exc)[:200])
+                continue
+            if src is not None:
+                refill_later(settings, src)
+                asked += 1
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return asked
+
+
+def _spare_source_now(repo: RepoLike, settings: Settings, home: Path) -> SpareSource | None:
+    if repo.workspace not in ("clone", "worktree"):
+        return None
+    if repo.source_type == "git_url":
+        mirror = _mirror_path(repo, settings)
+        if not repo.branch or not mirror.is_dir():
+            return None
+        commit = _try_resolve(mirror, f"refs/remotes/origin/{repo.branch}", home)
+        return (
+            None
+            if commit is None
+            else SpareSource(_lock_key(repo), repo.workspace, mirror, repo.source, commit)
+        )
+    if repo.workspace != "worktree":
+        return None  # a local `clone` is a hard-linked copy: it has no spares
+    source = Path(repo.source)
+    if not source.is_dir():
+        return None
+    store = Path(
+        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "clone_failed")
+    )
+    branch = repo.branch or _current_branch(store, home)
+    commit = _try_resolve(store, f"refs/heads/{branch}", home)
+    return None if commit is None else SpareSource(_lock_key(repo), "worktree", store, str(source), commit)
 
 
 # --- mirror cache -----------------------------------------------------------------------------------
