@@ -333,3 +333,14 @@ def test_cli_doctor_exit_codes(make: Make, tmp_path: Path) -> None:
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [err.strip()] and "RUNNER_ENCRYPTION_KEY" in err
     assert os.environ.get("RUNNER_PRODUCTION") is None  # the test process itself was not changed
+
+
+def test_running_as_pid_1_is_a_warning(
+    make: Make, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, _ = make(database_url=database_url)
+    assert checks_of(settings)["init"].ok
+    monkeypatch.setattr(doctor.os, "getpid", lambda: 1)
+    check = checks_of(settings)["init"]
+    assert not check.ok and not check.blocking and check.level == "warn"
+    assert "zombies" in check.message and "tini" in check.message

@@ -92,6 +92,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks += _scripts(settings, catalog)
         checks += _repos(settings, catalog)
         checks.append(_git())
+        checks.append(_reaper())
         checks += _encryption(settings, eng if db_ok else None)
         checks += _disk(settings)
         checks += _secrets(settings)
@@ -264,6 +265,18 @@ def _git() -> Check:
     except (OSError, subprocess.SubprocessError) as exc:
         return _fail("git", f"git at {git} does not run: {exc}")
     return _ok("git", done.stdout.strip() or "git found")
+
+
+def _reaper() -> Check:
+    """The runner waits for its own children only. As PID 1 (a container without an init), the
+    processes a job orphans are re-parented to it and, once dead, never reaped: zombies pile up."""
+    if os.getpid() != 1:
+        return _ok("init", "not PID 1: orphaned processes are reaped by the system's init")
+    return _warn(
+        "init",
+        "running as PID 1: processes that jobs orphan are never reaped and pile up as zombies; "
+        "run under an init that reaps (tini, `docker run --init`)",
+    )
 
 
 # -- secrets and unsafe settings --------------------------------------------------------------
