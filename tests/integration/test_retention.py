@@ -41,8 +41,10 @@ ACTIVE = ("queued", "running", "cancel_requested")
 DAY = 86400
 
 
-def make_runtime(tmp_path: Path, database_url: str, **env: str) -> Runtime:
+def make_runtime(tmp_path: Path, database_url: str, extra_toml: str = "", **env: str) -> Runtime:
     write_scratch_echo_config(tmp_path)
+    with (tmp_path / "runner.toml").open("a") as fh:
+        fh.write(extra_toml)
     base = {
         "RUNNER_DATABASE_URL": database_url,
         "RUNNER_DATA_DIR": str(tmp_path / "data"),
@@ -376,17 +378,10 @@ def test_cleanup_removes_mirrors_of_removed_repos_once_no_workspace_borrows_them
     for name in ("kept", "cloned", "treed"):
         origins[name] = tmp_path / f"{name}.git"
         git("clone", "-q", "--bare", str(seed), str(origins[name]))
-    write_scratch_echo_config(tmp_path)
-    with (tmp_path / "runner.toml").open("a") as fh:  # only `kept` stays in the catalog
-        fh.write(f'\n[repos.kept]\nsource = "file://{origins["kept"]}"\nworkspace = "clone"\n')
-    env = {
-        "RUNNER_DATABASE_URL": database_url,
-        "RUNNER_DATA_DIR": str(tmp_path / "data"),
-        "RUNNER_ENABLED": "false",
-        "RUNNER_ID": "test-retention",
-        "RUNNER_ALLOWED_GIT_URL_PREFIXES": "file://",
-    }
-    rt = Runtime.open(load_settings(env, cwd=tmp_path))
+    only_kept = (
+        f'\n[repos.kept]\nsource = "file://{origins["kept"]}"\nworkspace = "clone"\n'  # in the catalog
+    )
+    rt = make_runtime(tmp_path, database_url, only_kept, RUNNER_ALLOWED_GIT_URL_PREFIXES="file://")
     try:
         s = rt.settings
         kept = Repo("kept", f"file://{origins['kept']}", "git_url", "main", "clone")
