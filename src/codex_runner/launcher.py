@@ -317,7 +317,7 @@ class Launcher:
             await asyncio.sleep(ESCAPED_SWEEP_DELAY)
             try:
                 await self.kill_escaped_once()
-            except Exception as exc:  # a failed scan is retried with the next job that ends
+            except Exception as exc:  # its jobs are looked for again when the next one ends
                 log.warning("escaped_process_scan_failed", error_type=type(exc).__name__)
 
     async def kill_escaped_once(self) -> int:
@@ -326,7 +326,11 @@ class Launcher:
         ended, self._ended = self._ended, set()
         if not ended:
             return 0
-        return await asyncio.to_thread(_kill_escaped, ended)
+        try:
+            return await asyncio.to_thread(_kill_escaped, ended)
+        except BaseException:
+            self._ended |= ended  # looked for again at the next scan
+            raise
 
     # -- heartbeats -------------------------------------------------------------------------
 
