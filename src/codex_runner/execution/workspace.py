@@ -213,15 +213,7 @@ def _prepare_local(
     path: Path,
     branch: str,
 ) -> Workspace:
-    source = Path(repo.source)
-    if not source.is_dir():
-        raise GitError(f"local repo {source} does not exist", code="clone_failed")
-    store = Path(
-        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "clone_failed")
-    )
-    base_branch = repo.branch or _current_branch(store, home)
-    base_commit = _resolve(store, f"refs/heads/{base_branch}", home)
-
+    source, store, base_branch, base_commit = _local_base(repo, home)
     if mode == "in_place":
         with _repo_lock(settings, _lock_key(repo)):
             return _prepare_in_place(repo, job_id, source, store, base_branch, base_commit, branch, home)
@@ -247,6 +239,18 @@ def _prepare_local(
         _remove_tree(path, root)
         raise
     return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
+
+
+def _local_base(repo: RepoLike, home: Path) -> tuple[Path, Path, str, str]:
+    """A local repo's folder, git dir, base branch and base commit."""
+    source = Path(repo.source)
+    if not source.is_dir():
+        raise GitError(f"local repo {source} does not exist", code="clone_failed")
+    store = Path(
+        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "clone_failed")
+    )
+    base_branch = repo.branch or _current_branch(store, home)
+    return source, store, base_branch, _resolve(store, f"refs/heads/{base_branch}", home)
 
 
 def _prepare_in_place(
@@ -356,29 +360,19 @@ def prewarm_spares(repos: Iterable[RepoLike], settings: Settings) -> int:
 
 
 def _spare_source_now(repo: RepoLike, settings: Settings, home: Path) -> SpareSource | None:
-    if repo.workspace not in ("clone", "worktree"):
-        return None
-    if repo.source_type == "git_url":
+    """The spare a job of `repo` would ask for, from what is here now; None if it has none.
+    Raises `GitError` when the repo's base cannot be resolved."""
+    key = _lock_key(repo)
+    if repo.source_type == "git_url" and repo.workspace in ("clone", "worktree"):
         mirror = _mirror_path(repo, settings)
         if not repo.branch or not mirror.is_dir():
             return None
-        commit = _try_resolve(mirror, f"refs/remotes/origin/{repo.branch}", home)
-        return (
-            None
-            if commit is None
-            else SpareSource(_lock_key(repo), repo.workspace, mirror, repo.source, commit)
-        )
-    if repo.workspace != "worktree":
-        return None  # a local `clone` is a hard-linked copy: it has no spares
-    source = Path(repo.source)
-    if not source.is_dir():
-        return None
-    store = Path(
-        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "clone_failed")
-    )
-    branch = repo.branch or _current_branch(store, home)
-    commit = _try_resolve(store, f"refs/heads/{branch}", home)
-    return None if commit is None else SpareSource(_lock_key(repo), "worktree", store, str(source), commit)
+        commit = _resolve(mirror, f"refs/remotes/origin/{repo.branch}", home)
+        return SpareSource(key, repo.workspace, mirror, repo.source, commit)
+    if repo.source_type == "local_path" and repo.workspace == "worktree":  # a local clone has none
+        source, store, _, commit = _local_base(repo, home)
+        return SpareSource(key, "worktree", store, str(source), commit)
+    return None
 
 
 # --- mirror cache -----------------------------------------------------------------------------------
