@@ -29,8 +29,10 @@ app = typer.Typer(
 
 def serve() -> None:
     """Run the HTTP API and, unless RUNNER_ENABLED=false, the launcher that runs jobs."""
+    from codex_runner.pid1 import become_init_if_pid1
     from codex_runner.server import run_serve
 
+    become_init_if_pid1()
     loaded = settings()
     launcher = "on" if loaded.enabled else "off (RUNNER_ENABLED=false)"
     info(f"codex-runner {__version__} serving http://{loaded.host}:{loaded.port} (launcher {launcher})")
@@ -39,8 +41,10 @@ def serve() -> None:
 
 def worker() -> None:
     """Run only the launcher: claims and runs jobs from the shared database, no HTTP API."""
+    from codex_runner.pid1 import become_init_if_pid1
     from codex_runner.server import run_worker
 
+    become_init_if_pid1()
     run_worker(settings())
 
 

@@ -268,14 +268,15 @@ def _git() -> Check:
 
 
 def _reaper() -> Check:
-    """The runner waits for its own children only. As PID 1 (a container without an init), the
-    processes a job orphans are re-parented to it and, once dead, never reaped: zombies pile up."""
+    """The runner waits for its own children only. As PID 1 (a container without an init, and
+    RUNNER_NO_INIT=1 so that `pid1` did not fork an init), the processes a job orphans are
+    re-parented to it and, once dead, never reaped: zombies pile up."""
     if os.getpid() != 1:
-        return _ok("init", "not PID 1: orphaned processes are reaped by the system's init")
+        return _ok("init", "not PID 1: orphaned processes are reaped by an init")
     return _warn(
         "init",
-        "running as PID 1: processes that jobs orphan are never reaped and pile up as zombies; "
-        "run under an init that reaps (tini, `docker run --init`)",
+        "running as PID 1 (RUNNER_NO_INIT=1): processes that jobs orphan are never reaped and pile "
+        "up as zombies; unset RUNNER_NO_INIT or run under an init that reaps (tini, `docker run --init`)",
     )
 
 
