@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,30 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+#: The console script of the venv the tests run in.
+CLI = str(Path(sys.executable).parent / "codex-runner")
+
+
+def cli_token(env: dict[str, str], cwd: Path, user: str, role: str = "admin") -> str:
+    """A new API token from the real `codex-runner tokens create` (it prints only the token)."""
+    return subprocess.run(
+        [CLI, "tokens", "create", "--user", user, "--role", role],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+
+
+def answers_healthz(url: str) -> bool:
+    """True once a server at `url` answers /healthz with 200; False while it does not listen yet."""
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def free_port() -> int:

@@ -32,9 +32,8 @@ from codex_runner import __version__
 from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
 
-from tests.helpers import free_port, make_git_repo, wait_until
+from tests.helpers import CLI, answers_healthz, free_port, make_git_repo, wait_until
 
-CLI = str(Path(sys.executable).parent / "codex-runner")
 COMMAND_TIMEOUT = 60
 START_TIMEOUT = 30
 STOP_TIMEOUT = 20
@@ -149,10 +148,7 @@ def start_server(root: Path, *, enabled: bool) -> Server:
     def healthy() -> bool:
         if proc.poll() is not None:
             return True  # reported below
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers_healthz(url)
 
     ready = wait_until(healthy, timeout=START_TIMEOUT, interval=0.1)
     if proc.poll() is not None or not ready:

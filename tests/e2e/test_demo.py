@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import answers_healthz, free_port, wait_until
 
 START_TIMEOUT = 60
 STOP_TIMEOUT = 30
@@ -74,10 +74,7 @@ def start_demo(workdir: Path, env: dict[str, str], run: int) -> Demo:
     def healthy() -> bool:
         if proc.poll() is not None:
             return True
-        try:
-            return httpx.get(f"{demo.url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers_healthz(demo.url)
 
     if not wait_until(healthy, timeout=START_TIMEOUT, interval=0.1) or proc.poll() is not None:
         stop(proc)

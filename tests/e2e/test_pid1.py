@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -17,11 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import CLI, answers_healthz, cli_token, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
-CLI = str(Path(sys.executable).parent / "codex-runner")
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
 
 # The job leaves a process in a session of its own that ends 0.3 s later, long after its parent:
@@ -74,27 +72,14 @@ def namespace_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
         "RUNNER_KILL_GRACE_SECONDS": "2",
         **request.param,
     }
-    token = subprocess.run(
-        [CLI, "tokens", "create", "--user", "admin", "--role", "admin"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
+    token = cli_token(env, tmp_path, "admin")
     with (tmp_path / "serve.log").open("wb") as log:
         proc = subprocess.Popen([*UNSHARE, CLI, "serve"], env=env, cwd=tmp_path, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(healthy, timeout=30), (tmp_path / "serve.log").read_text()[-3000:]
+        assert wait_until(lambda: answers_healthz(url), timeout=30), (tmp_path / "serve.log").read_text()[
+            -3000:
+        ]
         [pid1] = _children(proc.pid)  # unshare --fork: its one child is PID 1 of the namespace
         yield url, token, pid1
         os.kill(pid1, signal.SIGTERM)  # forwarded to the runner, which stops gracefully

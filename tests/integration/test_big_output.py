@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import CLI, cli_token, free_port, wait_until
 from tests.integration.conftest import runner_settings
 
 GIB = 1024**3
 CAP = 8 * 1024 * 1024
-CLI = str(Path(sys.executable).parent / "codex-runner")
 
 
 def _vm_hwm_kib(pid: int) -> int:
@@ -41,15 +39,7 @@ def test_one_gib_of_output_keeps_rss_bounded(tmp_path: Path) -> None:
         "RUNNER_LOG_MAX_BYTES": str(CAP),
         "RUNNER_ID": "big-output",
     }
-    token = subprocess.run(
-        [CLI, "tokens", "create", "--user", "big", "--role", "admin"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
+    token = cli_token(env, tmp_path, "big")
     server = subprocess.Popen(
         [CLI, "serve"],
         env=env,
