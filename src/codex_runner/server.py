@@ -74,9 +74,10 @@ def run_serve(settings: Settings) -> None:
             log_config=None,
             access_log=False,
             lifespan="on",
-            # asyncio's own loop spawns children with vfork/posix_spawn; uvloop forks the whole
-            # server for each job (docs/performance.md, Dispatch).
-            loop="asyncio",
+            # uvloop: 8% less CPU per create than asyncio's loop. Jobs no longer spawn through the
+            # loop (subprocess.Popen, which vforks, and a pidfd: execution/process.py), so uvloop's
+            # fork-per-child no longer matters (docs/performance.md, Dispatch).
+            loop="uvloop",
             timeout_graceful_shutdown=settings.kill_grace_seconds + 5,
         )
         server = uvicorn.Server(config)

@@ -76,6 +76,7 @@ class Api:
     alice: str
     bob: str
     clients: list[httpx.Client] = field(default_factory=list)
+    app: Any = None
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -109,12 +110,13 @@ def api_factory(tmp_path: Path, database_url: str) -> Iterator[Any]:
 
     def start(**env: str) -> Api:
         runtime = build_runtime(tmp_path, database_url, **env)
-        cm = serve_app(create_app(runtime))
+        app = create_app(runtime)
+        cm = serve_app(app)
         url = cm.__enter__()
         admin, _ = runtime.tokens.create("root", "admin")
         alice, _ = runtime.tokens.create("alice", "user")
         bob, _ = runtime.tokens.create("bob", "user")
-        api = Api(url, runtime, admin, alice, bob)
+        api = Api(url, runtime, admin, alice, bob, app=app)
         started.append((cm, api))
         return api
 

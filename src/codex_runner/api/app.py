@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codex_runner import __version__
 from codex_runner.api import errors, logs, routes
-from codex_runner.api.create import CreateBatcher
+from codex_runner.api.create import CREATE_PATH, CreateBatcher, CreateEndpoint
 from codex_runner.api.errors import error_response
 from codex_runner.runtime import Runtime
 
@@ -105,11 +105,30 @@ def _replay(first: Message, receive: Receive) -> Receive:
     return replay
 
 
+class RunnerApp(FastAPI):
+    """FastAPI, with `POST /api/runner/jobs` answered by `fast_create` before the middleware stack
+    (api/create.py says why and how it stays the same route). None sends it the usual way."""
+
+    fast_create: CreateEndpoint | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast_create
+        if (
+            fast is not None
+            and scope["type"] == "http"
+            and scope["path"] == CREATE_PATH
+            and scope["method"] == "POST"
+        ):
+            await fast(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
-def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> FastAPI:
-    app = FastAPI(
+def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> RunnerApp:
+    app = RunnerApp(
         title="codex-runner",
         version=__version__,
         description="Runs AI coding agents as durable jobs against git repositories.",
@@ -117,6 +136,7 @@ def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> FastAPI
     )
     app.state.runtime = runtime
     app.state.create_batcher = CreateBatcher(runtime)
+    app.fast_create = CreateEndpoint(runtime, app.state.create_batcher)
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(logs.router)

@@ -15,7 +15,11 @@ from codex_runner.store.admin import ROLES, Principal
 
 
 def bearer_token(request: Request) -> str:
-    header = request.headers.get("authorization")
+    return parse_bearer(request.headers.get("authorization"))
+
+
+def parse_bearer(header: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header; `NotAuthenticated` otherwise."""
     if not header:
         raise NotAuthenticated("missing Authorization: Bearer <token> header")
     scheme, _, token = header.partition(" ")

@@ -67,30 +67,52 @@ def status_for(exc: e.RunnerError) -> int:
     return 500
 
 
+def runner_error_response(exc: e.RunnerError) -> JSONResponse:
+    status = status_for(exc)
+    extra: dict[str, object] = {}
+    if isinstance(exc, e.InvalidRequest) and exc.errors:
+        extra["errors"] = exc.errors
+    response = error_response(status, exc.message if status != 500 else "internal error", exc.code, **extra)
+    if isinstance(exc, e.QueueFull):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    items = [
+        {
+            "loc": [str(p) if not isinstance(p, int) else p for p in err.get("loc", ())],
+            "msg": str(err.get("msg")),
+        }
+        for err in exc.errors()
+    ]
+    return error_response(400, "the request is not valid", "invalid_request", errors=items)
+
+
+def unexpected_error_response(exc: BaseException) -> JSONResponse:
+    # Log the type only: an exception's text can carry a URL with credentials or a secret.
+    log.error("unhandled_error", error_type=type(exc).__name__)
+    return error_response(500, "internal error", "internal_error")
+
+
+def response_for(exc: Exception) -> JSONResponse:
+    """The answer to any exception, as the handlers `install` registers give it; for code that
+    answers outside FastAPI's exception handling (the create fast path, api/create.py)."""
+    if isinstance(exc, e.RunnerError):
+        return runner_error_response(exc)
+    if isinstance(exc, RequestValidationError):
+        return validation_error_response(exc)
+    return unexpected_error_response(exc)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(e.RunnerError)
     async def _runner_error(_: Request, exc: e.RunnerError) -> JSONResponse:
-        status = status_for(exc)
-        extra: dict[str, object] = {}
-        if isinstance(exc, e.InvalidRequest) and exc.errors:
-            extra["errors"] = exc.errors
-        response = error_response(
-            status, exc.message if status != 500 else "internal error", exc.code, **extra
-        )
-        if isinstance(exc, e.QueueFull):
-            response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+        return runner_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        items = [
-            {
-                "loc": [str(p) if not isinstance(p, int) else p for p in err.get("loc", ())],
-                "msg": str(err.get("msg")),
-            }
-            for err in exc.errors()
-        ]
-        return error_response(400, "the request is not valid", "invalid_request", errors=items)
+        return validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -100,9 +122,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # Log the type only: an exception's text can carry a URL with credentials or a secret.
-        log.error("unhandled_error", error_type=type(exc).__name__)
-        return error_response(500, "internal error", "internal_error")
+        return unexpected_error_response(exc)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, object]]:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from codex_runner.api.auth import bearer_token, current_principal, require_admin
-from codex_runner.api.create import OPENAPI_EXTRA, CreateBatcher, CreateRequest
+from codex_runner.api.create import CREATE_PATH, OPENAPI_EXTRA, CreateBatcher, CreateRequest, created_response
 from codex_runner.api.errors import error_response, responses
 from codex_runner.jobs import Status
 from codex_runner.runtime import Runtime
@@ -56,7 +56,7 @@ def list_scripts(request: Request, _: Auth) -> dict[str, Any]:
 
 
 @router.post(
-    "/api/runner/jobs",
+    CREATE_PATH,
     tags=["jobs"],
     status_code=201,
     responses={
@@ -66,6 +66,8 @@ def list_scripts(request: Request, _: Auth) -> dict[str, Any]:
     openapi_extra=OPENAPI_EXTRA,
 )
 async def create_job(request: Request) -> JSONResponse:
+    # Served by `CreateEndpoint` ahead of FastAPI (api/create.py); this declaration documents the
+    # route and answers the same way where the fast path does not apply (an app under a prefix).
     # No FastAPI dependencies or body parameter: the token is checked here and looked up, and the
     # body validated, in the batch's worker thread (api/create.py), one thread hop for the lot.
     req = CreateRequest(
@@ -76,7 +78,7 @@ async def create_job(request: Request) -> JSONResponse:
     )
     batcher: CreateBatcher = request.app.state.create_batcher
     job, dedup = await batcher.submit(req)
-    return JSONResponse({**job, "deduplicated": dedup}, status_code=200 if dedup else 201)
+    return created_response(job, dedup)
 
 
 @router.get("/api/runner/jobs", tags=["jobs"], responses=responses(400, *AUTH_ERRORS))
