@@ -51,15 +51,17 @@ _EVENTS_OF_JOB = sa.select(events).where(events.c.job_id == sa.bindparam("job_id
 
 # Claims: the columns that picking reads, and the move of one picked job to `running`.
 _PICK_COLUMNS = (jobs.c.id, jobs.c.requested_by, jobs.c.workspace_mode, jobs.c.repo_id, jobs.c.created_at)
-_RUNNING_BY_USER = (
-    sa.select(jobs.c.requested_by, sa.func.count())
+# What limits a claim, in one read: the active jobs by user, repo and workspace mode (users at
+# their running limit; repos with an active in_place job).
+_ACTIVE_BY_USER_REPO = (
+    sa.select(jobs.c.requested_by, jobs.c.repo_id, jobs.c.workspace_mode, sa.func.count())
     .where(jobs.c.status.in_([s.value for s in RUNNING_LIKE]))
-    .group_by(jobs.c.requested_by)
+    .group_by(jobs.c.requested_by, jobs.c.repo_id, jobs.c.workspace_mode)
 )
-_BUSY_IN_PLACE_REPOS = (
-    sa.select(jobs.c.repo_id)
-    .where(jobs.c.status.in_([s.value for s in RUNNING_LIKE]), jobs.c.workspace_mode == "in_place")
-    .distinct()
+# The claim lock, after a lock timeout for the rest of the transaction (set_config(..., true) is
+# SET LOCAL), in one round trip: the lock is taken per row of the subquery, so after its set_config.
+_CLAIM_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)).select_from(
+    sa.select(sa.func.set_config("lock_timeout", "5s", True).label("lock_timeout")).subquery()
 )
 _CLAIM_UPDATE = (
     jobs.update()
@@ -73,6 +75,7 @@ _CLAIM_UPDATE = (
         attempt=jobs.c.attempt + 1,
     )
 )
+_CLAIM_UPDATE_RETURNING = _CLAIM_UPDATE.returning(*jobs.c)
 
 
 @dataclass(frozen=True)
@@ -546,12 +549,15 @@ class JobStore:
         page = request.scan or min(200, max(16, slots * 4))
         if self.is_pg:
             # A frozen instance holding a row lock must not stall claims cluster-wide.
-            conn.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+            conn.execute(_CLAIM_LOCK)
         # After the lock: started_at must not predate the wait for it.
         now = utcnow()
-        running: dict[str, int] = dict(conn.execute(_RUNNING_BY_USER).all())
-        busy_repos = set(conn.execute(_BUSY_IN_PLACE_REPOS).scalars())
+        running: dict[str, int] = {}
+        busy_repos: set[str] = set()
+        for user, repo_id, mode, n in conn.execute(_ACTIVE_BY_USER_REPO):
+            running[user] = running.get(user, 0) + n
+            if mode == "in_place":
+                busy_repos.add(repo_id)
         saturated = [u for u, n in running.items() if n >= max_jobs_per_user]
         picked: list[Any] = []
         after: tuple[datetime, str] | None = None
@@ -585,18 +591,21 @@ class JobStore:
         if not picked:
             return [], []
         leases = {row["id"]: uuid.uuid4().hex for row in picked}
-        # One statement for all (an executemany), each job with a lease of its own.
-        conn.execute(
-            _CLAIM_UPDATE,
-            [
-                {"b_id": job_id, "b_lease": lease, "b_now": now, "b_runner": runner_id}
-                for job_id, lease in leases.items()
-            ],
-        )
-        rows = {
-            r["id"]: dict(r)
-            for r in conn.execute(sa.select(jobs).where(jobs.c.id.in_(list(leases)))).mappings()
-        }
+        params = [
+            {"b_id": job_id, "b_lease": lease, "b_now": now, "b_runner": runner_id}
+            for job_id, lease in leases.items()
+        ]
+        # The rows were picked under the claim lock (and locked on PostgreSQL): every update hits.
+        if len(params) == 1:
+            # The common case (a job for an idle slot): the update returns the row, one round trip.
+            rows = {r["id"]: dict(r) for r in conn.execute(_CLAIM_UPDATE_RETURNING, params[0]).mappings()}
+        else:
+            # One statement for all (an executemany), each job with a lease of its own.
+            conn.execute(_CLAIM_UPDATE, params)
+            rows = {
+                r["id"]: dict(r)
+                for r in conn.execute(sa.select(jobs).where(jobs.c.id.in_(list(leases)))).mappings()
+            }
         claimed = [ClaimedJob(job_id, lease, rows[job_id]) for job_id, lease in leases.items()]
         pending = [
             _PendingEvent(job_id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id})
