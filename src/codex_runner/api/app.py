@@ -11,8 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codex_runner import __version__
 from codex_runner.api import errors, logs, routes
+from codex_runner.api.body import BodyTooLarge, announced_over, read_capped, too_large_response
 from codex_runner.api.create import CREATE_PATH, CreateBatcher, CreateEndpoint
-from codex_runner.api.errors import error_response
 from codex_runner.runtime import Runtime
 
 
@@ -27,36 +27,25 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._reject(scope, receive, send)
-                    return
+        if announced_over(scope.get("headers", []), self.max_bytes):
+            await self._reject(scope, receive, send)
+            return
         # Read the body up front (it is small by definition) so an oversized streamed body is
         # refused with 413 before any route sees it, rather than surfacing as a parse error.
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, _replay(message, receive), send)
-                return
-            body.extend(message.get("body", b""))
-            if len(body) > self.max_bytes:
-                await self._reject(scope, receive, send)
-                return
-            more = message.get("more_body", False)
+        try:
+            body = await read_capped(receive, self.max_bytes)
+        except BodyTooLarge:
+            await self._reject(scope, receive, send)
+            return
+        if not isinstance(body, bytes):  # the client left: the route sees the disconnect
+            await self.app(scope, _replay(body, receive), send)
+            return
         await self.app(
-            scope, _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive), send
+            scope, _replay({"type": "http.request", "body": body, "more_body": False}, receive), send
         )
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"request body over {self.max_bytes} bytes", "payload_too_large")
-        await response(scope, receive, send)
+        await too_large_response(self.max_bytes)(scope, receive, send)
 
 
 class HttpMetrics:

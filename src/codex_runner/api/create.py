@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.types import Receive, Scope, Send
 
 from codex_runner.api.auth import authenticate_many, parse_bearer
-from codex_runner.api.errors import error_response, response_for
+from codex_runner.api.body import BodyTooLarge, announced_over, read_capped, too_large_response
+from codex_runner.api.errors import response_for
 from codex_runner.errors import NotAuthenticated, RunnerError, StoreUnavailable
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
@@ -201,8 +202,18 @@ class CreateEndpoint:
             )
 
     async def _answer(self, scope: Scope, receive: Receive) -> JSONResponse | None:
+        headers = scope["headers"]
+        # The size cap comes first, as BodySizeLimit puts it ahead of every route.
+        if announced_over(headers, self.max_bytes):
+            return too_large_response(self.max_bytes)
+        try:
+            body = await read_capped(receive, self.max_bytes)
+        except BodyTooLarge:
+            return too_large_response(self.max_bytes)
+        if not isinstance(body, bytes):
+            return None  # disconnected before the body was complete: nobody to answer
         authorization = content_type = idempotency_key = None
-        for name, value in scope["headers"]:
+        for name, value in headers:
             # As Starlette's `Headers.get`: the first of repeated headers, decoded as latin-1.
             if name == b"authorization":
                 authorization = authorization if authorization is not None else value.decode("latin-1")
@@ -210,32 +221,9 @@ class CreateEndpoint:
                 content_type = content_type if content_type is not None else value.decode("latin-1")
             elif name == b"idempotency-key":
                 idempotency_key = idempotency_key if idempotency_key is not None else value.decode("latin-1")
-            elif name == b"content-length" and _over(value, self.max_bytes):
-                return self._too_big()
-        # The size cap comes first, as BodySizeLimit puts it ahead of every route.
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None  # disconnected before the body was complete: nobody to answer
-            body.extend(message.get("body", b""))
-            if len(body) > self.max_bytes:
-                return self._too_big()
-            more = message.get("more_body", False)
         try:
-            request = CreateRequest(parse_bearer(authorization), bytes(body), content_type, idempotency_key)
+            request = CreateRequest(parse_bearer(authorization), body, content_type, idempotency_key)
             job, dedup = await self.batcher.submit(request)
         except Exception as exc:
             return response_for(exc)
         return created_response(job, dedup)
-
-    def _too_big(self) -> JSONResponse:
-        return error_response(413, f"request body over {self.max_bytes} bytes", "payload_too_large")
-
-
-def _over(content_length: bytes, cap: int) -> bool:
-    try:
-        return int(content_length) > cap
-    except ValueError:
-        return False
