@@ -75,10 +75,7 @@ class HttpMetrics:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            self.metrics.http_requests.labels(method=method, route=template, status=str(status)).inc()
-            self.metrics.http_latency.labels(method=method, route=template).observe(
-                time.perf_counter() - start
-            )
+            self.metrics.observe_http(method, template, status, time.perf_counter() - start)
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

@@ -196,10 +196,7 @@ class CreateEndpoint:
                 status = response.status_code
                 await response(scope, receive, send)
         finally:
-            self.metrics.http_requests.labels(method="POST", route=CREATE_PATH, status=str(status)).inc()
-            self.metrics.http_latency.labels(method="POST", route=CREATE_PATH).observe(
-                time.perf_counter() - start
-            )
+            self.metrics.observe_http("POST", CREATE_PATH, status, time.perf_counter() - start)
 
     async def _answer(self, scope: Scope, receive: Receive) -> JSONResponse | None:
         headers = scope["headers"]

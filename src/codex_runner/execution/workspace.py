@@ -131,11 +131,8 @@ def prepare_workspace(
     if not _JOB_ID.match(job_id):
         raise GitError("job id is not a safe folder name", code="prepare_failed")
     home = settings.data_dir.resolve() / "git-home" / job_id
-    if mode == "scratch":
-        # No git runs for a scratch workspace: its git HOME is never made (cleanup's removal of
-        # it finds nothing), two file-system operations fewer for every such job.
-        return _prepare(repo, job_id, settings, credential, mode, home)
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if mode != "scratch":  # no git runs in a scratch workspace: no git HOME to make (or remove)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         return _prepare(repo, job_id, settings, credential, mode, home)
     except BaseException:

@@ -57,6 +57,11 @@ class Metrics:
             registry=r,
         )
 
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answered request, by route template (never the raw path: bounded label values)."""
+        self.http_requests.labels(method=method, route=route, status=str(status)).inc()
+        self.http_latency.labels(method=method, route=route).observe(seconds)
+
     def on_event(self, event: dict[str, Any]) -> None:
         """A JobStore listener: one committed event moves at most one counter."""
         kind = event["event_type"]
