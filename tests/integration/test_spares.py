@@ -16,6 +16,8 @@ from test_git_workspace import Repo, commit, git, make_repo, settings_for
 
 from codex_runner.config import ConfigError, Settings, load_settings
 from codex_runner.execution.git import GitError
+from codex_runner.execution import spares
+from codex_runner.execution.spare_watch import watch
 from codex_runner.execution.spares import pool_dir, stop_refills, wait_for_refills
 from codex_runner.execution.workspace import (
     Workspace,
@@ -82,8 +84,31 @@ def _no_refill_leftovers() -> Iterator[None]:
     stop_refills(timeout=30)
 
 
+@pytest.fixture(params=["checked", "watched"])
+def takes(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[bool, list[bool]]]:
+    """Runs a test both ways a spare can be taken: checked file by file (what a small tree like the
+    ones here gets), or trusted because it was watched since the build checked it (what a big tree
+    gets: forced here by lowering the size threshold). Yields (watched, what each take decided)."""
+    watched = request.param == "watched"
+    if watched:
+        monkeypatch.setattr(spares, "_SETTLE_MIN_INDEX_BYTES", 0)
+    decided: list[bool] = []
+    original = watch.take
+
+    def take(root: Path) -> bool:
+        decided.append(original(root))
+        return decided[-1]
+
+    monkeypatch.setattr(watch, "take", take)
+    yield watched, decided
+
+
 @pytest.mark.parametrize("mode", ["worktree", "clone"])
-def test_second_job_takes_the_spare_made_after_the_first(tmp_path: Path, mode: str) -> None:
+def test_second_job_takes_the_spare_made_after_the_first(
+    tmp_path: Path, mode: str, takes: tuple[bool, list[bool]]
+) -> None:
     seed, _bare, settings, repo = url_repo(tmp_path, mode)
 
     first = prepare_workspace(repo, "11111111-a", settings)
@@ -93,6 +118,7 @@ def test_second_job_takes_the_spare_made_after_the_first(tmp_path: Path, mode: s
 
     second = prepare_workspace(repo, "22222222-b", settings)
     assert not spare.exists()  # taken: renamed into the second job's workspace
+    assert takes[1] == [takes[0]]  # a watched spare nobody touched is trusted as it is
     assert second.path == settings.workspace_dir.resolve() / "22222222-b"
     assert_pristine(second, seed)
     if mode == "clone":
@@ -101,9 +127,11 @@ def test_second_job_takes_the_spare_made_after_the_first(tmp_path: Path, mode: s
     else:
         assert second.git_dir is not None and second.git_dir.parent == second.store / "worktrees"
 
-    # The taken spare is a normal workspace: commit, cleanup and the kept branch work as usual.
+    # The taken spare is a normal workspace: commit, cleanup and the kept branch work as usual, and
+    # git sees what the agent changes (the trusted take leaves no fsmonitor data that hides a change).
     (second.path / "feature.txt").write_text("x\n")
-    assert commit(second).files_changed == 1
+    (second.path / "README.md").write_text("changed by the agent\n")
+    assert commit(second).files_changed == 2
     assert wait_for_refills(30)
     assert len(ready_spares(settings, repo)) == 1  # refilled for the job after
     cleanup_workspace(first, repo, settings, failed=False)
@@ -113,7 +141,9 @@ def test_second_job_takes_the_spare_made_after_the_first(tmp_path: Path, mode: s
 
 
 @pytest.mark.parametrize("mode", ["worktree", "clone"])
-def test_a_spare_follows_the_base_when_it_moved(tmp_path: Path, mode: str) -> None:
+def test_a_spare_follows_the_base_when_it_moved(
+    tmp_path: Path, mode: str, takes: tuple[bool, list[bool]]
+) -> None:
     seed, bare, settings, repo = url_repo(tmp_path, mode)
     prepare_workspace(repo, "11111111-a", settings)
     assert wait_for_refills(30) and ready_spares(settings, repo)
@@ -123,13 +153,14 @@ def test_a_spare_follows_the_base_when_it_moved(tmp_path: Path, mode: str) -> No
     git("push", "-q", str(bare), "main", cwd=seed)
     second = prepare_workspace(repo, "22222222-b", settings)
     assert not spare.exists()
+    assert takes[1] == [takes[0]]
     assert second.base_commit == moved
     assert_pristine(second, seed)
     assert not (second.path / "src/app.py").exists()
 
 
 @pytest.mark.parametrize("mode", ["worktree", "clone"])
-def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str) -> None:
+def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str, takes: tuple[bool, list[bool]]) -> None:
     seed, _bare, settings, repo = url_repo(
         tmp_path, mode, files={"README.md": "hello\n", ".gitignore": "*.log\n", "a/b.txt": "b\n"}
     )
@@ -152,6 +183,7 @@ def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str) -> None:
 
     second = prepare_workspace(repo, "22222222-b", settings)
     assert not spare.exists()  # the tampered spare was the one taken
+    assert takes[1] == [False]  # watched or not, it is checked file by file
     assert_pristine(second, seed)
     if mode == "clone":
         assert git("config", "--get", "remote.origin.url", cwd=second.path) == repo.source
@@ -159,7 +191,9 @@ def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["worktree", "clone"])
-def test_a_tampered_spare_is_made_pristine_when_the_base_moved_too(tmp_path: Path, mode: str) -> None:
+def test_a_tampered_spare_is_made_pristine_when_the_base_moved_too(
+    tmp_path: Path, mode: str, takes: tuple[bool, list[bool]]
+) -> None:
     """The untracked files go before the checkout to the new base (while the fetch runs): a planted
     file at a path the new base adds, or in a folder it deletes, must not survive either."""
     seed, bare, settings, repo = url_repo(tmp_path, mode)
@@ -175,6 +209,7 @@ def test_a_tampered_spare_is_made_pristine_when_the_base_moved_too(tmp_path: Pat
     git("push", "-q", str(bare), "main", cwd=seed)
     second = prepare_workspace(repo, "22222222-b", settings)
     assert not spare.exists()
+    assert takes[1] == [False]
     assert_pristine(second, seed)
     assert (second.path / "docs/new.md").read_text() == "new\n"
     assert not (second.path / "src").exists()

@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,14 +190,20 @@ def git_env(
 
 def _install_helper(home: Path) -> Path:
     """Writes the (secret-free) helper script into the job's git HOME, once."""
+    return install_script(home, _HELPER_NAME, _HELPER_SCRIPT)
+
+
+def install_script(home: Path, name: str, text: str) -> Path:
+    """Writes an executable script git is to run into a git HOME (private to one job or build), once;
+    atomically, so a concurrent git never runs half a script."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    helper = home / _HELPER_NAME
-    if not helper.exists():
-        tmp = home / f".{_HELPER_NAME}.{os.getpid()}"
-        tmp.write_text(_HELPER_SCRIPT)
+    script = home / name
+    if not script.exists():
+        tmp = home / f".{name}.{os.getpid()}.{threading.get_ident()}"
+        tmp.write_text(text)
         tmp.chmod(0o700)
-        tmp.replace(helper)
-    return helper
+        tmp.replace(script)
+    return script
 
 
 def run_git(

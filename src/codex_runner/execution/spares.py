@@ -19,6 +19,7 @@ workspaces made from a mirror or a local repo's own objects have spares; `in_pla
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import threading
 import time
@@ -29,8 +30,9 @@ from pathlib import Path
 import structlog
 
 from codex_runner.config import Settings
-from codex_runner.execution.git import GitError, run_git
+from codex_runner.execution.git import GitError, install_script, run_git
 from codex_runner.execution.gitutil import git_out, repo_lock, run_in
+from codex_runner.execution.spare_watch import watch
 
 __all__ = ["SpareSource", "pool_dir", "refill_later", "stop_refills", "take_spare", "wait_for_refills"]
 
@@ -41,6 +43,12 @@ POOLS = ".spares"
 STALE_BUILD_SECONDS = 900
 # About 1,500 files: below this an index is not worth settling (see `_settle_index`).
 _SETTLE_MIN_INDEX_BYTES = 128 * 1024
+# For the one checkout that takes an untouched spare (see spare_watch.py): a version-2 fsmonitor hook
+# whose answer is "nothing changed since the token", so git uses the index's stat data as it is
+# instead of an lstat of every file. Only that command runs with it; every other git command has
+# `core.fsmonitor=false`, which also makes the next one drop the index's fsmonitor extension.
+_FSMONITOR_HOOK_NAME = "fsmonitor-untouched-spare"
+_FSMONITOR_HOOK = "#!/bin/sh\n# codex-runner: this spare was watched and nothing in it changed.\nprintf 'codex-runner-spare\\0'\n"
 _CLONE_CONFIG = (
     "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
     "\tlogallrefupdates = true\n"
@@ -86,7 +94,7 @@ def take_spare(
             git_dir = _claim(settings, src, pool / name, path, home)
             if git_dir is None:
                 continue  # another job took it first
-            _reset(git_dir, path, src, base_branch, branch, home)
+            _reset(git_dir, path, src, base_branch, branch, home, untouched=watch.take(path))
             return git_dir
         except (GitError, OSError) as exc:
             log.warning("spare_unusable", pool=str(pool), error=str(exc)[:300])
@@ -131,7 +139,9 @@ def _rename(spare: Path, path: Path) -> bool:
     return True
 
 
-def _reset(git_dir: Path, path: Path, src: SpareSource, base_branch: str, branch: str, home: Path) -> None:
+def _reset(
+    git_dir: Path, path: Path, src: SpareSource, base_branch: str, branch: str, home: Path, *, untouched: bool
+) -> None:
     if src.mode == "clone":
         # Written again rather than trusted: the same configuration and objects a fresh clone gets.
         _write_file(git_dir / "config", _CLONE_CONFIG.format(url=_config_quote(src.origin)))
@@ -142,7 +152,15 @@ def _reset(git_dir: Path, path: Path, src: SpareSource, base_branch: str, branch
             error_code="clone_failed",
         )
     # -f: whatever differs from the commit is overwritten; files that already match are not written.
-    run_in(git_dir, path, ["checkout", "-q", "-f", "-b", branch, src.commit], home, "branch_failed")
+    checkout = ["checkout", "-q", "-f", "-b", branch, src.commit]
+    if untouched:
+        # Nothing changed since the build checked it (spare_watch.py): no file needs an lstat, and
+        # there is nothing untracked to clean.
+        hook = install_script(home, _FSMONITOR_HOOK_NAME, _FSMONITOR_HOOK)
+        trust = ["-c", f"core.fsmonitor={shlex.quote(str(hook))}", "-c", "core.fsmonitorHookVersion=2"]
+        run_in(git_dir, path, [*trust, *checkout], home, "branch_failed")
+        return
+    run_in(git_dir, path, checkout, home, "branch_failed")
     run_in(git_dir, path, ["clean", "-ffdxq"], home, "branch_failed")
 
 
@@ -199,15 +217,36 @@ def build_spare(settings: Settings, src: SpareSource) -> bool:
 def _settle_index(git_dir: Path, work_tree: Path, home: Path) -> None:
     """Files written in the same second as the index are "racily clean" to git: it cannot trust their
     stat data and would read or rewrite every one of them at the job's checkout. Refreshing the index
-    once that second has passed records them as clean, so the checkout only touches what changed."""
+    once that second has passed records them as clean, so the checkout only touches what changed.
+
+    The work tree is watched from before that refresh (spare_watch.py), and the refresh records in
+    the index that git may trust each file's stat data. If it finds no file changed and no file
+    untracked, the spare counts as checked: taken untouched, it needs neither an lstat of every file
+    nor a clean."""
     index = git_dir / "index"
     info = index.stat()
     if info.st_size < _SETTLE_MIN_INDEX_BYTES:
         return  # a small tree is re-read in a few milliseconds: not worth the wait
+    watched = watch.start(work_tree)
     wait = info.st_mtime + 1.05 - time.time()
     if wait > 0:
         time.sleep(wait)
-    run_in(git_dir, work_tree, ["update-index", "-q", "--refresh"], home, "branch_failed", check=False)
+    hook = install_script(home, _FSMONITOR_HOOK_NAME, _FSMONITOR_HOOK)
+    # No fsmonitor data in the index yet: git does not ask the hook, it looks at every file and marks
+    # the ones that match as valid. Without -q a changed file makes it fail.
+    trust = ["-c", f"core.fsmonitor={shlex.quote(str(hook))}", "-c", "core.fsmonitorHookVersion=2"]
+    refreshed = run_in(
+        git_dir, work_tree, [*trust, "update-index", "--refresh"], home, "branch_failed", check=False
+    )
+    if not watched:
+        return
+    others = run_in(
+        git_dir, work_tree, ["ls-files", "-z", "--others", "--directory"], home, "branch_failed", check=False
+    )
+    if refreshed.returncode == 0 and others.returncode == 0 and not others.stdout:
+        watch.verified(work_tree)
+    else:
+        watch.forget(work_tree)
 
 
 def _publish(settings: Settings, src: SpareSource, building: Path, ready: Path, home: Path) -> None:
@@ -243,6 +282,7 @@ def _mtime(path: Path) -> float:
 
 
 def _discard(settings: Settings, src: SpareSource, path: Path, home: Path | None) -> None:
+    watch.forget(path)
     shutil.rmtree(path, ignore_errors=True)
     if src.mode == "worktree":
         # The registration of the deleted worktree goes with the next prune; do it now.
