@@ -149,3 +149,15 @@ def test_a_tree_with_too_many_folders_is_not_watched(tmp_path: Path, monkeypatch
     assert not w.start(root)
     w.verified(root)
     assert not w.take(root)
+
+
+def test_a_queue_lost_before_a_spare_was_watched_does_not_touch_it(tmp_path: Path) -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    w = SpareWatch()
+    old, new = tree(tmp_path / "old"), tree(tmp_path / "new")
+    assert w.start(old)
+    for i in range(limit // 2 + 10):
+        os.rename(old / ("e.txt" if i % 2 == 0 else "f.txt"), old / ("f.txt" if i % 2 == 0 else "e.txt"))
+    assert w.start(new)
+    w.verified(new)
+    assert w.take(new)

@@ -88,6 +88,8 @@ class SpareWatch:
                 except OSError as exc:
                     log.info("spare_watch_unavailable", error=str(exc))
                     return False
+            # Events already queued (a lost queue among them) concern the spares watched before.
+            self._drain()
             entry = _Watched(root_wd=-1)
             self._spares[key] = entry
             try:

@@ -125,10 +125,22 @@ def _claim(settings: Settings, src: SpareSource, spare: Path, path: Path, home: 
             home=home,
             error_code="branch_failed",
         )
-    git_dir = Path(git_out(["-C", str(path), "rev-parse", "--absolute-git-dir"], home, "branch_failed"))
+    git_dir = _linked_git_dir(path)
     if git_dir.parent != src.store / "worktrees":
         raise GitError("spare worktree belongs to another repository", code="branch_failed")
     return git_dir
+
+
+def _linked_git_dir(work_tree: Path) -> Path:
+    """The git dir a worktree's `.git` file names ("gitdir: <path>", gitrepository-layout(5)); read
+    here rather than by a `git rev-parse` (3 ms). The checkout that follows fails if it is no repo."""
+    try:
+        text = (work_tree / ".git").read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GitError(f"spare worktree has no .git link: {exc}", code="branch_failed") from None
+    if not text.startswith("gitdir: ") or "\n" in text.rstrip("\n"):
+        raise GitError("spare worktree has a malformed .git link", code="branch_failed")
+    return (work_tree / text[len("gitdir: ") :].rstrip("\n")).resolve()
 
 
 def _rename(spare: Path, path: Path) -> bool:
@@ -233,11 +245,12 @@ def _settle_index(git_dir: Path, work_tree: Path, home: Path) -> None:
         time.sleep(wait)
     hook = install_script(home, _FSMONITOR_HOOK_NAME, _FSMONITOR_HOOK)
     # No fsmonitor data in the index yet: git does not ask the hook, it looks at every file and marks
-    # the ones that match as valid. Without -q a changed file makes it fail.
+    # the ones that match as valid. Without -q a changed file makes it fail. Index version 4 (what
+    # git's `feature.manyFiles` turns on) compresses the paths: the take reads and writes a third
+    # less (5-8 ms fewer for 20,000 files).
     trust = ["-c", f"core.fsmonitor={shlex.quote(str(hook))}", "-c", "core.fsmonitorHookVersion=2"]
-    refreshed = run_in(
-        git_dir, work_tree, [*trust, "update-index", "--refresh"], home, "branch_failed", check=False
-    )
+    refresh = ["update-index", "--index-version", "4", "--refresh"]
+    refreshed = run_in(git_dir, work_tree, [*trust, *refresh], home, "branch_failed", check=False)
     if not watched:
         return
     others = run_in(
