@@ -159,6 +159,26 @@ def test_a_spare_follows_the_base_when_it_moved(
     assert not (second.path / "src/app.py").exists()
 
 
+def test_a_clone_spare_gets_the_remote_branch_of_a_nested_base(tmp_path: Path) -> None:
+    """The remote-tracking ref of a base branch with a slash is made as `git clone` would have it."""
+    seed = make_repo(tmp_path / "seed")
+    git("branch", "release/1.x", cwd=seed)
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    repo = Repo("r", f"file://{bare}", source_type="git_url", branch="release/1.x", workspace="clone")
+    settings = settings_for(tmp_path)
+    prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()  # taken
+    assert git("rev-parse", "refs/remotes/origin/release/1.x", cwd=second.path) == second.base_commit
+    assert git("for-each-ref", "--format=%(refname)", "refs/remotes", cwd=second.path) == (
+        "refs/remotes/origin/release/1.x"
+    )
+    assert_pristine(second, seed)
+
+
 @pytest.mark.parametrize("mode", ["worktree", "clone"])
 def test_a_tampered_spare_is_made_pristine(tmp_path: Path, mode: str, takes: tuple[bool, list[bool]]) -> None:
     seed, _bare, settings, repo = url_repo(

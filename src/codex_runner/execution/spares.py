@@ -158,11 +158,12 @@ def _reset(
         # Written again rather than trusted: the same configuration and objects a fresh clone gets.
         _write_file(git_dir / "config", _CLONE_CONFIG.format(url=_config_quote(src.origin)))
         _write_file(git_dir / "objects" / "info" / "alternates", f"{src.store / 'objects'}\n")
-        run_git(
-            [f"--git-dir={git_dir}", "update-ref", f"refs/remotes/origin/{base_branch}", src.commit],
-            home=home,
-            error_code="clone_failed",
-        )
+        # The remote-tracking branch a fresh clone has, as a loose ref: the spare was made by `git init`
+        # (the files backend, no packed refs), so a file write does what `update-ref` would, 3 ms sooner.
+        # The name passed git's ref rules; the checkout below fails if the commit is not there.
+        ref = git_dir / "refs" / "remotes" / "origin" / base_branch
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(ref, f"{src.commit}\n")
     # -f: whatever differs from the commit is overwritten; files that already match are not written.
     checkout = ["checkout", "-q", "-f", "-b", branch, src.commit]
     if untouched:
