@@ -15,8 +15,8 @@ import pytest
 from test_git_workspace import Repo, commit, git, make_repo, settings_for
 
 from codex_runner.config import ConfigError, Settings, load_settings
-from codex_runner.execution.git import GitError
 from codex_runner.execution import spares
+from codex_runner.execution.git import GitError
 from codex_runner.execution.spare_watch import watch
 from codex_runner.execution.spares import pool_dir, stop_refills, wait_for_refills
 from codex_runner.execution.workspace import (
