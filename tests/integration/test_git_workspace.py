@@ -7,12 +7,14 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from codex_runner.config import Settings
+from codex_runner.execution import workspace
 from codex_runner.execution.git import run_git
 from codex_runner.execution.gitutil import repo_lock
 from codex_runner.execution.workspace import (
@@ -39,10 +41,10 @@ class Repo:
     workspace: str = "worktree"
 
 
-def git(*args: str, cwd: Path | None = None) -> str:
+def git(*args: str, cwd: Path | None = None, input: str | None = None) -> str:
     env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
     return subprocess.run(
-        ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
+        ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True, input=input
     ).stdout.strip()
 
 
@@ -188,6 +190,47 @@ def test_file_url_repo_is_mirrored_cloned_and_pushed_back(tmp_path: Path) -> Non
     assert (second.path / "README.md").read_text() == "hello\nagain\n"
     assert not (second.path / "feature.txt").exists()
     assert "[remote" not in (second.store / "config").read_text()  # the URL is never stored in the mirror
+    cleanup_workspace(second, repo, settings, failed=False)
+
+
+def test_mirror_upkeep_runs_after_the_prepare_not_inside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packs pile up in a mirror (one per fetch that brings over 100 objects). Past
+    `gc.autoPackLimit` (50) git repacks, which on a big repo takes seconds: the job's fetch skips
+    that, and the prepare asks the background thread to do it instead."""
+    seed = make_repo(tmp_path / "seed")
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(seed), str(bare))
+    settings = settings_for(tmp_path, warm_workspaces=0)
+    repo = Repo("remote", f"file://{bare}", source_type="git_url", branch="main", workspace="clone")
+    queued: list[tuple[object, str, Callable[[], object]]] = []
+    monkeypatch.setattr(workspace, "run_in_background", lambda *request: queued.append(request))
+
+    first = prepare_workspace(repo, "66666666-f", settings)
+    mirror = first.store
+    assert mirror is not None
+    for i in range(55):  # 55 small packs, as many fetches would leave
+        blob = git("hash-object", "-w", "--stdin", input=f"object {i}\n", cwd=mirror)
+        git("pack-objects", "-q", str(mirror / "objects/pack/pack"), input=f"{blob}\n", cwd=mirror)
+    packs = lambda: len(list((mirror / "objects/pack").glob("*.pack")))  # noqa: E731
+    assert packs() >= 55
+    (seed / "README.md").write_text("hello\nagain\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "more", cwd=seed)
+    git("push", "-q", str(bare), "main", cwd=seed)
+    queued.clear()
+
+    second = prepare_workspace(repo, "77777777-g", settings)  # its fetch brings a commit
+    assert second.base_commit == git("rev-parse", "main", cwd=seed)
+    assert packs() >= 55  # the fetch did not repack
+    [(key, what, task)] = queued
+    assert key == ("upkeep", mirror)
+    assert what == "mirror_upkeep"
+    task()
+    assert packs() <= 2
+    assert git("rev-parse", "refs/remotes/origin/main", cwd=mirror) == second.base_commit
+    assert not list((settings.data_dir / "git-home").glob("upkeep-*"))  # its git HOME is gone
+    cleanup_workspace(first, repo, settings, failed=False)
     cleanup_workspace(second, repo, settings, failed=False)
 
 

@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,15 @@ from codex_runner.execution.git import GitError, install_script, run_git
 from codex_runner.execution.gitutil import git_out, repo_lock, run_in
 from codex_runner.execution.spare_watch import watch
 
-__all__ = ["SpareSource", "pool_dir", "refill_later", "stop_refills", "take_spare", "wait_for_refills"]
+__all__ = [
+    "SpareSource",
+    "pool_dir",
+    "refill_later",
+    "run_in_background",
+    "stop_refills",
+    "take_spare",
+    "wait_for_refills",
+]
 
 log = structlog.get_logger("codex_runner.spares")
 
@@ -312,24 +321,26 @@ def _discard(settings: Settings, src: SpareSource, path: Path, home: Path | None
 # --- the background refill --------------------------------------------------------------------------
 
 
-class _Refiller:
-    """One thread per process makes spares, one at a time, newest request per pool first. Requests
-    for a pool that is already waiting replace it (its commit is newer). Not a daemon thread: at
-    exit the build in progress finishes instead of leaving a git process behind."""
+class _Background:
+    """One thread per process does the workspace layer's background work, one task at a time, newest
+    request first: making spares, and the mirrors' upkeep (workspace.py). A request whose key is
+    already waiting replaces it (a spare's commit is newer; a second upkeep is the same upkeep). Not a
+    daemon thread: at exit the task in progress finishes instead of leaving a git process behind."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._pending: dict[Path, tuple[Settings, SpareSource]] = {}
+        self._pending: dict[object, tuple[str, Callable[[], object]]] = {}
         self._thread: threading.Thread | None = None
         self._stopped = False
 
-    def request(self, settings: Settings, src: SpareSource) -> None:
+    def request(self, key: object, what: str, task: Callable[[], object]) -> None:
         with self._cond:
             if self._stopped:
                 return
-            self._pending[pool_dir(settings, src.key, src.mode)] = (settings, src)
+            self._pending.pop(key, None)  # re-inserted: newest last, so taken first
+            self._pending[key] = (what, task)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="spare-refill")
+                self._thread = threading.Thread(target=self._run, name="workspace-background")
                 self._thread.start()
 
     def _run(self) -> None:
@@ -339,11 +350,11 @@ class _Refiller:
                     self._thread = None
                     self._cond.notify_all()
                     return
-                _, (settings, src) = self._pending.popitem()
+                key, (what, task) = self._pending.popitem()
             try:
-                build_spare(settings, src)
-            except Exception as exc:  # a spare is an optimisation: its failure never reaches a job
-                log.warning("spare_build_failed", key=src.key, mode=src.mode, error=str(exc)[:300])
+                task()
+            except Exception as exc:  # an optimisation or upkeep: its failure never reaches a job
+                log.warning("background_task_failed", task=what, key=str(key), error=str(exc)[:300])
 
     def wait(self, timeout: float) -> bool:
         with self._cond:
@@ -362,21 +373,29 @@ class _Refiller:
             self._stopped = False
 
 
-_refiller = _Refiller()
+_background = _Background()
 
 
 def refill_later(settings: Settings, src: SpareSource) -> None:
     """Asks for a spare of `src` to be made in the background (nothing when spares are off)."""
     if settings.warm_workspaces > 0:
-        _refiller.request(settings, src)
+        pool = pool_dir(settings, src.key, src.mode)
+        _background.request(pool, "spare", lambda: build_spare(settings, src))
+
+
+def run_in_background(key: object, what: str, task: Callable[[], object]) -> None:
+    """Runs `task` in the workspace layer's background thread; a waiting task of the same key is
+    replaced. Failures are logged, never raised."""
+    _background.request(key, what, task)
 
 
 def wait_for_refills(timeout: float = 60.0) -> bool:
-    """Waits until no spare is being made; True if so within `timeout` (tests and benchmarks)."""
-    return _refiller.wait(timeout)
+    """Waits until no background task (spare or upkeep) runs; True if so within `timeout` (tests and
+    benchmarks)."""
+    return _background.wait(timeout)
 
 
 def stop_refills(timeout: float = 30.0) -> None:
     """Drops pending requests and waits (at most `timeout`) for the build in progress: shutdown."""
-    _refiller.stop(timeout)
-    _refiller.restart()  # a later runtime in the same process (tests) may use spares again
+    _background.stop(timeout)
+    _background.restart()  # a later runtime in the same process (tests) may use spares again

@@ -45,7 +45,7 @@ from codex_runner.execution.gitutil import repo_lock as _repo_lock
 from codex_runner.execution.gitutil import resolve as _resolve
 from codex_runner.execution.gitutil import run_in as _run_in
 from codex_runner.execution.gitutil import try_resolve as _try_resolve
-from codex_runner.execution.spares import SpareSource, refill_later, take_spare
+from codex_runner.execution.spares import SpareSource, refill_later, run_in_background, take_spare
 from codex_runner.jobs import job_branch
 
 __all__ = [
@@ -189,6 +189,7 @@ def _prepare_from_mirror(
         _sync_mirror(repo, mirror, home, credential)
         base_branch = repo.branch or _remote_default_branch(repo, home, credential)
         base_commit = _resolve(mirror, f"refs/remotes/origin/{base_branch}", home)
+    run_in_background(("upkeep", mirror), "mirror_upkeep", lambda: _upkeep_mirror(settings, repo, mirror))
     spare = SpareSource(_lock_key(repo), mode, mirror, repo.source, base_commit)
     git_dir = take_spare(settings, spare, path, base_branch, branch, home)
     if git_dir is None and mode == "worktree":
@@ -424,6 +425,7 @@ def _fetch_mirror(repo: RepoLike, mirror: Path, home: Path, credential: GitCrede
             "--prune",
             "--no-tags",
             "--no-write-fetch-head",
+            "--no-auto-maintenance",  # done after the prepare, in the background: `_upkeep_mirror`
             "--",
             repo.source,
             *_MIRROR_REFSPECS,
@@ -433,6 +435,21 @@ def _fetch_mirror(repo: RepoLike, mirror: Path, home: Path, credential: GitCrede
         home,
         "clone_failed",
     )
+
+
+def _upkeep_mirror(settings: Settings, repo: RepoLike, mirror: Path) -> None:
+    """`git maintenance run --auto` of a mirror, in the background after a job's fetch, which skips it:
+    once enough packs pile up (one per fetch that brings more than 100 objects) it repacks the
+    mirror, which takes seconds on a big repo and would otherwise happen inside one job's prepare.
+    Under the repo lock, like every other write to the mirror."""
+    home = settings.data_dir.resolve() / "git-home" / f"upkeep-{uuid.uuid4().hex[:12]}"
+    home.mkdir(mode=0o700, parents=True)
+    try:
+        with _repo_lock(settings, _lock_key(repo)):
+            if mirror.exists():  # retention may have deleted it since
+                run_git([f"--git-dir={mirror}", "maintenance", "run", "--auto", "--quiet"], home=home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _remote_default_branch(repo: RepoLike, home: Path, credential: GitCredential | None) -> str:
