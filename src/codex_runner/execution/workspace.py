@@ -189,7 +189,6 @@ def _prepare_from_mirror(
         _sync_mirror(repo, mirror, home, credential)
         base_branch = repo.branch or _remote_default_branch(repo, home, credential)
         base_commit = _resolve(mirror, f"refs/remotes/origin/{base_branch}", home)
-    run_in_background(("upkeep", mirror), "mirror_upkeep", lambda: _upkeep_mirror(settings, repo, mirror))
     spare = SpareSource(_lock_key(repo), mode, mirror, repo.source, base_commit)
     git_dir = take_spare(settings, spare, path, base_branch, branch, home)
     if git_dir is None and mode == "worktree":
@@ -202,6 +201,8 @@ def _prepare_from_mirror(
             _remove_tree(path, root)
             raise
     refill_later(settings, spare)
+    # Once the workspace is made: the upkeep takes the repo lock and a core, which the take needs.
+    run_in_background(("upkeep", mirror), "mirror_upkeep", lambda: _upkeep_mirror(settings, repo, mirror))
     return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, mirror)
 
 
