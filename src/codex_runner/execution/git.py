@@ -38,6 +38,7 @@ NETWORK_TIMEOUT = 1800.0
 SAFE_PROTOCOLS = ("file", "https", "ssh")
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
+_MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024
 _HELPER_NAME = "git-credential-runner"
 # The helper answers `get` only, only for the credential's host, and only over https (or plain http
 # when the command was allowed it: loopback). `printf` and `read` are shell built-ins, so the secret is
@@ -165,6 +166,12 @@ def git_env(
             "SSH_ASKPASS": no,
             "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",  # beats core.sshCommand from a repo's config
             "GIT_ALLOW_PROTOCOL": ":".join((*SAFE_PROTOCOLS, "http") if plain_http else SAFE_PROTOCOLS),
+            # glibc gives memory back to the system whenever 128 KiB are free at the top of the heap,
+            # and takes it again on the next allocation: `index-pack --fix-thin` of a 0.3 MB pack made
+            # 741 brk calls and their page faults, 68 ms against 49 ms with this. git's commands are
+            # short-lived; what they free returns to the system when they exit. Other C libraries
+            # ignore the variable.
+            "MALLOC_TRIM_THRESHOLD_": str(_MALLOC_TRIM_THRESHOLD),
         }
     )
     config = list(_FIXED_CONFIG)
