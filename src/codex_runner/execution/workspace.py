@@ -427,6 +427,7 @@ def _fetch_mirror(repo: RepoLike, mirror: Path, home: Path, credential: GitCrede
             "--no-tags",
             "--no-write-fetch-head",
             "--no-auto-maintenance",  # done after the prepare, in the background: `_upkeep_mirror`
+            "--no-show-forced-updates",  # the refspecs force every update; nobody reads the report
             "--",
             repo.source,
             *_MIRROR_REFSPECS,
