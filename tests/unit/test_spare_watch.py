@@ -5,6 +5,7 @@ untouched folder with the same inode is trusted."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,3 +162,10 @@ def test_a_queue_lost_before_a_spare_was_watched_does_not_touch_it(tmp_path: Pat
     assert w.start(new)
     w.verified(new)
     assert w.take(new)
+
+
+def test_a_deleted_spare_is_forgotten(tmp_path: Path) -> None:
+    w, root = watched(tmp_path)
+    shutil.rmtree(root)
+    w.forget(tmp_path)  # any call reads the queue
+    assert not w._spares and not w._by_wd  # nothing kept for a folder that is gone

@@ -170,6 +170,8 @@ class SpareWatch:
                 # The folder is gone or its watch was removed: it can no longer report changes.
                 del self._by_wd[event.wd]
                 entry.touched = True
+                if event.wd == entry.root_wd:  # the spare itself was deleted: forget it
+                    self._drop(key)
                 continue
             if event.wd == entry.root_wd and event.name == ".git":
                 continue  # the worktree link: rewritten by `git worktree repair`, checked on take
