@@ -131,6 +131,9 @@ def test_second_job_takes_the_spare_made_after_the_first(
     # git sees what the agent changes (the trusted take leaves no fsmonitor data that hides a change).
     (second.path / "feature.txt").write_text("x\n")
     (second.path / "README.md").write_text("changed by the agent\n")
+    # What the agent's own git (default configuration) shows, then what the runner commits.
+    assert git("diff", "--name-only", cwd=second.path) == "README.md"
+    assert git("ls-files", "--others", cwd=second.path) == "feature.txt"
     assert commit(second).files_changed == 2
     assert wait_for_refills(30)
     assert len(ready_spares(settings, repo)) == 1  # refilled for the job after
