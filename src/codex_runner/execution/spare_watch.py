@@ -121,9 +121,13 @@ class SpareWatch:
 
     def verified(self, root: Path) -> None:
         """The build's checks after `start` passed: from now on an untouched spare is pristine."""
+        try:
+            key = _key(root)
+        except OSError:
+            return
         with self._lock:
             self._drain()
-            entry = self._spares.get(_key(root))
+            entry = self._spares.get(key)
             if entry is not None:
                 entry.verified = True
 
