@@ -4,6 +4,7 @@ pinned to a git dir and work tree, and ref resolution. Synchronous; callers run 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -25,7 +26,30 @@ from codex_runner.execution.git import (
 # Longer than any one holder's git commands (a fetch, then local ones) can take.
 REPO_LOCK_TIMEOUT = NETWORK_TIMEOUT + LOCAL_TIMEOUT
 
-__all__ = ["current_branch", "git_out", "lock_key", "repo_lock", "resolve", "run_in", "try_resolve"]
+__all__ = [
+    "current_branch",
+    "git_out",
+    "lock_key",
+    "real_dir",
+    "repo_lock",
+    "resolve",
+    "run_in",
+    "try_resolve",
+]
+
+
+@functools.lru_cache(maxsize=256)
+def _real_absolute(path: Path) -> Path:
+    return path.resolve()
+
+
+def real_dir(path: Path) -> Path:
+    """`path.resolve()` of one of the runner's own folders (data, workspaces, mirrors), worked out once
+    per process: a resolve is an `lstat` of every component, and every job needs these several times.
+    The answer only changes if someone swaps a symlink above the data folder while the runner runs;
+    what it made before and after then stays consistent with what it checks. A relative path is
+    resolved each time (it depends on the working folder)."""
+    return _real_absolute(path) if path.is_absolute() else path.resolve()
 
 
 def lock_key(source: str) -> str:
@@ -43,7 +67,7 @@ def repo_lock(settings: Settings, key: str, *, timeout: float = REPO_LOCK_TIMEOU
     Every holder runs git commands bounded by their timeouts, so a wait longer than the longest of
     them means a holder that no longer moves (a frozen process): `prepare_failed` rather than a job
     that waits forever."""
-    locks = settings.data_dir.resolve() / "locks"
+    locks = real_dir(settings.data_dir) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:

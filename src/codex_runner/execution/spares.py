@@ -32,7 +32,7 @@ import structlog
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import GitError, install_script, run_git
-from codex_runner.execution.gitutil import git_out, repo_lock, run_in
+from codex_runner.execution.gitutil import git_out, real_dir, repo_lock, run_in
 from codex_runner.execution.spare_watch import watch
 
 __all__ = [
@@ -82,7 +82,7 @@ class SpareSource:
 
 
 def pool_dir(settings: Settings, key: str, mode: str) -> Path:
-    return settings.workspace_dir.resolve() / POOLS / f"{key}.{mode}"
+    return real_dir(settings.workspace_dir) / POOLS / f"{key}.{mode}"
 
 
 # --- taking a spare ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from codex_runner.execution.git import (
 from codex_runner.execution.gitutil import current_branch as _current_branch
 from codex_runner.execution.gitutil import git_out as _git_out
 from codex_runner.execution.gitutil import lock_key
+from codex_runner.execution.gitutil import real_dir as _real_dir
 from codex_runner.execution.gitutil import repo_lock as _repo_lock
 from codex_runner.execution.gitutil import resolve as _resolve
 from codex_runner.execution.gitutil import run_in as _run_in
@@ -130,7 +131,7 @@ def prepare_workspace(
         raise GitError(f"unknown workspace mode {mode!r}", code="prepare_failed")
     if not _JOB_ID.match(job_id):
         raise GitError("job id is not a safe folder name", code="prepare_failed")
-    home = settings.data_dir.resolve() / "git-home" / job_id
+    home = _real_dir(settings.data_dir) / "git-home" / job_id
     if mode != "scratch":  # no git runs in a scratch workspace: no git HOME to make (or remove)
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
@@ -143,7 +144,7 @@ def prepare_workspace(
 def _prepare(
     repo: RepoLike, job_id: str, settings: Settings, credential: GitCredential | None, mode: str, home: Path
 ) -> Workspace:
-    root = settings.workspace_dir.resolve()
+    root = _real_dir(settings.workspace_dir)
     path = root / job_id
     if mode == "scratch":
         _new_folder(root, path)
@@ -344,7 +345,7 @@ def prewarm_spares(repos: Iterable[RepoLike], settings: Settings) -> int:
     Returns how many were asked for; the builds run in the background."""
     if settings.warm_workspaces <= 0:
         return 0
-    home = settings.data_dir.resolve() / "git-home" / f"prewarm-{uuid.uuid4().hex[:12]}"
+    home = _real_dir(settings.data_dir) / "git-home" / f"prewarm-{uuid.uuid4().hex[:12]}"
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     asked = 0
     try:
@@ -382,7 +383,7 @@ def _spare_source_now(repo: RepoLike, settings: Settings, home: Path) -> SpareSo
 
 
 def _mirror_path(repo: RepoLike, settings: Settings) -> Path:
-    return settings.mirrors_dir.resolve() / f"{_lock_key(repo)}.git"
+    return _real_dir(settings.mirrors_dir) / f"{_lock_key(repo)}.git"
 
 
 def _lock_key(repo: RepoLike) -> str:
@@ -444,7 +445,7 @@ def _upkeep_mirror(settings: Settings, repo: RepoLike, mirror: Path) -> None:
     once enough packs pile up (one per fetch that brings more than 100 objects) it repacks the
     mirror, which takes seconds on a big repo and would otherwise happen inside one job's prepare.
     Under the repo lock, like every other write to the mirror."""
-    home = settings.data_dir.resolve() / "git-home" / f"upkeep-{uuid.uuid4().hex[:12]}"
+    home = _real_dir(settings.data_dir) / "git-home" / f"upkeep-{uuid.uuid4().hex[:12]}"
     home.mkdir(mode=0o700, parents=True)
     try:
         with _repo_lock(settings, _lock_key(repo)):
@@ -604,7 +605,7 @@ def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, fail
     keep = not settings.cleanup_after_job or (failed and settings.keep_failed_workspaces)
     try:
         if not keep:
-            root = settings.workspace_dir.resolve()
+            root = _real_dir(settings.workspace_dir)
             if ws.mode == "scratch":
                 _remove_tree(ws.path, root)
             elif ws.mode == "worktree":
