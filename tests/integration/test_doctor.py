@@ -344,3 +344,22 @@ def test_running_as_pid_1_is_a_warning(
     check = checks_of(settings)["init"]
     assert not check.ok and not check.blocking and check.level == "warn"
     assert "zombies" in check.message and "tini" in check.message
+
+
+def test_spare_watch_warns_when_inotify_is_missing(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, _ = make()  # the demo repo: a local repo in `worktree` mode, warm workspaces on
+    assert checks_of(settings)["spare_watch"].ok
+    assert (
+        "no warm workspaces"
+        in checks_of(dataclasses.replace(settings, warm_workspaces=0))["spare_watch"].message
+    )
+
+    def no_inotify() -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(doctor.spare_watch, "INotify", no_inotify)
+    check = checks_of(settings)["spare_watch"]
+    assert not check.ok and not check.blocking and check.level == "warn"
+    assert "inotify" in check.message and "file by file" in check.message
+    # Production mode does not make it a failure: warm workspaces still work, only slower.
+    assert not checks_of(dataclasses.replace(settings, production=True))["spare_watch"].blocking

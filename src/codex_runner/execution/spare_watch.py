@@ -32,7 +32,7 @@ from pathlib import Path
 import structlog
 from inotify_simple import INotify, flags
 
-__all__ = ["MAX_FOLDERS", "SpareWatch", "watch"]
+__all__ = ["MAX_FOLDERS", "SpareWatch", "available", "watch"]
 
 log = structlog.get_logger("codex_runner.spares")
 
@@ -191,6 +191,15 @@ class SpareWatch:
 
 class _TooManyFolders(Exception):
     pass
+
+
+def available() -> bool:
+    """Whether this process can make an inotify instance at all (`doctor`)."""
+    try:
+        INotify().close()
+    except OSError:
+        return False
+    return True
 
 
 def _key(root: Path) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from codex_runner.catalog import BUILTIN_SCRIPTS, Catalog, RepoSpec, ScriptSpec
 from codex_runner.catalog.specs import PLACEHOLDER
 from codex_runner.config import Settings
 from codex_runner.errors import ConfigError, RunnerError
+from codex_runner.execution import spare_watch
 from codex_runner.ops.backup import newest_backup
 from codex_runner.store import create_store_engine
 from codex_runner.store.migrate import current_revision, head_revision
@@ -93,6 +94,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks += _repos(settings, catalog)
         checks.append(_git())
         checks.append(_reaper())
+        checks.append(_spare_watch(settings, catalog))
         checks += _encryption(settings, eng if db_ok else None)
         checks += _disk(settings)
         checks += _secrets(settings)
@@ -278,6 +280,22 @@ def _reaper() -> Check:
         "running as PID 1 (RUNNER_NO_INIT=1): processes that jobs orphan are never reaped and pile "
         "up as zombies; unset RUNNER_NO_INIT or run under an init that reaps (tini, `docker run --init`)",
     )
+
+
+def _spare_watch(settings: Settings, catalog: Catalog) -> Check:
+    """Warm workspaces of big trees are taken without a file-by-file check only when this process can
+    watch them (inotify; docs/git.md). Without it they still work, just slower: a warning."""
+    name = "spare_watch"
+    wanted = [r for r in catalog.repos.values() if r.enabled and r.workspace in ("clone", "worktree")]
+    if settings.warm_workspaces <= 0 or not wanted:
+        return _ok(name, "no warm workspaces to watch")
+    if not spare_watch.available():
+        return _warn(
+            name,
+            "inotify is not available here (fs.inotify.max_user_instances reached, or a sandbox without "
+            "it): warm workspaces are checked file by file when taken, 50-100 ms more per job on a big repo",
+        )
+    return _ok(name, "warm workspaces can be watched (inotify)")
 
 
 # -- secrets and unsafe settings --------------------------------------------------------------
