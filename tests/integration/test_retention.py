@@ -28,6 +28,7 @@ from codex_runner.config import load_settings
 from codex_runner.execution.gitutil import lock_key
 from codex_runner.execution.spares import POOLS, stop_refills, wait_for_refills
 from codex_runner.execution.workspace import cleanup_workspace, prepare_workspace
+from codex_runner.ops import retention
 from codex_runner.ops.audit import attach
 from codex_runner.ops.retention import claim_run, cleanup, retention_loop
 from codex_runner.runtime import Runtime
@@ -467,3 +468,24 @@ def test_cleanup_leaves_a_codex_home_the_operator_passes_through_alone(
     monkeypatch.setenv("CODEX_HOME", str(theirs))
     old = _transcript(theirs / "sessions", "2020/01/02", "rollout-2020-01-02T10-00-00-a.jsonl", 400)
     assert cleanup(runtime).codex_transcripts == 0 and old.exists()
+
+
+def test_cleanup_removes_git_homes_that_crashed_background_tasks_left(runtime: Runtime) -> None:
+    """A prewarm or a mirror's upkeep removes its own git HOME; a crash in the middle leaves it, and
+    it is no job's, so the job sweep never looks at it. Removed once a day old; a running one stays."""
+    homes = runtime.settings.data_dir / "git-home"
+    old = [homes / "upkeep-0123456789ab", homes / "prewarm-ba9876543210"]
+    fresh = homes / "upkeep-aaaaaaaaaaaa"
+    other = homes / "upkeep-not-ours"
+    for path in (*old, fresh, other):
+        (path / ".config").mkdir(parents=True)
+    day_ago = time.time() - retention.TASK_HOME_GRACE_SECONDS - 60
+    for path in (*old, other):
+        os.utime(path, (day_ago, day_ago))
+
+    dry = cleanup(runtime, dry_run=True)
+    assert dry.git_homes == 2 and all(p.exists() for p in old)
+    report = cleanup(runtime)
+    assert report.git_homes == 2 and report.errors == []
+    assert not any(p.exists() for p in old)
+    assert fresh.exists() and other.exists()

@@ -51,6 +51,9 @@ log = structlog.get_logger("codex_runner.retention")
 
 BATCH = 500
 ORPHAN_GRACE_SECONDS = 300
+# The git HOME of a background task (a start-up prewarm, a mirror's upkeep) is removed by the task
+# itself; one left by a crash is removed once this old, far past any task's run (a big repack).
+TASK_HOME_GRACE_SECONDS = 24 * 3600
 LOCK_NAME = "retention"
 # Between batches: lets queued API writers take the (SQLite) write lock.
 BATCH_PAUSE_SECONDS = 0.01
@@ -61,6 +64,7 @@ RETRY_AFTER_FAILURE_SECONDS = 300
 MIRROR_LOCK_SECONDS = 5.0
 
 _TERMINAL = sorted(s.value for s in TERMINAL)
+_TASK_HOME = re.compile(r"^(?:prewarm|upkeep)-[0-9a-f]{12}$")
 _JOB_ID = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\.|$)")
 
 
@@ -123,6 +127,10 @@ def cleanup(
                 report.errors.append(f"{path}: {exc.strerror or exc}")
                 continue
         setattr(report, kind, getattr(report, kind) + 1)
+    for path in _stale_task_homes(runtime, now):
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+        report.git_homes += 1
     unused_pools = list(_unused_spare_pools(runtime))
     for pool in unused_pools:
         if not dry_run:
@@ -275,6 +283,16 @@ def _candidates(runtime: Runtime) -> Iterator[tuple[str, str, Path]]:
                 m = _JOB_ID.match(path.name)
                 if m and m[1] == path.name:
                     yield kind, m[1], path
+
+
+def _stale_task_homes(runtime: Runtime, now: datetime) -> Iterator[Path]:
+    root = runtime.settings.data_dir / "git-home"
+    if not root.is_dir():
+        return
+    cutoff = now.timestamp() - TASK_HOME_GRACE_SECONDS
+    for path in root.iterdir():
+        if _TASK_HOME.match(path.name) and not path.is_symlink() and path.lstat().st_mtime < cutoff:
+            yield path
 
 
 def _orphans(
