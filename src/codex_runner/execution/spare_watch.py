@@ -121,42 +121,38 @@ class SpareWatch:
 
     def verified(self, root: Path) -> None:
         """The build's checks after `start` passed: from now on an untouched spare is pristine."""
-        try:
-            key = _key(root)
-        except OSError:
-            return
         with self._lock:
-            self._drain()
-            entry = self._spares.get(key)
-            if entry is not None:
-                entry.verified = True
+            found = self._find(root)
+            if found is not None:
+                found[1].verified = True
 
     def take(self, root: Path) -> bool:
         """Stops watching `root` (a job has it now). True only if it was watched, verified, and
         nothing changed in it since the watch began."""
-        try:
-            key = _key(root)
-        except OSError:
-            return False
         with self._lock:
-            self._drain()
-            entry = self._spares.get(key)
-            if entry is None:
+            found = self._find(root)
+            if found is None:
                 return False
-            untouched = entry.verified and not entry.touched
+            key, entry = found
             self._drop(key)
-            return untouched
+            return entry.verified and not entry.touched
 
     def forget(self, root: Path) -> None:
         """Stops watching `root` if it is watched (a spare discarded or not trusted)."""
+        with self._lock:
+            found = self._find(root)
+            if found is not None:
+                self._drop(found[0])
+
+    def _find(self, root: Path) -> tuple[tuple[int, int], _Watched] | None:
+        """Under the lock: the events queued so far applied, then `root`'s key and watch, if any."""
+        self._drain()
         try:
             key = _key(root)
         except OSError:
-            return
-        with self._lock:
-            self._drain()
-            if key in self._spares:
-                self._drop(key)
+            return None
+        entry = self._spares.get(key)
+        return None if entry is None else (key, entry)
 
     def _drain(self) -> None:
         if self._fd is None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -51,6 +52,7 @@ from codex_runner.jobs import job_branch
 
 __all__ = [
     "MODES",
+    "TASK_HOME_KINDS",
     "CommitResult",
     "GitCredential",
     "GitError",
@@ -69,6 +71,8 @@ __all__ = [
 log = structlog.get_logger("codex_runner.workspace")
 
 MODES = ("worktree", "clone", "in_place", "scratch")
+# Background tasks with a git HOME of their own, `git-home/<kind>-<12 hex>` (retention knows them).
+TASK_HOME_KINDS = ("prewarm", "upkeep")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Remote branches live under refs/remotes/origin in the mirror, so `fetch --prune` never touches the
 # job branches (refs/heads/runner/*) that worktrees of the mirror have checked out or that cleanup kept.
@@ -345,10 +349,8 @@ def prewarm_spares(repos: Iterable[RepoLike], settings: Settings) -> int:
     Returns how many were asked for; the builds run in the background."""
     if settings.warm_workspaces <= 0:
         return 0
-    home = _real_dir(settings.data_dir) / "git-home" / f"prewarm-{uuid.uuid4().hex[:12]}"
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     asked = 0
-    try:
+    with _task_home(settings, "prewarm") as home:
         for repo in repos:
             try:
                 src = _spare_source_now(repo, settings, home)
@@ -358,8 +360,6 @@ def prewarm_spares(repos: Iterable[RepoLike], settings: Settings) -> int:
             if src is not None:
                 refill_later(settings, src)
                 asked += 1
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
     return asked
 
 
@@ -445,12 +445,20 @@ def _upkeep_mirror(settings: Settings, repo: RepoLike, mirror: Path) -> None:
     once enough packs pile up (one per fetch that brings more than 100 objects) it repacks the
     mirror, which takes seconds on a big repo and would otherwise happen inside one job's prepare.
     Under the repo lock, like every other write to the mirror."""
-    home = _real_dir(settings.data_dir) / "git-home" / f"upkeep-{uuid.uuid4().hex[:12]}"
+    with _task_home(settings, "upkeep") as home, _repo_lock(settings, _lock_key(repo)):
+        if mirror.exists():  # retention may have deleted it since
+            run_git([f"--git-dir={mirror}", "maintenance", "run", "--auto", "--quiet"], home=home)
+
+
+@contextmanager
+def _task_home(settings: Settings, kind: str) -> Iterator[Path]:
+    """A fresh git HOME for a background task (`TASK_HOME_KINDS`), removed when it ends; retention
+    removes one a crash left behind."""
+    assert kind in TASK_HOME_KINDS
+    home = _real_dir(settings.data_dir) / "git-home" / f"{kind}-{uuid.uuid4().hex[:12]}"
     home.mkdir(mode=0o700, parents=True)
     try:
-        with _repo_lock(settings, _lock_key(repo)):
-            if mirror.exists():  # retention may have deleted it since
-                run_git([f"--git-dir={mirror}", "maintenance", "run", "--auto", "--quiet"], home=home)
+        yield home
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
