@@ -308,6 +308,10 @@ def check_invariants(cluster: Cluster) -> dict[str, dict[str, Any]]:
     """What must hold at any moment: exactly one terminal event per terminal job and none for an
     active one; a job that was never claimed is still queued; no script ran twice; a job in the
     ledger was claimed exactly once."""
+    # The ledger first: a script writes its line only after its claim committed, so every job in it
+    # shows its claim in the rows read next. Read the other way round while an instance runs, a job
+    # claimed between the two reads is in the ledger but still queued in the older rows.
+    ledger = cluster.ledger_ids()
     rows, evs = cluster.snapshot()
     for job_id, row in rows.items():
         kinds = [e["event_type"] for e in evs.get(job_id, [])]
@@ -319,7 +323,6 @@ def check_invariants(cluster: Cluster) -> dict[str, dict[str, Any]]:
         assert kinds.count("job_started") == row["attempt"] <= 1, (job_id, row["attempt"], kinds)
         if row["attempt"] == 0:
             assert row["status"] == "queued" and row["started_at"] is None, (job_id, row["status"])
-    ledger = cluster.ledger_ids()
     duplicates = {j for j in ledger if ledger.count(j) > 1}
     assert not duplicates, f"scripts that ran twice: {duplicates}"
     for job_id in ledger:
