@@ -17,7 +17,7 @@ server, dropped at the end), a runner.toml with one `scratch` repo and three scr
     runtime (RUNNER_ENABLED=false has the same effect: nothing claims them); the server starts
     again with RUNNER_MAX_CONCURRENCY=c and the bench polls the database until all are terminal.
     Throughput = jobs / (last `finished_at` - first `started_at`), so the server's start-up is
-    not counted; the server's CPU seconds per job are reported too. Beside it,
+    not counted; the server's CPU seconds per job (and their system part) are reported too. Beside it,
     `bench/spawn_baseline.py` spawns the same processes from plain Python threads at the same
     concurrency, right before, on the same loaded machine.
 (c) cancel: a job runs `/bin/sleep 600` (exits on SIGTERM); once its pgid is recorded and the
@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from _serve import cpu_seconds, database_url, pct, serve_process
+from _serve import cpu_split, database_url, pct, serve_process
 from codex_runner.config import load_settings
 from codex_runner.execution.process import group_alive
 from codex_runner.runtime import Runtime
@@ -103,6 +103,7 @@ class Result:
     drain: dict[int, tuple[float, float, float]] = field(
         default_factory=dict
     )  # c -> (jobs/s, cpu ms/job, raw/s)
+    drain_sys: dict[int, float] = field(default_factory=dict)  # c -> system CPU ms/job
     cancel_ms: list[float] = field(default_factory=list)
     cancel_status_ms: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
@@ -222,7 +223,7 @@ def bench_drain(env: Env, res: Result, count: int, concurrency: int) -> None:
         shutil.rmtree(raw_root, ignore_errors=True)
     res.load.append(os.getloadavg()[0])
     with server(env, RUNNER_MAX_CONCURRENCY=str(concurrency)) as (_url, pid):
-        cpu0 = cpu_seconds(pid)
+        user0, sys0 = cpu_split(pid)
         ids_set = set(ids)
         while True:
             with engine.connect() as conn:
@@ -232,7 +233,8 @@ def bench_drain(env: Env, res: Result, count: int, concurrency: int) -> None:
             if left == 0:
                 break
             time.sleep(0.2)
-        cpu = cpu_seconds(pid) - cpu0
+        user1, sys1 = cpu_split(pid)
+        cpu, system = user1 + sys1 - user0 - sys0, sys1 - sys0
         with engine.connect() as conn:
             first, last, ok = conn.execute(
                 sa.select(
@@ -248,6 +250,7 @@ def bench_drain(env: Env, res: Result, count: int, concurrency: int) -> None:
         )
     seconds = _ts(last) - _ts(first)
     res.drain[concurrency] = (count / seconds, cpu / count * 1000, raw)
+    res.drain_sys[concurrency] = system / count * 1000
 
 
 # -- (c) cancel -------------------------------------------------------------------------------
@@ -319,7 +322,8 @@ def report(results: list[Result]) -> None:
             )
         for c, (rate, cpu, raw) in sorted(r.drain.items()):
             print(
-                f"{r.backend}: drain c={c}: {rate:,.0f} jobs/s, server CPU {cpu:.2f} ms/job, raw {raw:,.0f}/s"
+                f"{r.backend}: drain c={c}: {rate:,.0f} jobs/s, server CPU {cpu:.2f} ms/job "
+                f"(system {r.drain_sys[c]:.2f}), raw {raw:,.0f}/s"
             )
         if r.cancel_ms:
             print(

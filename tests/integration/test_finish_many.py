@@ -4,6 +4,8 @@ PostgreSQL: one write that does not hold, or that the database refuses, never co
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -125,3 +127,88 @@ def test_group_committer_batches_endings(store: JobStore) -> None:
     with store.engine.connect() as conn:
         done = conn.execute(sa.select(sa.func.count()).where(jobs.c.status == "success")).scalar_one()
     assert done == 5
+
+
+@contextlib.contextmanager
+def _statements(store: JobStore) -> Iterator[list[str]]:
+    """The SQL text of every statement the store runs meanwhile."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+
+
+def _job_run_values(exit_code: int, **process: int) -> dict[str, Any]:
+    """The values `JobRun._terminal_write` sets: every terminal column, process ids when the job
+    ended before they were recorded. These take the store's prebuilt statement."""
+    stages = [{"name": "script", "status": "success", "exit_code": exit_code}]
+    values = {"exit_code": exit_code, "error_code": None, "error_message": None, "stages": stages}
+    return {**values, "result": {"branch": None, "pushed": False}, **process}
+
+
+def _job_run_write(job_id: str, lease: str, values: dict[str, Any]) -> OwnerWrite:
+    canceled = Cas(
+        (Status.CANCEL_REQUESTED,),
+        Status.CANCELED,
+        {**values, "error_code": "canceled", "error_message": "canceled"},
+        "canceled",
+    )
+    return OwnerWrite(job_id, lease, (Cas((Status.RUNNING,), Status.SUCCESS, values, "success"), canceled))
+
+
+def test_prebuilt_terminal_write_matches_the_general_one(store: JobStore) -> None:
+    """The usual terminal write goes through one statement built once (`_TERMINAL_CAS`); it must
+    write what the general compare-and-set writes, event and lease check included."""
+    leases = _claim_all(store, 4)
+    fresh, recorded, canceled, lost = list(leases)
+    # `recorded` ran past its first second: its process ids are in the row already.
+    assert store.update_fields(recorded, leases[recorded], {"pid": 7, "pgid": 7, "proc_start_time": 70})
+    store.cancel(canceled, owner=None, actor="admin")
+    assert store.transition(lost, Status.RUNNING, Status.FAILED, values={"lease_token": None})
+    writes = [
+        _job_run_write(fresh, leases[fresh], _job_run_values(0, pid=11, pgid=11, proc_start_time=110)),
+        _job_run_write(recorded, leases[recorded], _job_run_values(0)),
+        _job_run_write(canceled, leases[canceled], _job_run_values(0, pid=33, pgid=33, proc_start_time=330)),
+        _job_run_write(lost, leases[lost], _job_run_values(0, pid=44, pgid=44, proc_start_time=440)),
+    ]
+    with _statements(store) as seen:
+        held, _ = store.finish_many(writes)
+    assert held == [0, 0, 1, None]
+    assert sum("coalesce(" in sql.lower() for sql in seen) == 6  # one per attempt tried: 1, 1, 2, 2
+    rows = {job_id: store.get_row(job_id) or {} for job_id in leases}
+    assert rows[fresh]["status"] == "success" and rows[fresh]["finished_at"] is not None
+    assert (rows[fresh]["pid"], rows[fresh]["pgid"], rows[fresh]["proc_start_time"]) == (11, 11, 110)
+    assert rows[fresh]["stages"] == [{"name": "script", "status": "success", "exit_code": 0}]
+    assert rows[fresh]["result"] == {"branch": None, "pushed": False}
+    assert rows[fresh]["exit_code"] == 0 and rows[fresh]["error_code"] is None
+    # Not in the values: the recorded ids stay (COALESCE), as the general write leaves them.
+    assert (rows[recorded]["pid"], rows[recorded]["pgid"], rows[recorded]["proc_start_time"]) == (7, 7, 70)
+    assert rows[canceled]["status"] == "canceled" and rows[canceled]["error_code"] == "canceled"
+    assert rows[canceled]["pid"] == 33
+    assert rows[lost]["status"] == "failed" and rows[lost]["pid"] is None
+    assert _terminal_events(store, fresh) == ["job_succeeded"]
+    assert _terminal_events(store, recorded) == ["job_succeeded"]
+    assert _terminal_events(store, canceled) == ["job_canceled"]
+    assert len(_terminal_events(store, lost)) == 1
+
+
+def test_partial_terminal_values_leave_the_other_columns(store: JobStore) -> None:
+    """A write that sets only some terminal columns takes the general statement: the prebuilt one
+    would set the missing ones to NULL."""
+    leases = _claim_all(store, 1)
+    [job_id] = list(leases)
+    stages = [{"name": "script", "status": "running"}]
+    assert store.update_fields(job_id, leases[job_id], {"stages": stages, "error_message": "kept"})
+    with _statements(store) as seen:
+        held, _ = store.finish_many([_success(job_id, leases[job_id], exit_code=3)])
+    assert held == [0]
+    assert not any("coalesce(" in sql.lower() for sql in seen)
+    row = store.get_row(job_id) or {}
+    assert row["status"] == "success" and row["exit_code"] == 3 and row["pid"] == 4242
+    assert row["stages"] == stages and row["error_message"] == "kept"

@@ -76,6 +76,49 @@ _CLAIM_UPDATE = (
     )
 )
 _CLAIM_UPDATE_RETURNING = _CLAIM_UPDATE.returning(*jobs.c)
+_JOBS_BY_IDS = sa.select(jobs).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)))
+
+
+def _typed(column: sa.Column[Any]) -> sa.BindParameter[Any]:
+    return sa.bindparam(f"b_{column.name}", type_=column.type)
+
+
+# The terminal compare-and-set of an owner write (`finish_many`), the one write every job makes:
+# built once, as the claim is. Its values are the ones `JobRun` always sets; the process ids only
+# when the job ended before they were recorded (NULL keeps the recorded ones). Any other set of
+# values goes through the general `_cas`.
+_TERMINAL_VALUES = ("exit_code", "error_code", "error_message", "stages", "result")
+_PROCESS_VALUES = ("pid", "pgid", "proc_start_time")
+_TERMINAL_CAS = (
+    jobs.update()
+    .where(
+        jobs.c.id == sa.bindparam("b_job"),
+        jobs.c.lease_token == sa.bindparam("b_lease"),
+        # Two slots, the same status twice when only one is allowed: a fixed statement, where an
+        # expanding IN would be re-rendered on every call.
+        jobs.c.status.in_([sa.bindparam("b_from1"), sa.bindparam("b_from2")]),
+    )
+    .values(
+        status=sa.bindparam("b_dst"),
+        finished_at=sa.bindparam("b_now", type_=jobs.c.finished_at.type),
+        **{name: _typed(jobs.c[name]) for name in _TERMINAL_VALUES},
+        **{name: sa.func.coalesce(_typed(jobs.c[name]), jobs.c[name]) for name in _PROCESS_VALUES},
+    )
+)
+_TERMINAL_KEYS = frozenset(_TERMINAL_VALUES + _PROCESS_VALUES)
+
+
+def _fits_terminal_cas(cas: Cas) -> bool:
+    """Whether `_TERMINAL_CAS` makes exactly the write `_cas` would: every terminal value given
+    (the statement sets them all), process ids given as numbers or not at all (COALESCE)."""
+    keys = cas.values.keys()
+    return (
+        cas.dst in TERMINAL
+        and 1 <= len(cas.allowed) <= 2
+        and _TERMINAL_KEYS.issuperset(keys)
+        and all(name in keys for name in _TERMINAL_VALUES)
+        and all(cas.values[name] is not None for name in _PROCESS_VALUES if name in keys)
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +195,8 @@ class JobStore:
         self.engine = engine
         self.is_pg = engine.dialect.name == "postgresql"
         self.listeners: list[EventListener] = list(listeners)
+        # Claim pages without a user filter or keyset, by page size (a handful: see `_claim_in`).
+        self._pick_cache: dict[int, sa.Select[Any]] = {}
 
     # -- events -----------------------------------------------------------------------------
 
@@ -445,6 +490,10 @@ class JobStore:
         self, conn: Connection, write: OwnerWrite, now: datetime, pending: list[_PendingEvent]
     ) -> int | None:
         for index, cas in enumerate(write.attempts):
+            if _fits_terminal_cas(cas):
+                if self._terminal_cas(conn, write, cas, now, pending):
+                    return index
+                continue
             matched = self._cas(
                 conn,
                 write.job_id,
@@ -462,6 +511,30 @@ class JobStore:
             if matched is not None:
                 return index
         return None
+
+    def _terminal_cas(
+        self, conn: Connection, write: OwnerWrite, cas: Cas, now: datetime, pending: list[_PendingEvent]
+    ) -> bool:
+        """`cas` (one that `_fits_terminal_cas`) through `_TERMINAL_CAS`: the same compare-and-set
+        and deferred event as `_cas`, without building a statement. False when it did not match."""
+        values = cas.values
+        params: dict[str, Any] = {
+            "b_job": write.job_id,
+            "b_lease": write.lease_token,
+            "b_from1": cas.allowed[0].value,
+            "b_from2": cas.allowed[-1].value,
+            "b_dst": cas.dst.value,
+            "b_now": now,
+        }
+        for name in _TERMINAL_VALUES:
+            params[f"b_{name}"] = values.get(name)
+        for name in _PROCESS_VALUES:
+            params[f"b_{name}"] = values.get(name)
+        if conn.execute(_TERMINAL_CAS, params).rowcount != 1:
+            return False
+        event_type = EVENT_FOR_STATUS[cas.dst]
+        pending.append(_PendingEvent(write.job_id, event_type, "system", cas.message, cas.meta or {}))
+        return True
 
     def cancel(self, job_id: str, *, owner: str | None, actor: str) -> tuple[dict[str, Any], int]:
         """SPEC §4 cancel: queued → 200 canceled; running → 202 cancel_requested; already
@@ -562,17 +635,7 @@ class JobStore:
         picked: list[Any] = []
         after: tuple[datetime, str] | None = None
         while len(picked) < slots:
-            # Only what picking needs: the full rows (JSON columns and all) are read for
-            # the picked jobs alone, after their update.
-            query = sa.select(*_PICK_COLUMNS).where(jobs.c.status == Status.QUEUED.value)
-            if saturated:
-                query = query.where(jobs.c.requested_by.not_in(saturated))
-            if after is not None:
-                query = query.where(sa.tuple_(jobs.c.created_at, jobs.c.id) > sa.tuple_(*after))
-            query = query.order_by(jobs.c.created_at, jobs.c.id).limit(page)
-            if self.is_pg:
-                query = query.with_for_update(skip_locked=True)
-            batch = conn.execute(query).mappings().all()
+            batch = conn.execute(self._pick_query(page, saturated, after)).mappings().all()
             for row in batch:
                 user = row["requested_by"]
                 if running.get(user, 0) >= max_jobs_per_user:
@@ -602,16 +665,34 @@ class JobStore:
         else:
             # One statement for all (an executemany), each job with a lease of its own.
             conn.execute(_CLAIM_UPDATE, params)
-            rows = {
-                r["id"]: dict(r)
-                for r in conn.execute(sa.select(jobs).where(jobs.c.id.in_(list(leases)))).mappings()
-            }
+            rows = {r["id"]: dict(r) for r in conn.execute(_JOBS_BY_IDS, {"ids": list(leases)}).mappings()}
         claimed = [ClaimedJob(job_id, lease, rows[job_id]) for job_id, lease in leases.items()]
         pending = [
             _PendingEvent(job_id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id})
             for job_id in leases
         ]
         return claimed, self._insert_events(conn, pending, now)
+
+    def _pick_query(
+        self, page: int, saturated: list[str], after: tuple[datetime, str] | None
+    ) -> sa.Select[Any]:
+        """The next page of claim candidates: only what picking needs (the full rows, JSON columns
+        and all, are read for the picked jobs alone, after their update). The usual first page
+        (no user at the limit) is built once per page size."""
+        plain = not saturated and after is None
+        if plain and page in self._pick_cache:
+            return self._pick_cache[page]
+        query = sa.select(*_PICK_COLUMNS).where(jobs.c.status == Status.QUEUED.value)
+        if saturated:
+            query = query.where(jobs.c.requested_by.not_in(saturated))
+        if after is not None:
+            query = query.where(sa.tuple_(jobs.c.created_at, jobs.c.id) > sa.tuple_(*after))
+        query = query.order_by(jobs.c.created_at, jobs.c.id).limit(page)
+        if self.is_pg:
+            query = query.with_for_update(skip_locked=True)
+        if plain:
+            self._pick_cache[page] = query
+        return query
 
     def heartbeat(self, runner_id: str, leases: Mapping[str, str]) -> dict[str, str]:
         """Refreshes `heartbeat_at` of this instance's jobs in one statement. Returns the jobs

@@ -1,0 +1,146 @@
+"""CPU cost of a trivial job's database work, in-process: its claim and its terminal write, as the
+launcher makes them during a drain (issue 3's drain target; see docs/performance.md, "Dispatch").
+
+    .venv/bin/python bench/job_store.py [--backend sqlite|postgresql|both] [--jobs 2000]
+        [--batch 8] [--rounds 5]
+
+Per round: `--jobs` queued jobs are created (not timed), then the timed loop does what a drain at
+concurrency `--batch` does in the store: one claim of `--batch` jobs, then, batch after batch, one
+`finish_many` of their terminal writes (the `OwnerWrite`s `JobRun` makes, stages and all) that
+claims the next batch in the same transaction. Prints the CPU time of this process per job (the
+database server's own CPU is not in it: on SQLite there is none) and the wall time, median of the
+rounds. The drain itself is `bench/dispatch.py`; this isolates the part of its per-job cost that
+is SQLAlchemy and the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from _serve import database_url
+from codex_runner.config import load_settings
+from codex_runner.jobs import ErrorCode, Status
+from codex_runner.runtime import Runtime
+from codex_runner.store.admin import Principal
+from codex_runner.store.jobs import Cas, ClaimRequest, OwnerWrite
+from codex_runner.store.records import initial_stages, iso, utcnow
+
+PG_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+RUNNER_TOML = """
+[runner]
+max_queue_size = 10000000
+max_queued_per_user = 10000000
+
+[repos.scratch]
+source = "{repo}"
+workspace = "scratch"
+
+[scripts.true]
+command = ["/bin/true"]
+timeout_seconds = 60
+"""
+
+
+def terminal_write(job_id: str, lease: str, pid: int) -> OwnerWrite:
+    """What `JobRun._terminal_write` makes for a job that succeeded within its first second."""
+    now = iso(utcnow())
+    stages = initial_stages()
+    for stage in stages:
+        stage.update(status="success", started_at=now, finished_at=now)
+    values = {
+        "exit_code": 0,
+        "error_code": None,
+        "error_message": None,
+        "stages": stages,
+        "result": None,
+        "pid": pid,
+        "pgid": pid,
+        "proc_start_time": 123456,
+    }
+    canceled = Cas(
+        (Status.CANCEL_REQUESTED,),
+        Status.CANCELED,
+        {**values, "error_code": ErrorCode.CANCELED, "error_message": "canceled"},
+        "canceled",
+    )
+    return OwnerWrite(job_id, lease, (Cas((Status.RUNNING,), Status.SUCCESS, values, "success"), canceled))
+
+
+def one_round(rt: Runtime, jobs: int, batch: int) -> tuple[float, float]:
+    admin = Principal(user="root", role="admin")
+    for _ in range(jobs):
+        rt.create_job(admin, {"repo": "scratch", "script_key": "true", "args": {}})
+    store = rt.jobs
+    request = ClaimRequest("bench", batch, 1_000_000)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    claimed = store.claim("bench", slots=batch, max_jobs_per_user=1_000_000)
+    done = 0
+    pid = 1000
+    while claimed:
+        writes = []
+        for job in claimed:
+            pid += 1
+            writes.append(terminal_write(job.id, job.lease_token, pid))
+        held, claimed = store.finish_many(writes, request)
+        if any(h != 0 for h in held):
+            raise RuntimeError(f"a terminal write did not hold: {held}")
+        done += len(writes)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    if done != jobs:
+        raise RuntimeError(f"finished {done} of {jobs} jobs")
+    return cpu / jobs * 1e6, wall / jobs * 1e6
+
+
+def run(backend: str, args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix=f"cr-jobstore-{backend}-"))
+    try:
+        with database_url(backend, args.pg_url, root, "cr_bench_") as url:
+            (root / "repo").mkdir()
+            (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repo=root / "repo")))
+            env = {
+                "RUNNER_CONFIG": str(root / "runner.toml"),
+                "RUNNER_DATA_DIR": str(root / "data"),
+                "RUNNER_DATABASE_URL": url,
+                "RUNNER_ALLOWED_REPO_PATHS": str(root / "repo"),
+                "RUNNER_ID": "bench",
+                "RUNNER_LOG_FORMAT": "json",
+            }
+            rt = Runtime.open(load_settings(env, cwd=root))
+            try:
+                one_round(rt, min(args.jobs, 200), args.batch)  # warm-up: statement caches, pool
+                results = [one_round(rt, args.jobs, args.batch) for _ in range(args.rounds)]
+            finally:
+                rt.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    cpu = statistics.median(r[0] for r in results)
+    wall = statistics.median(r[1] for r in results)
+    spread = ", ".join(f"{r[0]:.0f}" for r in results)
+    print(
+        f"{backend}: claim + terminal write, batches of {args.batch}: "
+        f"{cpu:.0f} µs CPU per job (rounds: {spread}), {wall:.0f} µs wall per job"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    ap.add_argument("--pg-url", default=PG_URL)
+    ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    for backend in ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]:
+        run(backend, args)
+
+
+if __name__ == "__main__":
+    main()
