@@ -8,14 +8,18 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 
 from codex_runner.errors import InvalidTransition
 from codex_runner.jobs import EVENT_FOR_STATUS, TRANSITIONS, Status, canonical_payload, payload_hash
 from codex_runner.store import JobStore
 from codex_runner.store.jobs import Limits, NewJob
-from codex_runner.store.migrate import current_revision, head_revision, upgrade
+from codex_runner.store.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
 from codex_runner.store.records import utcnow
-from codex_runner.store.schema import events, jobs
+from codex_runner.store.schema import events, job_counts, jobs, metadata
 
 
 def new_job(user: str = "alice", repo: str = "r1", mode: str = "worktree", key: str | None = None) -> NewJob:
@@ -53,6 +57,39 @@ def test_migrations_reach_head(store: JobStore) -> None:
     assert current_revision(store.engine) == head_revision()
     upgrade(store.engine)  # idempotent
     assert current_revision(store.engine) == head_revision()
+
+
+def test_migrations_match_the_schema(store: JobStore) -> None:
+    """The migrated database has exactly the tables, columns and indexes `schema.py` declares."""
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_status_user_index_migration_keeps_the_counts(store: JobStore) -> None:
+    """0003 drops a redundant index without copying `runner_jobs` (which would lose the job-count
+    triggers); its downgrade puts the index back."""
+
+    def indexes() -> set[str]:
+        return {ix["name"] for ix in sa.inspect(store.engine).get_indexes("runner_jobs")}
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with store.engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0002")
+        conn.commit()
+    assert "ix_runner_jobs_status_user" in indexes()
+    upgrade(store.engine)
+    assert "ix_runner_jobs_status_user" not in indexes()
+    job, _ = store.create(new_job(user="counted"), BIG)
+    store.transition(job["id"], Status.QUEUED, Status.CANCELED, message="m")
+    with store.engine.connect() as conn:
+        counts = dict(
+            conn.execute(
+                sa.select(job_counts.c.status, job_counts.c.n).where(job_counts.c.requested_by == "counted")
+            ).all()
+        )
+    assert counts == {"queued": 0, "canceled": 1}
 
 
 @pytest.mark.parametrize(("src", "dst"), list(itertools.product(Status, Status)))

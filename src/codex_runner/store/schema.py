@@ -94,8 +94,7 @@ jobs = sa.Table(
         sqlite_where=sa.text("status = 'queued'"),
         postgresql_where=sa.text("status = 'queued'"),
     ),
-    # Limits and watchdog: active rows by user, by runner, by repo.
-    sa.Index("ix_runner_jobs_status_user", "status", "requested_by"),
+    # Limits and watchdog: active rows by runner, by repo; by user through `status_created` below.
     sa.Index("ix_runner_jobs_runner_status", "runner_id", "status"),
     sa.Index("ix_runner_jobs_repo_status", "repo_id", "status"),
     # Lists: newest first, optionally per user / repo / status.
