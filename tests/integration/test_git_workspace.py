@@ -25,6 +25,7 @@ from codex_runner.execution.workspace import (
     commit_changes,
     prepare_workspace,
     push_branch,
+    remove_empty_scratch,
     validate_ref_name,
     validate_source,
 )
@@ -505,3 +506,31 @@ def test_repo_lock_gives_up_on_a_holder_that_never_lets_go(tmp_path: Path) -> No
             pass  # other repos are not held up
     with repo_lock(settings, "frozen-repo", timeout=0.5):
         pass  # released: taken at once
+
+
+def test_remove_empty_scratch_does_only_the_cheap_case(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    repo = Repo("s", str(tmp_path), workspace="scratch")
+    empty = prepare_workspace(repo, "11111111-a", settings)
+    assert remove_empty_scratch(empty, settings, failed=False) and not empty.path.exists()
+    assert remove_empty_scratch(empty, settings, failed=False)  # already gone: nothing to do
+
+    busy = prepare_workspace(repo, "22222222-b", settings)
+    (busy.path / "out.txt").write_text("x\n")
+    assert not remove_empty_scratch(busy, settings, failed=False) and busy.path.exists()
+    cleanup_workspace(busy, repo, settings, failed=False)
+    assert not busy.path.exists()
+
+    linked = prepare_workspace(repo, "33333333-c", settings)
+    linked.path.rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    linked.path.symlink_to(tmp_path / "elsewhere")
+    assert not remove_empty_scratch(linked, settings, failed=False)  # cleanup_workspace unlinks it
+    cleanup_workspace(linked, repo, settings, failed=False)
+    assert not linked.path.is_symlink() and (tmp_path / "elsewhere").is_dir()
+
+    keep = settings_for(tmp_path, keep_failed_workspaces=True)
+    kept = prepare_workspace(repo, "44444444-d", keep)
+    assert remove_empty_scratch(kept, keep, failed=True) and kept.path.is_dir()
+    worktree = prepare_workspace(Repo("l", str(make_repo(tmp_path / "r"))), "55555555-e", settings)
+    assert not remove_empty_scratch(worktree, settings, failed=False)  # not scratch: not its case

@@ -258,3 +258,30 @@ def test_stop_kills_a_daemon_of_a_job_that_just_ended(
     assert all(_alive(p) for p in pids)
     asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(timeout=30)
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=2)
+
+
+def test_scratch_jobs_set_up_and_clean_up_on_the_loop(runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scratch job's set-up and, when its folder is empty, its cleanup take no thread trip (a trip
+    costs more than their few file operations); a folder with files is still removed, in a thread."""
+    trips: list[str] = []
+    original = asyncio.to_thread
+
+    async def recording(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        trips.append(getattr(fn, "__qualname__", repr(fn)))
+        trips.extend(getattr(a, "__qualname__", "") for a in args[:2])
+        return await original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", recording)
+    empty = runner.wait(runner.submit({})["id"])
+    assert empty["status"] == "success"
+    assert not [t for t in trips if t.startswith("JobRun.") or t == "cleanup_workspace"], trips
+    assert {s["name"]: s["status"] for s in empty["stages"]}["cleanup"] == "success"
+
+    trips.clear()
+    busy = runner.wait(runner.submit({"touch": "made-by-the-job.txt"})["id"])
+    assert busy["status"] == "success"
+    assert "cleanup_workspace" in trips and "JobRun._set_up" not in trips
+    for done in (empty, busy):
+        assert not (runner.runtime.settings.workspace_dir / done["id"]).exists()
+        manifest = json.loads((runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text())
+        assert manifest["status"] == "success"

@@ -291,6 +291,42 @@ def test_local_worktree_repo_has_spares_too(tmp_path: Path) -> None:
     assert git("status", "--porcelain", cwd=local) == ""
 
 
+def test_local_clone_repo_has_spares_that_own_their_objects(
+    tmp_path: Path, takes: tuple[bool, list[bool]]
+) -> None:
+    """A local repo in `clone` mode: the spare is a hard-linked clone like the job's own, and the
+    take fetches what the repo gained since the build. The workspace never borrows the repo's
+    objects, even when someone pointed the spare at another object store."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("l", str(local), workspace="clone")
+    first = prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+    assert git("for-each-ref", "refs/heads/", cwd=spare) == ""  # no branch as old as the spare
+    (spare / ".git" / "objects" / "info" / "alternates").write_text(f"{local / '.git' / 'objects'}\n")
+    moved = advance(local)  # a commit the spare's objects do not have
+    git("branch", "feature", cwd=local)
+
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()
+    assert takes[1] == [takes[0]]
+    assert second.base_commit == moved
+    assert_pristine(second, local)
+    assert not (second.path / ".git" / "objects" / "info" / "alternates").exists()
+    assert git("config", "--get", "remote.origin.url", cwd=second.path) == str(local)
+    assert git("rev-parse", "refs/remotes/origin/main", cwd=second.path) == moved
+    assert git("rev-parse", "refs/remotes/origin/feature", cwd=second.path) == moved
+    # Independent of the repo: its objects may go, the workspace still has every one.
+    shutil.rmtree(local / ".git" / "objects")
+    assert git("fsck", "--connectivity-only", cwd=second.path) == ""
+    git("init", "-q", "-b", "main", str(local))  # an empty repo again, so cleanup can run
+    (second.path / "agent.txt").write_text("work\n")
+    assert commit(second).files_changed == 1
+    cleanup_workspace(first, repo, settings, failed=True)
+    assert wait_for_refills(30)
+
+
 def test_two_jobs_racing_for_one_spare_both_get_a_workspace(tmp_path: Path) -> None:
     seed, _bare, settings, repo = url_repo(tmp_path, "worktree")
     prepare_workspace(repo, "11111111-a", settings)
@@ -362,14 +398,16 @@ def test_prewarm_at_start_makes_spares_from_what_is_already_here(tmp_path: Path)
     local = make_repo(tmp_path / "local")
     seed, bare, settings, url = url_repo(tmp_path, "clone")
     local_repo = Repo("l", str(local))
+    local_clone = Repo("c", str(local), workspace="clone")
     prepare_workspace(url, "11111111-a", settings)  # an earlier life made the mirror
     assert wait_for_refills(30)
     for spare in ready_spares(settings, url):
         shutil.rmtree(spare)
 
-    assert prewarm_spares([local_repo, url], settings) == 2
+    assert prewarm_spares([local_repo, url, local_clone], settings) == 3
     assert wait_for_refills(30)
     assert len(ready_spares(settings, local_repo)) == 1 and len(ready_spares(settings, url)) == 1
+    assert len(ready_spares(settings, local_clone)) == 1
     assert not list((settings.data_dir / "git-home").glob("prewarm-*"))  # its git HOME is gone
 
     moved = advance(seed)
@@ -392,7 +430,6 @@ def test_prewarm_skips_what_it_cannot_make_without_the_network(tmp_path: Path) -
         Repo("n", f"file://{tmp_path}/other.git", source_type="git_url", branch=None, workspace="clone"),
         Repo("s", str(local), workspace="scratch"),
         Repo("i", str(local), workspace="in_place"),
-        Repo("c", str(local), workspace="clone"),  # a local clone has no spares
         Repo("m", str(tmp_path / "missing")),
     ]
     assert prewarm_spares(repos, settings) == 0

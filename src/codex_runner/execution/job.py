@@ -2,11 +2,17 @@
 with every write fenced by the job's lease.
 
 Blocking work (file system, database, git) runs in worker threads, and a job makes as few of those
-trips as it can (a trivial job makes three: set-up and prepare, cleanup, and the end, which it
-shares with the other jobs ending meanwhile, see `finisher.py`): a stage change marks the run
-manifest dirty, and the job's next trip writes it before its own work, so the manifest still changes
-at every stage change, in order, before anything that follows. A running script's next trip comes
-at the latest `PID_RECORD_DELAY_SECONDS` after its spawn.
+trips as it can (a job makes three: set-up and prepare, cleanup, and the end, which it shares with
+the other jobs ending meanwhile, see `finisher.py`): a stage change marks the run manifest dirty,
+and the job's next trip writes it before its own work, so the manifest still changes at every stage
+change, in order, before anything that follows. A running script's next trip comes at the latest
+`PID_RECORD_DELAY_SECONDS` after its spawn.
+
+A `scratch` job without a credential makes only the shared one: its set-up (log file, manifest, one
+folder) and, when the script left its folder empty, its cleanup (manifest, one `rmdir`) run on the
+event loop, as the log's own writes do. They are a handful of small file operations, cheaper than
+the trip: handing work to a thread and back costs the GIL changing hands dozens of times, and on a
+busy runner that was a third of a trivial job's CPU (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from codex_runner.execution.workspace import (
     commit_changes,
     prepare_workspace,
     push_branch,
+    remove_empty_scratch,
 )
 from codex_runner.jobs import ErrorCode, Status
 from codex_runner.logs.writer import LogWriter
@@ -213,8 +220,12 @@ class JobRun:
     async def _run(self) -> None:
         repo = self.rt.catalog.repos.get(self.row["repo"])
         script = self.rt.catalog.scripts.get(self.row["script_key"])
-        # One trip: credential, log file, the manifest, the workspace.
-        credential, prepared = await asyncio.to_thread(self._set_up, repo, script)
+        # One trip: credential, log file, the manifest, the workspace; no trip for a scratch job
+        # without a credential (see the module's docstring).
+        if repo is not None and repo.workspace == "scratch" and not repo.credential:
+            credential, prepared = self._set_up(repo, script)
+        else:
+            credential, prepared = await asyncio.to_thread(self._set_up, repo, script)
         if repo is None or script is None:
             missing = f"repo {self.row['repo']!r}" if repo is None else f"script {self.row['script_key']!r}"
             await self._finish(
@@ -435,7 +446,14 @@ class JobRun:
     async def _cleanup(self, ws: Workspace, repo: RepoSpec, *, failed: bool) -> None:
         self._stage("cleanup", "running")
         try:
-            await self._in_thread(cleanup_workspace, ws, repo, self.settings, failed=failed)
+            # An empty scratch folder is removed here, on the loop; anything else in a thread.
+            if not (
+                ws.mode == "scratch"
+                and self._write_then(
+                    self._take_dirty_manifest(), remove_empty_scratch, ws, self.settings, failed=failed
+                )
+            ):
+                await self._in_thread(cleanup_workspace, ws, repo, self.settings, failed=failed)
         except (GitError, OSError) as exc:
             self._stage("cleanup", "failed", error=getattr(exc, "message", None) or str(exc))
             return

@@ -11,9 +11,10 @@ written. A spare that cannot be used is deleted and the job prepares the ordinar
 
 Layout: `<workspace dir>/.spares/<repo key>.<mode>/ready-<id>`, built as `building-<id>` (with its
 git HOME `home-<id>`) and renamed when complete, so an interrupted build is never taken.
-`RUNNER_WARM_WORKSPACES` spares are kept per repo and mode (0: none). Only `clone` and `worktree`
-workspaces made from a mirror or a local repo's own objects have spares; `in_place`, `scratch` and
-`clone` of a local path (a hard-linked copy) do not.
+`RUNNER_WARM_WORKSPACES` spares are kept per repo and mode (0: none). `clone` and `worktree`
+workspaces have spares; `in_place` and `scratch` do not. A `clone` spare of a URL repo borrows the
+mirror's objects, as the job's clone does; one of a local repo owns them (a hard-linked `git clone`
+of the repo, like the job's clone) and is brought up to date by a fetch from the repo when taken.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class SpareSource:
     store: Path
     origin: str
     commit: str
+    #: A `clone` that owns its objects (hard-linked from a local repo, `origin` its path) instead of
+    #: borrowing `store`'s through `objects/info/alternates`.
+    owns_objects: bool = False
 
 
 def pool_dir(settings: Settings, key: str, mode: str) -> Path:
@@ -167,7 +171,14 @@ def _rename(spare: Path, path: Path) -> bool:
 def _reset(
     git_dir: Path, path: Path, src: SpareSource, base_branch: str, branch: str, home: Path, *, untouched: bool
 ) -> None:
-    if src.mode == "clone":
+    if src.mode == "clone" and src.owns_objects:
+        # Written again rather than trusted, and never borrowing: the job's clone stays independent
+        # of the repo. The fetch brings the commits made since the build and every branch as it is
+        # now (a fresh clone's remote-tracking branches); the objects it adds are copied, few.
+        _write_file(git_dir / "config", _CLONE_CONFIG.format(url=_config_quote(src.origin)))
+        (git_dir / "objects" / "info" / "alternates").unlink(missing_ok=True)
+        run_in(git_dir, path, ["fetch", "-q", "--prune", "--tags", "origin"], home, "clone_failed")
+    elif src.mode == "clone":
         # Written again rather than trusted: the same configuration and objects a fresh clone gets.
         _write_file(git_dir / "config", _CLONE_CONFIG.format(url=_config_quote(src.origin)))
         _write_file(git_dir / "objects" / "info" / "alternates", f"{src.store / 'objects'}\n")
@@ -228,6 +239,8 @@ def build_spare(settings: Settings, src: SpareSource) -> bool:
                 git_out(["-C", str(building), "rev-parse", "--absolute-git-dir"], home, "branch_failed")
             )
             run_in(git_dir, building, ["reset", "--hard", "-q"], home, "branch_failed")
+        elif src.owns_objects:
+            _build_local_clone(src, building, home)
         else:
             run_git(["init", "-q", "--", str(building)], home=home, error_code="clone_failed")
             _write_file(building / ".git" / "objects" / "info" / "alternates", f"{src.store / 'objects'}\n")
@@ -242,6 +255,24 @@ def build_spare(settings: Settings, src: SpareSource) -> bool:
         raise
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _build_local_clone(src: SpareSource, building: Path, home: Path) -> None:
+    """The job's own way of cloning a local repo (hard links), detached at the commit. The local
+    branch `clone` makes is deleted: at take it would be as old as the spare, and the job gets its
+    own branch anyway; the remote-tracking branches are refreshed by the take's fetch."""
+    run_git(
+        ["clone", "-q", "--no-checkout", "--", src.origin, str(building)],
+        home=home,
+        error_code="clone_failed",
+    )
+    git_dir = building / ".git"
+    run_in(git_dir, building, ["checkout", "-q", "--detach", src.commit], home, "branch_failed")
+    branches = git_out(
+        [f"--git-dir={git_dir}", "for-each-ref", "--format=%(refname)", "refs/heads/"], home, "clone_failed"
+    )
+    for ref in branches.splitlines():
+        run_git([f"--git-dir={git_dir}", "update-ref", "-d", ref], home=home, error_code="clone_failed")
 
 
 def _settle_index(git_dir: Path, work_tree: Path, home: Path) -> None:

@@ -16,6 +16,7 @@ meets a configuration file the agent could have edited.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import uuid
@@ -233,6 +234,11 @@ def _prepare_local(
         refill_later(settings, spare)
         return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
 
+    spare = SpareSource(_lock_key(repo), mode, store, str(source), base_commit, owns_objects=True)
+    taken = take_spare(settings, spare, path, base_branch, branch, home)
+    refill_later(settings, spare)
+    if taken is not None:
+        return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, taken, store)
     _new_folder(root, path)
     try:
         # A local clone hard-links the objects (copies across file systems): independent of the source.
@@ -373,9 +379,9 @@ def _spare_source_now(repo: RepoLike, settings: Settings, home: Path) -> SpareSo
             return None
         commit = _resolve(mirror, f"refs/remotes/origin/{repo.branch}", home)
         return SpareSource(key, repo.workspace, mirror, repo.source, commit)
-    if repo.source_type == "local_path" and repo.workspace == "worktree":  # a local clone has none
+    if repo.source_type == "local_path" and repo.workspace in ("clone", "worktree"):
         source, store, _, commit = _local_base(repo, home)
-        return SpareSource(key, "worktree", store, str(source), commit)
+        return SpareSource(key, repo.workspace, store, str(source), commit, repo.workspace == "clone")
     return None
 
 
@@ -624,6 +630,25 @@ def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, fail
                 _cleanup_in_place(ws, repo, settings)
     finally:
         shutil.rmtree(ws.home, ignore_errors=True)
+
+
+def remove_empty_scratch(ws: Workspace, settings: Settings, *, failed: bool) -> bool:
+    """The whole cleanup of a `scratch` workspace the script left empty (the usual trivial job): one
+    `rmdir`, cheap enough to run on the event loop. False when it is not that case (another mode, a
+    folder with files, a symlink in its place): `cleanup_workspace` then does the work."""
+    if ws.mode != "scratch":
+        return False
+    if not settings.cleanup_after_job or (failed and settings.keep_failed_workspaces):
+        return True  # kept; a scratch workspace has no git HOME to remove
+    if ws.path.parent != _real_dir(settings.workspace_dir):
+        return False  # cleanup_workspace refuses it, with the reason
+    try:
+        os.rmdir(ws.path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _cleanup_worktree(ws: Workspace, repo: RepoLike, settings: Settings, root: Path) -> None:
