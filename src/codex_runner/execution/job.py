@@ -11,8 +11,9 @@ change, in order, before anything that follows. A running script's next trip com
 A `scratch` job without a credential makes only the shared one: its set-up (log file, manifest, one
 folder) and, when the script left its folder empty, its cleanup (manifest, one `rmdir`) run on the
 event loop, as the log's own writes do. They are a handful of small file operations, cheaper than
-the trip: handing work to a thread and back costs the GIL changing hands dozens of times, and on a
-busy runner that was a third of a trivial job's CPU (docs/performance.md).
+the trip: handing work to a thread and back makes the GIL change hands dozens of times, and in
+drains of trivial jobs the server spent 15–35% less CPU per job without those two trips
+(docs/performance.md, "Dispatch").
 """
 
 from __future__ import annotations

@@ -1,0 +1,207 @@
+"""Where a trivial job's CPU goes: the launcher drained in-process (no HTTP server), and the parts
+of a job timed one by one (issue 3's drain target; see docs/performance.md, "Dispatch").
+
+    .venv/bin/python bench/drain_inprocess.py [--jobs 3000] [--concurrency 8]
+        [--inline none job commit all] [--parts]
+
+Drain: a scratch data dir (SQLite, under $TMPDIR), `--jobs` `/bin/true` jobs created with nothing
+claiming, then `Launcher` started on uvloop with RUNNER_MAX_CONCURRENCY = `--concurrency`, until
+all are terminal. Prints jobs/s and this process's CPU per job (every thread; the children's own
+CPU is not in it). `--inline` is an experiment, not a setting: it runs the named worker-thread
+trips on the event loop instead (`job`: JobRun's own trips; `commit`: the group commit's; `all`:
+every `asyncio.to_thread`), to show what handing work to a thread and back costs. One drain per
+value, in the order given.
+
+`--parts`: each part of a trivial job on its own, in one thread: spawn and wait through
+`JobProcess` (and a bare `subprocess.Popen` + `wait` beside it), one `asyncio.to_thread` round
+trip, a run-manifest write, the log file with its four runner lines, and the service log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+import uvloop
+
+from codex_runner.config import Settings, load_settings
+from codex_runner.execution.manifest import ManifestWriter
+from codex_runner.execution.process import JobProcess, ProcessSpec, build_env
+from codex_runner.launcher import Launcher
+from codex_runner.logs.writer import LogWriter
+from codex_runner.ops.logging import configure_logging
+from codex_runner.runtime import Runtime
+from codex_runner.store.admin import Principal
+from codex_runner.store.records import initial_stages, iso, utcnow
+from codex_runner.store.schema import jobs
+from dispatch import RUNNER_TOML
+
+_TO_THREAD = asyncio.to_thread
+
+
+def _settings(root: Path, concurrency: int) -> Settings:
+    (root / "repo").mkdir()
+    (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repo=root / "repo")))
+    env = {
+        "RUNNER_CONFIG": str(root / "runner.toml"),
+        "RUNNER_DATA_DIR": str(root / "data"),
+        "RUNNER_DATABASE_URL": f"sqlite:///{root / 'data' / 'runner.db'}",
+        "RUNNER_ALLOWED_REPO_PATHS": str(root / "repo"),
+        "RUNNER_ID": "bench-inprocess",
+        "RUNNER_LOG_FORMAT": "json",
+        "RUNNER_MAX_JOBS_PER_USER": "100000",
+        "RUNNER_MAX_CONCURRENCY": str(concurrency),
+    }
+    return load_settings(env, cwd=root)
+
+
+def _inline(which: str) -> None:
+    """Replaces `asyncio.to_thread` so that the chosen trips run on the calling (loop) thread."""
+    owners = {"job": {"JobRun"}, "commit": {"GroupCommitter"}}.get(which, set())
+
+    async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if which == "all" or type(getattr(fn, "__self__", None)).__name__ in owners:
+            return fn(*args, **kwargs)
+        return await _TO_THREAD(fn, *args, **kwargs)
+
+    asyncio.to_thread = _TO_THREAD if which == "none" else to_thread  # type: ignore[assignment]
+
+
+def drain(count: int, concurrency: int, inline: str) -> tuple[float, float]:
+    root = Path(tempfile.mkdtemp(prefix="cr-drain-"))
+    try:
+        settings = _settings(root, concurrency)
+        configure_logging(settings, stream=open(os.devnull, "w"))  # noqa: SIM115 (for the run)
+        rt = Runtime.open(settings)
+        admin = Principal(user="root", role="admin")
+        for _ in range(count):
+            rt.create_job(admin, {"repo": "scratch", "script_key": "true", "args": {}})
+
+        def left() -> int:
+            with rt.engine.connect() as conn:
+                active = jobs.c.status.in_(["queued", "running", "cancel_requested"])
+                return int(conn.execute(sa.select(sa.func.count()).where(active)).scalar_one())
+
+        async def run() -> tuple[float, float]:
+            _inline(inline)
+            try:
+                launcher = Launcher(rt)
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                await launcher.start()
+                while await _TO_THREAD(left):
+                    await asyncio.sleep(0.05)
+                cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+                await launcher.stop()
+                return count / wall, cpu / count * 1000
+            finally:
+                _inline("none")
+
+        try:
+            return uvloop.run(run())
+        finally:
+            rt.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _time(n: int, fn: Callable[[], object]) -> float:
+    fn()
+    cpu0 = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - cpu0) / n * 1e6
+
+
+def parts() -> None:
+    root = Path(tempfile.mkdtemp(prefix="cr-parts-"))
+    try:
+        settings = _settings(root, 8)
+        configure_logging(settings, stream=open(os.devnull, "w"))  # noqa: SIM115 (for the run)
+        env = build_env([], {"RUNNER_JOB_ID": "bench"})
+
+        async def spawn() -> float:
+            spec = ProcessSpec(argv=["/bin/true"], cwd=root, env=env)
+            cpu0 = time.process_time()
+            for _ in range(1000):
+                proc = await JobProcess.start(spec, lambda _: None)
+                await proc.wait()
+            trip0 = time.process_time()
+            for _ in range(5000):
+                await asyncio.to_thread(lambda: None)
+            return (trip0 - cpu0) / 1000 * 1e6, (time.process_time() - trip0) / 5000 * 1e6
+
+        spawn_us, trip_us = uvloop.run(spawn())
+        popen_us = _time(
+            1000,
+            lambda: subprocess.Popen(
+                ["/bin/true"], cwd=root, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            ).wait(),
+        )
+        doc = {
+            "job_id": "x" * 36,
+            "status": "running",
+            "stages": initial_stages(),
+            "updated_at": iso(utcnow()),
+        }
+        manifest = ManifestWriter(root / "runs" / "one")
+        names = itertools.count()
+
+        def log_file() -> None:
+            writer = LogWriter(root / "logs" / f"{next(names)}.log", max_bytes=1 << 30, known_secrets=[])
+            for line in ("job started", "workspace ready", "script exited with code 0", "job ending"):
+                writer.runner_line(line)
+            writer.close()
+
+        service = structlog.get_logger("codex_runner.job")
+        rows = [
+            ("spawn + wait, JobProcess", spawn_us),
+            ("spawn + wait, bare Popen", popen_us),
+            ("asyncio.to_thread round trip", trip_us),
+            (
+                "manifest write (atomic, no fsync)",
+                _time(3000, lambda: manifest.update(doc, force=True, durable=False)),
+            ),
+            ("log file + 4 runner lines", _time(3000, log_file)),
+            (
+                "service log line",
+                _time(3000, lambda: service.info("job_finished", job_id="x" * 36, status_to="success")),
+            ),
+        ]
+        for name, us in rows:
+            print(f"{name}: {us:.0f} µs CPU")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=3000)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--inline", nargs="+", choices=["none", "job", "commit", "all"], default=["none"])
+    ap.add_argument("--parts", action="store_true", help="time the parts of a job instead of draining")
+    args = ap.parse_args()
+    print(
+        f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs); TMPDIR={tempfile.gettempdir()}"
+    )
+    if args.parts:
+        parts()
+        return
+    for which in args.inline:
+        rate, cpu = drain(args.jobs, args.concurrency, which)
+        print(f"inline={which}: {rate:,.0f} jobs/s, {cpu:.2f} ms CPU per job (c={args.concurrency})")
+
+
+if __name__ == "__main__":
+    main()
