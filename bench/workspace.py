@@ -1,5 +1,6 @@
 """How long preparing a job's workspace takes on a big repo: a plain full `git clone` per job against
-the runner's mirror-based `clone` mode, `worktree` of the mirror, and `worktree` of a local repo.
+the runner's mirror-based `clone` mode, `worktree` of the mirror, and `worktree` and `clone` (a
+hard-linked copy) of a local repo.
 
     .venv/bin/python bench/workspace.py [--files 20000] [--commits 5] [--rounds 3] [--dir /dev/shm]
 
@@ -119,6 +120,7 @@ def run_way(
             "clone (mirror)": ("clone", "git_url", url),
             "worktree (mirror)": ("worktree", "git_url", url),
             "worktree (local repo)": ("worktree", "local_path", str(local)),
+            "clone (local repo)": ("clone", "local_path", str(local)),
         }[way]
         repo = Repo("bench", source, source_type, "main", mode)
         spaces = []
@@ -163,7 +165,7 @@ def main() -> None:
         local = work / "local"
         subprocess.run(["git", "clone", "-q", str(bare), str(local)], check=True)
 
-        runner_ways = ["clone (mirror)", "worktree (mirror)", "worktree (local repo)"]
+        runner_ways = ["clone (mirror)", "worktree (mirror)", "worktree (local repo)", "clone (local repo)"]
         ways = [("plain git clone", 0)] + [(w, warm) for w in runner_ways for warm in (1, 0)]
         results: dict[tuple[str, int], list[tuple[float, float, float]]] = {w: [] for w in ways}
         with serve_git_http(served, USER, TOKEN) as base:
