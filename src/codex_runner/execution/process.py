@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import IO
 
 import structlog
@@ -111,11 +112,18 @@ class _Stat:
 
 
 def _read_stat(pid: int) -> _Stat | None:
+    # os.open/os.read rather than open(): no buffered file object for a one-line file, read once per
+    # job and for every process of a /proc scan. One read returns it whole (a few hundred bytes).
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # Field 2 (comm) may contain spaces and parentheses: the fields we want follow the last ')'.
     fields = data[data.rfind(b")") + 2 :].split()
     try:
@@ -235,9 +243,11 @@ def _spawn_message(program: str, cwd: Path, env: Mapping[str, str], exc: OSError
 
 
 def _check_cwd(cwd: Path) -> None:
-    if not cwd.exists():
-        raise SpawnFailed(f"working directory '{cwd}' does not exist")
-    if not cwd.is_dir():
+    try:
+        mode = os.stat(cwd).st_mode  # one stat, where exists() and is_dir() made two
+    except (FileNotFoundError, NotADirectoryError):
+        raise SpawnFailed(f"working directory '{cwd}' does not exist") from None
+    if not S_ISDIR(mode):
         raise SpawnFailed(f"working directory '{cwd}' is not a directory")
 
 
@@ -430,12 +440,13 @@ class JobProcess:
     async def _supervise(self) -> ProcessOutcome:
         rc = await asyncio.shield(self._exit)
         duration_ms = int((time.monotonic() - self._started) * 1000)
-        strays = self._reason is None and group_alive(self.pgid)
+        alive = group_alive(self.pgid)
+        strays = self._reason is None and alive
         if strays:
             log.info("killing_stray_processes", pgid=self.pgid)
         if self._kill_task is not None:
             await asyncio.shield(self._kill_task)  # a terminate() in progress keeps its own grace
-        elif group_alive(self.pgid):
+        elif alive:
             await self._stop_group(STRAY_GRACE_SECONDS)
         try:
             await asyncio.wait_for(self._drained.wait(), PIPE_EOF_SECONDS)
