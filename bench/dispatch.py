@@ -84,6 +84,23 @@ timeout_seconds = 3600
 """
 
 
+def scratch_runner_env(root: Path, url: str, runner_id: str, **extra: str) -> dict[str, str]:
+    """Makes `root/repo` and `root/runner.toml` (`RUNNER_TOML`) and returns the runner's environment
+    for them, with `extra` settings (`RUNNER_*` names) on top: the set-up of every bench of the job
+    path."""
+    (root / "repo").mkdir()
+    (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repo=root / "repo")))
+    return {
+        "RUNNER_CONFIG": str(root / "runner.toml"),
+        "RUNNER_DATA_DIR": str(root / "data"),
+        "RUNNER_DATABASE_URL": url,
+        "RUNNER_ALLOWED_REPO_PATHS": str(root / "repo"),
+        "RUNNER_ID": runner_id,
+        "RUNNER_LOG_FORMAT": "json",
+        **extra,
+    }
+
+
 @dataclass
 class Env:
     backend: str
@@ -117,18 +134,9 @@ def scratch(backend: str, pg_url: str) -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix=f"cr-dispatch-{backend}-"))
     try:
         with database_url(backend, pg_url, root, "cr_bench_") as url:
-            (root / "repo").mkdir()
-            (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repo=root / "repo")))
-            env = {
-                "RUNNER_CONFIG": str(root / "runner.toml"),
-                "RUNNER_DATA_DIR": str(root / "data"),
-                "RUNNER_DATABASE_URL": url,
-                "RUNNER_ALLOWED_REPO_PATHS": str(root / "repo"),
-                "RUNNER_ID": f"bench-{backend}",
-                "RUNNER_LOG_FORMAT": "json",
-                "RUNNER_MAX_JOBS_PER_USER": "1000",
-                "RUNNER_KILL_GRACE_SECONDS": "5",
-            }
+            env = scratch_runner_env(
+                root, url, f"bench-{backend}", RUNNER_MAX_JOBS_PER_USER="1000", RUNNER_KILL_GRACE_SECONDS="5"
+            )
             rt = Runtime.open(load_settings(env, cwd=root))  # migrates, registers the repo
             try:
                 token, _ = rt.tokens.create("root", "admin", "bench")

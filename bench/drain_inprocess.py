@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,25 +45,15 @@ from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 from codex_runner.store.records import initial_stages, iso, utcnow
 from codex_runner.store.schema import jobs
-from dispatch import RUNNER_TOML
+from dispatch import scratch_runner_env
 
 _TO_THREAD = asyncio.to_thread
 
 
 def _settings(root: Path, concurrency: int) -> Settings:
-    (root / "repo").mkdir()
-    (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repo=root / "repo")))
-    env = {
-        "RUNNER_CONFIG": str(root / "runner.toml"),
-        "RUNNER_DATA_DIR": str(root / "data"),
-        "RUNNER_DATABASE_URL": f"sqlite:///{root / 'data' / 'runner.db'}",
-        "RUNNER_ALLOWED_REPO_PATHS": str(root / "repo"),
-        "RUNNER_ID": "bench-inprocess",
-        "RUNNER_LOG_FORMAT": "json",
-        "RUNNER_MAX_JOBS_PER_USER": "100000",
-        "RUNNER_MAX_CONCURRENCY": str(concurrency),
-    }
-    return load_settings(env, cwd=root)
+    url = f"sqlite:///{root / 'data' / 'runner.db'}"
+    extra = {"RUNNER_MAX_JOBS_PER_USER": "100000", "RUNNER_MAX_CONCURRENCY": str(concurrency)}
+    return load_settings(scratch_runner_env(root, url, "bench-inprocess", **extra), cwd=root)
 
 
 def _inline(which: str) -> None:

@@ -20,7 +20,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -31,21 +30,7 @@ from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 from codex_runner.store.jobs import Cas, ClaimRequest, OwnerWrite
 from codex_runner.store.records import initial_stages, iso, utcnow
-
-PG_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-RUNNER_TOML = """
-[runner]
-max_queue_size = 10000000
-max_queued_per_user = 10000000
-
-[repos.scratch]
-source = "{repo}"
-workspace = "scratch"
-
-[scripts.true]
-command = ["/bin/true"]
-timeout_seconds = 60
-"""
+from dispatch import PG_URL, scratch_runner_env
 
 
 def terminal_write(job_id: str, lease: str, pid: int) -> OwnerWrite:
@@ -102,17 +87,7 @@ def run(backend: str, args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix=f"cr-jobstore-{backend}-"))
     try:
         with database_url(backend, args.pg_url, root, "cr_bench_") as url:
-            (root / "repo").mkdir()
-            (root / "runner.toml").write_text(textwrap.dedent(RUNNER_TOML.format(repo=root / "repo")))
-            env = {
-                "RUNNER_CONFIG": str(root / "runner.toml"),
-                "RUNNER_DATA_DIR": str(root / "data"),
-                "RUNNER_DATABASE_URL": url,
-                "RUNNER_ALLOWED_REPO_PATHS": str(root / "repo"),
-                "RUNNER_ID": "bench",
-                "RUNNER_LOG_FORMAT": "json",
-            }
-            rt = Runtime.open(load_settings(env, cwd=root))
+            rt = Runtime.open(load_settings(scratch_runner_env(root, url, "bench"), cwd=root))
             try:
                 one_round(rt, min(args.jobs, 200), args.batch)  # warm-up: statement caches, pool
                 results = [one_round(rt, args.jobs, args.batch) for _ in range(args.rounds)]

@@ -616,9 +616,8 @@ def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, fail
     """Removes the workspace when `RUNNER_CLEANUP_AFTER_JOB` (kept for a failed job with
     `RUNNER_KEEP_FAILED_WORKSPACES`). A job branch with commits is kept in the repo it came from;
     one without is deleted. The job's git HOME always goes."""
-    keep = not settings.cleanup_after_job or (failed and settings.keep_failed_workspaces)
     try:
-        if not keep:
+        if not _keeps_workspace(settings, failed=failed):
             root = _real_dir(settings.workspace_dir)
             if ws.mode == "scratch":
                 _remove_tree(ws.path, root)
@@ -632,13 +631,18 @@ def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, fail
         shutil.rmtree(ws.home, ignore_errors=True)
 
 
+def _keeps_workspace(settings: Settings, *, failed: bool) -> bool:
+    """`RUNNER_CLEANUP_AFTER_JOB` off, or a failed job's with `RUNNER_KEEP_FAILED_WORKSPACES`."""
+    return not settings.cleanup_after_job or (failed and settings.keep_failed_workspaces)
+
+
 def remove_empty_scratch(ws: Workspace, settings: Settings, *, failed: bool) -> bool:
     """The whole cleanup of a `scratch` workspace the script left empty (the usual trivial job): one
     `rmdir`, cheap enough to run on the event loop. False when it is not that case (another mode, a
     folder with files, a symlink in its place): `cleanup_workspace` then does the work."""
     if ws.mode != "scratch":
         return False
-    if not settings.cleanup_after_job or (failed and settings.keep_failed_workspaces):
+    if _keeps_workspace(settings, failed=failed):
         return True  # kept; a scratch workspace has no git HOME to remove
     if ws.path.parent != _real_dir(settings.workspace_dir):
         return False  # cleanup_workspace refuses it, with the reason

@@ -526,10 +526,8 @@ class JobStore:
             "b_dst": cas.dst.value,
             "b_now": now,
         }
-        for name in _TERMINAL_VALUES:
-            params[f"b_{name}"] = values.get(name)
-        for name in _PROCESS_VALUES:
-            params[f"b_{name}"] = values.get(name)
+        for name in (*_TERMINAL_VALUES, *_PROCESS_VALUES):
+            params[f"b_{name}"] = values.get(name)  # absent process ids: NULL, so COALESCE keeps them
         if conn.execute(_TERMINAL_CAS, params).rowcount != 1:
             return False
         event_type = EVENT_FOR_STATUS[cas.dst]
