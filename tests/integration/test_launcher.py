@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from codex_runner.execution.manifest import ManifestWriter
 from tests.helpers import wait_until
 
 
@@ -271,17 +272,35 @@ def test_scratch_jobs_set_up_and_clean_up_on_the_loop(runner: Any, monkeypatch: 
         trips.extend(getattr(a, "__qualname__", "") for a in args[:2])
         return await original(fn, *args, **kwargs)
 
+    manifests: list[tuple[str, str]] = []
+    prepare = ManifestWriter._prepare
+
+    def recording_prepare(self: ManifestWriter, doc: dict[str, Any], *, durable: bool) -> str:
+        stages = {stage["name"]: stage["status"] for stage in doc["stages"]}
+        manifests.append((doc["status"], stages["cleanup"]))
+        return prepare(self, doc, durable=durable)
+
     monkeypatch.setattr(asyncio, "to_thread", recording)
+    monkeypatch.setattr(ManifestWriter, "_prepare", recording_prepare)
     empty = runner.wait(runner.submit({})["id"])
     assert empty["status"] == "success"
     # (A script still running after a second would make one trip to record its pids: not these.)
     assert "JobRun._set_up" not in trips and "cleanup_workspace" not in trips, trips
     assert {s["name"]: s["status"] for s in empty["stages"]}["cleanup"] == "success"
+    # Two manifests, not three: the inline cleanup leaves its stage change to the terminal one,
+    # as any stage change waits for the job's next trip (each write is a new file and frees one).
+    assert manifests == [("running", "pending"), ("success", "success")]
+    # The process ids, read as the leader exited, reach the row with the terminal write.
+    row = runner.runtime.jobs.get_row(empty["id"])
+    assert row["pid"] > 0 and row["pgid"] == row["pid"] and row["proc_start_time"] > 0
 
     trips.clear()
+    manifests.clear()
     busy = runner.wait(runner.submit({"touch": "made-by-the-job.txt"})["id"])
     assert busy["status"] == "success"
     assert "cleanup_workspace" in trips and "JobRun._set_up" not in trips
+    # A cleanup that takes a trip writes the stage changes first, as every trip does.
+    assert manifests == [("running", "pending"), ("running", "running"), ("success", "success")]
     for done in (empty, busy):
         assert not (runner.runtime.settings.workspace_dir / done["id"]).exists()
         manifest = json.loads((runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text())

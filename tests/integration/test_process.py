@@ -453,6 +453,30 @@ def test_one_gib_of_output_is_drained_in_bounded_memory(run: Runner, tmp_path: P
     assert (hwm_after - hwm_before) < 150 * 1024
 
 
+def test_start_time_is_read_before_the_leader_is_reaped(run: Runner, tmp_path: Path) -> None:
+    """The leader's starttime is not read at spawn (right after exec the read waits on the new
+    program's memory set-up) but on first use, at the latest as the exited leader is reaped: the
+    value is this process's even when nobody asked while it ran."""
+
+    async def scenario() -> tuple[int | None, int, int]:
+        running = await JobProcess.start(make_spec(["/bin/sleep", "0.3"], tmp_path), Collector())
+        seen = process_start_time(running.pid)
+        assert running._start_time is None  # not read at spawn
+        await running.wait()
+        quick = await JobProcess.start(make_spec(["/bin/true"], tmp_path), Collector())
+        await quick.wait()
+        # After the reap a read of /proc would fail (0) or find another process.
+        assert quick._start_time is not None
+        return seen, running.start_time, quick.start_time
+
+    seen, recorded, quick_recorded = run(scenario())
+    assert seen is not None and recorded == seen
+    assert quick_recorded > 0
+    ticks = os.sysconf("SC_CLK_TCK")
+    boot_age = time.clock_gettime(time.CLOCK_BOOTTIME) * ticks
+    assert abs(boot_age - quick_recorded) < 10 * ticks  # started just now, in clock ticks after boot
+
+
 # --- crash recovery helpers ----------------------------------------------------------------------
 
 

@@ -9,11 +9,13 @@ change, in order, before anything that follows. A running script's next trip com
 `PID_RECORD_DELAY_SECONDS` after its spawn.
 
 A `scratch` job without a credential makes only the shared one: its set-up (log file, manifest, one
-folder) and, when the script left its folder empty, its cleanup (manifest, one `rmdir`) run on the
-event loop, as the log's own writes do. They are a handful of small file operations, cheaper than
-the trip: handing work to a thread and back makes the GIL change hands dozens of times, and in
-drains of trivial jobs the server spent 15–35% less CPU per job without those two trips
-(docs/performance.md, "Dispatch").
+folder) and, when the script left its folder empty, its cleanup (one `rmdir`) run on the event
+loop, as the log's own writes do. They are a handful of small file operations, cheaper than the
+trip: handing work to a thread and back makes the GIL change hands dozens of times, and in drains
+of trivial jobs the server spent 15–35% less CPU per job without those two trips
+(docs/performance.md, "Dispatch"). That cleanup is no trip, so its stage changes reach the
+manifest with the terminal write, a moment later: a trivial job writes its manifest twice, and
+each write is a new file that frees the one before.
 """
 
 from __future__ import annotations
@@ -93,8 +95,8 @@ class JobRun:
         self.agent: CodexEventParser | None = None
         # A stage changed since the manifest was last written: the next thread trip writes it.
         self._manifest_dirty = False
-        # Process ids not yet in the job row: the terminal write carries them.
-        self._unrecorded_process: dict[str, int] = {}
+        # The process ids are not in the job row yet: the terminal write carries them.
+        self._process_unrecorded = False
         # (expected status, manifest extras, prepared manifest file) between `_end_before` and
         # `_end_after`.
         self._ending: tuple[str, dict[str, Any], str | None] = ("", {}, None)
@@ -330,11 +332,7 @@ class JobRun:
             self._runner_line(f"spawn failed: {exc.message}")
             self._spawn_error = exc.message
             return None
-        self._unrecorded_process = {
-            "pid": self.proc.pid,
-            "pgid": self.proc.pgid,
-            "proc_start_time": self.proc.start_time,
-        }
+        self._process_unrecorded = True
         outcome = await self._supervise(self.proc, self.row["timeout_seconds"])
         tail = outcome.stderr_tail.decode("utf-8", "replace")
         if outcome.reason == "timeout":
@@ -378,8 +376,16 @@ class JobRun:
 
     async def _record_process(self) -> None:
         """The pid record of a script that runs on (`PID_RECORD_DELAY_SECONDS`); a fenced write."""
-        values, self._unrecorded_process = self._unrecorded_process, {}
+        values = self._unrecorded_process_values()
+        self._process_unrecorded = False
         await self._fenced_update({**values, "stages": list(self.stages.values())})
+
+    def _unrecorded_process_values(self) -> dict[str, int]:
+        """The process ids if the job row lacks them; built when asked, not at spawn (see
+        `JobProcess.start_time`)."""
+        if self.proc is None or not self._process_unrecorded:
+            return {}
+        return {"pid": self.proc.pid, "pgid": self.proc.pgid, "proc_start_time": self.proc.start_time}
 
     def _mask(self, text: str) -> str:
         from codex_runner.secrets import mask
@@ -447,13 +453,9 @@ class JobRun:
     async def _cleanup(self, ws: Workspace, repo: RepoSpec, *, failed: bool) -> None:
         self._stage("cleanup", "running")
         try:
-            # An empty scratch folder is removed here, on the loop; anything else in a thread.
-            if not (
-                ws.mode == "scratch"
-                and self._write_then(
-                    self._take_dirty_manifest(), remove_empty_scratch, ws, self.settings, failed=failed
-                )
-            ):
+            # An empty scratch folder is removed here, on the loop (no trip, so the manifest waits
+            # for the terminal write); anything else in a thread, after the manifest.
+            if not (ws.mode == "scratch" and remove_empty_scratch(ws, self.settings, failed=failed)):
                 await self._in_thread(cleanup_workspace, ws, repo, self.settings, failed=failed)
         except (GitError, OSError) as exc:
             self._stage("cleanup", "failed", error=getattr(exc, "message", None) or str(exc))
@@ -591,7 +593,7 @@ class JobRun:
             "result": result,
             # A job that ended before its process ids were recorded gets them here (see
             # `PID_RECORD_DELAY_SECONDS`).
-            **self._unrecorded_process,
+            **self._unrecorded_process_values(),
         }
         canceled = Cas(
             (Status.CANCEL_REQUESTED,),
