@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from codex_runner.execution.manifest import ManifestWriter
+
 from tests.helpers import wait_until
 
 

@@ -80,7 +80,9 @@ class JobRun:
         self.lease = claimed.lease_token
         self.row = claimed.row
         self.stop_reason: str | None = None
-        self._stop = asyncio.Event()
+        # Resolved by `request_stop` while the script runs (a future, not an Event: waiting on it
+        # needs no task of its own).
+        self._stop: asyncio.Future[None] | None = None
         self.stages: dict[str, dict[str, Any]] = {s["name"]: s for s in initial_stages()}
         self.run_dir = self.settings.runs_dir / self.job_id
         self.manifest = ManifestWriter(self.run_dir)
@@ -106,7 +108,8 @@ class JobRun:
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
-        self._stop.set()
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(None)
 
     @property
     def fenced(self) -> bool:
@@ -350,29 +353,27 @@ class JobRun:
         return outcome
 
     async def _supervise(self, proc: JobProcess, timeout: int) -> ProcessOutcome:
-        wait_task = asyncio.create_task(proc.wait())
-        stop_task = asyncio.create_task(self._stop.wait())
+        # Plain futures, no task per wait: `asyncio.wait` never cancels what it waits on.
+        ended = proc.ended
+        self._stop = stop = asyncio.get_running_loop().create_future()
+        if self.stop_reason is not None:
+            stop.set_result(None)
         deadline = time.monotonic() + timeout
-        try:
+        done, _ = await asyncio.wait(
+            {ended, stop}, timeout=min(timeout, PID_RECORD_DELAY_SECONDS), return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            await self._record_process()
             done, _ = await asyncio.wait(
-                {wait_task, stop_task},
-                timeout=min(timeout, PID_RECORD_DELAY_SECONDS),
+                {ended, stop},
+                timeout=max(0.0, deadline - time.monotonic()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            if not done:
-                await self._record_process()
-                done, _ = await asyncio.wait(
-                    {wait_task, stop_task},
-                    timeout=max(0.0, deadline - time.monotonic()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            if wait_task not in done:
-                reason = self.stop_reason if stop_task in done and self.stop_reason else "timeout"
-                self._runner_line(f"stopping the process group ({reason})")
-                await proc.terminate(reason, float(self.settings.kill_grace_seconds))
-            return await wait_task
-        finally:
-            stop_task.cancel()
+        if ended not in done:
+            reason = self.stop_reason if stop in done and self.stop_reason else "timeout"
+            self._runner_line(f"stopping the process group ({reason})")
+            await proc.terminate(reason, float(self.settings.kill_grace_seconds))
+        return await proc.wait()
 
     async def _record_process(self) -> None:
         """The pid record of a script that runs on (`PID_RECORD_DELAY_SECONDS`); a fenced write."""

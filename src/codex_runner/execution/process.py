@@ -342,6 +342,12 @@ class JobProcess:
         rc = self._proc.returncode
         return None if rc is None else _exit_code(rc)[0]
 
+    @property
+    def ended(self) -> asyncio.Future[ProcessOutcome]:
+        """Done with the outcome once `wait()` would return. For `asyncio.wait` and callbacks
+        only: never cancel it, nor await it where a cancel could reach it (use `wait()`)."""
+        return self._supervisor
+
     async def wait(self) -> ProcessOutcome:
         """The outcome, once the leader exited, both pipes hit EOF and the group is empty.
 
@@ -460,7 +466,8 @@ class JobProcess:
         elif alive:
             await self._stop_group(STRAY_GRACE_SECONDS)
         try:
-            await asyncio.wait_for(self._drained.wait(), PIPE_EOF_SECONDS)
+            if not self._drained.is_set():  # mostly it is: the EOFs come with the exit
+                await asyncio.wait_for(self._drained.wait(), PIPE_EOF_SECONDS)
         except TimeoutError:
             log.warning("output_pipes_held_open_after_exit", pgid=self.pgid)
             for fd in list(self._open_fds):
