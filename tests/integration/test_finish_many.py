@@ -14,6 +14,7 @@ from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.jobs import Status
 from codex_runner.store import JobStore
 from codex_runner.store.jobs import Cas, ClaimRequest, Limits, NewJob, OwnerWrite
+from codex_runner.store.prepared import Prepared
 from codex_runner.store.schema import events, jobs
 
 BIG = Limits(max_queue_size=10_000, max_queued_per_user=10_000)
@@ -131,17 +132,31 @@ def test_group_committer_batches_endings(store: JobStore) -> None:
 
 @contextlib.contextmanager
 def _statements(store: JobStore) -> Iterator[list[str]]:
-    """The SQL text of every statement the store runs meanwhile."""
+    """The SQL text of every statement the store runs meanwhile: through `Connection.execute`
+    and through `Prepared` (which runs on the DBAPI cursor, so SQLAlchemy's events miss it)."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
+    originals = {name: getattr(Prepared, name) for name in ("execute", "execute_many", "fetch")}
+
+    def recording(name: str) -> Any:
+        def run(self: Prepared, *args: Any) -> Any:
+            seen.append(self.sql)
+            return originals[name](self, *args)
+
+        return run
+
     sa.event.listen(store.engine, "before_cursor_execute", record)
+    for name in originals:
+        setattr(Prepared, name, recording(name))
     try:
         yield seen
     finally:
         sa.event.remove(store.engine, "before_cursor_execute", record)
+        for name, original in originals.items():
+            setattr(Prepared, name, original)
 
 
 def _job_run_values(exit_code: int, **process: int) -> dict[str, Any]:

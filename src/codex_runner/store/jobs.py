@@ -30,6 +30,7 @@ from codex_runner.jobs import (
 )
 from codex_runner.store.creates import CreateOutcome, create_in_txn
 from codex_runner.store.engine import read_txn, with_retries, write_txn
+from codex_runner.store.prepared import Prepared
 from codex_runner.store.records import event_row, event_to_public, iso, job_to_public, utcnow
 from codex_runner.store.schema import events, instances, job_counts, jobs, repos
 
@@ -55,7 +56,8 @@ _PICK_COLUMNS = (jobs.c.id, jobs.c.requested_by, jobs.c.workspace_mode, jobs.c.r
 # their running limit; repos with an active in_place job).
 _ACTIVE_BY_USER_REPO = (
     sa.select(jobs.c.requested_by, jobs.c.repo_id, jobs.c.workspace_mode, sa.func.count())
-    .where(jobs.c.status.in_([s.value for s in RUNNING_LIKE]))
+    # Literals, not a list: a list is an expanding parameter, which `Prepared` does not take.
+    .where(jobs.c.status.in_([sa.literal(s.value) for s in RUNNING_LIKE]))
     .group_by(jobs.c.requested_by, jobs.c.repo_id, jobs.c.workspace_mode)
 )
 # The claim lock, after a lock timeout for the rest of the transaction (set_config(..., true) is
@@ -76,7 +78,10 @@ _CLAIM_UPDATE = (
     )
 )
 _CLAIM_UPDATE_RETURNING = _CLAIM_UPDATE.returning(*jobs.c)
-_JOBS_BY_IDS = sa.select(jobs).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)))
+_JOB_KEYS = tuple(jobs.c.keys())
+_ACTIVE_COLUMNS = _ACTIVE_BY_USER_REPO.selected_columns
+# The columns an event insert sets (the id is the database's).
+_EVENT_KEYS = ("job_id", "event_type", "actor", "message", "meta", "created_at")
 
 
 def _typed(column: sa.Column[Any]) -> sa.BindParameter[Any]:
@@ -195,15 +200,21 @@ class JobStore:
         self.engine = engine
         self.is_pg = engine.dialect.name == "postgresql"
         self.listeners: list[EventListener] = list(listeners)
+        # The hot path's statements, on the DBAPI cursor (store/prepared.py).
+        dialect = engine.dialect
+        self._terminal = Prepared(_TERMINAL_CAS, dialect)
+        self._event = Prepared(_INSERT_EVENT, dialect, column_keys=_EVENT_KEYS)
+        self._active = Prepared(_ACTIVE_BY_USER_REPO, dialect, result=[c.type for c in _ACTIVE_COLUMNS])
+        self._claim_update = Prepared(_CLAIM_UPDATE_RETURNING, dialect, result=[c.type for c in jobs.c])
+        self._claim_lock = Prepared(_CLAIM_LOCK, dialect) if self.is_pg else None
         # Claim pages without a user filter or keyset, by page size (a handful: see `_claim_in`).
-        self._pick_cache: dict[int, sa.Select[Any]] = {}
+        self._pick_cache: dict[int, Prepared] = {}
 
     # -- events -----------------------------------------------------------------------------
 
     def _insert_events(self, conn: Connection, pending: Iterable[_PendingEvent], now: datetime) -> list[dict]:
         rows = [event_row(e.job_id, e.event_type, e.actor, e.message, e.meta, now) for e in pending]
-        if rows:
-            conn.execute(_INSERT_EVENT, rows)
+        self._event.execute_many(conn, rows)
         return rows
 
     def _notify(self, rows: Iterable[dict[str, Any]]) -> None:
@@ -528,7 +539,7 @@ class JobStore:
         }
         for name in (*_TERMINAL_VALUES, *_PROCESS_VALUES):
             params[f"b_{name}"] = values.get(name)  # absent process ids: NULL, so COALESCE keeps them
-        if conn.execute(_TERMINAL_CAS, params).rowcount != 1:
+        if self._terminal.execute(conn, params) != 1:
             return False
         event_type = EVENT_FOR_STATUS[cas.dst]
         pending.append(_PendingEvent(write.job_id, event_type, "system", cas.message, cas.meta or {}))
@@ -618,68 +629,70 @@ class JobStore:
         # A few candidates per free slot: users at their limit are filtered in SQL, so a page
         # this size nearly always fills the slots; the keyset loop fetches more when it does not.
         page = request.scan or min(200, max(16, slots * 4))
-        if self.is_pg:
+        if self._claim_lock is not None:
             # A frozen instance holding a row lock must not stall claims cluster-wide.
-            conn.execute(_CLAIM_LOCK)
+            self._claim_lock.execute(conn)
         # After the lock: started_at must not predate the wait for it.
         now = utcnow()
         running: dict[str, int] = {}
         busy_repos: set[str] = set()
-        for user, repo_id, mode, n in conn.execute(_ACTIVE_BY_USER_REPO):
+        for user, repo_id, mode, n in self._active.fetch(conn):
             running[user] = running.get(user, 0) + n
             if mode == "in_place":
                 busy_repos.add(repo_id)
         saturated = [u for u, n in running.items() if n >= max_jobs_per_user]
-        picked: list[Any] = []
+        picked: list[str] = []
         after: tuple[datetime, str] | None = None
         while len(picked) < slots:
-            batch = conn.execute(self._pick_query(page, saturated, after)).mappings().all()
-            for row in batch:
-                user = row["requested_by"]
+            batch = self._pick_page(conn, page, saturated, after)
+            for job_id, user, mode, repo_id, _ in batch:
                 if running.get(user, 0) >= max_jobs_per_user:
                     continue
-                if row["workspace_mode"] == "in_place":
-                    if row["repo_id"] in busy_repos:
+                if mode == "in_place":
+                    if repo_id in busy_repos:
                         continue
-                    busy_repos.add(row["repo_id"])
+                    busy_repos.add(repo_id)
                 running[user] = running.get(user, 0) + 1
-                picked.append(row)
+                picked.append(job_id)
                 if len(picked) >= slots:
                     break
             if len(batch) < page:
                 break
-            after = (batch[-1]["created_at"], batch[-1]["id"])
+            after = (batch[-1][4], batch[-1][0])
         if not picked:
             return [], []
-        leases = {row["id"]: uuid.uuid4().hex for row in picked}
-        params = [
-            {"b_id": job_id, "b_lease": lease, "b_now": now, "b_runner": runner_id}
-            for job_id, lease in leases.items()
-        ]
-        # The rows were picked under the claim lock (and locked on PostgreSQL): every update hits.
-        if len(params) == 1:
-            # The common case (a job for an idle slot): the update returns the row, one round trip.
-            rows = {r["id"]: dict(r) for r in conn.execute(_CLAIM_UPDATE_RETURNING, params[0]).mappings()}
-        else:
-            # One statement for all (an executemany), each job with a lease of its own.
-            conn.execute(_CLAIM_UPDATE, params)
-            rows = {r["id"]: dict(r) for r in conn.execute(_JOBS_BY_IDS, {"ids": list(leases)}).mappings()}
-        claimed = [ClaimedJob(job_id, lease, rows[job_id]) for job_id, lease in leases.items()]
+        claimed: list[ClaimedJob] = []
+        for job_id in picked:
+            # The rows were picked under the claim lock (and locked on PostgreSQL): every update
+            # hits, and returns the row: one statement per job, each with a lease of its own.
+            lease = uuid.uuid4().hex
+            values = {"b_id": job_id, "b_lease": lease, "b_now": now, "b_runner": runner_id}
+            (row,) = self._claim_update.fetch(conn, values)
+            claimed.append(ClaimedJob(job_id, lease, dict(zip(_JOB_KEYS, row, strict=True))))
         pending = [
-            _PendingEvent(job_id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id})
-            for job_id in leases
+            _PendingEvent(job.id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id})
+            for job in claimed
         ]
         return claimed, self._insert_events(conn, pending, now)
+
+    def _pick_page(
+        self, conn: Connection, page: int, saturated: list[str], after: tuple[datetime, str] | None
+    ) -> Sequence[Sequence[Any]]:
+        """The next page of claim candidates, as `_PICK_COLUMNS`: only what picking needs (the
+        full rows, JSON columns and all, are read for the picked jobs alone, by their update).
+        The usual first page (no user at the limit) is prepared once per page size."""
+        if saturated or after is not None:
+            return conn.execute(self._pick_query(page, saturated, after)).all()
+        prepared = self._pick_cache.get(page)
+        if prepared is None:
+            query = self._pick_query(page, saturated, after)
+            prepared = Prepared(query, self.engine.dialect, result=[c.type for c in _PICK_COLUMNS])
+            self._pick_cache[page] = prepared
+        return prepared.fetch(conn)
 
     def _pick_query(
         self, page: int, saturated: list[str], after: tuple[datetime, str] | None
     ) -> sa.Select[Any]:
-        """The next page of claim candidates: only what picking needs (the full rows, JSON columns
-        and all, are read for the picked jobs alone, after their update). The usual first page
-        (no user at the limit) is built once per page size."""
-        plain = not saturated and after is None
-        if plain and page in self._pick_cache:
-            return self._pick_cache[page]
         query = sa.select(*_PICK_COLUMNS).where(jobs.c.status == Status.QUEUED.value)
         if saturated:
             query = query.where(jobs.c.requested_by.not_in(saturated))
@@ -688,8 +701,6 @@ class JobStore:
         query = query.order_by(jobs.c.created_at, jobs.c.id).limit(page)
         if self.is_pg:
             query = query.with_for_update(skip_locked=True)
-        if plain:
-            self._pick_cache[page] = query
         return query
 
     def heartbeat(self, runner_id: str, leases: Mapping[str, str]) -> dict[str, str]:

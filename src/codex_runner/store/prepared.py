@@ -1,0 +1,116 @@
+"""The statements of a drain's hot path, run on the DBAPI cursor.
+
+A trivial job makes a terminal write, an event row and a share of a claim. Through
+`Connection.execute`, SQLAlchemy's work per statement (cache key, execution context, result set-up:
+about 15 µs here, more than SQLite's own for these statements) was a tenth of such a job's CPU,
+and at concurrency 2, where a claim serves one job, nearly a fifth (docs/performance.md,
+"Dispatch").
+
+SQLAlchemy still does everything but the execution: the statement is a Core construct, compiled
+once per dialect by SQLAlchemy; bind values go through the processors SQLAlchemy would apply
+(`TypeEngine.bind_processor` of the dialect's own type), result columns through
+`TypeEngine.result_processor`, and a DBAPI error is raised as SQLAlchemy's `DBAPIError`, so
+`with_retries` and callers see what `Connection.execute` would give them. Only for statements
+without expanding (`IN` list) parameters; the rest of the store uses `Connection.execute`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
+
+Processor = Callable[[Any], Any] | None
+
+
+class Prepared:
+    """`statement` compiled for `dialect`; `result` names the types of the columns it returns
+    (in order), when it returns rows. `column_keys` limits an INSERT to those columns."""
+
+    def __init__(
+        self,
+        statement: ClauseElement,
+        dialect: Dialect,
+        *,
+        result: Sequence[sa.types.TypeEngine[Any]] = (),
+        column_keys: Sequence[str] | None = None,
+    ) -> None:
+        compiled = cast(
+            SQLCompiler,
+            statement.compile(dialect=dialect, column_keys=list(column_keys) if column_keys else None),
+        )
+        if any(bind.expanding for bind in compiled.binds.values()):
+            raise ValueError("expanding parameters need Connection.execute")
+        self.sql = compiled.string
+        self._dialect = dialect
+        self._positional = bool(compiled.positional)
+        if self._positional:
+            binds = [(name, compiled.binds[name]) for name in compiled.positiontup or []]
+        else:
+            # Named: the SQL's own names (anonymous parameters are named at compile time).
+            binds = [(compiled.bind_names[bind], bind) for bind in compiled.binds.values()]
+            if compiled.escaped_bind_names:
+                raise ValueError("escaped parameter names need Connection.execute")
+        self._binds: list[tuple[str, Processor, Any]] = []
+        for name, bind in binds:
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            # A value fixed in the statement (e.g. `status == 'queued'`), processed once.
+            fixed = None if bind.required else bind.effective_value
+            self._binds.append((name, process, process(fixed) if process and fixed is not None else fixed))
+        self._results: list[Processor] = [
+            t.dialect_impl(dialect).result_processor(dialect, None) for t in result
+        ]
+
+    def params(self, values: Mapping[str, Any]) -> Any:
+        """The DBAPI parameters for `values` (bind name → value; names not given keep the
+        statement's own value)."""
+        out = []
+        for name, process, default in self._binds:
+            if name in values:
+                value = values[name]
+                out.append(process(value) if process is not None else value)
+            else:
+                out.append(default)
+        if self._positional:
+            return out
+        return dict(zip((name for name, _, _ in self._binds), out, strict=True))
+
+    def row(self, raw: Sequence[Any]) -> list[Any]:
+        return [
+            value if process is None else process(value)
+            for process, value in zip(self._results, raw, strict=True)
+        ]
+
+    def execute(self, conn: Connection, values: Mapping[str, Any] | None = None) -> int:
+        """Runs the statement once; the number of rows it changed."""
+        with self._cursor(conn) as cursor:
+            cursor.execute(self.sql, self.params(values or {}))
+            return int(cursor.rowcount)
+
+    def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            with self._cursor(conn) as cursor:
+                cursor.executemany(self.sql, [self.params(values) for values in rows])
+
+    def fetch(self, conn: Connection, values: Mapping[str, Any] | None = None) -> list[list[Any]]:
+        """Runs the statement once; its rows, each value processed as `result` says."""
+        with self._cursor(conn) as cursor:
+            cursor.execute(self.sql, self.params(values or {}))
+            return [self.row(raw) for raw in cursor.fetchall()]
+
+    @contextmanager
+    def _cursor(self, conn: Connection) -> Iterator[Any]:
+        dbapi = self._dialect.loaded_dbapi
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            yield cursor
+        except dbapi.Error as exc:
+            # As Connection.execute raises it: with_retries tells transient errors by it.
+            raise sa.exc.DBAPIError.instance(self.sql, None, exc, dbapi.Error) from exc
+        finally:
+            cursor.close()
