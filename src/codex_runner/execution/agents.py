@@ -20,7 +20,11 @@ SANDBOX_BY_POLICY = {
 
 def is_codex_exec(script: ScriptSpec) -> bool:
     """A script that runs `codex exec` (the built-in `codex.exec` or an operator's own)."""
-    return bool(script.command) and Path(script.command[0]).name == "codex" and "exec" in script.command[1:3]
+    return (
+        bool(script.command)
+        and os.path.basename(script.command[0]) == "codex"
+        and "exec" in script.command[1:3]
+    )
 
 
 def apply_risk_policy(argv: list[str], policy: str) -> list[str]:

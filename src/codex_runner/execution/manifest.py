@@ -46,6 +46,7 @@ class ManifestWriter:
 
     def __init__(self, run_dir: Path, *, min_interval: float = 30.0) -> None:
         self.run_dir = Path(run_dir)
+        self._dir = os.fspath(run_dir)  # temporary names are joined as strings (one per write)
         self.path = self.run_dir / MANIFEST_NAME
         self.heartbeat_path = self.run_dir / HEARTBEAT_NAME
         self.min_interval = min_interval
@@ -90,7 +91,7 @@ class ManifestWriter:
     def _mkstemp(self) -> tuple[int, str]:
         # A name of our own (pid and a counter) rather than tempfile's random one, which costs a
         # few random draws and checks per write; tempfile still settles a clash (a leftover).
-        name = str(self.run_dir / f".{MANIFEST_NAME}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")
+        name = f"{self._dir}/.{MANIFEST_NAME}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp"
         try:
             return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), name
         except FileExistsError:
