@@ -77,13 +77,22 @@ def test_finish_and_claim_in_one_transaction(store: JobStore) -> None:
     second = store.create(_new("alice"), BIG)[0]["id"]
     [claimed] = store.claim("r", slots=2, max_jobs_per_user=1)
     assert claimed.id == first  # alice is at her limit: `second` waits
-    held, more = store.finish_many(
-        [_success(first, claimed.lease_token)], ClaimRequest("r", slots=1, max_jobs_per_user=1)
-    )
+    heard: list[dict[str, Any]] = []
+    store.listeners.append(heard.append)
+    with _statements(store) as seen:
+        held, more = store.finish_many(
+            [_success(first, claimed.lease_token)], ClaimRequest("r", slots=1, max_jobs_per_user=1)
+        )
     # The claim sees `first` finished in the same transaction, so alice has a slot again.
     assert held == [0] and [c.id for c in more] == [second]
     assert more[0].row["status"] == "running" and more[0].row["lease_token"] == more[0].lease_token
     assert store.status_of([first, second]) == {first: "success", second: "running"}
+    # Both events in one insert, each with its own time: the claim's is its `started_at`.
+    assert sum(sql.lstrip().upper().startswith("INSERT INTO RUNNER_JOB_EVENTS") for sql in seen) == 1
+    assert [(e["job_id"], e["event_type"]) for e in heard] == [(first, "job_succeeded"), (second, "job_started")]
+    started = store.get(second, with_events=True)
+    [event] = [e for e in started["events"] if e["event_type"] == "job_started"]
+    assert event["created_at"] == started["started_at"]
 
 
 def test_group_committer_isolates_a_refused_write(store: JobStore) -> None:

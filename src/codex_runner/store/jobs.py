@@ -191,6 +191,8 @@ class _PendingEvent:
     actor: str
     message: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # Its own time, when not the one of the insert that carries it.
+    at: datetime | None = None
 
 
 class JobStore:
@@ -213,7 +215,7 @@ class JobStore:
     # -- events -----------------------------------------------------------------------------
 
     def _insert_events(self, conn: Connection, pending: Iterable[_PendingEvent], now: datetime) -> list[dict]:
-        rows = [event_row(e.job_id, e.event_type, e.actor, e.message, e.meta, now) for e in pending]
+        rows = [event_row(e.job_id, e.event_type, e.actor, e.message, e.meta, e.at or now) for e in pending]
         self._event.execute_many(conn, rows)
         return rows
 
@@ -486,12 +488,11 @@ class JobStore:
             with write_txn(self.engine) as conn:
                 for write in writes:
                     held.append(self._first_cas(conn, write, now, pending))
-                ev = self._insert_events(conn, pending, now)
                 claimed: list[ClaimedJob] = []
                 if claim is not None and claim.slots > 0:
-                    claimed, started = self._claim_in(conn, claim)
-                    ev += started
-                return held, claimed, ev
+                    # Its events join the terminal ones: one insert (a round trip) for both.
+                    claimed, _ = self._claim_in(conn, claim, defer_events=pending)
+                return held, claimed, self._insert_events(conn, pending, now)
 
         held, claimed, ev = with_retries(txn)
         self._notify(ev)
@@ -623,8 +624,11 @@ class JobStore:
         self._notify(ev)
         return claimed
 
-    def _claim_in(self, conn: Connection, request: ClaimRequest) -> tuple[list[ClaimedJob], list[dict]]:
-        """The claim, inside the caller's write transaction (see `claim`)."""
+    def _claim_in(
+        self, conn: Connection, request: ClaimRequest, *, defer_events: list[_PendingEvent] | None = None
+    ) -> tuple[list[ClaimedJob], list[dict]]:
+        """The claim, inside the caller's write transaction (see `claim`). With `defer_events`,
+        its events are added there for the caller to insert, and none are returned."""
         runner_id, slots, max_jobs_per_user = request.runner_id, request.slots, request.max_jobs_per_user
         # A few candidates per free slot: users at their limit are filtered in SQL, so a page
         # this size nearly always fills the slots; the keyset loop fetches more when it does not.
@@ -670,9 +674,14 @@ class JobStore:
             (row,) = self._claim_update.fetch(conn, values)
             claimed.append(ClaimedJob(job_id, lease, dict(zip(_JOB_KEYS, row, strict=True))))
         pending = [
-            _PendingEvent(job.id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id})
+            _PendingEvent(
+                job.id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id}, now
+            )
             for job in claimed
         ]
+        if defer_events is not None:
+            defer_events.extend(pending)
+            return claimed, []
         return claimed, self._insert_events(conn, pending, now)
 
     def _pick_page(
