@@ -89,7 +89,10 @@ def test_finish_and_claim_in_one_transaction(store: JobStore) -> None:
     assert store.status_of([first, second]) == {first: "success", second: "running"}
     # Both events in one insert, each with its own time: the claim's is its `started_at`.
     assert sum(sql.lstrip().upper().startswith("INSERT INTO RUNNER_JOB_EVENTS") for sql in seen) == 1
-    assert [(e["job_id"], e["event_type"]) for e in heard] == [(first, "job_succeeded"), (second, "job_started")]
+    assert [(e["job_id"], e["event_type"]) for e in heard] == [
+        (first, "job_succeeded"),
+        (second, "job_started"),
+    ]
     started = store.get(second, with_events=True)
     [event] = [e for e in started["events"] if e["event_type"] == "job_started"]
     assert event["created_at"] == started["started_at"]
