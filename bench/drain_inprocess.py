@@ -14,7 +14,8 @@ value, in the order given.
 
 `--parts`: each part of a trivial job on its own, in one thread: spawn and wait through
 `JobProcess` (and a bare `subprocess.Popen` + `wait` beside it), one `asyncio.to_thread` round
-trip, a run-manifest write, the log file with its four runner lines, and the service log line.
+trip, a run-manifest write, the log file with its four runner lines, and the service log line;
+and the wall time of the leader's /proc/<pid>/stat read right after the spawn and after its exit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import itertools
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -37,7 +39,7 @@ import uvloop
 
 from codex_runner.config import Settings, load_settings
 from codex_runner.execution.manifest import ManifestWriter
-from codex_runner.execution.process import JobProcess, ProcessSpec, build_env
+from codex_runner.execution.process import JobProcess, ProcessSpec, _read_stat, build_env
 from codex_runner.launcher import Launcher
 from codex_runner.logs.writer import LogWriter
 from codex_runner.ops.logging import configure_logging
@@ -113,6 +115,25 @@ def _time(n: int, fn: Callable[[], object]) -> float:
     return (time.process_time() - cpu0) / n * 1e6
 
 
+def _stat_read_wall(root: Path, env: dict[str, str], n: int = 1000) -> tuple[float, float]:
+    """Wall time of the leader's /proc/<pid>/stat read (`JobProcess.start_time`) right after the
+    spawn, and once the leader exited but is not yet reaped: mean µs of `n` each (right after the
+    spawn the read is quick or waits on the exec, so the median hides what it costs)."""
+    fresh: list[float] = []
+    exited: list[float] = []
+    for i in range(2 * n):
+        proc = subprocess.Popen(
+            ["/bin/true"], cwd=root, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        if i % 2:
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        t0 = time.perf_counter()
+        _read_stat(proc.pid)
+        (exited if i % 2 else fresh).append((time.perf_counter() - t0) * 1e6)
+        proc.wait()
+    return statistics.fmean(fresh), statistics.fmean(exited)
+
+
 def parts() -> None:
     root = Path(tempfile.mkdtemp(prefix="cr-parts-"))
     try:
@@ -154,6 +175,7 @@ def parts() -> None:
             writer.close()
 
         service = structlog.get_logger("codex_runner.job")
+        stat_fresh, stat_exited = _stat_read_wall(root, env)
         rows = [
             ("spawn + wait, JobProcess", spawn_us),
             ("spawn + wait, bare Popen", popen_us),
@@ -170,6 +192,8 @@ def parts() -> None:
         ]
         for name, us in rows:
             print(f"{name}: {us:.0f} µs CPU")
+        print(f"/proc/<pid>/stat read right after the spawn: {stat_fresh:.0f} µs wall (mean)")
+        print(f"/proc/<pid>/stat read once the leader exited (unreaped): {stat_exited:.0f} µs wall (mean)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

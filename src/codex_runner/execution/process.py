@@ -406,9 +406,9 @@ class JobProcess:
         """starttime of the leader (see `process_start_time`), recorded so that crash recovery
         never signals a recycled pid; 0 if it could not be read. Read on first use, at the latest
         when the leader exits and before it is reaped: until then its pid cannot be reused, so the
-        read is always of this process. Not at spawn: right after exec, /proc/<pid>/stat waits on
-        the new program's memory set-up (about 70 µs on the loop, against 25 once it exited),
-        and a trivial job has exited before anyone asks."""
+        read is always of this process. Not at spawn: right after exec, /proc/<pid>/stat often
+        waits on the new program's set-up (about 90 µs on the loop on average, against 27 once it
+        exited: bench/drain_inprocess.py --parts), and a trivial job has exited before anyone asks."""
         if self._start_time is None:
             stat = _read_stat(self.pid)
             self._start_time = stat.start_time if stat is not None else 0
