@@ -239,3 +239,24 @@ def test_partial_terminal_values_leave_the_other_columns(store: JobStore) -> Non
     row = store.get_row(job_id) or {}
     assert row["status"] == "success" and row["exit_code"] == 3 and row["pid"] == 4242
     assert row["stages"] == stages and row["error_message"] == "kept"
+
+
+def test_a_claim_moves_its_jobs_in_one_statement(store: JobStore) -> None:
+    """However many jobs a claim takes, one `UPDATE` moves them all and returns their rows, each
+    job with a lease of its own."""
+    ids = [store.create(_new(f"u{i}"), BIG)[0]["id"] for i in range(5)]
+    with _statements(store) as seen:
+        claimed = store.claim("r", slots=5, max_jobs_per_user=1)
+    assert [c.id for c in claimed] == ids  # FIFO
+    assert sum(sql.lstrip().upper().startswith(("UPDATE", "WITH")) for sql in seen) == 1
+    assert len({c.lease_token for c in claimed}) == 5
+    for job in claimed:
+        row = store.get_row(job.id) or {}
+        assert job.row == row
+        assert (row["status"], row["lease_token"], row["runner_id"], row["attempt"]) == (
+            "running",
+            job.lease_token,
+            "r",
+            1,
+        )
+        assert row["started_at"] == row["heartbeat_at"] is not None

@@ -65,19 +65,31 @@ _ACTIVE_BY_USER_REPO = (
 _CLAIM_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)).select_from(
     sa.select(sa.func.set_config("lock_timeout", "5s", True).label("lock_timeout")).subquery()
 )
-_CLAIM_UPDATE = (
-    jobs.update()
-    .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.status == Status.QUEUED.value)
-    .values(
-        status=Status.RUNNING.value,
-        started_at=sa.bindparam("b_now"),
-        heartbeat_at=sa.bindparam("b_now"),
-        runner_id=sa.bindparam("b_runner"),
-        lease_token=sa.bindparam("b_lease"),
-        attempt=jobs.c.attempt + 1,
+
+
+def _claim_update(count: int) -> sa.UpdateBase:
+    """The move of `count` picked jobs to `running` in one statement that returns their rows:
+    `UPDATE … FROM` a list of `(id, lease)` values (PostgreSQL; SQLite 3.33+)."""
+    picked = (
+        sa.values(sa.column("id", sa.String), sa.column("lease", sa.String), name="picked")
+        .data([(sa.bindparam(f"b_id{i}"), sa.bindparam(f"b_lease{i}")) for i in range(count)])
+        .cte("picked")
+    )  # WITH picked(id, lease) AS (VALUES …): SQLite takes no column list after AS
+    return (
+        jobs.update()
+        .where(jobs.c.id == picked.c.id, jobs.c.status == Status.QUEUED.value)
+        .values(
+            status=Status.RUNNING.value,
+            started_at=sa.bindparam("b_now", type_=jobs.c.started_at.type),
+            heartbeat_at=sa.bindparam("b_now", type_=jobs.c.heartbeat_at.type),
+            runner_id=sa.bindparam("b_runner"),
+            lease_token=picked.c.lease,
+            attempt=jobs.c.attempt + 1,
+        )
+        .returning(*jobs.c)
     )
-)
-_CLAIM_UPDATE_RETURNING = _CLAIM_UPDATE.returning(*jobs.c)
+
+
 _JOB_KEYS = tuple(jobs.c.keys())
 _ACTIVE_COLUMNS = _ACTIVE_BY_USER_REPO.selected_columns
 # The columns an event insert sets (the id is the database's).
@@ -207,10 +219,11 @@ class JobStore:
         self._terminal = Prepared(_TERMINAL_CAS, dialect)
         self._event = Prepared(_INSERT_EVENT, dialect, column_keys=_EVENT_KEYS)
         self._active = Prepared(_ACTIVE_BY_USER_REPO, dialect, result=[c.type for c in _ACTIVE_COLUMNS])
-        self._claim_update = Prepared(_CLAIM_UPDATE_RETURNING, dialect, result=[c.type for c in jobs.c])
         self._claim_lock = Prepared(_CLAIM_LOCK, dialect) if self.is_pg else None
         # Claim pages without a user filter or keyset, by page size (a handful: see `_claim_in`).
         self._pick_cache: dict[int, Prepared] = {}
+        # Claim updates by number of jobs (at most the instance's concurrency).
+        self._claim_updates: dict[int, Prepared] = {}
 
     # -- events -----------------------------------------------------------------------------
 
@@ -665,14 +678,17 @@ class JobStore:
             after = (batch[-1][4], batch[-1][0])
         if not picked:
             return [], []
-        claimed: list[ClaimedJob] = []
-        for job_id in picked:
-            # The rows were picked under the claim lock (and locked on PostgreSQL): every update
-            # hits, and returns the row: one statement per job, each with a lease of its own.
-            lease = uuid.uuid4().hex
-            values = {"b_id": job_id, "b_lease": lease, "b_now": now, "b_runner": runner_id}
-            (row,) = self._claim_update.fetch(conn, values)
-            claimed.append(ClaimedJob(job_id, lease, dict(zip(_JOB_KEYS, row, strict=True))))
+        # The rows were picked under the claim lock (and locked on PostgreSQL): every update hits.
+        # One statement for all, each job with a lease of its own, that returns their rows.
+        leases = {job_id: uuid.uuid4().hex for job_id in picked}
+        values: dict[str, Any] = {"b_now": now, "b_runner": runner_id}
+        for i, (job_id, lease) in enumerate(leases.items()):
+            values[f"b_id{i}"], values[f"b_lease{i}"] = job_id, lease
+        rows = {
+            row[0]: dict(zip(_JOB_KEYS, row, strict=True))
+            for row in self._claim_update(len(leases)).fetch(conn, values)
+        }
+        claimed = [ClaimedJob(job_id, lease, rows[job_id]) for job_id, lease in leases.items()]
         pending = [
             _PendingEvent(
                 job.id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id}, now
@@ -683,6 +699,13 @@ class JobStore:
             defer_events.extend(pending)
             return claimed, []
         return claimed, self._insert_events(conn, pending, now)
+
+    def _claim_update(self, count: int) -> Prepared:
+        prepared = self._claim_updates.get(count)
+        if prepared is None:
+            prepared = Prepared(_claim_update(count), self.engine.dialect, result=[c.type for c in jobs.c])
+            self._claim_updates[count] = prepared
+        return prepared
 
     def _pick_page(
         self, conn: Connection, page: int, saturated: list[str], after: tuple[datetime, str] | None
