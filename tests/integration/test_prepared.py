@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from codex_runner.errors import StoreUnavailable
-from codex_runner.store import JobStore
+from codex_runner.store import JobStore, create_store_engine
 from codex_runner.store.engine import SQLITE_BUSY_TIMEOUT_SECONDS, with_retries, write_txn
 from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.prepared import Prepared
@@ -135,3 +135,35 @@ def test_a_transient_error_is_retried_then_reported(store: JobStore) -> None:
         with pytest.raises(StoreUnavailable):
             with_retries(run, attempts=2, first_delay=0.0)
     assert len(attempts) == 2
+
+
+def test_a_missing_value_is_refused(store: JobStore) -> None:
+    """As with Connection.execute, a parameter without a value of its own must be given: never a
+    silent NULL."""
+    update = (
+        jobs.update().where(jobs.c.id == sa.bindparam("b_id")).values(error_message=sa.bindparam("b_msg"))
+    )
+    prepared = Prepared(update, store.engine.dialect)
+    with write_txn(store.engine) as conn, pytest.raises(sa.exc.ArgumentError, match="b_msg"):
+        prepared.execute(conn, {"b_id": "x"})
+
+
+def test_a_lost_connection_is_invalidated(pg_database_url: str) -> None:
+    """A connection the server dropped (PostgreSQL) is invalidated, as SQLAlchemy does with its own
+    statements: the error says so and the pool never hands that connection out again."""
+    engine = create_store_engine(pg_database_url, pool_size=1)
+    try:
+        prepared = Prepared(sa.select(sa.literal(1)), engine.dialect, result=[sa.Integer()])
+        with engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with engine.connect() as other:
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid or 0)})")
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                prepared.fetch(conn)
+            assert caught.value.connection_invalidated
+            assert conn.invalidated
+        for _ in range(3):  # what the pool hands out works
+            with engine.connect() as conn:
+                assert prepared.fetch(conn) == [[1]]
+    finally:
+        engine.dispose()

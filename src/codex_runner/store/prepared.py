@@ -10,12 +10,16 @@ SQLAlchemy still does everything but the execution: the statement is a Core cons
 once per dialect by SQLAlchemy; bind values go through the processors SQLAlchemy would apply
 (`TypeEngine.bind_processor` of the dialect's own type), result columns through
 `TypeEngine.result_processor`, and a DBAPI error is raised as SQLAlchemy's `DBAPIError`, so
-`with_retries` and callers see what `Connection.execute` would give them. Only for statements
-without expanding (`IN` list) parameters; the rest of the store uses `Connection.execute`.
+`with_retries` and callers see what `Connection.execute` would give them (a lost connection is
+invalidated, as SQLAlchemy does, so the pool never hands it out again). Only for statements
+without expanding (`IN` list) parameters; the rest of the store uses `Connection.execute`. These
+statements bypass SQLAlchemy's execution events, so its statement logging (`echo`) does not show
+them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -57,6 +61,9 @@ class Prepared:
             if compiled.escaped_bind_names:
                 raise ValueError("escaped parameter names need Connection.execute")
         self._binds: list[tuple[str, Processor, Any]] = []
+        # Parameters without a value of their own: a call must give them, as Connection.execute
+        # insists too.
+        self._required = frozenset(name for name, bind in binds if bind.required)
         for name, bind in binds:
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             # A value fixed in the statement (e.g. `status == 'queued'`), processed once.
@@ -69,6 +76,9 @@ class Prepared:
     def params(self, values: Mapping[str, Any]) -> Any:
         """The DBAPI parameters for `values` (bind name → value; names not given keep the
         statement's own value)."""
+        if not self._required.issubset(values.keys()):
+            missing = ", ".join(sorted(self._required.difference(values.keys())))
+            raise sa.exc.ArgumentError(f"a value is required for bind parameter(s) {missing}")
         out = []
         for name, process, default in self._binds:
             if name in values:
@@ -106,11 +116,18 @@ class Prepared:
     @contextmanager
     def _cursor(self, conn: Connection) -> Iterator[Any]:
         dbapi = self._dialect.loaded_dbapi
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        raw = conn.connection.dbapi_connection
+        cursor = raw.cursor()  # type: ignore[union-attr]
         try:
             yield cursor
         except dbapi.Error as exc:
+            lost = self._dialect.is_disconnect(exc, raw, cursor)
+            if lost:
+                conn.invalidate(exc)
             # As Connection.execute raises it: with_retries tells transient errors by it.
-            raise sa.exc.DBAPIError.instance(self.sql, None, exc, dbapi.Error) from exc
+            raise sa.exc.DBAPIError.instance(
+                self.sql, None, exc, dbapi.Error, connection_invalidated=lost, dialect=self._dialect
+            ) from exc
         finally:
-            cursor.close()
+            with contextlib.suppress(dbapi.Error):  # a cursor of a lost connection may not close
+                cursor.close()
