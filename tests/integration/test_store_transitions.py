@@ -144,6 +144,19 @@ def test_claim_fifo_and_limits(store: JobStore) -> None:
     assert [c.id for c in again] == [ids[2]]
 
 
+def test_claim_reads_past_pages_of_jobs_it_must_skip(store: JobStore) -> None:
+    """A user who reaches the limit within the claim is not filtered in SQL: their later jobs
+    fill pages that the claim reads past (keyset pages), to the next user's job, in FIFO order."""
+    ahead = [store.create(new_job("a"), BIG)[0]["id"] for _ in range(10)]
+    behind = store.create(new_job("b"), BIG)[0]["id"]
+    claimed = store.claim("r", slots=2, max_jobs_per_user=1)
+    assert [c.id for c in claimed] == [ahead[0], behind]
+    # An explicit small scan takes the same path, one row per page.
+    store.transition(ahead[0], Status.RUNNING, Status.SUCCESS, lease_token=claimed[0].lease_token)
+    store.transition(behind, Status.RUNNING, Status.SUCCESS, lease_token=claimed[1].lease_token)
+    assert [c.id for c in store.claim("r", slots=1, max_jobs_per_user=1, scan=1)] == [ahead[1]]
+
+
 def test_claim_in_place_one_at_a_time(store: JobStore) -> None:
     a = store.create(new_job("u1", repo="solo", mode="in_place"), BIG)[0]["id"]
     b = store.create(new_job("u2", repo="solo", mode="in_place"), BIG)[0]["id"]

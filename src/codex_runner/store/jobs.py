@@ -644,8 +644,10 @@ class JobStore:
         its events are added there for the caller to insert, and none are returned."""
         runner_id, slots, max_jobs_per_user = request.runner_id, request.slots, request.max_jobs_per_user
         # A few candidates per free slot: users at their limit are filtered in SQL, so a page
-        # this size nearly always fills the slots; the keyset loop fetches more when it does not.
-        page = request.scan or min(200, max(16, slots * 4))
+        # this size nearly always fills the slots; the keyset loop fetches more when it does not
+        # (a user who reaches the limit within this claim, an in_place repo already taken).
+        # Small, because every row read is decoded: a busy runner claims a slot or two at a time.
+        page = request.scan or min(200, max(4, slots * 2))
         if self._claim_lock is not None:
             # A frozen instance holding a row lock must not stall claims cluster-wide.
             self._claim_lock.execute(conn)
