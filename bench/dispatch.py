@@ -5,7 +5,8 @@ and PostgreSQL in one run.
         [--jobs 2000] [--concurrency 2 8] [--cancels 100]
 
 For each backend: a scratch data dir (and on PostgreSQL a database `cr_bench_<hex>` on `--pg-url`'s
-server, dropped at the end), a runner.toml with one `scratch` repo and three scripts, and the real
+server, dropped at the end; the scratch folders are removed when the whole run ends, see
+`remove_later`), a runner.toml with one `scratch` repo and three scripts, and the real
 `codex-runner serve` (API + launcher in one process, as deployed) in a subprocess. Then:
 
 (a) dispatch: on an idle runner (the previous job terminal, 20 ms of quiet), the client takes
@@ -129,6 +130,23 @@ class Result:
 # -- set-up -----------------------------------------------------------------------------------
 
 
+#: Scratch folders of this run, removed when it ends (`remove_later`).
+_LEFTOVERS: list[Path] = []
+
+
+def remove_later(path: Path) -> None:
+    """Removes `path` when the bench ends rather than now: on ext4 without a journal (this
+    project's VM) every new file scans past the inodes freed in the last minutes, so deleting
+    thousands of files (a drain's data folder, the raw spawn's folders) right before a drain
+    slowed that drain (docs/performance.md, "Dispatch")."""
+    _LEFTOVERS.append(path)
+
+
+def remove_leftovers() -> None:
+    while _LEFTOVERS:
+        shutil.rmtree(_LEFTOVERS.pop(), ignore_errors=True)
+
+
 @contextmanager
 def scratch(backend: str, pg_url: str) -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix=f"cr-dispatch-{backend}-"))
@@ -144,7 +162,7 @@ def scratch(backend: str, pg_url: str) -> Iterator[Env]:
                 rt.close()
             yield Env(backend, root, env, url, token)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        remove_later(root)
 
 
 @contextmanager
@@ -228,7 +246,7 @@ def bench_drain(env: Env, res: Result, count: int, concurrency: int) -> None:
     try:
         raw = run_threads("/bin/true", count, concurrency, raw_root)
     finally:
-        shutil.rmtree(raw_root, ignore_errors=True)
+        remove_later(raw_root)
     res.load.append(os.getloadavg()[0])
     with server(env, RUNNER_MAX_CONCURRENCY=str(concurrency)) as (_url, pid):
         user0, sys0 = cpu_split(pid)
@@ -355,21 +373,24 @@ def main() -> None:
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     results = []
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
-    for backend in backends:
-        res = Result(backend)
-        with scratch(backend, args.pg_url) as env:
-            if "dispatch" not in args.skip:
-                bench_dispatch(env, res, args.samples)
-            if "cancel" not in args.skip:
-                bench_cancel(env, res, args.cancels)
-            if "drain" not in args.skip:
-                for c in args.concurrency:
-                    bench_drain(env, res, args.jobs, c)
-        results.append(res)
-        report([res])
-    if len(results) > 1:
-        report(results)
-    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    try:
+        for backend in backends:
+            res = Result(backend)
+            with scratch(backend, args.pg_url) as env:
+                if "dispatch" not in args.skip:
+                    bench_dispatch(env, res, args.samples)
+                if "cancel" not in args.skip:
+                    bench_cancel(env, res, args.cancels)
+                if "drain" not in args.skip:
+                    for c in args.concurrency:
+                        bench_drain(env, res, args.jobs, c)
+            results.append(res)
+            report([res])
+        if len(results) > 1:
+            report(results)
+        print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    finally:
+        remove_leftovers()
 
 
 if __name__ == "__main__":

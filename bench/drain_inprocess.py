@@ -47,7 +47,7 @@ from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 from codex_runner.store.records import initial_stages, iso, utcnow
 from codex_runner.store.schema import jobs
-from dispatch import scratch_runner_env
+from dispatch import remove_later, remove_leftovers, scratch_runner_env
 
 _TO_THREAD = asyncio.to_thread
 
@@ -104,7 +104,7 @@ def drain(count: int, concurrency: int, inline: str) -> tuple[float, float]:
         finally:
             rt.close()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        remove_later(root)
 
 
 def _time(n: int, fn: Callable[[], object]) -> float:
@@ -211,9 +211,12 @@ def main() -> None:
     if args.parts:
         parts()
         return
-    for which in args.inline:
-        rate, cpu = drain(args.jobs, args.concurrency, which)
-        print(f"inline={which}: {rate:,.0f} jobs/s, {cpu:.2f} ms CPU per job (c={args.concurrency})")
+    try:
+        for which in args.inline:
+            rate, cpu = drain(args.jobs, args.concurrency, which)
+            print(f"inline={which}: {rate:,.0f} jobs/s, {cpu:.2f} ms CPU per job (c={args.concurrency})")
+    finally:
+        remove_leftovers()
 
 
 if __name__ == "__main__":
