@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ClauseElement
 
 from codex_runner.errors import (
     InvalidTransition,
@@ -67,7 +68,7 @@ _CLAIM_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)).select_fr
 )
 
 
-def _claim_update(count: int) -> sa.UpdateBase:
+def _claim_update_statement(count: int) -> sa.UpdateBase:
     """The move of `count` picked jobs to `running` in one statement that returns their rows:
     `UPDATE … FROM` a list of `(id, lease)` values (PostgreSQL; SQLite 3.33+)."""
     picked = (
@@ -220,10 +221,10 @@ class JobStore:
         self._event = Prepared(_INSERT_EVENT, dialect, column_keys=_EVENT_KEYS)
         self._active = Prepared(_ACTIVE_BY_USER_REPO, dialect, result=[c.type for c in _ACTIVE_COLUMNS])
         self._claim_lock = Prepared(_CLAIM_LOCK, dialect) if self.is_pg else None
-        # Claim pages without a user filter or keyset, by page size (a handful: see `_claim_in`).
-        self._pick_cache: dict[int, Prepared] = {}
-        # Claim updates by number of jobs (at most the instance's concurrency).
-        self._claim_updates: dict[int, Prepared] = {}
+        # Statements that vary by a count, prepared on first use (`_prepared`): claim pages without
+        # a user filter or keyset, by page size, and claim updates, by number of jobs; a handful
+        # of each (at most the instance's concurrency).
+        self._prepared_by_size: dict[tuple[str, int], Prepared] = {}
 
     # -- events -----------------------------------------------------------------------------
 
@@ -688,12 +689,12 @@ class JobStore:
             values[f"b_id{i}"], values[f"b_lease{i}"] = job_id, lease
         rows = {
             row[0]: dict(zip(_JOB_KEYS, row, strict=True))
-            for row in self._claim_update(len(leases)).fetch(conn, values)
+            for row in self._prepared("claim", len(leases)).fetch(conn, values)
         }
         claimed = [ClaimedJob(job_id, lease, rows[job_id]) for job_id, lease in leases.items()]
         pending = [
             _PendingEvent(
-                job.id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id}, now
+                job.id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id}, at=now
             )
             for job in claimed
         ]
@@ -702,11 +703,19 @@ class JobStore:
             return claimed, []
         return claimed, self._insert_events(conn, pending, now)
 
-    def _claim_update(self, count: int) -> Prepared:
-        prepared = self._claim_updates.get(count)
+    def _prepared(self, kind: str, size: int) -> Prepared:
+        """The claim's `kind` of statement ("pick": a first page of `size` rows; "claim": the
+        update of `size` jobs), prepared once per size."""
+        prepared = self._prepared_by_size.get((kind, size))
         if prepared is None:
-            prepared = Prepared(_claim_update(count), self.engine.dialect, result=[c.type for c in jobs.c])
-            self._claim_updates[count] = prepared
+            statement: ClauseElement
+            result: Sequence[sa.ColumnElement[Any]]
+            if kind == "pick":
+                statement, result = self._pick_query(size, [], None), _PICK_COLUMNS
+            else:
+                statement, result = _claim_update_statement(size), tuple(jobs.c)
+            prepared = Prepared(statement, self.engine.dialect, result=[c.type for c in result])
+            self._prepared_by_size[(kind, size)] = prepared
         return prepared
 
     def _pick_page(
@@ -717,12 +726,7 @@ class JobStore:
         The usual first page (no user at the limit) is prepared once per page size."""
         if saturated or after is not None:
             return conn.execute(self._pick_query(page, saturated, after)).all()
-        prepared = self._pick_cache.get(page)
-        if prepared is None:
-            query = self._pick_query(page, saturated, after)
-            prepared = Prepared(query, self.engine.dialect, result=[c.type for c in _PICK_COLUMNS])
-            self._pick_cache[page] = prepared
-        return prepared.fetch(conn)
+        return self._prepared("pick", page).fetch(conn)
 
     def _pick_query(
         self, page: int, saturated: list[str], after: tuple[datetime, str] | None
