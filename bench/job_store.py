@@ -2,7 +2,7 @@
 launcher makes them during a drain (issue 3's drain target; see docs/performance.md, "Dispatch").
 
     .venv/bin/python bench/job_store.py [--backend sqlite|postgresql|both] [--jobs 2000]
-        [--batch 8] [--rounds 5]
+        [--batch 8] [--rounds 5] [--statement]
 
 Per round: `--jobs` queued jobs are created (not timed), then the timed loop does what a drain at
 concurrency `--batch` does in the store: one claim of `--batch` jobs, then, batch after batch, one
@@ -10,7 +10,8 @@ concurrency `--batch` does in the store: one claim of `--batch` jobs, then, batc
 claims the next batch in the same transaction. Prints the CPU time of this process per job (the
 database server's own CPU is not in it: on SQLite there is none) and the wall time, median of the
 rounds. The drain itself is `bench/dispatch.py`; this isolates the part of its per-job cost that
-is SQLAlchemy and the driver.
+is SQLAlchemy and the driver. `--statement` also times one terminal `UPDATE` through
+`Connection.execute` and through `Prepared` (store/prepared.py), CPU per call.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from codex_runner.config import load_settings
 from codex_runner.jobs import ErrorCode, Status
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
-from codex_runner.store.jobs import Cas, ClaimRequest, OwnerWrite
+from codex_runner.store.engine import write_txn
+from codex_runner.store.jobs import _TERMINAL_CAS, Cas, ClaimRequest, OwnerWrite
+from codex_runner.store.prepared import Prepared
 from codex_runner.store.records import initial_stages, iso, utcnow
 from dispatch import PG_URL, scratch_runner_env
 
@@ -102,6 +105,51 @@ def run(backend: str, args: argparse.Namespace) -> None:
         f"{backend}: claim + terminal write, batches of {args.batch}: "
         f"{cpu:.0f} µs CPU per job (rounds: {spread}), {wall:.0f} µs wall per job"
     )
+    if args.statement:
+        statement(backend, args)
+
+
+def statement(backend: str, args: argparse.Namespace, n: int = 5000) -> None:
+    """One prebuilt terminal `UPDATE` (that matches no row), `n` times inside one transaction:
+    through `Connection.execute`, and through `Prepared` on the DBAPI cursor. CPU µs per call."""
+    root = Path(tempfile.mkdtemp(prefix=f"cr-statement-{backend}-"))
+    try:
+        with database_url(backend, args.pg_url, root, "cr_bench_") as url:
+            rt = Runtime.open(load_settings(scratch_runner_env(root, url, "bench"), cwd=root))
+            try:
+                values = {
+                    "b_job": "no-such-job",
+                    "b_lease": "lease",
+                    "b_from1": "running",
+                    "b_from2": "running",
+                    "b_dst": "success",
+                    "b_now": utcnow(),
+                    "b_exit_code": 0,
+                    "b_error_code": None,
+                    "b_error_message": None,
+                    "b_stages": initial_stages(),
+                    "b_result": None,
+                    "b_pid": 1,
+                    "b_pgid": 1,
+                    "b_proc_start_time": 1,
+                }
+                prepared = Prepared(_TERMINAL_CAS, rt.engine.dialect)
+                timings = {}
+                with write_txn(rt.engine) as conn:
+                    for name, call in (
+                        ("Connection.execute", lambda: conn.execute(_TERMINAL_CAS, values).rowcount),
+                        ("Prepared (DBAPI cursor)", lambda: prepared.execute(conn, values)),
+                    ):
+                        call()
+                        cpu0 = time.process_time()
+                        for _ in range(n):
+                            call()
+                        timings[name] = (time.process_time() - cpu0) / n * 1e6
+            finally:
+                rt.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{backend}: terminal UPDATE, " + ", ".join(f"{k} {v:.1f} µs CPU" for k, v in timings.items()))
 
 
 def main() -> None:
@@ -111,6 +159,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--statement",
+        action="store_true",
+        help="also time one statement: Connection.execute against Prepared",
+    )
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     for backend in ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]:
