@@ -3,8 +3,9 @@
 A trivial job makes a terminal write, an event row and a share of a claim. Through
 `Connection.execute`, SQLAlchemy's work per statement (cache key, execution context, result set-up:
 about 13–22 µs here, more than SQLite's own for these statements: `bench/job_store.py
---statement`) was a tenth of such a job's CPU, and at concurrency 2, where a claim serves one job,
-nearly a fifth (docs/performance.md, "Dispatch").
+--statement`) was about a tenth of such a job's CPU in a profile of `bench/drain_inprocess.py`,
+and at concurrency 2, where a claim serves one job, nearly a fifth (docs/performance.md,
+"Dispatch").
 
 SQLAlchemy still does everything but the execution: the statement is a Core construct, compiled
 once per dialect by SQLAlchemy; bind values go through the processors SQLAlchemy would apply
