@@ -39,7 +39,7 @@ import uvloop
 
 from codex_runner.config import Settings, load_settings
 from codex_runner.execution.manifest import ManifestWriter
-from codex_runner.execution.process import JobProcess, ProcessSpec, _read_stat, build_env
+from codex_runner.execution.process import JobProcess, ProcessSpec, build_env, process_start_time
 from codex_runner.launcher import Launcher
 from codex_runner.logs.writer import LogWriter
 from codex_runner.ops.logging import configure_logging
@@ -128,7 +128,7 @@ def _stat_read_wall(root: Path, env: dict[str, str], n: int = 1000) -> tuple[flo
         if i % 2:
             os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
         t0 = time.perf_counter()
-        _read_stat(proc.pid)
+        process_start_time(proc.pid)
         (exited if i % 2 else fresh).append((time.perf_counter() - t0) * 1e6)
         proc.wait()
     return statistics.fmean(fresh), statistics.fmean(exited)

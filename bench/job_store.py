@@ -22,6 +22,8 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from _serve import database_url
@@ -86,18 +88,25 @@ def one_round(rt: Runtime, jobs: int, batch: int) -> tuple[float, float]:
     return cpu / jobs * 1e6, wall / jobs * 1e6
 
 
-def run(backend: str, args: argparse.Namespace) -> None:
+@contextmanager
+def scratch_runtime(backend: str, args: argparse.Namespace) -> Iterator[Runtime]:
+    """A runtime on a scratch data folder and database, both removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix=f"cr-jobstore-{backend}-"))
     try:
         with database_url(backend, args.pg_url, root, "cr_bench_") as url:
             rt = Runtime.open(load_settings(scratch_runner_env(root, url, "bench"), cwd=root))
             try:
-                one_round(rt, min(args.jobs, 200), args.batch)  # warm-up: statement caches, pool
-                results = [one_round(rt, args.jobs, args.batch) for _ in range(args.rounds)]
+                yield rt
             finally:
                 rt.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def run(backend: str, args: argparse.Namespace) -> None:
+    with scratch_runtime(backend, args) as rt:
+        one_round(rt, min(args.jobs, 200), args.batch)  # warm-up: statement caches, pool
+        results = [one_round(rt, args.jobs, args.batch) for _ in range(args.rounds)]
     cpu = statistics.median(r[0] for r in results)
     wall = statistics.median(r[1] for r in results)
     spread = ", ".join(f"{r[0]:.0f}" for r in results)
@@ -112,43 +121,35 @@ def run(backend: str, args: argparse.Namespace) -> None:
 def statement(backend: str, args: argparse.Namespace, n: int = 5000) -> None:
     """One prebuilt terminal `UPDATE` (that matches no row), `n` times inside one transaction:
     through `Connection.execute`, and through `Prepared` on the DBAPI cursor. CPU µs per call."""
-    root = Path(tempfile.mkdtemp(prefix=f"cr-statement-{backend}-"))
-    try:
-        with database_url(backend, args.pg_url, root, "cr_bench_") as url:
-            rt = Runtime.open(load_settings(scratch_runner_env(root, url, "bench"), cwd=root))
-            try:
-                values = {
-                    "b_job": "no-such-job",
-                    "b_lease": "lease",
-                    "b_from1": "running",
-                    "b_from2": "running",
-                    "b_dst": "success",
-                    "b_now": utcnow(),
-                    "b_exit_code": 0,
-                    "b_error_code": None,
-                    "b_error_message": None,
-                    "b_stages": initial_stages(),
-                    "b_result": None,
-                    "b_pid": 1,
-                    "b_pgid": 1,
-                    "b_proc_start_time": 1,
-                }
-                prepared = Prepared(_TERMINAL_CAS, rt.engine.dialect)
-                timings = {}
-                with write_txn(rt.engine) as conn:
-                    for name, call in (
-                        ("Connection.execute", lambda: conn.execute(_TERMINAL_CAS, values).rowcount),
-                        ("Prepared (DBAPI cursor)", lambda: prepared.execute(conn, values)),
-                    ):
-                        call()
-                        cpu0 = time.process_time()
-                        for _ in range(n):
-                            call()
-                        timings[name] = (time.process_time() - cpu0) / n * 1e6
-            finally:
-                rt.close()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with scratch_runtime(backend, args) as rt:
+        values = {
+            "b_job": "no-such-job",
+            "b_lease": "lease",
+            "b_from1": "running",
+            "b_from2": "running",
+            "b_dst": "success",
+            "b_now": utcnow(),
+            "b_exit_code": 0,
+            "b_error_code": None,
+            "b_error_message": None,
+            "b_stages": initial_stages(),
+            "b_result": None,
+            "b_pid": 1,
+            "b_pgid": 1,
+            "b_proc_start_time": 1,
+        }
+        prepared = Prepared(_TERMINAL_CAS, rt.engine.dialect)
+        timings = {}
+        with write_txn(rt.engine) as conn:
+            for name, call in (
+                ("Connection.execute", lambda: conn.execute(_TERMINAL_CAS, values).rowcount),
+                ("Prepared (DBAPI cursor)", lambda: prepared.execute(conn, values)),
+            ):
+                call()
+                cpu0 = time.process_time()
+                for _ in range(n):
+                    call()
+                timings[name] = (time.process_time() - cpu0) / n * 1e6
     print(f"{backend}: terminal UPDATE, " + ", ".join(f"{k} {v:.1f} µs CPU" for k, v in timings.items()))
 
 
