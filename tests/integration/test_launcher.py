@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from codex_runner.execution.manifest import ManifestWriter
+from codex_runner.launcher import find_job_processes
 
 from tests.helpers import wait_until
 
@@ -262,6 +264,49 @@ def test_stop_kills_a_daemon_of_a_job_that_just_ended(
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=2)
 
 
+def test_a_scratch_jobs_log_starts_with_its_set_up_lines(runner: Any) -> None:
+    """A scratch job's log file is made right after its spawn (its set-up waits for no file but
+    its folder); the set-up's runner lines, held until then, still come first, ahead of the
+    script's output, and a job that never spawns gets them too."""
+    log_dir = runner.runtime.settings.log_dir
+    ran = runner.wait(runner.submit({"stdout": "the script's first words"})["id"])
+    assert ran["status"] == "success"
+    lines = (log_dir / f"{ran['id']}.log").read_text().splitlines()
+    assert lines[0] == f"[runner] job {ran['id']} started on test-runner (attempt 1)"
+    assert lines[1].startswith("[runner] workspace ready (scratch) at ")
+    assert lines[2:] == [
+        "the script's first words",
+        "[runner] script exited with code 0",
+        "[runner] job ending: success",
+    ]
+
+    failed = runner.wait(runner.submit({}, script="missing")["id"])
+    assert failed["error_code"] == "spawn_failed"
+    lines = (log_dir / f"{failed['id']}.log").read_text().splitlines()
+    assert lines[0] == f"[runner] job {failed['id']} started on test-runner (attempt 1)"
+    assert lines[1].startswith("[runner] workspace ready (scratch) at ")
+    assert lines[2].startswith("[runner] spawn failed: ") and "not found" in lines[2]
+    assert lines[3:] == ["[runner] job ending: failed (spawn_failed)"]
+
+
+@pytest.mark.parametrize("repo", ["scratch", "inplace"])
+def test_a_job_whose_log_file_cannot_be_made_fails_and_leaves_no_process(
+    runner: Any, monkeypatch: pytest.MonkeyPatch, repo: str
+) -> None:
+    """Made before the spawn (a thread's set-up) or right after it (a scratch job): either way the
+    job fails at once as an internal error, and none of its processes lives on."""
+
+    def no_room(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("codex_runner.execution.job.LogWriter", no_room)
+    t0 = time.monotonic()
+    done = runner.wait(runner.submit({"sleep": "30"}, repo=repo)["id"], timeout=20)
+    assert done["status"] == "failed" and done["error_code"] == "internal_error", done
+    assert time.monotonic() - t0 < 15
+    assert wait_until(lambda: done["id"] not in find_job_processes(), timeout=5)
+
+
 def test_scratch_jobs_set_up_and_clean_up_on_the_loop(runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A scratch job's set-up and, when its folder is empty, its cleanup take no thread trip (a trip
     costs more than their few file operations); a folder with files is still removed, in a thread."""
@@ -288,9 +333,9 @@ def test_scratch_jobs_set_up_and_clean_up_on_the_loop(runner: Any, monkeypatch: 
     # (A script still running after a second would make one trip to record its pids: not these.)
     assert "JobRun._set_up" not in trips and "cleanup_workspace" not in trips, trips
     assert {s["name"]: s["status"] for s in empty["stages"]}["cleanup"] == "success"
-    # Two manifests, not three: the inline cleanup leaves its stage change to the terminal one,
-    # as any stage change waits for the job's next trip (each write is a new file and frees one).
-    assert manifests == [("running", "pending"), ("success", "success")]
+    # One manifest: the inline set-up and cleanup leave their stage changes to the terminal one,
+    # as any stage change waits for the job's next trip (each write is a new file on the disk).
+    assert manifests == [("success", "success")]
     # The process ids, read as the leader exited, reach the row with the terminal write.
     row = runner.runtime.jobs.get_row(empty["id"])
     assert row["pid"] > 0 and row["pgid"] == row["pid"] and row["proc_start_time"] > 0
@@ -301,7 +346,7 @@ def test_scratch_jobs_set_up_and_clean_up_on_the_loop(runner: Any, monkeypatch: 
     assert busy["status"] == "success"
     assert "cleanup_workspace" in trips and "JobRun._set_up" not in trips
     # A cleanup that takes a trip writes the stage changes first, as every trip does.
-    assert manifests == [("running", "pending"), ("running", "running"), ("success", "success")]
+    assert manifests == [("running", "running"), ("success", "success")]
     for done in (empty, busy):
         assert not (runner.runtime.settings.workspace_dir / done["id"]).exists()
         manifest = json.loads((runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text())

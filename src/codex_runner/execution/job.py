@@ -8,14 +8,16 @@ and the job's next trip writes it before its own work, so the manifest still cha
 change, in order, before anything that follows. A running script's next trip comes at the latest
 `PID_RECORD_DELAY_SECONDS` after its spawn.
 
-A `scratch` job without a credential makes only the shared one: its set-up (log file, manifest, one
-folder) and, when the script left its folder empty, its cleanup (one `rmdir`) run on the event
-loop, as the log's own writes do. They are a handful of small file operations, cheaper than the
-trip: handing work to a thread and back makes the GIL change hands dozens of times, and in drains
-of trivial jobs the server spent 15–35% less CPU per job without those two trips
-(docs/performance.md, "Dispatch"). That cleanup is no trip, so its stage changes reach the
-manifest with the terminal write, a moment later: a trivial job writes its manifest twice, and
-each write is a new file that frees the one before.
+A `scratch` job without a credential makes only the shared one: its set-up (one folder) and, when
+the script left its folder empty, its cleanup (one `rmdir`) run on the event loop, as the log's own
+writes do. They are a handful of small file operations, cheaper than the trip: handing work to a
+thread and back makes the GIL change hands dozens of times, and in drains of trivial jobs the
+server spent 15–35% less CPU per job without those two trips (docs/performance.md, "Dispatch").
+Its log file is made right after the spawn, in the same turn of the loop, so before any output is
+read (the runner's lines of the set-up wait in memory until then), and its stage changes wait for
+its next trip like any other job's: the pid record of a script still running after
+`PID_RECORD_DELAY_SECONDS`, else the terminal write. So the spawn waits for no file but the folder,
+and a trivial job writes its manifest once (each write is a new file on the disk).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class JobRun:
         self.run_dir = self.settings.runs_dir / self.job_id
         self.manifest = ManifestWriter(self.run_dir)
         self.log: LogWriter | None = None
+        # Runner lines written before the log file exists (a scratch job's set-up: `_open_log`).
+        self._early_lines: list[str] | None = None
         # The job's known secret values, found once with its credential; the log writer and every
         # error message mask the same set.
         self.secrets: list[str] = list(self.settings.secret_values())
@@ -190,6 +194,21 @@ class JobRun:
     def _runner_line(self, text: str) -> None:
         if self.log is not None:
             self.log.runner_line(text)
+        elif self._early_lines is not None:
+            self._early_lines.append(text)
+
+    def _open_log(self) -> None:
+        """Makes the job's log file, with the runner lines held until then; once only."""
+        if self.log is not None:
+            return
+        self.log = LogWriter(
+            self.settings.log_dir / f"{self.job_id}.log",
+            max_bytes=self.settings.log_max_bytes,
+            known_secrets=self.secrets,
+        )
+        early, self._early_lines = self._early_lines or [], None
+        for text in early:
+            self.log.runner_line(text)
 
     def _sink(self, data: bytes) -> None:
         if self.log is not None:
@@ -227,9 +246,10 @@ class JobRun:
         repo = self.rt.catalog.repos.get(self.row["repo"])
         script = self.rt.catalog.scripts.get(self.row["script_key"])
         # One trip: credential, log file, the manifest, the workspace; no trip for a scratch job
-        # without a credential (see the module's docstring).
+        # without a credential, and no file before its spawn but its folder (see the module's
+        # docstring).
         if repo is not None and repo.workspace == "scratch" and not repo.credential:
-            credential, prepared = self._set_up(repo, script)
+            credential, prepared = self._set_up(repo, script, files_after_spawn=True)
         else:
             credential, prepared = await asyncio.to_thread(self._set_up, repo, script)
         if repo is None or script is None:
@@ -257,25 +277,29 @@ class JobRun:
         await self._conclude(outcome, result, script)
 
     def _set_up(
-        self, repo: RepoSpec | None, script: ScriptSpec | None
+        self, repo: RepoSpec | None, script: ScriptSpec | None, *, files_after_spawn: bool = False
     ) -> tuple[GitCredential | None, Workspace | GitError | None]:
         """Worker thread: the job's credential and log file, then (when its repo and script are
         still configured) the prepare stage and its workspace. A prepare failure is returned, not
-        raised. The job's coroutine waits for this trip, so the stage may change here."""
+        raised. The job's coroutine waits for this trip, so the stage may change here.
+
+        `files_after_spawn` (a scratch job's set-up, on the loop): the log file waits for the
+        spawn (`_open_log`), and the prepare stage for the job's next manifest write."""
         # No mkdir of the run and log folders here: the manifest and log writers make theirs.
         credential = self._credential(repo)
         self.secrets = self._known_secrets(script, credential)
-        self.log = LogWriter(
-            self.settings.log_dir / f"{self.job_id}.log",
-            max_bytes=self.settings.log_max_bytes,
-            known_secrets=self.secrets,
-        )
+        if files_after_spawn:
+            self._early_lines = []
+        else:
+            self._open_log()
         self._runner_line(f"job {self.job_id} started on {self.settings.id} (attempt {self.row['attempt']})")
         if repo is None or script is None:
             return credential, None
         self._stage("prepare", "running")
-        self._write_manifest(self._manifest_doc())
-        self._manifest_dirty = False
+        if not files_after_spawn:
+            # Before a prepare that may take a while (a clone, a fetch): readers see it running.
+            self._write_manifest(self._manifest_doc())
+            self._manifest_dirty = False
         try:
             ws = prepare_workspace(repo, self.job_id, self.settings, credential)
         except GitError as exc:
@@ -335,6 +359,12 @@ class JobRun:
             self._runner_line(f"spawn failed: {exc.message}")
             self._spawn_error = exc.message
             return None
+        try:
+            self._open_log()  # before the loop runs again, so before any output is read
+        except OSError:
+            # No log, no run: the job fails (`run`), and its processes must not outlive it.
+            await self.proc.terminate("internal_error", 0.0)
+            raise
         self._process_unrecorded = True
         outcome = await self._supervise(self.proc, self.row["timeout_seconds"])
         tail = outcome.stderr_tail.decode("utf-8", "replace")
@@ -545,6 +575,10 @@ class JobRun:
         `is_complete`). The fsynced manifest of the likely outcome is made ready too; `_end_after`
         publishes (renames) it once the status is written, so it shows up right after the status
         does, never before."""
+        # A scratch job that never spawned has no log file yet; one that cannot be made must not
+        # keep the status from going out.
+        with contextlib.suppress(OSError):
+            self._open_log()
         self._runner_line(line)
         if self.log is not None:
             self.log.close()
