@@ -1,5 +1,5 @@
 """Test helpers shared by the layers: a real uvicorn server on a free loopback port, waits with
-timeouts, a runner.toml writer."""
+timeouts, a runner.toml writer, the statements a store runs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
+
+from codex_runner.store import JobStore
+from codex_runner.store.prepared import Prepared
 
 #: The console script of the venv the tests run in.
 CLI = str(Path(sys.executable).parent / "codex-runner")
@@ -135,3 +139,32 @@ class JobPolling:
                 return job
             time.sleep(0.02)
         raise AssertionError(f"job {job_id} still {self.job(job_id)['status']} after {timeout} s")
+
+
+@contextmanager
+def recorded_statements(store: JobStore) -> Iterator[list[str]]:
+    """The SQL text of every statement the store runs meanwhile: through `Connection.execute`
+    and through `Prepared` (which runs on the DBAPI cursor, so SQLAlchemy's events miss it)."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    originals = {name: getattr(Prepared, name) for name in ("execute", "execute_many", "fetch")}
+
+    def recording(name: str) -> Any:
+        def run(self: Prepared, *args: Any) -> Any:
+            seen.append(self.sql)
+            return originals[name](self, *args)
+
+        return run
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    for name in originals:
+        setattr(Prepared, name, recording(name))
+    try:
+        yield seen
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+        for name, original in originals.items():
+            setattr(Prepared, name, original)

@@ -4,8 +4,6 @@ PostgreSQL: one write that does not hold, or that the database refuses, never co
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,8 +12,9 @@ from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.jobs import Status
 from codex_runner.store import JobStore
 from codex_runner.store.jobs import Cas, ClaimRequest, Limits, NewJob, OwnerWrite
-from codex_runner.store.prepared import Prepared
 from codex_runner.store.schema import events, jobs
+
+from tests.helpers import recorded_statements
 
 BIG = Limits(max_queue_size=10_000, max_queued_per_user=10_000)
 
@@ -79,7 +78,7 @@ def test_finish_and_claim_in_one_transaction(store: JobStore) -> None:
     assert claimed.id == first  # alice is at her limit: `second` waits
     heard: list[dict[str, Any]] = []
     store.listeners.append(heard.append)
-    with _statements(store) as seen:
+    with recorded_statements(store) as seen:
         held, more = store.finish_many(
             [_success(first, claimed.lease_token)], ClaimRequest("r", slots=1, max_jobs_per_user=1)
         )
@@ -142,35 +141,6 @@ def test_group_committer_batches_endings(store: JobStore) -> None:
     assert done == 5
 
 
-@contextlib.contextmanager
-def _statements(store: JobStore) -> Iterator[list[str]]:
-    """The SQL text of every statement the store runs meanwhile: through `Connection.execute`
-    and through `Prepared` (which runs on the DBAPI cursor, so SQLAlchemy's events miss it)."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    originals = {name: getattr(Prepared, name) for name in ("execute", "execute_many", "fetch")}
-
-    def recording(name: str) -> Any:
-        def run(self: Prepared, *args: Any) -> Any:
-            seen.append(self.sql)
-            return originals[name](self, *args)
-
-        return run
-
-    sa.event.listen(store.engine, "before_cursor_execute", record)
-    for name in originals:
-        setattr(Prepared, name, recording(name))
-    try:
-        yield seen
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", record)
-        for name, original in originals.items():
-            setattr(Prepared, name, original)
-
-
 def _job_run_values(exit_code: int, **process: int) -> dict[str, Any]:
     """The values `JobRun._terminal_write` sets: every terminal column, process ids when the job
     ended before they were recorded. These take the store's prebuilt statement."""
@@ -204,7 +174,7 @@ def test_prebuilt_terminal_write_matches_the_general_one(store: JobStore) -> Non
         _job_run_write(canceled, leases[canceled], _job_run_values(0, pid=33, pgid=33, proc_start_time=330)),
         _job_run_write(lost, leases[lost], _job_run_values(0, pid=44, pgid=44, proc_start_time=440)),
     ]
-    with _statements(store) as seen:
+    with recorded_statements(store) as seen:
         held, _ = store.finish_many(writes)
     assert held == [0, 0, 1, None]
     assert sum("coalesce(" in sql.lower() for sql in seen) == 6  # one per attempt tried: 1, 1, 2, 2
@@ -232,7 +202,7 @@ def test_partial_terminal_values_leave_the_other_columns(store: JobStore) -> Non
     [job_id] = list(leases)
     stages = [{"name": "script", "status": "running"}]
     assert store.update_fields(job_id, leases[job_id], {"stages": stages, "error_message": "kept"})
-    with _statements(store) as seen:
+    with recorded_statements(store) as seen:
         held, _ = store.finish_many([_success(job_id, leases[job_id], exit_code=3)])
     assert held == [0]
     assert not any("coalesce(" in sql.lower() for sql in seen)
@@ -245,7 +215,7 @@ def test_a_claim_moves_its_jobs_in_one_statement(store: JobStore) -> None:
     """However many jobs a claim takes, one `UPDATE` moves them all and returns their rows, each
     job with a lease of its own."""
     ids = [store.create(_new(f"u{i}"), BIG)[0]["id"] for i in range(5)]
-    with _statements(store) as seen:
+    with recorded_statements(store) as seen:
         claimed = store.claim("r", slots=5, max_jobs_per_user=1)
     assert [c.id for c in claimed] == ids  # FIFO
     assert sum(sql.lstrip().upper().startswith(("UPDATE", "WITH")) for sql in seen) == 1

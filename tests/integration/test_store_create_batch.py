@@ -16,6 +16,8 @@ from codex_runner.store import JobStore
 from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.schema import events, idempotency_keys, job_counts, jobs
 
+from tests.helpers import recorded_statements
+
 
 def job(user: str, key: str | None = None, payload: int = 1) -> NewJob:
     return NewJob(
@@ -125,3 +127,22 @@ def test_a_database_error_fails_only_its_own_item(store: JobStore) -> None:
 def test_empty_batch_writes_nothing(store: JobStore) -> None:
     assert store.create_many([], Limits()) == []
     assert table(store)["jobs"] == 0
+
+
+def test_a_batch_reads_what_its_caps_need_in_one_statement(store: JobStore) -> None:
+    """The active total and the queued count of each of the batch's users: one read (one round
+    trip on PostgreSQL), and the caps still hold against jobs made before and in the batch."""
+    limits = Limits(max_queue_size=5, max_queued_per_user=2)
+    store.create(job("alice"), limits)
+    store.create(job("bob"), limits)
+    with recorded_statements(store) as seen:
+        out = store.create_many([job("alice"), job("alice"), job("carol"), job("bob"), job("dave")], limits)
+    reads = [sql for sql in seen if "runner_job_counts" in sql]
+    assert len(reads) == 1, seen
+    assert [type(o).__name__ if isinstance(o, Exception) else "created" for o in out] == [
+        "created",  # alice: 2 queued, 3 active
+        "UserQueueFull",  # alice's cap
+        "created",  # 4 active
+        "created",  # bob: 2 queued, 5 active
+        "QueueFull",  # the global cap
+    ]

@@ -30,16 +30,18 @@ if TYPE_CHECKING:
 CreateOutcome = tuple[dict[str, Any], bool] | Exception
 
 # Statements built once (SQLAlchemy then skips building them and their cache keys per call).
-_ACTIVE_TOTAL = sa.select(sa.func.coalesce(sa.func.sum(job_counts.c.n), 0)).where(
-    job_counts.c.status.in_([s.value for s in ACTIVE])
-)
-_QUEUED_BY_USER = (
+# What the queue caps need, in one statement (one round trip on PostgreSQL): a row with no user
+# and the active jobs of all, then the queued jobs of each user of the batch that has any.
+_CAP_COUNTS = sa.union_all(
+    sa.select(sa.null(), sa.func.coalesce(sa.func.sum(job_counts.c.n), 0)).where(
+        job_counts.c.status.in_([s.value for s in ACTIVE])
+    ),
     sa.select(job_counts.c.requested_by, sa.func.sum(job_counts.c.n))
     .where(
         job_counts.c.status == Status.QUEUED.value,
         job_counts.c.requested_by.in_(sa.bindparam("users", expanding=True)),
     )
-    .group_by(job_counts.c.requested_by)
+    .group_by(job_counts.c.requested_by),
 )
 _KEY_MATCH = sa.and_(
     idempotency_keys.c.user == sa.bindparam("user"), idempotency_keys.c.key == sa.bindparam("key")
@@ -77,8 +79,12 @@ def create_in_txn(
     """Decides and writes `items` inside the caller's write transaction; returns each item's
     outcome and the event rows written (for the listeners, once committed)."""
     users = sorted({new.requested_by for new in items})
-    active = int(conn.execute(_ACTIVE_TOTAL).scalar_one())
-    queued = {user: int(n) for user, n in conn.execute(_QUEUED_BY_USER, {"users": users})}
+    active, queued = 0, dict[str, int]()
+    for user, n in conn.execute(_CAP_COUNTS, {"users": users}):
+        if user is None:
+            active = int(n)
+        else:
+            queued[user] = int(n)
     batch = _Batch(limits, active, queued)
     outcomes: list[CreateOutcome] = []
     for new, digest in zip(items, digests, strict=True):
