@@ -3,7 +3,7 @@ see docs/performance.md, "Dispatch").
 
     .venv/bin/python bench/dispatch_idle.py [--backend sqlite|postgresql|both] [--samples 150]
 
-Per backend: a scratch data dir (under $TMPDIR) and database (as `bench/dispatch.py` makes them),
+Per backend: a scratch data dir (under $TMPDIR) and database (`bench/job_store.py`'s `scratch_runtime`),
 the real `Launcher` on uvloop with nothing running, and `--samples` jobs created one at a time
 through `Runtime.create_job`, each once the one before has ended, 30 ms apart. The bench wraps a
 few of the runner's own functions with timers (its copy of them only; nothing in the package
@@ -26,20 +26,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from _serve import database_url
-from codex_runner.config import load_settings
 from codex_runner.execution import job as job_module
 from codex_runner.execution.process import JobProcess
 from codex_runner.launcher import Launcher
@@ -48,7 +44,8 @@ from codex_runner.ops.logging import configure_logging
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 from codex_runner.store.jobs import JobStore
-from dispatch import PG_URL, scratch_runner_env
+from dispatch import PG_URL
+from job_store import scratch_runtime
 
 STEPS = ("create", "wake", "claim", "to task", "set-up", "spawn")
 MARKS = ("create_in", "created", "claim_in", "claimed", "task", "spawn_in", "spawned")
@@ -156,39 +153,30 @@ def instrumented(rec: Recorder) -> Iterator[None]:
 
 def measure(backend: str, samples: int) -> Recorder:
     rec = Recorder()
-    root = Path(tempfile.mkdtemp(prefix=f"cr-idle-{backend}-"))
-    try:
-        with database_url(backend, PG_URL, root, "cr_bench_") as url:
-            settings = load_settings(scratch_runner_env(root, url, "bench-idle"), cwd=root)
-            configure_logging(settings, stream=open(os.devnull, "w"))  # noqa: SIM115 (for the run)
-            rt = Runtime.open(settings)
-            admin = Principal(user="root", role="admin")
-            body = {"repo": "scratch", "script_key": "true", "args": {}}
+    with scratch_runtime(backend, argparse.Namespace(pg_url=PG_URL)) as rt:
+        configure_logging(rt.settings, stream=open(os.devnull, "w"))  # noqa: SIM115 (for the run)
+        admin = Principal(user="root", role="admin")
+        body = {"repo": "scratch", "script_key": "true", "args": {}}
 
-            async def run() -> None:
-                launcher = Launcher(rt)
-                await launcher.start()
-                try:
-                    for _ in range(samples):
-                        await asyncio.sleep(0.03)
-                        await asyncio.to_thread(rt.create_job, admin, body)
-                        deadline = time.monotonic() + 10
-                        while not launcher.active and time.monotonic() < deadline:
-                            await asyncio.sleep(0.001)  # claimed (a slow claim is not lost)
-                        while launcher.active and time.monotonic() < deadline:
-                            await asyncio.sleep(0.002)
-                        if launcher.active:
-                            raise RuntimeError("a job did not end within 10 s")
-                finally:
-                    await launcher.stop()
-
+        async def run() -> None:
+            launcher = Launcher(rt)
+            await launcher.start()
             try:
-                with instrumented(rec):
-                    uvloop.run(run())
+                for _ in range(samples):
+                    await asyncio.sleep(0.03)
+                    await asyncio.to_thread(rt.create_job, admin, body)
+                    deadline = time.monotonic() + 10
+                    while not launcher.active and time.monotonic() < deadline:
+                        await asyncio.sleep(0.001)  # claimed (a slow claim is not lost)
+                    while launcher.active and time.monotonic() < deadline:
+                        await asyncio.sleep(0.002)
+                    if launcher.active:
+                        raise RuntimeError("a job did not end within 10 s")
             finally:
-                rt.close()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+                await launcher.stop()
+
+        with instrumented(rec):
+            uvloop.run(run())
     return rec
 
 

@@ -279,8 +279,8 @@ class JobRun:
     def _set_up(
         self, repo: RepoSpec | None, script: ScriptSpec | None, *, files_after_spawn: bool = False
     ) -> tuple[GitCredential | None, Workspace | GitError | None]:
-        """Worker thread: the job's credential and log file, then (when its repo and script are
-        still configured) the prepare stage and its workspace. A prepare failure is returned, not
+        """Worker thread (on the loop for a scratch job): the job's credential and log file, then
+        (when its repo and script are still configured) the prepare stage and its workspace. A prepare failure is returned, not
         raised. The job's coroutine waits for this trip, so the stage may change here.
 
         `files_after_spawn` (a scratch job's set-up, on the loop): the log file waits for the
