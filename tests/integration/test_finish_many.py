@@ -12,6 +12,7 @@ from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.jobs import Status
 from codex_runner.store import JobStore
 from codex_runner.store.jobs import Cas, ClaimRequest, Limits, NewJob, OwnerWrite
+from codex_runner.store.records import iso
 from codex_runner.store.schema import events, jobs
 
 from tests.helpers import recorded_statements
@@ -230,3 +231,28 @@ def test_a_claim_moves_its_jobs_in_one_statement(store: JobStore) -> None:
             1,
         )
         assert row["started_at"] == row["heartbeat_at"] is not None
+
+
+def test_a_claim_writes_the_started_events_with_its_update_on_postgresql(store: JobStore) -> None:
+    """Each claimed job gets its `job_started` event (SPEC §3), with the claim's time and runner;
+    on PostgreSQL the update writes them itself (a data-modifying CTE: one round trip less),
+    SQLite has a statement for them. The listeners hear of them once committed, either way."""
+    ids = [store.create(_new(f"u{i}"), BIG)[0]["id"] for i in range(3)]
+    heard: list[dict[str, Any]] = []
+    store.listeners.append(heard.append)
+    with recorded_statements(store) as seen:
+        claimed = store.claim("r", slots=3, max_jobs_per_user=1)
+    inserts = [sql for sql in seen if sql.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) == (0 if store.is_pg else 1), seen
+    assert [c.id for c in claimed] == ids
+    for job in claimed:
+        started = [e for e in store.events(job.id) if e["event_type"] == "job_started"]
+        assert len(started) == 1, store.events(job.id)
+        event = started[0]
+        assert (event["actor"], event["message"], event["meta"]) == (
+            "system",
+            "job started",
+            {"runner_id": "r"},
+        )
+        assert event["created_at"] == iso(job.row["started_at"])
+    assert [(e["job_id"], e["event_type"]) for e in heard] == [(i, "job_started") for i in ids]

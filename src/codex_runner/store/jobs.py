@@ -91,6 +91,24 @@ def _claim_update_statement(count: int) -> sa.UpdateBase:
     )
 
 
+def _claim_with_events_statement(count: int) -> sa.Select[Any]:
+    """PostgreSQL: `_claim_update_statement` and the `job_started` event of each job it moves, in
+    one statement (a data-modifying CTE; one round trip less per claim). Returns the jobs' rows."""
+    moved = _claim_update_statement(count).cte("moved")
+    started = events.insert().from_select(
+        ["job_id", "event_type", "actor", "message", "meta", "created_at"],
+        sa.select(
+            moved.c.id,
+            sa.literal(EventType.JOB_STARTED.value),
+            sa.literal("system"),
+            sa.literal("job started"),
+            sa.bindparam("b_meta", type_=events.c.meta.type),
+            sa.bindparam("b_now", type_=events.c.created_at.type),
+        ),
+    )
+    return sa.select(*moved.c).add_cte(started.cte("started"))
+
+
 _JOB_KEYS = tuple(jobs.c.keys())
 _ACTIVE_COLUMNS = _ACTIVE_BY_USER_REPO.selected_columns
 # The columns an event insert sets (the id is the database's).
@@ -687,31 +705,42 @@ class JobStore:
         values: dict[str, Any] = {"b_now": now, "b_runner": runner_id}
         for i, (job_id, lease) in enumerate(leases.items()):
             values[f"b_id{i}"], values[f"b_lease{i}"] = job_id, lease
+        meta = {"runner_id": runner_id}
+        # The events go with the caller's own insert (deferred), else with the update itself on
+        # PostgreSQL, else (SQLite has no data-modifying CTE) in a statement of their own.
+        kind = "claim_events" if defer_events is None and self.is_pg else "claim"
+        if kind == "claim_events":
+            values["b_meta"] = meta
         rows = {
             row[0]: dict(zip(_JOB_KEYS, row, strict=True))
-            for row in self._prepared("claim", len(leases)).fetch(conn, values)
+            for row in self._prepared(kind, len(leases)).fetch(conn, values)
         }
         claimed = [ClaimedJob(job_id, lease, rows[job_id]) for job_id, lease in leases.items()]
         pending = [
-            _PendingEvent(
-                job.id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id}, at=now
-            )
+            _PendingEvent(job.id, EventType.JOB_STARTED, "system", "job started", meta, at=now)
             for job in claimed
         ]
         if defer_events is not None:
             defer_events.extend(pending)
             return claimed, []
+        if kind == "claim_events":
+            return claimed, [
+                event_row(e.job_id, e.event_type, e.actor, e.message, e.meta, now) for e in pending
+            ]
         return claimed, self._insert_events(conn, pending, now)
 
     def _prepared(self, kind: str, size: int) -> Prepared:
         """The claim's `kind` of statement ("pick": a first page of `size` rows; "claim": the
-        update of `size` jobs), prepared once per size."""
+        update of `size` jobs; "claim_events": that update with their events), prepared once per
+        size."""
         prepared = self._prepared_by_size.get((kind, size))
         if prepared is None:
             statement: ClauseElement
             result: Sequence[sa.ColumnElement[Any]]
             if kind == "pick":
                 statement, result = self._pick_query(size, [], None), _PICK_COLUMNS
+            elif kind == "claim_events":
+                statement, result = _claim_with_events_statement(size), tuple(jobs.c)
             else:
                 statement, result = _claim_update_statement(size), tuple(jobs.c)
             prepared = Prepared(statement, self.engine.dialect, result=[c.type for c in result])
