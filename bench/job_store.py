@@ -11,7 +11,9 @@ claims the next batch in the same transaction. Prints the CPU time of this proce
 database server's own CPU is not in it: on SQLite there is none) and the wall time, median of the
 rounds. The drain itself is `bench/dispatch.py`; this isolates the part of its per-job cost that
 is SQLAlchemy and the driver. `--statement` also times one terminal `UPDATE` through
-`Connection.execute` and through `Prepared` (store/prepared.py), CPU per call.
+`Connection.execute` and through `Prepared` (store/prepared.py), CPU per call. `--idle` instead
+times what an idle runner asks of the store per job: a create, then the claim of that one job, each
+its own transaction (wall time, median of 200; `bench/dispatch_idle.py` puts them in context).
 """
 
 from __future__ import annotations
@@ -153,6 +155,33 @@ def statement(backend: str, args: argparse.Namespace, n: int = 5000) -> None:
     print(f"{backend}: terminal UPDATE, " + ", ".join(f"{k} {v:.1f} µs CPU" for k, v in timings.items()))
 
 
+def idle(backend: str, args: argparse.Namespace, n: int = 200) -> None:
+    """What an idle runner asks of the store per job: one create, then the claim of that job
+    (`JobStore.claim`, its own transaction), `n` times; the job is then marked done so that the
+    next claim finds the user free. Median wall time of each call, ms."""
+    with scratch_runtime(backend, args) as rt:
+        admin = Principal(user="root", role="admin")
+        body = {"repo": "scratch", "script_key": "true", "args": {}}
+        creates: list[float] = []
+        claims: list[float] = []
+        for i in range(n + 20):  # the first 20 warm the pool and the statement caches
+            t0 = time.perf_counter()
+            job, _ = rt.create_job(admin, body)
+            t1 = time.perf_counter()
+            claimed = rt.jobs.claim("bench", slots=1, max_jobs_per_user=1)
+            t2 = time.perf_counter()
+            if [c.id for c in claimed] != [job["id"]]:
+                raise RuntimeError("the claim did not take the job just created")
+            rt.jobs.transition(job["id"], [Status.RUNNING], Status.SUCCESS, event_type="job_succeeded")
+            if i >= 20:
+                creates.append((t1 - t0) * 1000)
+                claims.append((t2 - t1) * 1000)
+    print(
+        f"{backend}: idle, one job at a time: create {statistics.median(creates):.2f} ms, "
+        f"claim {statistics.median(claims):.2f} ms (medians of {n})"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
@@ -165,10 +194,18 @@ def main() -> None:
         action="store_true",
         help="also time one statement: Connection.execute against Prepared",
     )
+    ap.add_argument(
+        "--idle",
+        action="store_true",
+        help="instead: an idle runner's create and claim, one job at a time (wall ms per call)",
+    )
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     for backend in ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]:
-        run(backend, args)
+        if args.idle:
+            idle(backend, args)
+        else:
+            run(backend, args)
 
 
 if __name__ == "__main__":
