@@ -13,8 +13,8 @@ changes) and prints, per job, the median of each step in milliseconds:
     wake           create's commit -> the launcher's claim starts (the in-process wake-up)
     claim          JobStore.claim: the claim transaction, from call to commit
     to task        claim's commit -> the job's task runs (the thread trip back, the task start)
-    set-up         the task's start -> the spawn begins (log file, manifest, workspace folder);
-                   its parts below, timed on their own
+    set-up         the task's start -> the spawn begins (a scratch job's folder; before
+                   2026-12-02 also its log file and manifest); its parts below, timed on their own
     spawn          JobProcess.start (pipes, vfork + exec of /bin/true)
 
 `bench/dispatch.py` measures the same path end to end through HTTP, with the child's clock; this

@@ -246,8 +246,12 @@ class JobStore:
 
     # -- events -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _event_rows(pending: Iterable[_PendingEvent], now: datetime) -> list[dict]:
+        return [event_row(e.job_id, e.event_type, e.actor, e.message, e.meta, e.at or now) for e in pending]
+
     def _insert_events(self, conn: Connection, pending: Iterable[_PendingEvent], now: datetime) -> list[dict]:
-        rows = [event_row(e.job_id, e.event_type, e.actor, e.message, e.meta, e.at or now) for e in pending]
+        rows = self._event_rows(pending, now)
         self._event.execute_many(conn, rows)
         return rows
 
@@ -705,28 +709,27 @@ class JobStore:
         values: dict[str, Any] = {"b_now": now, "b_runner": runner_id}
         for i, (job_id, lease) in enumerate(leases.items()):
             values[f"b_id{i}"], values[f"b_lease{i}"] = job_id, lease
-        meta = {"runner_id": runner_id}
         # The events go with the caller's own insert (deferred), else with the update itself on
         # PostgreSQL, else (SQLite has no data-modifying CTE) in a statement of their own.
         kind = "claim_events" if defer_events is None and self.is_pg else "claim"
         if kind == "claim_events":
-            values["b_meta"] = meta
+            values["b_meta"] = {"runner_id": runner_id}
         rows = {
             row[0]: dict(zip(_JOB_KEYS, row, strict=True))
             for row in self._prepared(kind, len(leases)).fetch(conn, values)
         }
         claimed = [ClaimedJob(job_id, lease, rows[job_id]) for job_id, lease in leases.items()]
         pending = [
-            _PendingEvent(job.id, EventType.JOB_STARTED, "system", "job started", meta, at=now)
+            _PendingEvent(
+                job.id, EventType.JOB_STARTED, "system", "job started", {"runner_id": runner_id}, at=now
+            )
             for job in claimed
         ]
         if defer_events is not None:
             defer_events.extend(pending)
             return claimed, []
         if kind == "claim_events":
-            return claimed, [
-                event_row(e.job_id, e.event_type, e.actor, e.message, e.meta, now) for e in pending
-            ]
+            return claimed, self._event_rows(pending, now)  # written by the update
         return claimed, self._insert_events(conn, pending, now)
 
     def _prepared(self, kind: str, size: int) -> Prepared:
