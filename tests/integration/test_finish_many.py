@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
+from codex_runner.execution import finisher
 from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.jobs import Status
 from codex_runner.store import JobStore
@@ -140,6 +142,57 @@ def test_group_committer_batches_endings(store: JobStore) -> None:
     with store.engine.connect() as conn:
         done = conn.execute(sa.select(sa.func.count()).where(jobs.c.status == "success")).scalar_one()
     assert done == 5
+
+
+def test_group_committer_syncs_the_batch_in_two_rounds(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the endings ask to have fsynced is synced in one round before the transaction (the
+    manifests) and one after it (their folders), before any job hears its outcome; a failed fsync
+    is a warning, not a failed job."""
+    leases = _claim_all(store, 3)
+    order: list[Any] = []
+    inner = store.finish_many
+
+    def writing(writes: Any, claim: Any = None) -> Any:
+        order.append(("write", len(writes)))
+        return inner(writes, claim)
+
+    def syncing(paths: list[str]) -> list[tuple[str, OSError]]:
+        order.append(("sync", sorted(paths)))
+        return [(p, FileNotFoundError(2, "No such file or directory")) for p in paths if "b" in p]
+
+    store.finish_many = writing  # type: ignore[method-assign]
+    monkeypatch.setattr(finisher, "fsync_paths", syncing)
+
+    def ending(job_id: str, name: str) -> Ending:
+        def after(outcome: Outcome) -> str:
+            order.append(("after", name))
+            return f"/runs/{name}"
+
+        return Ending(_success(job_id, leases[job_id]), lambda: f"/runs/{name}/tmp", after)
+
+    async def scenario() -> list[int | None]:
+        committer = GroupCommitter(store)
+
+        async def commit(job_id: str, name: str) -> int | None:
+            outcome = await committer.commit(ending(job_id, name))
+            order.append(("heard", name))
+            return outcome
+
+        return await asyncio.gather(*(commit(j, n) for j, n in zip(leases, "abc", strict=True)))
+
+    assert asyncio.run(scenario()) == [0, 0, 0]
+    assert order[:6] == [
+        ("sync", ["/runs/a/tmp", "/runs/b/tmp", "/runs/c/tmp"]),
+        ("write", 3),
+        ("after", "a"),
+        ("after", "b"),
+        ("after", "c"),
+        ("sync", ["/runs/a", "/runs/b", "/runs/c"]),
+    ]
+    assert sorted(order[6:]) == [("heard", "a"), ("heard", "b"), ("heard", "c")]
+    assert set(store.status_of(list(leases)).values()) == {"success"}
 
 
 def _job_run_values(exit_code: int, **process: int) -> dict[str, Any]:

@@ -51,6 +51,30 @@ def test_success_with_events_stages_and_manifest(runner: Any) -> None:
     assert "hello from the job" in log and "[runner] " in log
 
 
+def test_a_jobs_terminal_manifest_is_fsynced_before_the_rename_and_its_folder_after(
+    runner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The terminal manifest is as durable as before the batch's fsyncs went side by side: its
+    temporary file is synced while it still has its temporary name, its folder once it is renamed."""
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, os.path.exists(os.path.join(path, "manifest.json"))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    done = runner.wait(runner.submit({})["id"])
+    assert done["status"] == "success", done
+    run_dir = str(runner.runtime.settings.runs_dir / done["id"])
+    mine = [(os.path.relpath(path, run_dir), renamed) for path, renamed in synced if path.startswith(run_dir)]
+    assert len(mine) == 2, synced
+    (tmp, _), (folder, renamed) = mine
+    assert tmp.startswith(".manifest.json.") and tmp.endswith(".tmp")
+    assert folder == "." and renamed
+
+
 def test_failure_records_stderr_tail(runner: Any) -> None:
     job = runner.submit({"exit": 3, "stderr": "something broke: the reason"})
     done = runner.wait(job["id"])

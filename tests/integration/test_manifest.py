@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from codex_runner.execution import manifest as manifest_module
 from codex_runner.execution.manifest import ManifestWriter
 
 
@@ -95,3 +96,49 @@ def test_touch_heartbeat_creates_then_refreshes(tmp_path: Path) -> None:
     os.utime(writer.heartbeat_path, (1_000_000, 1_000_000))
     writer.touch_heartbeat()
     assert writer.heartbeat_path.stat().st_mtime > time.time() - 60
+
+
+def test_fsync_paths_syncs_files_and_folders_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's fsyncs run at the same time (each waits here for all the others to start, which
+    one-by-one fsyncs never would), and one that fails is reported without stopping the rest."""
+    paths = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.tmp").write_text(name)
+        paths.append(str(tmp_path / name / "manifest.tmp"))
+    paths.append(str(tmp_path / "a"))  # a folder, as after the renames
+    missing = str(tmp_path / "gone" / "manifest.tmp")
+    together = threading.Barrier(len(paths), timeout=10)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        together.wait()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    failed = manifest_module.fsync_paths([*paths[:2], missing, *paths[2:]])
+    assert sorted(synced) == sorted(paths)
+    assert [(path, type(exc)) for path, exc in failed] == [(missing, FileNotFoundError)]
+    assert manifest_module.fsync_paths([]) == []
+
+
+def test_a_prepared_manifest_left_unsynced_is_published_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`prepare(sync=False)` and `publish(sync_dir=False)` leave the fsyncs to the caller (the
+    group commit's `fsync_paths`): the manifest reads the same, and nothing is synced meanwhile."""
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    writer = ManifestWriter(tmp_path / "runs" / "job-3")
+    tmp_name = writer.prepare({"status": "success"}, sync=False)
+    assert not writer.path.exists()
+    writer.publish(tmp_name, sync_dir=False)
+    assert json.loads(writer.path.read_text()) == {"status": "success"}
+    assert synced == []
+    # The default stays durable: the file before the rename, the folder after it.
+    writer.publish(writer.prepare({"status": "failed"}))
+    assert len(synced) == 2

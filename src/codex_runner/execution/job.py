@@ -569,10 +569,11 @@ class JobRun:
             duration_ms=duration_ms,
         )
 
-    def _end_before(self, line: str, status: Status, extra: dict[str, Any]) -> None:
+    def _end_before(self, line: str, status: Status, extra: dict[str, Any]) -> str | None:
         """Committing thread, ahead of the status write. The log is complete before the status
         is: a reader that sees a terminal status may treat the file as final (SPEC §5
-        `is_complete`). The fsynced manifest of the likely outcome is made ready too; `_end_after`
+        `is_complete`). The manifest of the likely outcome is made ready too, in a temporary file
+        that the committer fsyncs with the batch's others (the path returned); `_end_after`
         publishes (renames) it once the status is written, so it shows up right after the status
         does, never before."""
         # A scratch job that never spawned has no log file yet; one that cannot be made must not
@@ -584,32 +585,35 @@ class JobRun:
             self.log.close()
         self._ending = (status.value, extra, None)
         try:
-            prepared = self.manifest.prepare(self._manifest_doc(status.value, extra))
+            prepared = self.manifest.prepare(self._manifest_doc(status.value, extra), sync=False)
         except (OSError, ValueError) as exc:
             log.warning("manifest_write_failed", job_id=self.job_id, error=str(exc))
-            return
+            return None
         self._ending = (status.value, extra, prepared)
+        return prepared
 
-    def _end_after(self, outcome: Outcome) -> None:
-        """Committing thread, once the status write is over: the durable terminal manifest."""
+    def _end_after(self, outcome: Outcome) -> str | None:
+        """Committing thread, once the status write is over: the durable terminal manifest. Returns
+        the folder the committer must fsync for the rename to last, if one was made here."""
         expected, extra, prepared = self._ending
         if isinstance(outcome, BaseException):
             if prepared is not None:
                 self.manifest.discard(prepared)
-            return
+            return None
         # Attempt 1 matched: a cancel arrived while the script finished on its own.
         final = "unknown" if outcome is None else expected if outcome == 0 else Status.CANCELED.value
         if outcome is not None:
             self._log_finished(final)
         if prepared is not None and final == expected:
             try:
-                self.manifest.publish(prepared)
-                return
+                self.manifest.publish(prepared, sync_dir=False)
+                return str(self.run_dir)
             except OSError as exc:
                 log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
         elif prepared is not None:
             self.manifest.discard(prepared)
         self._write_manifest(self._manifest_doc(final, extra), durable=True)
+        return None
 
     def _terminal_write(
         self,

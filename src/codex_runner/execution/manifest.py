@@ -6,6 +6,10 @@ A reader sees the previous document or the new one, never a mix. A durable write
 runner uses it for the terminal status) also fsyncs the file before the rename and the folder after
 it; the runner's stage changes skip that (two fsyncs cost 5–15 ms on a typical disk, per write), so a
 power cut may lose the latest stage change but never leaves a torn manifest.
+
+The runner's terminal writes come in batches (`finisher.py`): their manifests are prepared and
+published without a sync, and `fsync_paths` syncs the batch's files (then their folders) side by
+side, where the disk merges the cache flushes that one-by-one fsyncs would pay each.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,11 @@ MANIFEST_NAME = "manifest.json"
 HEARTBEAT_NAME = ".heartbeat"
 #: Numbers the temporary files of this process (itertools.count is thread-safe in CPython).
 _TMP_COUNTER = itertools.count()
+#: At most this many fsyncs at once (`fsync_paths`); a batch of terminal writes holds one per job
+#: ending, at most the launcher's concurrency, so 8 covers the usual batch in one round.
+SYNC_WORKERS = 8
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_pool_lock = threading.Lock()
 
 
 def _json_default(value: Any) -> Any:
@@ -66,17 +76,20 @@ class ManifestWriter:
             self._last_write = now
             return True
 
-    def prepare(self, doc: Mapping[str, Any]) -> str:
+    def prepare(self, doc: Mapping[str, Any], *, sync: bool = True) -> str:
         """The slow half of a durable write, done ahead: `doc` in a fsynced temporary file, not yet
         the manifest. Then `publish()` it (a rename, so readers see it at once) or `discard()` it.
         The runner prepares the terminal manifest before the terminal status write and publishes it
         after: a reader never sees a terminal manifest before the database has it, and hardly ever
-        the other way round."""
-        return self._prepare(doc, durable=True)
+        the other way round. `sync=False`: the caller fsyncs the returned file itself before it
+        publishes it (`fsync_paths`, a batch at a time)."""
+        return self._prepare(doc, durable=sync)
 
-    def publish(self, tmp_name: str) -> None:
+    def publish(self, tmp_name: str, *, sync_dir: bool = True) -> None:
+        """Renames a prepared file over the manifest, then fsyncs the folder so the rename lasts;
+        `sync_dir=False`: the caller fsyncs `run_dir` itself (`fsync_paths`)."""
         with self._lock:
-            self._publish(tmp_name, durable=True)
+            self._publish(tmp_name, durable=sync_dir)
             self._last_write = time.monotonic()
 
     def discard(self, tmp_name: str) -> None:
@@ -136,3 +149,42 @@ class ManifestWriter:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _fsync_path(path: str) -> None:
+    # Read-only is enough: fsync flushes the inode whatever the descriptor's mode, folders too.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            _sync_pool = ThreadPoolExecutor(max_workers=SYNC_WORKERS, thread_name_prefix="manifest-fsync")
+        return _sync_pool
+
+
+def fsync_paths(paths: Sequence[str]) -> list[tuple[str, OSError]]:
+    """fsyncs each file or folder in `paths`, several side by side: concurrent fsyncs share the
+    disk's cache flushes, where one after the other each waits for its own (on the development
+    VM, 8 files in 0.8 ms against 2.3). Returns the ones that failed, with the error; raises
+    nothing."""
+    failed: list[tuple[str, OSError]] = []
+    if not paths:
+        return failed
+    # The first in this thread, the rest in the pool: a lone path costs no hand-off.
+    futures = [(p, _pool().submit(_fsync_path, p)) for p in paths[1:]]
+    try:
+        _fsync_path(paths[0])
+    except OSError as exc:
+        failed.append((paths[0], exc))
+    for path, future in futures:
+        try:
+            future.result()
+        except OSError as exc:
+            failed.append((path, exc))
+    return failed
