@@ -4,6 +4,7 @@ PostgreSQL: one write that does not hold, or that the database refuses, never co
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -147,9 +148,9 @@ def test_group_committer_batches_endings(store: JobStore) -> None:
 def test_group_committer_syncs_the_batch_in_two_rounds(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the endings ask to have fsynced is synced in one round before the transaction (the
-    manifests) and one after it (their folders), before any job hears its outcome; a failed fsync
-    is a warning, not a failed job."""
+    """What the endings ask to have fsynced is synced in one round while the transaction runs (the
+    manifests, done before any is published) and one after it (their folders), before any job
+    hears its outcome; a failed fsync is a warning, not a failed job."""
     leases = _claim_all(store, 3)
     order: list[Any] = []
     inner = store.finish_many
@@ -158,12 +159,25 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
         order.append(("write", len(writes)))
         return inner(writes, claim)
 
+    def failures(paths: list[str]) -> list[tuple[str, OSError]]:
+        return [(p, FileNotFoundError(2, "No such file or directory")) for p in paths if "b" in p]
+
     def syncing(paths: list[str]) -> list[tuple[str, OSError]]:
         order.append(("sync", sorted(paths)))
-        return [(p, FileNotFoundError(2, "No such file or directory")) for p in paths if "b" in p]
+        return failures(paths)
+
+    def starting(paths: list[str]) -> Callable[[], list[tuple[str, OSError]]]:
+        order.append(("start syncs", sorted(paths)))
+
+        def wait() -> list[tuple[str, OSError]]:
+            order.append(("synced", len(paths)))
+            return failures(paths)
+
+        return wait
 
     store.finish_many = writing  # type: ignore[method-assign]
     monkeypatch.setattr(finisher, "fsync_paths", syncing)
+    monkeypatch.setattr(finisher, "start_fsyncs", starting)
 
     def ending(job_id: str, name: str) -> Ending:
         def after(outcome: Outcome) -> str:
@@ -183,15 +197,16 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
         return await asyncio.gather(*(commit(j, n) for j, n in zip(leases, "abc", strict=True)))
 
     assert asyncio.run(scenario()) == [0, 0, 0]
-    assert order[:6] == [
-        ("sync", ["/runs/a/tmp", "/runs/b/tmp", "/runs/c/tmp"]),
+    assert order[:7] == [
+        ("start syncs", ["/runs/a/tmp", "/runs/b/tmp", "/runs/c/tmp"]),
         ("write", 3),
+        ("synced", 3),
         ("after", "a"),
         ("after", "b"),
         ("after", "c"),
         ("sync", ["/runs/a", "/runs/b", "/runs/c"]),
     ]
-    assert sorted(order[6:]) == [("heard", "a"), ("heard", "b"), ("heard", "c")]
+    assert sorted(order[7:]) == [("heard", "a"), ("heard", "b"), ("heard", "c")]
     assert set(store.status_of(list(leases)).values()) == {"success"}
 
 

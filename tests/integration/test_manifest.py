@@ -142,3 +142,27 @@ def test_a_prepared_manifest_left_unsynced_is_published_whole(
     # The default stays durable: the file before the rename, the folder after it.
     writer.publish(writer.prepare({"status": "failed"}))
     assert len(synced) == 2
+
+
+def test_start_fsyncs_returns_at_once_and_its_wait_waits_for_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group commit runs its transaction while the manifests sync: starting them does not wait,
+    waiting does."""
+    paths = []
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(name)
+        paths.append(str(tmp_path / name))
+    release = threading.Event()
+    synced: list[int] = []
+
+    def slow_fsync(fd: int) -> None:
+        assert release.wait(timeout=10)
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    wait = manifest_module.start_fsyncs(paths)
+    assert synced == []  # started, none done: the caller goes on meanwhile
+    release.set()
+    assert wait() == []
+    assert len(synced) == 2

@@ -5,8 +5,8 @@ terminal manifest, a write transaction with its event row, the manifest's rename
 for all of it. Jobs that end while a commit is in flight wait for the next one, and that one takes
 them all: one thread trip, one transaction (each job still its own compare-and-set on status
 and lease, so a lost lease fails only its own job), and two rounds of fsyncs made side by side
-(the manifests before the transaction, their folders after: `fsync_paths`) instead of two per job
-one after the other. Nothing waits on purpose: a lone job commits at
+(the manifests while the transaction runs, their folders after it: `manifest.start_fsyncs`)
+instead of two per job, one after the other, ahead of the transaction. Nothing waits on purpose: a lone job commits at
 once, and a busy runner batches by itself. The launcher may have the same transaction claim the
 jobs that take the freed slots (`ClaimHook`).
 """
@@ -21,7 +21,7 @@ from typing import Protocol
 import structlog
 
 from codex_runner.errors import StoreUnavailable
-from codex_runner.execution.manifest import fsync_paths
+from codex_runner.execution.manifest import fsync_paths, start_fsyncs
 from codex_runner.store.jobs import ClaimedJob, ClaimRequest, JobStore, OwnerWrite
 
 log = structlog.get_logger("codex_runner.finisher")
@@ -35,8 +35,8 @@ class Ending:
     """One job's terminal write and what goes around it, both run in the committing thread:
     `before` ahead of the transaction (the log's last line, the manifest in a temporary file),
     `after` once it is over, with the outcome (publish the manifest, or write the one of the real
-    outcome). Each may return a path the committer must fsync before it goes on: `before`'s ahead
-    of the transaction, `after`'s before the job hears its outcome."""
+    outcome). Each may return a path the committer must fsync: `before`'s before any `after` runs
+    (during the transaction), `after`'s before the job hears its outcome."""
 
     write: OwnerWrite
     before: Callable[[], str | None]
@@ -106,8 +106,8 @@ class GroupCommitter:
     def _commit(
         self, endings: Sequence[Ending], claim: ClaimRequest | None
     ) -> tuple[list[Outcome], list[ClaimedJob]]:
-        """Worker thread: every `before`, their fsyncs, one transaction (and the claim, if any),
-        every `after`, their fsyncs."""
+        """Worker thread: every `before`, one transaction (and the claim, if any) while their
+        fsyncs run, every `after`, their fsyncs."""
         outcomes: list[Outcome] = [None] * len(endings)
         ready: list[int] = []
         to_sync: list[str] = []
@@ -120,8 +120,13 @@ class GroupCommitter:
                 continue
             if path is not None:
                 to_sync.append(path)
-        _sync(to_sync)
-        written, claimed = self._write([endings[i].write for i in ready], claim)
+        # The manifests are synced while the transaction runs: neither waits for the other, and
+        # each is done before any manifest is published (renamed) in `after`.
+        syncing = start_fsyncs(to_sync)
+        try:
+            written, claimed = self._write([endings[i].write for i in ready], claim)
+        finally:
+            _report(syncing())
         to_sync = []
         for i, outcome in zip(ready, written, strict=True):
             outcomes[i] = outcome
@@ -155,7 +160,11 @@ class GroupCommitter:
 
 
 def _sync(paths: list[str]) -> None:
+    _report(fsync_paths(paths))
+
+
+def _report(failed: list[tuple[str, OSError]]) -> None:
     """A failed fsync leaves the file as readers see it (complete, published by rename) but not
     sure to outlive a power cut: worth a warning, not a failed job."""
-    for path, exc in fsync_paths(paths):
+    for path, exc in failed:
         log.warning("manifest_sync_failed", path=path, error=exc.strerror)

@@ -23,7 +23,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -168,23 +168,37 @@ def _pool() -> ThreadPoolExecutor:
         return _sync_pool
 
 
+def start_fsyncs(paths: Sequence[str]) -> Callable[[], list[tuple[str, OSError]]]:
+    """Starts fsyncing each file or folder in `paths` in worker threads, side by side, and returns
+    at once, so the caller can do other work meanwhile (the group commit runs its transaction).
+    Call the result to wait for them all: it returns the ones that failed, with the error, and
+    raises nothing."""
+    futures = [(path, _pool().submit(_fsync_path, path)) for path in paths]
+
+    def wait() -> list[tuple[str, OSError]]:
+        failed: list[tuple[str, OSError]] = []
+        for path, future in futures:
+            try:
+                future.result()
+            except OSError as exc:
+                failed.append((path, exc))
+        return failed
+
+    return wait
+
+
 def fsync_paths(paths: Sequence[str]) -> list[tuple[str, OSError]]:
     """fsyncs each file or folder in `paths`, several side by side: concurrent fsyncs share the
     disk's cache flushes, where one after the other each waits for its own (on the development
     VM, 8 files in 0.8 ms against 2.3). Returns the ones that failed, with the error; raises
     nothing."""
-    failed: list[tuple[str, OSError]] = []
     if not paths:
-        return failed
+        return []
     # The first in this thread, the rest in the pool: a lone path costs no hand-off.
-    futures = [(p, _pool().submit(_fsync_path, p)) for p in paths[1:]]
+    rest = start_fsyncs(paths[1:])
+    failed: list[tuple[str, OSError]] = []
     try:
         _fsync_path(paths[0])
     except OSError as exc:
         failed.append((paths[0], exc))
-    for path, future in futures:
-        try:
-            future.result()
-        except OSError as exc:
-            failed.append((path, exc))
-    return failed
+    return failed + rest()
