@@ -4,7 +4,6 @@ PostgreSQL: one write that does not hold, or that the database refuses, never co
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -150,7 +149,8 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
 ) -> None:
     """What the endings ask to have fsynced is synced in one round while the transaction runs (the
     manifests, done before any is published) and one after it (their folders), before any job
-    hears its outcome; a failed fsync is a warning, not a failed job."""
+    hears its outcome but while the jobs claimed along start; a failed fsync is a warning, not a
+    failed job."""
     leases = _claim_all(store, 3)
     order: list[Any] = []
     inner = store.finish_many
@@ -162,22 +162,20 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
     def failures(paths: list[str]) -> list[tuple[str, OSError]]:
         return [(p, FileNotFoundError(2, "No such file or directory")) for p in paths if "b" in p]
 
-    def syncing(paths: list[str]) -> list[tuple[str, OSError]]:
-        order.append(("sync", sorted(paths)))
-        return failures(paths)
+    class Recorded:
+        def __init__(self, paths: list[str]) -> None:
+            self.paths = sorted(paths)
+            order.append(("start syncs", self.paths))
 
-    def starting(paths: list[str]) -> Callable[[], list[tuple[str, OSError]]]:
-        order.append(("start syncs", sorted(paths)))
+        def wait(self) -> list[tuple[str, OSError]]:
+            order.append(("synced", self.paths))
+            return failures(self.paths)
 
-        def wait() -> list[tuple[str, OSError]]:
-            order.append(("synced", len(paths)))
-            return failures(paths)
-
-        return wait
+        async def wait_async(self) -> list[tuple[str, OSError]]:
+            return self.wait()
 
     store.finish_many = writing  # type: ignore[method-assign]
-    monkeypatch.setattr(finisher, "fsync_paths", syncing)
-    monkeypatch.setattr(finisher, "start_fsyncs", starting)
+    monkeypatch.setattr(finisher, "start_fsyncs", Recorded)
 
     def ending(job_id: str, name: str) -> Ending:
         def after(outcome: Outcome) -> str:
@@ -186,8 +184,15 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
 
         return Ending(_success(job_id, leases[job_id]), lambda: f"/runs/{name}/tmp", after)
 
+    class Hook:
+        async def begin(self, ending: list[str]) -> ClaimRequest | None:
+            return None
+
+        def end(self, ending: list[str], claimed: list[Any], error: BaseException | None) -> None:
+            order.append(("claimed jobs start", len(ending)))
+
     async def scenario() -> list[int | None]:
-        committer = GroupCommitter(store)
+        committer = GroupCommitter(store, Hook())
 
         async def commit(job_id: str, name: str) -> int | None:
             outcome = await committer.commit(ending(job_id, name))
@@ -197,16 +202,19 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
         return await asyncio.gather(*(commit(j, n) for j, n in zip(leases, "abc", strict=True)))
 
     assert asyncio.run(scenario()) == [0, 0, 0]
-    assert order[:7] == [
-        ("start syncs", ["/runs/a/tmp", "/runs/b/tmp", "/runs/c/tmp"]),
+    files, folders = ["/runs/a/tmp", "/runs/b/tmp", "/runs/c/tmp"], ["/runs/a", "/runs/b", "/runs/c"]
+    assert order[:9] == [
+        ("start syncs", files),
         ("write", 3),
-        ("synced", 3),
+        ("synced", files),
         ("after", "a"),
         ("after", "b"),
         ("after", "c"),
-        ("sync", ["/runs/a", "/runs/b", "/runs/c"]),
+        ("start syncs", folders),
+        ("claimed jobs start", 3),  # while the folders sync
+        ("synced", folders),
     ]
-    assert sorted(order[7:]) == [("heard", "a"), ("heard", "b"), ("heard", "c")]
+    assert sorted(order[9:]) == [("heard", "a"), ("heard", "b"), ("heard", "c")]
     assert set(store.status_of(list(leases)).values()) == {"success"}
 
 

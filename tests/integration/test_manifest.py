@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -161,8 +162,21 @@ def test_start_fsyncs_returns_at_once_and_its_wait_waits_for_them(
         synced.append(fd)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
-    wait = manifest_module.start_fsyncs(paths)
+    syncing = manifest_module.start_fsyncs(paths)
     assert synced == []  # started, none done: the caller goes on meanwhile
     release.set()
-    assert wait() == []
+    assert syncing.wait() == []
     assert len(synced) == 2
+
+    async def on_the_loop() -> list[tuple[str, OSError]]:
+        release.clear()
+        syncing = manifest_module.start_fsyncs([*paths, str(tmp_path / "missing")])
+        waiting = asyncio.ensure_future(syncing.wait_async())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the loop runs on while the fsyncs wait
+        release.set()
+        return await asyncio.wait_for(waiting, timeout=10)
+
+    [(path, exc)] = asyncio.run(on_the_loop())
+    assert path.endswith("missing") and isinstance(exc, FileNotFoundError)
+    assert len(synced) == 4

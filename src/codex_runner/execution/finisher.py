@@ -5,8 +5,8 @@ terminal manifest, a write transaction with its event row, the manifest's rename
 for all of it. Jobs that end while a commit is in flight wait for the next one, and that one takes
 them all: one thread trip, one transaction (each job still its own compare-and-set on status
 and lease, so a lost lease fails only its own job), and two rounds of fsyncs made side by side
-(the manifests while the transaction runs, their folders after it: `manifest.start_fsyncs`)
-instead of two per job, one after the other, ahead of the transaction. Nothing waits on purpose: a lone job commits at
+(the manifests while the transaction runs, their folders after it while the jobs the batch claimed
+start: `manifest.Fsyncs`) instead of two per job, one after the other, ahead of the transaction. Nothing waits on purpose: a lone job commits at
 once, and a busy runner batches by itself. The launcher may have the same transaction claim the
 jobs that take the freed slots (`ClaimHook`).
 """
@@ -21,7 +21,7 @@ from typing import Protocol
 import structlog
 
 from codex_runner.errors import StoreUnavailable
-from codex_runner.execution.manifest import fsync_paths, start_fsyncs
+from codex_runner.execution.manifest import Fsyncs, start_fsyncs
 from codex_runner.store.jobs import ClaimedJob, ClaimRequest, JobStore, OwnerWrite
 
 log = structlog.get_logger("codex_runner.finisher")
@@ -36,7 +36,8 @@ class Ending:
     `before` ahead of the transaction (the log's last line, the manifest in a temporary file),
     `after` once it is over, with the outcome (publish the manifest, or write the one of the real
     outcome). Each may return a path the committer must fsync: `before`'s before any `after` runs
-    (during the transaction), `after`'s before the job hears its outcome."""
+    (during the transaction), `after`'s before the job hears its outcome (while the jobs claimed
+    along start)."""
 
     write: OwnerWrite
     before: Callable[[], str | None]
@@ -90,24 +91,31 @@ class GroupCommitter:
                 raise
             claimed: list[ClaimedJob] = []
             error: BaseException | None = None
+            folders: Fsyncs | None = None
             try:
-                outcomes, claimed = await asyncio.to_thread(
+                outcomes, claimed, folders = await asyncio.to_thread(
                     self._commit, [ending for ending, _ in batch], request
                 )
             except BaseException as exc:  # the thread itself failed: every job of the batch hears of it
                 outcomes, error = [exc] * len(batch), exc
             finally:
+                # The claimed jobs start now, while the folders of the ended ones sync.
                 if self.claims is not None:
                     self.claims.end(ids, claimed, error)
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+            try:
+                if folders is not None:
+                    _report(await folders.wait_async())
+            finally:  # cancelled at shutdown: the writes are made, their jobs hear of them
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
 
     def _commit(
         self, endings: Sequence[Ending], claim: ClaimRequest | None
-    ) -> tuple[list[Outcome], list[ClaimedJob]]:
+    ) -> tuple[list[Outcome], list[ClaimedJob], Fsyncs]:
         """Worker thread: every `before`, one transaction (and the claim, if any) while their
-        fsyncs run, every `after`, their fsyncs."""
+        fsyncs run, every `after`; returns with their fsyncs started (the caller waits for them,
+        the claimed jobs need not)."""
         outcomes: list[Outcome] = [None] * len(endings)
         ready: list[int] = []
         to_sync: list[str] = []
@@ -126,7 +134,7 @@ class GroupCommitter:
         try:
             written, claimed = self._write([endings[i].write for i in ready], claim)
         finally:
-            _report(syncing())
+            _report(syncing.wait())
         to_sync = []
         for i, outcome in zip(ready, written, strict=True):
             outcomes[i] = outcome
@@ -137,8 +145,7 @@ class GroupCommitter:
                 continue
             if path is not None:
                 to_sync.append(path)
-        _sync(to_sync)
-        return outcomes, claimed
+        return outcomes, claimed, start_fsyncs(to_sync)
 
     def _write(
         self, writes: list[OwnerWrite], claim: ClaimRequest | None = None
@@ -157,10 +164,6 @@ class GroupCommitter:
         # A write the database refused (not a lost compare-and-set, which is no error): each in a
         # transaction of its own, so only the faulty one fails; the claim waits for the claim loop.
         return [self._write([write])[0][0] for write in writes], []
-
-
-def _sync(paths: list[str]) -> None:
-    _report(fsync_paths(paths))
 
 
 def _report(failed: list[tuple[str, OSError]]) -> None:

@@ -14,6 +14,8 @@ side, where the disk merges the cache flushes that one-by-one fsyncs would pay e
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import enum
@@ -23,7 +25,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -168,23 +170,37 @@ def _pool() -> ThreadPoolExecutor:
         return _sync_pool
 
 
-def start_fsyncs(paths: Sequence[str]) -> Callable[[], list[tuple[str, OSError]]]:
-    """Starts fsyncing each file or folder in `paths` in worker threads, side by side, and returns
-    at once, so the caller can do other work meanwhile (the group commit runs its transaction).
-    Call the result to wait for them all: it returns the ones that failed, with the error, and
-    raises nothing."""
-    futures = [(path, _pool().submit(_fsync_path, path)) for path in paths]
+class Fsyncs:
+    """fsyncs under way in worker threads, side by side (`start_fsyncs`). The caller goes on with
+    other work meanwhile, then waits for them: `wait()` in a thread, `await wait_async()` on the
+    event loop. Both return the paths that failed, with the error, and raise nothing."""
 
-    def wait() -> list[tuple[str, OSError]]:
+    def __init__(self, paths: Sequence[str]) -> None:
+        self._futures = [(path, _pool().submit(_fsync_path, path)) for path in paths]
+
+    def wait(self) -> list[tuple[str, OSError]]:
+        concurrent.futures.wait([future for _, future in self._futures])
+        return self._failed()
+
+    async def wait_async(self) -> list[tuple[str, OSError]]:
+        if self._futures:
+            await asyncio.wait([asyncio.wrap_future(future) for _, future in self._futures])
+        return self._failed()
+
+    def _failed(self) -> list[tuple[str, OSError]]:
         failed: list[tuple[str, OSError]] = []
-        for path, future in futures:
-            try:
-                future.result()
-            except OSError as exc:
+        for path, future in self._futures:
+            exc = future.exception()
+            if isinstance(exc, OSError):
                 failed.append((path, exc))
+            elif exc is not None:
+                raise exc
         return failed
 
-    return wait
+
+def start_fsyncs(paths: Sequence[str]) -> Fsyncs:
+    """Starts fsyncing each file or folder in `paths` and returns at once (see `Fsyncs`)."""
+    return Fsyncs(paths)
 
 
 def fsync_paths(paths: Sequence[str]) -> list[tuple[str, OSError]]:
@@ -201,4 +217,4 @@ def fsync_paths(paths: Sequence[str]) -> list[tuple[str, OSError]]:
         _fsync_path(paths[0])
     except OSError as exc:
         failed.append((paths[0], exc))
-    return failed + rest()
+    return failed + rest.wait()
