@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from codex_runner.execution import manifest as manifest_module
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.launcher import find_job_processes
 
@@ -65,6 +66,8 @@ def test_a_jobs_terminal_manifest_is_fsynced_before_the_rename_and_its_folder_af
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording)
+    # As on a disk, wherever the test's folder is (a tmpfs /tmp would skip the fsyncs: below).
+    monkeypatch.setattr(manifest_module, "keeps_data", lambda folder: True)
     done = runner.wait(runner.submit({})["id"])
     assert done["status"] == "success", done
     run_dir = str(runner.runtime.settings.runs_dir / done["id"])
@@ -73,6 +76,15 @@ def test_a_jobs_terminal_manifest_is_fsynced_before_the_rename_and_its_folder_af
     (tmp, _), (folder, renamed) = mine
     assert tmp.startswith(".manifest.json.") and tmp.endswith(".tmp")
     assert folder == "." and renamed
+
+    # On a file system in memory there is nothing to make durable: no fsync, the same manifest.
+    monkeypatch.setattr(manifest_module, "keeps_data", lambda folder: False)
+    synced.clear()
+    done = runner.wait(runner.submit({})["id"])
+    assert done["status"] == "success", done
+    run_dir = str(runner.runtime.settings.runs_dir / done["id"])
+    assert not [path for path, _ in synced if path.startswith(run_dir)], synced
+    assert json.loads((Path(run_dir) / "manifest.json").read_text())["status"] == "success"
 
 
 def test_failure_records_stderr_tail(runner: Any) -> None:

@@ -180,3 +180,38 @@ def test_start_fsyncs_returns_at_once_and_its_wait_waits_for_them(
     [(path, exc)] = asyncio.run(on_the_loop())
     assert path.endswith("missing") and isinstance(exc, FileNotFoundError)
     assert len(synced) == 4
+
+
+MOUNTS = r"""/dev/vda / ext4 rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+/dev/vdb /srv/runner\040data xfs rw 0 0
+tmpfs /srv/runner\040data/cache tmpfs rw 0 0
+/dev/vdc /mnt ext4 rw 0 0
+tmpfs /mnt tmpfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "fs_type"),
+    [
+        ("/", "ext4"),
+        ("/var/lib/runner/runs", "ext4"),
+        ("/dev/shm/runs", "tmpfs"),
+        ("/dev/shmx/runs", "ext4"),  # a name that starts like a mount point is not under it
+        ("/srv/runner data/runs", "xfs"),  # octal escapes in mount points
+        ("/srv/runner data/cache/runs", "tmpfs"),  # the longest mount point wins
+        ("/mnt/runs", "tmpfs"),  # mounted over: the last one wins
+    ],
+)
+def test_fs_type_of_reads_the_mount_table(path: str, fs_type: str) -> None:
+    assert manifest_module.fs_type_of(path, MOUNTS) == fs_type
+
+
+def test_a_writer_on_tmpfs_does_not_ask_for_fsyncs(tmp_path: Path) -> None:
+    with open("/proc/self/mounts") as fh:
+        shm = manifest_module.fs_type_of("/dev/shm", fh.read()) == "tmpfs"
+    if not shm or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable tmpfs at /dev/shm on this machine")
+    assert not ManifestWriter(Path("/dev/shm") / "cr-runs" / "job-4").syncs
+    assert manifest_module.keeps_data(Path("/dev/shm")) is False
+    assert manifest_module.keeps_data(Path("/proc/no/such/folder")) is True  # proc: not in memory

@@ -573,7 +573,8 @@ class JobRun:
         """Committing thread, ahead of the status write. The log is complete before the status
         is: a reader that sees a terminal status may treat the file as final (SPEC §5
         `is_complete`). The manifest of the likely outcome is made ready too, in a temporary file
-        that the committer fsyncs with the batch's others (the path returned); `_end_after`
+        that the committer fsyncs with the batch's others (the path returned; none on a file system
+        in memory, where fsync makes nothing durable); `_end_after`
         publishes (renames) it once the status is written, so it shows up right after the status
         does, never before."""
         # A scratch job that never spawned has no log file yet; one that cannot be made must not
@@ -590,7 +591,7 @@ class JobRun:
             log.warning("manifest_write_failed", job_id=self.job_id, error=str(exc))
             return None
         self._ending = (status.value, extra, prepared)
-        return prepared
+        return prepared if self.manifest.syncs else None
 
     def _end_after(self, outcome: Outcome) -> str | None:
         """Committing thread, once the status write is over: the durable terminal manifest. Returns
@@ -607,7 +608,7 @@ class JobRun:
         if prepared is not None and final == expected:
             try:
                 self.manifest.publish(prepared, sync_dir=False)
-                return str(self.run_dir)
+                return str(self.run_dir) if self.manifest.syncs else None
             except OSError as exc:
                 log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
         elif prepared is not None:

@@ -19,9 +19,11 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import enum
+import functools
 import itertools
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -39,6 +41,8 @@ _TMP_COUNTER = itertools.count()
 SYNC_WORKERS = 8
 _sync_pool: ThreadPoolExecutor | None = None
 _sync_pool_lock = threading.Lock()
+#: File systems that live in memory: nothing on them outlives the machine, fsync has nothing to do.
+MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
 def _json_default(value: Any) -> Any:
@@ -64,6 +68,9 @@ class ManifestWriter:
         self.min_interval = min_interval
         self._last_write: float | None = None
         self._lock = threading.Lock()
+        #: Whether the runs folder's file system keeps what fsync makes durable (not tmpfs): the
+        #: group commit skips the batched fsyncs, and their thread hand-offs, where it does not.
+        self.syncs = keeps_data(self.run_dir.parent)
 
     def update(self, doc: Mapping[str, Any], *, force: bool = False, durable: bool = True) -> bool:
         """Write `doc` as the manifest (sorted keys); False if throttled and nothing was written.
@@ -218,3 +225,37 @@ def fsync_paths(paths: Sequence[str]) -> list[tuple[str, OSError]]:
     except OSError as exc:
         failed.append((paths[0], exc))
     return failed + rest.wait()
+
+
+def keeps_data(folder: Path) -> bool:
+    """False when `folder` is on a file system that lives in memory (tmpfs, ramfs), where an fsync
+    makes nothing durable. True otherwise, and whenever that cannot be told."""
+    return _fs_type(os.fspath(folder)) not in MEMORY_FILE_SYSTEMS
+
+
+@functools.lru_cache(maxsize=64)
+def _fs_type(folder: str) -> str | None:
+    # Once per folder: the runs folder is the same for every job of the process.
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            mounts = fh.read()
+    except OSError:
+        return None
+    return fs_type_of(os.path.realpath(folder), mounts)
+
+
+def fs_type_of(real_path: str, mounts: str) -> str | None:
+    """The type of the file system that holds `real_path` (resolved), given the text of
+    `/proc/self/mounts`: the longest mount point above it, the last mounted one where several
+    share it. The standard library has no statfs; this table is what `findmnt` reads too."""
+    best: tuple[int, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # The kernel writes spaces, tabs, newlines and backslashes in mount points as octal escapes.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = real_path == point or real_path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):
+            best = (len(point), fields[2])
+    return None if best is None else best[1]
