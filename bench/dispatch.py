@@ -52,6 +52,7 @@ import sqlalchemy as sa
 
 from _serve import cpu_split, database_url, pct, serve_process
 from codex_runner.config import load_settings
+from codex_runner.execution.manifest import mount_of
 from codex_runner.execution.process import group_alive
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
@@ -360,6 +361,24 @@ def report(results: list[Result]) -> None:
             print(f"{r.backend}: load average during drains {', '.join(f'{x:.1f}' for x in r.load)}")
 
 
+def data_fs(folder: str) -> str:
+    """`folder`'s file system type, as the runner reads it (`manifest.mount_of`), and for ext4
+    whether it has a journal: without one, every file creation scans the inodes freed in the last
+    minutes (docs/performance.md, "fewer files per job")."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            mount = mount_of(os.path.realpath(folder), fh.read())
+    except OSError:
+        mount = None
+    if mount is None:
+        return "an unknown file system"
+    source, kind = mount
+    if kind == "ext4":
+        journal = os.path.exists(f"/proc/fs/jbd2/{os.path.basename(source)}-8")
+        kind += " with a journal" if journal else " without a journal"
+    return kind
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
@@ -373,6 +392,9 @@ def main() -> None:
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     results = []
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    # The drains depend on the data folder's file system more than on anything else but the CPU
+    # (docs/performance.md, "Dispatch"); `TMPDIR` chooses it.
+    print(f"data folders under {tempfile.gettempdir()}, on {data_fs(tempfile.gettempdir())}")
     try:
         for backend in backends:
             res = Result(backend)

@@ -207,6 +207,12 @@ def test_fs_type_of_reads_the_mount_table(path: str, fs_type: str) -> None:
     assert manifest_module.fs_type_of(path, MOUNTS) == fs_type
 
 
+def test_mount_of_names_the_source_too() -> None:
+    assert manifest_module.mount_of("/srv/runner data/runs", MOUNTS) == ("/dev/vdb", "xfs")
+    assert manifest_module.mount_of("/var/runs", MOUNTS) == ("/dev/vda", "ext4")
+    assert manifest_module.mount_of("/var/runs", "") is None
+
+
 def test_a_writer_on_tmpfs_does_not_ask_for_fsyncs(tmp_path: Path) -> None:
     with open("/proc/self/mounts") as fh:
         shm = manifest_module.fs_type_of("/dev/shm", fh.read()) == "tmpfs"

@@ -246,9 +246,16 @@ def _fs_type(folder: str) -> str | None:
 
 def fs_type_of(real_path: str, mounts: str) -> str | None:
     """The type of the file system that holds `real_path` (resolved), given the text of
+    `/proc/self/mounts` (see `mount_of`)."""
+    mount = mount_of(real_path, mounts)
+    return None if mount is None else mount[1]
+
+
+def mount_of(real_path: str, mounts: str) -> tuple[str, str] | None:
+    """(source, type) of the mount that holds `real_path` (resolved), given the text of
     `/proc/self/mounts`: the longest mount point above it, the last mounted one where several
     share it. The standard library has no statfs; this table is what `findmnt` reads too."""
-    best: tuple[int, str] | None = None
+    best: tuple[int, str, str] | None = None
     for line in mounts.splitlines():
         fields = line.split()
         if len(fields) < 3:
@@ -257,5 +264,5 @@ def fs_type_of(real_path: str, mounts: str) -> str | None:
         point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
         inside = real_path == point or real_path.startswith(point.rstrip("/") + "/")
         if inside and (best is None or len(point) >= best[0]):
-            best = (len(point), fields[2])
-    return None if best is None else best[1]
+            best = (len(point), fields[0], fields[2])
+    return None if best is None else (best[1], best[2])
