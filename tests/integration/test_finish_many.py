@@ -182,7 +182,10 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
             order.append(("after", name))
             return f"/runs/{name}"
 
-        return Ending(_success(job_id, leases[job_id]), lambda: f"/runs/{name}/tmp", after)
+        def written(outcome: Outcome) -> None:
+            order.append(("written", name))
+
+        return Ending(_success(job_id, leases[job_id]), lambda: f"/runs/{name}/tmp", after, written)
 
     class Hook:
         async def begin(self, ending: list[str]) -> ClaimRequest | None:
@@ -203,9 +206,13 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
 
     assert asyncio.run(scenario()) == [0, 0, 0]
     files, folders = ["/runs/a/tmp", "/runs/b/tmp", "/runs/c/tmp"], ["/runs/a", "/runs/b", "/runs/c"]
-    assert order[:9] == [
+    assert order[:12] == [
         ("start syncs", files),
         ("write", 3),
+        # The service log lines follow the status at once, ahead of any wait for an fsync.
+        ("written", "a"),
+        ("written", "b"),
+        ("written", "c"),
         ("synced", files),
         ("after", "a"),
         ("after", "b"),
@@ -214,7 +221,7 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
         ("claimed jobs start", 3),  # while the folders sync
         ("synced", folders),
     ]
-    assert sorted(order[9:]) == [("heard", "a"), ("heard", "b"), ("heard", "c")]
+    assert sorted(order[12:]) == [("heard", "a"), ("heard", "b"), ("heard", "c")]
     assert set(store.status_of(list(leases)).values()) == {"success"}
 
 

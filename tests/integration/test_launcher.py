@@ -33,6 +33,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _terminal_manifest(runner: Any, job_id: str) -> dict[str, Any]:
+    """The job's manifest once it is terminal: it is published right after the status is written
+    (after its file's fsync), so a reader that saw the status may be a moment early."""
+    path = runner.runtime.settings.runs_dir / job_id / "manifest.json"
+
+    def terminal() -> bool:
+        return path.exists() and json.loads(path.read_text())["status"] not in {"running", "cancel_requested"}
+
+    assert wait_until(terminal, timeout=10), path
+    return dict(json.loads(path.read_text()))
+
+
 def test_success_with_events_stages_and_manifest(runner: Any) -> None:
     job = runner.submit({"stdout": "hello from the job"})
     done = runner.wait(job["id"])
@@ -46,7 +58,7 @@ def test_success_with_events_stages_and_manifest(runner: Any) -> None:
     assert stages["cleanup"]["status"] == "success"
     kinds = [e["event_type"] for e in done["events"]]
     assert kinds == ["job_created", "job_started", "job_succeeded"]
-    manifest = json.loads((runner.runtime.settings.runs_dir / job["id"] / "manifest.json").read_text())
+    manifest = _terminal_manifest(runner, job["id"])
     assert manifest["status"] == "success" and manifest["job_id"] == job["id"]
     log = (runner.runtime.settings.log_dir / f"{job['id']}.log").read_text()
     assert "hello from the job" in log and "[runner] " in log
@@ -71,9 +83,15 @@ def test_a_jobs_terminal_manifest_is_fsynced_before_the_rename_and_its_folder_af
     done = runner.wait(runner.submit({})["id"])
     assert done["status"] == "success", done
     run_dir = str(runner.runtime.settings.runs_dir / done["id"])
-    mine = [(os.path.relpath(path, run_dir), renamed) for path, renamed in synced if path.startswith(run_dir)]
-    assert len(mine) == 2, synced
-    (tmp, _), (folder, renamed) = mine
+
+    def mine() -> list[tuple[str, bool]]:
+        return [
+            (os.path.relpath(path, run_dir), renamed) for path, renamed in synced if path.startswith(run_dir)
+        ]
+
+    # The folder's fsync follows the rename, which follows the status: wait for both.
+    assert wait_until(lambda: len(mine()) == 2, timeout=10), synced
+    (tmp, _), (folder, renamed) = mine()
     assert tmp.startswith(".manifest.json.") and tmp.endswith(".tmp")
     assert folder == "." and renamed
 
@@ -83,8 +101,9 @@ def test_a_jobs_terminal_manifest_is_fsynced_before_the_rename_and_its_folder_af
     done = runner.wait(runner.submit({})["id"])
     assert done["status"] == "success", done
     run_dir = str(runner.runtime.settings.runs_dir / done["id"])
+    assert _terminal_manifest(runner, done["id"])["status"] == "success"
+    time.sleep(0.3)  # long past when its folder's fsync would have come
     assert not [path for path, _ in synced if path.startswith(run_dir)], synced
-    assert json.loads((Path(run_dir) / "manifest.json").read_text())["status"] == "success"
 
 
 def test_failure_records_stderr_tail(runner: Any) -> None:
@@ -385,5 +404,4 @@ def test_scratch_jobs_set_up_and_clean_up_on_the_loop(runner: Any, monkeypatch: 
     assert manifests == [("running", "running"), ("success", "success")]
     for done in (empty, busy):
         assert not (runner.runtime.settings.workspace_dir / done["id"]).exists()
-        manifest = json.loads((runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text())
-        assert manifest["status"] == "success"
+        assert _terminal_manifest(runner, done["id"])["status"] == "success"

@@ -42,6 +42,9 @@ class Ending:
     write: OwnerWrite
     before: Callable[[], str | None]
     after: Callable[[Outcome], str | None]
+    #: Right after the transaction, ahead of any wait for an fsync: what must follow the status
+    #: at once (the service log line of the transition).
+    written: Callable[[Outcome], None] | None = None
 
 
 class ClaimHook(Protocol):
@@ -133,6 +136,13 @@ class GroupCommitter:
         syncing = start_fsyncs(to_sync)
         try:
             written, claimed = self._write([endings[i].write for i in ready], claim)
+            for i, outcome in zip(ready, written, strict=True):
+                told = endings[i].written
+                if told is not None:
+                    try:
+                        told(outcome)
+                    except Exception:
+                        log.exception("job_ending_failed", job_id=endings[i].write.job_id)
         finally:
             _report(syncing.wait())
         to_sync = []

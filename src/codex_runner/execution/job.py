@@ -552,7 +552,12 @@ class JobRun:
         extra = {"exit_code": exit_code, "error_code": error_code, "result": result}
         write = self._terminal_write(status, error_code, message, exit_code, result)
         await self.finisher.commit(
-            Ending(write, functools.partial(self._end_before, line, status, extra), self._end_after)
+            Ending(
+                write,
+                functools.partial(self._end_before, line, status, extra),
+                self._end_after,
+                self._end_written,
+            )
         )
 
     def _log_finished(self, status: str) -> None:
@@ -593,18 +598,27 @@ class JobRun:
         self._ending = (status.value, extra, prepared)
         return prepared if self.manifest.syncs else None
 
+    def _final_status(self, outcome: int | None) -> str:
+        expected = self._ending[0]
+        # Attempt 1 matched: a cancel arrived while the script finished on its own.
+        return "unknown" if outcome is None else expected if outcome == 0 else Status.CANCELED.value
+
+    def _end_written(self, outcome: Outcome) -> None:
+        """Committing thread, right after the status write: its service log line, before the
+        committer waits for any fsync."""
+        if outcome is not None and not isinstance(outcome, BaseException):
+            self._log_finished(self._final_status(outcome))
+
     def _end_after(self, outcome: Outcome) -> str | None:
-        """Committing thread, once the status write is over: the durable terminal manifest. Returns
-        the folder the committer must fsync for the rename to last, if one was made here."""
+        """Committing thread, once the status write is over and the batch's manifest files are
+        synced: the durable terminal manifest. Returns the folder the committer must fsync for the
+        rename to last, if one was made here."""
         expected, extra, prepared = self._ending
         if isinstance(outcome, BaseException):
             if prepared is not None:
                 self.manifest.discard(prepared)
             return None
-        # Attempt 1 matched: a cancel arrived while the script finished on its own.
-        final = "unknown" if outcome is None else expected if outcome == 0 else Status.CANCELED.value
-        if outcome is not None:
-            self._log_finished(final)
+        final = self._final_status(outcome)
         if prepared is not None and final == expected:
             try:
                 self.manifest.publish(prepared, sync_dir=False)
