@@ -175,7 +175,7 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
             return self.wait()
 
     store.finish_many = writing  # type: ignore[method-assign]
-    monkeypatch.setattr(finisher, "start_fsyncs", Recorded)
+    monkeypatch.setattr(finisher, "Fsyncs", Recorded)
 
     def ending(job_id: str, name: str) -> Ending:
         def after(outcome: Outcome) -> str:

@@ -99,9 +99,7 @@ def test_touch_heartbeat_creates_then_refreshes(tmp_path: Path) -> None:
     assert writer.heartbeat_path.stat().st_mtime > time.time() - 60
 
 
-def test_fsync_paths_syncs_files_and_folders_side_by_side(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fsyncs_sync_files_and_folders_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch's fsyncs run at the same time (each waits here for all the others to start, which
     one-by-one fsyncs never would), and one that fails is reported without stopping the rest."""
     paths = []
@@ -121,17 +119,17 @@ def test_fsync_paths_syncs_files_and_folders_side_by_side(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    failed = manifest_module.fsync_paths([*paths[:2], missing, *paths[2:]])
+    failed = manifest_module.Fsyncs([*paths[:2], missing, *paths[2:]]).wait()
     assert sorted(synced) == sorted(paths)
     assert [(path, type(exc)) for path, exc in failed] == [(missing, FileNotFoundError)]
-    assert manifest_module.fsync_paths([]) == []
+    assert manifest_module.Fsyncs([]).wait() == []
 
 
 def test_a_prepared_manifest_left_unsynced_is_published_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`prepare(sync=False)` and `publish(sync_dir=False)` leave the fsyncs to the caller (the
-    group commit's `fsync_paths`): the manifest reads the same, and nothing is synced meanwhile."""
+    group commit's `Fsyncs`): the manifest reads the same, and nothing is synced meanwhile."""
     synced: list[int] = []
     monkeypatch.setattr(os, "fsync", synced.append)
     writer = ManifestWriter(tmp_path / "runs" / "job-3")
@@ -145,7 +143,7 @@ def test_a_prepared_manifest_left_unsynced_is_published_whole(
     assert len(synced) == 2
 
 
-def test_start_fsyncs_returns_at_once_and_its_wait_waits_for_them(
+def test_fsyncs_start_at_once_and_their_wait_waits_for_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The group commit runs its transaction while the manifests sync: starting them does not wait,
@@ -162,7 +160,7 @@ def test_start_fsyncs_returns_at_once_and_its_wait_waits_for_them(
         synced.append(fd)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
-    syncing = manifest_module.start_fsyncs(paths)
+    syncing = manifest_module.Fsyncs(paths)
     assert synced == []  # started, none done: the caller goes on meanwhile
     release.set()
     assert syncing.wait() == []
@@ -170,7 +168,7 @@ def test_start_fsyncs_returns_at_once_and_its_wait_waits_for_them(
 
     async def on_the_loop() -> list[tuple[str, OSError]]:
         release.clear()
-        syncing = manifest_module.start_fsyncs([*paths, str(tmp_path / "missing")])
+        syncing = manifest_module.Fsyncs([*paths, str(tmp_path / "missing")])
         waiting = asyncio.ensure_future(syncing.wait_async())
         await asyncio.sleep(0.05)
         assert not waiting.done()  # the loop runs on while the fsyncs wait

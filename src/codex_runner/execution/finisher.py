@@ -3,12 +3,13 @@
 A trivial job costs the runner more in its end than in its run: the log's last line, the fsynced
 terminal manifest, a write transaction with its event row, the manifest's rename, and a thread trip
 for all of it. Jobs that end while a commit is in flight wait for the next one, and that one takes
-them all: one thread trip, one transaction (each job still its own compare-and-set on status
-and lease, so a lost lease fails only its own job), and two rounds of fsyncs made side by side
-(the manifests while the transaction runs, their folders after it while the jobs the batch claimed
-start: `manifest.Fsyncs`) instead of two per job, one after the other, ahead of the transaction. Nothing waits on purpose: a lone job commits at
-once, and a busy runner batches by itself. The launcher may have the same transaction claim the
-jobs that take the freed slots (`ClaimHook`).
+them all: one thread trip, one transaction (each job still its own compare-and-set on status and
+lease, so a lost lease fails only its own job), and two rounds of fsyncs made side by side
+(`manifest.Fsyncs`: the manifests while the transaction runs, their folders after it while the
+jobs the batch claimed start) instead of two per job, one after the other, ahead of the
+transaction. Nothing waits on purpose: a lone job commits at once, and a busy runner batches by
+itself. The launcher may have the same transaction claim the jobs that take the freed slots
+(`ClaimHook`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Protocol
 import structlog
 
 from codex_runner.errors import StoreUnavailable
-from codex_runner.execution.manifest import Fsyncs, start_fsyncs
+from codex_runner.execution.manifest import Fsyncs
 from codex_runner.store.jobs import ClaimedJob, ClaimRequest, JobStore, OwnerWrite
 
 log = structlog.get_logger("codex_runner.finisher")
@@ -133,7 +134,7 @@ class GroupCommitter:
                 to_sync.append(path)
         # The manifests are synced while the transaction runs: neither waits for the other, and
         # each is done before any manifest is published (renamed) in `after`.
-        syncing = start_fsyncs(to_sync)
+        syncing = Fsyncs(to_sync)
         try:
             written, claimed = self._write([endings[i].write for i in ready], claim)
             for i, outcome in zip(ready, written, strict=True):
@@ -155,7 +156,7 @@ class GroupCommitter:
                 continue
             if path is not None:
                 to_sync.append(path)
-        return outcomes, claimed, start_fsyncs(to_sync)
+        return outcomes, claimed, Fsyncs(to_sync)
 
     def _write(
         self, writes: list[OwnerWrite], claim: ClaimRequest | None = None

@@ -579,9 +579,8 @@ class JobRun:
         is: a reader that sees a terminal status may treat the file as final (SPEC §5
         `is_complete`). The manifest of the likely outcome is made ready too, in a temporary file
         that the committer fsyncs with the batch's others (the path returned; none on a file system
-        in memory, where fsync makes nothing durable); `_end_after`
-        publishes (renames) it once the status is written, so it shows up right after the status
-        does, never before."""
+        in memory, where fsync makes nothing durable); `_end_after` publishes (renames) it once the
+        status is written, so it shows up right after the status does, never before."""
         # A scratch job that never spawned has no log file yet; one that cannot be made must not
         # keep the status from going out.
         with contextlib.suppress(OSError):
