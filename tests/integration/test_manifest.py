@@ -201,8 +201,9 @@ tmpfs /mnt tmpfs rw 0 0
         ("/mnt/runs", "tmpfs"),  # mounted over: the last one wins
     ],
 )
-def test_fs_type_of_reads_the_mount_table(path: str, fs_type: str) -> None:
-    assert manifest_module.fs_type_of(path, MOUNTS) == fs_type
+def test_mount_of_reads_the_mount_table(path: str, fs_type: str) -> None:
+    mount = manifest_module.mount_of(path, MOUNTS)
+    assert mount is not None and mount[1] == fs_type
 
 
 def test_mount_of_names_the_source_too() -> None:
@@ -211,9 +212,10 @@ def test_mount_of_names_the_source_too() -> None:
     assert manifest_module.mount_of("/var/runs", "") is None
 
 
-def test_a_writer_on_tmpfs_does_not_ask_for_fsyncs(tmp_path: Path) -> None:
+def test_a_writer_on_tmpfs_does_not_ask_for_fsyncs() -> None:
     with open("/proc/self/mounts") as fh:
-        shm = manifest_module.fs_type_of("/dev/shm", fh.read()) == "tmpfs"
+        mount = manifest_module.mount_of("/dev/shm", fh.read())
+    shm = mount is not None and mount[1] == "tmpfs"
     if not shm or not os.access("/dev/shm", os.W_OK):
         pytest.skip("no writable tmpfs at /dev/shm on this machine")
     assert not ManifestWriter(Path("/dev/shm") / "cr-runs" / "job-4").syncs
