@@ -479,6 +479,9 @@ class _ClaimAlong:
         self.launcher = launcher
         self._request: ClaimRequest | None = None
 
+    def holding(self) -> int:
+        return len(self.launcher.active)
+
     async def begin(self, ending: list[str]) -> ClaimRequest | None:
         la = self.launcher
         await la._claim_turn.acquire()

@@ -4,6 +4,7 @@ PostgreSQL: one write that does not hold, or that the database refuses, never co
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -188,6 +189,9 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
         return Ending(_success(job_id, leases[job_id]), lambda: f"/runs/{name}/tmp", after, written)
 
     class Hook:
+        def holding(self) -> int:
+            return 0  # no linger: this test is about the order within one batch
+
         async def begin(self, ending: list[str]) -> ClaimRequest | None:
             return None
 
@@ -223,6 +227,78 @@ def test_group_committer_syncs_the_batch_in_two_rounds(
     ]
     assert sorted(order[12:]) == [("heard", "a"), ("heard", "b"), ("heard", "c")]
     assert set(store.status_of(list(leases)).values()) == {"success"}
+
+
+class _Slots:
+    """A launcher's claim hook as the linger sees it: `holding` jobs hold a slot; claims nothing."""
+
+    def __init__(self, holding: int) -> None:
+        self.slots = holding
+
+    def holding(self) -> int:
+        return self.slots
+
+    async def begin(self, ending: list[str]) -> ClaimRequest | None:
+        return None
+
+    def end(self, ending: list[str], claimed: list[Any], error: BaseException | None) -> None:
+        self.slots -= len(ending)
+
+
+def _counting_batches(store: JobStore) -> list[int]:
+    calls: list[int] = []
+    inner = store.finish_many
+
+    def counting(writes: Any, claim: Any = None) -> Any:
+        calls.append(len(writes))
+        return inner(writes, claim)
+
+    store.finish_many = counting  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_batch_waits_for_the_endings_of_jobs_still_running(store: JobStore) -> None:
+    """Three jobs hold slots; their endings arrive 20 ms apart: one batch takes all three, as
+    long as the linger covers the gaps (the first one waits for the other two)."""
+    leases = _claim_all(store, 3)
+    batches = _counting_batches(store)
+
+    async def scenario() -> list[int | None]:
+        committer = GroupCommitter(store, _Slots(3), linger=5.0)
+
+        async def end_after(delay: float, job_id: str) -> int | None:
+            await asyncio.sleep(delay)
+            return await committer.commit(
+                Ending(_success(job_id, leases[job_id]), lambda: None, lambda _: None)
+            )
+
+        return await asyncio.gather(*(end_after(0.02 * i, j) for i, j in enumerate(leases)))
+
+    assert asyncio.run(scenario()) == [0, 0, 0]
+    assert batches == [3]
+
+
+def test_a_batch_lingers_no_longer_than_its_bound(store: JobStore) -> None:
+    """A job ends while another still runs and does not end: its batch waits the linger, then
+    commits alone; a job ending when no other job holds a slot commits at once."""
+    leases = _claim_all(store, 2)
+    first, second = list(leases)
+    batches = _counting_batches(store)
+
+    async def scenario(job_id: str, holding: int, linger: float) -> float:
+        committer = GroupCommitter(store, _Slots(holding), linger=linger)
+        t0 = time.monotonic()
+        assert (
+            await committer.commit(Ending(_success(job_id, leases[job_id]), lambda: None, lambda _: None))
+            == 0
+        )
+        return time.monotonic() - t0
+
+    waited = asyncio.run(scenario(first, holding=2, linger=0.3))
+    assert 0.3 <= waited < 5, waited
+    alone = asyncio.run(scenario(second, holding=1, linger=30.0))
+    assert alone < 5, alone  # a 30 s linger would show
+    assert batches == [1, 1]
 
 
 def _job_run_values(exit_code: int, **process: int) -> dict[str, Any]:
