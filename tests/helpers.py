@@ -150,7 +150,9 @@ def recorded_statements(store: JobStore) -> Iterator[list[str]]:
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    originals = {name: getattr(Prepared, name) for name in ("execute", "execute_many", "fetch")}
+    originals = {
+        name: getattr(Prepared, name) for name in ("execute", "execute_each", "execute_many", "fetch")
+    }
 
     def recording(name: str) -> Any:
         def run(self: Prepared, *args: Any) -> Any:

@@ -97,6 +97,30 @@ def test_execute_many_inserts_every_row(store: JobStore) -> None:
     assert [tuple(r) for r in got] == [(str(i), {"i": i}, WHEN) for i in range(3)]
 
 
+def test_execute_each_counts_each_row(store: JobStore) -> None:
+    """One run per row, each with its own count (on PostgreSQL all of them in one pipeline), in
+    order, a row that matches nothing included; an error fails the whole call as SQLAlchemy's."""
+    a, b = _job(store), _job(store)
+    update = (
+        jobs.update()
+        .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.status == "queued")
+        .values(error_message=sa.bindparam("b_msg"))
+    )
+    prepared = Prepared(update, store.engine.dialect)
+    with write_txn(store.engine) as conn:
+        counts = prepared.execute_each(
+            conn,
+            [{"b_id": a, "b_msg": "a"}, {"b_id": "no-such-job", "b_msg": "x"}, {"b_id": b, "b_msg": "b"}],
+        )
+        assert counts == [1, 0, 1]
+        assert prepared.execute_each(conn, []) == []
+    assert (store.get_row(a) or {})["error_message"] == "a"
+    assert (store.get_row(b) or {})["error_message"] == "b"
+    broken = Prepared(sa.text("UPDATE no_such_table SET x = :x"), store.engine.dialect)
+    with store.engine.connect() as conn, pytest.raises((sa.exc.ProgrammingError, sa.exc.OperationalError)):
+        broken.execute_each(conn, [{"x": 1}, {"x": 2}])
+
+
 def test_errors_are_sqlalchemy_errors(store: JobStore) -> None:
     """A DBAPI error comes out as SQLAlchemy's, so `with_retries` and callers treat it as they
     treat one from Connection.execute; expanding parameters are refused up front."""

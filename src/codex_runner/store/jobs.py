@@ -144,6 +144,11 @@ _TERMINAL_CAS = (
 _TERMINAL_KEYS = frozenset(_TERMINAL_VALUES + _PROCESS_VALUES)
 
 
+def _terminal_event(write: OwnerWrite, cas: Cas) -> _PendingEvent:
+    """The deferred event of a terminal compare-and-set that matched."""
+    return _PendingEvent(write.job_id, EVENT_FOR_STATUS[cas.dst], "system", cas.message, cas.meta or {})
+
+
 def _fits_terminal_cas(cas: Cas) -> bool:
     """Whether `_TERMINAL_CAS` makes exactly the write `_cas` would: every terminal value given
     (the statement sets them all), process ids given as numbers or not at all (COALESCE)."""
@@ -519,11 +524,9 @@ class JobStore:
 
         def txn() -> tuple[list[int | None], list[ClaimedJob], list[dict]]:
             now = utcnow()
-            held: list[int | None] = []
             pending: list[_PendingEvent] = []
             with write_txn(self.engine) as conn:
-                for write in writes:
-                    held.append(self._first_cas(conn, write, now, pending))
+                held = self._first_cas_all(conn, writes, now, pending)
                 claimed: list[ClaimedJob] = []
                 if claim is not None and claim.slots > 0:
                     # Its events join the terminal ones: one insert (a round trip) for both.
@@ -534,10 +537,34 @@ class JobStore:
         self._notify(ev)
         return held, claimed
 
+    def _first_cas_all(
+        self, conn: Connection, writes: Sequence[OwnerWrite], now: datetime, pending: list[_PendingEvent]
+    ) -> list[int | None]:
+        """`_first_cas` of each write, in order. On PostgreSQL the first attempts that take
+        `_TERMINAL_CAS` (the usual batch: every job's terminal write) go in one round trip; a write
+        whose first attempt did not match goes on with its next ones as `_first_cas` would."""
+        first: dict[int, bool] = {}
+        if self.is_pg:
+            usual = [i for i, write in enumerate(writes) if _fits_terminal_cas(write.attempts[0])]
+            if len(usual) > 1:
+                params = [self._terminal_params(writes[i], writes[i].attempts[0], now) for i in usual]
+                counts = self._terminal.execute_each(conn, params)
+                first = {i: count == 1 for i, count in zip(usual, counts, strict=True)}
+        held: list[int | None] = []
+        for i, write in enumerate(writes):
+            if first.get(i):
+                pending.append(_terminal_event(write, write.attempts[0]))
+                held.append(0)
+            else:
+                held.append(self._first_cas(conn, write, now, pending, start=1 if i in first else 0))
+        return held
+
     def _first_cas(
-        self, conn: Connection, write: OwnerWrite, now: datetime, pending: list[_PendingEvent]
+        self, conn: Connection, write: OwnerWrite, now: datetime, pending: list[_PendingEvent], start: int = 0
     ) -> int | None:
         for index, cas in enumerate(write.attempts):
+            if index < start:
+                continue
             if _fits_terminal_cas(cas):
                 if self._terminal_cas(conn, write, cas, now, pending):
                     return index
@@ -565,7 +592,13 @@ class JobStore:
     ) -> bool:
         """`cas` (one that `_fits_terminal_cas`) through `_TERMINAL_CAS`: the same compare-and-set
         and deferred event as `_cas`, without building a statement. False when it did not match."""
-        values = cas.values
+        if self._terminal.execute(conn, self._terminal_params(write, cas, now)) != 1:
+            return False
+        pending.append(_terminal_event(write, cas))
+        return True
+
+    @staticmethod
+    def _terminal_params(write: OwnerWrite, cas: Cas, now: datetime) -> dict[str, Any]:
         params: dict[str, Any] = {
             "b_job": write.job_id,
             "b_lease": write.lease_token,
@@ -575,12 +608,8 @@ class JobStore:
             "b_now": now,
         }
         for name in (*_TERMINAL_VALUES, *_PROCESS_VALUES):
-            params[f"b_{name}"] = values.get(name)  # absent process ids: NULL, so COALESCE keeps them
-        if self._terminal.execute(conn, params) != 1:
-            return False
-        event_type = EVENT_FOR_STATUS[cas.dst]
-        pending.append(_PendingEvent(write.job_id, event_type, "system", cas.message, cas.meta or {}))
-        return True
+            params[f"b_{name}"] = cas.values.get(name)  # absent process ids: NULL, so COALESCE keeps them
+        return params
 
     def cancel(self, job_id: str, *, owner: str | None, actor: str) -> tuple[dict[str, Any], int]:
         """SPEC §4 cancel: queued → 200 canceled; running → 202 cancel_requested; already

@@ -103,6 +103,22 @@ class Prepared:
             cursor.execute(self.sql, self.params(values or {}))
             return int(cursor.rowcount)
 
+    def execute_each(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Runs the statement once per row; the number of rows each run changed. On PostgreSQL
+        all in one round trip (psycopg's `executemany(..., returning=True)` pipelines them and
+        keeps each one's result); elsewhere one after the other."""
+        if self._dialect.name != "postgresql":
+            return [self.execute(conn, values) for values in rows]
+        if not rows:
+            return []
+        counts: list[int] = []
+        with self._cursor(conn) as cursor:
+            cursor.executemany(self.sql, [self.params(values) for values in rows], returning=True)
+            while True:
+                counts.append(int(cursor.rowcount))
+                if not cursor.nextset():
+                    return counts
+
     def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
             with self._cursor(conn) as cursor:
