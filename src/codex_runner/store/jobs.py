@@ -562,9 +562,7 @@ class JobStore:
     def _first_cas(
         self, conn: Connection, write: OwnerWrite, now: datetime, pending: list[_PendingEvent], start: int = 0
     ) -> int | None:
-        for index, cas in enumerate(write.attempts):
-            if index < start:
-                continue
+        for index, cas in enumerate(write.attempts[start:], start):
             if _fits_terminal_cas(cas):
                 if self._terminal_cas(conn, write, cas, now, pending):
                     return index
