@@ -122,8 +122,8 @@ def test_group_committer_isolates_a_refused_write(store: JobStore) -> None:
     assert store.status_of(list(leases)) == {good1: "success", bad: "running", good2: "success"}
 
 
-def test_group_committer_batches_endings(store: JobStore) -> None:
-    leases = _claim_all(store, 5)
+def _counting_batches(store: JobStore) -> list[int]:
+    """The size of every `finish_many` batch from now on."""
     calls: list[int] = []
     inner = store.finish_many
 
@@ -132,6 +132,12 @@ def test_group_committer_batches_endings(store: JobStore) -> None:
         return inner(writes, claim)
 
     store.finish_many = counting  # type: ignore[method-assign]
+    return calls
+
+
+def test_group_committer_batches_endings(store: JobStore) -> None:
+    leases = _claim_all(store, 5)
+    calls = _counting_batches(store)
 
     async def scenario() -> list[int | None]:
         committer = GroupCommitter(store)
@@ -243,18 +249,6 @@ class _Slots:
 
     def end(self, ending: list[str], claimed: list[Any], error: BaseException | None) -> None:
         self.slots -= len(ending)
-
-
-def _counting_batches(store: JobStore) -> list[int]:
-    calls: list[int] = []
-    inner = store.finish_many
-
-    def counting(writes: Any, claim: Any = None) -> Any:
-        calls.append(len(writes))
-        return inner(writes, claim)
-
-    store.finish_many = counting  # type: ignore[method-assign]
-    return calls
 
 
 def test_a_batch_waits_for_the_endings_of_jobs_still_running(store: JobStore) -> None:
