@@ -2,15 +2,16 @@
 of a job timed one by one (issue 3's drain target; see docs/performance.md, "Dispatch").
 
     .venv/bin/python bench/drain_inprocess.py [--jobs 3000] [--concurrency 8]
-        [--inline none job commit all] [--parts]
+        [--inline none job commit all] [--linger 0 0.001 0.002] [--parts]
 
 Drain: a scratch data dir (SQLite, under $TMPDIR), `--jobs` `/bin/true` jobs created with nothing
 claiming, then `Launcher` started on uvloop with RUNNER_MAX_CONCURRENCY = `--concurrency`, until
 all are terminal. Prints jobs/s and this process's CPU per job (every thread; the children's own
 CPU is not in it). `--inline` is an experiment, not a setting: it runs the named worker-thread
 trips on the event loop instead (`job`: JobRun's own trips; `commit`: the group commit's; `all`:
-every `asyncio.to_thread`), to show what handing work to a thread and back costs. One drain per
-value, in the order given.
+every `asyncio.to_thread`), to show what handing work to a thread and back costs. `--linger` is one
+too: the group commit's wait for the endings of jobs still running, in seconds (0 turns it off).
+One drain per value (per pair of values), in the order given.
 
 `--parts`: each part of a trivial job on its own, in one thread: spawn and wait through
 `JobProcess` (and a bare `subprocess.Popen` + `wait` beside it), one `asyncio.to_thread` round
@@ -70,7 +71,7 @@ def _inline(which: str) -> None:
     asyncio.to_thread = _TO_THREAD if which == "none" else to_thread  # type: ignore[assignment]
 
 
-def drain(count: int, concurrency: int, inline: str) -> tuple[float, float]:
+def drain(count: int, concurrency: int, inline: str, linger: float | None = None) -> tuple[float, float]:
     root = Path(tempfile.mkdtemp(prefix="cr-drain-"))
     try:
         settings = _settings(root, concurrency)
@@ -89,6 +90,8 @@ def drain(count: int, concurrency: int, inline: str) -> tuple[float, float]:
             _inline(inline)
             try:
                 launcher = Launcher(rt)
+                if linger is not None:  # an experiment: the group commit's wait for running jobs
+                    launcher._finisher.linger = linger
                 cpu0, wall0 = time.process_time(), time.perf_counter()
                 await launcher.start()
                 while await _TO_THREAD(left):
@@ -203,6 +206,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--inline", nargs="+", choices=["none", "job", "commit", "all"], default=["none"])
+    ap.add_argument(
+        "--linger",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="the group commit's linger in seconds (default: the shipped one, finisher.LINGER_SECONDS)",
+    )
     ap.add_argument("--parts", action="store_true", help="time the parts of a job instead of draining")
     args = ap.parse_args()
     print(
@@ -213,8 +223,12 @@ def main() -> None:
         return
     try:
         for which in args.inline:
-            rate, cpu = drain(args.jobs, args.concurrency, which)
-            print(f"inline={which}: {rate:,.0f} jobs/s, {cpu:.2f} ms CPU per job (c={args.concurrency})")
+            for linger in args.linger:
+                rate, cpu = drain(args.jobs, args.concurrency, which, linger)
+                shown = "" if linger is None else f", linger={linger * 1000:g} ms"
+                print(
+                    f"inline={which}{shown}: {rate:,.0f} jobs/s, {cpu:.2f} ms CPU per job (c={args.concurrency})"
+                )
     finally:
         remove_leftovers()
 
