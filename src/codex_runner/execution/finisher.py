@@ -105,19 +105,15 @@ class GroupCommitter:
             try:
                 await self._gather()
             except BaseException as exc:  # cancelled at shutdown: no job may wait forever
-                for _, future in self._queue:
-                    if not future.done():
-                        future.set_result(exc)
-                self._queue = []
+                waiting, self._queue = self._queue, []
+                _settle(waiting, [exc] * len(waiting))
                 raise
             batch, self._queue = self._queue, []
             ids = [ending.write.job_id for ending, _ in batch]
             try:
                 request = await self.claims.begin(ids) if self.claims is not None else None
             except BaseException as exc:  # e.g. cancelled at shutdown: no job may wait forever
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(exc)
+                _settle(batch, [exc] * len(batch))
                 raise
             claimed: list[ClaimedJob] = []
             error: BaseException | None = None
@@ -136,9 +132,7 @@ class GroupCommitter:
                 if folders is not None:
                     _report(await folders.wait_async())
             finally:  # cancelled at shutdown: the writes are made, their jobs hear of them
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if not future.done():
-                        future.set_result(outcome)
+                _settle(batch, outcomes)
 
     async def _gather(self) -> None:
         """Waits while jobs of the launcher that have not ended yet still hold slots, for their
@@ -225,3 +219,10 @@ def _report(failed: list[tuple[str, OSError]]) -> None:
     sure to outlive a power cut: worth a warning, not a failed job."""
     for path, exc in failed:
         log.warning("manifest_sync_failed", path=path, error=exc.strerror)
+
+
+def _settle(waiting: list[tuple[Ending, asyncio.Future[Outcome]]], outcomes: Sequence[Outcome]) -> None:
+    """Each job of `waiting` hears its outcome (once: a future already done keeps its own)."""
+    for (_, future), outcome in zip(waiting, outcomes, strict=True):
+        if not future.done():
+            future.set_result(outcome)

@@ -280,8 +280,9 @@ class JobRun:
         self, repo: RepoSpec | None, script: ScriptSpec | None, *, files_after_spawn: bool = False
     ) -> tuple[GitCredential | None, Workspace | GitError | None]:
         """Worker thread (on the loop for a scratch job): the job's credential and log file, then
-        (when its repo and script are still configured) the prepare stage and its workspace. A prepare failure is returned, not
-        raised. The job's coroutine waits for this trip, so the stage may change here.
+        (when its repo and script are still configured) the prepare stage and its workspace. A
+        prepare failure is returned, not raised. The job's coroutine waits for this trip, so the
+        stage may change here.
 
         `files_after_spawn` (a scratch job's set-up, on the loop): the log file waits for the
         spawn (`_open_log`), and the prepare stage for the job's next manifest write."""
