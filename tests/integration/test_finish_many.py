@@ -295,6 +295,48 @@ def test_a_batch_lingers_no_longer_than_its_bound(store: JobStore) -> None:
     assert batches == [1, 1]
 
 
+def test_endings_queued_while_the_claim_turn_fails_hear_it(store: JobStore) -> None:
+    """The group commit is cancelled (shutdown) while it waits for the launcher's claim turn:
+    the batch it held and the endings that arrived during that wait all hear of it at once,
+    rather than wait for a next job's end that may never come."""
+    leases = _claim_all(store, 2)
+    first, second = list(leases)
+
+    class StuckTurn(_Slots):
+        def __init__(self) -> None:
+            super().__init__(0)
+            self.waiting = asyncio.Event()
+
+        async def begin(self, ending: list[str]) -> ClaimRequest | None:
+            self.waiting.set()
+            await asyncio.sleep(3600)
+            return None
+
+    async def scenario() -> list[bool]:
+        hook = StuckTurn()
+        committer = GroupCommitter(store, hook)
+
+        def commit(job_id: str) -> asyncio.Task[int | None]:
+            end = Ending(_success(job_id, leases[job_id]), lambda: None, lambda _: None)
+            return asyncio.create_task(committer.commit(end))
+
+        held = commit(first)
+        await asyncio.wait_for(hook.waiting.wait(), 5)
+        queued = commit(second)
+        await asyncio.sleep(0.01)  # the second ending is queued behind the stuck batch
+        assert committer._task is not None
+        committer._task.cancel()
+        _, pending = await asyncio.wait({held, queued}, timeout=5)
+        for task in pending:
+            task.cancel()
+        assert not pending, "an ending queued during the failed claim turn was left waiting"
+        # Each job's commit() raised the CancelledError it heard: its task reads as cancelled.
+        return [task.cancelled() for task in (held, queued)]
+
+    assert asyncio.run(scenario()) == [True, True]
+    assert set(store.status_of(list(leases)).values()) == {"running"}  # nothing was written
+
+
 def _job_run_values(exit_code: int, **process: int) -> dict[str, Any]:
     """The values `JobRun._terminal_write` sets: every terminal column, process ids when the job
     ended before they were recorded. These take the store's prebuilt statement."""

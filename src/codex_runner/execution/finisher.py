@@ -101,38 +101,45 @@ class GroupCommitter:
         return outcome
 
     async def _drain(self) -> None:
-        while self._queue:
-            try:
+        try:
+            while self._queue:
                 await self._gather()
-            except BaseException as exc:  # cancelled at shutdown: no job may wait forever
-                waiting, self._queue = self._queue, []
-                _settle(waiting, [exc] * len(waiting))
-                raise
-            batch, self._queue = self._queue, []
-            ids = [ending.write.job_id for ending, _ in batch]
-            try:
-                request = await self.claims.begin(ids) if self.claims is not None else None
-            except BaseException as exc:  # e.g. cancelled at shutdown: no job may wait forever
-                _settle(batch, [exc] * len(batch))
-                raise
-            claimed: list[ClaimedJob] = []
-            error: BaseException | None = None
-            folders: Fsyncs | None = None
-            try:
-                outcomes, claimed, folders = await asyncio.to_thread(
-                    self._commit, [ending for ending, _ in batch], request
-                )
-            except BaseException as exc:  # the thread itself failed: every job of the batch hears of it
-                outcomes, error = [exc] * len(batch), exc
-            finally:
-                # The claimed jobs start now, while the folders of the ended ones sync.
-                if self.claims is not None:
-                    self.claims.end(ids, claimed, error)
-            try:
-                if folders is not None:
-                    _report(await folders.wait_async())
-            finally:  # cancelled at shutdown: the writes are made, their jobs hear of them
-                _settle(batch, outcomes)
+                batch, self._queue = self._queue, []
+                await self._run(batch)
+        except BaseException as exc:
+            # Cancelled at shutdown (or a claim turn that failed): the endings queued meanwhile
+            # hear it too rather than wait for a next job's end that may never come.
+            waiting, self._queue = self._queue, []
+            _settle(waiting, [exc] * len(waiting))
+            raise
+
+    async def _run(self, batch: list[tuple[Ending, asyncio.Future[Outcome]]]) -> None:
+        """One batch: the claim turn, the thread trip, the folders' fsyncs; every job of the batch
+        hears its outcome, whatever happens."""
+        ids = [ending.write.job_id for ending, _ in batch]
+        try:
+            request = await self.claims.begin(ids) if self.claims is not None else None
+        except BaseException as exc:  # e.g. cancelled at shutdown: no job may wait forever
+            _settle(batch, [exc] * len(batch))
+            raise
+        claimed: list[ClaimedJob] = []
+        error: BaseException | None = None
+        folders: Fsyncs | None = None
+        try:
+            outcomes, claimed, folders = await asyncio.to_thread(
+                self._commit, [ending for ending, _ in batch], request
+            )
+        except BaseException as exc:  # the thread itself failed: every job of the batch hears of it
+            outcomes, error = [exc] * len(batch), exc
+        finally:
+            # The claimed jobs start now, while the folders of the ended ones sync.
+            if self.claims is not None:
+                self.claims.end(ids, claimed, error)
+        try:
+            if folders is not None:
+                _report(await folders.wait_async())
+        finally:  # cancelled at shutdown: the writes are made, their jobs hear of them
+            _settle(batch, outcomes)
 
     async def _gather(self) -> None:
         """Waits while jobs of the launcher that have not ended yet still hold slots, for their
