@@ -7,11 +7,14 @@ of a job timed one by one (issue 3's drain target; see docs/performance.md, "Dis
 Drain: a scratch data dir (SQLite, under $TMPDIR), `--jobs` `/bin/true` jobs created with nothing
 claiming, then `Launcher` started on uvloop with RUNNER_MAX_CONCURRENCY = `--concurrency`, until
 all are terminal. Prints jobs/s and this process's CPU per job (every thread; the children's own
-CPU is not in it). `--inline` is an experiment, not a setting: it runs the named worker-thread
-trips on the event loop instead (`job`: JobRun's own trips; `commit`: the group commit's; `all`:
-every `asyncio.to_thread`), to show what handing work to a thread and back costs. `--linger` is one
-too: the group commit's wait for the endings of jobs still running, in seconds (0 turns it off).
-One drain per value (per pair of values), in the order given.
+CPU is not in it), split between the event loop's thread and the worker threads (the group
+commit's transaction, the launcher's other trips, the bench's own progress poll), and the group
+commit's transactions: how many, and their CPU per job (the claim and terminal writes, timed in
+their thread). `--inline` is an experiment, not a setting: it runs the named worker-thread trips
+on the event loop instead (`job`: JobRun's own trips; `commit`: the group commit's; `all`: every
+`asyncio.to_thread`), to show what handing work to a thread and back costs. `--linger` is one too:
+the group commit's wait for the endings of jobs still running, in seconds (0 turns it off). One
+drain per value (per pair of values), in the order given.
 
 `--parts`: each part of a trivial job on its own, in one thread: spawn and wait through
 `JobProcess` (and a bare `subprocess.Popen` + `wait` beside it), one `asyncio.to_thread` round
@@ -31,6 +34,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +75,16 @@ def _inline(which: str) -> None:
     asyncio.to_thread = _TO_THREAD if which == "none" else to_thread  # type: ignore[assignment]
 
 
-def drain(count: int, concurrency: int, inline: str, linger: float | None = None) -> tuple[float, float]:
+@dataclass
+class Drained:
+    rate: float  # jobs/s
+    cpu_ms: float  # this process's CPU per job, every thread
+    loop_ms: float  # the part of it on the event loop's thread
+    batches: int = 0  # the group commit's transactions
+    store_ms: float = 0.0  # their CPU per job (`GroupCommitter._write`: the claim and terminal writes)
+
+
+def drain(count: int, concurrency: int, inline: str, linger: float | None = None) -> Drained:
     root = Path(tempfile.mkdtemp(prefix="cr-drain-"))
     try:
         settings = _settings(root, concurrency)
@@ -86,19 +99,22 @@ def drain(count: int, concurrency: int, inline: str, linger: float | None = None
                 active = jobs.c.status.in_(["queued", "running", "cancel_requested"])
                 return int(conn.execute(sa.select(sa.func.count()).where(active)).scalar_one())
 
-        async def run() -> tuple[float, float]:
+        async def run() -> Drained:
             _inline(inline)
             try:
                 launcher = Launcher(rt)
                 if linger is not None:  # an experiment: the group commit's wait for running jobs
                     launcher._finisher.linger = linger
-                cpu0, wall0 = time.process_time(), time.perf_counter()
+                store = _time_store(launcher)
+                cpu0, wall0, loop0 = time.process_time(), time.perf_counter(), time.thread_time()
                 await launcher.start()
                 while await _TO_THREAD(left):
                     await asyncio.sleep(0.05)
                 cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+                loop_cpu = time.thread_time() - loop0  # this coroutine runs on the loop's thread
                 await launcher.stop()
-                return count / wall, cpu / count * 1000
+                ms = 1000 / count
+                return Drained(count / wall, cpu * ms, loop_cpu * ms, store[0], store[1] * ms)
             finally:
                 _inline("none")
 
@@ -108,6 +124,25 @@ def drain(count: int, concurrency: int, inline: str, linger: float | None = None
             rt.close()
     finally:
         remove_later(root)
+
+
+def _time_store(launcher: Launcher) -> list[float]:
+    """[transactions, their CPU seconds], kept up to date: wraps the launcher's group commit's
+    `_write` (its transaction, in its worker thread) with a thread CPU clock."""
+    totals = [0.0, 0.0]
+    committer = launcher._finisher
+    write = committer._write
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.thread_time()
+        try:
+            return write(*args, **kwargs)
+        finally:
+            totals[0] += 1
+            totals[1] += time.thread_time() - t0
+
+    committer._write = timed  # type: ignore[method-assign]
+    return totals
 
 
 def _time(n: int, fn: Callable[[], object]) -> float:
@@ -224,10 +259,14 @@ def main() -> None:
     try:
         for which in args.inline:
             for linger in args.linger:
-                rate, cpu = drain(args.jobs, args.concurrency, which, linger)
+                got = drain(args.jobs, args.concurrency, which, linger)
                 shown = "" if linger is None else f", linger={linger * 1000:g} ms"
                 print(
-                    f"inline={which}{shown}: {rate:,.0f} jobs/s, {cpu:.2f} ms CPU per job (c={args.concurrency})"
+                    f"inline={which}{shown}: {got.rate:,.0f} jobs/s, {got.cpu_ms:.2f} ms CPU per job"
+                    f" ({got.loop_ms:.2f} on the event loop's thread, {got.cpu_ms - got.loop_ms:.2f}"
+                    f" in worker threads) (c={args.concurrency}); group commit:"
+                    f" {got.batches:,.0f} transactions of {args.jobs / max(got.batches, 1):.1f} jobs,"
+                    f" {got.store_ms:.2f} ms CPU per job in them"
                 )
     finally:
         remove_leftovers()
