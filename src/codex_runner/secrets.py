@@ -96,3 +96,23 @@ def mask(text: str, values: Iterable[str], replacement: str = "[REDACTED]") -> s
         for form in secret_forms(value):
             text = text.replace(form, replacement)
     return text
+
+
+class Masker:
+    """`mask` for a set of secrets known in advance (the runtime's own), their encodings worked
+    out once: a service log line masks every value it carries, and encoding the secrets again for
+    each value was most of the line's cost."""
+
+    def __init__(self, values: Iterable[str], replacement: str = "[REDACTED]") -> None:
+        forms = {form for value in values for form in secret_forms(value)}
+        # Longest first, as `mask` does per secret: a form inside a longer one is masked with it.
+        self.forms = sorted(forms, key=len, reverse=True)
+        self.replacement = replacement
+
+    def __bool__(self) -> bool:
+        return bool(self.forms)
+
+    def __call__(self, text: str) -> str:
+        for form in self.forms:
+            text = text.replace(form, self.replacement)
+        return text

@@ -117,3 +117,64 @@ def test_service_logs_are_json_and_masked(tmp_path: Path) -> None:
     assert lines[0]["job_id"] == "j1" and lines[0]["status_to"] == "success" and lines[0]["level"] == "info"
     assert lines[1]["logger"] == "uvicorn.error" and "ts" in lines[1]
     assert secret not in stream.getvalue()
+
+
+def test_service_log_levels_and_exceptions(tmp_path: Path) -> None:
+    """The runner's own lines skip the standard library's machinery but keep its rules: the
+    configured level filters them, an exception is rendered into the line, and they interleave
+    with the standard library's lines on one stream, one JSON object per line."""
+    import io
+    import logging
+
+    import structlog
+
+    from codex_runner.config import load_settings
+    from codex_runner.ops.logging import configure_logging
+
+    settings = load_settings({"RUNNER_DATA_DIR": str(tmp_path)}, cwd=tmp_path)
+    stream = io.StringIO()
+    try:
+        configure_logging(settings, stream=stream, level=logging.WARNING)
+        log = structlog.get_logger("codex_runner.launcher")
+        log.info("not_shown")
+        log.warning("shown", n=1)
+        logging.getLogger("alembic").info("not shown either")
+        logging.getLogger("alembic").warning("stdlib %s", "warning")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("failed_here")
+        log.warning("positional %s", "argument")
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["event"], line["logger"], line["level"]) for line in lines] == [
+        ("shown", "codex_runner.launcher", "warning"),
+        ("stdlib warning", "alembic", "warning"),
+        ("failed_here", "codex_runner.launcher", "error"),
+        ("positional argument", "codex_runner.launcher", "warning"),
+    ]
+    assert "RuntimeError: boom" in lines[2]["exception"]
+
+
+def test_service_log_lines_survive_a_closed_stream(tmp_path: Path) -> None:
+    """As the standard library's handler does, a stream that is gone never fails the caller."""
+    import io
+
+    import structlog
+
+    from codex_runner.config import load_settings
+    from codex_runner.ops.logging import configure_logging
+
+    settings = load_settings({"RUNNER_DATA_DIR": str(tmp_path)}, cwd=tmp_path)
+    stream = io.StringIO()
+    try:
+        configure_logging(settings, stream=stream)
+        stream.close()
+        structlog.get_logger("codex_runner.job").info("into_the_void")
+    finally:
+        import logging
+
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()

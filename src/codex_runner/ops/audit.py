@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from codex_runner.ops.logging import mask_value
+from codex_runner.secrets import Masker
 from codex_runner.store.records import iso, utcnow
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class AuditLog:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
-        self.secrets = list(secrets)
+        self.secrets = Masker(secrets)  # the runtime's own secrets, their encodings worked out once
         self._lock_path = path.with_name(path.name + ".lock")
         self._thread_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
