@@ -92,20 +92,18 @@ def secret_forms(value: str, min_length: int = 8) -> list[str]:
 
 def mask(text: str, values: Iterable[str], replacement: str = "[REDACTED]") -> str:
     """Replaces every known secret (and its encodings) in `text`."""
-    for value in values:
-        for form in secret_forms(value):
-            text = text.replace(form, replacement)
-    return text
+    return Masker(values, replacement)(text)
 
 
 class Masker:
-    """`mask` for a set of secrets known in advance (the runtime's own), their encodings worked
-    out once: a service log line masks every value it carries, and encoding the secrets again for
-    each value was most of the line's cost."""
+    """Replaces every one of a set of secrets (and its encodings) in the texts it is given; for
+    secrets known in advance (the runtime's own), keep one: their encodings are worked out once. A
+    service log line masks every value it carries, and encoding the secrets again for each value
+    was most of the line's cost."""
 
     def __init__(self, values: Iterable[str], replacement: str = "[REDACTED]") -> None:
         forms = {form for value in values for form in secret_forms(value)}
-        # Longest first, as `mask` does per secret: a form inside a longer one is masked with it.
+        # Longest first: a form inside a longer one (of the same secret or another) goes with it.
         self.forms = sorted(forms, key=len, reverse=True)
         self.replacement = replacement
 

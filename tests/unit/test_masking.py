@@ -35,6 +35,7 @@ def test_masker_masks_the_longer_secret_whole() -> None:
     longer = OTHER + "-and-more"
     for order in ([OTHER, longer], [longer, OTHER]):
         assert Masker(order)(f"x {longer} y") == "x [REDACTED] y"
+        assert mask(f"x {longer} y", order) == "x [REDACTED] y"  # no "-and-more" left over
 
 
 def test_masker_without_secrets_changes_nothing() -> None:

@@ -38,7 +38,7 @@ class AuditLog:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
-        self.secrets = Masker(secrets)  # the runtime's own secrets, their encodings worked out once
+        self.masker = Masker(secrets)  # the runtime's own secrets, their encodings worked out once
         self._lock_path = path.with_name(path.name + ".lock")
         self._thread_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ class AuditLog:
             "message": message,
             "meta": meta or {},
         }
-        line = json.dumps(mask_value(record, self.secrets), ensure_ascii=False, default=str) + "\n"
+        line = json.dumps(mask_value(record, self.masker), ensure_ascii=False, default=str) + "\n"
         data = line.encode("utf-8")
         with self._locked():
             self._rotate_if_needed(len(data))

@@ -43,7 +43,7 @@ class SecretMasker:
     """A structlog processor: the last word before rendering, so no processor can re-add a secret."""
 
     def __init__(self, secrets: Sequence[str]) -> None:
-        self.masker = Masker(s for s in secrets if s)
+        self.masker = Masker(secrets)
 
     def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
         if not self.masker:
