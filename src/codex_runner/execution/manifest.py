@@ -153,11 +153,7 @@ class ManifestWriter:
         if not durable:
             return
         # The rename itself is durable only once the folder is synced.
-        dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_path(self._dir)
 
 
 def _fsync_path(path: str) -> None:
