@@ -52,7 +52,7 @@ import sqlalchemy as sa
 
 from _serve import cpu_split, database_url, pct, serve_process
 from codex_runner.config import load_settings
-from codex_runner.execution.manifest import mount_of
+from codex_runner.execution.manifest import folder_mount
 from codex_runner.execution.process import group_alive
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
@@ -362,14 +362,10 @@ def report(results: list[Result]) -> None:
 
 
 def data_fs(folder: str) -> str:
-    """`folder`'s file system type, as the runner reads it (`manifest.mount_of`), and for ext4
+    """`folder`'s file system type, as the runner reads it (`manifest.folder_mount`), and for ext4
     whether it has a journal: without one, every file creation scans the inodes freed in the last
     minutes (docs/performance.md, "fewer files per job")."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
-            mount = mount_of(os.path.realpath(folder), fh.read())
-    except OSError:
-        mount = None
+    mount = folder_mount(folder)
     if mount is None:
         return "an unknown file system"
     source, kind = mount

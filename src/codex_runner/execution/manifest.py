@@ -212,13 +212,19 @@ def keeps_data(folder: Path) -> bool:
 @functools.lru_cache(maxsize=64)
 def _fs_type(folder: str) -> str | None:
     # Once per folder: the runs folder is the same for every job of the process.
+    mount = folder_mount(folder)
+    return None if mount is None else mount[1]
+
+
+def folder_mount(folder: str) -> tuple[str, str] | None:
+    """(source, type) of the mount that holds `folder`, from `/proc/self/mounts`; None when that
+    cannot be read."""
     try:
         with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
             mounts = fh.read()
     except OSError:
         return None
-    mount = mount_of(os.path.realpath(folder), mounts)
-    return None if mount is None else mount[1]
+    return mount_of(os.path.realpath(folder), mounts)
 
 
 def mount_of(real_path: str, mounts: str) -> tuple[str, str] | None:
