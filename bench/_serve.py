@@ -90,6 +90,13 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def children_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of the process's children that it has reaped so far: for the
+    runner, its jobs' processes (`/proc/<pid>/stat`'s cutime and cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     return sum(cpu_split(pid))
 

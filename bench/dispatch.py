@@ -18,7 +18,8 @@ server, dropped at the end; the scratch folders are removed when the whole run e
     runtime (RUNNER_ENABLED=false has the same effect: nothing claims them); the server starts
     again with RUNNER_MAX_CONCURRENCY=c and the bench polls the database until all are terminal.
     Throughput = jobs / (last `finished_at` - first `started_at`), so the server's start-up is
-    not counted; the server's CPU seconds per job (and their system part) are reported too. Beside it,
+    not counted; the server's CPU seconds per job (and their system part) are reported too, and
+    the CPU of the jobs' processes themselves, which share the cores (`cpu_budget`). Beside it,
     `bench/spawn_baseline.py` spawns the same processes from plain Python threads at the same
     concurrency, right before, on the same loaded machine.
 (c) cancel: a job runs `/bin/sleep 600` (exits on SIGTERM); once its pgid is recorded and the
@@ -50,7 +51,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from _serve import cpu_split, database_url, pct, serve_process
+from _serve import children_cpu, cpu_split, database_url, pct, serve_process
 from codex_runner.config import load_settings
 from codex_runner.execution.manifest import folder_mount
 from codex_runner.execution.process import group_alive
@@ -58,6 +59,7 @@ from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 from codex_runner.store.engine import create_store_engine
 from codex_runner.store.schema import jobs
+from spawn_baseline import children_cpu as children_cpu_self
 from spawn_baseline import run_threads
 
 PG_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -123,6 +125,10 @@ class Result:
         default_factory=dict
     )  # c -> (jobs/s, cpu ms/job, raw/s)
     drain_sys: dict[int, float] = field(default_factory=dict)  # c -> system CPU ms/job
+    # c -> the jobs' own processes' CPU ms/job (reaped by the server), and the raw spawn's
+    # (this process's CPU, its programs' CPU) per process
+    drain_children: dict[int, float] = field(default_factory=dict)
+    raw_cpu: dict[int, tuple[float, float]] = field(default_factory=dict)
     cancel_ms: list[float] = field(default_factory=list)
     cancel_status_ms: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
@@ -245,12 +251,15 @@ def bench_drain(env: Env, res: Result, count: int, concurrency: int) -> None:
     engine = create_store_engine(env.url, pool_size=1)
     raw_root = Path(tempfile.mkdtemp(prefix="cr-spawn-"))
     try:
+        cpu0, programs0 = time.process_time(), children_cpu_self()
         raw = run_threads("/bin/true", count, concurrency, raw_root)
+        raw_cpu = (time.process_time() - cpu0, children_cpu_self() - programs0)
     finally:
         remove_later(raw_root)
     res.load.append(os.getloadavg()[0])
     with server(env, RUNNER_MAX_CONCURRENCY=str(concurrency)) as (_url, pid):
         user0, sys0 = cpu_split(pid)
+        reaped0 = children_cpu(pid)
         ids_set = set(ids)
         while True:
             with engine.connect() as conn:
@@ -262,6 +271,7 @@ def bench_drain(env: Env, res: Result, count: int, concurrency: int) -> None:
             time.sleep(0.2)
         user1, sys1 = cpu_split(pid)
         cpu, system = user1 + sys1 - user0 - sys0, sys1 - sys0
+        reaped = children_cpu(pid) - reaped0
         with engine.connect() as conn:
             first, last, ok = conn.execute(
                 sa.select(
@@ -278,6 +288,8 @@ def bench_drain(env: Env, res: Result, count: int, concurrency: int) -> None:
     seconds = _ts(last) - _ts(first)
     res.drain[concurrency] = (count / seconds, cpu / count * 1000, raw)
     res.drain_sys[concurrency] = system / count * 1000
+    res.drain_children[concurrency] = reaped / count * 1000
+    res.raw_cpu[concurrency] = (raw_cpu[0] / count * 1000, raw_cpu[1] / count * 1000)
 
 
 # -- (c) cancel -------------------------------------------------------------------------------
@@ -352,6 +364,7 @@ def report(results: list[Result]) -> None:
                 f"{r.backend}: drain c={c}: {rate:,.0f} jobs/s, server CPU {cpu:.2f} ms/job "
                 f"(system {r.drain_sys[c]:.2f}), raw {raw:,.0f}/s"
             )
+            print("  " + cpu_budget(cpu, r.drain_children[c], rate, r.raw_cpu[c], raw))
         if r.cancel_ms:
             print(
                 f"{r.backend}: cancel → group gone max {max(r.cancel_ms):.1f} ms; "
@@ -359,6 +372,22 @@ def report(results: list[Result]) -> None:
             )
         if r.load:
             print(f"{r.backend}: load average during drains {', '.join(f'{x:.1f}' for x in r.load)}")
+
+
+def cpu_budget(server: float, programs: float, rate: float, raw_cpu: tuple[float, float], raw: float) -> str:
+    """The drain's CPU bill per job (ms): the server's and its jobs' programs' own (`/bin/true`'s
+    start-up and exit), against the cores. However the work overlaps, a drain cannot go faster
+    than the rate at which that bill fills every core; the raw spawn pays the same programs with
+    far less of its own."""
+    cores = os.cpu_count() or 1
+    per_job = server + programs
+    raw_parent, raw_programs = raw_cpu
+    return (
+        f"CPU per job {server:.2f} server + {programs:.2f} its processes = {per_job:.2f} ms: "
+        f"{cores} cores {rate * per_job / 10 / cores:.0f}% busy, all {cores} full at "
+        f"{cores * 1000 / per_job:,.0f} jobs/s; raw spawn {raw_parent:.2f} + {raw_programs:.2f} ms "
+        f"({raw * (raw_parent + raw_programs) / 10 / cores:.0f}% busy)"
+    )
 
 
 def data_fs(folder: str) -> str:

@@ -10,7 +10,8 @@ all are terminal. Prints jobs/s and this process's CPU per job (every thread; th
 CPU is not in it), split between the event loop's thread and the worker threads (the group
 commit's transaction, the launcher's other trips, the bench's own progress poll), and the group
 commit's transactions: how many, and their CPU per job (the claim and terminal writes, timed in
-their thread). `--inline` is an experiment, not a setting: it runs the named worker-thread trips
+their thread); and the CPU of the jobs' own processes (`/bin/true`'s start-up and exit), which
+share the cores: the drain cannot pass the rate at which the two bills together fill them all. `--inline` is an experiment, not a setting: it runs the named worker-thread trips
 on the event loop instead (`job`: JobRun's own trips; `commit`: the group commit's; `all`: every
 `asyncio.to_thread`), to show what handing work to a thread and back costs. `--linger` is one too:
 the group commit's wait for the endings of jobs still running, in seconds (0 turns it off). One
@@ -53,6 +54,7 @@ from codex_runner.store.admin import Principal
 from codex_runner.store.records import initial_stages, iso, utcnow
 from codex_runner.store.schema import jobs
 from dispatch import remove_later, remove_leftovers, scratch_runner_env
+from spawn_baseline import children_cpu
 
 _TO_THREAD = asyncio.to_thread
 
@@ -82,6 +84,7 @@ class Drained:
     loop_ms: float  # the part of it on the event loop's thread
     batches: int = 0  # the group commit's transactions
     store_ms: float = 0.0  # their CPU per job (`GroupCommitter._write`: the claim and terminal writes)
+    programs_ms: float = 0.0  # the jobs' own processes' CPU per job (`/bin/true` itself)
 
 
 def drain(count: int, concurrency: int, inline: str, linger: float | None = None) -> Drained:
@@ -106,6 +109,7 @@ def drain(count: int, concurrency: int, inline: str, linger: float | None = None
                 if linger is not None:  # an experiment: the group commit's wait for running jobs
                     launcher._finisher.linger = linger
                 store = _time_store(launcher)
+                programs0 = children_cpu()
                 cpu0, wall0, loop0 = time.process_time(), time.perf_counter(), time.thread_time()
                 await launcher.start()
                 while await _TO_THREAD(left):
@@ -113,8 +117,9 @@ def drain(count: int, concurrency: int, inline: str, linger: float | None = None
                 cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
                 loop_cpu = time.thread_time() - loop0  # this coroutine runs on the loop's thread
                 await launcher.stop()
+                programs = children_cpu() - programs0
                 ms = 1000 / count
-                return Drained(count / wall, cpu * ms, loop_cpu * ms, store[0], store[1] * ms)
+                return Drained(count / wall, cpu * ms, loop_cpu * ms, store[0], store[1] * ms, programs * ms)
             finally:
                 _inline("none")
 
@@ -267,6 +272,13 @@ def main() -> None:
                     f" in worker threads) (c={args.concurrency}); group commit:"
                     f" {got.batches:,.0f} transactions of {args.jobs / max(got.batches, 1):.1f} jobs,"
                     f" {got.store_ms:.2f} ms CPU per job in them"
+                )
+                cores = os.cpu_count() or 1
+                per_job = got.cpu_ms + got.programs_ms
+                print(
+                    f"  CPU per job {got.cpu_ms:.2f} here + {got.programs_ms:.2f} in the jobs' processes"
+                    f" = {per_job:.2f} ms: {cores} cores {got.rate * per_job / 10 / cores:.0f}% busy,"
+                    f" all full at {cores * 1000 / per_job:,.0f} jobs/s"
                 )
     finally:
         remove_leftovers()

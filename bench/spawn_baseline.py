@@ -12,7 +12,11 @@ a minimal environment, `close_fds`. Two drivers:
 - "asyncio": one event loop, `--concurrency` tasks, `asyncio.create_subprocess_exec` + `wait`
   (the runner's own spawn path, without its bookkeeping).
 
-Prints processes/s per driver and concurrency; `--json` prints the same as one JSON object.
+Prints processes/s per driver and concurrency, and the CPU each process cost: in this process
+(the spawn, the pipes, the wait) and in the spawned program itself (its own start-up and exit,
+from `getrusage(RUSAGE_CHILDREN)`). The second is part of any drain's bill too: the runner's
+server CPU per job does not include it, but the children share the same cores. `--json` prints the
+rates as one JSON object.
 """
 
 from __future__ import annotations
@@ -21,14 +25,23 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "LANG": "C.UTF-8"}
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's reaped children so far: what the spawned
+    programs themselves cost, which a drain's server CPU does not include."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _folders(root: Path, jobs: int) -> list[Path]:
@@ -97,13 +110,23 @@ def run_asyncio(program: str, jobs: int, concurrency: int, root: Path) -> float:
     return asyncio.run(main())
 
 
-def measure(program: str, jobs: int, concurrencies: list[int]) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {"threads": {}, "asyncio": {}}
+@dataclass
+class Spawned:
+    rate: float  # processes/s
+    parent_ms: float  # this process's CPU per process (every thread)
+    program_ms: float  # the spawned program's own CPU per process
+
+
+def measure(program: str, jobs: int, concurrencies: list[int]) -> dict[str, dict[int, Spawned]]:
+    out: dict[str, dict[int, Spawned]] = {"threads": {}, "asyncio": {}}
     for c in concurrencies:
         for name, fn in (("threads", run_threads), ("asyncio", run_asyncio)):
             root = Path(tempfile.mkdtemp(prefix="cr-spawn-"))
             try:
-                out[name][c] = fn(program, jobs, c, root)
+                cpu0, children0 = time.process_time(), children_cpu()
+                rate = fn(program, jobs, c, root)
+                cpu, children = time.process_time() - cpu0, children_cpu() - children0
+                out[name][c] = Spawned(rate, cpu / jobs * 1000, children / jobs * 1000)
             finally:
                 shutil.rmtree(root, ignore_errors=True)
     return out
@@ -118,13 +141,20 @@ def main() -> None:
     args = ap.parse_args()
     result = measure(args.program, args.jobs, args.concurrency)
     if args.json:
-        print(json.dumps({k: {str(c): round(v, 1) for c, v in d.items()} for k, d in result.items()}))
+        print(json.dumps({k: {str(c): round(v.rate, 1) for c, v in d.items()} for k, d in result.items()}))
         return
     print(f"spawn baseline: {args.jobs} x {args.program}, load average {os.getloadavg()[0]:.1f}")
     print("| driver | " + " | ".join(f"c={c}" for c in args.concurrency) + " |")
     print("|---|" + "---|" * len(args.concurrency))
     for name, d in result.items():
-        print(f"| {name} | " + " | ".join(f"{d[c]:,.0f}/s" for c in args.concurrency) + " |")
+        print(f"| {name} | " + " | ".join(f"{d[c].rate:,.0f}/s" for c in args.concurrency) + " |")
+    print()
+    for name, d in result.items():
+        for c in args.concurrency:
+            print(
+                f"{name}, c={c}: CPU per process {d[c].parent_ms:.2f} ms in this process, "
+                f"{d[c].program_ms:.2f} ms in {args.program} itself"
+            )
 
 
 if __name__ == "__main__":
