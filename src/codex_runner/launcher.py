@@ -167,6 +167,11 @@ class Launcher:
         if self._tasks:
             # Heartbeats go on meanwhile, so no watchdog takes these jobs while they stop.
             await asyncio.wait(list(self._tasks.values()), timeout=grace + 5)
+        if self.active:
+            # Jobs that did not end in time (their status write waiting for a database that is
+            # down, say): none of their processes outlives the runner. Their rows stay `running`
+            # for the next start of this RUNNER_ID, or another instance's watchdog, to fail.
+            await self._kill_left_running()
         with contextlib.suppress(Exception):
             await self.kill_escaped_once()  # nothing a finished job started outlives the runner
         self._abandoned = True
@@ -181,6 +186,16 @@ class Launcher:
             await asyncio.to_thread(self.registry.stopped)
         _LIVE.discard(self)
         log.info("launcher_stopped", runner_id=self.runner_id, left_running=len(self.active))
+
+    async def _kill_left_running(self) -> None:
+        left = dict(self.active)
+        for run in left.values():
+            # Only a group whose leader is not reaped yet: a reaped leader's pgid may be reused.
+            if run.proc is not None and not run.proc.ended.done():
+                _kill_group(run.proc.pgid, run.proc.pid)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(kill_job_processes, set(left), timeout=1.0)
+        log.warning("jobs_left_running_at_shutdown", job_ids=sorted(left))
 
     def kill_all_now(self) -> None:
         """Second signal: no grace, but no orphan either. SIGKILLs every job's process group, then

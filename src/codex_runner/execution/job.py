@@ -51,8 +51,10 @@ from codex_runner.execution.workspace import (
     remove_empty_scratch,
 )
 from codex_runner.jobs import ErrorCode, Status
+from codex_runner.logs.redaction import REDACTION_VERSION, RULESETS
 from codex_runner.logs.writer import LogWriter
 from codex_runner.runtime import Runtime
+from codex_runner.secrets import mask
 from codex_runner.store.jobs import Cas, ClaimedJob, OwnerWrite
 from codex_runner.store.records import initial_stages, iso, utcnow
 
@@ -103,6 +105,10 @@ class JobRun:
         self._manifest_dirty = False
         # The process ids are not in the job row yet: the terminal write carries them.
         self._process_unrecorded = False
+        # The prepared workspace (and its repo) until `_cleanup` has run: a run that fails on
+        # the way still cleans it up (`_settle_after_error`).
+        self._workspace: tuple[Workspace, RepoSpec] | None = None
+        self._cleaned = False
         # (expected status, manifest extras, prepared manifest file) between `_end_before` and
         # `_end_after`.
         self._ending: tuple[str, dict[str, Any], str | None] = ("", {}, None)
@@ -136,7 +142,8 @@ class JobRun:
         if exit_code is not None:
             stage["exit_code"] = exit_code
         if error is not None:
-            stage["error"] = error[-TAIL_BYTES:]
+            # Redacted whole, then cut: a secret at the cut is never half shown.
+            stage["error"] = self._redact(error)[-TAIL_BYTES:]
         self._manifest_dirty = True
 
     def _manifest_doc(self, status: str | None = None, extra: dict | None = None) -> dict[str, Any]:
@@ -235,12 +242,27 @@ class JobRun:
             await self._run()
         except Exception as exc:  # the job must end even when the runner itself is at fault
             log.error("job_internal_error", job_id=self.job_id, error_type=type(exc).__name__)
+            await self._settle_after_error()
             await self._finish(Status.FAILED, ErrorCode.INTERNAL_ERROR, "internal runner error", None)
         finally:
             with contextlib.suppress(Exception):
                 await self._flush_manifest()  # a path that ended without a terminal write
             if self.log is not None:
                 self.log.close()
+
+    async def _settle_after_error(self) -> None:
+        """What a failed `_run` left behind, before the terminal status goes out: no process of
+        the job outlives that status (SPEC §3), and its workspace is cleaned up as after any
+        failure (an `in_place` repo back on its branch). Best effort: the status must go out."""
+        proc = self.proc
+        if proc is not None and not proc.ended.done():
+            grace = float(self.settings.kill_grace_seconds)
+            with contextlib.suppress(Exception):
+                await proc.terminate("internal_error", grace)
+        if self._workspace is not None and not self._cleaned:
+            ws, repo = self._workspace
+            with contextlib.suppress(Exception):
+                await self._cleanup(ws, repo, failed=True)
 
     async def _run(self) -> None:
         repo = self.rt.catalog.repos.get(self.row["repo"])
@@ -266,6 +288,7 @@ class JobRun:
             return
         assert prepared is not None
         ws = prepared
+        self._workspace = (ws, repo)
 
         outcome = await self._run_script(script, repo, ws)
         result: dict[str, Any] | None = None
@@ -376,7 +399,7 @@ class JobRun:
         elif outcome.exit_code == 0:
             self._stage("script", "success", exit_code=0)
         else:
-            self._stage("script", "failed", exit_code=outcome.exit_code, error=self._mask(tail))
+            self._stage("script", "failed", exit_code=outcome.exit_code, error=tail)
         self._runner_line(
             f"script exited with code {outcome.exit_code}"
             + (f" ({outcome.reason})" if outcome.reason else "")
@@ -393,18 +416,41 @@ class JobRun:
         done, _ = await asyncio.wait(
             {ended, stop}, timeout=min(timeout, PID_RECORD_DELAY_SECONDS), return_when=asyncio.FIRST_COMPLETED
         )
+        record: asyncio.Task[None] | None = None
         if not done:
-            await self._record_process()
+            # A task of its own: during a database outage the write waits for the database, and
+            # the deadline, a cancel or a shutdown must still be acted on meanwhile.
+            record = asyncio.create_task(self._record_process(), name=f"pid-record-{self.job_id}")
             done, _ = await asyncio.wait(
                 {ended, stop},
                 timeout=max(0.0, deadline - time.monotonic()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
-        if ended not in done:
-            reason = self.stop_reason if stop in done and self.stop_reason else "timeout"
-            self._runner_line(f"stopping the process group ({reason})")
-            await proc.terminate(reason, float(self.settings.kill_grace_seconds))
-        return await proc.wait()
+        try:
+            if ended not in done:
+                reason = self.stop_reason if stop in done and self.stop_reason else "timeout"
+                self._runner_line(f"stopping the process group ({reason})")
+                await proc.terminate(reason, float(self.settings.kill_grace_seconds))
+            return await proc.wait()
+        finally:
+            if record is not None:
+                await self._settle_record(record)
+
+    async def _settle_record(self, record: asyncio.Task[None]) -> None:
+        """The pid record once the script is over: still waiting (the database is down), it is
+        dropped; failed, it is logged. Either way the terminal write carries the ids instead."""
+        if not record.done():
+            record.cancel()
+        try:
+            await record
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this job's own task is being cancelled, not only the record
+            self._process_unrecorded = True
+        except Exception as exc:
+            log.warning("pid_record_failed", job_id=self.job_id, error_type=type(exc).__name__)
+            self._process_unrecorded = True
 
     async def _record_process(self) -> None:
         """The pid record of a script that runs on (`PID_RECORD_DELAY_SECONDS`); a fenced write."""
@@ -419,10 +465,12 @@ class JobRun:
             return {}
         return {"pid": self.proc.pid, "pgid": self.proc.pgid, "proc_start_time": self.proc.start_time}
 
-    def _mask(self, text: str) -> str:
-        from codex_runner.secrets import mask
-
-        return mask(text, self.secrets)
+    def _redact(self, text: str) -> str:
+        """Text bound for the job row, its events or its manifest (a stage's error, the error
+        message): the job's known secret values masked, then the published redaction rules
+        applied, as log pages apply them (SPEC §5: no secret in an error or an event)."""
+        masked = mask(text, self.secrets)
+        return RULESETS[REDACTION_VERSION].redact(masked.encode("utf-8", "replace"))[0].decode("utf-8")
 
     async def _commit_and_push(
         self, script: ScriptSpec, repo: RepoSpec, ws: Workspace, credential: GitCredential | None
@@ -483,6 +531,7 @@ class JobRun:
         return result
 
     async def _cleanup(self, ws: Workspace, repo: RepoSpec, *, failed: bool) -> None:
+        self._cleaned = True
         self._stage("cleanup", "running")
         try:
             # An empty scratch folder is removed here, on the loop (no trip, so the manifest waits
@@ -520,7 +569,7 @@ class JobRun:
                 Status.FAILED, ErrorCode.AGENT_FAILED, message[:2000], exit_code, result=result
             )
         elif exit_code != 0:
-            tail = self._mask(outcome.stderr_tail.decode("utf-8", "replace")).strip()
+            tail = self._redact(outcome.stderr_tail.decode("utf-8", "replace")).strip()
             msg = f"script exited with code {exit_code}" + (
                 f": {tail.splitlines()[-1][:500]}" if tail else ""
             )
@@ -542,6 +591,8 @@ class JobRun:
     ) -> None:
         if self.fenced:
             return
+        if message:
+            message = self._redact(message)
         for stage in self.stages.values():
             if stage["status"] == "pending":
                 stage["status"] = "skipped"
@@ -582,6 +633,10 @@ class JobRun:
         that the committer fsyncs with the batch's others (the path returned; none on a file system
         in memory, where fsync makes nothing durable); `_end_after` publishes (renames) it once the
         status is written, so it shows up right after the status does, never before."""
+        if self.log is not None and self.log.closed:
+            # A terminal write that failed closed it; this one (the internal-error fallback) adds
+            # its line after the other's.
+            self.log = None
         # A scratch job that never spawned has no log file yet; one that cannot be made must not
         # keep the status from going out.
         with contextlib.suppress(OSError):

@@ -47,6 +47,10 @@ class LogWriter:
         return self._written
 
     @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    @property
     def truncated(self) -> bool:
         return self._truncated
 

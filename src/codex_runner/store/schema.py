@@ -41,6 +41,20 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC)
 
 
+class CleanText(TypeDecorator[str]):
+    """Text from outside the runner (a script's stderr, an agent's or git's message): PostgreSQL
+    refuses the NUL character in text, and a write it refuses would leave the job without its
+    terminal status, so NUL is stored as U+FFFD, on both backends alike."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
+
 ACTIVE_STATUSES = ("queued", "running", "cancel_requested")
 
 repos = sa.Table(
@@ -74,7 +88,7 @@ jobs = sa.Table(
     sa.Column("timeout_seconds", sa.Integer, nullable=False),
     sa.Column("exit_code", sa.Integer),
     sa.Column("error_code", sa.String(64)),
-    sa.Column("error_message", sa.Text),
+    sa.Column("error_message", CleanText),
     sa.Column("cancel_requested_at", UTCDateTime),
     sa.Column("runner_id", sa.String(200)),
     sa.Column("lease_token", sa.String(64)),
@@ -126,7 +140,7 @@ events = sa.Table(
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("job_id", sa.String(36), sa.ForeignKey("runner_jobs.id", ondelete="CASCADE"), nullable=False),
     sa.Column("event_type", sa.String(64), nullable=False),
-    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Column("message", CleanText, nullable=False, default=""),
     sa.Column("actor", sa.String(200), nullable=False),
     sa.Column("meta", sa.JSON, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),

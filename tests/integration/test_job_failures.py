@@ -1,0 +1,260 @@
+"""A job whose runner side fails on the way still ends right: a terminal write the database
+refuses, a pid record that waits for a database that is down, an internal error while the
+script runs, text PostgreSQL cannot store, and secrets in what the job row shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from codex_runner.errors import StoreUnavailable
+from codex_runner.execution.job import JobRun
+from codex_runner.runtime import Runtime
+from codex_runner.server import build_app
+from codex_runner.store.jobs import JobStore, OwnerWrite
+
+from tests.helpers import serve_app, wait_until
+from tests.integration.conftest import BEHAVE, Runner, runner_settings
+
+SECRET = "s3cr3t-value-0123456789abcdef"
+SHAPED = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
+
+EXTRA = f"""
+[scripts.nul]
+command = ["{sys.executable}", "-c", "import sys; sys.stderr.buffer.write(b'bad\\\\x00byte\\\\n'); sys.exit(3)"]
+
+[scripts.leaky]
+command = ["/bin/sh", "-c", "echo \\"auth failed for $MY_API_TOKEN\\" >&2; sleep 30"]
+timeout_seconds = 1
+env = ["MY_API_TOKEN"]
+
+[scripts.short_pids]
+command = ["{sys.executable}", "{BEHAVE}"]
+timeout_seconds = 1
+
+[scripts.short_pids.args.sleep]
+type = "string"
+flag = "--sleep"
+
+[scripts.short_pids.args.pids]
+type = "string"
+flag = "--pids"
+
+[scripts.shaped]
+command = ["/bin/sh", "-c", "echo 'key {SHAPED}' >&2; exit 3"]
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _pid(pids: Path) -> int:
+    assert wait_until(lambda: pids.exists() and pids.read_text().strip() != "", timeout=15)
+    return int(pids.read_text().split()[0])
+
+
+def _kill(pid: int) -> None:
+    if _alive(pid):
+        os.kill(pid, 9)
+
+
+def test_stderr_with_a_nul_byte_still_gets_its_terminal_status(runner_factory: Callable[..., Runner]) -> None:
+    # PostgreSQL refuses NUL in text: the error message and its event would fail the terminal
+    # write, and the job would stay `running` until a watchdog called it stale.
+    runner = runner_factory(extra_toml=EXTRA)
+    done = runner.wait(runner.submit({}, script="nul")["id"], timeout=30)
+    assert (done["status"], done["error_code"]) == ("failed", "script_failed"), done
+    assert "\x00" not in done["error_message"] and "bad\ufffdbyte" in done["error_message"]
+    events = runner.client.get(f"/api/runner/jobs/{done['id']}/events").json()["items"]
+    assert any("bad\ufffdbyte" in e["message"] for e in events), events
+
+
+def test_a_terminal_write_the_database_refuses_ends_as_internal_error(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a transient error: the write is not tried again, and the job falls back to
+    # `internal_error` (its log, closed by the first attempt, takes the fallback's line too).
+    real = JobStore.finish_many
+
+    def refusing(self: JobStore, writes: Any, claim: Any = None) -> Any:
+        if any(w.attempts[0].values.get("error_code") == "script_failed" for w in writes):
+            raise sa.exc.DataError("UPDATE runner_jobs", {}, Exception("value refused"))
+        return real(self, writes, claim)
+
+    monkeypatch.setattr(JobStore, "finish_many", refusing)
+    runner = runner_factory()
+    done = runner.wait(runner.submit({"exit": 3})["id"], timeout=30)
+    assert (done["status"], done["error_code"]) == ("failed", "internal_error"), done
+    log = runner.client.get(f"/api/runner/jobs/{done['id']}/logs").json()["content"]
+    assert "job ending: failed (script_failed)" in log and "job ending: failed (internal_error)" in log
+
+
+def test_the_timeout_holds_while_the_pid_record_waits_for_the_database(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pid record (a script past its first second) waits for a database that is down; the
+    # deadline is still kept, and the terminal write carries the process ids instead.
+    real = JobStore.update_fields
+
+    def down(self: JobStore, *args: Any, **kwargs: Any) -> bool:
+        time.sleep(0.2)
+        raise StoreUnavailable("the database is not answering")
+
+    runner = runner_factory(extra_toml=EXTRA)
+    monkeypatch.setattr(JobStore, "update_fields", down)
+    pids = tmp_path / "pids"
+    job = runner.submit({"sleep": "60", "pids": str(pids)}, script="short_pids")  # timeout: 1 s
+    pid = _pid(pids)
+    try:
+        assert wait_until(lambda: not _alive(pid), timeout=6), "the 1 s timeout waited for the database"
+        monkeypatch.setattr(JobStore, "update_fields", real)
+        done = runner.wait(job["id"], timeout=20)
+        assert done["status"] == "timeout", done
+        row = runner.runtime.jobs.get_row(job["id"])
+        assert row is not None and row["pid"] == pid
+    finally:
+        _kill(pid)
+
+
+def test_a_pid_record_the_database_refuses_does_not_end_the_job(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(self: JobStore, *args: Any, **kwargs: Any) -> bool:
+        raise sa.exc.DataError("UPDATE runner_jobs", {}, Exception("value refused"))
+
+    runner = runner_factory()
+    monkeypatch.setattr(JobStore, "update_fields", refused)
+    done = runner.wait(runner.submit({"sleep": "1.5", "pids": str(tmp_path / "pids")})["id"], timeout=30)
+    assert done["status"] == "success", done
+    row = runner.runtime.jobs.get_row(done["id"])
+    assert row is not None and row["pid"] == int((tmp_path / "pids").read_text().split()[0])
+
+
+def test_shutdown_while_the_database_is_down_leaves_no_process(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = Runtime.open(runner_settings(tmp_path, database_url))
+    token, _ = runtime.tokens.create("admin", "admin")
+    cm = serve_app(build_app(runtime))
+    url = cm.__enter__()
+    pids = tmp_path / "pids"
+    pid = 0
+    try:
+        r = httpx.post(
+            f"{url}/api/runner/jobs",
+            json={"repo": "scratch", "script_key": "behave", "args": {"sleep": "60", "pids": str(pids)}},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        pid = _pid(pids)
+
+        def down(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.2)
+            raise StoreUnavailable("the database is not answering")
+
+        monkeypatch.setattr(JobStore, "update_fields", down)
+        monkeypatch.setattr(JobStore, "finish_many", down)
+        time.sleep(1.5)  # past the pid record's second: it now waits for the database
+        cm.__exit__(None, None, None)
+        cm = None
+        assert not _alive(pid), "the job's script outlived the runner's shutdown"
+    finally:
+        if cm is not None:
+            cm.__exit__(None, None, None)
+        if pid:
+            _kill(pid)
+        runtime.close()
+
+
+def _failing_supervision(monkeypatch: pytest.MonkeyPatch, alive_at_status: list[bool]) -> None:
+    """JobRun's supervision fails half a second in, while the script runs (an internal error);
+    `alive_at_status` gets whether the script was alive when the terminal write was made."""
+    real_finish = JobStore.finish_many
+
+    async def failing(self: JobRun, proc: Any, timeout: int) -> Any:
+        import asyncio
+
+        await asyncio.sleep(0.5)
+        raise RuntimeError("supervision failed")
+
+    def finishing(self: JobStore, writes: list[OwnerWrite], claim: Any = None) -> Any:
+        for write in writes:
+            pid = write.attempts[0].values.get("pid")
+            if pid:
+                alive_at_status.append(_alive(pid))
+        return real_finish(self, writes, claim)
+
+    monkeypatch.setattr(JobRun, "_supervise", failing)
+    monkeypatch.setattr(JobStore, "finish_many", finishing)
+
+
+def test_an_internal_error_while_the_script_runs_stops_it_before_the_status(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alive_at_status: list[bool] = []
+    _failing_supervision(monkeypatch, alive_at_status)
+    runner = runner_factory()
+    pids = tmp_path / "pids"
+    job = runner.submit({"sleep": "60", "pids": str(pids), "grandchild": True})
+    started = [int(p) for p in (pids.read_text().split() if wait_until(pids.exists) else [])]
+    try:
+        done = runner.wait(job["id"], timeout=30)
+        assert (done["status"], done["error_code"]) == ("failed", "internal_error"), done
+        assert alive_at_status == [False], "the terminal status went out with the script alive"
+        assert started and not any(_alive(p) for p in started)
+        cleanup = next(s for s in done["stages"] if s["name"] == "cleanup")
+        assert cleanup["status"] == "success", done["stages"]
+    finally:
+        for p in started:
+            _kill(p)
+
+
+def test_an_internal_error_in_an_in_place_job_puts_the_repo_back(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_supervision(monkeypatch, [])
+    runner = runner_factory()
+    repo = tmp_path / "repo"
+    done = runner.wait(runner.submit({"sleep": "3", "touch": str(repo / "new.txt")}, repo="inplace")["id"])
+    assert done["error_code"] == "internal_error", done
+    git = ["git", "-C", str(repo)]
+    branch = subprocess.run([*git, "branch", "--show-current"], capture_output=True, text=True, check=True)
+    dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=True)
+    assert (branch.stdout.strip(), dirty.stdout.strip()) == ("main", "")
+
+
+def test_no_secret_in_a_stage_error_or_the_error_message(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A passed-through secret printed before a timeout (known value), and a key shaped like one
+    # (the published redaction rules), in what the job row shows: stages, error message, events.
+    monkeypatch.setenv("MY_API_TOKEN", SECRET)
+    runner = runner_factory(extra_toml=EXTRA)
+    timed_out = runner.wait(runner.submit({}, script="leaky")["id"], timeout=30)
+    assert timed_out["status"] == "timeout", timed_out
+    failed = runner.wait(runner.submit({}, script="shaped")["id"], timeout=30)
+    assert failed["status"] == "failed", failed
+    for done in (timed_out, failed):
+        events = runner.client.get(f"/api/runner/jobs/{done['id']}/events").json()
+        manifest = (runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text()
+        for text in (json.dumps(done), json.dumps(events), manifest):
+            assert SECRET not in text and SHAPED not in text
+    script = next(s for s in timed_out["stages"] if s["name"] == "script")
+    assert "auth failed for [REDACTED]" in script["error"], script
+    assert "[REDACTED" in failed["error_message"], failed
