@@ -155,6 +155,25 @@ def test_missing_program_is_spawn_failed(run: Runner, tmp_path: Path) -> None:
         run(JobProcess.start(make_spec(["/nonexistent/tool"], tmp_path), Collector()))
 
 
+def test_out_of_descriptors_at_the_second_pipe_leaks_none(
+    run: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pipe, made = os.pipe, []
+
+    def pipe() -> tuple[int, int]:
+        if made:
+            raise OSError(24, "Too many open files")
+        made.append(real_pipe())
+        return made[-1]
+
+    monkeypatch.setattr(os, "pipe", pipe)
+    with pytest.raises(OSError, match="Too many open files"):
+        run(JobProcess.start(make_spec([PY, "-c", "pass"], tmp_path), Collector()))
+    for fd in made[0]:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed, not leaked
+
+
 def test_non_executable_file_is_spawn_failed(run: Runner, tmp_path: Path) -> None:
     script = tmp_path / "script.sh"
     script.write_text("#!/bin/sh\necho hi\n")

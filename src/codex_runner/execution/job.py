@@ -512,8 +512,9 @@ class JobRun:
                 f"committed {commit.commit[:12]} on {ws.branch}: {commit.files_changed} files, "
                 f"+{commit.lines_added} -{commit.lines_removed}"
             )
-        if self.fenced:
-            # Another instance recovered this job while it committed: push nothing in its name.
+        if self.fenced or self.stop_reason == "cancel":
+            # Another instance recovered this job while it committed, or a cancel arrived: push
+            # nothing in its name (a canceled job leaves no branch behind on the remote).
             self._stage("push", "skipped")
             return result
         if not repo.push or commit.commit is None:
@@ -712,13 +713,12 @@ class JobRun:
         )
         if status is Status.CANCELED:
             return OwnerWrite(self.job_id, self.lease, (replace(canceled, values=values),))
-        src = (Status.RUNNING, Status.CANCEL_REQUESTED) if status is Status.FAILED else (Status.RUNNING,)
         meta = {"error_code": error_code} if error_code else None
-        # If the first does not match, a cancel arrived while the script finished on its own: the
-        # cancel wins (SPEC §3).
-        return OwnerWrite(
-            self.job_id, self.lease, (Cas(src, status, values, message or status.value, meta), canceled)
-        )
+        # If the first does not match, a cancel arrived while the job ended on its own (a failure
+        # included): the cancel wins. `cancel_requested` → `failed` is the watchdog's, for an
+        # owner that was lost (SPEC §3).
+        first = Cas((Status.RUNNING,), status, values, message or status.value, meta)
+        return OwnerWrite(self.job_id, self.lease, (first, canceled))
 
 
 def queue_wait_seconds(row: dict[str, Any]) -> float:

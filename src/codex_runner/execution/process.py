@@ -307,7 +307,12 @@ class JobProcess:
         # goes straight to the sink, so at most READ_CHUNK bytes of a stream are ever held, and the
         # two streams reach the sink in the order they arrived.
         out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        try:
+            err_r, err_w = os.pipe()
+        except OSError:  # out of descriptors: the first pipe must not leak
+            os.close(out_r)
+            os.close(out_w)
+            raise
         try:
             # Popen on the loop, as asyncio's own subprocess support does (vfork + exec take well
             # under a millisecond); the exit is watched through a pidfd (`_watch_exit`) instead of

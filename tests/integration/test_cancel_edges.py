@@ -1,0 +1,88 @@
+"""A cancel that meets a job ending on its own (SPEC §3): the cancel wins, whatever the job's
+own outcome, and a job canceled after its script pushes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codex_runner.execution import job as job_module
+from codex_runner.launcher import Launcher
+
+from tests.helpers import wait_until
+from tests.integration.conftest import Runner
+
+
+def _cancel(runner: Runner, job_id: str) -> None:
+    r = runner.client.post(f"/api/runner/jobs/{job_id}/cancel")
+    assert r.status_code == 202, r.text
+
+
+def test_a_job_that_fails_on_its_own_after_a_cancel_ends_canceled(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cancel reaches the database but not the job (as when it arrives while the script exits):
+    # `cancel_requested` → `failed` is only for an owner that was lost, so the owner's failed
+    # write gives way to `canceled`.
+    monkeypatch.setattr(Launcher, "_cancel_local", lambda self, job_id: None)
+
+    async def no_poll(self: Launcher) -> None:
+        return None
+
+    monkeypatch.setattr(Launcher, "_poll_cancels", no_poll)
+    # Nor through a heartbeat, which would see the new status.
+    runner = runner_factory(RUNNER_HEARTBEAT_SECONDS="20", RUNNER_STALE_AFTER_SECONDS="60")
+    job = runner.submit({"sleep": "1.5", "exit": 3})
+    runner.wait(job["id"], {"running"})
+    _cancel(runner, job["id"])
+    done = runner.wait(job["id"], timeout=30)
+    assert (done["status"], done["error_code"]) == ("canceled", "canceled"), done
+
+
+def test_a_cancel_during_the_commit_stage_pushes_nothing(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = tmp_path / "seed"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
+    (seed / "README.md").write_text("hello\n")
+    git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
+    subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
+    extra = f"""
+[repos.pushed]
+source = "file://{bare}"
+workspace = "clone"
+push = true
+
+[scripts.change]
+command = ["/bin/sh", "-c", "echo changed > new.txt"]
+"""
+    runner = runner_factory(extra_toml=extra)
+    real_commit = job_module.commit_changes
+    job_id: list[str] = []
+
+    def commit_after_a_cancel(*args: Any, **kwargs: Any) -> Any:
+        # The worker thread of the commit stage: the cancel arrives now, while it commits.
+        _cancel(runner, job_id[0])
+        time.sleep(0.3)
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "commit_changes", commit_after_a_cancel)
+    job = runner.submit({}, repo="pushed", script="change")
+    job_id.append(job["id"])
+    done = runner.wait(job["id"], timeout=30)
+    assert done["status"] == "canceled", done
+    stages = {s["name"]: s["status"] for s in done["stages"]}
+    assert stages["commit"] == "success" and stages["push"] == "skipped", stages
+    branches = subprocess.run(
+        ["git", "-C", str(bare), "branch", "--list", "runner/*"], capture_output=True, text=True, check=True
+    )
+    assert branches.stdout.strip() == "", "a canceled job pushed its branch"
+    assert wait_until(lambda: runner.job(job["id"])["status"] == "canceled")
