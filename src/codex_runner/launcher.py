@@ -206,7 +206,9 @@ class Launcher:
         for run in self.active.values():
             if run.proc is not None:
                 _kill_group(run.proc.pgid, run.proc.pid)
-        kill_job_processes(set(self.active), timeout=1.0)
+        # Jobs that ended since the last scan for escaped processes too: a daemon of theirs would
+        # otherwise outlive the runner until its next start.
+        kill_job_processes(set(self.active) | self._ended, timeout=1.0)
 
     # -- wake-ups from this process (thread-safe: the API runs routes in worker threads) -----
 

@@ -319,6 +319,23 @@ def test_stop_kills_a_daemon_of_a_job_that_just_ended(
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=2)
 
 
+def test_a_forced_exit_kills_a_daemon_of_a_job_that_just_ended(
+    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]]
+) -> None:
+    from codex_runner import launcher as launcher_module
+
+    monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # no scan but the exit's
+    escape = tmp_path / "escaped"
+    [launcher] = launcher_module._LIVE
+    assert runner.wait(runner.submit({"escape": str(escape)})["id"])["status"] == "success"
+    pids = escapees(escape)
+    loop = launcher._loop
+    assert loop is not None
+    assert all(_alive(p) for p in pids)
+    loop.call_soon_threadsafe(launcher.kill_all_now)  # the second signal's kill, without the exit
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+
+
 def test_a_scratch_jobs_log_starts_with_its_set_up_lines(runner: Any) -> None:
     """A scratch job's log file is made right after its spawn (its set-up waits for no file but
     its folder); the set-up's runner lines, held until then, still come first, ahead of the
