@@ -85,6 +85,13 @@ class StoreUnavailable(RunnerError):
     code = "unavailable"
 
 
+class CommitOutcomeUnknown(StoreUnavailable):
+    """The connection was lost while a write transaction committed: the server may have applied it
+    or not. Not retried automatically (a retry could apply it twice); a caller that can check what
+    was written (a lease, an idempotency key) may try again. Its code stays `unavailable`
+    (SPEC: every 503 says `unavailable`)."""
+
+
 class InstanceConflict(RunnerError):
     """Another live instance already runs under this RUNNER_ID: starting would have this one's
     recovery kill that one's jobs."""

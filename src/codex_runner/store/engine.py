@@ -13,18 +13,30 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from codex_runner.errors import StoreUnavailable
+from codex_runner.errors import CommitOutcomeUnknown, StoreUnavailable
 
 T = TypeVar("T")
+log = structlog.get_logger("codex_runner.store")
 
 # SPEC issue 6: 5 attempts from 100 ms, under 3 s in all.
 RETRY_ATTEMPTS = 5
 RETRY_FIRST_DELAY = 0.1
 # How long an SQLite writer waits for the write lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+# `PRAGMA journal_mode=WAL` on a fresh file can answer SQLITE_BUSY at once, without the busy
+# handler, while another process switches the mode: tried again this often, this far apart.
+WAL_PRAGMA_ATTEMPTS = 50
+WAL_PRAGMA_DELAY = 0.05
+# Every PostgreSQL session: a session idle inside a transaction (a frozen instance) lets its locks
+# go after 30 s; and TimeZone UTC, because timestamps are stored naive UTC (`UTCDateTime`) and
+# an aware bind against them is compared through the session's TimeZone.
+PG_SESSION_OPTIONS = ("-c idle_in_transaction_session_timeout=30000", "-c timezone=UTC")
+# SQLSTATEs that end the session: class 08 (connection exceptions), 57P01-57P03 (shut down).
+_DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03"})
 
 
 def normalise_url(url: str) -> str:
@@ -54,8 +66,9 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
             # Take over transaction control from pysqlite so that writers can BEGIN IMMEDIATE.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            # The busy timeout first: every later pragma may have to wait for another process.
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+            _set_wal(cur)
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             # Sorts and statement journals in memory, not in files created and deleted in $TMPDIR
@@ -78,9 +91,28 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        # A session idle inside a transaction (a frozen instance) lets its locks go after 30 s.
-        connect_args={"connect_timeout": 5, "options": "-c idle_in_transaction_session_timeout=30000"},
+        connect_args={"connect_timeout": 5, "options": pg_session_options(url)},
     )
+
+
+def pg_session_options(url: str) -> str:
+    """libpq `options` for every session: ours, with those of the URL (`?options=...`, which
+    `connect_args` would otherwise replace) in between, so that TimeZone=UTC always comes last."""
+    given = sa.engine.make_url(url).query.get("options")
+    extra = [given] if isinstance(given, str) else list(given or ())
+    return " ".join([PG_SESSION_OPTIONS[0], *extra, *PG_SESSION_OPTIONS[1:]])
+
+
+def _set_wal(cur: sqlite3.Cursor) -> None:
+    for attempt in range(1, WAL_PRAGMA_ATTEMPTS + 1):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if attempt == WAL_PRAGMA_ATTEMPTS or not ("locked" in text or "busy" in text):
+                raise
+            time.sleep(WAL_PRAGMA_DELAY)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -101,11 +133,27 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def commit_outcome_unknown(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a COMMIT that raised `exc` may have been applied all the same: the connection went
+    away (PostgreSQL), so the server may have committed before the answer was lost. An SQLite
+    COMMIT that fails (busy) leaves the transaction open, not committed: known, and retryable."""
+    if isinstance(exc.orig, sqlite3.Error):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:  # the driver's own error: no answer from the server
+        return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+    return sqlstate.startswith("08") or sqlstate in _DISCONNECT_STATES
+
+
 def with_retries(
     fn: Callable[[], T], *, attempts: int = RETRY_ATTEMPTS, first_delay: float = RETRY_FIRST_DELAY
 ) -> T:
     """Runs `fn` (one whole transaction) again on transient errors with exponential backoff:
-    0.1 + 0.2 + 0.4 + 0.8 s between 5 attempts, 1.5 s of sleep in all; then `StoreUnavailable`."""
+    0.1 + 0.2 + 0.4 + 0.8 s between 5 attempts, 1.5 s of sleep in all; then `StoreUnavailable`.
+    A write whose COMMIT may have been applied is not run again: `write_txn` raises
+    `CommitOutcomeUnknown` for it, which passes through here."""
     delay = first_delay
     for attempt in range(1, attempts + 1):
         try:
@@ -139,10 +187,23 @@ def write_txn(engine: Engine) -> Iterator[Connection]:
     On SQLite the threads of this process also queue on a lock first: a writer that finds the
     database locked sleeps in SQLite's busy handler (1, 2, 5 … 100 ms) and wakes up late, so under
     load the write lock would sit idle between transactions. Other processes still wait on
-    `busy_timeout`; a thread that waits as long here fails as SQLite would, "database is locked"."""
+    `busy_timeout`; a thread that waits as long here fails as SQLite would, "database is locked".
+
+    A COMMIT that loses its connection raises `CommitOutcomeUnknown` (see
+    `commit_outcome_unknown`): running the transaction again could apply it twice."""
     if engine.dialect.name != "sqlite":
-        with engine.connect() as conn, conn.begin():
-            yield conn
+        committing = False
+        try:
+            with engine.connect() as conn, conn.begin():
+                yield conn
+                committing = True  # the body is done: what fails from here on is the COMMIT
+        except sa.exc.DBAPIError as exc:
+            if committing and commit_outcome_unknown(exc):
+                log.warning("commit_outcome_unknown", error_type=type(exc.orig).__name__)
+                raise CommitOutcomeUnknown(
+                    "the database connection was lost during COMMIT; the write may or may not have been applied"
+                ) from exc
+            raise
         return
     lock = _writer_lock(engine)
     if not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_SECONDS):

@@ -23,6 +23,9 @@ from codex_runner.store.schema import instances, locks
 #: and claimed work. The lock itself is PostgreSQL's advisory lock (SQLite: BEGIN IMMEDIATE); this
 #: row only tells an operator who holds the scheduling role (docs/crash-safety.md).
 SCHEDULER_LOCK = "scheduler"
+#: PostgreSQL: the class (first key) of the advisory lock on one RUNNER_ID, taken by `register`;
+#: the two-key lock space is apart from the one-key locks of claims, creates and migrations.
+REGISTER_LOCK_CLASS = 0x636F6465
 
 
 class InstanceRegistry:
@@ -76,6 +79,17 @@ class InstanceRegistry:
 
         def txn() -> None:
             with write_txn(self.engine) as conn:
+                if self.engine.dialect.name == "postgresql":
+                    # Instances of one id that start together register one after the other, so the
+                    # later one's check sees the earlier one's row (READ COMMITTED takes no lock
+                    # for a plain read; SQLite's BEGIN IMMEDIATE serialises already).
+                    conn.execute(
+                        sa.select(
+                            sa.func.pg_advisory_xact_lock(
+                                REGISTER_LOCK_CLASS, sa.func.hashtext(self.runner_id)
+                            )
+                        )
+                    )
                 problem = self._holder(conn, stale_after_seconds) if stale_after_seconds else None
                 if problem:
                     raise InstanceConflict(problem)

@@ -39,6 +39,8 @@ from codex_runner.store.schema import events, instances, job_counts, jobs, repos
 # queue caps hold across instances.
 CLAIM_LOCK_KEY = 0x636F646578_01
 CREATE_LOCK_KEY = 0x636F646578_02
+# Serialises `sync_repos` of instances that start together (each inserts the new repos).
+REPOS_LOCK_KEY = 0x636F646578_03
 
 EventListener = Callable[[dict[str, Any]], None]
 
@@ -526,11 +528,17 @@ class JobStore:
             now = utcnow()
             pending: list[_PendingEvent] = []
             with write_txn(self.engine) as conn:
+                claiming = claim is not None and claim.slots > 0
+                if claiming and self._claim_lock is not None:
+                    # The claim lock before the writes: their row locks (jobs, and the counts rows
+                    # their triggers update) held while waiting for it would deadlock with the
+                    # claim of another instance, which holds it and updates those counts rows.
+                    self._claim_lock.execute(conn)
                 held = self._first_cas_all(conn, writes, now, pending)
                 claimed: list[ClaimedJob] = []
-                if claim is not None and claim.slots > 0:
+                if claim is not None and claiming:
                     # Its events join the terminal ones: one insert (a round trip) for both.
-                    claimed, _ = self._claim_in(conn, claim, defer_events=pending)
+                    claimed, _ = self._claim_in(conn, claim, defer_events=pending, locked=True)
                 return held, claimed, self._insert_events(conn, pending, now)
 
         held, claimed, ev = with_retries(txn)
@@ -557,7 +565,35 @@ class JobStore:
                 held.append(0)
             else:
                 held.append(self._first_cas(conn, write, now, pending, start=1 if i in first else 0))
+        missed = [i for i, index in enumerate(held) if index is None]
+        if missed:  # rare (a lost lease): a read more only then
+            for i, index in self._already_written(conn, [writes[i] for i in missed]).items():
+                held[missed[i]] = index
         return held
+
+    @staticmethod
+    def _already_written(conn: Connection, writes: Sequence[OwnerWrite]) -> dict[int, int]:
+        """Of owner writes that matched nothing, those already applied: the job is in the terminal
+        status of one of their attempts and still holds their lease, which only the owner's own
+        earlier write leaves (recovery clears the lease). That is a write retried after its COMMIT
+        was lost (`CommitOutcomeUnknown`): it counts as held, by that attempt's index, and its
+        event is not written twice. By position in `writes`."""
+        rows = conn.execute(
+            sa.select(jobs.c.id, jobs.c.status, jobs.c.lease_token).where(
+                jobs.c.id.in_([w.job_id for w in writes])
+            )
+        ).all()
+        current = {r.id: (r.status, r.lease_token) for r in rows}
+        found: dict[int, int] = {}
+        for position, write in enumerate(writes):
+            status, lease = current.get(write.job_id, (None, None))
+            if lease != write.lease_token:
+                continue
+            for index, cas in enumerate(write.attempts):
+                if cas.dst in TERMINAL and cas.dst.value == status:
+                    found[position] = index
+                    break
+        return found
 
     def _first_cas(
         self, conn: Connection, write: OwnerWrite, now: datetime, pending: list[_PendingEvent], start: int = 0
@@ -688,17 +724,23 @@ class JobStore:
         return claimed
 
     def _claim_in(
-        self, conn: Connection, request: ClaimRequest, *, defer_events: list[_PendingEvent] | None = None
+        self,
+        conn: Connection,
+        request: ClaimRequest,
+        *,
+        defer_events: list[_PendingEvent] | None = None,
+        locked: bool = False,
     ) -> tuple[list[ClaimedJob], list[dict]]:
         """The claim, inside the caller's write transaction (see `claim`). With `defer_events`,
-        its events are added there for the caller to insert, and none are returned."""
+        its events are added there for the caller to insert, and none are returned. `locked`: the
+        caller has taken the claim lock already."""
         runner_id, slots, max_jobs_per_user = request.runner_id, request.slots, request.max_jobs_per_user
         # A few candidates per free slot: users at their limit are filtered in SQL, so a page
         # this size nearly always fills the slots; the keyset loop fetches more when it does not
         # (a user who reaches the limit within this claim, an in_place repo already taken).
         # Small, because every row read is decoded: a busy runner claims a slot or two at a time.
         page = request.scan or min(200, max(4, slots * 2))
-        if self._claim_lock is not None:
+        if self._claim_lock is not None and not locked:
             # A frozen instance holding a row lock must not stall claims cluster-wide.
             self._claim_lock.execute(conn)
         # After the lock: started_at must not predate the wait for it.
@@ -711,10 +753,18 @@ class JobStore:
                 busy_repos.add(repo_id)
         saturated = [u for u, n in running.items() if n >= max_jobs_per_user]
         picked: list[str] = []
+        seen: set[str] = set()
         after: tuple[datetime, str] | None = None
         while len(picked) < slots:
             batch = self._pick_page(conn, page, saturated, after)
+            fresh = False
             for job_id, user, mode, repo_id, _ in batch:
+                # A page that repeats rows (a keyset that does not advance) must neither pick a
+                # job twice nor loop forever under the claim lock.
+                if job_id in seen:
+                    continue
+                seen.add(job_id)
+                fresh = True
                 if running.get(user, 0) >= max_jobs_per_user:
                     continue
                 if mode == "in_place":
@@ -725,7 +775,7 @@ class JobStore:
                 picked.append(job_id)
                 if len(picked) >= slots:
                     break
-            if len(batch) < page:
+            if len(batch) < page or not fresh:
                 break
             after = (batch[-1][4], batch[-1][0])
         if not picked:
@@ -794,7 +844,15 @@ class JobStore:
         if saturated:
             query = query.where(jobs.c.requested_by.not_in(saturated))
         if after is not None:
-            query = query.where(sa.tuple_(jobs.c.created_at, jobs.c.id) > sa.tuple_(*after))
+            # Bound with the columns' own types: a plain DateTime bind sends the aware datetime as
+            # a timestamptz, compared with the naive UTC column through the session's TimeZone.
+            query = query.where(
+                sa.tuple_(jobs.c.created_at, jobs.c.id)
+                > sa.tuple_(
+                    sa.bindparam("after_at", after[0], type_=jobs.c.created_at.type),
+                    sa.bindparam("after_id", after[1], type_=jobs.c.id.type),
+                )
+            )
         query = query.order_by(jobs.c.created_at, jobs.c.id).limit(page)
         if self.is_pg:
             query = query.with_for_update(skip_locked=True)
@@ -895,6 +953,10 @@ class JobStore:
         def txn() -> None:
             now = utcnow()
             with write_txn(self.engine) as conn:
+                if self.is_pg:
+                    # Else two instances starting with a new repo both insert it: a unique
+                    # violation that fails the later one's start-up.
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(REPOS_LOCK_KEY)))
                 existing = {r.id: r.name for r in conn.execute(sa.select(repos.c.id, repos.c.name))}
                 seen = set()
                 for item in items:

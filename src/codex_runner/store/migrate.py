@@ -32,12 +32,20 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine) -> None:
     """Brings the schema to head. Several instances may start at once: on PostgreSQL they queue
-    on an advisory lock; on SQLite the write lock does the same."""
+    on an advisory lock; on SQLite on the write lock, taken up front (BEGIN IMMEDIATE) for the
+    whole upgrade. Alembic reads the version and then writes: in a deferred transaction the later
+    writer fails at once with "database is locked" (SQLite does not wait for a lock that a reader
+    upgrading to writer would deadlock on), and with a transaction per migration (alembic's
+    default on SQLite) another instance could run a migration in between."""
     cfg = _config()
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(sa.select(sa.func.pg_advisory_lock(MIGRATE_LOCK_KEY)))
             conn.commit()
+        elif engine.dialect.name == "sqlite":
+            # Begun here, the transaction is alembic's "external" one: it neither begins nor
+            # commits its own, so the upgrade is one transaction under the write lock.
+            conn.execution_options(sqlite_begin="IMMEDIATE").begin()
         try:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")

@@ -1,0 +1,384 @@
+"""The store under instances that start, claim and commit at the same time, on a real SQLite file or
+PostgreSQL database: session time zones, lost COMMIT answers, registration and repo sync races,
+migrations of a fresh SQLite file, and the lock order of a finish that claims."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from codex_runner.errors import CommitOutcomeUnknown, InstanceConflict, StoreUnavailable
+from codex_runner.jobs import Status
+from codex_runner.store import JobStore, create_store_engine
+from codex_runner.store.instances import InstanceRegistry
+from codex_runner.store.jobs import CLAIM_LOCK_KEY, Cas, ClaimRequest, Limits, NewJob, OwnerWrite
+from codex_runner.store.migrate import is_current, upgrade
+from codex_runner.store.schema import events, jobs
+
+from tests.conftest import PG_ADMIN_URL
+
+BIG = Limits(max_queue_size=10_000, max_queued_per_user=10_000)
+
+
+def new_job(user: str = "alice", repo: str = "r1", mode: str = "worktree") -> NewJob:
+    return NewJob(
+        repo_id=f"id-{repo}",
+        repo_name=repo,
+        workspace_mode=mode,
+        script_key="s",
+        args={"a": 1},
+        defaults={},
+        timeout_seconds=60,
+        requested_by=user,
+    )
+
+
+def _success(job_id: str, lease: str) -> OwnerWrite:
+    values: dict[str, Any] = {
+        "exit_code": 0,
+        "error_code": None,
+        "error_message": None,
+        "stages": [],
+        "result": None,
+    }
+    return OwnerWrite(job_id, lease, (Cas((Status.RUNNING,), Status.SUCCESS, values, "success"),))
+
+
+def _count(store: JobStore, *conds: Any) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(jobs).where(*conds)).scalar_one())
+
+
+def _events_of(store: JobStore, job_id: str, event_type: str) -> int:
+    with store.engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(events)
+                .where(events.c.job_id == job_id, events.c.event_type == event_type)
+            ).scalar_one()
+        )
+
+
+def _migrated(url: str) -> Iterator[JobStore]:
+    engine = create_store_engine(url)
+    upgrade(engine)
+    yield JobStore(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_store(pg_database_url: str) -> Iterator[JobStore]:
+    yield from _migrated(pg_database_url)
+
+
+# -- session time zone and the claim's keyset pages --------------------------------------------
+
+
+@pytest.fixture(params=["America/New_York", "Europe/Berlin"])
+def zoned_store(request: pytest.FixtureRequest, pg_database_url: str) -> Iterator[JobStore]:
+    """A store on a PostgreSQL database whose default TimeZone is not UTC (behind and ahead)."""
+    name = pg_database_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE \"{name}\" SET timezone = '{request.param}'")
+    yield from _migrated(pg_database_url)
+
+
+def _claim_in_thread(store: JobStore, **kwargs: Any) -> list[str]:
+    """A claim that must end: it holds the cluster-wide claim lock while it runs."""
+    out: list[list[str]] = []
+    thread = threading.Thread(
+        target=lambda: out.append([c.id for c in store.claim("r", **kwargs)]), daemon=True
+    )
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "claim() still running after 10 s"
+    return out[0]
+
+
+def test_sessions_run_in_utc(zoned_store: JobStore) -> None:
+    with zoned_store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW timezone").scalar() == "UTC"
+
+
+def test_claim_pages_past_a_user_at_the_limit_in_any_time_zone(zoned_store: JobStore) -> None:
+    """Keyset pages past the jobs of a user who reaches the limit within the claim. Ahead of UTC
+    the keyset skipped the eligible job behind them."""
+    store = zoned_store
+    ahead = [store.create(new_job("a"), BIG)[0]["id"] for _ in range(10)]
+    behind = store.create(new_job("b"), BIG)[0]["id"]
+    assert _claim_in_thread(store, slots=2, max_jobs_per_user=1) == [ahead[0], behind]
+
+
+def test_claim_pages_past_a_busy_in_place_repo_in_any_time_zone(zoned_store: JobStore) -> None:
+    """Keyset pages past a full page of jobs on an in_place repo that is busy. Behind UTC the page
+    never advanced: a claim that never ended, holding the claim lock of every instance."""
+    store = zoned_store
+    store.create(new_job("u0", repo="solo", mode="in_place"), BIG)
+    assert len(_claim_in_thread(store, slots=1, max_jobs_per_user=5)) == 1
+    for i in range(4):  # a full first page (4 rows for one slot)
+        store.create(new_job(f"u{i + 1}", repo="solo", mode="in_place"), BIG)
+    other = store.create(new_job("z", repo="other"), BIG)[0]["id"]
+    assert _claim_in_thread(store, slots=1, max_jobs_per_user=5) == [other]
+
+
+def test_the_keyset_bind_does_not_depend_on_the_session_time_zone(pg_store: JobStore) -> None:
+    """The keyset compares with the column's own type (naive UTC), also in a session that is not
+    in UTC (one opened by other means than `create_store_engine`)."""
+    ids = [pg_store.create(new_job(f"u{i}"), BIG)[0]["id"] for i in range(3)]
+    with pg_store.engine.connect() as conn:
+        first = conn.execute(sa.select(jobs.c.created_at).where(jobs.c.id == ids[0])).scalar_one()
+        for zone in ("America/New_York", "Asia/Tokyo"):
+            conn.exec_driver_sql(f"SET TIME ZONE '{zone}'")
+            page = conn.execute(pg_store._pick_query(10, [], (first, ids[0]))).all()
+            assert [row[0] for row in page] == ids[1:], zone
+        conn.rollback()
+
+
+def test_session_options_of_the_url_are_kept(pg_database_url: str) -> None:
+    engine = create_store_engine(pg_database_url + "?options=-c%20statement_timeout%3D12345")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "12345ms"
+            assert conn.exec_driver_sql("SHOW timezone").scalar() == "UTC"
+            assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "30s"
+    finally:
+        engine.dispose()
+
+
+def test_a_page_that_does_not_advance_ends_the_claim(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: should a keyset page ever repeat rows, the claim neither picks a job twice
+    nor loops."""
+    ids = [store.create(new_job("a"), BIG)[0]["id"] for _ in range(6)]
+    real = store._pick_page
+
+    def same_page(conn: Any, page: int, saturated: list[str], after: Any) -> Sequence[Sequence[Any]]:
+        return real(conn, page, saturated, None)
+
+    monkeypatch.setattr(store, "_pick_page", same_page)
+    assert _claim_in_thread(store, slots=3, max_jobs_per_user=1, scan=2) == [ids[0]]
+
+
+# -- a COMMIT whose answer is lost -------------------------------------------------------------
+
+
+def _lose_commit_answers(monkeypatch: pytest.MonkeyPatch, store: JobStore, times: int = 1) -> None:
+    """The server commits, then the connection drops before the client hears back."""
+    dialect = store.engine.dialect
+    real = dialect.do_commit
+    left = [times]
+
+    def do_commit(dbapi_conn: Any) -> None:
+        real(dbapi_conn)
+        if left[0] > 0:
+            left[0] -= 1
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(dialect, "do_commit", do_commit)
+
+
+def test_a_create_whose_commit_is_lost_is_not_run_again(
+    pg_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _lose_commit_answers(monkeypatch, pg_store)
+    with pytest.raises(CommitOutcomeUnknown) as caught:
+        pg_store.create(new_job(), BIG)
+    assert isinstance(caught.value, StoreUnavailable)  # 503 `unavailable`, as before
+    assert _count(pg_store) == 1
+
+
+def test_a_claim_whose_commit_is_lost_is_not_run_again(
+    pg_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run again, the claim would take a second job and leave the first running under no lease
+    this instance knows; now only the first is (docs/crash-safety.md: the watchdog fails it)."""
+    pg_store.create(new_job("a"), BIG)
+    pg_store.create(new_job("b"), BIG)
+    _lose_commit_answers(monkeypatch, pg_store)
+    with pytest.raises(CommitOutcomeUnknown):
+        pg_store.claim("r", slots=1, max_jobs_per_user=1)
+    assert _count(pg_store, jobs.c.status == Status.RUNNING.value) == 1
+
+
+def test_an_owner_write_retried_after_a_lost_commit_holds(
+    pg_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher retries owner writes on StoreUnavailable: the retry finds its own terminal
+    status, with its lease, and counts as held (no `lease lost`, no second event)."""
+    job = pg_store.create(new_job(), BIG)[0]["id"]
+    lease = pg_store.claim("r", slots=1, max_jobs_per_user=1)[0].lease_token
+    _lose_commit_answers(monkeypatch, pg_store)
+    with pytest.raises(CommitOutcomeUnknown):
+        pg_store.finish_many([_success(job, lease)])
+    assert pg_store.finish_many([_success(job, lease)]) == ([0], [])
+    assert _events_of(pg_store, job, "job_succeeded") == 1
+
+
+def test_an_applied_owner_write_counts_as_held_only_with_its_lease(store: JobStore) -> None:
+    ids = [store.create(new_job(f"u{i}"), BIG)[0]["id"] for i in range(2)]
+    leases = {c.id: c.lease_token for c in store.claim("r", slots=2, max_jobs_per_user=1)}
+    writes = [_success(i, leases[i]) for i in ids]
+    assert store.finish_many(writes) == ([0, 0], [])
+    # Applied already: held again, by the same attempt, without a second event.
+    assert store.finish_many(writes) == ([0, 0], [])
+    assert [_events_of(store, i, "job_succeeded") for i in ids] == [1, 1]
+    # Another lease (a recovered job's old owner) never matches.
+    assert store.finish_many([_success(ids[0], "not-the-lease")]) == ([None], [])
+    with store.engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == ids[1]).values(lease_token=None))
+    assert store.finish_many([writes[1]]) == ([None], [])
+
+
+# -- instances that start together -------------------------------------------------------------
+
+
+def test_instances_of_one_id_starting_together_register_one(
+    pg_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same RUNNER_ID on two hosts: without a lock both read "no live holder" before either wrote."""
+    local = threading.local()
+    # Each thread is an instance on a host of its own.
+    monkeypatch.setattr(socket, "gethostname", lambda: getattr(local, "host", "main"))
+    real = InstanceRegistry._holder
+
+    def slow_holder(self: InstanceRegistry, conn: sa.Connection, stale: int) -> str | None:
+        problem = real(self, conn, stale)
+        time.sleep(0.3)  # the other instance looks meanwhile
+        return problem
+
+    monkeypatch.setattr(InstanceRegistry, "_holder", slow_holder)
+    results: dict[str, str] = {}
+
+    def start(host: str) -> None:
+        local.host = host
+        try:
+            InstanceRegistry(pg_store.engine, "w1").register(120)
+            results[host] = "registered"
+        except InstanceConflict:
+            results[host] = "refused"
+
+    threads = [threading.Thread(target=start, args=(h,)) for h in ("hostA", "hostB")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert sorted(results.values()) == ["refused", "registered"], results
+
+
+def test_instances_starting_together_sync_a_new_repo(pg_store: JobStore) -> None:
+    failures: list[str] = []
+    for _ in range(10):
+        rid = str(uuid.uuid4())
+        item = {
+            "id": rid,
+            "name": f"repo-{rid[:8]}",
+            "source_type": "local",
+            "path_or_url": "/srv/x",
+            "branch": "main",
+            "workspace": "worktree",
+            "enabled": True,
+        }
+        barrier = threading.Barrier(2)
+
+        def start(item: dict[str, Any] = item, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                pg_store.sync_repos([item])
+            except sa.exc.DBAPIError as exc:
+                failures.append(str(exc.orig).splitlines()[0])
+
+        threads = [threading.Thread(target=start) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+
+
+def _migrate(url: str, start_at: float, results: Any) -> None:
+    engine = create_store_engine(url)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    try:
+        upgrade(engine)
+        results.put("ok")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
+def test_instances_starting_together_migrate_a_fresh_sqlite_file(tmp_path: Any) -> None:
+    """WAL switch and alembic's read-then-write on a new file: "database is locked" at once for all
+    but one, before the busy timeout came first and the upgrade took the write lock up front."""
+    ctx = multiprocessing.get_context("spawn")
+    outcomes: list[str] = []
+    for round_ in range(2):
+        url = f"sqlite:///{tmp_path / f'r{round_}.db'}"
+        results = ctx.Queue()
+        start_at = time.time() + 1.5  # past the imports of the spawned interpreters
+        procs = [ctx.Process(target=_migrate, args=(url, start_at, results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes += [results.get(timeout=5) for _ in procs]
+        engine = create_store_engine(url)
+        try:
+            assert is_current(engine)
+        finally:
+            engine.dispose()
+    assert outcomes == ["ok"] * 6, outcomes
+
+
+# -- lock order of a finish that claims (PostgreSQL) -------------------------------------------
+
+
+def test_a_finish_that_claims_waits_for_the_claim_lock_before_writing(pg_store: JobStore) -> None:
+    """Another instance's claim holds the claim lock and will update the counts rows that this
+    finish's terminal write updates (triggers): the finish must wait for the lock before it locks
+    any row, else the two deadlock (PostgreSQL breaks it after deadlock_timeout, 1 s, per claim)."""
+    store = pg_store
+    job = store.create(new_job("u"), BIG)[0]["id"]
+    lease = store.claim("A", slots=1, max_jobs_per_user=5)[0].lease_token
+    queued = store.create(new_job("u"), BIG)[0]["id"]
+    out: dict[str, Any] = {}
+    with store.engine.connect() as other:
+        other_txn = other.begin()
+        other.execute(sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))  # B is claiming
+
+        def finish() -> None:
+            out["result"] = store.finish_many([_success(job, lease)], ClaimRequest("A", 1, 5))
+
+        thread = threading.Thread(target=finish, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the finish waits on the claim lock
+            waiting = other.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+            ).scalar_one()
+            if waiting:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the finish never waited for the claim lock")
+        # The finish has not locked its job's row: B's claim could write any row it needs.
+        with store.engine.connect() as probe, probe.begin():
+            probe.execute(sa.select(jobs.c.id).where(jobs.c.id == job).with_for_update(nowait=True)).all()
+        other_txn.rollback()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert out["result"][0] == [0]
+    assert [c.id for c in out["result"][1]] == [queued]
