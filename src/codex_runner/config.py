@@ -7,6 +7,7 @@ setting and the problem.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -33,7 +34,7 @@ def _parse_bool(name: str, raw: object) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
-def _parse_int(name: str, raw: object, minimum: int = 0) -> int:
+def _parse_int(name: str, raw: object, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(raw, bool):
         raise ConfigError(f"{name}: expected an integer, got {raw!r}")
     try:
@@ -42,6 +43,24 @@ def _parse_int(name: str, raw: object, minimum: int = 0) -> int:
         raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}: must be at most {maximum}, got {value}")
+    return value
+
+
+def _parse_seconds(name: str, raw: object) -> float:
+    """A positive, finite number of seconds: `float()` takes "nan" and "inf", and a zero or
+    negative period would spin a poll loop or make `asyncio` wait for nothing."""
+    if isinstance(raw, bool):
+        raise ConfigError(f"{name}: expected a number, got {raw!r}")
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}: must be a finite number greater than 0, got {raw!r}")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"{name}: must be at most {MAX_SECONDS}, got {raw!r}")
     return value
 
 
@@ -147,6 +166,12 @@ class Settings:
         return [v for v in values if v]
 
 
+# Durations end up in `timedelta`s and in `now ± duration`, which overflow (a 500 on every create,
+# a crashed watchdog) long before Python's integers do: ten years, or a century of days, is past
+# any sensible setting and far from those limits.
+MAX_SECONDS = 10 * 365 * 86400
+MAX_DAYS = 100 * 365
+
 _INT_MINIMUMS: dict[str, int] = {
     "port": 1,
     "max_concurrency": 1,
@@ -160,6 +185,21 @@ _INT_MINIMUMS: dict[str, int] = {
     "log_max_bytes": 1024,
     "audit_log_max_bytes": 1024,
     "retention_interval_seconds": 1,
+    # 0 would refuse every request body with 413; the smallest create body is about 50 bytes.
+    "max_request_bytes": 1024,
+}
+
+_INT_MAXIMUMS: dict[str, int] = {
+    "port": 65535,
+    "warm_workspaces": 16,
+    "default_timeout_seconds": MAX_SECONDS,
+    "heartbeat_seconds": MAX_SECONDS,
+    "stale_after_seconds": MAX_SECONDS,
+    "kill_grace_seconds": MAX_SECONDS,
+    "idempotency_window_seconds": MAX_SECONDS,
+    "retention_interval_seconds": MAX_SECONDS,
+    "retention_days": MAX_DAYS,
+    "backup_max_age_days": MAX_DAYS,
 }
 
 _SKIP = {"repos", "scripts", "config"}
@@ -173,17 +213,9 @@ def _coerce(name: str, env_name: str, raw: object, current: object) -> object:
     if f_type is bool:
         return _parse_bool(env_name, raw)
     if f_type is int:
-        value = _parse_int(env_name, raw, _INT_MINIMUMS.get(name, 0))
-        if name == "port" and value > 65535:
-            raise ConfigError(f"{env_name}: must be at most 65535, got {value}")
-        if name == "warm_workspaces" and value > 16:
-            raise ConfigError(f"{env_name}: must be at most 16, got {value}")
-        return value
-    if f_type is float:
-        try:
-            return float(str(raw))
-        except ValueError:
-            raise ConfigError(f"{env_name}: expected a number, got {raw!r}") from None
+        return _parse_int(env_name, raw, _INT_MINIMUMS.get(name, 0), _INT_MAXIMUMS.get(name))
+    if f_type is float:  # the only one is poll_interval_seconds
+        return _parse_seconds(env_name, raw)
     if name in {"data_dir", "log_dir", "workspace_dir", "backup_dir", "audit_log", "codex_home"}:
         text = str(raw).strip()
         return Path(text).expanduser() if text else None

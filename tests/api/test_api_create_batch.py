@@ -150,7 +150,7 @@ def test_revoked_token_fails_on_its_next_request(api: Any) -> None:
 
 
 def test_openapi_documents_the_create_body(api: Any) -> None:
-    spec = api.client().get("/openapi.json").json()
+    spec = api.client(api.alice).get("/openapi.json").json()
     create = spec["paths"]["/api/runner/jobs"]["post"]
     schema = create["requestBody"]["content"]["application/json"]["schema"]
     assert {"repo_id", "repo", "script_key", "args"} <= set(schema["properties"])

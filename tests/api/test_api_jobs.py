@@ -244,6 +244,7 @@ def test_auth_on_every_route(api: Any) -> None:
         ("GET", f"/api/runner/jobs/{job['id']}/logs"),
         ("GET", "/api/runner/diagnostics"),
         ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
     ]
     headers_cases = [
         {},
@@ -283,6 +284,41 @@ def test_jwt_tokens(api_factory: Any) -> None:
     assert api.create(expired).status_code == 401
 
 
+def test_jwt_sub_must_be_a_valid_user(api_factory: Any) -> None:
+    """A JWT `sub` follows the rule of `tokens create` (1-200 printable characters): one outside it
+    is refused as bad claims, on the create fast path and the other routes alike, and never reaches
+    the database (PostgreSQL refuses NUL in text: that was a 500)."""
+    secret = "a-jwt-secret-of-enough-length-123"
+    api = api_factory(RUNNER_JWT_SECRET=secret)
+    for sub in ("u" * 201, "u" * 300, "a\x00b", "tab\there", "\ud800", "", 42, ["alice"]):
+        token = jwt.encode({"sub": sub}, secret, algorithm="HS256")
+        for r in (api.create(token), api.client(token).get("/api/runner/jobs")):
+            assert r.status_code == 401, (sub, r.status_code, r.text)
+            assert r.json()["code"] == "not_authenticated"
+            if isinstance(sub, str):  # PyJWT itself refuses a `sub` that is not a string
+                assert r.json()["detail"] == "invalid token claims"
+    longest = jwt.encode({"sub": "u" * 200}, secret, algorithm="HS256")
+    r = api.create(longest)
+    assert r.status_code == 201 and r.json()["requested_by"] == "u" * 200
+    assert api.client(longest).get("/api/runner/jobs").json()["total"] == 1
+
+
+def test_openapi_needs_auth_and_viewers_are_off(api: Any) -> None:
+    """SPEC §4: only the health routes answer without a token, the API description included; the
+    HTML viewers, which would fetch it without one, are not served at all."""
+    anonymous = api.client()
+    r = anonymous.get("/openapi.json")
+    assert r.status_code == 401 and r.json()["code"] == "not_authenticated"
+    assert "paths" not in r.text
+    alice = api.client(api.alice)
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        for client in (anonymous, alice):
+            r = client.get(path)
+            assert r.status_code == 404 and r.json()["code"] == "not_found", path
+    spec = alice.get("/openapi.json").json()
+    assert "/api/runner/jobs" in spec["paths"] and "/openapi.json" not in spec["paths"]
+
+
 def test_catalog_routes(api: Any) -> None:
     c = api.client(api.alice)
     repos = c.get("/api/runner/repos").json()["items"]
@@ -304,7 +340,7 @@ def test_catalog_routes(api: Any) -> None:
 
 
 def test_openapi_documents_codes(api: Any) -> None:
-    spec = api.client().get("/openapi.json").json()
+    spec = api.client(api.alice).get("/openapi.json").json()
     create = spec["paths"]["/api/runner/jobs"]["post"]["responses"]
     for code in ("200", "201", "400", "401", "403", "409", "413", "429", "503"):
         assert code in create, code

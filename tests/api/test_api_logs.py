@@ -54,7 +54,7 @@ def test_pages_concatenate_and_hide_secrets(api: Any) -> None:
         for page in pages:
             assert len(page["content"].encode()) <= limit
             assert SECRET[:8] not in page["content"]
-            assert page["redaction_version"] == "v1"
+            assert page["redaction_version"] == "v2"
 
 
 def test_offset_edges(api: Any) -> None:
@@ -82,7 +82,7 @@ def test_canceled_while_queued_log_is_empty_and_complete(api: Any) -> None:
         "next_offset": 0,
         "is_complete": True,
         "content": "",
-        "redaction_version": "v1",
+        "redaction_version": "v2",
     }
 
 
@@ -159,3 +159,25 @@ def test_sse_resume_with_last_event_id_gets_every_byte_once(api: Any) -> None:
     full, _ = _read_all(c, job_id, 131072)
     assert "".join(received) == full
     assert SECRET not in full
+
+
+def test_sse_last_event_id_must_be_an_offset(api: Any) -> None:
+    """`Last-Event-ID` is an `id` the stream sent: 1-20 ASCII digits. Anything else answers 400
+    `invalid_request`, as a bad `offset` does; `str.isdigit` let Unicode digits ("²", from latin-1
+    header bytes) and 5000-digit values through to `int()`, a 500."""
+    job_id, _ = _job_with_log(api, b"hello\n")
+    c = api.client(api.alice)
+    path = f"/api/runner/jobs/{job_id}/logs/stream"
+    for bad in (b"\xb2", "\u0663".encode(), b"1" * 5000, b"1" * 21, b"-1", b"+1", b"1 2", b"0x10", b"abc"):
+        r = c.get(path, headers={"Last-Event-ID": bad})
+        assert r.status_code == 400, (bad[:10], r.status_code, r.text)
+        body = r.json()
+        assert body["code"] == "invalid_request" and body["errors"][0]["loc"] == ["header", "Last-Event-ID"]
+    # Blank: the `offset` parameter applies, else the header wins. The largest id is past the end.
+    for header, offset, first in ((b"", 2, "llo\n"), (b"3", 0, "lo\n"), (b"0", 2, "hello\n")):
+        with c.stream("GET", path, params={"offset": offset}, headers={"Last-Event-ID": header}) as r:
+            events = _sse_events(r)
+        assert r.status_code == 200 and json.loads(events[0][2])["content"] == first, header
+    with c.stream("GET", path, headers={"Last-Event-ID": "9" * 20}) as r:
+        events = _sse_events(r)
+    assert [kind for kind, _, _ in events] == ["end"] and events[0][1] == "9" * 20

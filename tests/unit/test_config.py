@@ -55,6 +55,69 @@ def test_bad_values_name_the_setting(tmp_path: Path, env: dict[str, str], fragme
         assert env["RUNNER_ENCRYPTION_KEY"] not in exc.value.message
 
 
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        (
+            {"RUNNER_POLL_INTERVAL_SECONDS": "nan"},
+            "RUNNER_POLL_INTERVAL_SECONDS: must be a finite number greater than 0",
+        ),
+        ({"RUNNER_POLL_INTERVAL_SECONDS": "inf"}, "RUNNER_POLL_INTERVAL_SECONDS: must be a finite"),
+        ({"RUNNER_POLL_INTERVAL_SECONDS": "-1"}, "RUNNER_POLL_INTERVAL_SECONDS: must be a finite"),
+        ({"RUNNER_POLL_INTERVAL_SECONDS": "0"}, "RUNNER_POLL_INTERVAL_SECONDS: must be a finite"),
+        ({"RUNNER_POLL_INTERVAL_SECONDS": "1e300"}, "RUNNER_POLL_INTERVAL_SECONDS: must be at most"),
+        ({"RUNNER_POLL_INTERVAL_SECONDS": "soon"}, "RUNNER_POLL_INTERVAL_SECONDS: expected a number"),
+        ({"RUNNER_MAX_REQUEST_BYTES": "0"}, "RUNNER_MAX_REQUEST_BYTES: must be at least 1024, got 0"),
+        ({"RUNNER_MAX_REQUEST_BYTES": "-5"}, "RUNNER_MAX_REQUEST_BYTES: must be at least 1024"),
+        ({"RUNNER_HEARTBEAT_SECONDS": "0"}, "RUNNER_HEARTBEAT_SECONDS: must be at least 1"),
+        ({"RUNNER_KILL_GRACE_SECONDS": "-1"}, "RUNNER_KILL_GRACE_SECONDS: must be at least 0"),
+        ({"RUNNER_DEFAULT_TIMEOUT_SECONDS": "0"}, "RUNNER_DEFAULT_TIMEOUT_SECONDS: must be at least 1"),
+        ({"RUNNER_LOG_MAX_BYTES": "10"}, "RUNNER_LOG_MAX_BYTES: must be at least 1024"),
+        ({"RUNNER_RETENTION_KEEP": "-1"}, "RUNNER_RETENTION_KEEP: must be at least 0"),
+        # Past these, `now ± timedelta(...)` overflows at run time instead of failing here.
+        (
+            {"RUNNER_IDEMPOTENCY_WINDOW_SECONDS": "9" * 15},
+            "RUNNER_IDEMPOTENCY_WINDOW_SECONDS: must be at most",
+        ),
+        (
+            {"RUNNER_STALE_AFTER_SECONDS": "9" * 15, "RUNNER_HEARTBEAT_SECONDS": "30"},
+            "RUNNER_STALE_AFTER_SECONDS: must be at most 315360000",
+        ),
+        ({"RUNNER_KILL_GRACE_SECONDS": "9" * 12}, "RUNNER_KILL_GRACE_SECONDS: must be at most"),
+        ({"RUNNER_RETENTION_DAYS": "1000000000"}, "RUNNER_RETENTION_DAYS: must be at most 36500"),
+        ({"RUNNER_BACKUP_MAX_AGE_DAYS": "99999999"}, "RUNNER_BACKUP_MAX_AGE_DAYS: must be at most"),
+    ],
+)
+def test_numbers_out_of_range_stop_start_up(tmp_path: Path, env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env, cwd=tmp_path)
+    assert fragment in exc.value.message
+    assert "\n" not in exc.value.message
+
+
+def test_numbers_in_range(tmp_path: Path) -> None:
+    s = load_settings(
+        {
+            "RUNNER_POLL_INTERVAL_SECONDS": "0.05",
+            "RUNNER_MAX_REQUEST_BYTES": "1024",
+            "RUNNER_KILL_GRACE_SECONDS": "0",
+            "RUNNER_RETENTION_DAYS": "0",
+            "RUNNER_IDEMPOTENCY_WINDOW_SECONDS": str(10 * 365 * 86400),
+        },
+        cwd=tmp_path,
+    )
+    assert (s.poll_interval_seconds, s.max_request_bytes, s.kill_grace_seconds) == (0.05, 1024, 0)
+    assert s.idempotency_window_seconds == 315360000 and s.retention_days == 0
+    (tmp_path / "runner.toml").write_text("[runner]\npoll_interval_seconds = 2\n")
+    assert load_settings({}, cwd=tmp_path).poll_interval_seconds == 2.0
+    (tmp_path / "runner.toml").write_text("[runner]\npoll_interval_seconds = nan\n")
+    with pytest.raises(ConfigError, match=r"\[runner\].poll_interval_seconds: must be a finite number"):
+        load_settings({}, cwd=tmp_path)
+    (tmp_path / "runner.toml").write_text("[runner]\npoll_interval_seconds = true\n")
+    with pytest.raises(ConfigError, match=r"\[runner\].poll_interval_seconds: expected a number"):
+        load_settings({}, cwd=tmp_path)
+
+
 def test_toml_errors(tmp_path: Path) -> None:
     (tmp_path / "runner.toml").write_text("[runner]\nmax_concurency = 4\n")
     with pytest.raises(ConfigError, match=r"\[runner\].max_concurency: unknown setting"):

@@ -9,7 +9,7 @@ import pytest
 from codex_runner.errors import InvalidRequest
 from codex_runner.logs.index import CHECKPOINT_EVERY, CheckpointIndex, index_path
 from codex_runner.logs.reader import LogPage, read_page, redacted_size
-from codex_runner.logs.redaction import V1
+from codex_runner.logs.redaction import V2
 from codex_runner.logs.stream import MAX_LINE
 
 
@@ -37,8 +37,8 @@ def write(tmp_path: Path, data: bytes, mode: str = "wb") -> None:
 
 
 def test_missing_log_is_empty(tmp_path: Path) -> None:
-    assert page(tmp_path, 0) == LogPage(0, 0, "", True, "v1")
-    assert page(tmp_path, 5, complete=False) == LogPage(5, 5, "", False, "v1")
+    assert page(tmp_path, 0) == LogPage(0, 0, "", True, "v2")
+    assert page(tmp_path, 5, complete=False) == LogPage(5, 5, "", False, "v2")
 
 
 def test_pages_redact_and_concatenate(tmp_path: Path) -> None:
@@ -47,35 +47,35 @@ def test_pages_redact_and_concatenate(tmp_path: Path) -> None:
     for limit in (1, 2, 7, 100):
         assert read_all(tmp_path, limit) == (expected, len(expected))
     whole = page(tmp_path, 0)
-    assert (whole.content, whole.is_complete, whole.redaction_version) == (expected, True, "v1")
+    assert (whole.content, whole.is_complete, whole.redaction_version) == (expected, True, "v2")
     assert not page(tmp_path, 0, limit=5).is_complete
 
 
 def test_offset_past_end(tmp_path: Path) -> None:
     write(tmp_path, b"abc\n")
-    assert page(tmp_path, 100) == LogPage(100, 100, "", True, "v1")
-    assert page(tmp_path, 4) == LogPage(4, 4, "", True, "v1")
-    assert page(tmp_path, 100, complete=False) == LogPage(100, 100, "", False, "v1")
+    assert page(tmp_path, 100) == LogPage(100, 100, "", True, "v2")
+    assert page(tmp_path, 4) == LogPage(4, 4, "", True, "v2")
+    assert page(tmp_path, 100, complete=False) == LogPage(100, 100, "", False, "v2")
 
 
 def test_offset_inside_a_character_moves_to_the_next(tmp_path: Path) -> None:
     write(tmp_path, "a€b\n".encode())  # € is 3 bytes at offsets 1..3
-    assert page(tmp_path, 2) == LogPage(4, 6, "b\n", True, "v1")
+    assert page(tmp_path, 2) == LogPage(4, 6, "b\n", True, "v2")
     assert page(tmp_path, 1, limit=3).content == "€"
 
 
 def test_limit_never_splits_a_character(tmp_path: Path) -> None:
     write(tmp_path, "€€\n".encode())
-    assert page(tmp_path, 0, limit=4) == LogPage(0, 3, "€", False, "v1")
+    assert page(tmp_path, 0, limit=4) == LogPage(0, 3, "€", False, "v2")
     # smaller than the character: an empty page at the same offset, never a cut character
-    assert page(tmp_path, 0, limit=2) == LogPage(0, 0, "", False, "v1")
-    assert page(tmp_path, 3, limit=1) == LogPage(3, 3, "", False, "v1")
-    assert page(tmp_path, 6, limit=1) == LogPage(6, 7, "\n", True, "v1")
+    assert page(tmp_path, 0, limit=2) == LogPage(0, 0, "", False, "v2")
+    assert page(tmp_path, 3, limit=1) == LogPage(3, 3, "", False, "v2")
+    assert page(tmp_path, 6, limit=1) == LogPage(6, 7, "\n", True, "v2")
 
 
 def test_partial_line_held_back_while_running(tmp_path: Path) -> None:
     write(tmp_path, b"done\npassword=hunt")
-    assert page(tmp_path, 0, complete=False) == LogPage(0, 5, "done\n", False, "v1")
+    assert page(tmp_path, 0, complete=False) == LogPage(0, 5, "done\n", False, "v2")
     write(tmp_path, b"er2\n", "ab")
     got = page(tmp_path, 5, complete=False)
     assert got.content == "password=[REDACTED:secret_assignment]\n"
@@ -87,7 +87,9 @@ def test_long_partial_line_released_past_64_kib(tmp_path: Path) -> None:
     assert page(tmp_path, 0, complete=False).content == ""
     write(tmp_path, b"yy", "ab")
     first = page(tmp_path, 0, limit=131072, complete=False)
-    assert first.content == "x" * MAX_LINE
+    # Released at 64 KiB, cut where the rules could still see 16 KiB past the cut (v2).
+    assert V2.cut_guard is not None
+    assert first.content == "x" * (MAX_LINE - V2.cut_guard.lookahead)
     write(tmp_path, b"z\n", "ab")
     assert read_all(tmp_path, 131072, complete=False) == ("x" * MAX_LINE + "yyz\n", MAX_LINE + 4)
 
@@ -105,7 +107,7 @@ def test_index_built_incrementally_and_used(tmp_path: Path) -> None:
     write(tmp_path, line * 3000)
     expected = (line.replace(b"password=x", b"password=[REDACTED:secret_assignment]") * 3000).decode()
     assert redacted_size(tmp_path / "job.log", complete=True, index_dir=tmp_path / "ix") == len(expected)
-    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v1")
+    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v2")
     first_size = path.stat().st_size
     assert first_size > 64
     write(tmp_path, line * 3000, "ab")
@@ -113,7 +115,7 @@ def test_index_built_incrementally_and_used(tmp_path: Path) -> None:
     doubled = expected * 2
     assert page(tmp_path, middle, limit=100).content == doubled[middle : middle + 100]
     assert path.stat().st_size > first_size
-    index = CheckpointIndex(path, V1)
+    index = CheckpointIndex(path, V2)
     checkpoint = index.locate(middle)
     assert 0 < middle - checkpoint.redacted < 3 * CHECKPOINT_EVERY
 
@@ -121,7 +123,7 @@ def test_index_built_incrementally_and_used(tmp_path: Path) -> None:
 def test_index_rebuilt_when_stale_missing_or_foreign(tmp_path: Path) -> None:
     write(tmp_path, b"a password=one\n" * 20000)
     assert page(tmp_path, 0, limit=20).content == "a password=[REDACTED"
-    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v1")
+    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v2")
     write(tmp_path, b"short token=abc\n")  # replaced by a shorter log: the index is stale
     assert read_all(tmp_path, 7) == ("short token=[REDACTED:secret_assignment]\n", 41)
     path.write_bytes(b"garbage" * 10)  # not ours
@@ -137,7 +139,7 @@ def test_index_rebuilt_when_stale_missing_or_foreign(tmp_path: Path) -> None:
 def test_torn_index_tail_is_dropped(tmp_path: Path) -> None:
     write(tmp_path, b"line of text\n" * 30000)
     page(tmp_path, 0)
-    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v1")
+    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v2")
     with path.open("ab") as index:
         index.write(b"\x01\x02\x03")
     assert (
@@ -165,3 +167,60 @@ def test_bad_arguments(tmp_path: Path) -> None:
         page(tmp_path, 0, limit=0)
     with pytest.raises(InvalidRequest):
         read_page(tmp_path / "job.log", offset=0, limit=1, complete=True, index_dir=tmp_path, version="v9")
+
+
+# (written, the secret that must never show): each spans a space, so a separator cut could split it.
+CUT_SECRETS = [
+    (b" Authorization: Bearer opaqueTokenValue123456789", b"opaqueTokenValue123456789"),
+    (b" password = hunter2hunter2", b"hunter2hunter2"),
+    (b' "token" : "hunter2 hunter2"', b"hunter2 hunter2"),
+    (b" bearer QWERTYUIOPASDFGHJKLZXC", b"QWERTYUIOPASDFGHJKLZXC"),
+    (
+        b' {"k": "-----BEGIN PRIVATE KEY-----\\nMIIE0123456789\\nMIIE9876543210\\n-----END PRIVATE KEY-----"}',
+        b"MIIE",
+    ),
+    (b" https://USER:PA55W0RD99@example.com/x", b"PA55W0RD99"),
+]
+
+
+@pytest.mark.parametrize(("written", "secret"), CUT_SECRETS)
+def test_long_line_cut_never_splits_a_secret(tmp_path: Path, written: bytes, secret: bytes) -> None:
+    """SPEC §5: no page shows a secret. v1 cut a line over 64 KiB after a space near its end, which
+    could part `Bearer` from its token (or a key from its value) so neither piece matched a rule.
+    The secret is slid across every cut position the separator rule could pick; pages read whole
+    and while the line grows must all hide it."""
+    guard = V2.cut_guard
+    assert guard is not None
+    target = MAX_LINE - guard.lookahead
+    starts = [*range(target - len(written) - 8, target + 8), MAX_LINE - 100, MAX_LINE - 40]
+    for start in starts:
+        line = b"a" * start + written + b" " + b"b" * 5000 + b"\n"
+        write(tmp_path, line)
+        text, end = read_all(tmp_path, 131072)
+        assert secret not in text.encode(), start
+        assert text.encode() == V2.redact(line)[0], start  # the same as if it were never cut
+        assert end == len(text.encode())
+    # Offsets stay put while the line grows past the cut.
+    line = b"a" * (target - 30) + CUT_SECRETS[0][0] + b" " + b"b" * 30000 + b"\n"
+    write(tmp_path, b"")
+    (tmp_path / "ix").mkdir(exist_ok=True)
+    seen, offset = [], 0
+    for size in (MAX_LINE - 1, MAX_LINE + 1, len(line)):
+        write(tmp_path, line[:size])
+        text, offset = read_all(tmp_path, 997, complete=False, offset=offset)
+        seen.append(text)
+    assert "".join(seen).encode() == V2.redact(line)[0]
+    assert b"opaqueTokenValue" not in "".join(seen).encode()
+
+
+def test_v1_keeps_its_cuts(tmp_path: Path) -> None:
+    """A published version never changes its output: v1 still cuts after the last separator before
+    64 KiB (and so still splits the secret above); v2 is the default."""
+    line = b"a" * (MAX_LINE - 100) + CUT_SECRETS[0][0] + b"b" * 5000 + b"\n"
+    write(tmp_path, line)
+    v1 = read_page(
+        tmp_path / "job.log", offset=0, limit=131072, complete=True, index_dir=tmp_path / "ix", version="v1"
+    )
+    assert v1.redaction_version == "v1" and "opaqueTokenValue" in v1.content
+    assert page(tmp_path, 0, limit=131072).redaction_version == "v2"
+    assert "opaqueTokenValue" not in page(tmp_path, 0, limit=131072).content

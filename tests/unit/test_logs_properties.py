@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codex_runner.logs.reader import read_page
-from codex_runner.logs.redaction import V1
+from codex_runner.logs.redaction import V1, V2
+from codex_runner.logs.stream import MAX_LINE
 from codex_runner.logs.writer import LogWriter
 
 SECRETS = [
@@ -197,3 +198,47 @@ def test_writer_masks_known_secrets_however_cut(parts: list[str | int], cuts: li
             writer.write(raw[pos:])
         assert pieces.read_bytes() == whole.read_bytes()
         assert_no_secret(whole.read_bytes(), known)
+
+
+# Long lines: filler with separators, secrets placed anywhere, often around where a cut may fall.
+long_filler = st.builds(
+    lambda char, sep, n: ((char * 7 + sep) * n)[:n],
+    st.sampled_from("abk"),
+    st.sampled_from(
+        ["", " ", ",", ";", "\t"]
+    ),  # "": a run of letters, where the cut must take a separator in the secret
+    # often ending just before a place where a cut may fall (v1: 64 KiB; v2: 16 KiB earlier)
+    st.integers(0, 70000)
+    | st.builds(int.__sub__, st.sampled_from([MAX_LINE, MAX_LINE - 16 * 1024]), st.integers(1, 80)),
+)
+long_line = st.lists(st.tuples(long_filler, st.sampled_from(range(len(SHAPES) - 1))), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(long_line, st.integers(2000, 131072), st.lists(st.integers(1, 90000), min_size=1, max_size=4))
+def test_long_lines_never_show_a_secret(parts: list[tuple[str, int]], limit: int, growth: list[int]) -> None:
+    """However a line over 64 KiB is cut (v2), no secret is split across pieces: pages read whole or
+    while the log grows show none, and agree with each other."""
+    line = " ".join(filler + " " + SHAPES[shape][0] for filler, shape in parts).encode() + b" tail\n"
+    secrets = [SHAPES[shape][1] for _, shape in parts]
+    with tempfile.TemporaryDirectory() as tmp:
+        log, index = Path(tmp) / "job.log", Path(tmp) / "ix"
+        log.write_bytes(line)
+        whole, _ = follow(log, index, 0, limit, complete=True)
+        assert_no_secret(whole, secrets)
+        if len(line) <= MAX_LINE:
+            assert whole == V2.redact(line)[0]
+        grown = Path(tmp) / "grown.log"
+        grown.write_bytes(b"")
+        seen, offset, pos = [], 0, 0
+        for size in growth:
+            with grown.open("ab") as out:
+                out.write(line[pos : pos + size])
+            pos += size
+            text, offset = follow(grown, Path(tmp) / "ix2", offset, limit, complete=False)
+            seen.append(text)
+        with grown.open("ab") as out:
+            out.write(line[pos:])
+        text, _ = follow(grown, Path(tmp) / "ix2", offset, limit, complete=True)
+        seen.append(text)
+    assert b"".join(seen) == whole

@@ -1,11 +1,11 @@
-"""v1 redaction rules: each with inputs it must mask and look-alikes it must leave alone."""
+"""v1 redaction rules (v2 shares them): each with inputs it must mask and look-alikes it must leave alone."""
 
 from __future__ import annotations
 
 import pytest
 
 from codex_runner.errors import InvalidRequest
-from codex_runner.logs.redaction import MAX_PEM_LINES, REDACTION_VERSION, RULESETS, V1, get_ruleset
+from codex_runner.logs.redaction import MAX_PEM_LINES, REDACTION_VERSION, RULESETS, V1, V2, get_ruleset
 
 GH = "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
@@ -166,7 +166,24 @@ def test_invalid_utf8_becomes_replacement_character() -> None:
 def test_deterministic_and_registered() -> None:
     data = PEM + b"password=x sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123\n"
     assert V1.redact(data) == V1.redact(data)
-    assert RULESETS[REDACTION_VERSION] is V1
     assert get_ruleset("v1") is V1
+    # v2 has v1's rules and differs only in where long lines are cut (tests/unit/test_log_reader.py).
+    assert RULESETS[REDACTION_VERSION] is V2 and get_ruleset("v2") is V2
+    assert V2.rules == V1.rules and V2.redact(data) == V1.redact(data)
+    assert V1.cut_guard is None and V2.cut_guard is not None and V2.fingerprint != V1.fingerprint
+
+
+def test_spans_cover_whole_matches_and_private_keys() -> None:
+    """What a v2 cut must not split: a rule's whole match (key and value) and a BEGIN..END key."""
+    data = (
+        b'x Authorization: Bearer abcdefghijklmnopqrstu y password = "a b" z -----BEGIN PRIVATE KEY-----\\nM'
+    )
+    spans = [data[start:end] for start, end in V2.spans(data)]
+    assert spans == [
+        b"Authorization: Bearer abcdefghijklmnopqrstu",
+        b'password = "a b"',
+        b"-----BEGIN PRIVATE KEY-----\\nM",
+    ]
+    assert V2.spans(b"nothing to see here, move along") == []
     with pytest.raises(InvalidRequest):
         get_ruleset("v0")

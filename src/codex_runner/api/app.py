@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -78,6 +79,37 @@ class HttpMetrics:
             self.metrics.observe_http(method, template, status, time.perf_counter() - start)
 
 
+class ErrorGuard:
+    """The outermost layer: an exception that got this far (Starlette's ServerErrorMiddleware has
+    answered it and re-raises it "so servers can log it") ends here, logged by type only, with the
+    SPEC's 500 body if no answer started. Re-raised, uvicorn would log "Exception in ASGI
+    application" with the traceback, whose text can carry a secret."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            errors.log_unexpected(exc)
+            if not started:
+                # The client may be gone: nothing is left to tell it, and nothing to log.
+                with contextlib.suppress(Exception):
+                    await errors.internal_error_response()(scope, receive, send)
+
+
 def _replay(first: Message, receive: Receive) -> Receive:
     sent = False
 
@@ -98,6 +130,9 @@ class RunnerApp(FastAPI):
     fast_create: CreateEndpoint | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await ErrorGuard(self._dispatch)(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         fast = self.fast_create
         if (
             fast is not None
@@ -119,6 +154,10 @@ def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> RunnerA
         version=__version__,
         description="Runs AI coding agents as durable jobs against git repositories.",
         lifespan=lifespan,
+        # Served by an authenticated route instead (api/routes.py `openapi_document`).
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.create_batcher = CreateBatcher(runtime)

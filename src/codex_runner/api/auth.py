@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import jwt
 from fastapi import Request
@@ -57,6 +58,16 @@ def authenticate_many(runtime: Runtime, raw_tokens: Sequence[str]) -> list[Princ
     return out
 
 
+# The rule `TokenStore.create` applies to users (store/admin.py): a JWT `sub` names a user too, and
+# one outside it (NUL, 300 characters) would reach the database as a query parameter.
+MAX_USER_LENGTH = 200
+
+
+def valid_user(sub: object) -> TypeGuard[str]:
+    """A user name as tokens allow it: 1-200 printable characters."""
+    return isinstance(sub, str) and 0 < len(sub) <= MAX_USER_LENGTH and sub.isprintable()
+
+
 def _jwt_principal(runtime: Runtime, token: str) -> Principal:
     secret = runtime.settings.jwt_secret
     if secret and token.count(".") == 2:
@@ -66,7 +77,7 @@ def _jwt_principal(runtime: Runtime, token: str) -> Principal:
             raise NotAuthenticated("invalid or expired token") from None
         sub = claims.get("sub")
         role = claims.get("role", "user")
-        if not isinstance(sub, str) or not sub or role not in ROLES:
+        if not valid_user(sub) or role not in ROLES:
             raise NotAuthenticated("invalid token claims")
         return Principal(sub, role)
     raise NotAuthenticated("invalid or revoked token")

@@ -89,10 +89,19 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(400, "the request is not valid", "invalid_request", errors=items)
 
 
-def unexpected_error_response(exc: BaseException) -> JSONResponse:
-    # Log the type only: an exception's text can carry a URL with credentials or a secret.
-    log.error("unhandled_error", error_type=type(exc).__name__)
+def internal_error_response() -> JSONResponse:
     return error_response(500, "internal error", "internal_error")
+
+
+def log_unexpected(exc: BaseException) -> None:
+    # Log the type only: an exception's text (or a traceback's) can carry a URL with credentials
+    # or a secret.
+    log.error("unhandled_error", error_type=type(exc).__name__)
+
+
+def unexpected_error_response(exc: BaseException) -> JSONResponse:
+    log_unexpected(exc)
+    return internal_error_response()
 
 
 def response_for(exc: Exception) -> JSONResponse:
@@ -120,9 +129,11 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(exc.status_code, detail, code)
 
+    # Starlette's ServerErrorMiddleware sends this answer and then re-raises the exception;
+    # `ErrorGuard` (outside it) stops it there and logs it once, so no logging here.
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return unexpected_error_response(exc)
+        return internal_error_response()
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, object]]:

@@ -13,6 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from codex_runner.api.auth import current_principal
 from codex_runner.api.errors import responses
+from codex_runner.errors import InvalidRequest
 from codex_runner.jobs import TERMINAL, Status
 from codex_runner.logs import read_page
 from codex_runner.runtime import Runtime
@@ -25,6 +26,8 @@ STREAM_CHUNK = 65536
 # How often a live stream looks for new output: the bound on line-to-client latency when idle.
 STREAM_POLL_SECONDS = 0.05
 KEEPALIVE_SECONDS = 15
+# Event ids are redacted offsets: 20 digits exceed any log (and a 64-bit integer).
+MAX_EVENT_ID_DIGITS = 20
 
 
 def log_paths(runtime: Runtime, job_id: str) -> tuple[Path, Path]:
@@ -34,6 +37,24 @@ def log_paths(runtime: Runtime, job_id: str) -> tuple[Path, Path]:
 
 def _status(runtime: Runtime, job_id: str, owner: str | None) -> Status:
     return Status(runtime.jobs.get(job_id, owner=owner)["status"])
+
+
+def resume_offset(last_event_id: str | None) -> int | None:
+    """The offset a `Last-Event-ID` header resumes from: the `id` of an event this route sent, so
+    1-20 ASCII digits. Absent or blank: none (the `offset` parameter applies). Anything else is a
+    400, as a bad `offset` is: `str.isdigit` would let Unicode digits ("²") through to `int()`,
+    and thousands of digits make `int()` fail."""
+    if last_event_id is None or not last_event_id.strip(" \t"):
+        return None
+    text = last_event_id.strip(" \t")
+    if len(text) > MAX_EVENT_ID_DIGITS or not (text.isascii() and text.isdigit()):
+        raise InvalidRequest(
+            f"Last-Event-ID must be a log offset of 1-{MAX_EVENT_ID_DIGITS} ASCII digits",
+            errors=[
+                {"loc": ["header", "Last-Event-ID"], "msg": f"expected 1-{MAX_EVENT_ID_DIGITS} ASCII digits"}
+            ],
+        )
+    return int(text)
 
 
 @router.get("/api/runner/jobs/{job_id}/logs", responses=responses(400, 404, 401, 503))
@@ -69,9 +90,10 @@ async def stream_logs(
 ) -> EventSourceResponse:
     runtime: Runtime = request.app.state.runtime
     owner = runtime.owner_of(principal)
+    resume = resume_offset(last_event_id)
+    if resume is not None:
+        offset = resume
     await asyncio.to_thread(_status, runtime, job_id, owner)  # 404 before the stream starts
-    if last_event_id is not None and last_event_id.strip().isdigit():
-        offset = int(last_event_id.strip())
     log_path, index_dir = log_paths(runtime, job_id)
 
     async def events() -> AsyncIterator[dict[str, str]]:

@@ -44,6 +44,14 @@ def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
+# FastAPI's own /openapi.json, /docs and /redoc are turned off (api/app.py): they answer without
+# auth, and SPEC §4 leaves only the health routes open. The same document is served here, to any
+# authenticated caller; the HTML viewers, which fetch it without a token, are not served.
+@router.get("/openapi.json", include_in_schema=False)
+def openapi_document(request: Request, _: Auth) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
 @router.get("/api/runner/repos", tags=["catalog"], responses=responses(*AUTH_ERRORS))
 def list_repos(request: Request, _: Auth) -> dict[str, Any]:
     repos = _rt(request).catalog.repos.values()

@@ -40,6 +40,16 @@ class Rule:
     cased: bool = False
 
 
+@dataclass(frozen=True)
+class CutGuard:
+    """How a rule set's stream cuts lines over 64 KiB (logs/stream.py) so no match is split: the cut
+    is sought ``lookahead`` bytes before 64 KiB, so the rules see that many bytes past it, and
+    moves back before any match spanning it that starts at most ``lookback`` bytes earlier."""
+
+    lookahead: int
+    lookback: int
+
+
 def _marker(rule: str) -> bytes:
     return b"[REDACTED:" + rule.encode() + b"]"
 
@@ -47,9 +57,11 @@ def _marker(rule: str) -> bytes:
 class RuleSet:
     """One published redaction version: line rules plus PEM private key blocks."""
 
-    def __init__(self, version: str, rules: tuple[Rule, ...]) -> None:
+    def __init__(self, version: str, rules: tuple[Rule, ...], cut_guard: CutGuard | None = None) -> None:
         self.version = version
         self.rules = rules
+        # None: long lines are cut at a separator only (v1), which can split a secret.
+        self.cut_guard = cut_guard
         self._markers: dict[str, bytes] = {}
         self._alternatives: list[bytes] = []
         for index, rule in enumerate(rules):
@@ -73,7 +85,27 @@ class RuleSet:
         for rule in rules:
             digest.update(rule.name.encode() + b"\0" + rule.pattern + b"\0" + b"\0".join(rule.needles))
         digest.update(f"{MAX_PEM_LINES}".encode() + _PEM_BEGIN_RE.pattern + _PEM_END_RE.pattern)
+        if cut_guard is not None:
+            digest.update(f"cut:{cut_guard.lookahead}:{cut_guard.lookback}".encode())
         self.fingerprint = digest.digest()[:16]
+
+    def spans(self, data: bytes) -> list[tuple[int, int]]:
+        """Where in ``data`` (part of one line) a cut would split what the rules mask: the whole
+        match of every rule (key and value: a value cut from its key is no longer recognised), and
+        each ``-----BEGIN`` up to the end of its END marker, or of ``data``. Start order."""
+        lower = data.lower()
+        rules: frozenset[int] = frozenset()
+        for needle, cased, ids in self._needles:
+            if needle.search(data if cased else lower):
+                rules |= ids
+        found = [match.span() for match in self._regex(rules).finditer(data)] if rules else []
+        begin = data.find(_PEM_BEGIN)
+        while begin >= 0:
+            end = _PEM_END_RE.search(data, begin)
+            stop = end.end() if end is not None else len(data)
+            found.append((begin, stop))
+            begin = data.find(_PEM_BEGIN, stop)
+        return sorted(found)
 
     def redact(self, data: bytes, state: int = 0) -> tuple[bytes, int]:
         """Redacts whole lines (each ends with ``\\n``; the last may be a cut piece without one).
@@ -269,8 +301,12 @@ V1 = RuleSet(
     ),
 )
 
-REDACTION_VERSION = V1.version
-RULESETS: dict[str, RuleSet] = {V1.version: V1}
+# v1's rules; lines over 64 KiB are cut where no match is split (v1 could cut `Bearer <token>` or
+# `password = value` in two, and neither half was recognised).
+V2 = RuleSet("v2", V1.rules, cut_guard=CutGuard(lookahead=16 * 1024, lookback=12 * 1024))
+
+REDACTION_VERSION = V2.version
+RULESETS: dict[str, RuleSet] = {V1.version: V1, V2.version: V2}
 
 
 def get_ruleset(version: str) -> RuleSet:

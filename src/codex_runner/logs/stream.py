@@ -1,7 +1,9 @@
 """Cuts a raw log into pieces and redacts them in order: the one definition of the redacted stream.
 
 A piece is a line (ending with ``\\n``) of at most ``MAX_LINE`` bytes; a longer line is cut into
-pieces of about ``MAX_LINE`` bytes, each redacted on its own. Cut points depend only on the bytes
+pieces of at most ``MAX_LINE`` bytes, each redacted on its own. From v2 on, a cut falls where the
+rule set's matches, seen ``lookahead`` bytes past it, are not split (``RuleSet.cut_guard``), so a
+piece is at most ``MAX_LINE - lookahead`` bytes. Cut points depend only on the bytes
 from the piece's start, so every reader, starting from any piece boundary, sees the same pieces and
 therefore the same redacted bytes at the same offsets. The last bytes of a log, with no newline yet
 and shorter than ``MAX_LINE``, are a "soft" piece: it may still grow, so it is only redacted when the
@@ -58,7 +60,7 @@ def redact_range(
         hard = True
         if not pos:
             if len(buf) > MAX_LINE:  # the byte after the cut must be known: the cut never moves
-                pos = _cut(buf)
+                pos = _cut(buf, ruleset)
             elif final:
                 pos, hard = len(buf), False
             else:
@@ -68,16 +70,41 @@ def redact_range(
         buf, base = buf[pos:], base + pos
 
 
-def _cut(buf: bytes) -> int:
-    """Where a line of more than ``MAX_LINE`` bytes starting at ``buf[0]`` is cut: after the last
-    separator of its final window (not a space right after ``:`` or ``=``, which would part a key
-    from its value), else at ``MAX_LINE``; never before a UTF-8 continuation byte."""
-    floor = MAX_LINE - _CUT_WINDOW
-    cut = max(buf.rfind(sep, floor, MAX_LINE) for sep in (b",", b";"))
-    space = max(buf.rfind(sep, floor, MAX_LINE) for sep in (b" ", b"\t"))
+def _cut(buf: bytes, ruleset: RuleSet) -> int:
+    """Where a line of more than ``MAX_LINE`` bytes starting at ``buf[0]`` is cut. It depends on
+    ``buf[:MAX_LINE]`` only (known whenever a cut is made), so it never moves."""
+    guard = ruleset.cut_guard
+    if guard is None:
+        return _separator_cut(buf, MAX_LINE)
+    target = MAX_LINE - guard.lookahead
+    cut = _separator_cut(buf, target)
+    # The rules see ``lookahead`` bytes past any cut: enough to recognise a match that spans it.
+    low = target - _CUT_WINDOW - guard.lookback
+    safe = cut - low
+    for start, end in reversed(ruleset.spans(buf[low:MAX_LINE])):
+        if start < safe < end:
+            safe = start  # the match goes whole into the next piece
+    if safe <= 0:
+        # A match reaches back past the window (over ``lookback`` bytes long): no cut here keeps
+        # it whole, so keep the separator cut.
+        return cut
+    return _char_start(buf, low + safe)
+
+
+def _separator_cut(buf: bytes, end: int) -> int:
+    """After the last separator of the window before ``end`` (not a space right after ``:`` or
+    ``=``, which would part a key from its value), else at ``end``; never before a UTF-8
+    continuation byte."""
+    floor = end - _CUT_WINDOW
+    cut = max(buf.rfind(sep, floor, end) for sep in (b",", b";"))
+    space = max(buf.rfind(sep, floor, end) for sep in (b" ", b"\t"))
     while space > floor and buf[space - 1 : space] in (b":", b"="):
         space = max(buf.rfind(sep, floor, space) for sep in (b" ", b"\t"))
-    cut = max(cut, space) + 1 if max(cut, space) >= floor else MAX_LINE
+    cut = max(cut, space) + 1 if max(cut, space) >= floor else end
+    return _char_start(buf, cut)
+
+
+def _char_start(buf: bytes, cut: int) -> int:
     for _ in range(3):
         if 0x80 <= buf[cut] < 0xC0:
             cut -= 1

@@ -1,0 +1,71 @@
+"""Unexpected errors: the SPEC's 500 body, and one service log line naming the exception's type,
+never its text or a traceback (either could carry a secret)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from fastapi.responses import StreamingResponse
+
+from codex_runner.ops.logging import configure_logging
+
+SECRET_TEXT = "postgresql://runner:hunter2hunter2@db/runner"
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def service_log(api: Any) -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging(api.runtime.settings, stream=stream)
+    try:
+        yield stream
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+
+
+def test_unexpected_error_is_a_500_logged_by_type_only(api: Any, service_log: io.StringIO) -> None:
+    def boom() -> None:
+        raise Boom(f"cannot reach {SECRET_TEXT}")
+
+    async def broken_stream() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first part\n"
+            raise Boom(f"mid-stream {SECRET_TEXT}")
+
+        return StreamingResponse(body())
+
+    api.app.add_api_route("/api/test/boom", boom)
+    api.app.add_api_route("/api/test/broken-stream", broken_stream)
+    c = api.client(api.alice)
+    r = c.get("/api/test/boom")
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal error", "code": "internal_error"}
+    # An answer already under way cannot become a 500: it is cut short, and logged the same way.
+    with c.stream("GET", "/api/test/broken-stream") as streamed:
+        assert streamed.status_code == 200
+        # The server closes the connection mid-body: that is what a client sees.
+        with contextlib.suppress(httpx.HTTPError):
+            b"".join(streamed.iter_bytes())
+    assert c.get("/healthz").status_code == 200  # the server lives on
+    text = service_log.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    ours = [(line["event"], line.get("error_type")) for line in lines if line["logger"] == "codex_runner.api"]
+    assert ours == [("unhandled_error", "Boom"), ("unhandled_error", "Boom")], text
+    # uvicorn says, without details, that the second answer was cut short; nothing else is an error.
+    others = [
+        line["event"] for line in lines if line["level"] == "error" and line["logger"] != "codex_runner.api"
+    ]
+    assert others == ["ASGI callable returned without completing response."], text
+    assert "hunter2" not in text and "Traceback" not in text and "Exception in ASGI" not in text
