@@ -251,6 +251,26 @@ def test_cleanup_removes_exactly_the_expired(runtime: Runtime) -> None:
     assert (again.jobs, again.events, again.idempotency_keys, again.logs, again.workspaces) == (0, 0, 0, 0, 0)
 
 
+def test_cleanup_removes_the_log_indexes_of_deleted_jobs(runtime: Runtime) -> None:
+    seeded = seed(runtime, with_files=False)
+    index_dir = runtime.settings.data_dir / "log-index"
+    index_dir.mkdir(parents=True, exist_ok=True)
+    old = time.time() - DAY
+    indexes = {}
+    for job_id, _ in seeded.terminal:
+        path = index_dir / f"{job_id}.log.v2.idx"
+        path.write_bytes(b"index")
+        os.utime(path, (old, old))
+        indexes[job_id] = path
+    foreign = index_dir / "notes.txt"
+    foreign.write_text("not a job's")
+    cleanup(runtime)
+    assert {job_id for job_id, path in indexes.items() if path.exists()} == (
+        set(indexes) & seeded.expected_jobs
+    )
+    assert len(set(indexes) - seeded.expected_jobs) > 10 and foreign.exists()
+
+
 def test_keep_protects_the_newest_even_when_all_are_old(tmp_path: Path, database_url: str) -> None:
     rt = make_runtime(tmp_path, database_url, RUNNER_RETENTION_DAYS="0", RUNNER_RETENTION_KEEP="7")
     try:

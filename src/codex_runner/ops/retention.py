@@ -269,11 +269,15 @@ def _delete_keys(engine: Engine, now: datetime, batch_size: int, dry_run: bool, 
 def _candidates(runtime: Runtime) -> Iterator[tuple[str, str, Path]]:
     """(kind, job id, path) of every file or folder named after a job. Anything else is not ours."""
     s = runtime.settings
-    if s.log_dir.is_dir():
-        for path in s.log_dir.rglob("*"):
-            m = _JOB_ID.match(path.name)
-            if m and (path.is_file() or path.is_symlink()):
-                yield "logs", m[1], path
+    seen: set[Path] = set()
+    # The logs, and their page indexes (`<job id>.log.<version>.idx`, made by log reads).
+    for root in (s.log_dir, s.data_dir / "log-index"):
+        if root.is_dir():
+            for path in root.rglob("*"):
+                m = _JOB_ID.match(path.name)
+                if m and path not in seen and (path.is_file() or path.is_symlink()):
+                    seen.add(path)
+                    yield "logs", m[1], path
     for kind, root in (
         ("run_dirs", s.runs_dir),
         ("workspaces", s.workspace_dir),
