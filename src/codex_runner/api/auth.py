@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import TypeGuard
 
 import jwt
 from fastapi import Request
@@ -12,7 +11,7 @@ from fastapi import Request
 from codex_runner.errors import Forbidden, NotAuthenticated
 from codex_runner.runtime import Runtime
 from codex_runner.secrets import TOKEN_PREFIX
-from codex_runner.store.admin import ROLES, Principal
+from codex_runner.store.admin import ROLES, Principal, valid_user
 
 
 def bearer_token(request: Request) -> str:
@@ -56,16 +55,6 @@ def authenticate_many(runtime: Runtime, raw_tokens: Sequence[str]) -> list[Princ
         except NotAuthenticated as exc:
             out.append(exc)
     return out
-
-
-# The rule `TokenStore.create` applies to users (store/admin.py): a JWT `sub` names a user too, and
-# one outside it (NUL, 300 characters) would reach the database as a query parameter.
-MAX_USER_LENGTH = 200
-
-
-def valid_user(sub: object) -> TypeGuard[str]:
-    """A user name as tokens allow it: 1-200 printable characters."""
-    return isinstance(sub, str) and 0 < len(sub) <= MAX_USER_LENGTH and sub.isprintable()
 
 
 def _jwt_principal(runtime: Runtime, token: str) -> Principal:

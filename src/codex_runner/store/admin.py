@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -34,6 +34,16 @@ _BY_HASHES = sa.select(tokens.c.user, tokens.c.role, tokens.c.token_hash, tokens
 )
 
 
+#: The longest user name (the `user`/`requested_by` columns hold 200 characters).
+MAX_USER_LENGTH = 200
+
+
+def valid_user(user: object) -> TypeGuard[str]:
+    """A user name as the runner allows it, from a token or a JWT `sub`: 1-200 printable
+    characters (a NUL or a longer one would reach the database as a parameter it refuses)."""
+    return isinstance(user, str) and 0 < len(user) <= MAX_USER_LENGTH and user.isprintable()
+
+
 class TokenStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -42,7 +52,7 @@ class TokenStore:
         """Returns the new token (shown once, never stored) and its public record."""
         if role not in ROLES:
             raise InvalidRequest(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not user or len(user) > 200 or not user.isprintable():
+        if not valid_user(user):
             raise InvalidRequest("user must be 1-200 printable characters")
         token = secrets.new_api_token()
         row = {
