@@ -181,3 +181,49 @@ def test_sse_last_event_id_must_be_an_offset(api: Any) -> None:
     with c.stream("GET", path, headers={"Last-Event-ID": "9" * 20}) as r:
         events = _sse_events(r)
     assert [kind for kind, _, _ in events] == ["end"] and events[0][1] == "9" * 20
+
+
+def test_an_idle_stream_reads_the_status_a_few_times_a_second(api: Any, monkeypatch: Any) -> None:
+    """A stream whose log does not grow asks the database about its job every
+    `STATUS_POLL_SECONDS`, not every poll: a few hundred idle streams must not load it. Output
+    still arrives within a poll, and the end within a status poll."""
+    from codex_runner.api import logs as log_routes
+
+    calls: list[float] = []
+    real = log_routes._status
+
+    def counted(*args: Any) -> Status:
+        calls.append(time.monotonic())
+        return real(*args)
+
+    monkeypatch.setattr(log_routes, "_status", counted)
+    job_id, claimed = _job_with_log(api, b"first\n", terminal=False)
+    path = api.runtime.settings.log_dir / f"{job_id}.log"
+    c = api.client(api.alice)
+    seen: list[tuple[str, str]] = []
+    with c.stream("GET", f"/api/runner/jobs/{job_id}/logs/stream", timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data:"):
+                seen.append(("log", json.loads(line[5:])["content"]))
+                break
+        before = len(calls)
+        time.sleep(1.0)  # idle: nothing written
+        idle_calls = len(calls) - before
+        t0 = time.monotonic()
+        with path.open("ab") as fh:
+            fh.write(b"second\n")
+        for line in lines:
+            if line.startswith("data:"):
+                seen.append(("log", json.loads(line[5:])["content"]))
+                break
+        assert time.monotonic() - t0 < 1.0
+        api.runtime.jobs.transition(job_id, Status.RUNNING, Status.SUCCESS, lease_token=claimed.lease_token)
+        t1 = time.monotonic()
+        for line in lines:
+            if line.startswith("event: end"):
+                break
+        assert time.monotonic() - t1 < 2.0
+    assert seen == [("log", "first\n"), ("log", "second\n")]
+    assert idle_calls <= 6, f"{idle_calls} status reads in 1 s of an idle stream"

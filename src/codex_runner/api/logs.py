@@ -25,6 +25,10 @@ MAX_LIMIT = 131072
 STREAM_CHUNK = 65536
 # How often a live stream looks for new output: the bound on line-to-client latency when idle.
 STREAM_POLL_SECONDS = 0.05
+# How often an idle stream (its log not growing) asks the database whether the job ended: a status
+# read per stream every poll made a few hundred idle streams a load on the database. A job's
+# last log line comes before its terminal status, so a growing log is re-read at once.
+STATUS_POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15
 # Event ids are redacted offsets: 20 digits exceed any log (and a 64-bit integer).
 MAX_EVENT_ID_DIGITS = 20
@@ -33,6 +37,15 @@ MAX_EVENT_ID_DIGITS = 20
 def log_paths(runtime: Runtime, job_id: str) -> tuple[Path, Path]:
     settings = runtime.settings
     return settings.log_dir / f"{job_id}.log", settings.data_dir / "log-index"
+
+
+def _size(path: Path) -> int:
+    """The log file's size (-1 while it does not exist): a stat on the loop, cheaper than the
+    thread trip it saves."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def _status(runtime: Runtime, job_id: str, owner: str | None) -> Status:
@@ -97,9 +110,20 @@ async def stream_logs(
     log_path, index_dir = log_paths(runtime, job_id)
 
     async def events() -> AsyncIterator[dict[str, str]]:
+        loop = asyncio.get_running_loop()
         position = offset
+        read_size, status_at = -1, 0.0
         while True:
+            size = _size(log_path)
+            if size == read_size and loop.time() - status_at < STATUS_POLL_SECONDS:
+                # Nothing new since the last read (which found nothing to send) and the status
+                # read lately: no thread trip, no query.
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(STREAM_POLL_SECONDS)
+                continue
             status = await asyncio.to_thread(_status, runtime, job_id, owner)
+            status_at = loop.time()
             complete = status in TERMINAL
             page = await asyncio.to_thread(
                 read_page,
@@ -112,8 +136,9 @@ async def stream_logs(
             if page.content:
                 data = {"offset": page.offset, "next_offset": page.next_offset, "content": page.content}
                 yield {"event": "log", "id": str(page.next_offset), "data": json.dumps(data)}
-                position = page.next_offset
+                position, read_size = page.next_offset, -1  # read on: there may be more
                 continue
+            read_size = size  # all of it read: what a later read could add must grow the file
             position = max(position, page.next_offset)
             if complete and page.is_complete:
                 yield {"event": "end", "id": str(position), "data": json.dumps({"status": status.value})}
