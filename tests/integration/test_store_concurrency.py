@@ -225,6 +225,20 @@ def test_an_owner_write_retried_after_a_lost_commit_holds(
     assert _events_of(pg_store, job, "job_succeeded") == 1
 
 
+def test_idempotent_writes_are_retried_after_a_lost_commit(
+    pg_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat or a fenced field update applied twice is the same as once: a lost COMMIT
+    answer is retried rather than taken for a database outage."""
+    job = pg_store.create(new_job(), BIG)[0]["id"]
+    lease = pg_store.claim("r", slots=1, max_jobs_per_user=1)[0].lease_token
+    _lose_commit_answers(monkeypatch, pg_store, times=2)
+    assert pg_store.heartbeat("r", {job: lease}) == {job: "running"}
+    assert pg_store.update_fields(job, lease, {"pid": 4242})
+    row = pg_store.get_row(job)
+    assert row is not None and row["pid"] == 4242
+
+
 def test_an_applied_owner_write_counts_as_held_only_with_its_lease(store: JobStore) -> None:
     ids = [store.create(new_job(f"u{i}"), BIG)[0]["id"] for i in range(2)]
     leases = {c.id: c.lease_token for c in store.claim("r", slots=2, max_jobs_per_user=1)}

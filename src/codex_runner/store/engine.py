@@ -181,7 +181,7 @@ def _writer_lock(engine: Engine) -> threading.RLock:
 
 
 @contextmanager
-def write_txn(engine: Engine) -> Iterator[Connection]:
+def write_txn(engine: Engine, *, idempotent: bool = False) -> Iterator[Connection]:
     """A write transaction: BEGIN IMMEDIATE on SQLite, a plain transaction on PostgreSQL.
 
     On SQLite the threads of this process also queue on a lock first: a writer that finds the
@@ -190,7 +190,9 @@ def write_txn(engine: Engine) -> Iterator[Connection]:
     `busy_timeout`; a thread that waits as long here fails as SQLite would, "database is locked".
 
     A COMMIT that loses its connection raises `CommitOutcomeUnknown` (see
-    `commit_outcome_unknown`): running the transaction again could apply it twice."""
+    `commit_outcome_unknown`): running the transaction again could apply it twice. With
+    `idempotent` (a heartbeat, a fenced field update: applied twice, the same as once), it raises
+    the connection error itself, which `with_retries` tries again like any other."""
     if engine.dialect.name != "sqlite":
         committing = False
         try:
@@ -198,7 +200,7 @@ def write_txn(engine: Engine) -> Iterator[Connection]:
                 yield conn
                 committing = True  # the body is done: what fails from here on is the COMMIT
         except sa.exc.DBAPIError as exc:
-            if committing and commit_outcome_unknown(exc):
+            if committing and not idempotent and commit_outcome_unknown(exc):
                 log.warning("commit_outcome_unknown", error_type=type(exc.orig).__name__)
                 raise CommitOutcomeUnknown(
                     "the database connection was lost during COMMIT; the write may or may not have been applied"

@@ -103,7 +103,7 @@ class InstanceRegistry:
 
     def heartbeat(self) -> None:
         def txn() -> None:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, idempotent=True) as conn:
                 conn.execute(
                     instances.update().where(instances.c.id == self.runner_id).values(heartbeat_at=utcnow())
                 )
@@ -112,7 +112,7 @@ class InstanceRegistry:
 
     def stopped(self) -> None:
         def txn() -> None:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, idempotent=True) as conn:
                 conn.execute(
                     instances.update().where(instances.c.id == self.runner_id).values(stopped_at=utcnow())
                 )

@@ -866,7 +866,7 @@ class JobStore:
 
         def txn() -> dict[str, str]:
             now = utcnow()
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, idempotent=True) as conn:
                 rows = conn.execute(
                     jobs.update()
                     .where(
@@ -885,7 +885,7 @@ class JobStore:
         """A fenced write of non-status fields (stages, process ids, partial result)."""
 
         def txn() -> bool:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, idempotent=True) as conn:
                 result = conn.execute(
                     jobs.update()
                     .where(
