@@ -155,6 +155,28 @@ def test_script_not_executable_or_missing(make: Make, tmp_path: Path) -> None:
     assert checks_of(settings)["script:noexec"].ok
 
 
+def test_a_relative_program_is_not_checked_where_doctor_runs(make: Make, tmp_path: Path) -> None:
+    """`./tool.sh` is found in each job's workspace (its working directory), not beside
+    runner.toml: present here or not, doctor cannot tell, so it warns and never fails on it."""
+    tool = tmp_path / "tool.sh"
+    tool.write_text("#!/bin/sh\necho hi\n")
+    tool.chmod(0o755)
+    settings, _ = make(
+        """
+        [scripts.here]
+        command = ["./tool.sh"]
+
+        [scripts.in_repo]
+        command = ["bin/only-in-the-repo.sh"]
+        """
+    )
+    checks = checks_of(settings)
+    for key in ("here", "in_repo"):
+        check = checks[f"script:{key}"]
+        assert not check.blocking and "workspace" in check.message, check
+        assert check.level == "warn", check
+
+
 def test_repo_missing_not_git_or_outside_allowlist(make: Make, tmp_path: Path) -> None:
     plain = tmp_path / "repos" / "plain"
     plain.mkdir(parents=True)

@@ -178,3 +178,21 @@ def test_service_log_lines_survive_a_closed_stream(tmp_path: Path) -> None:
 
         logging.getLogger().handlers.clear()
         structlog.reset_defaults()
+
+
+def test_an_audit_log_that_cannot_be_made_never_undoes_the_action(tmp_path: Path) -> None:
+    """`audit_event` never raises: an audit log under a file (its folder cannot be made) is a
+    warning, not a failed admin command whose token was made but never shown."""
+    from types import SimpleNamespace
+
+    from codex_runner.ops.audit import audit_event
+
+    (tmp_path / "notadir").write_text("a file")
+    settings = SimpleNamespace(
+        audit_log=tmp_path / "notadir" / "audit.log",
+        audit_log_max_bytes=1024,
+        audit_log_backups=1,
+        secret_values=lambda: [],
+    )
+    runtime = SimpleNamespace(settings=settings, jobs=SimpleNamespace(listeners=[]))
+    audit_event(runtime, "token_created", actor="admin", meta={"user": "bob"})  # type: ignore[arg-type]

@@ -151,13 +151,13 @@ def audit_event(
     service log line, so there is a trace even without RUNNER_AUDIT_LOG. Never raises: an audit
     sink must not undo the action it records."""
     log.info(event_type, actor=actor, audit_message=message, job_id=job_id, meta=meta or {})
-    audit = attached(runtime) or AuditLog.from_runtime(runtime)
-    if audit is None:
-        return
     try:
-        audit.write(event_type, job_id=job_id, actor=actor, message=message, meta=meta)
+        # Made here too, not only written: its folder may be impossible to create.
+        audit = attached(runtime) or AuditLog.from_runtime(runtime)
+        if audit is not None:
+            audit.write(event_type, job_id=job_id, actor=actor, message=message, meta=meta)
     except OSError as exc:
-        log.warning("audit_write_failed", path=str(audit.path), error=exc.strerror)
+        log.warning("audit_write_failed", path=str(runtime.settings.audit_log), error=exc.strerror)
 
 
 def audit_admin(runtime: Runtime, action: str, actor: str, meta: dict[str, Any] | None = None) -> None:
