@@ -40,6 +40,7 @@ class Repo:
     source_type: str = "local_path"
     branch: str | None = "main"
     workspace: str = "worktree"
+    push: bool = True
 
 
 def git(*args: str, cwd: Path | None = None, input: str | None = None) -> str:
@@ -337,7 +338,12 @@ def test_commit_and_push_errors(tmp_path: Path, local: Path) -> None:
     with pytest.raises(GitError) as err:
         push_branch(ws, repo, None)  # the local repo has no origin
     assert err.value.code == "push_failed"
+    cleanup_workspace(ws, repo, settings, failed=False)
+    # The origin is read when the workspace is prepared (before the agent runs).
     git("remote", "add", "origin", str(tmp_path / "gone.git"), cwd=local)
+    ws = prepare_workspace(repo, "13131313-q", settings)
+    (ws.path / "a.txt").write_text("a\n")
+    commit(ws)
     with pytest.raises(GitError) as err:
         push_branch(ws, repo, None)
     assert err.value.code == "push_failed" and "gone.git" in err.value.message
@@ -467,6 +473,54 @@ def test_sources_refused(source: str) -> None:
     with pytest.raises(GitError) as err:
         validate_source(source)
     assert err.value.code == "clone_failed"
+
+
+@pytest.mark.parametrize("mode", ["worktree", "in_place"])
+def test_the_agent_cannot_choose_where_a_local_repo_pushes(tmp_path: Path, mode: str) -> None:
+    """A local repo's origin is read before the agent runs: in worktree and in_place mode the agent
+    can rewrite that config (`git remote set-url origin ...`), and the push must not follow it."""
+    local = make_repo(tmp_path / "repo")
+    bare, evil = tmp_path / "origin.git", tmp_path / "evil.git"
+    git("clone", "-q", "--bare", str(local), str(bare))
+    git("init", "-q", "--bare", str(evil))
+    git("remote", "add", "origin", str(bare), cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace=mode)
+    ws = prepare_workspace(repo, "17171717-a", settings)
+    (ws.path / "work.txt").write_text("work\n")
+    git("remote", "set-url", "origin", str(evil), cwd=ws.path)  # the agent
+    result = commit(ws)
+    push_branch(ws, repo, None)
+    assert git("for-each-ref", cwd=evil) == ""
+    assert git("rev-parse", "refs/heads/runner/17171717", cwd=bare) == result.commit
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
+def test_an_in_place_repo_on_a_job_branch_is_not_taken(tmp_path: Path) -> None:
+    """Two catalog repos on one folder, or a cleanup that did not finish: the folder is on a job
+    branch, and a second job must not take it (their work would mix)."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    a = Repo("app", str(local), workspace="in_place")
+    b = Repo("app-ro", str(local), workspace="in_place")
+    ws = prepare_workspace(a, "18181818-a", settings)
+    with pytest.raises(GitError) as err:
+        prepare_workspace(b, "19191919-b", settings)
+    assert err.value.code == "prepare_failed" and "runner/18181818" in err.value.message
+    cleanup_workspace(ws, a, settings, failed=False)
+    cleanup_workspace(prepare_workspace(b, "19191919-c", settings), b, settings, failed=False)
+
+
+def test_a_failing_in_place_cleanup_is_a_git_error(tmp_path: Path) -> None:
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    ws = prepare_workspace(repo, "15151515-a", settings)
+    (ws.path / "README.md").write_text("half-done\n")
+    (local / ".git" / "index.lock").write_text("")  # left by a git the agent ran and was killed
+    with pytest.raises(GitError) as err:
+        cleanup_workspace(ws, repo, settings, failed=True)
+    assert err.value.code == "cleanup_failed"
 
 
 def test_push_ignores_remote_settings_the_agent_wrote(tmp_path: Path) -> None:

@@ -258,3 +258,19 @@ def test_no_secret_in_a_stage_error_or_the_error_message(
     script = next(s for s in timed_out["stages"] if s["name"] == "script")
     assert "auth failed for [REDACTED]" in script["error"], script
     assert "[REDACTED" in failed["error_message"], failed
+
+
+def test_an_in_place_job_whose_cleanup_fails_keeps_its_outcome(
+    runner_factory: Callable[..., Runner], tmp_path: Path
+) -> None:
+    # A git the agent ran and was killed leaves `.git/index.lock`: the cleanup's reset fails. The
+    # stage says so; the job keeps the outcome of its script, not `internal_error`.
+    runner = runner_factory()
+    lock = tmp_path / "repo" / ".git" / "index.lock"
+    done = runner.wait(runner.submit({"touch": str(lock)}, repo="inplace")["id"])
+    try:
+        cleanup = next(s for s in done["stages"] if s["name"] == "cleanup")
+        assert done["error_code"] != "internal_error", done
+        assert cleanup["status"] == "failed" and "index.lock" in cleanup["error"], cleanup
+    finally:
+        lock.unlink(missing_ok=True)

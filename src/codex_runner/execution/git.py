@@ -28,7 +28,7 @@ from codex_runner.errors import RunnerError
 from codex_runner.secrets import mask
 
 GIT_ERROR_CODES = frozenset(
-    {"clone_failed", "branch_failed", "commit_failed", "push_failed", "prepare_failed"}
+    {"clone_failed", "branch_failed", "commit_failed", "push_failed", "prepare_failed", "cleanup_failed"}
 )
 STDERR_TAIL_BYTES = 8 * 1024  # the stage's stderr tail is at most 8 KiB (SPEC §3)
 LOCAL_TIMEOUT = 600.0

@@ -542,6 +542,10 @@ class JobRun:
         except (GitError, OSError) as exc:
             self._stage("cleanup", "failed", error=getattr(exc, "message", None) or str(exc))
             return
+        except Exception as exc:  # a cleanup the runner did not foresee fails the stage, not the job
+            log.warning("cleanup_failed", job_id=self.job_id, error_type=type(exc).__name__)
+            self._stage("cleanup", "failed", error=f"cleanup failed: {type(exc).__name__}")
+            return
         self._stage("cleanup", "success")
 
     async def _conclude(

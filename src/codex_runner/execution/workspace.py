@@ -94,6 +94,8 @@ class RepoLike(Protocol):
     def branch(self) -> str | None: ...
     @property
     def workspace(self) -> str: ...
+    @property
+    def push(self) -> bool: ...
 
 
 @dataclass
@@ -110,6 +112,9 @@ class Workspace:
     git_dir: Path | None = None
     store: Path | None = None  # git dir of the repository the workspace came from (local repo or mirror)
     original_ref: str | None = None  # in_place: the branch (or commit) to return to at cleanup
+    # A local repo's `remote.origin.url`, read before the agent runs: in worktree and in_place mode
+    # the agent can write that config, and must not choose where the job's branch is pushed.
+    push_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,10 @@ def prepare_workspace(
     if mode != "scratch":  # no git runs in a scratch workspace: no git HOME to make (or remove)
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        return _prepare(repo, job_id, settings, credential, mode, home)
+        ws = _prepare(repo, job_id, settings, credential, mode, home)
+        if repo.source_type != "git_url" and repo.push and ws.store is not None:
+            ws.push_url = _local_origin_url(ws)
+        return ws
     except BaseException:
         shutil.rmtree(home, ignore_errors=True)
         raise
@@ -287,6 +295,14 @@ def _prepare_in_place(
         )
     head = run_git([f"--git-dir={store}", "symbolic-ref", "-q", "HEAD"], home=home, check=False)
     original = head.stdout.strip() if head.returncode == 0 else _resolve(store, "HEAD", home)
+    if original.startswith("refs/heads/runner/"):
+        # Another job's branch: a job of another catalog repo on the same folder runs, or a
+        # cleanup failed. Taking the folder would mix the two jobs' work.
+        raise GitError(
+            f"in_place repo is on the job branch {original.removeprefix('refs/heads/')}: another job "
+            "uses this folder, or a job's cleanup did not finish; check it out back to its branch",
+            code="prepare_failed",
+        )
     _run_in(store, source, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
     return Workspace(
         source, "in_place", branch, base_branch, base_commit, job_id, home, store, store, original
@@ -575,7 +591,9 @@ def push_branch(ws: Workspace, repo: RepoLike, credential: GitCredential | None)
     applies to the one command that carries the credential."""
     if ws.git_dir is None or ws.branch is None:
         raise GitError("a scratch workspace has no branch to push", code="push_failed")
-    url = repo.source if repo.source_type == "git_url" else _local_origin_url(ws)
+    url = repo.source if repo.source_type == "git_url" else ws.push_url
+    if url is None:
+        raise GitError("the local repo has no origin remote to push to", code="push_failed")
     validate_source(url)
     tip = _resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home, code="push_failed")
     objects = Path(
@@ -598,15 +616,13 @@ def push_branch(ws: Workspace, repo: RepoLike, credential: GitCredential | None)
         shutil.rmtree(shim, ignore_errors=True)
 
 
-def _local_origin_url(ws: Workspace) -> str:
+def _local_origin_url(ws: Workspace) -> str | None:
     assert ws.store is not None
     got = run_git(
         [f"--git-dir={ws.store}", "config", "--get", "remote.origin.url"], home=ws.home, check=False
     )
     url = got.stdout.strip()
-    if got.returncode != 0 or not url:
-        raise GitError("the local repo has no origin remote to push to", code="push_failed")
-    return url
+    return url if got.returncode == 0 and url else None
 
 
 # --- cleanup ----------------------------------------------------------------------------------------
