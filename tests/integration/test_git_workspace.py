@@ -523,6 +523,57 @@ def test_a_failing_in_place_cleanup_is_a_git_error(tmp_path: Path) -> None:
     assert err.value.code == "cleanup_failed"
 
 
+@pytest.mark.parametrize("mode", ["clone", "worktree", "in_place"])
+def test_a_filter_the_agent_configured_does_not_run_in_the_runners_git(tmp_path: Path, mode: str) -> None:
+    """A filter driver the agent writes into the workspace's config (with a `.gitattributes` that
+    names it) would run, outside the agent's sandbox, in the runner's `add -A` and in the
+    cleanup's `reset` and `checkout`. Every driver is turned off for the runner's commands."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace=mode)
+    ws = prepare_workspace(repo, "16161616-a", settings)
+    marker = tmp_path / "filter-ran"
+    for key in ("clean", "smudge"):
+        git("config", f"filter.x.{key}", f"sh -c 'touch {marker}; cat'", cwd=ws.path)
+    git("config", "filter.x.required", "true", cwd=ws.path)
+    (ws.path / ".gitattributes").write_text("* filter=x\n")
+    (ws.path / "work.txt").write_text("work\n")
+    result = commit(ws)
+    assert result.files_changed == 2
+    (ws.path / "work.txt").write_text("left uncommitted\n")
+    cleanup_workspace(ws, repo, settings, failed=True)
+    assert not marker.exists()
+
+
+def test_the_filter_guard_names_every_driver_of_the_config_and_its_includes(tmp_path: Path) -> None:
+    from codex_runner.execution.gitutil import filter_guard
+
+    local = make_repo(tmp_path / "repo")
+    git("config", "filter.lfs.clean", "git-lfs clean -- %f", cwd=local)
+    (tmp_path / "included").write_text('[filter "a b"]\n\tprocess = evil\n')
+    git("config", "include.path", str(tmp_path / "included"), cwd=local)
+    guard = dict(filter_guard(local / ".git", tmp_path / "home"))
+    for driver in ("lfs", "a b"):
+        assert guard[f"filter.{driver}.clean"] == guard[f"filter.{driver}.process"] == ""
+        assert guard[f"filter.{driver}.smudge"] == "" and guard[f"filter.{driver}.required"] == "false"
+    assert filter_guard(make_repo(tmp_path / "plain") / ".git", tmp_path / "home") == ()
+
+
+def test_a_filter_one_worktree_job_configured_does_not_run_in_the_next_prepare(tmp_path: Path) -> None:
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path, warm_workspaces=0)
+    repo = Repo("widgets", str(local), workspace="worktree")
+    ws = prepare_workspace(repo, "20202020-a", settings)
+    marker = tmp_path / "smudge-ran"
+    git("config", "filter.x.smudge", f"sh -c 'touch {marker}; cat'", cwd=ws.path)  # the shared config
+    (tmp_path / "attrs").write_text("* filter=x\n")
+    git("config", "core.attributesFile", str(tmp_path / "attrs"), cwd=ws.path)
+    cleanup_workspace(ws, repo, settings, failed=False)
+    following = prepare_workspace(repo, "21212121-b", settings)
+    cleanup_workspace(following, repo, settings, failed=False)
+    assert not marker.exists()
+
+
 def test_push_ignores_remote_settings_the_agent_wrote(tmp_path: Path) -> None:
     seed = make_repo(tmp_path / "seed")
     bare = tmp_path / "origin.git"

@@ -67,6 +67,8 @@ printf 'username=%s\\npassword=%s\\n' "$CODEX_RUNNER_GIT_USERNAME" "$CODEX_RUNNE
 _FIXED_CONFIG: tuple[tuple[str, str], ...] = (
     ("core.hooksPath", os.devnull),
     ("core.fsmonitor", "false"),
+    # Attributes choose filter drivers (`gitutil.filter_guard` turns off the drivers themselves).
+    ("core.attributesFile", os.devnull),
     ("protocol.ext.allow", "never"),
     ("credential.helper", ""),  # an empty value empties the helper list: no repo-configured helper runs
     ("http.sslVerify", "true"),
@@ -147,8 +149,10 @@ def git_env(
     credential: GitCredential | None = None,
     plain_http: bool = False,
     env_extra: Mapping[str, str] | None = None,
+    extra_config: Sequence[tuple[str, str]] = (),
 ) -> dict[str, str]:
-    """The complete environment of one git command; nothing else of the service's leaks in."""
+    """The complete environment of one git command; nothing else of the service's leaks in.
+    `extra_config`: more settings, after (so over) the fixed ones."""
     env = {name: os.environ[name] for name in _PASS_THROUGH if name in os.environ}
     env.setdefault("PATH", os.defpath)
     no = _false_program()
@@ -174,7 +178,7 @@ def git_env(
             "MALLOC_TRIM_THRESHOLD_": str(_MALLOC_TRIM_THRESHOLD),
         }
     )
-    config = list(_FIXED_CONFIG)
+    config = [*_FIXED_CONFIG, *extra_config]
     if credential is not None:
         helper = _install_helper(home)
         config.append(("credential.helper", "!" + shlex.quote(str(helper))))
@@ -225,6 +229,7 @@ def run_git(
     error_code: str = "prepare_failed",
     check: bool = True,
     timeout: float = LOCAL_TIMEOUT,
+    extra_config: Sequence[tuple[str, str]] = (),
 ) -> GitResult:
     """Runs `git <args>` with the fixed environment and returns its output.
 
@@ -232,7 +237,9 @@ def run_git(
     command runs in its own process group so a timeout also stops git's helpers (remote-https, ssh).
     """
     secrets = [credential.secret] if credential else []
-    env = git_env(home, credential=credential, plain_http=plain_http, env_extra=env_extra)
+    env = git_env(
+        home, credential=credential, plain_http=plain_http, env_extra=env_extra, extra_config=extra_config
+    )
     argv = ["git", *args]
     try:
         proc = subprocess.Popen(

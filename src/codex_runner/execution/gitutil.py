@@ -9,7 +9,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +28,7 @@ REPO_LOCK_TIMEOUT = NETWORK_TIMEOUT + LOCAL_TIMEOUT
 
 __all__ = [
     "current_branch",
+    "filter_guard",
     "git_out",
     "lock_key",
     "real_dir",
@@ -99,8 +100,10 @@ def run_in(
     check: bool = True,
     env_extra: dict[str, str] | None = None,
     input_text: str | None = None,
+    guard: Sequence[tuple[str, str]] = (),
 ) -> GitResult:
-    """A command in a workspace, naming its pinned git dir and work tree explicitly."""
+    """A command in a workspace, naming its pinned git dir and work tree explicitly; `guard`
+    (`filter_guard`) when the repository's config may be the agent's."""
     return run_git(
         [f"--git-dir={git_dir}", f"--work-tree={work_tree}", *args],
         cwd=work_tree,
@@ -109,6 +112,29 @@ def run_in(
         check=check,
         env_extra=env_extra,
         input_text=input_text,
+        extra_config=guard,
+    )
+
+
+def filter_guard(git_dir: Path, home: Path) -> tuple[tuple[str, str], ...]:
+    """Settings that turn off every filter driver the repository's config defines (its includes
+    too). An agent that can write that config (a worktree's or in_place repo's shared one, a
+    clone's own) could name a program as a driver's `clean`, `smudge` or `process` and have the
+    runner's `add`, `checkout` or `reset` run it outside the agent's sandbox. Empty commands are no
+    filter; `required` false lets the file through as it is. One git call: made once per stage,
+    not per command."""
+    got = run_git(
+        [f"--git-dir={git_dir}", "config", "--name-only", "--get-regexp", r"^filter\."],
+        home=home,
+        check=False,
+    )
+    drivers = sorted(
+        {name[len("filter.") :].rsplit(".", 1)[0] for name in got.stdout.splitlines() if name.count(".") >= 2}
+    )
+    return tuple(
+        (f"filter.{driver}.{key}", value)
+        for driver in drivers
+        for key, value in (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false"))
     )
 
 

@@ -33,7 +33,7 @@ import structlog
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import GitError, install_script, run_git
-from codex_runner.execution.gitutil import git_out, real_dir, repo_lock, run_in
+from codex_runner.execution.gitutil import filter_guard, git_out, real_dir, repo_lock, run_in
 from codex_runner.execution.spare_watch import watch
 
 __all__ = [
@@ -190,13 +190,16 @@ def _reset(
         _write_file(ref, f"{src.commit}\n")
     # -f: whatever differs from the commit is overwritten; files that already match are not written.
     checkout = ["checkout", "-q", "-f", "-b", branch, src.commit]
+    # A worktree spare shares the store's config with earlier jobs' agents (`filter_guard`); a
+    # clone spare's config was just written again from fixed text.
+    guard = filter_guard(git_dir, home) if src.mode == "worktree" else ()
     if untouched:
         # Nothing changed since the build checked it (spare_watch.py): no file needs an lstat, and
         # there is nothing untracked to clean.
-        run_in(git_dir, path, [*_trusting(home), *checkout], home, "branch_failed")
+        run_in(git_dir, path, [*_trusting(home), *checkout], home, "branch_failed", guard=guard)
         return
-    run_in(git_dir, path, checkout, home, "branch_failed")
-    run_in(git_dir, path, ["clean", "-ffdxq"], home, "branch_failed")
+    run_in(git_dir, path, checkout, home, "branch_failed", guard=guard)
+    run_in(git_dir, path, ["clean", "-ffdxq"], home, "branch_failed", guard=guard)
 
 
 def _trusting(home: Path) -> list[str]:
@@ -238,7 +241,8 @@ def build_spare(settings: Settings, src: SpareSource) -> bool:
             git_dir = Path(
                 git_out(["-C", str(building), "rev-parse", "--absolute-git-dir"], home, "branch_failed")
             )
-            run_in(git_dir, building, ["reset", "--hard", "-q"], home, "branch_failed")
+            guard = filter_guard(git_dir, home)  # the store's config is shared with agents
+            run_in(git_dir, building, ["reset", "--hard", "-q"], home, "branch_failed", guard=guard)
         elif src.owns_objects:
             _build_local_clone(src, building, home)
         else:

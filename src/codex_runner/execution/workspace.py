@@ -41,8 +41,8 @@ from codex_runner.execution.git import (
     validate_source,
 )
 from codex_runner.execution.gitutil import current_branch as _current_branch
+from codex_runner.execution.gitutil import filter_guard, lock_key
 from codex_runner.execution.gitutil import git_out as _git_out
-from codex_runner.execution.gitutil import lock_key
 from codex_runner.execution.gitutil import real_dir as _real_dir
 from codex_runner.execution.gitutil import repo_lock as _repo_lock
 from codex_runner.execution.gitutil import resolve as _resolve
@@ -285,9 +285,16 @@ def _prepare_in_place(
     branch: str,
     home: Path,
 ) -> Workspace:
+    # An earlier job's agent could write this repo's config (`filter_guard`).
+    guard = filter_guard(store, home)
     # A dirty tree would end up in the job's commit, mixed with the agent's work: refuse it.
     status = _run_in(
-        store, source, ["status", "--porcelain", "-z", "--untracked-files=normal"], home, "prepare_failed"
+        store,
+        source,
+        ["status", "--porcelain", "-z", "--untracked-files=normal"],
+        home,
+        "prepare_failed",
+        guard=guard,
     )
     if status.stdout:
         raise GitError(
@@ -303,7 +310,7 @@ def _prepare_in_place(
             "uses this folder, or a job's cleanup did not finish; check it out back to its branch",
             code="prepare_failed",
         )
-    _run_in(store, source, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
+    _run_in(store, source, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed", guard=guard)
     return Workspace(
         source, "in_place", branch, base_branch, base_commit, job_id, home, store, store, original
     )
@@ -328,7 +335,10 @@ def _make_worktree(
             run_git([f"--git-dir={store}", *add], home=home, error_code="branch_failed")
         git_dir = Path(_git_out(["-C", str(path), "rev-parse", "--absolute-git-dir"], home, "branch_failed"))
         # The checkout of many files runs outside the lock, in parallel with other jobs' checkouts.
-        _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "branch_failed")
+        # The store's config is shared with earlier jobs' agents (`filter_guard`).
+        _run_in(
+            git_dir, path, ["reset", "--hard", "-q"], home, "branch_failed", guard=filter_guard(git_dir, home)
+        )
         return git_dir
     except BaseException:
         _remove_tree(path, root)
@@ -521,15 +531,22 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     if ws.git_dir is None or ws.branch is None or ws.base_commit is None:
         return NO_CHANGES
     ref = f"refs/heads/{ws.branch}"
+    guard = filter_guard(ws.git_dir, ws.home)  # the agent could write this config
     # The agent may have switched or deleted branches: the job's commit still goes on the job branch.
     head = _run_in(ws.git_dir, ws.path, ["symbolic-ref", "-q", "HEAD"], ws.home, "commit_failed", check=False)
     if head.stdout.strip() != ref:
         if _try_resolve(ws.git_dir, ref, ws.home) is None:
             _run_in(ws.git_dir, ws.path, ["update-ref", ref, ws.base_commit], ws.home, "commit_failed")
         _run_in(ws.git_dir, ws.path, ["symbolic-ref", "HEAD", ref], ws.home, "commit_failed")
-    _run_in(ws.git_dir, ws.path, ["add", "-A"], ws.home, "commit_failed")
+    _run_in(ws.git_dir, ws.path, ["add", "-A"], ws.home, "commit_failed", guard=guard)
     staged = _run_in(
-        ws.git_dir, ws.path, ["diff", "--cached", "--quiet"], ws.home, "commit_failed", check=False
+        ws.git_dir,
+        ws.path,
+        ["diff", "--cached", "--quiet", "--no-ext-diff", "--no-textconv"],
+        ws.home,
+        "commit_failed",
+        check=False,
+        guard=guard,
     )
     if staged.returncode not in (0, 1):
         raise GitError(f"git diff --cached failed: {staged.stderr.strip()}", code="commit_failed")
@@ -548,6 +565,7 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
             "commit_failed",
             env_extra=ident,
             input_text=message,
+            guard=guard,
         )
     tip = _resolve(ws.git_dir, ref, ws.home, code="commit_failed")
     if tip == ws.base_commit:
@@ -702,20 +720,16 @@ def _cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path
 def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings) -> None:
     assert ws.git_dir is not None and ws.branch is not None and ws.base_commit is not None
     with _repo_lock(settings, _lock_key(repo)):
+        guard = filter_guard(ws.git_dir, ws.home)  # the agent could write this config
         # The tree was clean when the job began, so what is left uncommitted is the job's own.
-        _run_in(ws.git_dir, ws.path, ["reset", "--hard", "-q"], ws.home, "cleanup_failed")
-        _run_in(ws.git_dir, ws.path, ["clean", "-fdq"], ws.home, "cleanup_failed")
+        _run_in(ws.git_dir, ws.path, ["reset", "--hard", "-q"], ws.home, "cleanup_failed", guard=guard)
+        _run_in(ws.git_dir, ws.path, ["clean", "-fdq"], ws.home, "cleanup_failed", guard=guard)
         original = ws.original_ref or ws.base_commit
         if original.startswith("refs/heads/"):
-            _run_in(
-                ws.git_dir,
-                ws.path,
-                ["checkout", "-q", original.removeprefix("refs/heads/")],
-                ws.home,
-                "cleanup_failed",
-            )
+            checkout = ["checkout", "-q", original.removeprefix("refs/heads/")]
         else:
-            _run_in(ws.git_dir, ws.path, ["checkout", "-q", "--detach", original], ws.home, "cleanup_failed")
+            checkout = ["checkout", "-q", "--detach", original]
+        _run_in(ws.git_dir, ws.path, checkout, ws.home, "cleanup_failed", guard=guard)
         _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
 
 
