@@ -27,18 +27,44 @@ def is_codex_exec(script: ScriptSpec) -> bool:
     )
 
 
+# codex flags that turn the sandbox (and approvals) off whatever `--sandbox` says.
+_BYPASS_FLAGS = frozenset({"--dangerously-bypass-approvals-and-sandbox", "--yolo"})
+
+
 def apply_risk_policy(argv: list[str], policy: str) -> list[str]:
     """Sets `--sandbox` from the repo's policy, whatever the script asked for: an operator's
-    script cannot widen a conservative repo's sandbox."""
+    script cannot widen a conservative repo's sandbox. Every other way of choosing it goes:
+    `--sandbox X`, `-s X`, `--sandbox=X`, `-sX`, a `-c`/`--config` setting of `sandbox_mode` or
+    `sandbox_*`, and (but for a permissive repo) the flags that bypass the sandbox altogether. One
+    `--sandbox` is put right after `exec`."""
     sandbox = SANDBOX_BY_POLICY.get(policy, "workspace-write")
-    out = list(argv)
-    for i, arg in enumerate(out[:-1]):
-        if arg in {"--sandbox", "-s"}:
-            out[i + 1] = sandbox
-            return out
-    # No sandbox flag given: add one right after `exec`.
+    out = argv[:1]
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if value is not None and (
+            arg in {"--sandbox", "-s"} or (arg in {"-c", "--config"} and _sandbox_setting(value))
+        ):
+            i += 2
+        elif (
+            arg.startswith("--sandbox=")
+            or (arg.startswith("-s") and not arg.startswith("--") and len(arg) > 2)
+            or (arg.startswith("--config=") and _sandbox_setting(arg[len("--config=") :]))
+            or (arg.startswith("-c") and not arg.startswith("--") and _sandbox_setting(arg[2:]))
+            or (arg in _BYPASS_FLAGS and policy != "permissive")
+        ):
+            i += 1
+        else:
+            out.append(arg)
+            i += 1
     at = out.index("exec") + 1 if "exec" in out else len(out)
     return [*out[:at], "--sandbox", sandbox, *out[at:]]
+
+
+def _sandbox_setting(setting: str) -> bool:
+    """A `-c key=value` override of codex's sandbox (`sandbox_mode`, `sandbox_workspace_write.*`)."""
+    return setting.lstrip().lstrip("=").startswith("sandbox")
 
 
 def codex_home_for(settings: Settings) -> Path | None:

@@ -262,7 +262,7 @@ def run_git(
         _kill_group(proc)
         raise
     stdout = out.decode("utf-8", "replace")
-    stderr = mask(_tail(err), secrets)
+    stderr = _tail(err, secrets)
     if check and proc.returncode != 0:
         detail = stderr.strip() or f"exit status {proc.returncode}"
         raise GitError(
@@ -277,8 +277,11 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _tail(data: bytes) -> str:
-    return data[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
+def _tail(data: bytes, secrets: Sequence[str]) -> str:
+    """The last `STDERR_TAIL_BYTES` of git's stderr, masked whole before the cut: a secret that
+    straddled the cut would otherwise leave its end unmasked."""
+    masked = mask(data.decode("utf-8", "replace"), secrets) if secrets else data.decode("utf-8", "replace")
+    return masked.encode()[-STDERR_TAIL_BYTES:].decode("utf-8", "ignore")
 
 
 def _verb(args: Sequence[str]) -> str:
