@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -84,9 +86,18 @@ def run_serve(settings: Settings) -> None:
         tune_gc()
         # A second SIGTERM/SIGINT exits at once but still kills every job's process group.
         guard_serve_signals(server)
+        # uvicorn raises the signal it shut down for again once it is done, for the handler it
+        # found: the default one would kill the process (status 143) before `runtime.close()`.
+        # The shutdown is over by then, so ours has nothing left to do: `serve` exits 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _already_shut_down)
         server.run()
     finally:
         runtime.close()
+
+
+def _already_shut_down(sig: int, frame: FrameType | None) -> None:
+    return None
 
 
 def run_worker(settings: Settings) -> None:

@@ -208,7 +208,9 @@ def _scripts(settings: Settings, catalog: Catalog) -> Iterator[Check]:
         elif "/" in program and not Path(program).is_absolute():
             # Jobs resolve it in their workspace (their working directory), not where doctor runs:
             # checked here it would pass or fail for the wrong file.
-            yield _warn(name, f"script {key}: program {program} is resolved in each job's workspace, not checked")
+            yield _warn(
+                name, f"script {key}: program {program} is resolved in each job's workspace, not checked"
+            )
         elif problem := _program_problem(program):
             if builtin:
                 yield _warn(name, f"built-in script {key}: {problem}; install it to use this script")
