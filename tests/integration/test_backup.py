@@ -292,3 +292,36 @@ def test_missing_pg_dump_is_a_clear_error(
     with pytest.raises(BackupError, match="pg_dump is not installed"):
         backup(settings)
     assert not list(settings.backup_dir.glob("runner-*"))
+
+
+def test_a_backup_from_before_an_upgrade_restores_and_migrates_again(settings: Settings) -> None:
+    """docs/operations.md's rollback: a backup taken at an older schema, restored over the newer
+    one, leaves none of the newer tables, functions or triggers behind, so the next start
+    migrates it to head again (PostgreSQL's `pg_restore --clean` drops only what the dump holds)."""
+    from alembic import command
+
+    from codex_runner.store.migrate import _config, current_revision, upgrade
+
+    engine = create_store_engine(settings.database_url)
+    try:
+        cfg = _config()
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+            conn.commit()
+        old = backup(settings)
+        upgrade(engine)  # the new version
+        head = current_revision(engine)
+        assert head != "0001"
+        restore(settings, old.path)  # rolled back
+        assert current_revision(engine) == "0001"
+        upgrade(engine)  # and upgraded again
+        assert current_revision(engine) == head
+    finally:
+        engine.dispose()
+    populate(settings)  # the counts' triggers work again
+    rt = Runtime.open(settings)
+    try:
+        assert rt.jobs.list_jobs(limit=1)[1] == 12
+    finally:
+        rt.close()

@@ -363,22 +363,49 @@ def _load_database(settings: Settings, backend: str, dump: Path) -> None:
             dst.close()
             src.close()
         return
-    # One transaction: a failed restore leaves the database as it was. The database name comes
-    # from PGDATABASE; an empty --dbname only tells pg_restore to restore into a database.
+    # The dump as SQL, run by psql after a prelude that drops the runner's objects as they are
+    # now, all in one transaction: a failed restore leaves the database as it was, and a backup
+    # taken before an upgrade leaves none of the newer schema's tables, functions or triggers
+    # behind (`--clean` drops only what the dump holds), so the next start migrates it again.
+    # The database name comes from PGDATABASE.
+    script = dump.with_suffix(".sql")
+    prelude = dump.with_suffix(".prelude.sql")
     _run_pg(
         settings,
         "pg_restore",
-        [
-            "--clean",
-            "--if-exists",
-            "--no-owner",
-            "--no-privileges",
-            "--single-transaction",
-            "--exit-on-error",
-            "--dbname=",
-            str(dump),
-        ],
+        ["--clean", "--if-exists", "--no-owner", "--no-privileges", "-f", str(script), str(dump)],
     )
+    prelude.write_text(_drop_runner_objects(settings))
+    _run_pg(
+        settings,
+        "psql",
+        ["-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", str(prelude), "-f", str(script)],
+    )
+
+
+def _drop_runner_objects(settings: Settings) -> str:
+    """SQL that drops the runner's tables (and with them their triggers) and functions in the
+    database's current schema: `runner_*` and alembic's version table."""
+    engine = create_store_engine(settings.database_url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            tables = conn.execute(
+                sa.text(
+                    "SELECT quote_ident(tablename) FROM pg_tables WHERE schemaname = current_schema() "
+                    "AND (tablename LIKE 'runner\\_%' OR tablename = 'alembic_version')"
+                )
+            ).scalars()
+            functions = conn.execute(
+                sa.text(
+                    "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                    "WHERE n.nspname = current_schema() AND p.proname LIKE 'runner\\_%'"
+                )
+            ).scalars()
+            statements = [f"DROP TABLE IF EXISTS {name} CASCADE;" for name in tables]
+            statements += [f"DROP FUNCTION IF EXISTS {name} CASCADE;" for name in functions]
+    finally:
+        engine.dispose()
+    return "\n".join(statements) + "\n"
 
 
 # -- restore ----------------------------------------------------------------------------------
