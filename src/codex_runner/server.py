@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -28,23 +30,63 @@ def build_app(runtime: Runtime, *, chores: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         launcher = None
+        presence: ApiPresence | None = None
         chores_task = asyncio.create_task(background_chores(runtime)) if chores else None
         if runtime.settings.enabled:
             from codex_runner.launcher import Launcher
 
             launcher = Launcher(runtime)
             await launcher.start()
+        else:
+            presence = ApiPresence(runtime)
+            await presence.start()
         try:
             yield
         finally:
             if launcher is not None:
                 await launcher.stop()
+            if presence is not None:
+                await presence.stop()
             if chores_task is not None:
                 chores_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await chores_task
 
     return create_app(runtime, lifespan=lifespan)
+
+
+class ApiPresence:
+    """An API-only `serve` (`RUNNER_ENABLED=false`) has no launcher to register it, yet it writes
+    to the database: `restore` must see it live and refuse. It heartbeats an instance row of its own,
+    `<RUNNER_ID>:api:<host>:<pid>` (never a launcher's id, so no duplicate check and no recovery
+    concern it), and deletes it when it stops."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        self.registry = InstanceRegistry(
+            runtime.engine, f"{settings.id}:api:{socket.gethostname()}:{os.getpid()}"
+        )
+        self.period = settings.heartbeat_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):  # presence is for `restore`: never worth failing the API
+            await asyncio.to_thread(self.registry.register)
+        self._task = asyncio.create_task(self._beat(), name="api-presence")
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.registry.heartbeat)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.registry.forget)
 
 
 def tune_gc() -> None:

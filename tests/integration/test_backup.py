@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from codex_runner.config import Settings, load_settings
 from codex_runner.jobs import Status
-from codex_runner.ops.backup import BackupError, backup, list_backups, newest_backup, restore
+from codex_runner.ops.backup import BackupError, backup, list_backups, live_instances, newest_backup, restore
 from codex_runner.runtime import Runtime
 from codex_runner.store import create_store_engine
 from codex_runner.store.admin import Principal
@@ -325,3 +325,27 @@ def test_a_backup_from_before_an_upgrade_restores_and_migrates_again(settings: S
         assert rt.jobs.list_jobs(limit=1)[1] == 12
     finally:
         rt.close()
+
+
+def test_restore_refuses_while_an_api_only_serve_is_live(
+    settings: Settings, populated: dict[str, Any]
+) -> None:
+    """An API-only `serve` (RUNNER_ENABLED=false) has no launcher, but it writes to the database:
+    it heartbeats an instance row of its own while it runs, so `restore` sees it and refuses."""
+    from codex_runner.server import build_app
+
+    from tests.helpers import serve_app
+
+    archive = backup(settings).path
+    assert not settings.enabled
+    runtime = Runtime.open(settings)
+    try:
+        with serve_app(build_app(runtime)):
+            live = live_instances(settings)
+            assert [i for i in live if i.startswith("test-backup:api:")], live
+            with pytest.raises(BackupError, match="live"):
+                restore(settings, archive)
+        assert live_instances(settings) == []  # its row goes with it
+    finally:
+        runtime.close()
+    restore(settings, archive)

@@ -119,6 +119,15 @@ class InstanceRegistry:
 
         with_retries(txn)
 
+    def forget(self) -> None:
+        """Deletes this instance's row (an API-only `serve` leaving: its id names one process)."""
+
+        def txn() -> None:
+            with write_txn(self.engine, idempotent=True) as conn:
+                conn.execute(instances.delete().where(instances.c.id == self.runner_id))
+
+        with_retries(txn)
+
     def live_instances(self, stale_after_seconds: int) -> list[str]:
         """Instances that heartbeated recently and have not stopped."""
         cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
