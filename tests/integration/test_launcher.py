@@ -302,9 +302,12 @@ def test_a_daemon_that_left_the_group_dies_after_its_job(
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
 
 
-def test_stop_kills_a_daemon_of_a_job_that_just_ended(
-    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]]
+@pytest.mark.parametrize("how", ["stop", "forced exit"])
+def test_stopping_kills_a_daemon_of_a_job_that_just_ended(
+    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], how: str
 ) -> None:
+    """A graceful stop scans for the escaped processes of jobs that ended since the last scan, and so
+    does a forced exit (the second signal's kill, here without the exit itself)."""
     from codex_runner import launcher as launcher_module
 
     monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # only the stop's scan runs
@@ -315,24 +318,10 @@ def test_stop_kills_a_daemon_of_a_job_that_just_ended(
     loop = launcher._loop
     assert loop is not None
     assert all(_alive(p) for p in pids)
-    asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(timeout=30)
-    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=2)
-
-
-def test_a_forced_exit_kills_a_daemon_of_a_job_that_just_ended(
-    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]]
-) -> None:
-    from codex_runner import launcher as launcher_module
-
-    monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # no scan but the exit's
-    escape = tmp_path / "escaped"
-    [launcher] = launcher_module._LIVE
-    assert runner.wait(runner.submit({"escape": str(escape)})["id"])["status"] == "success"
-    pids = escapees(escape)
-    loop = launcher._loop
-    assert loop is not None
-    assert all(_alive(p) for p in pids)
-    loop.call_soon_threadsafe(launcher.kill_all_now)  # the second signal's kill, without the exit
+    if how == "stop":
+        asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(timeout=30)
+    else:
+        loop.call_soon_threadsafe(launcher.kill_all_now)
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
 
 

@@ -20,26 +20,14 @@ from codex_runner.errors import CommitOutcomeUnknown, InstanceConflict, StoreUna
 from codex_runner.jobs import Status
 from codex_runner.store import JobStore, create_store_engine
 from codex_runner.store.instances import InstanceRegistry
-from codex_runner.store.jobs import CLAIM_LOCK_KEY, Cas, ClaimRequest, Limits, NewJob, OwnerWrite
+from codex_runner.store.jobs import CLAIM_LOCK_KEY, Cas, ClaimRequest, Limits, OwnerWrite
 from codex_runner.store.migrate import is_current, upgrade
 from codex_runner.store.schema import events, jobs
 
 from tests.conftest import PG_ADMIN_URL
+from tests.integration.test_store_transitions import new_job
 
 BIG = Limits(max_queue_size=10_000, max_queued_per_user=10_000)
-
-
-def new_job(user: str = "alice", repo: str = "r1", mode: str = "worktree") -> NewJob:
-    return NewJob(
-        repo_id=f"id-{repo}",
-        repo_name=repo,
-        workspace_mode=mode,
-        script_key="s",
-        args={"a": 1},
-        defaults={},
-        timeout_seconds=60,
-        requested_by=user,
-    )
 
 
 def _success(job_id: str, lease: str) -> OwnerWrite:
