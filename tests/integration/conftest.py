@@ -99,6 +99,10 @@ timeout_seconds = 1
 type = "string"
 pattern = "^[0-9.]+$"
 flag = "--sleep"
+
+[scripts.short.args.pids]
+type = "string"
+flag = "--pids"
 """
 
 

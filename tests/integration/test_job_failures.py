@@ -24,7 +24,7 @@ from codex_runner.server import build_app
 from codex_runner.store.jobs import JobStore, OwnerWrite
 
 from tests.helpers import serve_app, wait_until
-from tests.integration.conftest import BEHAVE, Runner, runner_settings
+from tests.integration.conftest import Runner, runner_settings
 
 SECRET = "s3cr3t-value-0123456789abcdef"
 SHAPED = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
@@ -37,18 +37,6 @@ command = ["{sys.executable}", "-c", "import sys; sys.stderr.buffer.write(b'bad\
 command = ["/bin/sh", "-c", "echo \\"auth failed for $MY_API_TOKEN\\" >&2; sleep 30"]
 timeout_seconds = 1
 env = ["MY_API_TOKEN"]
-
-[scripts.short_pids]
-command = ["{sys.executable}", "{BEHAVE}"]
-timeout_seconds = 1
-
-[scripts.short_pids.args.sleep]
-type = "string"
-flag = "--sleep"
-
-[scripts.short_pids.args.pids]
-type = "string"
-flag = "--pids"
 
 [scripts.shaped]
 command = ["/bin/sh", "-c", "echo 'key {SHAPED}' >&2; exit 3"]
@@ -115,10 +103,10 @@ def test_the_timeout_holds_while_the_pid_record_waits_for_the_database(
         time.sleep(0.2)
         raise StoreUnavailable("the database is not answering")
 
-    runner = runner_factory(extra_toml=EXTRA)
+    runner = runner_factory()
     monkeypatch.setattr(JobStore, "update_fields", down)
     pids = tmp_path / "pids"
-    job = runner.submit({"sleep": "60", "pids": str(pids)}, script="short_pids")  # timeout: 1 s
+    job = runner.submit({"sleep": "60", "pids": str(pids)}, script="short")  # timeout: 1 s
     pid = _pid(pids)
     try:
         assert wait_until(lambda: not _alive(pid), timeout=6), "the 1 s timeout waited for the database"
