@@ -110,21 +110,27 @@ def test_pages_concatenate_to_the_redacted_log(parts: list[str | int], seps: lis
 def test_offsets_survive_growth(parts: list[str | int], seps: list[int], cuts: list[int], limit: int) -> None:
     raw, secrets = build(parts, seps)
     with tempfile.TemporaryDirectory() as tmp:
-        log, index = Path(tmp) / "job.log", Path(tmp) / "ix"
-        log.write_bytes(b"")
-        seen, offset, pos = [], 0, 0
-        for size in cuts:
-            with log.open("ab") as out:
-                out.write(raw[pos : pos + size])
-            pos += size
-            text, offset = follow(log, index, offset, limit, complete=False)
-            seen.append(text)
+        seen = follow_growing(Path(tmp) / "job.log", Path(tmp) / "ix", raw, cuts, limit)
+    assert seen == reference(raw)
+    assert_no_secret(seen, secrets)
+
+
+def follow_growing(log: Path, index: Path, raw: bytes, cuts: list[int], limit: int) -> bytes:
+    """What a reader following `log` sees while `raw` is appended in pieces of `cuts` bytes, then
+    the rest, once the job has ended."""
+    log.write_bytes(b"")
+    seen, offset, pos = [], 0, 0
+    for size in cuts:
         with log.open("ab") as out:
-            out.write(raw[pos:])
-        text, _ = follow(log, index, offset, limit, complete=True)
+            out.write(raw[pos : pos + size])
+        pos += size
+        text, offset = follow(log, index, offset, limit, complete=False)
         seen.append(text)
-    assert b"".join(seen) == reference(raw)
-    assert_no_secret(b"".join(seen), secrets)
+    with log.open("ab") as out:
+        out.write(raw[pos:])
+    text, _ = follow(log, index, offset, limit, complete=True)
+    seen.append(text)
+    return b"".join(seen)
 
 
 @settings(max_examples=300, deadline=None)
@@ -228,17 +234,5 @@ def test_long_lines_never_show_a_secret(parts: list[tuple[str, int]], limit: int
         assert_no_secret(whole, secrets)
         if len(line) <= MAX_LINE:
             assert whole == V2.redact(line)[0]
-        grown = Path(tmp) / "grown.log"
-        grown.write_bytes(b"")
-        seen, offset, pos = [], 0, 0
-        for size in growth:
-            with grown.open("ab") as out:
-                out.write(line[pos : pos + size])
-            pos += size
-            text, offset = follow(grown, Path(tmp) / "ix2", offset, limit, complete=False)
-            seen.append(text)
-        with grown.open("ab") as out:
-            out.write(line[pos:])
-        text, _ = follow(grown, Path(tmp) / "ix2", offset, limit, complete=True)
-        seen.append(text)
-    assert b"".join(seen) == whole
+        seen = follow_growing(Path(tmp) / "grown.log", Path(tmp) / "ix2", line, growth, limit)
+    assert seen == whole
