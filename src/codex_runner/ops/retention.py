@@ -241,8 +241,10 @@ def _delete_keys(engine: Engine, now: datetime, batch_size: int, dry_run: bool, 
                 return sum(1 for r in rows if r.stale or r.job_id in doomed)
 
         return with_retries(count)
+    # Stale again in the delete itself: on PostgreSQL a create may reuse an expired key between the
+    # select and the delete (it takes no lock the sweep takes), and its fresh row must stay.
     delete = idempotency_keys.delete().where(
-        idempotency_keys.c.user == sa.bindparam("u"), idempotency_keys.c.key == sa.bindparam("k")
+        idempotency_keys.c.user == sa.bindparam("u"), idempotency_keys.c.key == sa.bindparam("k"), stale
     )
 
     def batch() -> int:
