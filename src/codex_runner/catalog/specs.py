@@ -90,6 +90,10 @@ class ArgSpec:
         return None
 
 
+#: How many unknown arguments an `invalid_args` answer names; the rest are counted.
+MAX_UNKNOWN_LISTED = 20
+
+
 @dataclass(frozen=True)
 class ScriptSpec:
     """An operator-approved command template. `repos is None` means any repo."""
@@ -119,9 +123,13 @@ class ScriptSpec:
                 "args must be an object", errors=[{"loc": ["body", "args"], "msg": "must be an object"}]
             )
         errors: list[dict[str, Any]] = []
-        for name in raw:
-            if name not in self.args:
-                errors.append({"loc": ["body", "args", str(name)], "msg": "unknown argument"})
+        unknown = [name for name in raw if name not in self.args]
+        for name in unknown[:MAX_UNKNOWN_LISTED]:
+            errors.append({"loc": ["body", "args", str(name)], "msg": "unknown argument"})
+        if len(unknown) > MAX_UNKNOWN_LISTED:
+            # A body of thousands of unknown keys must not make an answer larger than itself.
+            more = len(unknown) - MAX_UNKNOWN_LISTED
+            errors.append({"loc": ["body", "args"], "msg": f"and {more} more unknown arguments"})
         in_argv = self.argv_arg_names()
         out: dict[str, Any] = {}
         for name, spec in self.args.items():
