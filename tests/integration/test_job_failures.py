@@ -262,3 +262,31 @@ def test_an_in_place_job_whose_cleanup_fails_keeps_its_outcome(
         assert cleanup["status"] == "failed" and "index.lock" in cleanup["error"], cleanup
     finally:
         lock.unlink(missing_ok=True)
+
+
+def test_no_secret_in_the_agent_summary_or_its_failure(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """codex's own words go to the job row (`result.agent`, the `agent_failed` message): redacted
+    like any error text, and the message redacted whole before its cut at 2,000 characters."""
+    monkeypatch.setenv("MY_API_TOKEN", SECRET)
+    codex = tmp_path / "bin" / "codex"
+    codex.parent.mkdir(parents=True)
+    pad = "x" * (2000 - len("agent failed: ") - 10)  # the secret straddles the cut
+    codex.write_text(
+        "#!/bin/sh\ncat >/dev/null\n"
+        'printf \'{"type":"item.completed","item":{"type":"agent_message","text":"key is %s"}}\\n\' '
+        '"$MY_API_TOKEN"\n'
+        'printf \'{"type":"item.completed","item":{"type":"command_execution","id":"c1",'
+        '"command":"curl -H x-key:%s","exit_code":0}}\\n\' "$MY_API_TOKEN"\n'
+        f'printf \'{{"type":"turn.failed","error":{{"message":"{pad}%s"}}}}\\n\' "$MY_API_TOKEN"\n'
+        "exit 1\n"
+    )
+    codex.chmod(0o755)
+    extra = f'\n[scripts.fakecodex]\ncommand = ["{codex}", "exec", "--json", "-"]\nenv = ["MY_API_TOKEN"]\n'
+    runner = runner_factory(extra_toml=extra)
+    done = runner.wait(runner.submit({}, script="fakecodex")["id"], timeout=30)
+    assert done["error_code"] == "agent_failed", done
+    agent = done["result"]["agent"]
+    assert agent["final_message"] == "key is [REDACTED]", agent
+    assert SECRET not in json.dumps(agent) and SECRET[:10] not in done["error_message"]

@@ -226,3 +226,31 @@ def test_on_event_sees_every_event_in_order() -> None:
     seen: list[str] = []
     parse(SAMPLE, on_event=lambda event: seen.append(event["type"]))
     assert seen == [json.loads(raw)["type"] for raw in SAMPLE.splitlines()]
+
+
+def test_a_line_nested_a_thousand_deep_is_skipped_and_the_next_is_read() -> None:
+    from codex_runner.execution.codex_events import CodexEventParser
+
+    deep = b'{"type":"item.completed","item":{"type":"mcp_tool_call","result":' + b"[" * 5000
+    deep += b"]" * 5000 + b"}}\n"
+    parser = CodexEventParser()
+    parser.feed(deep + b'{"type":"turn.failed","error":{"message":"boom"}}\n')
+    assert parser.failed and parser.error_message == "boom"
+    parser.feed(deep[:-1])
+    parser.close()  # a last line without its newline: skipped too, no exception
+
+
+def test_usage_and_file_paths_stay_bounded() -> None:
+    import json
+
+    from codex_runner.execution.codex_events import MAX_USAGE_KEYS, CodexEventParser
+
+    parser = CodexEventParser()
+    usage = {f"k{i}": 1 for i in range(10_000)}
+    parser.feed(json.dumps({"type": "turn.completed", "usage": usage}).encode() + b"\n")
+    change = {"path": "p" * 1_000_000, "kind": "add"}
+    item = {"type": "file_change", "status": "completed", "changes": [change]}
+    parser.feed(json.dumps({"type": "item.completed", "item": item}).encode() + b"\n")
+    summary = parser.summary()
+    assert len(summary["usage"]) == MAX_USAGE_KEYS
+    assert len(summary["files_changed"][0]["path"]) <= 4097

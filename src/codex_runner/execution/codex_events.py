@@ -22,6 +22,7 @@ from typing import Any
 MAX_LINE_BYTES = 1024 * 1024
 MAX_ENTRIES = 500
 MAX_TEXT_CHARS = 100_000
+MAX_USAGE_KEYS = 32
 
 # codex reports each retry of a model request as an `error` event with this prefix: "n/m" for a
 # failed stream, "waiting for network" (with no end: codex never gives up) for a refused connection.
@@ -89,18 +90,22 @@ class CodexEventParser:
                 self._append(chunk[start:])
                 return
             self._append(chunk[start:newline])
-            if not self._discarding:
-                self._parse_line(bytes(self._buffer))
-            self._buffer.clear()
-            self._discarding = False
+            try:
+                if not self._discarding:
+                    self._parse_line(bytes(self._buffer))
+            finally:  # whatever the line did, the next one starts clean
+                self._buffer.clear()
+                self._discarding = False
             start = newline + 1
 
     def close(self) -> None:
         """End of output: a last line without a newline is parsed too."""
-        if self._buffer and not self._discarding:
-            self._parse_line(bytes(self._buffer))
-        self._buffer.clear()
-        self._discarding = False
+        try:
+            if self._buffer and not self._discarding:
+                self._parse_line(bytes(self._buffer))
+        finally:
+            self._buffer.clear()
+            self._discarding = False
 
     def summary(self) -> dict[str, Any]:
         """What the run did, as plain JSON-ready data."""
@@ -133,7 +138,7 @@ class CodexEventParser:
             return
         try:
             event = json.loads(line.decode("utf-8", errors="replace"))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a line nested a thousand deep
             return
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             return
@@ -197,7 +202,8 @@ class CodexEventParser:
             self._command_index[key] = len(self.commands) - 1
 
     def _record_file(self, path: Any, kind: Any) -> None:
-        if not isinstance(path, str) or not isinstance(kind, str):
+        path, kind = _text(path, 4096), _text(kind, 40)
+        if path is None or kind is None:
             return
         previous = self._files.get(path)
         if previous is None and len(self._files) >= self._max_entries:
@@ -212,7 +218,10 @@ class CodexEventParser:
         # One `codex exec` normally runs one turn; should it run several, their usage adds up.
         total = self.usage if self.usage is not None else {}
         for key, value in usage.items():
-            if isinstance(key, str) and isinstance(value, int) and not isinstance(value, bool):
+            # A few counters (input, cached, output tokens …): a line of a million keys must not
+            # make a summary of a million.
+            fits = key in total or len(total) < MAX_USAGE_KEYS
+            if isinstance(key, str) and isinstance(value, int) and not isinstance(value, bool) and fits:
                 total[key] = total.get(key, 0) + value
         self.usage = total
 

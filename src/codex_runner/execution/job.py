@@ -472,6 +472,16 @@ class JobRun:
         masked = mask(text, self.secrets)
         return RULESETS[REDACTION_VERSION].redact(masked.encode("utf-8", "replace"))[0].decode("utf-8")
 
+    def _redact_all(self, value: Any) -> Any:
+        """`_redact` on every string of JSON-like data."""
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {key: self._redact_all(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._redact_all(item) for item in value]
+        return value
+
     async def _commit_and_push(
         self, script: ScriptSpec, repo: RepoSpec, ws: Workspace, credential: GitCredential | None
     ) -> dict[str, Any]:
@@ -557,7 +567,9 @@ class JobRun:
         exit_code = outcome.exit_code
         if self.agent is not None:
             self.agent.close()
-            result = {**(result or {}), "agent": self.agent.summary()}
+            # codex's own words (its messages, the commands it ran, its errors) go to the job row:
+            # redacted as any text bound there.
+            result = {**(result or {}), "agent": self._redact_all(self.agent.summary())}
         if outcome.reason == "timeout":
             msg = f"timed out after {self.row['timeout_seconds']} s"
             await self._finish(Status.TIMEOUT, ErrorCode.TIMEOUT, msg, exit_code)
@@ -569,10 +581,9 @@ class JobRun:
             self._runner_line("lease lost: another instance recovered this job; writing nothing more")
         elif self.agent is not None and self.agent.failed:
             # codex's events say why, whatever its exit status (1 after turn.failed).
-            message = f"agent failed: {self.agent.error_message or 'turn failed'}"
-            await self._finish(
-                Status.FAILED, ErrorCode.AGENT_FAILED, message[:2000], exit_code, result=result
-            )
+            # Redacted whole, then cut: a secret at the cut is never half shown.
+            message = self._redact(f"agent failed: {self.agent.error_message or 'turn failed'}")[:2000]
+            await self._finish(Status.FAILED, ErrorCode.AGENT_FAILED, message, exit_code, result=result)
         elif exit_code != 0:
             tail = self._redact(outcome.stderr_tail.decode("utf-8", "replace")).strip()
             msg = f"script exited with code {exit_code}" + (
