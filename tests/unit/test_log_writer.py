@@ -130,3 +130,18 @@ def test_reopen_appends_and_counts(tmp_path: Path) -> None:
 def test_cap_prefers_the_last_line_end(tmp_path: Path) -> None:
     out = written(tmp_path / "m.log", [b"aaaa\nbbbb\ncccc\n"], max_bytes=12)
     assert out == b"aaaa\nbbbb\n[runner] log truncated at 10 bytes; further output dropped\n"
+
+
+def test_a_runner_line_while_output_may_follow_never_splits_a_secret(tmp_path: Path) -> None:
+    """The runner's "stopping the process group" line is written while the job's processes still
+    run; a secret they are halfway through printing must be masked whole when they finish it."""
+    secret = "sk-live-0123456789abcdefghijklmnopqrstuv"
+    for split in (7, 12, 30):
+        path = tmp_path / f"j{split}.log"
+        with LogWriter(path, max_bytes=1 << 20, known_secrets=[secret]) as log:
+            log.write(b"token=" + secret[:split].encode())
+            log.runner_line("stopping the process group (timeout)", output_follows=True)
+            log.write(secret[split:].encode() + b"\n")
+        data = path.read_bytes()
+        assert secret[:7].encode() not in data and secret[split:].encode() not in data, data
+        assert data == b"token=\n[runner] stopping the process group (timeout)\n[REDACTED]\n"

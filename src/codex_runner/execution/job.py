@@ -198,9 +198,9 @@ class JobRun:
             self.manifest.touch_heartbeat()
         self._write_manifest(self._manifest_doc(), force=False)
 
-    def _runner_line(self, text: str) -> None:
+    def _runner_line(self, text: str, *, output_follows: bool = False) -> None:
         if self.log is not None:
-            self.log.runner_line(text)
+            self.log.runner_line(text, output_follows=output_follows)
         elif self._early_lines is not None:
             self._early_lines.append(text)
 
@@ -429,7 +429,7 @@ class JobRun:
         try:
             if ended not in done:
                 reason = self.stop_reason if stop in done and self.stop_reason else "timeout"
-                self._runner_line(f"stopping the process group ({reason})")
+                self._runner_line(f"stopping the process group ({reason})", output_follows=True)
                 await proc.terminate(reason, float(self.settings.kill_grace_seconds))
             return await proc.wait()
         finally:

@@ -61,17 +61,21 @@ class LogWriter:
                 return
             self._emit(self._mask(self._carry + data))
 
-    def runner_line(self, text: str) -> None:
+    def runner_line(self, text: str, *, output_follows: bool = False) -> None:
         """``[runner] <text>`` on lines of its own; written even past the cap (the runner's few
-        status lines matter most when the output was cut)."""
+        status lines matter most when the output was cut). With `output_follows` (the job's
+        processes still run), the held-back tail stays held: the next output may complete the
+        secret it starts, and released now, the rest of that secret would reach the file unmasked.
+        Those few bytes then come after the runner line instead of before it."""
         body = text.encode("utf-8", "replace")
         if self._pattern is not None:
             body = self._pattern.sub(REDACTED, body)
         lines = b"".join(b"[runner] " + line + b"\n" for line in body.splitlines() or [b""])
         with self._lock:
-            pending = self._release_carry()
-            if pending and not self._truncated:
-                self._emit(pending)
+            if not output_follows:
+                pending = self._release_carry()
+                if pending and not self._truncated:
+                    self._emit(pending)
             self._write(b"" if self._at_line_start else b"\n")
             self._write(lines)
 
