@@ -558,3 +558,24 @@ def test_kill_process_group_refuses_group_outside_its_own_session() -> None:
         assert alive(sleeper)
     finally:
         os.kill(sleeper, signal.SIGKILL)
+
+
+def test_the_stdout_tap_gets_standard_output_alone(run: Runner, tmp_path: Path) -> None:
+    """A reader of codex's JSON lines taps stdout only: stderr lines landing between the pieces of
+    a long stdout line (over a pipe's 64 KiB) must not split it."""
+    code = (
+        "import sys\n"
+        "line = '{' + 'x' * 200000 + '}\\n'\n"
+        "for i in range(0, len(line), 50000):\n"
+        "    sys.stdout.write(line[i:i + 50000]); sys.stdout.flush()\n"
+        "    sys.stderr.write('trace\\n'); sys.stderr.flush()\n"
+    )
+    both, tapped = Collector(), Collector()
+
+    async def go() -> ProcessOutcome:
+        proc = await JobProcess.start(make_spec([PY, "-c", code], tmp_path), both, stdout_tap=tapped)
+        return await proc.wait()
+
+    assert run(go()).exit_code == 0
+    assert b"".join(tapped.chunks) == b"{" + b"x" * 200000 + b"}\n"
+    assert b"".join(both.chunks).count(b"trace\n") == 5

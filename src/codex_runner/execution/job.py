@@ -98,7 +98,6 @@ class JobRun:
         self.secrets: list[str] = list(self.settings.secret_values())
         self.proc: JobProcess | None = None
         self.started = time.monotonic()
-        self.extra_sinks: list[Callable[[bytes], None]] = []
         self._spawn_error = "spawn failed"
         self.agent: CodexEventParser | None = None
         # A stage changed since the manifest was last written: the next thread trip writes it.
@@ -220,8 +219,6 @@ class JobRun:
     def _sink(self, data: bytes) -> None:
         if self.log is not None:
             self.log.write(data)
-        for sink in self.extra_sinks:
-            sink(data)
 
     async def _fenced_update(self, values: dict[str, Any]) -> None:
         if self.fenced:
@@ -364,7 +361,6 @@ class JobRun:
             if home is not None:
                 extra["CODEX_HOME"] = str(home)
             self.agent = CodexEventParser()
-            self.extra_sinks.append(self.agent.feed)
         spec = ProcessSpec(
             argv=argv,
             cwd=ws.path,
@@ -377,7 +373,9 @@ class JobRun:
                 exit_code=0, signal=None, stderr_tail=b"", reason=self.stop_reason, duration_ms=0
             )
         try:
-            self.proc = await JobProcess.start(spec, self._sink)
+            # codex's events come on stdout only: its stderr (tracing) must not split their lines.
+            tap = self.agent.feed if self.agent is not None else None
+            self.proc = await JobProcess.start(spec, self._sink, stdout_tap=tap)
         except SpawnFailed as exc:
             self._stage("script", "failed", error=exc.message)
             self._runner_line(f"spawn failed: {exc.message}")

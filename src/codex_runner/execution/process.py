@@ -270,6 +270,7 @@ class JobProcess:
         self._proc = proc
         self._exit: asyncio.Future[int] = self._loop.create_future()
         self._sink = sink
+        self._stdout_tap: Sink | None = None
         self._started = started
         self.pid = proc.pid
         self.pgid = proc.pid  # setsid made the child leader of a new session and group
@@ -294,8 +295,10 @@ class JobProcess:
         self._supervisor = self._loop.create_task(self._supervise())
 
     @classmethod
-    async def start(cls, spec: ProcessSpec, sink: Sink) -> JobProcess:
-        """Spawn `spec.argv` (no shell) in a new session; output goes to `sink` as it arrives.
+    async def start(cls, spec: ProcessSpec, sink: Sink, *, stdout_tap: Sink | None = None) -> JobProcess:
+        """Spawn `spec.argv` (no shell) in a new session; output goes to `sink` as it arrives, and
+        standard output alone to `stdout_tap` too (a reader of a line protocol, which a stderr
+        line landing inside a long stdout line would break).
 
         Raises SpawnFailed when the program is missing or not executable, or `spec.cwd` is missing.
         """
@@ -339,7 +342,9 @@ class JobProcess:
             # Only the child may hold the write ends, so EOF means every writer of the job is gone.
             os.close(out_w)
             os.close(err_w)
-        return cls(proc, spec, sink, out_r, err_r, time.monotonic())
+        job_process = cls(proc, spec, sink, out_r, err_r, time.monotonic())
+        job_process._stdout_tap = stdout_tap
+        return job_process
 
     @property
     def returncode(self) -> int | None:
@@ -503,6 +508,8 @@ class JobProcess:
             del self._tail[:-STDERR_TAIL_BYTES]
         try:
             self._sink(chunk)
+            if not is_stderr and self._stdout_tap is not None:
+                self._stdout_tap(chunk)
         except Exception:
             # The child must never block on a full pipe, so a failing sink costs only this chunk.
             self.sink_errors += 1
