@@ -87,6 +87,14 @@ def secret_forms(value: str, min_length: int = 8) -> list[str]:
         base64.urlsafe_b64encode(raw).decode().rstrip("="),
         quote(value, safe=""),
     }
+    # Inside a longer encoded value (`Basic base64(user:token)`, a docker `auth`), the secret may
+    # start at any of the three byte positions of a base64 group, and bytes may follow it: the
+    # characters that depend on the secret's bytes alone, for each alignment.
+    for offset, lead in ((0, 0), (1, 2), (2, 3)):
+        trail = 1 if (offset + len(raw)) % 3 else 0
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encode(b"\0" * offset + raw).decode().rstrip("=")
+            forms.add(encoded[lead : len(encoded) - trail])
     return sorted((f for f in forms if len(f) >= min_length), key=len, reverse=True)
 
 

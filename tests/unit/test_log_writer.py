@@ -145,3 +145,24 @@ def test_a_runner_line_while_output_may_follow_never_splits_a_secret(tmp_path: P
         data = path.read_bytes()
         assert secret[:7].encode() not in data and secret[split:].encode() not in data, data
         assert data == b"token=\n[runner] stopping the process group (timeout)\n[REDACTED]\n"
+
+
+def test_a_secret_inside_a_longer_base64_value_is_masked(tmp_path: Path) -> None:
+    """`Authorization: Basic base64("oauth2:" + token)` (curl -v), a docker `auth`: the token's
+    bytes start at any of the three positions of a base64 group, with more bytes before and after."""
+    token = "glpat-0123456789abcdefghij"
+    path = tmp_path / "j.log"
+    originals = []
+    with LogWriter(path, max_bytes=1 << 20, known_secrets=[token]) as log:
+        for prefix in (b"oauth2:", b"user:", b"u:", b""):
+            for suffix in (b"", b"@host", b"!"):
+                for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                    originals.append(encode(prefix + token.encode() + suffix))
+                    log.write(b"auth " + originals[-1] + b"\n")
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == len(originals)
+    for line, original in zip(lines, originals, strict=True):
+        left = line.split(b" ", 1)[1].replace(b"[REDACTED]", b"")
+        # Every character that depends on the token's bytes alone is gone: at most one shared
+        # with the prefix and one with the suffix are left of it.
+        assert len(original) - len(left) >= 4 * len(token) // 3 - 2, (line, original)
