@@ -91,3 +91,18 @@ def test_the_runner_file_is_rewritten(tmp_path: Path) -> None:
     prepare_codex_home(home, base_url="http://new/v1")
     assert load(home)["model_providers"][PROVIDER_ID]["base_url"] == "http://new/v1"
     assert [p.name for p in home.iterdir()] == ["config.toml"]
+
+
+def test_an_operator_config_that_is_a_symlink_is_never_replaced(tmp_path: Path) -> None:
+    """A `config.toml` symlink is the operator's, even while its target is missing (a mount not yet
+    there): the runner neither writes through it nor replaces it with its own file."""
+    home = tmp_path / "home"
+    home.mkdir()
+    target = tmp_path / "shared" / "config.toml"
+    (home / "config.toml").symlink_to(target)
+    prepare_codex_home(home)
+    assert (home / "config.toml").is_symlink() and not target.exists()
+    target.parent.mkdir()
+    target.write_text('model = "operator"\n')
+    prepare_codex_home(home)
+    assert (home / "config.toml").read_text() == 'model = "operator"\n'

@@ -77,6 +77,6 @@ def codex_home_for(settings: Settings) -> Path | None:
     else:
         home = settings.data_dir / "codex-home"
     # Prepared only when it has no config yet: an operator's (or a test's) config is left alone.
-    if not (home / CONFIG_NAME).exists():
+    if not os.path.lexists(home / CONFIG_NAME):  # a symlink (even dangling) is the operator's
         prepare_codex_home(home)
     return home

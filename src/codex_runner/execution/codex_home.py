@@ -80,6 +80,10 @@ def render_config(
 
 
 def is_runner_managed(config_path: Path) -> bool:
+    """True when the runner may write `config_path`: absent, or a file it wrote (its marker line).
+    A symlink, even a dangling one, is the operator's."""
+    if config_path.is_symlink():
+        return False
     try:
         with config_path.open("r", encoding="utf-8", errors="replace") as handle:
             return handle.readline().rstrip("\r\n") == MANAGED_MARKER
