@@ -381,6 +381,45 @@ def test_interrupted_builds_are_swept(tmp_path: Path) -> None:
     assert len(ready_spares(settings, repo)) == 1
 
 
+def test_a_spare_past_the_setting_is_claimed_before_it_is_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spares past RUNNER_WARM_WORKSPACES go, but each is first renamed out of `ready-` (as a take
+    renames it): a job that took one a moment before keeps it whole, and no deletion ever runs on
+    a folder a take may rename into a job's workspace."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path, warm_workspaces=1)
+    src = spares.SpareSource(
+        key=lock_key(str(local)), mode="clone", store=local / ".git", origin=str(local), commit="x"
+    )
+    pool = pool_dir(settings, src.key, "clone")
+    pool.mkdir(parents=True)
+    for name in ("ready-1", "ready-2", "ready-3"):
+        (pool / name).mkdir()
+        (pool / name / "work.txt").write_text(name)
+    taken = tmp_path / "job-workspace"
+    real_rename = spares._rename
+    deleted: list[str] = []
+
+    def rename(spare: Path, path: Path) -> bool:
+        if spare.name == "ready-2":
+            os.rename(spare, taken)  # a job's take wins the race for this one
+        return real_rename(spare, path)
+
+    real_discard = spares._discard
+
+    def discard(settings: Settings, src: spares.SpareSource, path: Path, home: Path | None) -> None:
+        deleted.append(path.name)
+        real_discard(settings, src, path, home)
+
+    monkeypatch.setattr(spares, "_rename", rename)
+    monkeypatch.setattr(spares, "_discard", discard)
+    spares._sweep(settings, src, pool)
+    assert sorted(os.listdir(pool)) == ["ready-1"]
+    assert (taken / "work.txt").read_text() == "ready-2"
+    assert len(deleted) == 1 and deleted[0].startswith("discard-")
+
+
 def test_warm_workspaces_setting_is_bounded(tmp_path: Path) -> None:
     assert (
         load_settings(env={"RUNNER_DATA_DIR": str(tmp_path), "RUNNER_WARM_WORKSPACES": "3"}).warm_workspaces

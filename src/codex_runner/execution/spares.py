@@ -333,8 +333,14 @@ def _sweep(settings: Settings, src: SpareSource, pool: Path) -> None:
     extra = set(ready[settings.warm_workspaces :])
     for name in os.listdir(pool):
         path = pool / name
-        stale = name.startswith(("building-", "home-")) and _mtime(path) < cutoff
-        if stale or name in extra:
+        if name in extra:
+            # Claimed first, by a rename out of `ready-`, as a job's take claims a spare: else a
+            # take could rename it into a job's workspace while it is being deleted (the deletion
+            # follows the folder it opened, wherever it is renamed to). One of the two renames wins.
+            doomed = pool / f"discard-{uuid.uuid4().hex[:12]}"
+            if _rename(path, doomed):
+                _discard(settings, src, doomed, None)
+        elif name.startswith(("building-", "home-", "discard-")) and _mtime(path) < cutoff:
             _discard(settings, src, path, None)
 
 
