@@ -48,6 +48,7 @@ class Repo:
     source_type: str
     branch: str | None
     workspace: str
+    push: bool = False
 
 
 def generate(bare: Path, files: int, commits: int, seed: int = 7) -> int:
