@@ -1,4 +1,4 @@
-"""Log benchmark: (a) v1 redaction and writer throughput, (b) index build and page reads of a big
+"""Log benchmark: (a) redaction (the current version) and writer throughput, (b) index build and page reads of a big
 log, (c) latency from a line written by a job to an SSE client of `/logs/stream`.
 
 Prints numbers; not a pass/fail test. Throughputs are given in CPU time (what one core does, the
@@ -33,9 +33,10 @@ import httpx
 
 from codex_runner.cli.follow import SseDecoder
 from codex_runner.logs import LogWriter, read_page, redacted_size
-from codex_runner.logs.redaction import V1
+from codex_runner.logs.redaction import REDACTION_VERSION, RULESETS
 from codex_runner.logs.stream import MAX_LINE
 
+RULES = RULESETS[REDACTION_VERSION]
 MB = 1_000_000
 PAGE = 128 * 1024
 WORDS = [
@@ -167,11 +168,11 @@ def bench_redaction(sample: bytes) -> None:
     def run() -> None:
         state = 0
         for chunk in chunks:
-            _, state = V1.redact(chunk, state)
+            _, state = RULES.redact(chunk, state)
 
     cpu, wall = min(timed(run) for _ in range(3))
     print(
-        f"redaction v1   {len(sample) / MB:8.1f} MB  {len(sample) / MB / cpu:7.1f} MB/s cpu  {len(sample) / MB / wall:7.1f} MB/s wall"
+        f"redaction {RULES.version}   {len(sample) / MB:8.1f} MB  {len(sample) / MB / cpu:7.1f} MB/s cpu  {len(sample) / MB / wall:7.1f} MB/s wall"
     )
 
 
