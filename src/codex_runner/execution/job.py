@@ -54,7 +54,7 @@ from codex_runner.jobs import ErrorCode, Status
 from codex_runner.logs.redaction import REDACTION_VERSION, RULESETS
 from codex_runner.logs.writer import LogWriter
 from codex_runner.runtime import Runtime
-from codex_runner.secrets import mask
+from codex_runner.secrets import Masker
 from codex_runner.store.jobs import Cas, ClaimedJob, OwnerWrite
 from codex_runner.store.records import initial_stages, iso, utcnow
 
@@ -108,6 +108,8 @@ class JobRun:
         # the way still cleans it up (`_settle_after_error`).
         self._workspace: tuple[Workspace, RepoSpec] | None = None
         self._cleaned = False
+        # `_redact`'s masker, for the list of secrets it was made from.
+        self._masker: tuple[list[str], Masker] | None = None
         # (expected status, manifest extras, prepared manifest file) between `_end_before` and
         # `_end_after`.
         self._ending: tuple[str, dict[str, Any], str | None] = ("", {}, None)
@@ -467,7 +469,10 @@ class JobRun:
         """Text bound for the job row, its events or its manifest (a stage's error, the error
         message): the job's known secret values masked, then the published redaction rules
         applied, as log pages apply them (SPEC §5: no secret in an error or an event)."""
-        masked = mask(text, self.secrets)
+        if self._masker is None or self._masker[0] is not self.secrets:
+            # Once per set of secrets (found at set-up), not per text: a codex summary has hundreds.
+            self._masker = (self.secrets, Masker(self.secrets))
+        masked = self._masker[1](text)
         return RULESETS[REDACTION_VERSION].redact(masked.encode("utf-8", "replace"))[0].decode("utf-8")
 
     def _redact_all(self, value: Any) -> Any:
