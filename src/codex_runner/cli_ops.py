@@ -124,6 +124,9 @@ def cleanup(
         sys.stdout.write(report.summary() + "\n")
     for error in report.errors[:20]:
         info(f"warning: could not remove {error}")
+    if report.errors:
+        # Not all that was due went: a cron job or a script must see it (the rest was done).
+        raise typer.Exit(1)
 
 
 @_one_line_errors

@@ -509,3 +509,33 @@ def test_cleanup_removes_git_homes_that_crashed_background_tasks_left(runtime: R
     assert report.git_homes == 2 and report.errors == []
     assert not any(p.exists() for p in old)
     assert fresh.exists() and other.exists()
+
+
+def test_cli_cleanup_exits_1_when_something_could_not_be_removed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What could be removed is; a file that could not be is a warning and exit status 1, so a
+    cron job or a script sees that not everything due went."""
+    from typer.testing import CliRunner
+
+    from codex_runner.cli import app
+    from codex_runner.ops import retention
+
+    s = runtime.settings
+    s.log_dir.mkdir(parents=True, exist_ok=True)
+    orphan = s.log_dir / "0000abcd-0000-4000-8000-000000000000.log"
+    orphan.write_text("no job owns this")
+    os.utime(orphan, (0, 0))
+
+    def refuse(path: Path) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    real_remove = retention._remove
+    monkeypatch.setattr(retention, "_remove", refuse)
+    env = {"RUNNER_DATA_DIR": str(s.data_dir), "RUNNER_DATABASE_URL": s.database_url}
+    done = CliRunner().invoke(app, ["cleanup"], env=env)
+    assert done.exit_code == 1, done.output
+    assert "could not remove" in done.output and orphan.exists()
+    monkeypatch.setattr(retention, "_remove", real_remove)
+    assert CliRunner().invoke(app, ["cleanup"], env=env).exit_code == 0
+    assert not orphan.exists()
