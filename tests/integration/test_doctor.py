@@ -214,6 +214,24 @@ def test_log_folder_that_is_a_file(make: Make, tmp_path: Path) -> None:
     assert_fails(checks_of(nested)["folder:workspace"], "not usable")
 
 
+def test_an_empty_or_future_dated_backup_is_no_backup(make: Make) -> None:
+    """The backup check reads the age from the archive's name: an empty file, or one named for a
+    later time, must not count as a fresh backup (a production start would trust it)."""
+    settings, _ = make()
+    settings.backup_dir.mkdir(parents=True, exist_ok=True)
+    future = settings.backup_dir / "runner-29990101T000000Z.tar.gz"
+    future.write_bytes(b"x")
+    prod = dataclasses.replace(settings, production=True)
+    assert_fails(checks_of(prod)["backup"], future.name, "dated in the future")
+    future.unlink()
+    from codex_runner.ops.backup import backup
+
+    made = backup(settings).path
+    assert checks_of(prod)["backup"].ok
+    made.write_bytes(b"")
+    assert_fails(checks_of(prod)["backup"], made.name, "is empty")
+
+
 def test_encryption_key_checks(make: Make, database_url: str) -> None:
     key = generate_key()
     settings, _ = make(database_url=database_url, RUNNER_ENCRYPTION_KEY=key)

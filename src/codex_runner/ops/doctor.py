@@ -406,6 +406,19 @@ def _backup(settings: Settings) -> Check:
     when, path = newest
     age_days = (utcnow() - when).total_seconds() / 86400
     detail = {"path": str(path), "age_days": round(age_days, 2)}
+    # The age is read from the name: an empty file, or one named for a later time, is no backup.
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        empty = True
+    if empty or age_days < -1 / 24:
+        problem = "is empty" if empty else "is dated in the future"
+        return _warn(
+            "backup",
+            f"newest backup {path.name} {problem}: run `codex-runner backup`",
+            production=settings.production,
+            **detail,
+        )
     if age_days > limit:
         return _warn(
             "backup",
