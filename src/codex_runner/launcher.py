@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
@@ -189,10 +189,7 @@ class Launcher:
 
     async def _kill_left_running(self) -> None:
         left = dict(self.active)
-        for run in left.values():
-            # Only a group whose leader is not reaped yet: a reaped leader's pgid may be reused.
-            if run.proc is not None and not run.proc.ended.done():
-                _kill_group(run.proc.pgid, run.proc.pid)
+        _kill_live_groups(left.values())
         with contextlib.suppress(Exception):
             await asyncio.to_thread(kill_job_processes, set(left), timeout=1.0)
         log.warning("jobs_left_running_at_shutdown", job_ids=sorted(left))
@@ -203,9 +200,7 @@ class Launcher:
         ago, or one that left its group). The job rows stay `running`: the next start of this
         `RUNNER_ID` (or another instance's watchdog) fails them."""
         self._abandoned = True
-        for run in self.active.values():
-            if run.proc is not None:
-                _kill_group(run.proc.pgid, run.proc.pid)
+        _kill_live_groups(self.active.values())
         # Jobs that ended since the last scan for escaped processes too: a daemon of theirs would
         # otherwise outlive the runner until its next start.
         kill_job_processes(set(self.active) | self._ended, timeout=1.0)
@@ -618,6 +613,14 @@ def kill_job_processes(job_ids: Collection[str], *, timeout: float) -> int:
             log.warning("job_processes_survived_sigkill", job_ids=sorted(found))
             return signalled
         time.sleep(0.05)
+
+
+def _kill_live_groups(runs: Iterable[JobRun]) -> None:
+    """SIGKILLs the process group of each run whose leader is not reaped yet (its supervision not
+    over): once it is, the group is empty and its pgid may already be someone else's."""
+    for run in runs:
+        if run.proc is not None and not run.proc.ended.done():
+            _kill_group(run.proc.pgid, run.proc.pid)
 
 
 def _kill_group(pgid: int, pid: int) -> None:
