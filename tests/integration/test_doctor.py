@@ -308,6 +308,31 @@ def test_production_turns_unsafe_settings_into_failures(make: Make, tmp_path: Pa
     assert "bind_address" not in allowed
 
 
+def test_codex_home_open_to_others(make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's CODEX_HOME holds codex's login and every conversation: private like the data dir."""
+    monkeypatch.delenv("CODEX_HOME", raising=False)
+    settings, _ = make()
+    assert "codex_home_permissions" not in checks_of(settings)  # not created yet: nothing to say
+    default_home = settings.data_dir / "codex-home"
+    default_home.mkdir(mode=0o700)
+    assert "codex_home_permissions" not in checks_of(settings)
+    default_home.chmod(0o750)
+    assert checks_of(settings)["codex_home_permissions"].level == "warn"
+    assert_fails(
+        checks_of(dataclasses.replace(settings, production=True))["codex_home_permissions"], "chmod 700"
+    )
+    own = tmp_path / "operator-codex-home"
+    own.mkdir(mode=0o755)
+    own.chmod(0o755)
+    check = checks_of(dataclasses.replace(settings, codex_home=own, production=True))[
+        "codex_home_permissions"
+    ]
+    assert_fails(check, str(own), "755")
+    # A CODEX_HOME passed through from the runner's environment belongs to its owner.
+    monkeypatch.setenv("CODEX_HOME", str(own))
+    assert "codex_home_permissions" not in checks_of(settings)
+
+
 def test_startup_readyz_and_diagnostics(make: Make, tmp_path: Path) -> None:
     settings, _ = make('\n[scripts.gone]\ncommand = ["/nonexistent/program-xyz"]\n')
     rt = Runtime.open(settings)

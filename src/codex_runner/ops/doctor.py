@@ -377,6 +377,19 @@ def _unsafe_settings(settings: Settings) -> Iterator[Check]:
             f"data folder {settings.data_dir} is open to group/others (mode {mode:o}): chmod 700 it",
             production=prod,
         )
+    # The runner's own CODEX_HOME keeps codex's login (auth.json) and every conversation
+    # (sessions/): as private as the data folder. One passed through from CODEX_HOME is its owner's.
+    home = settings.codex_home or (None if os.environ.get("CODEX_HOME") else settings.data_dir / "codex-home")
+    try:
+        home_mode = None if home is None else stat.S_IMODE(home.stat().st_mode)
+    except OSError:
+        home_mode = None  # not created yet: prepare_codex_home makes it 0700
+    if home is not None and home_mode is not None and home_mode & 0o077:
+        yield _warn(
+            "codex_home_permissions",
+            f"codex home {home} is open to group/others (mode {home_mode:o}): chmod 700 it",
+            production=prod,
+        )
     if not _is_loopback(settings.host) and not settings.allow_remote:
         yield _warn(
             "bind_address",
