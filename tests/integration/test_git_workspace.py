@@ -545,6 +545,31 @@ def test_a_filter_the_agent_configured_does_not_run_in_the_runners_git(tmp_path:
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("mode", ["clone", "worktree", "in_place"])
+def test_a_filter_included_only_on_the_job_branch_does_not_run_in_the_commit(
+    tmp_path: Path, mode: str
+) -> None:
+    """The agent leaves HEAD on a branch of its own and adds an `includeIf "onbranch:runner/**"`
+    that defines a filter driver: the guard must be read once the runner has put HEAD back on the
+    job branch, where `add -A` loads that include."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace=mode)
+    ws = prepare_workspace(repo, "17171717-a", settings)
+    marker = tmp_path / "filter-ran"
+    git("checkout", "-q", "-b", "elsewhere", cwd=ws.path)
+    evil = tmp_path / "evil.cfg"
+    evil.write_text(f'[filter "x"]\n\tclean = "sh -c \'touch {marker}; cat\'"\n')
+    git("config", "includeIf.onbranch:runner/**.path", str(evil), cwd=ws.path)
+    (ws.path / ".gitattributes").write_text("* filter=x\n")
+    (ws.path / "work.txt").write_text("work\n")
+    result = commit(ws)
+    assert result.files_changed == 2
+    assert not marker.exists()
+    cleanup_workspace(ws, repo, settings, failed=True)
+    assert not marker.exists()
+
+
 def test_the_filter_guard_names_every_driver_of_the_config_and_its_includes(tmp_path: Path) -> None:
     from codex_runner.execution.gitutil import filter_guard
 

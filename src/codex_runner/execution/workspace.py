@@ -531,13 +531,15 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     if ws.git_dir is None or ws.branch is None or ws.base_commit is None:
         return NO_CHANGES
     ref = f"refs/heads/{ws.branch}"
-    guard = filter_guard(ws.git_dir, ws.home)  # the agent could write this config
     # The agent may have switched or deleted branches: the job's commit still goes on the job branch.
     head = _run_in(ws.git_dir, ws.path, ["symbolic-ref", "-q", "HEAD"], ws.home, "commit_failed", check=False)
     if head.stdout.strip() != ref:
         if _try_resolve(ws.git_dir, ref, ws.home) is None:
             _run_in(ws.git_dir, ws.path, ["update-ref", ref, ws.base_commit], ws.home, "commit_failed")
         _run_in(ws.git_dir, ws.path, ["symbolic-ref", "HEAD", ref], ws.home, "commit_failed")
+    # The agent could write this config. Read once HEAD is where `add` finds it: an
+    # `includeIf "onbranch:..."` it added applies only on the branch HEAD names at that moment.
+    guard = filter_guard(ws.git_dir, ws.home)
     _run_in(ws.git_dir, ws.path, ["add", "-A"], ws.home, "commit_failed", guard=guard)
     staged = _run_in(
         ws.git_dir,
