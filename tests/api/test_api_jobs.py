@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Any
 
+import httpx
 import jwt
 import sqlalchemy as sa
 
@@ -101,6 +102,59 @@ def test_cancel_running_answers_202(api: Any) -> None:
     r = c.post(f"/api/runner/jobs/{job['id']}/cancel")
     assert r.status_code == 202 and r.json()["status"] == "cancel_requested"
     assert api.runtime.jobs.get(job["id"])["status"] == Status.CANCEL_REQUESTED
+
+
+def test_concurrent_cancels_of_a_running_job_all_answer_202(api: Any) -> None:
+    """A double click, a client's retry: every cancel of a running job answers 202 (SPEC §4), also
+    on PostgreSQL, where nothing but the row lock orders two cancels' read and compare-and-set."""
+    for _ in range(3):
+        job = api.create(api.alice).json()
+        assert [c.id for c in api.runtime.jobs.claim("r1", slots=1, max_jobs_per_user=100)] == [job["id"]]
+
+        def cancel(_: int, job_id: str = job["id"]) -> int:
+            return int(api.client(api.alice).post(f"/api/runner/jobs/{job_id}/cancel").status_code)
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            assert sorted(pool.map(cancel, range(8))) == [202] * 8
+        assert api.runtime.jobs.get(job["id"])["status"] == "cancel_requested"
+
+
+def test_a_cancel_that_meets_a_claim_in_progress_waits_for_it(api: Any) -> None:
+    """A claim has the queued job's row (and moves it to running) when the cancel reads it: the
+    cancel must see the claim's outcome, not answer 409 and leave the job running."""
+    import threading
+    import time
+
+    job = api.create(api.alice).json()
+    answers: list[httpx.Response] = []
+    with api.runtime.engine.connect() as conn:
+        with conn.begin():
+            if api.runtime.engine.dialect.name == "postgresql":
+                conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job["id"]).with_for_update())
+            conn.execute(jobs.update().where(jobs.c.id == job["id"]).values(status="running"))
+            canceller = threading.Thread(
+                target=lambda: answers.append(
+                    api.client(api.alice).post(f"/api/runner/jobs/{job['id']}/cancel")
+                )
+            )
+            canceller.start()
+            time.sleep(0.3)  # the cancel is waiting for the row (PostgreSQL) or the write lock (SQLite)
+        canceller.join(timeout=30)
+    assert not canceller.is_alive()
+    assert answers[0].status_code == 202, answers[0].text
+    assert api.runtime.jobs.get(job["id"])["status"] == "cancel_requested"
+
+
+def test_a_nul_in_a_job_id_or_repo_filter_is_not_found(api: Any) -> None:
+    """PostgreSQL text cannot hold NUL: such a value must answer like any unknown id, not 500."""
+    c = api.client(api.alice)
+    for path in ("/api/runner/jobs/a%00b", "/api/runner/jobs/a%00b/events", "/api/runner/jobs/a%00b/logs"):
+        r = c.get(path)
+        assert r.status_code == 404 and r.json()["code"] == "not_found", (path, r.text)
+    r = c.post("/api/runner/jobs/a%00b/cancel")
+    assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
+    r = c.get("/api/runner/jobs", params={"repo_id": "a\x00b"})
+    assert r.status_code == 200 and r.json()["items"] == [] and r.json()["total"] == 0
 
 
 def test_idempotent_replay_and_conflict(api: Any) -> None:

@@ -50,6 +50,10 @@ _CREATE_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CREATE_LOCK_KEY))
 _INSERT_EVENT = events.insert()
 _JOB_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"))
 _JOB_BY_ID_OWNED = _JOB_BY_ID.where(jobs.c.requested_by == sa.bindparam("owner"))
+# A cancel reads the status it then compares-and-sets: on PostgreSQL the row lock keeps a claim or
+# another cancel from moving it in between (SQLite's write transaction already excludes them).
+_JOB_BY_ID_LOCKED = _JOB_BY_ID.with_for_update()
+_JOB_BY_ID_OWNED_LOCKED = _JOB_BY_ID_OWNED.with_for_update()
 _EVENTS_OF_JOB = sa.select(events).where(events.c.job_id == sa.bindparam("job_id")).order_by(events.c.id)
 
 
@@ -339,11 +343,15 @@ class JobStore:
 
         return with_retries(txn)
 
-    def _get_row(self, conn: Connection, job_id: str, owner: str | None) -> Any:
+    def _get_row(self, conn: Connection, job_id: str, owner: str | None, *, lock: bool = False) -> Any:
+        if "\0" in job_id:  # no job has one, and PostgreSQL text cannot even hold it (a DataError)
+            raise NotFound(f"job {job_id!r} not found")
         if owner is None:
-            row = conn.execute(_JOB_BY_ID, {"id": job_id}).mappings().first()
+            query = _JOB_BY_ID_LOCKED if lock else _JOB_BY_ID
+            row = conn.execute(query, {"id": job_id}).mappings().first()
         else:
-            row = conn.execute(_JOB_BY_ID_OWNED, {"id": job_id, "owner": owner}).mappings().first()
+            query = _JOB_BY_ID_OWNED_LOCKED if lock else _JOB_BY_ID_OWNED
+            row = conn.execute(query, {"id": job_id, "owner": owner}).mappings().first()
         if row is None:
             raise NotFound(f"job {job_id} not found")
         return row
@@ -370,6 +378,8 @@ class JobStore:
         offset: int = 0,
     ) -> tuple[list[dict[str, Any]], int]:
         """Newest first, with the total count of matching jobs."""
+        if repo_id is not None and "\0" in repo_id:  # matches nothing; PostgreSQL would refuse it
+            return [], 0
         conds: list[sa.ColumnElement[bool]] = []
         # The total comes from the counts table (kept exact by triggers), which has every column
         # a list can filter on: a million-row COUNT(*) becomes a sum over a few hundred rows.
@@ -652,7 +662,7 @@ class JobStore:
         def txn() -> tuple[dict[str, Any], int, list[dict]]:
             now = utcnow()
             with write_txn(self.engine) as conn:
-                row = self._get_row(conn, job_id, owner)
+                row = self._get_row(conn, job_id, owner, lock=True)
                 status = Status(row["status"])
                 ev: list[dict] | None = []
                 code = 202
@@ -689,7 +699,7 @@ class JobStore:
                     ev = []
                 else:
                     raise InvalidTransition(f"job {job_id} is already {status.value}")
-                if ev is None:  # pragma: no cover - impossible under the write lock
+                if ev is None:  # pragma: no cover - impossible under the write lock / row lock
                     raise InvalidTransition(f"job {job_id} changed while canceling; retry")
                 fresh = self._get_row(conn, job_id, None)
                 return job_to_public(fresh, now=now), code, ev
