@@ -117,6 +117,18 @@ def test_failure_records_stderr_tail(runner: Any) -> None:
     assert [e["event_type"] for e in done["events"]][-1] == "job_failed"
 
 
+def test_the_stderr_tail_is_at_most_8_kib_of_utf8(runner: Any) -> None:
+    """SPEC §3: the stderr tail is at most 8 KiB: bytes, not characters (a multi-byte text, or
+    invalid bytes shown as U+FFFD, came to two or three times that)."""
+    done = runner.wait(runner.submit({"exit": 1, "stderr": "é" * 9000})["id"])
+    script = next(s for s in done["stages"] if s["name"] == "script")
+    error = script["error"].encode("utf-8")
+    assert 8000 < len(error) <= 8192 and script["error"].rstrip("\n").endswith("éé")
+    manifest = json.loads((runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text())
+    stage = next(s for s in manifest["stages"] if s["name"] == "script")
+    assert len(stage["error"].encode("utf-8")) <= 8192
+
+
 def test_missing_program_is_spawn_failed(runner: Any) -> None:
     done = runner.wait(runner.submit({}, script="missing")["id"])
     assert done["status"] == "failed" and done["error_code"] == "spawn_failed"

@@ -59,3 +59,13 @@ def test_mask_value_reaches_nested_and_other_values() -> None:
     }
     assert mask_value(value, [SECRET]) == expected
     assert mask_value(value, Masker([SECRET])) == expected
+
+
+def test_utf8_tail_cuts_by_bytes_and_never_splits_a_character() -> None:
+    from codex_runner.execution.job import utf8_tail
+
+    assert utf8_tail("abc", 8) == "abc"
+    assert utf8_tail("xé" * 10, 5) == "éxé"
+    assert utf8_tail("é" * 10, 5) == "éé"  # the "é" the cut splits is dropped whole
+    assert utf8_tail("\ufffd" * 4000, 8192) == "\ufffd" * 2730
+    assert len(utf8_tail("a\ud800b" * 5, 4).encode("utf-8")) <= 4  # a lone surrogate does not raise

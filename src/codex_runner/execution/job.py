@@ -144,7 +144,7 @@ class JobRun:
             stage["exit_code"] = exit_code
         if error is not None:
             # Redacted whole, then cut: a secret at the cut is never half shown.
-            stage["error"] = self._redact(error)[-TAIL_BYTES:]
+            stage["error"] = utf8_tail(self._redact(error), TAIL_BYTES)
         self._manifest_dirty = True
 
     def _manifest_doc(self, status: str | None = None, extra: dict | None = None) -> dict[str, Any]:
@@ -743,3 +743,13 @@ def queue_wait_seconds(row: dict[str, Any]) -> float:
     created: datetime = row["created_at"]
     started: datetime = row["started_at"]
     return max(0.0, (started - created).total_seconds())
+
+
+def utf8_tail(text: str, limit: int) -> str:
+    """The end of `text` that fits in `limit` bytes of UTF-8 (SPEC §3: a stderr tail of at most
+    8 KiB). Cut by characters, a tail of invalid bytes, each decoded as a 3-byte U+FFFD, came to
+    three times that. A character the cut splits is dropped whole."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[-limit:].decode("utf-8", "ignore")
