@@ -73,6 +73,19 @@ def tokens_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+def secret_bytes(value: str) -> bytes:
+    """The bytes of a secret as a process sees them. Values from os.environ carry bytes that are
+    not UTF-8 as lone surrogates (surrogateescape): those become the original bytes again, where a
+    plain `encode()` would raise. Any other lone surrogate cannot occur in output: U+FFFD's bytes."""
+    try:
+        return value.encode()
+    except UnicodeEncodeError:
+        try:
+            return value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace")
+
+
 def secret_forms(value: str, min_length: int = 8) -> list[str]:
     """A secret and the encodings it most often leaks in: base64 (standard and URL-safe) and
     percent-encoding. Values shorter than `min_length` are ignored: masking them would shred logs."""
@@ -80,12 +93,12 @@ def secret_forms(value: str, min_length: int = 8) -> list[str]:
 
     if len(value) < min_length:
         return []
-    raw = value.encode()
+    raw = secret_bytes(value)
     forms = {
         value,
         base64.b64encode(raw).decode().rstrip("="),
         base64.urlsafe_b64encode(raw).decode().rstrip("="),
-        quote(value, safe=""),
+        quote(raw, safe=""),
     }
     # Inside a longer encoded value (`Basic base64(user:token)`, a docker `auth`), the secret may
     # start at any of the three byte positions of a base64 group, and bytes may follow it: the

@@ -254,3 +254,21 @@ def test_usage_and_file_paths_stay_bounded() -> None:
     summary = parser.summary()
     assert len(summary["usage"]) == MAX_USAGE_KEYS
     assert len(summary["files_changed"][0]["path"]) <= 4097
+
+
+def test_texts_are_redacted_before_they_are_cut() -> None:
+    """A secret across the cut of a long command or message: cut first, what is left of it no
+    longer matches, and its first characters would stay in `result.agent`."""
+    secret = "Zq8xV3mN9pL2kR7tW4yB6cD1hJ5gF0sA"
+    parser = CodexEventParser(redact=lambda text: text.replace(secret, "[REDACTED]"))
+    command = "echo " + "x" * 3979 + " " + secret
+    message = "y" * 99_990 + secret
+    events = [
+        {"type": "item.completed", "item": {"id": "c1", "type": "command_execution", "command": command}},
+        {"type": "item.completed", "item": {"id": "m1", "type": "agent_message", "text": message}},
+        {"type": "turn.failed", "error": {"message": "z" * 99_995 + secret}},
+    ]
+    parser.feed("".join(json.dumps(event) + "\n" for event in events).encode())
+    summary = json.dumps(parser.summary())
+    assert secret[:6] not in summary
+    assert parser.commands[0]["command"].endswith(" [REDACTED]")

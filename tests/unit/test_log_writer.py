@@ -166,3 +166,13 @@ def test_a_secret_inside_a_longer_base64_value_is_masked(tmp_path: Path) -> None
         # Every character that depends on the token's bytes alone is gone: at most one shared
         # with the prefix and one with the suffix are left of it.
         assert len(original) - len(left) >= 4 * len(token) // 3 - 2, (line, original)
+
+
+def test_a_secret_with_bytes_that_are_not_utf8_is_masked(tmp_path: Path) -> None:
+    """os.environ holds such bytes as lone surrogates (surrogateescape): encoding them raised, and
+    the job's log could not even be created. The raw bytes, as the job prints them, are masked."""
+    value = b"abcdefgh\xffxyz".decode("utf-8", "surrogateescape")
+    path = tmp_path / "job.log"
+    with LogWriter(path, max_bytes=1 << 20, known_secrets=[value, "\ud800" + "k" * 10]) as writer:
+        writer.write(b"token abcdefgh\xffxyz and kkkkkkkkkk\n")
+    assert path.read_bytes() == b"token [REDACTED] and kkkkkkkkkk\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from codex_runner.errors import InvalidRequest
-from codex_runner.logs.redaction import MAX_PEM_LINES, REDACTION_VERSION, RULESETS, V1, V2, get_ruleset
+from codex_runner.logs.redaction import MAX_PEM_LINES, REDACTION_VERSION, RULESETS, V1, V2, V3, get_ruleset
 
 GH = "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
@@ -168,7 +168,7 @@ def test_deterministic_and_registered() -> None:
     assert V1.redact(data) == V1.redact(data)
     assert get_ruleset("v1") is V1
     # v2 has v1's rules and differs only in where long lines are cut (tests/unit/test_log_reader.py).
-    assert RULESETS[REDACTION_VERSION] is V2 and get_ruleset("v2") is V2
+    assert get_ruleset("v2") is V2
     assert V2.rules == V1.rules and V2.redact(data) == V1.redact(data)
     assert V1.cut_guard is None and V2.cut_guard is not None and V2.fingerprint != V1.fingerprint
 
@@ -187,3 +187,17 @@ def test_spans_cover_whole_matches_and_private_keys() -> None:
     assert V2.spans(b"nothing to see here, move along") == []
     with pytest.raises(InvalidRequest):
         get_ruleset("v0")
+
+
+def test_v3_masks_url_credentials_with_an_empty_user_name() -> None:
+    """`redis://:password@host` is how a Redis password is usually given: v2 showed it."""
+    assert RULESETS[REDACTION_VERSION] is V3 and get_ruleset("v3") is V3
+    line = b"connecting to REDIS_URL=redis://:S3cretRedisPassw0rd@cache:6379/0\n"
+    assert b"S3cretRedisPassw0rd" in V2.redact(line)[0]  # v2 is published: never edited
+    assert V3.redact(line)[0] == b"connecting to REDIS_URL=redis://[REDACTED:url_credentials]@cache:6379/0\n"
+    for kept in (b"see http://host:8080/path@x\n", b"git@github.com:o/r.git\n", b"http://[::1]:80/\n"):
+        assert V3.redact(kept)[0] == kept
+    # Everything else as v2 (and v1).
+    data = PEM + b"password=x https://u:pw@h/ sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123\n"
+    assert V3.redact(data) == V2.redact(data)
+    assert V3.cut_guard == V2.cut_guard and V3.fingerprint != V2.fingerprint

@@ -47,8 +47,10 @@ class CodexEventParser:
         max_line_bytes: int = MAX_LINE_BYTES,
         max_entries: int = MAX_ENTRIES,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         self._max_line_bytes = max_line_bytes
+        self._redact = redact
         self._max_entries = max_entries
         self._on_event = on_event
         self._buffer = bytearray()
@@ -147,10 +149,17 @@ class CodexEventParser:
         if self._on_event is not None:
             self._on_event(event)
 
+    def _text(self, value: Any, limit: int = MAX_TEXT_CHARS) -> str | None:
+        """`value` if it is a string, redacted whole and then cut to `limit` characters: cut first,
+        a secret at the cut would no longer match anything, and its first part would be kept."""
+        if not isinstance(value, str):
+            return None
+        return _text(value if self._redact is None else self._redact(value), limit)
+
     def _handle(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         if kind == "thread.started":
-            self.thread_id = _text(event.get("thread_id"), 200)
+            self.thread_id = self._text(event.get("thread_id"), 200)
         elif kind in ("item.started", "item.updated", "item.completed"):
             item = event.get("item")
             if isinstance(item, dict):
@@ -160,10 +169,10 @@ class CodexEventParser:
             self._add_usage(event.get("usage"))
         elif kind == "turn.failed":
             error = event.get("error")
-            message = _text(error.get("message")) if isinstance(error, dict) else None
+            message = self._text(error.get("message")) if isinstance(error, dict) else None
             self._fail(message or "codex reported a failed turn")
         elif kind == "error":
-            message = _text(event.get("message")) or "codex reported an error"
+            message = self._text(event.get("message")) or "codex reported an error"
             if _RETRY_NOTICE.match(message):
                 self.retries += 1
                 self.last_retry_notice = message
@@ -179,15 +188,15 @@ class CodexEventParser:
                 if isinstance(change, dict):
                     self._record_file(change.get("path"), change.get("kind"))
         elif item_type == "agent_message" and completed:
-            self.final_message = _text(item.get("text"))
+            self.final_message = self._text(item.get("text"))
         elif item_type == "error" and completed:
             # Item-level errors are warnings codex carried on from; the turn's outcome decides.
-            message = _text(item.get("message"), 2000)
+            message = self._text(item.get("message"), 2000)
             if message is not None:
                 self._bounded_append(self.warnings, message)
 
     def _record_command(self, item: dict[str, Any]) -> None:
-        command = _text(item.get("command"), 4000)
+        command = self._text(item.get("command"), 4000)
         if command is None:
             return
         exit_code = item.get("exit_code")
@@ -202,7 +211,7 @@ class CodexEventParser:
             self._command_index[key] = len(self.commands) - 1
 
     def _record_file(self, path: Any, kind: Any) -> None:
-        path, kind = _text(path, 4096), _text(kind, 40)
+        path, kind = self._text(path, 4096), self._text(kind, 40)
         if path is None or kind is None:
             return
         previous = self._files.get(path)

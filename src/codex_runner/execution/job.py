@@ -362,7 +362,7 @@ class JobRun:
             home = await self._in_thread(codex_home_for, self.settings)
             if home is not None:
                 extra["CODEX_HOME"] = str(home)
-            self.agent = CodexEventParser()
+            self.agent = CodexEventParser(redact=self._redact)
         spec = ProcessSpec(
             argv=argv,
             cwd=ws.path,

@@ -305,8 +305,19 @@ V1 = RuleSet(
 # `password = value` in two, and neither half was recognised).
 V2 = RuleSet("v2", V1.rules, cut_guard=CutGuard(lookahead=16 * 1024, lookback=12 * 1024))
 
-REDACTION_VERSION = V2.version
-RULESETS: dict[str, RuleSet] = {V1.version: V1, V2.version: V2}
+# v2's rules, but `url_credentials` also takes an empty user name: `redis://:password@host`, the
+# usual form of a Redis URL, kept its password in v2.
+_URL_CREDENTIALS_V3 = Rule(
+    "url_credentials", rb"://(?P<s>[^\s/?#@:\"'<>`\\]*:[^\s/?#\"'<>`\\]+)@", (rb"://",)
+)
+V3 = RuleSet(
+    "v3",
+    tuple(_URL_CREDENTIALS_V3 if rule.name == "url_credentials" else rule for rule in V2.rules),
+    cut_guard=V2.cut_guard,
+)
+
+REDACTION_VERSION = V3.version
+RULESETS: dict[str, RuleSet] = {V1.version: V1, V2.version: V2, V3.version: V3}
 
 
 def get_ruleset(version: str) -> RuleSet:

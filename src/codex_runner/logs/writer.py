@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from codex_runner.secrets import secret_forms
+from codex_runner.secrets import secret_bytes, secret_forms
 
 REDACTED = b"[REDACTED]"
 _MIN_SECRET = 8
@@ -23,7 +23,7 @@ class LogWriter:
     held in memory until the next write decides it."""
 
     def __init__(self, path: Path, *, max_bytes: int, known_secrets: Sequence[str] = ()) -> None:
-        forms = {form.encode() for value in known_secrets for form in secret_forms(value, _MIN_SECRET)}
+        forms = {secret_bytes(form) for value in known_secrets for form in secret_forms(value, _MIN_SECRET)}
         self._forms = sorted(forms, key=len, reverse=True)
         # Longest first: at one position the longest form wins, as with successive replaces.
         self._pattern = re.compile(b"|".join(re.escape(form) for form in self._forms)) if forms else None
