@@ -223,6 +223,31 @@ def _coerce(name: str, env_name: str, raw: object, current: object) -> object:
     return text if text != "" else None
 
 
+def _blank(value: object) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
+def _check_database_url(url: str) -> None:
+    """A URL SQLAlchemy cannot parse (or whose port is not a number) names the setting; the URL
+    itself is never repeated: it may hold the password."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.engine.make_url(url)
+        port = parsed.port
+    except Exception:
+        raise ConfigError("RUNNER_DATABASE_URL: not a valid database URL") from None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError("RUNNER_DATABASE_URL: the port must be 1-65535")
+    if parsed.host and any(c in parsed.host for c in "@#?/ "):
+        # A password with an unencoded '@' leaves part of it in the host name, which a connection
+        # error would then print.
+        raise ConfigError(
+            "RUNNER_DATABASE_URL: the host name holds '@', '#', '?', '/' or a space: "
+            "percent-encode those characters in the user name and password"
+        )
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
@@ -269,10 +294,12 @@ def load_settings(
             continue
         env_name = ENV_PREFIX + f.name.upper()
         current = getattr(defaults, f.name)
-        if env_name in env:
-            raw: object = env[env_name]
-            values[f.name] = _coerce(f.name, env_name, raw, current)
-        elif f.name in runner_table:
+        # An empty value is no value: `RUNNER_HOST=` (a template left blank) falls through to
+        # runner.toml and then the default; taken as set, it became None (uvicorn then listened on
+        # every interface, an empty allowlist allowed every repo, the audit log went off).
+        if str(env.get(env_name, "")).strip():
+            values[f.name] = _coerce(f.name, env_name, env[env_name], current)
+        elif f.name in runner_table and not _blank(runner_table[f.name]):
             values[f.name] = _coerce(f.name, f"runner.toml [runner].{f.name}", runner_table[f.name], current)
     if overrides:
         values.update(overrides)
@@ -292,8 +319,10 @@ def load_settings(
     under_data("log_dir", "logs")
     under_data("workspace_dir", "workspaces")
     under_data("backup_dir", "backups")
-    if values.get("audit_log") and not Path(str(values["audit_log"])).is_absolute():
-        values["audit_log"] = (cwd / str(values["audit_log"])).resolve()
+    for name in ("audit_log", "codex_home"):
+        # codex_home too: handed to a job as CODEX_HOME, a relative path resolved in its workspace.
+        if values.get(name) and not Path(str(values[name])).is_absolute():
+            values[name] = (cwd / str(values[name])).resolve()
     if not values.get("database_url"):
         values["database_url"] = f"sqlite:///{data_dir / 'runner.db'}"
     if not values.get("id"):
@@ -303,15 +332,17 @@ def load_settings(
     url = str(values["database_url"])
     if not (url.startswith("sqlite") or url.startswith("postgresql")):
         raise ConfigError("RUNNER_DATABASE_URL: expected a sqlite:/// or postgresql:// URL")
-    if values.get("encryption_key"):
-        from codex_runner.secrets import parse_key
+    _check_database_url(url)
+    for name in ("encryption_key", "encryption_key_previous"):
+        if values.get(name):
+            from codex_runner.secrets import parse_key
 
-        try:
-            parse_key(str(values["encryption_key"]))
-        except Exception:
-            raise ConfigError(
-                "RUNNER_ENCRYPTION_KEY: expected 64 hex characters, base64 of 32 bytes, or 32 raw bytes"
-            ) from None
+            try:
+                parse_key(str(values[name]))
+            except Exception:
+                raise ConfigError(
+                    f"RUNNER_{name.upper()}: expected 64 hex characters, base64 of 32 bytes, or 32 raw bytes"
+                ) from None
     stale = int(values.get("stale_after_seconds", defaults.stale_after_seconds))  # type: ignore[call-overload]
     beat = int(values.get("heartbeat_seconds", defaults.heartbeat_seconds))  # type: ignore[call-overload]
     if stale <= beat:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from sqlalchemy.engine import Engine
 
 from codex_runner.catalog import Catalog
@@ -21,6 +22,8 @@ from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.migrate import upgrade
 
 MAX_IDEMPOTENCY_KEY = 255
+
+log = structlog.get_logger("codex_runner.runtime")
 
 
 def validate_idempotency_key(key: str | None) -> str | None:
@@ -137,6 +140,17 @@ class Runtime:
         if job["status"] == "cancel_requested":
             for hook in self.on_cancel:
                 hook(job_id)
+        elif code == 200:
+            # A queued job's cancel is its terminal transition: no launcher sees it, so it is logged
+            # here (SPEC §8; the launcher and JobRun log the others). It never ran: no duration.
+            log.info(
+                "job_finished",
+                job_id=job_id,
+                script_key=job.get("script_key"),
+                status_from="queued",
+                status_to="canceled",
+                duration_ms=None,
+            )
         return job, code
 
     @staticmethod

@@ -401,3 +401,19 @@ def test_openapi_documents_codes(api: Any) -> None:
     cancel = spec["paths"]["/api/runner/jobs/{job_id}/cancel"]["post"]["responses"]
     for code in ("200", "202", "404", "409"):
         assert code in cancel
+
+
+def test_a_queued_cancel_is_logged_as_a_terminal_transition(api: Any) -> None:
+    """SPEC §8: every terminal transition is a service log line with its five fields; a queued
+    job's cancel is one that no launcher sees."""
+    from structlog.testing import capture_logs
+
+    job = api.create(api.alice).json()
+    with capture_logs() as logs:
+        assert api.client(api.alice).post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 200
+    finished = [e for e in logs if e.get("event") == "job_finished"]
+    assert len(finished) == 1, logs
+    entry = finished[0]
+    assert entry["job_id"] == job["id"] and entry["script_key"] == job["script_key"]
+    assert (entry["status_from"], entry["status_to"]) == ("queued", "canceled")
+    assert "duration_ms" in entry and entry["duration_ms"] is None

@@ -38,6 +38,16 @@ def test_environment_wins_over_toml(tmp_path: Path) -> None:
         ({"RUNNER_LOG_FORMAT": "xml"}, "RUNNER_LOG_FORMAT"),
         ({"RUNNER_DATABASE_URL": "mysql://x"}, "RUNNER_DATABASE_URL"),
         ({"RUNNER_ENCRYPTION_KEY": "short"}, "RUNNER_ENCRYPTION_KEY"),
+        ({"RUNNER_ENCRYPTION_KEY_PREVIOUS": "garbage"}, "RUNNER_ENCRYPTION_KEY_PREVIOUS: expected 64 hex"),
+        (
+            {"RUNNER_DATABASE_URL": "postgresql://bob:pw@127.0.0.1:abc/test"},
+            "RUNNER_DATABASE_URL: not a valid",
+        ),
+        (
+            {"RUNNER_DATABASE_URL": "postgresql://bob:pw@127.0.0.1:99999/test"},
+            "RUNNER_DATABASE_URL: the port",
+        ),
+        ({"RUNNER_DATABASE_URL": "postgresql://bob:Pa@ss#Word99@127.0.0.1/test"}, "percent-encode"),
         ({"RUNNER_ALLOWED_REPO_PATHS": "[1, 2]"}, "RUNNER_ALLOWED_REPO_PATHS"),
         (
             {"RUNNER_STALE_AFTER_SECONDS": "10", "RUNNER_HEARTBEAT_SECONDS": "30"},
@@ -82,6 +92,31 @@ def test_bad_values_name_the_setting(tmp_path: Path, env: dict[str, str], fragme
     assert "\n" not in exc.value.message
     if "RUNNER_ENCRYPTION_KEY" in env:
         assert env["RUNNER_ENCRYPTION_KEY"] not in exc.value.message
+    if "RUNNER_DATABASE_URL" in env:
+        assert "pw" not in exc.value.message and "Word99" not in exc.value.message
+
+
+def test_an_empty_value_is_no_value(tmp_path: Path) -> None:
+    """`RUNNER_HOST=` (a template left blank) must not become None (uvicorn then listened on every
+    interface), nor an empty allowlist (every repo allowed) or no audit log: the runner.toml value
+    applies, else the default."""
+    (tmp_path / "runner.toml").write_text(
+        '[runner]\ndata_dir = "srv-data"\naudit_log = "audit.log"\nallowed_repo_paths = ["/srv/git"]\n'
+        'host = ""\n'
+    )
+    env = {"RUNNER_DATA_DIR": "", "RUNNER_AUDIT_LOG": " ", "RUNNER_ALLOWED_REPO_PATHS": "", "RUNNER_PORT": ""}
+    s = load_settings({**env, "RUNNER_HOST": ""}, cwd=tmp_path)
+    assert s.host == "127.0.0.1" and s.port == 8787
+    assert s.data_dir == (tmp_path / "srv-data").resolve()
+    assert s.audit_log == (tmp_path / "audit.log").resolve()
+    assert s.allowed_repo_paths == ("/srv/git",)
+
+
+def test_a_relative_codex_home_is_made_absolute(tmp_path: Path) -> None:
+    """Handed to a job as CODEX_HOME, a relative path was resolved in the job's workspace: codex
+    found no config there and wrote its sessions into the repo, which the commit then took."""
+    s = load_settings({"RUNNER_CODEX_HOME": "my-codex-home"}, cwd=tmp_path)
+    assert s.codex_home == (tmp_path / "my-codex-home").resolve()
 
 
 def test_numbers_in_range(tmp_path: Path) -> None:
