@@ -99,6 +99,8 @@ def test_missing_local_path_is_not_a_config_error(tmp_path: Path) -> None:
         "HTTPS://GitHub.com/acme/w",
         "http://127.0.0.1:8080/git/w.git",
         "http://localhost/w.git",
+        "http://127.1.2.3/w.git",
+        "http://[::1]:8080/w.git",
     ],
 )
 def test_accepted_urls(source: str) -> None:
@@ -115,6 +117,8 @@ BAD_SOURCES = [
     ("git@github.com:acme/w.git", "scp-like addresses are refused"),
     ("http://github.com/acme/w", "scheme http:// is refused"),
     ("http://10.0.0.1/acme/w", "scheme http:// is refused"),
+    ("http://127.attacker.example/w.git", "scheme http:// is refused"),  # a name, not an address
+    ("http://127.0.0.1.nip.io/w.git", "scheme http:// is refused"),
     ("git://github.com/acme/w", "scheme git:// is refused"),
     ("ftp://h/w", "scheme ftp:// is refused"),
     ("https://github.com/acme/w?x=1", "must not have a query or fragment"),

@@ -5,6 +5,7 @@ Pure: no network, no file system. A missing local repo is not a config error (do
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -241,7 +242,13 @@ def _is_loopback(url: str) -> bool:
         host = urlsplit(url).hostname or ""
     except ValueError:
         return False
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        # Parsed, not a prefix test: "127.attacker.example" is a DNS name anywhere.
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _ref_problem(ref: str) -> str | None:
