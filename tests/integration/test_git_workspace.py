@@ -496,6 +496,40 @@ def test_the_agent_cannot_choose_where_a_local_repo_pushes(tmp_path: Path, mode:
     cleanup_workspace(ws, repo, settings, failed=False)
 
 
+@pytest.mark.parametrize("as_url", [False, True])
+def test_a_push_to_a_local_origin_runs_none_of_its_hooks(tmp_path: Path, as_url: bool) -> None:
+    """`git push` to a path starts the target's receive-pack, which runs the target's hooks as the
+    runner with our config overrides cleared; the origin may be a repo an earlier job's agent made
+    and named in the shared config. The branch arrives, no hook runs, and a non-fast-forward is
+    still refused (the push is not forced)."""
+    local = make_repo(tmp_path / "repo")
+    bare = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(local), str(bare))
+    marker = tmp_path / "hook-ran"
+    for hook in ("pre-receive", "update", "post-receive", "post-update", "reference-transaction"):
+        path = bare / "hooks" / hook
+        path.write_text(f"#!/bin/sh\necho {hook} >> {marker}\n")
+        path.chmod(0o755)
+    git("remote", "add", "origin", bare.as_uri() if as_url else str(bare), cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="worktree")
+    ws = prepare_workspace(repo, "18181818-a", settings)
+    (ws.path / "work.txt").write_text("work\n")
+    result = commit(ws)
+    push_branch(ws, repo, None)
+    assert git("rev-parse", "refs/heads/runner/18181818", cwd=bare) == result.commit
+    assert not marker.exists(), marker.read_text()
+    # Rewritten: no longer a fast-forward of what the origin has.
+    git(
+        "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "--amend", "-m", "rewritten", cwd=ws.path
+    )
+    with pytest.raises(GitError) as err:
+        push_branch(ws, repo, None)
+    assert err.value.code == "push_failed"
+    assert not marker.exists()
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
 def test_an_in_place_repo_on_a_job_branch_is_not_taken(tmp_path: Path) -> None:
     """Two catalog repos on one folder, or a cleanup that did not finish: the folder is on a job
     branch, and a second job must not take it (their work would mix)."""

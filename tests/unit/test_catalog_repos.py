@@ -445,3 +445,30 @@ def test_script_key_lookup() -> None:
     assert cat.script("a.b").key == "a.b"
     with pytest.raises(UnknownScript, match="unknown script 'a'"):
         cat.script("a")
+
+
+def test_a_local_repos_push_target_must_pass_the_allowlists(tmp_path: Path) -> None:
+    """A local repo pushes to its `remote.origin.url`, which an agent in a worktree or in_place
+    workspace can rewrite: the target must be a place the allowlists accept as a source."""
+    (tmp_path / "git" / "w").mkdir(parents=True)
+    (tmp_path / "git" / "origin.git").mkdir()
+    (tmp_path / "agent" / "evil.git").mkdir(parents=True)
+    cat = catalog(
+        {"r": {"source": str(tmp_path / "git" / "w")}},
+        allowed_repo_paths=(str(tmp_path / "git"),),
+        allowed_git_url_prefixes=("https://github.com/acme/",),
+    )
+    repo = cat.repos["r"]
+    cat.check_push_target(repo, str(tmp_path / "git" / "origin.git"))
+    cat.check_push_target(repo, "https://github.com/acme/w.git")
+    for target in (
+        str(tmp_path / "agent" / "evil.git"),
+        f"file://{tmp_path}/agent/evil.git",
+        "https://evil.example/w.git",
+        "ssh://git@evil.example/w.git",
+    ):
+        with pytest.raises(RepoNotAllowed, match="push target of 'r' is outside RUNNER_ALLOWED"):
+            cat.check_push_target(repo, target)
+    # No allowlist: anything goes, as for sources.
+    open_cat = catalog({"r": {"source": str(tmp_path / "git" / "w")}})
+    open_cat.check_push_target(open_cat.repos["r"], str(tmp_path / "agent" / "evil.git"))

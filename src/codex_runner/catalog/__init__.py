@@ -7,6 +7,7 @@ per job request; it has no side effects. The rules are documented in docs/catalo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Iterable
@@ -109,6 +110,20 @@ class Catalog:
             raise RepoNotAllowed(f"repo {repo.name!r} is outside RUNNER_ALLOWED_REPO_PATHS")
         if is_url and prefixes and not any(_url_has_prefix(repo.source, p) for p in prefixes):
             raise RepoNotAllowed(f"repo {repo.name!r} is outside RUNNER_ALLOWED_GIT_URL_PREFIXES")
+
+    def check_push_target(self, repo: RepoSpec, url: str) -> None:
+        """`RepoNotAllowed` unless a local repo's push target (its `remote.origin.url`, read from a
+        config that an agent in a worktree or in_place workspace can rewrite) is a place the
+        allowlists would accept as a repo's source: the push goes nowhere the operator did not allow."""
+        try:
+            self.check_allowed(_push_target_spec(repo, url))
+        except RepoNotAllowed as exc:
+            raise RepoNotAllowed(f"the push target of {exc.message.removeprefix('repo ')}") from None
+
+
+def _push_target_spec(repo: RepoSpec, url: str) -> RepoSpec:
+    source_type = "local_path" if url.startswith("/") else "git_url"
+    return dataclasses.replace(repo, source=url, source_type=source_type)
 
 
 def _path_inside(path: str, allowed: Iterable[str]) -> bool:

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import structlog
 
 from codex_runner.catalog import RepoSpec, ScriptSpec
+from codex_runner.errors import RepoNotAllowed
 from codex_runner.execution.agents import apply_risk_policy, codex_home_for, is_codex_exec
 from codex_runner.execution.codex_events import CodexEventParser
 from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
@@ -535,10 +536,15 @@ class JobRun:
             return result
         self._stage("push", "running")
         try:
+            if repo.source_type != "git_url" and ws.push_url is not None:
+                self.rt.catalog.check_push_target(repo, ws.push_url)
             await self._in_thread(push_branch, ws, repo, credential)
         except GitError as exc:
             self._stage("push", "failed", error=exc.message)
             return {**result, "error": (exc.code, exc.message)}
+        except RepoNotAllowed as exc:
+            self._stage("push", "failed", error=exc.message)
+            return {**result, "error": ("push_failed", exc.message)}
         self._stage("push", "success")
         self._runner_line(f"pushed {ws.branch}")
         result["pushed"] = True

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -622,11 +623,16 @@ def push_branch(ws: Workspace, repo: RepoLike, credential: GitCredential | None)
     if not objects.is_absolute():
         objects = ws.git_dir / objects
     shim = ws.home / f"push-{uuid.uuid4().hex[:8]}.git"
+    ref = f"refs/heads/{ws.branch}"
     try:
         run_git(["init", "-q", "--bare", "--", str(shim)], home=ws.home, error_code="push_failed")
         (shim / "objects" / "info" / "alternates").write_text(f"{objects.resolve()}\n")
+        target = _local_target(url)
+        if target is not None:
+            _fetch_into_local(target, shim, ref, tip, ws.home)
+            return
         _remote_git(
-            [f"--git-dir={shim}", "push", "-q", "--", url, f"{tip}:refs/heads/{ws.branch}"],
+            [f"--git-dir={shim}", "push", "-q", "--", url, f"{tip}:{ref}"],
             url,
             credential,
             ws.home,
@@ -634,6 +640,32 @@ def push_branch(ws: Workspace, repo: RepoLike, credential: GitCredential | None)
         )
     finally:
         shutil.rmtree(shim, ignore_errors=True)
+
+
+def _local_target(url: str) -> Path | None:
+    """The folder a local push target names (an absolute path or a file:// URL), else None."""
+    if url.startswith("/"):
+        return Path(url)
+    if url.lower().startswith("file:"):
+        return Path(unquote(urlsplit(url).path))
+    return None
+
+
+def _fetch_into_local(target: Path, shim: Path, ref: str, tip: str, home: Path) -> None:
+    """The push to a repo on this machine, done from its side: `git push` to a local path starts
+    the receiving repo's `receive-pack`, which runs that repo's hooks as the runner, and git clears
+    our config overrides (`core.hooksPath`) for it. The target is whatever origin the local repo
+    names, which an earlier job's agent could have pointed at a repo of its own. A fetch into the
+    target with hooks and auto-maintenance off updates the ref the same way, and like the push it
+    is not forced (a non-fast-forward is refused) and never updates a checked-out branch."""
+    run_git(["--git-dir=" + str(shim), "update-ref", ref, tip], home=home, error_code="push_failed")
+    git_dir = _git_out(["-C", str(target), "rev-parse", "--absolute-git-dir"], home, "push_failed")
+    args = [f"--git-dir={git_dir}", "-c", "gc.auto=0", "-c", "maintenance.auto=false"]
+    run_git(
+        [*args, "fetch", "-q", "--no-tags", "--no-write-fetch-head", "--", str(shim), f"{ref}:{ref}"],
+        home=home,
+        error_code="push_failed",
+    )
 
 
 def _local_origin_url(ws: Workspace) -> str | None:
