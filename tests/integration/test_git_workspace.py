@@ -4,6 +4,7 @@ validation, and the fixed git environment."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -528,6 +529,41 @@ def test_a_push_to_a_local_origin_runs_none_of_its_hooks(tmp_path: Path, as_url:
     assert err.value.code == "push_failed"
     assert not marker.exists()
     cleanup_workspace(ws, repo, settings, failed=False)
+
+
+@pytest.mark.parametrize("swap", ["gitfile", "symlink", "commondir", "refs-symlink"])
+def test_a_clone_whose_git_dir_the_agent_swapped_commits_nowhere_else(tmp_path: Path, swap: str) -> None:
+    """In clone mode the git dir lies in the workspace: the agent can replace it with a gitfile or a
+    symlink naming the operator's repo, or make it a linked worktree's (`commondir`). The runner's
+    commit must not then land in that repo (its HEAD moved, its index changed); the commit stage
+    fails instead, and cleanup removes the folder without touching that repo."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="clone")
+    ws = prepare_workspace(repo, "19191919-a", settings)
+    assert ws.git_dir == ws.path / ".git"
+    git_dir = ws.path / ".git"
+    if swap == "gitfile":
+        shutil.rmtree(git_dir)
+        git_dir.write_text(f"gitdir: {local / '.git'}\n")
+    elif swap == "symlink":
+        shutil.rmtree(git_dir)
+        git_dir.symlink_to(local / ".git")
+    elif swap == "commondir":
+        (git_dir / "commondir").write_text(f"{local / '.git'}\n")
+    else:
+        shutil.rmtree(git_dir / "refs" / "heads")
+        (git_dir / "refs" / "heads").symlink_to(local / ".git" / "refs" / "heads")
+    (ws.path / "agent.txt").write_text("agent\n")
+    before = git("for-each-ref", cwd=local), git("symbolic-ref", "HEAD", cwd=local)
+    with pytest.raises(GitError) as err:
+        commit(ws)
+    assert err.value.code == "commit_failed" and "repository it prepared" in err.value.message
+    assert (git("for-each-ref", cwd=local), git("symbolic-ref", "HEAD", cwd=local)) == before
+    assert git("status", "--porcelain", cwd=local) == ""
+    cleanup_workspace(ws, repo, settings, failed=True)
+    assert not ws.path.exists()
+    assert (git("for-each-ref", cwd=local), git("symbolic-ref", "HEAD", cwd=local)) == before
 
 
 def test_an_in_place_repo_on_a_job_branch_is_not_taken(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -116,6 +117,10 @@ class Workspace:
     # A local repo's `remote.origin.url`, read before the agent runs: in worktree and in_place mode
     # the agent can write that config, and must not choose where the job's branch is pushed.
     push_url: str | None = None
+    # (st_dev, st_ino) of `git_dir` when it lies in the workspace (clone, in_place): the agent can
+    # replace that folder (a gitfile or a symlink naming another repository, a `commondir` file),
+    # and a pinned path alone would then follow it. See `_git_dir_problem`.
+    git_dir_id: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,9 @@ def prepare_workspace(
         ws = _prepare(repo, job_id, settings, credential, mode, home)
         if repo.source_type != "git_url" and repo.push and ws.store is not None:
             ws.push_url = _local_origin_url(ws)
+        if ws.git_dir is not None and ws.git_dir.parent == ws.path:
+            st = os.lstat(ws.git_dir)
+            ws.git_dir_id = (st.st_dev, st.st_ino)
         return ws
     except BaseException:
         shutil.rmtree(home, ignore_errors=True)
@@ -531,6 +539,7 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     counts it against the base commit. Nothing changed: commit None and zeros."""
     if ws.git_dir is None or ws.branch is None or ws.base_commit is None:
         return NO_CHANGES
+    _check_git_dir(ws, "commit_failed")
     ref = f"refs/heads/{ws.branch}"
     # The agent may have switched or deleted branches: the job's commit still goes on the job branch.
     head = _run_in(ws.git_dir, ws.path, ["symbolic-ref", "-q", "HEAD"], ws.home, "commit_failed", check=False)
@@ -616,6 +625,7 @@ def push_branch(ws: Workspace, repo: RepoLike, credential: GitCredential | None)
     if url is None:
         raise GitError("the local repo has no origin remote to push to", code="push_failed")
     validate_source(url)
+    _check_git_dir(ws, "push_failed")
     tip = _resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home, code="push_failed")
     objects = Path(
         _git_out([f"--git-dir={ws.git_dir}", "rev-parse", "--git-path", "objects"], ws.home, "push_failed")
@@ -666,6 +676,39 @@ def _fetch_into_local(target: Path, shim: Path, ref: str, tip: str, home: Path) 
         home=home,
         error_code="push_failed",
     )
+
+
+# Inside a git dir, what git writes through when it commits: a symlink at any of these would carry
+# the runner's objects, refs or index into another repository.
+_GIT_DIR_WRITE_PATHS = ("objects", "refs", "refs/heads", "refs/heads/runner", "logs", "HEAD", "index")
+
+
+def _git_dir_problem(ws: Workspace) -> str | None:
+    """Why the workspace's git dir is no longer the one prepared, or None. Only for a git dir in
+    the workspace (`git_dir_id`): the agent may rewrite everything in there, but what it points the
+    runner's own git at must stay that repository."""
+    if ws.git_dir_id is None or ws.git_dir is None:
+        return None
+    try:
+        st = os.lstat(ws.git_dir)
+    except OSError:
+        return "the workspace's .git folder is gone"
+    if not S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != ws.git_dir_id:
+        return "the workspace's .git folder was replaced"
+    if os.path.lexists(ws.git_dir / "commondir"):
+        return "the workspace's .git names another repository (commondir)"
+    for name in _GIT_DIR_WRITE_PATHS:
+        if os.path.islink(ws.git_dir / name):
+            return f"the workspace's .git/{name} is a symbolic link"
+    return None
+
+
+def _check_git_dir(ws: Workspace, code: str) -> None:
+    problem = _git_dir_problem(ws)
+    if problem:
+        raise GitError(
+            f"{problem}: the runner commits and pushes only in the repository it prepared", code=code
+        )
 
 
 def _local_origin_url(ws: Workspace) -> str | None:
@@ -738,7 +781,10 @@ def _cleanup_worktree(ws: Workspace, repo: RepoLike, settings: Settings, root: P
 
 def _cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path) -> None:
     assert ws.store is not None and ws.git_dir is not None and ws.branch is not None
-    tip = _try_resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home)
+    problem = _git_dir_problem(ws)
+    tip = None if problem else _try_resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home)
+    if problem:  # nothing the runner made is in there (its commit refused): the folder just goes
+        log.warning("workspace_git_dir_replaced", job_id=ws.job_id, problem=problem)
     if tip is not None and tip != ws.base_commit:
         # The clone goes away, its commits stay: the job branch is kept in the mirror (or local repo).
         with _repo_lock(settings, _lock_key(repo)):
@@ -753,6 +799,7 @@ def _cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path
 
 def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings) -> None:
     assert ws.git_dir is not None and ws.branch is not None and ws.base_commit is not None
+    _check_git_dir(ws, "cleanup_failed")  # a reset and checkout must not land in another repository
     with _repo_lock(settings, _lock_key(repo)):
         guard = filter_guard(ws.git_dir, ws.home)  # the agent could write this config
         # The tree was clean when the job began, so what is left uncommitted is the job's own.
