@@ -452,3 +452,63 @@ def test_a_claim_writes_the_started_events_with_its_update_on_postgresql(store: 
         )
         assert event["created_at"] == iso(job.row["started_at"])
     assert [(e["job_id"], e["event_type"]) for e in heard] == [(i, "job_started") for i in ids]
+
+
+def test_a_heartbeat_and_a_batch_of_the_same_jobs_do_not_deadlock(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One instance's heartbeat (one UPDATE of all its jobs) and its batch of terminal writes (the
+    jobs that just ended, in the order they ended) run at once in two threads. They lock the same
+    rows; in two orders PostgreSQL breaks the cycle after deadlock_timeout (1 s), with the claim
+    lock held meanwhile when the batch claims. Both lock by job id now."""
+    import threading
+
+    import codex_runner.store.engine as engine_module
+    from codex_runner.store import prepared
+
+    leases = _claim_all(store, 2)
+    earlier, later = list(leases)  # claimed FIFO: in the order they were created (and stored)
+    deadlocks: list[str] = []
+    real_is_transient = engine_module.is_transient
+
+    def spy(exc: BaseException) -> bool:
+        if getattr(getattr(exc, "orig", None), "sqlstate", None) == "40P01":
+            deadlocks.append(threading.current_thread().name)
+        return real_is_transient(exc)
+
+    monkeypatch.setattr(engine_module, "is_transient", spy)
+    real_execute_each = prepared.Prepared.execute_each
+    real_cas = JobStore._cas
+
+    def slow_each(self: Any, conn: Any, rows: list[dict[str, Any]]) -> list[int]:
+        out: list[int] = []
+        for row in rows:  # the batch's statements one by one, with time between them
+            out += real_execute_each(self, conn, [row])
+            time.sleep(0.4)
+        return out
+
+    def slow_cas(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_cas(self, *args, **kwargs)
+        finally:
+            time.sleep(0.4)
+
+    monkeypatch.setattr(prepared.Prepared, "execute_each", slow_each)
+    monkeypatch.setattr(JobStore, "_cas", slow_cas)
+    # The later job ended first; a plain UPDATE of both scans them in the order they are stored.
+    writes = [_success(later, leases[later]), _success(earlier, leases[earlier])]
+    results: dict[str, Any] = {}
+    batch = threading.Thread(
+        name="batch", target=lambda: results.setdefault("batch", store.finish_many(writes))
+    )
+    started = time.monotonic()
+    batch.start()
+    time.sleep(0.2)  # the batch holds its first row
+    beat = threading.Thread(
+        name="heartbeat", target=lambda: results.setdefault("hb", store.heartbeat("r", leases))
+    )
+    beat.start()
+    batch.join(timeout=30)
+    beat.join(timeout=30)
+    assert results["batch"][0] == [0, 0]
+    assert deadlocks == [] and time.monotonic() - started < 2.0, deadlocks

@@ -561,20 +561,24 @@ class JobStore:
         """`_first_cas` of each write, in order. On PostgreSQL the first attempts that take
         `_TERMINAL_CAS` (the usual batch: every job's terminal write) go in one round trip; a write
         whose first attempt did not match goes on with its next ones as `_first_cas` would."""
+        # Rows locked in job id order, as the heartbeat locks them: the same instance's heartbeat
+        # and batch touch the same jobs at once, and in two orders they deadlock (PostgreSQL).
+        order = sorted(range(len(writes)), key=lambda i: writes[i].job_id)
         first: dict[int, bool] = {}
         if self.is_pg:
-            usual = [i for i, write in enumerate(writes) if _fits_terminal_cas(write.attempts[0])]
+            usual = [i for i in order if _fits_terminal_cas(writes[i].attempts[0])]
             if len(usual) > 1:
                 params = [self._terminal_params(writes[i], writes[i].attempts[0], now) for i in usual]
                 counts = self._terminal.execute_each(conn, params)
                 first = {i: count == 1 for i, count in zip(usual, counts, strict=True)}
-        held: list[int | None] = []
-        for i, write in enumerate(writes):
+        held: list[int | None] = [None] * len(writes)
+        for i in order:
+            write = writes[i]
             if first.get(i):
                 pending.append(_terminal_event(write, write.attempts[0]))
-                held.append(0)
+                held[i] = 0
             else:
-                held.append(self._first_cas(conn, write, now, pending, start=1 if i in first else 0))
+                held[i] = self._first_cas(conn, write, now, pending, start=1 if i in first else 0)
         missed = [i for i, index in enumerate(held) if index is None]
         if missed:  # rare (a lost lease): a read more only then
             for i, index in self._already_written(conn, [writes[i] for i in missed]).items():
@@ -876,14 +880,19 @@ class JobStore:
 
         def txn() -> dict[str, str]:
             now = utcnow()
+            conds = (
+                jobs.c.runner_id == runner_id,
+                jobs.c.lease_token.in_(list(leases.values())),
+                jobs.c.status.in_([s.value for s in RUNNING_LIKE]),
+            )
             with write_txn(self.engine, idempotent=True) as conn:
+                if self.is_pg:
+                    # One UPDATE locks its rows in scan order; a batch of terminal writes of the
+                    # same jobs locks them by id (`_first_cas_all`): locked by id first here too.
+                    conn.execute(sa.select(jobs.c.id).where(*conds).order_by(jobs.c.id).with_for_update())
                 rows = conn.execute(
                     jobs.update()
-                    .where(
-                        jobs.c.runner_id == runner_id,
-                        jobs.c.lease_token.in_(list(leases.values())),
-                        jobs.c.status.in_([s.value for s in RUNNING_LIKE]),
-                    )
+                    .where(*conds)
                     .values(heartbeat_at=now)
                     .returning(jobs.c.id, jobs.c.lease_token, jobs.c.status)
                 ).all()
