@@ -47,9 +47,11 @@ class CheckpointIndex:
         self.ruleset = ruleset
         self._header = _HEADER.pack(_MAGIC, ruleset.version.encode(), ruleset.fingerprint)
 
-    def update(self, log: BinaryIO, size: int) -> Checkpoint:
+    def update(self, log: BinaryIO, size: int, until: int | None = None) -> Checkpoint:
         """Indexes the hard pieces of ``log[:size]`` not indexed yet (O(new bytes)); returns the
-        last checkpoint."""
+        last checkpoint. With ``until`` (a redacted offset), stops at the first checkpoint past it:
+        a page near the start of a long log that was never read costs O(page), not a pass over the
+        whole log; the index grows further as later pages are asked for."""
         fcntl.flock(log.fileno(), fcntl.LOCK_EX)
         try:
             last = self._last_valid(size)
@@ -68,6 +70,8 @@ class CheckpointIndex:
                     if len(pending) >= _APPEND_BATCH:
                         self._append(pending)
                         pending = []
+                    if until is not None and last.redacted > until:
+                        break
             self._append(pending)
             return last
         finally:

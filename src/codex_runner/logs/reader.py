@@ -52,7 +52,7 @@ def read_page(
     with log:
         size = os.fstat(log.fileno()).st_size
         index = CheckpointIndex(index_path(index_dir, log_path, version), ruleset)
-        index.update(log, size)
+        index.update(log, size, until=offset + limit + _SLACK)
         start = index.locate(offset)
         parts: list[bytes] = []
         redacted_end, at_end = start.redacted, True
