@@ -7,8 +7,10 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import secrets as _secrets
 from collections.abc import Iterable
+from typing import AnyStr
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -124,14 +126,46 @@ class Masker:
 
     def __init__(self, values: Iterable[str], replacement: str = "[REDACTED]") -> None:
         forms = {form for value in values for form in secret_forms(value)}
-        # Longest first: a form inside a longer one (of the same secret or another) goes with it.
+        # Longest first: at one position the longest form matches.
         self.forms = sorted(forms, key=len, reverse=True)
         self.replacement = replacement
+        self._pattern = re.compile("|".join(re.escape(form) for form in self.forms)) if forms else None
 
     def __bool__(self) -> bool:
         return bool(self.forms)
 
     def __call__(self, text: str) -> str:
-        for form in self.forms:
-            text = text.replace(form, self.replacement)
-        return text
+        if self._pattern is None or not any(form in text for form in self.forms):
+            return text
+        return replace_spans(text, union_spans(self._pattern, text), self.replacement)
+
+
+def union_spans(pattern: re.Pattern[AnyStr], text: AnyStr, stop: int | None = None) -> list[list[int]]:
+    """Where `pattern` (secrets' forms, longest first) matches in `text`, starting before `stop`,
+    with overlapping matches merged: two secrets that overlap are masked as one span. Replacing
+    the leftmost match only (as `re.sub` does) would leave the rest of a longer secret that starts
+    inside it, and replacing the longest first the start of the other one."""
+    limit = len(text) if stop is None else stop
+    spans: list[list[int]] = []
+    at = 0
+    while (match := pattern.search(text, at)) is not None:
+        start, end = match.span()
+        if spans and start < spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        elif start >= limit:
+            break
+        else:
+            spans.append([start, end])
+        at = start + 1
+    return spans
+
+
+def replace_spans(text: AnyStr, spans: list[list[int]], replacement: AnyStr) -> AnyStr:
+    parts: list[AnyStr] = []
+    pos = 0
+    for start, end in spans:
+        parts.append(text[pos:start])
+        parts.append(replacement)
+        pos = end
+    parts.append(text[pos:])
+    return text[:0].join(parts)

@@ -236,3 +236,77 @@ def test_long_lines_never_show_a_secret(parts: list[tuple[str, int]], limit: int
             assert whole == V2.redact(line)[0]
         seen = follow_growing(Path(tmp) / "grown.log", Path(tmp) / "ix2", line, growth, limit)
     assert seen == whole
+
+
+# Known secrets that overlap one another: a suffix of one is a prefix of another.
+OVERLAPPING = ["AAAAAAAABBBB", "BBBBCCCCCCCCCCCCCCCC", "CCCCDDDDDDDD", "QQQQRRRRSSSS"]
+
+
+def _union_reference(data: bytes, forms: list[bytes]) -> bytes:
+    """Every occurrence of every form, overlapping ones merged into one masked span."""
+    spans: list[list[int]] = []
+    for form in forms:
+        at = data.find(form)
+        while at >= 0:
+            spans.append([at, at + len(form)])
+            at = data.find(form, at + 1)
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    out, pos = [], 0
+    for start, end in merged:
+        out += [data[pos:start], b"[REDACTED]"]
+        pos = end
+    masked = b"".join([*out, data[pos:]])
+    # At the end of the output, an unfinished form of 8 bytes or more is masked too (by design).
+    for at in range(len(masked)):
+        rest = masked[at:]
+        if any(len(form) > len(rest) and form.startswith(rest) for form in forms):
+            return masked[:at] + (b"[REDACTED]" if len(rest) >= 8 else rest)
+    return masked
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.sampled_from(["AAAAAAAABBBBCCCCCCCCCCCCCCCC", "BBBBCCCCCCCCCCCCCCCCDDDDDDDD", *OVERLAPPING]),
+            st.sampled_from(["AAAA", "BBBB", "CCCC", "x", " ", "\n", "AAAAAAAABBBBCCCC"]),
+        ),
+        max_size=12,
+    ),
+    cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=20),
+)
+def test_overlapping_known_secrets_are_masked_as_one_span_however_cut(
+    parts: list[str], cuts: list[int]
+) -> None:
+    """docs/logs.md: where two forms overlap, neither shows: the leftmost match alone left 16 of
+    the 20 bytes of a longer secret starting inside it on the disk."""
+    data = "".join(parts).encode()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "job.log"
+        with LogWriter(path, max_bytes=1 << 20, known_secrets=OVERLAPPING) as writer:
+            forms = list(writer._forms)
+            at = 0
+            for cut in itertools.cycle(cuts or [len(data) + 1]):
+                if at >= len(data):
+                    break
+                writer.write(data[at : at + cut])
+                at += cut
+        written = path.read_bytes()
+    assert written == _union_reference(data, forms)
+
+
+def test_two_overlapping_secrets_in_one_write() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "job.log"
+        with LogWriter(path, max_bytes=1 << 20, known_secrets=OVERLAPPING[:2]) as writer:
+            writer.write(b"x AAAAAAAABBBBCCCCCCCCCCCCCCCC y\n")
+            writer.runner_line("also AAAAAAAABBBBCCCCCCCCCCCCCCCC here")
+        assert path.read_bytes() == b"x [REDACTED] y\n[runner] also [REDACTED] here\n"
+    from codex_runner.secrets import mask
+
+    assert mask("x AAAAAAAABBBBCCCCCCCCCCCCCCCC y", OVERLAPPING[:2]) == "x [REDACTED] y"

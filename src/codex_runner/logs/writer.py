@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from codex_runner.secrets import secret_bytes, secret_forms
+from codex_runner.secrets import replace_spans, secret_bytes, secret_forms, union_spans
 
 REDACTED = b"[REDACTED]"
 _MIN_SECRET = 8
 _CONTINUATION = range(0x80, 0xC0)
+#: How much a masked span that may still grow (secrets overlapping into output not yet read) may
+#: hold back; past it the span is written masked as it stands, so memory stays bounded.
+_MAX_HELD_SPAN = 64 * 1024
 
 
 class LogWriter:
@@ -69,7 +72,7 @@ class LogWriter:
         Those few bytes then come after the runner line instead of before it."""
         body = text.encode("utf-8", "replace")
         if self._pattern is not None:
-            body = self._pattern.sub(REDACTED, body)
+            body = replace_spans(body, union_spans(self._pattern, body), REDACTED)
         lines = b"".join(b"[runner] " + line + b"\n" for line in body.splitlines() or [b""])
         with self._lock:
             if not output_follows:
@@ -110,19 +113,31 @@ class LogWriter:
             self._carry = b""
             return buf
         decided = len(buf) - self._keep  # a form starting before this is wholly inside buf
+        spans = union_spans(self._pattern, buf, decided) if any(form in buf for form in self._forms) else []
+        held_span = None
+        if spans and self._may_grow(buf, spans[-1], decided) and len(buf) - spans[-1][0] <= _MAX_HELD_SPAN:
+            # A secret overlapping the last span runs past the end of buf: the span is not
+            # finished, so it is held whole (and masked whole once it is).
+            held_span = spans.pop()[0]
         out: list[bytes] = []
         pos = 0
-        if any(form in buf for form in self._forms):
-            for match in self._pattern.finditer(buf):
-                if match.start() >= decided:
-                    break
-                out.append(buf[pos : match.start()])
-                out.append(REDACTED)
-                pos = match.end()
-        hold = self._undecided_from(buf, max(pos, decided))
+        for start, end in spans:
+            out.append(buf[pos:start])
+            out.append(REDACTED)
+            pos = end
+        hold = held_span if held_span is not None else self._undecided_from(buf, max(pos, decided))
         out.append(buf[pos:hold])
         self._carry = buf[hold:]
         return b"".join(out)
+
+    def _may_grow(self, buf: bytes, span: list[int], decided: int) -> bool:
+        """Whether a form starting inside `span` (at or after `decided`) is cut off by the end of
+        `buf`: more output could make it a match that extends the span."""
+        for at in range(max(span[0], decided), span[1]):
+            rest = buf[at:]
+            if any(len(form) > len(rest) and form.startswith(rest) for form in self._forms):
+                return True
+        return False
 
     def _undecided_from(self, buf: bytes, start: int) -> int:
         """The first position at or after ``start`` where a form could begin given what follows."""
@@ -142,7 +157,7 @@ class LogWriter:
         pending, self._carry = self._carry, b""
         if not pending or self._pattern is None:
             return pending
-        pending = self._pattern.sub(REDACTED, pending)
+        pending = replace_spans(pending, union_spans(self._pattern, pending), REDACTED)
         hold = self._undecided_from(pending, 0)
         tail = pending[hold:]
         return pending[:hold] + (REDACTED if len(tail) >= _MIN_SECRET else tail)
