@@ -235,6 +235,30 @@ def test_in_place_repo_runs_one_job_at_a_time(runner_factory: Any) -> None:
     assert _max_overlap([_interval(j) for j in jobs]) == 1
 
 
+def test_a_job_whose_repo_changed_to_or_from_in_place_is_not_run(runner: Any) -> None:
+    """The claim keeps one active job per in_place repo by the mode a job was created with; a job
+    created in another mode but run in place (the operator switched the repo and restarted) could
+    share the repo's folder with another. Such a job fails with a clear message instead."""
+    import dataclasses
+
+    from codex_runner.store.jobs import Limits
+
+    rt = runner.runtime
+    principal = rt.tokens.authenticate(runner.token)
+    assert principal is not None
+    job = rt.new_job(principal, {"repo": "inplace", "script_key": "behave", "args": {}})
+    earlier = dataclasses.replace(job, workspace_mode="worktree")  # created before the switch
+    created, _ = rt.jobs.create(earlier, Limits(max_queue_size=100, max_queued_per_user=100))
+    for hook in rt.on_created:  # the launcher's wake-up, as the API's create does
+        hook(created["id"])
+    done = runner.wait(created["id"], timeout=30)
+    assert done["status"] == "failed" and done["error_code"] == "prepare_failed", done
+    assert "changed from workspace mode worktree to in_place" in done["error_message"]
+    assert done["started_at"] is not None and done["exit_code"] is None
+    ok = runner.wait(runner.submit({}, repo="inplace")["id"], timeout=30)
+    assert ok["status"] == "success", ok
+
+
 def test_manifest_reader_never_sees_partial_file(runner: Any) -> None:
     job = runner.submit({"sleep": "1.5", "stdout": "x"})
     path = runner.runtime.settings.runs_dir / job["id"] / "manifest.json"

@@ -267,13 +267,17 @@ class JobRun:
     async def _run(self) -> None:
         repo = self.rt.catalog.repos.get(self.row["repo"])
         script = self.rt.catalog.scripts.get(self.row["script_key"])
+        moved = _in_place_change(repo, self.row.get("workspace_mode"))
         # One trip: credential, log file, the manifest, the workspace; no trip for a scratch job
         # without a credential, and no file before its spawn but its folder (see the module's
         # docstring).
         if repo is not None and repo.workspace == "scratch" and not repo.credential:
             credential, prepared = self._set_up(repo, script, files_after_spawn=True)
         else:
-            credential, prepared = await asyncio.to_thread(self._set_up, repo, script)
+            credential, prepared = await asyncio.to_thread(self._set_up, None if moved else repo, script)
+        if moved:
+            await self._finish(Status.FAILED, ErrorCode.PREPARE_FAILED, moved, None)
+            return
         if repo is None or script is None:
             missing = f"repo {self.row['repo']!r}" if repo is None else f"script {self.row['script_key']!r}"
             await self._finish(
@@ -759,3 +763,19 @@ def utf8_tail(text: str, limit: int) -> str:
     if len(data) <= limit:
         return text
     return data[-limit:].decode("utf-8", "ignore")
+
+
+def _in_place_change(repo: RepoSpec | None, created_mode: str | None) -> str | None:
+    """Why a job cannot run: its repo's workspace mode changed to or from `in_place` since the job
+    was created. The claim keeps one active job per in_place repo by the mode a job was created
+    with, so a job created in another mode but run in place could share the repo's folder with
+    one (SPEC §6), and a job created in place must not run elsewhere unasked. Other changes
+    (worktree to clone, say) run in the repo's mode now."""
+    if repo is None or created_mode is None or repo.workspace == created_mode:
+        return None
+    if "in_place" not in (repo.workspace, created_mode):
+        return None
+    return (
+        f"repo {repo.name!r} changed from workspace mode {created_mode} to {repo.workspace} "
+        "since the job was created; submit it again"
+    )
