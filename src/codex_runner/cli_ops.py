@@ -17,11 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
 
+import sqlalchemy as sa
 import typer
 
 from codex_runner.catalog import Catalog
 from codex_runner.config import Settings
-from codex_runner.errors import RunnerError
+from codex_runner.errors import ConfigError, RunnerError
 from codex_runner.runtime import Runtime
 
 P = ParamSpec("P")
@@ -65,15 +66,26 @@ def _settings() -> Settings:
 
 
 @contextmanager
-def _runtime(loaded: Settings) -> Iterator[Runtime]:
+def _runtime(loaded: Settings, *, migrate: bool = True) -> Iterator[Runtime]:
     """A runtime on the local database, migrated, without syncing repos: a command run with another
-    runner.toml must not change what a running server has configured."""
+    runner.toml must not change what a running server has configured. Without `migrate` (a dry
+    run, which changes nothing), a database that is missing or not at head is an error instead."""
     from codex_runner.ops.audit import attach
-    from codex_runner.store.migrate import upgrade
+    from codex_runner.store.migrate import current_revision, head_revision, upgrade
 
+    if not migrate and loaded.is_sqlite:
+        db_file = sa.engine.make_url(loaded.database_url).database
+        if db_file and db_file != ":memory:" and not Path(db_file).exists():
+            raise ConfigError(f"no database at {db_file}: nothing to report (a dry run creates nothing)")
     rt = Runtime.open(loaded, migrate=False)
     try:
-        upgrade(rt.engine)
+        if migrate:
+            upgrade(rt.engine)
+        elif (current := current_revision(rt.engine)) != (head := head_revision()):
+            raise ConfigError(
+                f"database schema is at {current or 'nothing'}, expected {head}: run `codex-runner migrate` "
+                "first (a dry run changes nothing)"
+            )
         attach(rt)
         yield rt
     finally:
@@ -115,9 +127,15 @@ def cleanup(
     """Delete old terminal jobs (RUNNER_RETENTION_DAYS, keeping RUNNER_RETENTION_KEEP) and orphaned files."""
     from codex_runner.cli.common import info, print_json
     from codex_runner.ops.retention import cleanup as run_cleanup
+    from codex_runner.store.instances import InstanceRegistry
 
-    with _runtime(_settings()) as rt:
-        report = run_cleanup(rt, dry_run=dry_run)
+    loaded = _settings()
+    with _runtime(loaded, migrate=not dry_run) as rt:
+        # A live server's spare pools and mirrors are its own retention's to judge, by its catalog.
+        live = InstanceRegistry(rt.engine, loaded.id).live_instances(loaded.stale_after_seconds)
+        report = run_cleanup(rt, dry_run=dry_run, shared_caches=not live)
+    if live:
+        info(f"spare pools and mirrors left to the live instance(s) {', '.join(live)}")
     if json_out:
         print_json(report.to_dict())
     else:

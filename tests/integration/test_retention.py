@@ -539,3 +539,68 @@ def test_cli_cleanup_exits_1_when_something_could_not_be_removed(
     monkeypatch.setattr(retention, "_remove", real_remove)
     assert CliRunner().invoke(app, ["cleanup"], env=env).exit_code == 0
     assert not orphan.exists()
+
+
+def test_cleanup_dry_run_creates_and_migrates_nothing(tmp_path: Path) -> None:
+    """docs/operations.md: `--dry-run` changes nothing; it made (or migrated) the database, which
+    under an older server still running is a schema change beneath it."""
+    from codex_runner.store import create_store_engine
+    from codex_runner.store.migrate import current_revision, head_revision, upgrade
+
+    from tests.integration.ops_cli import run_cli
+
+    data = tmp_path / "data"
+    env = {"RUNNER_DATA_DIR": str(data), "RUNNER_ID": "dry", "RUNNER_ENABLED": "false"}
+    done = run_cli(["cleanup", "--dry-run"], env, tmp_path)
+    assert done.returncode == 2 and "no database at" in done.stderr, done
+    assert not (data / "runner.db").exists()
+    data.mkdir(exist_ok=True)
+    engine = create_store_engine(f"sqlite:///{data / 'runner.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE keep_me (x INTEGER)"))  # an unmigrated database
+        done = run_cli(["cleanup", "--dry-run"], env, tmp_path)
+        assert done.returncode == 2 and "run `codex-runner migrate`" in done.stderr, done
+        assert current_revision(engine) is None
+        upgrade(engine)
+        done = run_cli(["cleanup", "--dry-run"], env, tmp_path)
+        assert done.returncode == 0 and "would delete" in done.stdout, done
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_the_cleanup_command_leaves_a_live_servers_spare_pools_and_mirrors(
+    tmp_path: Path, database_url: str
+) -> None:
+    """`codex-runner cleanup` run without the server's runner.toml (a cron job) judged the server's
+    warm-workspace pools and mirrors by its own, empty catalog: all unused. While an instance is
+    live they are its own retention's to judge; once none is, the command removes them."""
+    from codex_runner.store.instances import InstanceRegistry
+
+    from tests.integration.ops_cli import run_cli
+
+    rt = make_runtime(tmp_path, database_url)
+    try:
+        [demo] = rt.catalog.repos.values()
+        pool = rt.settings.workspace_dir / POOLS / f"{lock_key(demo.source)}.{demo.workspace}"
+        (pool / "ready-0123456789ab").mkdir(parents=True)
+        server = InstanceRegistry(rt.engine, "the-server")
+        server.register(rt.settings.stale_after_seconds)
+        cron = tmp_path / "cron"
+        cron.mkdir()  # no runner.toml here: the command's catalog has no repo
+        env = {
+            "RUNNER_DATABASE_URL": database_url,
+            "RUNNER_DATA_DIR": str(tmp_path / "data"),
+            "RUNNER_ID": "cron",
+        }
+        done = run_cli(["cleanup", "--json"], env, cron)
+        assert done.returncode == 0, done
+        assert json.loads(done.stdout)["spare_pools"] == 0 and pool.exists()
+        assert "left to the live instance(s) the-server" in done.stderr
+        server.stopped()
+        done = run_cli(["cleanup", "--json"], env, cron)
+        assert done.returncode == 0 and json.loads(done.stdout)["spare_pools"] == 1, done
+        assert not pool.exists()
+    finally:
+        rt.close()

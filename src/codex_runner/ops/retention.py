@@ -105,7 +105,11 @@ def cleanup(
     now: datetime | None = None,
     batch_size: int = BATCH,
     orphan_grace_seconds: int = ORPHAN_GRACE_SECONDS,
+    shared_caches: bool = True,
 ) -> CleanupReport:
+    """One retention pass (SPEC §9). `shared_caches` false leaves spare pools and mirrors alone:
+    which ones are unused only the configuration of the servers that use them can tell, and the
+    `cleanup` command, run beside a live server, may have another runner.toml or none."""
     now = now or utcnow()
     s = runtime.settings
     report = CleanupReport(dry_run=dry_run)
@@ -132,12 +136,12 @@ def cleanup(
         if not dry_run:
             shutil.rmtree(path, ignore_errors=True)
         report.git_homes += 1
-    unused_pools = list(_unused_spare_pools(runtime))
+    unused_pools = list(_unused_spare_pools(runtime)) if shared_caches else []
     for pool in unused_pools:
         if not dry_run:
             shutil.rmtree(pool, ignore_errors=True)
         report.spare_pools += 1
-    for mirror in _unused_mirrors(runtime, unused_pools):
+    for mirror in _unused_mirrors(runtime, unused_pools) if shared_caches else ():
         if dry_run or _remove_mirror(runtime, mirror, unused_pools):
             report.mirrors += 1
     _delete_transcripts(runtime, now, dry_run, report)
