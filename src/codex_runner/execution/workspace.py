@@ -316,7 +316,9 @@ def _prepare_in_place(
         # cleanup failed. Taking the folder would mix the two jobs' work.
         raise GitError(
             f"in_place repo is on the job branch {original.removeprefix('refs/heads/')}: another job "
-            "uses this folder, or a job's cleanup did not finish; check it out back to its branch",
+            "uses this folder, a job's cleanup did not finish, or a job's state was kept for inspection "
+            "(RUNNER_CLEANUP_AFTER_JOB=false, RUNNER_KEEP_FAILED_WORKSPACES=true); check it out back to "
+            "its branch",
             code="prepare_failed",
         )
     _run_in(store, source, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed", guard=guard)
