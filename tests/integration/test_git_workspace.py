@@ -566,6 +566,33 @@ def test_a_clone_whose_git_dir_the_agent_swapped_commits_nowhere_else(tmp_path: 
     assert (git("for-each-ref", cwd=local), git("symbolic-ref", "HEAD", cwd=local)) == before
 
 
+@pytest.mark.parametrize("mode", ["clone", "worktree"])
+def test_a_folder_the_agent_made_a_repository_is_not_committed_as_a_link(tmp_path: Path, mode: str) -> None:
+    """`git init` in a subfolder (scaffolding tools do it): `add -A` stages a link to that repo's
+    commit, not its files, so the job's commit named a commit that is never pushed and the files
+    went with the workspace. The commit stage fails and says why; a submodule in .gitmodules is
+    the agent's choice and goes through."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace=mode)
+    ws = prepare_workspace(repo, "20202020-a", settings)
+    app = ws.path / "app"
+    app.mkdir()
+    (app / "main.py").write_text("print('hi')\n")
+    git("init", "-q", str(app))
+    git("add", "-A", cwd=app)
+    git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "scaffold", cwd=app)
+    (ws.path / "README.md").write_text("changed\n")
+    with pytest.raises(GitError) as err:
+        commit(ws)
+    assert err.value.code == "commit_failed"
+    assert err.value.message.startswith("app: a git repository of its own"), err.value.message
+    (ws.path / ".gitmodules").write_text('[submodule "app"]\n\tpath = app\n\turl = ./app\n')
+    result = commit(ws)
+    assert result.commit is not None and result.files_changed == 3  # README, .gitmodules, the link
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
 def test_an_in_place_repo_on_a_job_branch_is_not_taken(tmp_path: Path) -> None:
     """Two catalog repos on one folder, or a cleanup that did not finish: the folder is on a job
     branch, and a second job must not take it (their work would mix)."""

@@ -565,6 +565,7 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     if staged.returncode not in (0, 1):
         raise GitError(f"git diff --cached failed: {staged.stderr.strip()}", code="commit_failed")
     if staged.returncode == 1:
+        _refuse_stray_gitlinks(ws, guard)
         ident = {
             "GIT_AUTHOR_NAME": author_name,
             "GIT_AUTHOR_EMAIL": author_email,
@@ -585,6 +586,48 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     if tip == ws.base_commit:
         return NO_CHANGES
     return _numstat(ws, tip)
+
+
+def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) -> None:
+    """A folder the agent made a repository of its own (`git init`, as scaffolding tools do) is
+    staged by `add -A` as a link to its commit, not as its files: the commit would name a commit
+    that is never pushed, and the files would go with the workspace. Refused unless `.gitmodules`
+    lists it (a submodule the agent added on purpose)."""
+    assert ws.git_dir is not None
+    raw = _run_in(
+        ws.git_dir,
+        ws.path,
+        ["diff", "--cached", "--raw", "-z", "--no-renames"],
+        ws.home,
+        "commit_failed",
+        guard=guard,
+    ).stdout
+    fields = raw.split("\0")
+    links = [
+        path
+        for meta, path in zip(fields[::2], fields[1::2], strict=False)
+        if meta.startswith(":") and meta.split(" ")[1:2] == ["160000"] and meta.split(" ")[0] != ":160000"
+    ]
+    if not links:
+        return
+    listed = _run_in(
+        ws.git_dir,
+        ws.path,
+        ["config", "--file", str(ws.path / ".gitmodules"), "--get-regexp", r"^submodule\..*\.path$"],
+        ws.home,
+        "commit_failed",
+        check=False,
+    ).stdout
+    submodules = {line.split(" ", 1)[1] for line in listed.splitlines() if " " in line}
+    stray = [path for path in links if path not in submodules]
+    if stray:
+        shown = ", ".join(stray[:5]) + (" …" if len(stray) > 5 else "")
+        raise GitError(
+            f"{shown}: a git repository of its own inside the workspace (a `git init` there?); its files "
+            "cannot be committed, only a link to a commit that is never pushed. Remove its .git folder, "
+            "or add it as a submodule (.gitmodules)",
+            code="commit_failed",
+        )
 
 
 def _numstat(ws: Workspace, tip: str) -> CommitResult:
