@@ -155,3 +155,17 @@ def test_openapi_documents_the_create_body(api: Any) -> None:
     schema = create["requestBody"]["content"]["application/json"]["schema"]
     assert {"repo_id", "repo", "script_key", "args"} <= set(schema["properties"])
     assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in create["parameters"])
+
+
+def test_openapi_documents_400_not_fastapis_422(api: Any) -> None:
+    """Validation errors answer 400 `invalid_request` (SPEC §4); the document listed FastAPI's 422
+    on every route with parameters, a code the service never sends."""
+    c = api.client(api.alice)
+    spec = c.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation.get("responses", {}), (method, path)
+    listing = spec["paths"]["/api/runner/jobs"]["get"]["responses"]
+    assert "400" in listing
+    assert c.get("/api/runner/jobs", params={"limit": 0}).status_code == 400
+    assert "HTTPValidationError" not in spec.get("components", {}).get("schemas", {})

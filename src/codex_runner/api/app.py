@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -128,6 +130,24 @@ class RunnerApp(FastAPI):
     (api/create.py says why and how it stays the same route). None sends it the usual way."""
 
     fast_create: CreateEndpoint | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document without the 422 it adds to every route with parameters: validation
+        errors answer 400 `invalid_request` here (api/errors.py), which each route documents."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if isinstance(operation, dict):
+                        operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            if "HTTPValidationError" in components and '"#/components/schemas/HTTPValidationError"' not in (
+                json.dumps(schema.get("paths", {}))
+            ):
+                components.pop("HTTPValidationError", None)
+                components.pop("ValidationError", None)
+            self.openapi_schema = schema
+        return self.openapi_schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await ErrorGuard(self._dispatch)(scope, receive, send)
