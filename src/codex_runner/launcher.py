@@ -403,6 +403,7 @@ class Launcher:
         if time.monotonic() - self._db_ok_since < self.settings.stale_after_seconds:
             return 0
         recovered = 0
+        failed: set[str] = set()
         for job in stale:
             ok = await asyncio.to_thread(
                 self.rt.jobs.fail_stale,
@@ -422,7 +423,15 @@ class Launcher:
             if ok:
                 log.warning("heartbeat_stale_recovered", job_id=job["id"], runner_id=job["runner_id"])
                 log_terminal(job, "failed")
+                failed.add(job["id"])
             recovered += int(ok)
+        if failed:
+            # No process of a job outlives its terminal status (SPEC §3): those on this host go now.
+            # The owner may be an instance that died here under another RUNNER_ID (the default id
+            # is new at every start, so no start-up recovery of its will ever find them), or one
+            # that is frozen and would stop them once it runs again. Found by RUNNER_JOB_ID, which
+            # the job's processes and its git commands carry; another host's are not seen here.
+            await asyncio.to_thread(kill_job_processes, failed, timeout=KILL_SCAN_SECONDS)
         return recovered
 
     async def recover_own_jobs(self) -> int:

@@ -447,3 +447,66 @@ def test_scratch_jobs_set_up_and_clean_up_on_the_loop(runner: Any, monkeypatch: 
     for done in (empty, busy):
         assert not (runner.runtime.settings.workspace_dir / done["id"]).exists()
         assert _terminal_manifest(runner, done["id"])["status"] == "success"
+
+
+def test_the_watchdog_kills_the_processes_of_the_jobs_it_fails_on_its_host(
+    runner_factory: Any, tmp_path: Path
+) -> None:
+    """No process of a job outlives its terminal status (SPEC §3). An instance that died here under
+    a RUNNER_ID no later start will use again (the default id is new at each start) is never
+    recovered at start-up: its jobs are failed by a watchdog, whose host then still ran their
+    processes forever. They carry RUNNER_JOB_ID; the watchdog kills them."""
+    import subprocess
+    from datetime import timedelta
+
+    from codex_runner.launcher import Launcher
+    from codex_runner.store.jobs import Limits, NewJob
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    runner = runner_factory(RUNNER_ENABLED="false")
+    rt = runner.runtime
+    new = NewJob(
+        repo_id="r", repo_name="scratch", workspace_mode="scratch", script_key="behave", args={},
+        defaults={}, timeout_seconds=60, requested_by="alice",
+    )  # fmt: skip
+    created, _ = rt.jobs.create(new, Limits(max_queue_size=10, max_queued_per_user=10))
+    [claimed] = rt.jobs.claim("gone-vm-1a2b3c", slots=1, max_jobs_per_user=5)
+    assert claimed.id == created["id"]
+    env = {"PATH": os.environ["PATH"], "RUNNER_JOB_ID": created["id"]}
+    child = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+    try:
+        with rt.engine.begin() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == created["id"])
+                .values(heartbeat_at=utcnow() - timedelta(hours=1))
+            )
+        assert asyncio.run(Launcher(rt).watchdog_once()) == 1
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        row = rt.jobs.get_row(created["id"])
+        assert row is not None and (row["status"], row["error_code"]) == ("failed", "heartbeat_stale")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_jobs_git_commands_carry_its_job_id(runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A git push or fetch of a job is a process of that job: after a crash or at a shutdown it is
+    found, like the script's processes, by RUNNER_JOB_ID. Background git work carries none."""
+    from codex_runner.execution import git as git_module
+
+    seen: list[str | None] = []
+    real = git_module.git_env
+
+    def recording(*args: Any, **kwargs: Any) -> dict[str, str]:
+        env = real(*args, **kwargs)
+        seen.append(env.get("RUNNER_JOB_ID"))
+        return env
+
+    monkeypatch.setattr(git_module, "git_env", recording)
+    done = runner.wait(runner.submit({}, repo="inplace")["id"], timeout=30)
+    assert done["status"] == "success", done
+    assert seen and set(seen) == {done["id"]}, seen
+    assert git_module.git_env(Path("/nonexistent-home")).get("RUNNER_JOB_ID") is None

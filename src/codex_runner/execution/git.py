@@ -11,6 +11,7 @@ or a configuration file, and error messages are masked before they leave this mo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ipaddress
 import os
 import re
@@ -143,6 +144,14 @@ def _false_program() -> str:
     return shutil.which("false") or "/bin/false"
 
 
+#: The job whose work the git commands of this context do (set by `JobRun` for its task; worker
+#: threads of `asyncio.to_thread` inherit it). Its commands carry `RUNNER_JOB_ID` like the job's
+#: own processes, so whatever kills those by that variable finds them too: start-up recovery after a
+#: crash mid-push, the watchdog that fails the job, the shutdown. Background work (spare refills,
+#: upkeep) runs in plain threads, outside any job's context.
+JOB_OF_GIT: contextvars.ContextVar[str | None] = contextvars.ContextVar("JOB_OF_GIT", default=None)
+
+
 def git_env(
     home: Path,
     *,
@@ -194,6 +203,9 @@ def git_env(
     for i, (key, value) in enumerate(config):
         env[f"GIT_CONFIG_KEY_{i}"] = key
         env[f"GIT_CONFIG_VALUE_{i}"] = value
+    job_id = JOB_OF_GIT.get()
+    if job_id is not None:
+        env["RUNNER_JOB_ID"] = job_id
     if env_extra:
         env.update(env_extra)
     return env

@@ -39,6 +39,7 @@ from codex_runner.errors import RepoNotAllowed
 from codex_runner.execution.agents import apply_risk_policy, codex_home_for, is_codex_exec
 from codex_runner.execution.codex_events import CodexEventParser
 from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
+from codex_runner.execution.git import JOB_OF_GIT
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
 from codex_runner.execution.workspace import (
@@ -238,6 +239,7 @@ class JobRun:
 
     async def run(self) -> None:
         """Never raises: every failure ends as a terminal status (or, fenced, as nothing)."""
+        JOB_OF_GIT.set(self.job_id)  # this task's own context: its git commands carry the job's id
         try:
             await self._run()
         except Exception as exc:  # the job must end even when the runner itself is at fault
