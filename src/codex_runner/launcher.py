@@ -164,6 +164,12 @@ class Launcher:
             await asyncio.wait(list(self._tasks.values()), timeout=grace)
         for run in list(self.active.values()):
             run.request_stop("shutdown")
+        # A stop request reaches a script, not a git command in a worker thread (a clone, a push
+        # that may take up to NETWORK_TIMEOUT): those are killed, and their jobs end runner_shutdown.
+        in_git = {job_id for job_id, run in self.active.items() if run.in_git_stage}
+        if in_git:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(kill_job_processes, in_git, timeout=1.0)
         if self._tasks:
             # Heartbeats go on meanwhile, so no watchdog takes these jobs while they stop.
             await asyncio.wait(list(self._tasks.values()), timeout=grace + 5)

@@ -3,6 +3,7 @@ own outcome, and a job canceled after its script pushes nothing."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -86,3 +87,64 @@ command = ["/bin/sh", "-c", "echo changed > new.txt"]
     )
     assert branches.stdout.strip() == "", "a canceled job pushed its branch"
     assert wait_until(lambda: runner.job(job["id"])["status"] == "canceled")
+
+
+def test_a_shutdown_during_a_push_that_hangs_ends_the_job_runner_shutdown(
+    runner_factory: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """A stop request reaches a script, not git in a worker thread: a push to a remote that never
+    answers held the shutdown (and its process) for up to 30 minutes, and the job stayed running.
+    After the grace its git is killed and the job ends `runner_shutdown` (SPEC §3)."""
+    import asyncio
+    import socket
+
+    from codex_runner import launcher as launcher_module
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections and never answers
+    port = listener.getsockname()[1]
+    try:
+        seed = tmp_path / "seed"
+        git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
+        (seed / "README.md").write_text("hello\n")
+        subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
+        subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
+        subprocess.run(
+            ["git", "-C", str(seed), "remote", "add", "origin", f"http://127.0.0.1:{port}/x.git"], check=True
+        )
+        extra = f"""
+[repos.hanging]
+source = "{seed}"
+workspace = "worktree"
+push = true
+
+[scripts.change]
+command = ["/bin/sh", "-c", "echo changed > new.txt"]
+"""
+        runner = runner_factory(extra_toml=extra, RUNNER_KILL_GRACE_SECONDS="1")
+        job = runner.submit({}, repo="hanging", script="change")
+
+        manifest = runner.runtime.settings.runs_dir / job["id"] / "manifest.json"
+
+        def pushing() -> bool:
+            # The job row's stages are written at the end; the run manifest follows them live.
+            try:
+                doc = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                return False
+            return any(s["name"] == "push" and s["status"] == "running" for s in doc["stages"])
+
+        assert wait_until(pushing, timeout=30)
+        [launcher] = launcher_module._LIVE
+        loop = launcher._loop
+        assert loop is not None
+        started = time.monotonic()
+        asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(timeout=60)
+        assert time.monotonic() - started < 15
+        row = runner.runtime.jobs.get_row(job["id"])
+        assert row is not None and (row["status"], row["error_code"]) == ("failed", "runner_shutdown"), row
+        assert not launcher_module.find_job_processes({job["id"]})
+    finally:
+        listener.close()

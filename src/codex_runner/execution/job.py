@@ -128,6 +128,19 @@ class JobRun:
     def fenced(self) -> bool:
         return self.stop_reason == "lease_lost"
 
+    @property
+    def in_git_stage(self) -> bool:
+        """Not in its script: preparing, committing or pushing (git in a worker thread, which a
+        stop request does not reach; the shutdown kills those git processes instead)."""
+        return self.proc is None or self.proc.returncode is not None
+
+    def _shutdown_code(self, code: str, message: str) -> tuple[str, str]:
+        """A stage that failed once the runner began to shut down failed because of it (its git
+        was killed): SPEC §3 marks such jobs `runner_shutdown`."""
+        if self.stop_reason == "shutdown":
+            return ErrorCode.RUNNER_SHUTDOWN, f"the runner shut down ({message})"
+        return code, message
+
     # -- bookkeeping ------------------------------------------------------------------------
 
     def _stage(
@@ -290,7 +303,7 @@ class JobRun:
             exc = prepared
             self._stage("prepare", "failed", error=exc.message)
             self._runner_line(f"prepare failed: {exc.message}")
-            await self._finish(Status.FAILED, exc.code, exc.message, None)
+            await self._finish(Status.FAILED, *self._shutdown_code(exc.code, exc.message), None)
             return
         assert prepared is not None
         ws = prepared
@@ -606,7 +619,7 @@ class JobRun:
             )
             await self._finish(Status.FAILED, ErrorCode.SCRIPT_FAILED, msg, exit_code, result=result)
         elif result is not None and "error" in result:
-            code, message = result.pop("error")
+            code, message = self._shutdown_code(*result.pop("error"))
             await self._finish(Status.FAILED, code, message, exit_code, result=result)
         else:
             await self._finish(Status.SUCCESS, None, None, exit_code, result=result)
