@@ -428,3 +428,26 @@ def test_spare_watch_warns_when_inotify_is_missing(make: Make, monkeypatch: pyte
     assert "inotify" in check.message and "file by file" in check.message
     # Production mode does not make it a failure: warm workspaces still work, only slower.
     assert not checks_of(dataclasses.replace(settings, production=True))["spare_watch"].blocking
+
+
+def test_a_credential_that_could_never_be_used_is_refused(make: Make, database_url: str) -> None:
+    """A repo names a credential by `[A-Za-z0-9][A-Za-z0-9._-]*`, git asks for it by host, and its
+    credential protocol is line-based: `credentials set` stored any name, host and secret."""
+    from codex_runner.errors import InvalidRequest
+
+    settings, _ = make(database_url=database_url, RUNNER_ENCRYPTION_KEY=generate_key())
+    rt = Runtime.open(settings)
+    try:
+        for name, host, username, secret, words in (
+            ("bad name", "github.com", "oauth2", "s3cret", "credential name"),
+            ("gh", "-oProxyCommand=x", "oauth2", "s3cret", "credential host"),
+            ("gh", "git hub.com", "oauth2", "s3cret", "credential host"),
+            ("gh", "github.com", "oauth2", "line1\nline2", "one line"),
+            ("gh", "github.com", "me\r", "s3cret", "one line"),
+        ):
+            with pytest.raises(InvalidRequest, match=words):
+                rt.credentials.set(name, host, username, secret)
+        rt.credentials.set("gh.main_2", "git.example.com:8443", "oauth2", "s3cret")
+        assert [c["name"] for c in rt.credentials.list()] == ["gh.main_2"]
+    finally:
+        rt.close()

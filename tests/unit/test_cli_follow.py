@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -93,3 +94,63 @@ def test_follower_stops_at_the_deadline() -> None:
         started = time.monotonic()
         assert list(follower.stream(deadline=started + 0.3)) == []
     assert 0.25 <= time.monotonic() - started < 2 and not follower.complete
+
+
+class _Endless(httpx.SyncByteStream):
+    """A job that keeps writing: a log event every 20 ms, never an `end`."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        offset = 0
+        while True:
+            time.sleep(0.02)
+            yield _log(offset, "line\n")
+            offset += 5
+
+
+def test_follower_stops_at_the_deadline_while_the_log_keeps_coming() -> None:
+    """`submit --follow --wait-timeout`: the deadline was looked at only between connections, so
+    a job that kept writing was followed to its end."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=_Endless())
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        follower = LogFollower(client, "j", reconnect_delays=(0.05,))
+        started = time.monotonic()
+        got = "".join(follower.stream(deadline=started + 0.3))
+    assert 0.25 <= time.monotonic() - started < 2 and not follower.complete
+    assert got and set(got.splitlines()) == {"line"}
+
+
+def test_cli_args_are_verbatim_and_never_unsendable(tmp_path: Path) -> None:
+    import io
+
+    from codex_runner.cli.args import parse_args, parse_value
+    from codex_runner.cli.common import CliError
+
+    assert parse_value("1e400") == "1e400" and parse_value("-1e999") == "-1e999"  # not inf
+    assert parse_value("1.5") == 1.5 and parse_value("NaN") == "NaN"
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"a\r\nb\rc\n")
+    assert parse_args([f"message=@{crlf}"], io.StringIO())["message"] == "a\r\nb\rc\n"
+    stdin = io.TextIOWrapper(io.BytesIO(b"x\r\ny"), encoding="utf-8")
+    assert parse_args(["message=-"], stdin)["message"] == "x\r\ny"
+    bad = io.TextIOWrapper(io.BytesIO(b"a\xffb"), encoding="utf-8", errors="surrogateescape")
+    with pytest.raises(CliError, match="standard input is not UTF-8 text"):
+        parse_args(["message=-"], bad)
+
+
+def test_cli_repo_ids_and_urls() -> None:
+    from codex_runner.cli.common import CliError
+    from codex_runner.cli.jobs import _is_uuid
+
+    assert _is_uuid("e1897c5c-2fd4-58b5-9dc1-ab0a55485888")
+    # Valid repo names that uuid.UUID also parses: sent as names, not ids.
+    for name in (
+        "deadbeefdeadbeefdeadbeefdeadbeef",
+        "E1897C5C-2FD4-58B5-9DC1-AB0A55485888",
+        "{e1897c5c-2fd4-58b5-9dc1-ab0a55485888}",
+    ):
+        assert not _is_uuid(name)
+    with pytest.raises(CliError, match="must not hold a user name or password"):
+        RunnerClient("http://user:pw@127.0.0.1:1", "t")

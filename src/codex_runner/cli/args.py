@@ -7,6 +7,7 @@ VALUE is JSON when it parses as JSON (`n=3` is 3, `flag=true` is true, `name='"3
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,11 +23,31 @@ def _no_constants(name: str) -> Any:
     raise ValueError(name)
 
 
+def _finite(text: str) -> float:
+    # `1e400` parses as inf, which is not JSON either (the request could not be sent): a string.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
 def parse_value(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants, parse_float=_finite)
     except ValueError:
         return text
+
+
+def _read_stdin(stdin: TextIO, key: str) -> str:
+    """All of standard input, verbatim: its bytes when it has them (a text stream translates line
+    endings, and takes bytes that are not UTF-8 as lone surrogates, which cannot be sent)."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:
+        return stdin.read()
+    try:
+        return bytes(raw.read()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"--arg {key}=-: standard input is not UTF-8 text") from None
 
 
 def parse_args(items: Sequence[str], stdin: TextIO) -> dict[str, Any]:
@@ -41,7 +62,7 @@ def parse_args(items: Sequence[str], stdin: TextIO) -> dict[str, Any]:
         if raw.startswith("@"):
             path = Path(raw[1:]).expanduser()
             try:
-                args[key] = path.read_text(encoding="utf-8")
+                args[key] = path.read_bytes().decode("utf-8")  # bytes: line endings stay as they are
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
                 raise CliError(f"--arg {key}=@{path}: cannot read the file ({reason})") from None
@@ -49,7 +70,7 @@ def parse_args(items: Sequence[str], stdin: TextIO) -> dict[str, Any]:
             if stdin_used_by is not None:
                 raise CliError(f"--arg {key}=-: standard input is already read by --arg {stdin_used_by}")
             stdin_used_by = key
-            args[key] = stdin.read()
+            args[key] = _read_stdin(stdin, key)
         else:
             args[key] = parse_value(raw)
     return args

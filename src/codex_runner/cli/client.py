@@ -60,6 +60,11 @@ class RunnerClient:
             raise CliError(f"RUNNER_URL: {url!r} is not a valid URL") from None
         if parsed.scheme not in {"http", "https"} or not parsed.hostname:
             raise CliError(f"RUNNER_URL: expected an http:// or https:// URL, got {display_url(url)!r}")
+        if parsed.username is not None or parsed.password is not None:
+            # httpx would send them as Basic auth in place of the bearer token.
+            raise CliError(
+                "RUNNER_URL: must not hold a user name or password; the token goes in RUNNER_TOKEN"
+            )
         self.url = display_url(url)
         self._http = httpx.Client(
             base_url=url.rstrip("/"),

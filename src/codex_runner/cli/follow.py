@@ -171,6 +171,8 @@ class LogFollower:
                             last_id = event.id if event.id is not None else str(self.offset)
                             if content:
                                 yield content
+                            if deadline is not None and time.monotonic() >= deadline:
+                                return  # a job that keeps writing must not hold the wait past it
                         elif event.event == "end":
                             self.status = str(_decode(event.data).get("status"))
                             self.complete = True

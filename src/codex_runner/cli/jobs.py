@@ -50,11 +50,12 @@ def _write(text: str, *, to_stderr: bool = False) -> None:
 
 
 def _is_uuid(text: str) -> bool:
+    """A repo id as the server writes them (lower case, dashed): `uuid.UUID` also takes 32 bare hex
+    digits, braces and `urn:uuid:`, which are valid repo names too."""
     try:
-        uuid.UUID(text)
+        return str(uuid.UUID(text)) == text
     except ValueError:
         return False
-    return True
 
 
 def submit(

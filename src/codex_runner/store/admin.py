@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from codex_runner.store.records import iso, utcnow
 from codex_runner.store.schema import credentials, tokens
 
 ROLES = ("user", "admin")
+
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CREDENTIAL_HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,255}")
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,18 @@ class CredentialStore:
     def set(self, name: str, host: str, username: str, secret: str) -> dict[str, Any]:
         if not name or not host:
             raise InvalidRequest("credential name and host are required")
+        # What a repo's `credential = "NAME"` and git's credential protocol accept (catalog/parse.py,
+        # execution/git.py): anything else is stored but could never be used.
+        if not _CREDENTIAL_NAME.fullmatch(name):
+            raise InvalidRequest(
+                "credential name: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if host.startswith("-") or not _CREDENTIAL_HOST.fullmatch(host):
+            raise InvalidRequest("credential host: a host name (and port), such as github.com")
         if not secret:
             raise InvalidRequest("the secret read from standard input is empty")
+        if any(c in value for value in (username, secret) for c in "\r\n\0"):
+            raise InvalidRequest("the user name and the secret must be one line (no line break or NUL)")
         blob = secrets.encrypt(self._require_key(), secret.encode(), name.encode())
         now = utcnow()
 
