@@ -376,10 +376,10 @@ class Launcher:
             if job_id not in alive:
                 log.warning("lease_lost", job_id=job_id)
                 run.request_stop("lease_lost")
-            elif alive[job_id] == Status.CANCEL_REQUESTED:
-                run.request_stop("cancel")
             else:
-                run.heartbeat_files()
+                if alive[job_id] == Status.CANCEL_REQUESTED:
+                    run.request_stop("cancel")
+                run.heartbeat_files()  # touched while the job stops too (SPEC §3: every heartbeat)
         # After the jobs: the registry row is for diagnostics, the jobs' heartbeats are what count.
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.registry.heartbeat)

@@ -148,3 +148,75 @@ command = ["/bin/sh", "-c", "echo changed > new.txt"]
         assert not launcher_module.find_job_processes({job["id"]})
     finally:
         listener.close()
+
+
+def test_a_job_stopped_before_its_script_started_has_no_exit_code(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §3: `exit_code` is the process's exit status; canceled during prepare, no process ran
+    (it was reported as 0)."""
+    real_prepare = job_module.prepare_workspace
+
+    def slow_prepare(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.5)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "prepare_workspace", slow_prepare)
+    runner = runner_factory()
+    job = runner.submit({}, repo="inplace")
+    runner.wait(job["id"], {"running"})
+    _cancel(runner, job["id"])
+    done = runner.wait(job["id"], timeout=30)
+    assert (done["status"], done["error_code"], done["exit_code"]) == ("canceled", "canceled", None), done
+
+
+def test_the_heartbeat_file_is_touched_while_a_job_stops(runner_factory: Callable[..., Runner]) -> None:
+    """SPEC §3: `.heartbeat` is touched on every heartbeat, `cancel_requested` included (a script
+    that ignores SIGTERM keeps the job stopping for the whole grace)."""
+    runner = runner_factory(RUNNER_KILL_GRACE_SECONDS="4")
+    job = runner.submit({"sleep": "30", "ignore_term": True})
+    beat = runner.runtime.settings.runs_dir / job["id"] / ".heartbeat"
+    assert wait_until(beat.exists, timeout=15)
+    _cancel(runner, job["id"])
+    seen = set()
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline and runner.job(job["id"])["status"] == "cancel_requested":
+        seen.add(beat.stat().st_mtime_ns)
+        time.sleep(0.2)
+    assert len(seen) >= 2, "the heartbeat file stood still while the job stopped"
+    assert runner.wait(job["id"], timeout=30)["status"] == "canceled"
+
+
+def test_a_shutdown_between_the_scripts_exit_and_its_commit_is_not_a_success(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §3: `success` is the script's exit 0 and every later stage. The stop came after the
+    script and before the commit: the commit and push were skipped and the job said `success`,
+    its changes gone with the workspace."""
+    seed = tmp_path / "seed"
+    git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
+    (seed / "README.md").write_text("hello\n")
+    subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
+    subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
+    extra = f"""
+[repos.committing]
+source = "{seed}"
+workspace = "worktree"
+
+[scripts.change]
+command = ["/bin/sh", "-c", "echo changed > new.txt"]
+"""
+    real_supervise = job_module.JobRun._supervise
+
+    async def then_a_shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outcome = await real_supervise(self, *args, **kwargs)
+        self.request_stop("shutdown")  # the launcher's stop, right as the script ended
+        return outcome
+
+    monkeypatch.setattr(job_module.JobRun, "_supervise", then_a_shutdown)
+    runner = runner_factory(extra_toml=extra)
+    done = runner.wait(runner.submit({}, repo="committing", script="change")["id"], timeout=30)
+    assert (done["status"], done["error_code"], done["exit_code"]) == ("failed", "runner_shutdown", 0), done
+    stages = {s["name"]: s["status"] for s in done["stages"]}
+    assert stages["script"] == "success" and stages["commit"] == stages["push"] == "skipped", stages

@@ -290,3 +290,50 @@ def test_no_secret_in_the_agent_summary_or_its_failure(
     agent = done["result"]["agent"]
     assert agent["final_message"] == "key is [REDACTED]", agent
     assert SECRET not in json.dumps(agent) and SECRET[:10] not in done["error_message"]
+
+
+def test_a_full_log_disk_costs_lines_not_the_job(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/failure-modes.md: a log write that fails drops that chunk and the job goes on. The
+    runner's own lines (and the close) raised instead: the job's task died and the job stayed
+    `running` until a watchdog failed it."""
+    import errno
+
+    from codex_runner.logs import writer as writer_module
+
+    real_write = writer_module.LogWriter._write
+
+    def full_after_a_little(self: Any, data: bytes) -> None:
+        if self.bytes_written + len(data) > 200:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data)
+
+    monkeypatch.setattr(writer_module.LogWriter, "_write", full_after_a_little)
+    runner = runner_factory()
+    done = runner.wait(runner.submit({"bytes": 300_000})["id"], timeout=30)
+    assert (done["status"], done["exit_code"], done["error_code"]) == ("success", 0, None), done
+    failed = runner.wait(runner.submit({"exit": 3, "bytes": 10_000})["id"], timeout=30)
+    assert (failed["status"], failed["error_code"]) == ("failed", "script_failed"), failed
+
+
+def test_a_secret_across_the_stderr_tails_cut_shows_no_part_of_itself(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last 8 KiB of stderr was cut raw, then redacted: a known secret straddling the cut no
+    longer matched, and its end showed in the stage's error and the error message."""
+    token = "PvR2mKd9LsT4nBc7HfGa8xQ1wE5tY3uI"
+    monkeypatch.setenv("MY_API_TOKEN", token)
+    extra = """
+[scripts.leak]
+command = ["/bin/sh", "-c", "printf '%0100d' 0 >&2; printf '%s' \\"$MY_API_TOKEN\\" >&2; printf '%08172d' 0 >&2; exit 1"]
+env = ["MY_API_TOKEN"]
+"""
+    runner = runner_factory(extra_toml=extra)
+    done = runner.wait(runner.submit({}, script="leak")["id"], timeout=30)
+    assert done["status"] == "failed" and done["error_code"] == "script_failed", done
+    script = next(s for s in done["stages"] if s["name"] == "script")
+    shown = json.dumps([script["error"], done["error_message"]])
+    for piece in (token[-12:], token[:12], token[10:22]):
+        assert piece not in shown
+    assert len(script["error"].encode()) <= 8192

@@ -22,6 +22,7 @@ import pytest
 
 from codex_runner.execution.process import (
     PIPE_EOF_SECONDS,
+    STDERR_KEEP_BYTES,
     STDERR_TAIL_BYTES,
     STRAY_GRACE_SECONDS,
     JobProcess,
@@ -128,7 +129,8 @@ def test_nonzero_exit_keeps_last_8_kib_of_stderr(run: Runner, tmp_path: Path) ->
     outcome, data = run(run_to_end(make_spec([PY, "-c", code], tmp_path)))
     assert outcome.exit_code == 3
     assert outcome.signal is None
-    assert len(outcome.stderr_tail) == STDERR_TAIL_BYTES
+    # Twice what a stage records: the job redacts first, then cuts to STDERR_TAIL_BYTES.
+    assert len(outcome.stderr_tail) == STDERR_KEEP_BYTES == 2 * STDERR_TAIL_BYTES
     assert outcome.stderr_tail.endswith(b"xEND")
     assert len(data) == 20003
 
@@ -579,3 +581,25 @@ def test_the_stdout_tap_gets_standard_output_alone(run: Runner, tmp_path: Path) 
     assert run(go()).exit_code == 0
     assert b"".join(tapped.chunks) == b"{" + b"x" * 200000 + b"}\n"
     assert b"".join(both.chunks).count(b"trace\n") == 5
+
+
+def test_a_stop_during_the_clean_up_after_a_clean_exit_does_not_make_it_a_timeout(
+    run: Runner, tmp_path: Path
+) -> None:
+    """The leader exits 0 by itself; its leftover child (ignoring SIGTERM) takes up to
+    STRAY_GRACE_SECONDS to kill. A timeout or a shutdown that fires in that window stops nothing of
+    the script's own: its outcome is its exit, not the reason given to `terminate()`."""
+
+    async def scenario() -> ProcessOutcome:
+        spec = make_spec(["/bin/sh", "-c", "(trap '' TERM; exec sleep 30) & exit 0"], tmp_path)
+        proc = await JobProcess.start(spec, Collector())
+        deadline = time.monotonic() + 5
+        while proc.returncode is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await proc.terminate("timeout", 0.0)
+        return await proc.wait()
+
+    outcome = run(scenario())
+    assert (outcome.exit_code, outcome.reason, outcome.signal) == (0, None, None)
+    assert outcome.strays_killed

@@ -99,6 +99,7 @@ class JobRun:
         # error message mask the same set.
         self.secrets: list[str] = list(self.settings.secret_values())
         self.proc: JobProcess | None = None
+        self._log_errors = 0
         self.started = time.monotonic()
         self._spawn_error = "spawn failed"
         self.agent: CodexEventParser | None = None
@@ -216,7 +217,14 @@ class JobRun:
 
     def _runner_line(self, text: str, *, output_follows: bool = False) -> None:
         if self.log is not None:
-            self.log.runner_line(text, output_follows=output_follows)
+            try:
+                self.log.runner_line(text, output_follows=output_follows)
+            except OSError as exc:
+                # A full or failing log disk costs the line, not the job (docs/failure-modes.md),
+                # as a chunk of the script's output that cannot be written does.
+                self._log_errors += 1
+                if self._log_errors == 1:
+                    log.warning("job_log_write_failed", job_id=self.job_id, error=exc.strerror or str(exc))
         elif self._early_lines is not None:
             self._early_lines.append(text)
 
@@ -231,7 +239,7 @@ class JobRun:
         )
         early, self._early_lines = self._early_lines or [], None
         for text in early:
-            self.log.runner_line(text)
+            self._runner_line(text)
 
     def _sink(self, data: bytes) -> None:
         if self.log is not None:
@@ -263,7 +271,8 @@ class JobRun:
             with contextlib.suppress(Exception):
                 await self._flush_manifest()  # a path that ended without a terminal write
             if self.log is not None:
-                self.log.close()
+                with contextlib.suppress(OSError):
+                    self.log.close()
 
     async def _settle_after_error(self) -> None:
         """What a failed `_run` left behind, before the terminal status goes out: no process of
@@ -315,6 +324,12 @@ class JobRun:
         clean_exit = outcome is not None and outcome.reason is None and outcome.exit_code == 0
         if clean_exit and self.stop_reason is None and not agent_failed:
             result = await self._commit_and_push(script, repo, ws, credential)
+        elif clean_exit and self.stop_reason == "shutdown" and not agent_failed and ws.branch and repo.commit:
+            # The script finished, but the runner began to stop before its commit: not a success
+            # without the commit and push that SPEC §3 counts in one (a cancel is settled later).
+            for stage in ("commit", "push"):
+                self._stage(stage, "skipped")
+            result = {"error": (ErrorCode.RUNNER_SHUTDOWN, "the runner shut down before the commit")}
         await self._cleanup(ws, repo, failed=result is None or "error" in result)
         await self._conclude(outcome, result, script)
 
@@ -592,7 +607,8 @@ class JobRun:
         if outcome is None:
             await self._finish(Status.FAILED, ErrorCode.SPAWN_FAILED, self._spawn_error, None)
             return
-        exit_code = outcome.exit_code
+        # No process ran (stopped before the spawn): no exit status to report (SPEC §3).
+        exit_code = outcome.exit_code if self.proc is not None else None
         if self.agent is not None:
             self.agent.close()
             # codex's own words (its messages, the commands it ran, its errors) go to the job row:
@@ -687,7 +703,8 @@ class JobRun:
             self._open_log()
         self._runner_line(line)
         if self.log is not None:
-            self.log.close()
+            with contextlib.suppress(OSError):  # the file is closed all the same (LogWriter.close)
+                self.log.close()
         self._ending = (status.value, extra, None)
         try:
             prepared = self.manifest.prepare(self._manifest_doc(status.value, extra), sync=False)

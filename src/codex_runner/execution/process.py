@@ -34,6 +34,9 @@ BASE_ENV_NAMES: tuple[str, ...] = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 #: One read from a pipe, and so the most output of one stream held in memory (SPEC §5).
 READ_CHUNK = 65536
 STDERR_TAIL_BYTES = 8192
+#: The raw stderr kept: twice the tail a stage records, so that the caller can redact before it
+#: cuts (a secret across an 8 KiB raw cut would no longer match, and its end would show).
+STDERR_KEEP_BYTES = 2 * STDERR_TAIL_BYTES
 #: SIGTERM -> SIGKILL grace for processes the leader left behind when it exited by itself.
 STRAY_GRACE_SECONDS = 1.0
 #: How long to wait for a group to vanish after SIGKILL before giving up (D state, NFS hangs).
@@ -92,7 +95,7 @@ class ProcessOutcome:
     exit_code: int
     #: N when the leader was killed by signal N.
     signal: int | None
-    #: The last `STDERR_TAIL_BYTES` of standard error.
+    #: The last `STDERR_KEEP_BYTES` of standard error, raw: redact, then cut to `STDERR_TAIL_BYTES`.
     stderr_tail: bytes
     #: None when the leader exited by itself, else the first reason given to `terminate()`.
     reason: str | None
@@ -372,7 +375,10 @@ class JobProcess:
         Idempotent: later calls wait for the same stop (and may only shorten the grace). Returns once
         no live process is left in the group, or `KILL_CONFIRM_SECONDS` after SIGKILL at worst.
         """
-        if self._reason is None and not self._supervisor.done():
+        # A leader that already exited by itself is not stopped by this: a timer or a shutdown that
+        # fires while its leftovers are cleaned up (up to STRAY_GRACE_SECONDS + PIPE_EOF_SECONDS)
+        # must not turn its own exit into a timeout.
+        if self._reason is None and not self._supervisor.done() and self._proc.returncode is None:
             self._reason = reason
         await self._stop_group(grace)
 
@@ -505,7 +511,7 @@ class JobProcess:
             return
         if is_stderr:
             self._tail += chunk
-            del self._tail[:-STDERR_TAIL_BYTES]
+            del self._tail[:-STDERR_KEEP_BYTES]
         try:
             self._sink(chunk)
             if not is_stderr and self._stdout_tap is not None:

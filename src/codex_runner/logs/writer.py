@@ -89,14 +89,18 @@ class LogWriter:
                 os.fsync(self._fd)
 
     def close(self) -> None:
+        """Writes the held tail and closes the file; closed even when that write fails (a full
+        disk), which then raises."""
         with self._lock:
             if self._fd is None:
                 return
-            pending = self._release_carry()
-            if pending and not self._truncated:
-                self._emit(pending)
-            os.close(self._fd)
-            self._fd = None
+            try:
+                pending = self._release_carry()
+                if pending and not self._truncated:
+                    self._emit(pending)
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> LogWriter:
         return self
