@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from codex_runner.errors import StoreUnavailable
+from codex_runner.errors import InstanceConflict, StoreUnavailable
 from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.process import kill_process_group
@@ -88,6 +88,8 @@ class Launcher:
         # Jobs that ended since the last scan for processes that escaped their group.
         self._ended: set[str] = set()
         self._ended_wake = asyncio.Event()
+        #: Set when another process took this RUNNER_ID over; the launcher then stops itself.
+        self.superseded = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -381,8 +383,17 @@ class Launcher:
                     run.request_stop("cancel")
                 run.heartbeat_files()  # touched while the job stops too (SPEC §3: every heartbeat)
         # After the jobs: the registry row is for diagnostics, the jobs' heartbeats are what count.
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.registry.heartbeat)
+        try:
+            mine = await asyncio.to_thread(self.registry.heartbeat)
+        except Exception:
+            return
+        if not mine and not self._stopping:
+            # Another process registered this RUNNER_ID while this one could not heartbeat (frozen
+            # past the stale time): it recovered our jobs as its own earlier life's, and two
+            # instances of one id must not both claim. This one stops; the other carries on.
+            log.error("runner_id_taken_over", runner_id=self.runner_id)
+            self.superseded.set()
+            self.begin_stop()
 
     # -- watchdog and recovery --------------------------------------------------------------
 
@@ -713,8 +724,16 @@ async def run_worker_forever(runtime: Runtime) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     await launcher.start()
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(launcher.superseded.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for waiting in waits:
+        waiting.cancel()
     await launcher.stop()
+    if launcher.superseded.is_set():
+        raise InstanceConflict(
+            f"RUNNER_ID {launcher.runner_id!r} was taken over by another process while this one was "
+            "not heartbeating; stopped"
+        )
 
 
 __all__ = [

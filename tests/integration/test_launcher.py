@@ -510,3 +510,36 @@ def test_a_jobs_git_commands_carry_its_job_id(runner: Any, monkeypatch: pytest.M
     assert done["status"] == "success", done
     assert seen and set(seen) == {done["id"]}, seen
     assert git_module.git_env(Path("/nonexistent-home")).get("RUNNER_JOB_ID") is None
+
+
+def test_an_instance_whose_runner_id_was_taken_over_stops(runner_factory: Any) -> None:
+    """Frozen past the stale time, an instance's RUNNER_ID was registered again by a replacement
+    (which recovered its jobs); resumed, it heartbeated the replacement's row and both claimed jobs
+    as one id. It now sees that the row is no longer its own and stops, leaving the row alone."""
+    import sqlalchemy as sa
+
+    from codex_runner.launcher import Launcher
+    from codex_runner.store.schema import instances
+
+    runner = runner_factory(RUNNER_ENABLED="false")
+    rt = runner.runtime
+
+    async def scenario() -> tuple[bool, Any]:
+        launcher = Launcher(rt)
+        await launcher.start()
+        try:
+            await launcher.heartbeat_once()
+            assert not launcher.superseded.is_set()
+            with rt.engine.begin() as conn:  # the replacement's registration: its own pid
+                conn.execute(instances.update().where(instances.c.id == rt.settings.id).values(pid=4_000_000))
+            await launcher.heartbeat_once()
+            superseded = launcher.superseded.is_set()
+        finally:
+            await asyncio.wait_for(launcher.stop(), timeout=30)
+        with rt.engine.connect() as conn:
+            row = conn.execute(sa.select(instances).where(instances.c.id == rt.settings.id)).mappings().one()
+        return superseded, row
+
+    superseded, row = asyncio.run(scenario())
+    assert superseded
+    assert row["pid"] == 4_000_000 and row["stopped_at"] is None  # the replacement's row, untouched

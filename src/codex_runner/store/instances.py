@@ -101,21 +101,36 @@ class InstanceRegistry:
 
         with_retries(txn)
 
-    def heartbeat(self) -> None:
-        def txn() -> None:
+    def _mine(self) -> tuple[sa.ColumnElement[bool], ...]:
+        # The row as this process registered it: another process that took the id over since (this
+        # one was frozen past RUNNER_STALE_AFTER_SECONDS, and a replacement started) re-registered
+        # it with its own host and pid.
+        return (
+            instances.c.id == self.runner_id,
+            instances.c.host == socket.gethostname(),
+            instances.c.pid == os.getpid(),
+        )
+
+    def heartbeat(self) -> bool:
+        """Refreshes this instance's row; False when the row is no longer this process's (the id
+        was taken over): the caller must stop running under it."""
+
+        def txn() -> bool:
             with write_txn(self.engine, idempotent=True) as conn:
-                conn.execute(
-                    instances.update().where(instances.c.id == self.runner_id).values(heartbeat_at=utcnow())
+                return bool(
+                    conn.execute(
+                        instances.update().where(*self._mine()).values(heartbeat_at=utcnow())
+                    ).rowcount
                 )
 
-        with_retries(txn)
+        return with_retries(txn)
 
     def stopped(self) -> None:
+        """Marks this instance stopped, unless another process holds the id now."""
+
         def txn() -> None:
             with write_txn(self.engine, idempotent=True) as conn:
-                conn.execute(
-                    instances.update().where(instances.c.id == self.runner_id).values(stopped_at=utcnow())
-                )
+                conn.execute(instances.update().where(*self._mine()).values(stopped_at=utcnow()))
 
         with_retries(txn)
 
