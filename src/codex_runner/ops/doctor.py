@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
     try:
         checks = list(_database(eng))
         db_ok = all(c.ok for c in checks)
+        if db_ok and eng.dialect.name == "postgresql":
+            checks.append(_clock(settings, eng))
         checks += _folders(settings)
         checks += _scripts(settings, catalog)
         checks += _repos(settings, catalog)
@@ -133,6 +136,37 @@ def _database(engine: Engine) -> Iterator[Check]:
         )
     else:
         yield _ok("migrations", f"database schema at head ({head})")
+
+
+#: A clock this far from the database's is worth a warning: heartbeats and the watchdog's stale
+#: threshold are computed on each instance's own clock.
+CLOCK_WARN_SECONDS = 1.0
+
+
+def _clock(settings: Settings, engine: Engine) -> Check:
+    """This host's clock against the database server's. Heartbeat times and the stale threshold
+    come from each instance's clock: with PostgreSQL shared by several hosts, one whose clock lags
+    by more than RUNNER_STALE_AFTER_SECONDS minus a heartbeat has its live jobs failed by the
+    others' watchdogs, and one that runs ahead keeps a dead instance's jobs for that much longer."""
+    try:
+        before = time.time()
+        with engine.connect() as conn:
+            server = conn.execute(sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")).scalar_one()
+        after = time.time()
+    except Exception as exc:
+        return _warn("clock", f"could not read the database's clock ({type(exc).__name__})")
+    skew = float(server) - (before + after) / 2
+    margin = settings.stale_after_seconds - settings.heartbeat_seconds
+    message = (
+        f"this host's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the database "
+        "server's: keep every runner host's clock in sync (NTP)"
+    )
+    if abs(skew) >= margin / 2:
+        far = message + f"; at {margin / 2:.0f} s or more, the watchdogs misjudge heartbeats"
+        return _warn("clock", far, production=settings.production)
+    if abs(skew) >= CLOCK_WARN_SECONDS:
+        return _warn("clock", message)  # worth fixing, not worth refusing to start for
+    return _ok("clock", f"clock within {CLOCK_WARN_SECONDS:.0f} s of the database server's ({skew:+.3f} s)")
 
 
 # -- folders and disk -------------------------------------------------------------------------
