@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import signal
 import sys
@@ -25,9 +26,10 @@ import structlog
 from codex_runner.errors import InstanceConflict, StoreUnavailable
 from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
+from codex_runner.execution.manifest import MANIFEST_NAME
 from codex_runner.execution.process import kill_process_group
 from codex_runner.execution.spares import stop_refills
-from codex_runner.execution.workspace import prewarm_spares
+from codex_runner.execution.workspace import cleanup_workspace, prewarm_spares, workspace_from_record
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
 from codex_runner.runtime import Runtime
 from codex_runner.store.instances import InstanceRegistry
@@ -493,7 +495,32 @@ class Launcher:
             recovered += int(ok)
         if recovered:
             log.warning("recovered_after_crash", runner_id=self.runner_id, jobs=recovered)
+        for job in jobs:
+            await asyncio.to_thread(self._clean_up_after_crash, job)
         return recovered
+
+    def _clean_up_after_crash(self, job: dict[str, Any]) -> None:
+        """The workspace cleanup the crashed run never did (SPEC §6, RUNNER_CLEANUP_AFTER_JOB), from
+        the workspace record in its run manifest: a worktree or clone folder goes, and an in_place
+        repo goes back to its branch, which would otherwise refuse every later job."""
+        try:
+            doc = json.loads((self.settings.runs_dir / job["id"] / MANIFEST_NAME).read_text())
+        except (OSError, ValueError):
+            return  # no manifest (the crash came before it), or none readable: nothing recorded
+        record = doc.get("workspace") if isinstance(doc, dict) else None
+        repo = self.rt.catalog.repos.get(job["repo"])
+        if not isinstance(record, dict) or repo is None:
+            return
+        try:
+            ws = workspace_from_record(record, job["id"], self.settings)
+            if ws.mode == "in_place" and (
+                repo.workspace != "in_place" or os.path.realpath(repo.source) != os.path.realpath(ws.path)
+            ):
+                return  # the record does not name this repo's folder: nothing of ours to reset
+            cleanup_workspace(ws, repo, self.settings, failed=True)
+            log.info("recovery_cleaned_up", job_id=job["id"], mode=ws.mode)
+        except Exception as exc:
+            log.warning("recovery_cleanup_failed", job_id=job["id"], error=str(exc)[:300])
 
     def _kill_leftovers_by_env(self, own_active: set[str]) -> None:
         found = find_job_processes()

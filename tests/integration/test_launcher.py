@@ -543,3 +543,47 @@ def test_an_instance_whose_runner_id_was_taken_over_stops(runner_factory: Any) -
     superseded, row = asyncio.run(scenario())
     assert superseded
     assert row["pid"] == 4_000_000 and row["stopped_at"] is None  # the replacement's row, untouched
+
+
+def test_start_up_recovery_cleans_up_the_workspace_a_crash_left(runner_factory: Any) -> None:
+    """A crash mid-job left an in_place repo on the job's branch with the job's edits: every later
+    job was refused (`prepare_failed`), for good. Recovery now does the cleanup the run never did,
+    from the workspace record in its run manifest."""
+    import subprocess
+
+    from codex_runner.execution.manifest import ManifestWriter
+    from codex_runner.execution.workspace import prepare_workspace, workspace_record
+    from codex_runner.launcher import Launcher
+    from codex_runner.store.jobs import Limits
+
+    runner = runner_factory(RUNNER_ENABLED="false")
+    rt = runner.runtime
+    principal = rt.tokens.authenticate(runner.token)
+    assert principal is not None
+    created, _ = rt.jobs.create(
+        rt.new_job(principal, {"repo": "inplace", "script_key": "behave", "args": {}}),
+        Limits(max_queue_size=10, max_queued_per_user=10),
+    )
+    [claimed] = rt.jobs.claim(rt.settings.id, slots=1, max_jobs_per_user=5)
+    repo = rt.catalog.repos["inplace"]
+    source = Path(repo.source)
+    # What the crashed run left: the repo on the job branch, an edit, the manifest's record.
+    ws = prepare_workspace(repo, claimed.id, rt.settings)
+    (source / "README.md").write_text("half-done by the job\n")
+    ManifestWriter(rt.settings.runs_dir / claimed.id).update(
+        {"job_id": claimed.id, "status": "running", "workspace": workspace_record(ws)}, force=True
+    )
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    assert git("symbolic-ref", "HEAD").startswith("refs/heads/runner/")
+    assert asyncio.run(Launcher(rt).recover_own_jobs()) == 1
+    row = rt.jobs.get_row(created["id"])
+    assert row is not None and row["error_code"] == "recovered_after_crash"
+    assert git("symbolic-ref", "HEAD") == "refs/heads/main"
+    assert git("status", "--porcelain") == ""
+    assert git("branch", "--list", "runner/*") == ""  # no commit on it: deleted
+    assert not (rt.settings.data_dir / "git-home" / claimed.id).exists()

@@ -51,6 +51,7 @@ from codex_runner.execution.workspace import (
     prepare_workspace,
     push_branch,
     remove_empty_scratch,
+    workspace_record,
 )
 from codex_runner.jobs import ErrorCode, Status
 from codex_runner.logs.redaction import REDACTION_VERSION, RULESETS
@@ -175,6 +176,7 @@ class JobRun:
             "pid": self.proc.pid if self.proc else None,
             "pgid": self.proc.pgid if self.proc else None,
             "updated_at": iso(utcnow()),
+            **({"workspace": workspace_record(self._workspace[0])} if self._workspace else {}),
             **(extra or {}),
         }
 
@@ -317,6 +319,7 @@ class JobRun:
         assert prepared is not None
         ws = prepared
         self._workspace = (ws, repo)
+        self._manifest_dirty = True  # the workspace's record (for a cleanup after a crash) goes out
 
         outcome = await self._run_script(script, repo, ws)
         result: dict[str, Any] | None = None

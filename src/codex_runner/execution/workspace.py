@@ -20,12 +20,12 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -69,6 +69,8 @@ __all__ = [
     "push_branch",
     "validate_ref_name",
     "validate_source",
+    "workspace_from_record",
+    "workspace_record",
 ]
 
 log = structlog.get_logger("codex_runner.workspace")
@@ -766,6 +768,47 @@ def _local_origin_url(ws: Workspace) -> str | None:
 
 
 # --- cleanup ----------------------------------------------------------------------------------------
+
+
+_RECORD_FIELDS = ("path", "mode", "branch", "base_branch", "base_commit", "git_dir", "store", "original_ref")
+
+
+def workspace_record(ws: Workspace) -> dict[str, Any]:
+    """What the run manifest keeps of a workspace, so that start-up recovery can clean it up after
+    a crash (`workspace_from_record`): paths and refs, no credential."""
+    record = {name: getattr(ws, name) for name in _RECORD_FIELDS}
+    record["git_dir_id"] = list(ws.git_dir_id) if ws.git_dir_id else None
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
+
+
+def workspace_from_record(record: Mapping[str, Any], job_id: str, settings: Settings) -> Workspace:
+    """The workspace a crashed run left, from its manifest's record; its git HOME is a fresh one
+    (the old one is removed with it)."""
+    if record.get("mode") not in MODES:
+        raise GitError("the run manifest names no known workspace mode", code="cleanup_failed")
+
+    def path(name: str) -> Path | None:
+        value = record.get(name)
+        return Path(value) if isinstance(value, str) and value else None
+
+    home = _real_dir(settings.data_dir) / "git-home" / job_id
+    ws_path = path("path")
+    if ws_path is None:
+        raise GitError("the run manifest names no workspace path", code="cleanup_failed")
+    git_dir_id = record.get("git_dir_id")
+    return Workspace(
+        path=ws_path,
+        mode=str(record["mode"]),
+        branch=record.get("branch"),
+        base_branch=record.get("base_branch"),
+        base_commit=record.get("base_commit"),
+        job_id=job_id,
+        home=home,
+        git_dir=path("git_dir"),
+        store=path("store"),
+        original_ref=record.get("original_ref"),
+        git_dir_id=(int(git_dir_id[0]), int(git_dir_id[1])) if isinstance(git_dir_id, list) else None,
+    )
 
 
 def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, failed: bool) -> None:
