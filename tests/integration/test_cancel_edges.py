@@ -220,3 +220,51 @@ command = ["/bin/sh", "-c", "echo changed > new.txt"]
     assert (done["status"], done["error_code"], done["exit_code"]) == ("failed", "runner_shutdown", 0), done
     stages = {s["name"]: s["status"] for s in done["stages"]}
     assert stages["script"] == "success" and stages["commit"] == stages["push"] == "skipped", stages
+
+
+def test_an_owner_whose_lease_went_while_its_script_ended_does_not_commit(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen past the stale time while its script ended, an instance resumed and committed onto
+    the job's branch for a job another instance had already failed: the commit stage begins with a
+    fenced write now, and a lost lease stops it."""
+    import sqlalchemy as sa
+
+    from codex_runner.store.schema import jobs as jobs_table
+
+    seed = tmp_path / "seed"
+    git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
+    (seed / "README.md").write_text("hello\n")
+    subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
+    subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
+    extra = f"""
+[repos.committing]
+source = "{seed}"
+workspace = "worktree"
+
+[scripts.change]
+command = ["/bin/sh", "-c", "echo changed > new.txt"]
+"""
+    real_supervise = job_module.JobRun._supervise
+
+    async def then_recovered_elsewhere(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outcome = await real_supervise(self, *args, **kwargs)
+        with self.rt.engine.begin() as conn:  # another instance's watchdog, meanwhile
+            conn.execute(
+                sa.update(jobs_table)
+                .where(jobs_table.c.id == self.job_id)
+                .values(status="failed", error_code="heartbeat_stale", lease_token=None)
+            )
+        return outcome
+
+    monkeypatch.setattr(job_module.JobRun, "_supervise", then_recovered_elsewhere)
+    runner = runner_factory(extra_toml=extra)
+    job = runner.submit({}, repo="committing", script="change")
+    assert wait_until(lambda: runner.job(job["id"])["status"] == "failed", timeout=30)
+    time.sleep(1.0)  # long enough for a commit to land, had it gone ahead
+    branches = subprocess.run(
+        ["git", "-C", str(seed), "branch", "--list", "runner/*"], capture_output=True, text=True, check=True
+    )
+    assert branches.stdout.strip() == "", "a fenced owner committed"
+    assert runner.job(job["id"])["error_code"] == "heartbeat_stale"

@@ -70,6 +70,8 @@ def test_stderr_with_a_nul_byte_still_gets_its_terminal_status(runner_factory: C
     assert "\x00" not in done["error_message"] and "bad\ufffdbyte" in done["error_message"]
     events = runner.client.get(f"/api/runner/jobs/{done['id']}/events").json()["items"]
     assert any("bad\ufffdbyte" in e["message"] for e in events), events
+    script = next(s for s in done["stages"] if s["name"] == "script")
+    assert "\x00" not in script["error"] and "bad\ufffdbyte" in script["error"]  # the stage too
 
 
 def test_a_terminal_write_the_database_refuses_ends_as_internal_error(

@@ -161,7 +161,8 @@ class JobRun:
             stage["exit_code"] = exit_code
         if error is not None:
             # Redacted whole, then cut: a secret at the cut is never half shown.
-            stage["error"] = utf8_tail(self._redact(error), TAIL_BYTES)
+            # NUL as U+FFFD, as everywhere text of the job's reaches the row (docs/execution.md).
+            stage["error"] = utf8_tail(self._redact(error.replace("\0", "\ufffd")), TAIL_BYTES)
         self._manifest_dirty = True
 
     def _manifest_doc(self, status: str | None = None, extra: dict | None = None) -> dict[str, Any]:
@@ -540,6 +541,13 @@ class JobRun:
             self._stage("push", "skipped")
             return result
         self._stage("commit", "running")
+        # A fenced write first: an instance frozen past the stale time may find, once it runs
+        # again, that another one recovered the job while its script ended. Its commit must not
+        # land then (SPEC §3: a lost lease writes nothing), and waiting for the next heartbeat to
+        # tell it is a race with the commit. One write per committing job; none for scratch jobs.
+        await self._fenced_update({"stages": list(self.stages.values())})
+        if self.fenced:
+            return result
         try:
             commit = await self._in_thread(
                 commit_changes,
