@@ -76,9 +76,14 @@ class Launcher:
         # Set once shutdown has waited all it will: owner writes still retrying give up.
         self._abandoned = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Database health as this instance saw it, for the watchdog (see `watchdog_once`).
+        # Database health as this instance saw it, for the watchdog (see `watchdog_once`). A new
+        # instance has not seen the database for long either: if it starts just after an outage,
+        # every job looks stale, though their owners beat again within a heartbeat period. Its
+        # first passes fail nothing until two heartbeat periods have gone by.
         self._db_down = False
-        self._db_ok_since = float("-inf")
+        self._db_ok_since = (
+            time.monotonic() - self.settings.stale_after_seconds + 2 * self.settings.heartbeat_seconds
+        )
         # Owner writes go through a store that outlasts a database outage (see `_PatientJobStore`).
         self._job_runtime = replace(runtime, jobs=_PatientJobStore(runtime.jobs, lambda: not self._abandoned))
         # Whoever claims holds this turn (the claim loop, or a batch of terminal writes that claims

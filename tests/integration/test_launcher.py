@@ -482,7 +482,9 @@ def test_the_watchdog_kills_the_processes_of_the_jobs_it_fails_on_its_host(
                 .where(jobs.c.id == created["id"])
                 .values(heartbeat_at=utcnow() - timedelta(hours=1))
             )
-        assert asyncio.run(Launcher(rt).watchdog_once()) == 1
+        launcher = Launcher(rt)
+        launcher._db_ok_since = float("-inf")  # long past a new instance's wait for the owners' beats
+        assert asyncio.run(launcher.watchdog_once()) == 1
         assert child.wait(timeout=10) == -signal.SIGKILL
         row = rt.jobs.get_row(created["id"])
         assert row is not None and (row["status"], row["error_code"]) == ("failed", "heartbeat_stale")
@@ -587,3 +589,40 @@ def test_start_up_recovery_cleans_up_the_workspace_a_crash_left(runner_factory: 
     assert git("status", "--porcelain") == ""
     assert git("branch", "--list", "runner/*") == ""  # no commit on it: deleted
     assert not (rt.settings.data_dir / "git-home" / claimed.id).exists()
+
+
+def test_a_new_instance_waits_for_the_owners_beats_before_failing_anything(runner_factory: Any) -> None:
+    """Started just after a database outage, every job looks stale to a new instance though their
+    owners beat again within a heartbeat period: its watchdog failed them at once, and the owners
+    killed healthy scripts on `lease_lost`. It now waits two heartbeat periods first."""
+    from datetime import timedelta
+
+    from codex_runner.launcher import Launcher
+    from codex_runner.store.jobs import Limits, NewJob
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    runner = runner_factory(
+        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="5"
+    )
+    rt = runner.runtime
+    new = NewJob(
+        repo_id="r", repo_name="scratch", workspace_mode="scratch", script_key="behave", args={},
+        defaults={}, timeout_seconds=60, requested_by="alice",
+    )  # fmt: skip
+    created, _ = rt.jobs.create(new, Limits(max_queue_size=10, max_queued_per_user=10))
+    rt.jobs.claim("owner-vm-1a2b3c", slots=1, max_jobs_per_user=5)
+    with rt.engine.begin() as conn:  # the owner's beats stopped during the outage
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == created["id"])
+            .values(heartbeat_at=utcnow() - timedelta(seconds=30))
+        )
+
+    async def passes() -> tuple[int, int]:
+        launcher = Launcher(rt)
+        first = await launcher.watchdog_once()
+        await asyncio.sleep(2.2)  # two heartbeat periods: an owner that is alive has beaten by now
+        return first, await launcher.watchdog_once()
+
+    assert asyncio.run(passes()) == (0, 1)
