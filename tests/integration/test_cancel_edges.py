@@ -19,6 +19,29 @@ from tests.helpers import wait_until
 from tests.integration.conftest import Runner
 
 
+def _seed_repo(tmp_path: Path) -> Path:
+    """A local repo with one commit on `main`."""
+    seed = tmp_path / "seed"
+    git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
+    (seed / "README.md").write_text("hello\n")
+    subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
+    subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
+    return seed
+
+
+def _committing_repo(seed: Path) -> str:
+    """runner.toml: repo `committing` (a worktree of `seed`) and script `change` (adds a file)."""
+    return f"""
+[repos.committing]
+source = "{seed}"
+workspace = "worktree"
+
+[scripts.change]
+command = ["/bin/sh", "-c", "echo changed > new.txt"]
+"""
+
+
 def _cancel(runner: Runner, job_id: str) -> None:
     r = runner.client.post(f"/api/runner/jobs/{job_id}/cancel")
     assert r.status_code == 202, r.text
@@ -48,12 +71,7 @@ def test_a_job_that_fails_on_its_own_after_a_cancel_ends_canceled(
 def test_a_cancel_during_the_commit_stage_pushes_nothing(
     runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seed = tmp_path / "seed"
-    subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
-    (seed / "README.md").write_text("hello\n")
-    git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
-    subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
+    seed = _seed_repo(tmp_path)
     bare = tmp_path / "origin.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
     extra = f"""
@@ -105,12 +123,7 @@ def test_a_shutdown_during_a_push_that_hangs_ends_the_job_runner_shutdown(
     listener.listen(8)  # accepts connections and never answers
     port = listener.getsockname()[1]
     try:
-        seed = tmp_path / "seed"
-        git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
-        subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
-        (seed / "README.md").write_text("hello\n")
-        subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
-        subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
+        seed = _seed_repo(tmp_path)
         subprocess.run(
             ["git", "-C", str(seed), "remote", "add", "origin", f"http://127.0.0.1:{port}/x.git"], check=True
         )
@@ -193,20 +206,8 @@ def test_a_shutdown_between_the_scripts_exit_and_its_commit_is_not_a_success(
     """SPEC §3: `success` is the script's exit 0 and every later stage. The stop came after the
     script and before the commit: the commit and push were skipped and the job said `success`,
     its changes gone with the workspace."""
-    seed = tmp_path / "seed"
-    git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
-    (seed / "README.md").write_text("hello\n")
-    subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
-    subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
-    extra = f"""
-[repos.committing]
-source = "{seed}"
-workspace = "worktree"
-
-[scripts.change]
-command = ["/bin/sh", "-c", "echo changed > new.txt"]
-"""
+    seed = _seed_repo(tmp_path)
+    extra = _committing_repo(seed)
     real_supervise = job_module.JobRun._supervise
 
     async def then_a_shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -232,20 +233,8 @@ def test_an_owner_whose_lease_went_while_its_script_ended_does_not_commit(
 
     from codex_runner.store.schema import jobs as jobs_table
 
-    seed = tmp_path / "seed"
-    git_id = ["-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
-    (seed / "README.md").write_text("hello\n")
-    subprocess.run(["git", *git_id, "-C", str(seed), "add", "."], check=True)
-    subprocess.run(["git", *git_id, "-C", str(seed), "commit", "-qm", "seed"], check=True)
-    extra = f"""
-[repos.committing]
-source = "{seed}"
-workspace = "worktree"
-
-[scripts.change]
-command = ["/bin/sh", "-c", "echo changed > new.txt"]
-"""
+    seed = _seed_repo(tmp_path)
+    extra = _committing_repo(seed)
     real_supervise = job_module.JobRun._supervise
 
     async def then_recovered_elsewhere(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -460,17 +460,12 @@ def test_the_watchdog_kills_the_processes_of_the_jobs_it_fails_on_its_host(
     from datetime import timedelta
 
     from codex_runner.launcher import Launcher
-    from codex_runner.store.jobs import Limits, NewJob
     from codex_runner.store.records import utcnow
     from codex_runner.store.schema import jobs
 
     runner = runner_factory(RUNNER_ENABLED="false")
     rt = runner.runtime
-    new = NewJob(
-        repo_id="r", repo_name="scratch", workspace_mode="scratch", script_key="behave", args={},
-        defaults={}, timeout_seconds=60, requested_by="alice",
-    )  # fmt: skip
-    created, _ = rt.jobs.create(new, Limits(max_queue_size=10, max_queued_per_user=10))
+    created = _create_scratch_job(rt)
     [claimed] = rt.jobs.claim("gone-vm-1a2b3c", slots=1, max_jobs_per_user=5)
     assert claimed.id == created["id"]
     env = {"PATH": os.environ["PATH"], "RUNNER_JOB_ID": created["id"]}
@@ -598,7 +593,6 @@ def test_a_new_instance_waits_for_the_owners_beats_before_failing_anything(runne
     from datetime import timedelta
 
     from codex_runner.launcher import Launcher
-    from codex_runner.store.jobs import Limits, NewJob
     from codex_runner.store.records import utcnow
     from codex_runner.store.schema import jobs
 
@@ -606,11 +600,7 @@ def test_a_new_instance_waits_for_the_owners_beats_before_failing_anything(runne
         RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="5"
     )
     rt = runner.runtime
-    new = NewJob(
-        repo_id="r", repo_name="scratch", workspace_mode="scratch", script_key="behave", args={},
-        defaults={}, timeout_seconds=60, requested_by="alice",
-    )  # fmt: skip
-    created, _ = rt.jobs.create(new, Limits(max_queue_size=10, max_queued_per_user=10))
+    created = _create_scratch_job(rt)
     rt.jobs.claim("owner-vm-1a2b3c", slots=1, max_jobs_per_user=5)
     with rt.engine.begin() as conn:  # the owner's beats stopped during the outage
         conn.execute(
@@ -626,3 +616,15 @@ def test_a_new_instance_waits_for_the_owners_beats_before_failing_anything(runne
         return first, await launcher.watchdog_once()
 
     assert asyncio.run(passes()) == (0, 1)
+
+
+def _create_scratch_job(rt: Any) -> dict[str, Any]:
+    """A queued job made straight in the store (no API, no wake-up of a launcher)."""
+    from codex_runner.store.jobs import Limits, NewJob
+
+    new = NewJob(
+        repo_id="r", repo_name="scratch", workspace_mode="scratch", script_key="behave", args={},
+        defaults={}, timeout_seconds=60, requested_by="alice",
+    )  # fmt: skip
+    created, _ = rt.jobs.create(new, Limits(max_queue_size=10, max_queued_per_user=10))
+    return created

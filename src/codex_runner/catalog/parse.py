@@ -5,7 +5,6 @@ Pure: no network, no file system. A missing local repo is not a config error (do
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from codex_runner.catalog.specs import (
     repo_id_for,
 )
 from codex_runner.errors import ConfigError
+from codex_runner.execution.git import is_loopback_host
 
 WORKSPACE_MODES = ("worktree", "clone", "in_place", "scratch")
 RISK_POLICIES = ("conservative", "standard", "permissive")
@@ -242,13 +242,8 @@ def _is_loopback(url: str) -> bool:
         host = urlsplit(url).hostname or ""
     except ValueError:
         return False
-    if host == "localhost":
-        return True
-    try:
-        # Parsed, not a prefix test: "127.attacker.example" is a DNS name anywhere.
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    # Parsed, not a prefix test: "127.attacker.example" is a DNS name anywhere.
+    return is_loopback_host(host)
 
 
 def _ref_problem(ref: str) -> str | None:

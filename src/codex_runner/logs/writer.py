@@ -123,16 +123,10 @@ class LogWriter:
             # A secret overlapping the last span runs past the end of buf: the span is not
             # finished, so it is held whole (and masked whole once it is).
             held_span = spans.pop()[0]
-        out: list[bytes] = []
-        pos = 0
-        for start, end in spans:
-            out.append(buf[pos:start])
-            out.append(REDACTED)
-            pos = end
+        pos = spans[-1][1] if spans else 0
         hold = held_span if held_span is not None else self._undecided_from(buf, max(pos, decided))
-        out.append(buf[pos:hold])
         self._carry = buf[hold:]
-        return b"".join(out)
+        return replace_spans(buf[:hold], spans, REDACTED)  # every span ends at or before `hold`
 
     def _may_grow(self, buf: bytes, span: list[int], decided: int) -> bool:
         """Whether a form starting inside `span` (at or after `decided`) is cut off by the end of

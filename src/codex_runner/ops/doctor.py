@@ -7,7 +7,6 @@ line that says what is wrong and what to do; they never carry a secret value.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import stat
@@ -29,6 +28,7 @@ from codex_runner.catalog.specs import PLACEHOLDER
 from codex_runner.config import Settings
 from codex_runner.errors import ConfigError, RunnerError
 from codex_runner.execution import spare_watch
+from codex_runner.execution.git import is_loopback_host
 from codex_runner.ops.backup import newest_backup
 from codex_runner.store import create_store_engine
 from codex_runner.store.migrate import current_revision, head_revision
@@ -424,7 +424,7 @@ def _unsafe_settings(settings: Settings) -> Iterator[Check]:
             f"codex home {home} is open to group/others (mode {home_mode:o}): chmod 700 it",
             production=prod,
         )
-    if not _is_loopback(settings.host) and not settings.allow_remote:
+    if not is_loopback_host(settings.host) and not settings.allow_remote:
         yield _warn(
             "bind_address",
             f"RUNNER_HOST={settings.host} is not loopback: set RUNNER_ALLOW_REMOTE=true if intended",
@@ -432,13 +432,6 @@ def _unsafe_settings(settings: Settings) -> Iterator[Check]:
         )
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _backup(settings: Settings) -> Check:
