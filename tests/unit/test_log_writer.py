@@ -176,3 +176,18 @@ def test_a_secret_with_bytes_that_are_not_utf8_is_masked(tmp_path: Path) -> None
     with LogWriter(path, max_bytes=1 << 20, known_secrets=[value, "\ud800" + "k" * 10]) as writer:
         writer.write(b"token abcdefgh\xffxyz and kkkkkkkkkk\n")
     assert path.read_bytes() == b"token [REDACTED] and kkkkkkkkkk\n"
+
+
+def test_a_reopened_log_that_ends_mid_line_gets_its_runner_line_on_a_line_of_its_own(tmp_path: Path) -> None:
+    """docs/logs.md: runner lines always stand on their own line, a reopened log's too."""
+    path = tmp_path / "job.log"
+    path.write_bytes(b"[runner] job j started\nbuilding step 3/7 ...")
+    with LogWriter(path, max_bytes=1 << 20) as writer:
+        writer.runner_line("job j started on r1 (attempt 2)")
+    assert (
+        path.read_bytes()
+        == b"[runner] job j started\nbuilding step 3/7 ...\n[runner] job j started on r1 (attempt 2)\n"
+    )
+    with LogWriter(path, max_bytes=1 << 20) as writer:  # ends with a newline: nothing added
+        writer.runner_line("again")
+    assert path.read_bytes().endswith(b"(attempt 2)\n[runner] again\n")

@@ -36,14 +36,17 @@ class LogWriter:
         self._at_line_start = True
         self._truncated = False
         self._lock = threading.Lock()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC  # RDWR: the last byte is read back
         try:
             self._fd: int | None = os.open(path, flags, 0o600)
         except FileNotFoundError:  # the first log of this folder (a mkdir each time costs a lookup)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, flags, 0o600)
-        # A reopened log keeps its bytes, and they count toward the cap.
+        # A reopened log keeps its bytes, and they count toward the cap; a runner line after them
+        # starts a line of its own if they end mid-line.
         self._written = os.fstat(self._fd).st_size
+        if self._written:
+            self._at_line_start = os.pread(self._fd, 1, self._written - 1) == b"\n"
 
     @property
     def bytes_written(self) -> int:

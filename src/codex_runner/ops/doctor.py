@@ -432,8 +432,6 @@ def _unsafe_settings(settings: Settings) -> Iterator[Check]:
         )
 
 
-
-
 def _backup(settings: Settings) -> Check:
     newest = newest_backup(settings.backup_dir)
     limit = settings.backup_max_age_days
