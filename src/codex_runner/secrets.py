@@ -169,3 +169,13 @@ def replace_spans(text: AnyStr, spans: list[list[int]], replacement: AnyStr) -> 
         pos = end
     parts.append(text[pos:])
     return text[:0].join(parts)
+
+
+def utf8_tail(text: str, limit: int) -> str:
+    """The end of `text` that fits in `limit` bytes of UTF-8 (SPEC §3: a stderr tail of at most
+    8 KiB). Cut by characters, a tail of invalid bytes, each decoded as a 3-byte U+FFFD, came to
+    three times that. A character the cut splits is dropped whole."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[-limit:].decode("utf-8", "ignore")

@@ -62,7 +62,7 @@ def test_mask_value_reaches_nested_and_other_values() -> None:
 
 
 def test_utf8_tail_cuts_by_bytes_and_never_splits_a_character() -> None:
-    from codex_runner.execution.job import utf8_tail
+    from codex_runner.secrets import utf8_tail
 
     assert utf8_tail("abc", 8) == "abc"
     assert utf8_tail("xé" * 10, 5) == "éxé"

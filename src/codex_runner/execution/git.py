@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from codex_runner.errors import RunnerError
-from codex_runner.secrets import mask
+from codex_runner.secrets import mask, utf8_tail
 
 GIT_ERROR_CODES = frozenset(
     {"clone_failed", "branch_failed", "commit_failed", "push_failed", "prepare_failed", "cleanup_failed"}
@@ -293,7 +293,7 @@ def _tail(data: bytes, secrets: Sequence[str]) -> str:
     """The last `STDERR_TAIL_BYTES` of git's stderr, masked whole before the cut: a secret that
     straddled the cut would otherwise leave its end unmasked."""
     masked = mask(data.decode("utf-8", "replace"), secrets) if secrets else data.decode("utf-8", "replace")
-    return masked.encode()[-STDERR_TAIL_BYTES:].decode("utf-8", "ignore")
+    return utf8_tail(masked, STDERR_TAIL_BYTES)
 
 
 def _verb(args: Sequence[str]) -> str:

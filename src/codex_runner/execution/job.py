@@ -57,7 +57,7 @@ from codex_runner.jobs import ErrorCode, Status
 from codex_runner.logs.redaction import REDACTION_VERSION, RULESETS
 from codex_runner.logs.writer import LogWriter
 from codex_runner.runtime import Runtime
-from codex_runner.secrets import Masker
+from codex_runner.secrets import Masker, utf8_tail
 from codex_runner.store.jobs import Cas, ClaimedJob, OwnerWrite
 from codex_runner.store.records import initial_stages, iso, utcnow
 
@@ -111,6 +111,7 @@ class JobRun:
         # The prepared workspace (and its repo) until `_cleanup` has run: a run that fails on
         # the way still cleans it up (`_settle_after_error`).
         self._workspace: tuple[Workspace, RepoSpec] | None = None
+        self._workspace_record: dict[str, Any] | None = None
         self._cleaned = False
         # `_redact`'s masker, for the list of secrets it was made from.
         self._masker: tuple[list[str], Masker] | None = None
@@ -177,7 +178,7 @@ class JobRun:
             "pid": self.proc.pid if self.proc else None,
             "pgid": self.proc.pgid if self.proc else None,
             "updated_at": iso(utcnow()),
-            **({"workspace": workspace_record(self._workspace[0])} if self._workspace else {}),
+            **({"workspace": self._workspace_record} if self._workspace_record else {}),
             **(extra or {}),
         }
 
@@ -320,7 +321,10 @@ class JobRun:
         assert prepared is not None
         ws = prepared
         self._workspace = (ws, repo)
-        self._manifest_dirty = True  # the workspace's record (for a cleanup after a crash) goes out
+        # Made once (the workspace does not change): every manifest write carries it, for the
+        # cleanup start-up recovery does after a crash.
+        self._workspace_record = workspace_record(ws)
+        self._manifest_dirty = True
 
         outcome = await self._run_script(script, repo, ws)
         result: dict[str, Any] | None = None
@@ -796,16 +800,6 @@ def queue_wait_seconds(row: dict[str, Any]) -> float:
     created: datetime = row["created_at"]
     started: datetime = row["started_at"]
     return max(0.0, (started - created).total_seconds())
-
-
-def utf8_tail(text: str, limit: int) -> str:
-    """The end of `text` that fits in `limit` bytes of UTF-8 (SPEC §3: a stderr tail of at most
-    8 KiB). Cut by characters, a tail of invalid bytes, each decoded as a 3-byte U+FFFD, came to
-    three times that. A character the cut splits is dropped whole."""
-    data = text.encode("utf-8", "replace")
-    if len(data) <= limit:
-        return text
-    return data[-limit:].decode("utf-8", "ignore")
 
 
 def _in_place_change(repo: RepoSpec | None, created_mode: str | None) -> str | None:
