@@ -392,6 +392,8 @@ class Launcher:
         # After the jobs: the registry row is for diagnostics, the jobs' heartbeats are what count.
         try:
             mine = await asyncio.to_thread(self.registry.heartbeat)
+            # Claims and finishes leave job-count deltas that creates fold; without creates, this.
+            await asyncio.to_thread(self.rt.jobs.fold_counts)
         except Exception:
             return
         if not mine and not self._stopping:

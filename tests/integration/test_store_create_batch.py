@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from codex_runner.errors import IdempotencyConflict, QueueFull, UserQueueFull
 from codex_runner.store import JobStore
 from codex_runner.store.jobs import Limits, NewJob
-from codex_runner.store.schema import events, idempotency_keys, job_counts, jobs
+from codex_runner.store.schema import all_job_counts, events, idempotency_keys, jobs
 
 from tests.helpers import recorded_statements
 
@@ -38,7 +38,7 @@ def table(store: JobStore) -> dict[str, Any]:
         n_jobs = conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar_one()
         kinds = Counter(conn.execute(sa.select(events.c.event_type)).scalars())
         keys = conn.execute(sa.select(idempotency_keys.c.user, idempotency_keys.c.key)).all()
-        counted = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(job_counts.c.n), 0))).scalar_one()
+        counted = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(all_job_counts.c.n), 0))).scalar_one()
     return {"jobs": n_jobs, "events": dict(kinds), "keys": sorted(map(tuple, keys)), "counted": counted}
 
 

@@ -19,7 +19,7 @@ from codex_runner.store import JobStore
 from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
 from codex_runner.store.records import utcnow
-from codex_runner.store.schema import events, job_counts, jobs, metadata
+from codex_runner.store.schema import all_job_counts, events, jobs, metadata
 
 
 def new_job(user: str = "alice", repo: str = "r1", mode: str = "worktree", key: str | None = None) -> NewJob:
@@ -84,9 +84,12 @@ def test_status_user_index_migration_keeps_the_counts(store: JobStore) -> None:
     job, _ = store.create(new_job(user="counted"), BIG)
     store.transition(job["id"], Status.QUEUED, Status.CANCELED, message="m")
     with store.engine.connect() as conn:
+        counted = all_job_counts.c
         counts = dict(
             conn.execute(
-                sa.select(job_counts.c.status, job_counts.c.n).where(job_counts.c.requested_by == "counted")
+                sa.select(counted.status, sa.func.sum(counted.n))
+                .where(counted.requested_by == "counted")
+                .group_by(counted.status)
             ).all()
         )
     assert counts == {"queued": 0, "canceled": 1}

@@ -123,6 +123,7 @@ def cleanup(
             report.jobs, report.events = with_retries(lambda: _count_expired(runtime.engine, conds))
         else:
             _delete_jobs(runtime, conds, batch_size, report)
+            runtime.jobs.fold_counts()  # a delta per deleted job (PostgreSQL): list totals sum them
     report.idempotency_keys += _delete_keys(runtime.engine, now, batch_size, dry_run, doomed)
     for kind, path in _orphans(runtime, now, orphan_grace_seconds, batch_size, doomed):
         if not dry_run:

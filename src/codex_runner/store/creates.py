@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from codex_runner.errors import IdempotencyConflict, QueueFull, UserQueueFull
 from codex_runner.jobs import ACTIVE, EventType, Status
 from codex_runner.store.records import event_row, initial_stages, job_to_public, utcnow
-from codex_runner.store.schema import events, idempotency_keys, job_counts, jobs
+from codex_runner.store.schema import all_job_counts, events, idempotency_keys, jobs
 
 if TYPE_CHECKING:
     from codex_runner.store.jobs import Limits, NewJob
@@ -32,16 +32,17 @@ CreateOutcome = tuple[dict[str, Any], bool] | Exception
 # Statements built once (SQLAlchemy then skips building them and their cache keys per call).
 # What the queue caps need, in one statement (one round trip on PostgreSQL): a row with no user
 # and the active jobs of all, then the queued jobs of each user of the batch that has any.
+_COUNTS = all_job_counts.c
 _CAP_COUNTS = sa.union_all(
-    sa.select(sa.null(), sa.func.coalesce(sa.func.sum(job_counts.c.n), 0)).where(
-        job_counts.c.status.in_([s.value for s in ACTIVE])
+    sa.select(sa.null(), sa.func.coalesce(sa.func.sum(_COUNTS.n), 0)).where(
+        _COUNTS.status.in_([s.value for s in ACTIVE])
     ),
-    sa.select(job_counts.c.requested_by, sa.func.sum(job_counts.c.n))
+    sa.select(_COUNTS.requested_by, sa.func.sum(_COUNTS.n))
     .where(
-        job_counts.c.status == Status.QUEUED.value,
-        job_counts.c.requested_by.in_(sa.bindparam("users", expanding=True)),
+        _COUNTS.status == Status.QUEUED.value,
+        _COUNTS.requested_by.in_(sa.bindparam("users", expanding=True)),
     )
-    .group_by(job_counts.c.requested_by),
+    .group_by(_COUNTS.requested_by),
 )
 _KEY_MATCH = sa.and_(
     idempotency_keys.c.user == sa.bindparam("user"), idempotency_keys.c.key == sa.bindparam("key")

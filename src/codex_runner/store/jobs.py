@@ -33,7 +33,7 @@ from codex_runner.store.creates import CreateOutcome, create_in_txn
 from codex_runner.store.engine import read_txn, with_retries, write_txn
 from codex_runner.store.prepared import Prepared
 from codex_runner.store.records import event_row, event_to_public, iso, job_to_public, utcnow
-from codex_runner.store.schema import events, instances, job_counts, jobs, repos
+from codex_runner.store.schema import all_job_counts, events, instances, jobs, repos
 
 # Advisory lock keys (PostgreSQL): one serialises claims, one serialises creates so that the
 # queue caps hold across instances.
@@ -41,12 +41,16 @@ CLAIM_LOCK_KEY = 0x636F646578_01
 CREATE_LOCK_KEY = 0x636F646578_02
 # Serialises `sync_repos` of instances that start together (each inserts the new repos).
 REPOS_LOCK_KEY = 0x636F646578_03
+# 0x636F646578_05, the fold of the job counts, lives in migration 0004's `runner_fold_job_counts()`.
 
 EventListener = Callable[[dict[str, Any]], None]
 
 # Statements of the hot paths (create, get), built once: SQLAlchemy then skips building them and
 # their cache keys on every call.
-_CREATE_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CREATE_LOCK_KEY))
+# A create batch also folds the job-count deltas (migration 0004) before its caps read them, so
+# that read sums few rows; the same round trip. The fold takes no lock a create waits for.
+_CREATE_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CREATE_LOCK_KEY), sa.func.runner_fold_job_counts())
+_FOLD_COUNTS = sa.select(sa.func.runner_fold_job_counts())
 _INSERT_EVENT = events.insert()
 _JOB_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"))
 _JOB_BY_ID_OWNED = _JOB_BY_ID.where(jobs.c.requested_by == sa.bindparam("owner"))
@@ -318,6 +322,19 @@ class JobStore:
         except sa.exc.DBAPIError as exc:
             return exc
 
+    def fold_counts(self) -> int:
+        """Moves the job-count deltas into the counts rows (PostgreSQL; see migration 0004): how
+        many it moved, or -1 when another fold was at it. Creates fold as they go; the launcher's
+        heartbeat and retention call this so that the deltas stay few when nothing is created."""
+        if not self.is_pg:
+            return 0
+
+        def txn() -> int:
+            with write_txn(self.engine, idempotent=True) as conn:
+                return int(conn.execute(_FOLD_COUNTS).scalar_one())
+
+        return with_retries(txn)
+
     # -- read -------------------------------------------------------------------------------
 
     def get(self, job_id: str, *, owner: str | None = None, with_events: bool = False) -> dict[str, Any]:
@@ -381,18 +398,19 @@ class JobStore:
         if repo_id is not None and "\0" in repo_id:  # matches nothing; PostgreSQL would refuse it
             return [], 0
         conds: list[sa.ColumnElement[bool]] = []
-        # The total comes from the counts table (kept exact by triggers), which has every column
-        # a list can filter on: a million-row COUNT(*) becomes a sum over a few hundred rows.
+        # The total comes from the counts (kept exact by triggers), which have every column a list
+        # can filter on: a million-row COUNT(*) becomes a sum over a few hundred rows.
+        counted = all_job_counts.c
         count_conds: list[sa.ColumnElement[bool]] = []
         if owner is not None:
             conds.append(jobs.c.requested_by == owner)
-            count_conds.append(job_counts.c.requested_by == owner)
+            count_conds.append(counted.requested_by == owner)
         if statuses:
             conds.append(jobs.c.status.in_(list(statuses)))
-            count_conds.append(job_counts.c.status.in_(list(statuses)))
+            count_conds.append(counted.status.in_(list(statuses)))
         if repo_id is not None:
             conds.append(jobs.c.repo_id == repo_id)
-            count_conds.append(job_counts.c.repo_id == repo_id)
+            count_conds.append(counted.repo_id == repo_id)
 
         def txn() -> tuple[list[dict[str, Any]], int]:
             with read_txn(self.engine) as conn:
@@ -406,7 +424,7 @@ class JobStore:
                 now = utcnow()
                 items = [job_to_public(r, now=now) for r in rows]
                 total = conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(job_counts.c.n), 0)).where(*count_conds)
+                    sa.select(sa.func.coalesce(sa.func.sum(counted.n), 0)).where(*count_conds)
                 ).scalar_one()
                 return items, int(total)
 

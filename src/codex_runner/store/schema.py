@@ -134,6 +134,30 @@ job_counts = sa.Table(
     sa.Index("ix_runner_job_counts_user", "requested_by", "status"),
 )
 
+# Changes to those counts not yet folded into them (PostgreSQL; migration 0004): there the triggers
+# append a row per change here instead of updating a counts row in place, which locked hot rows in
+# every writer's own order and deadlocked; `JobStore.fold_counts` moves them over. Empty on SQLite.
+job_count_deltas = sa.Table(
+    "runner_job_count_deltas",
+    metadata,
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("requested_by", sa.String(200), nullable=False),
+    sa.Column("repo_id", sa.String(36), nullable=False),
+    sa.Column("n", sa.Integer, nullable=False),
+)
+
+# What every reader of the counts reads: the counts rows and the deltas not yet folded, one row
+# each (sum `n` per key, filtered as on `job_counts`).
+all_job_counts = sa.union_all(
+    sa.select(job_counts.c.status, job_counts.c.requested_by, job_counts.c.repo_id, job_counts.c.n),
+    sa.select(
+        job_count_deltas.c.status,
+        job_count_deltas.c.requested_by,
+        job_count_deltas.c.repo_id,
+        job_count_deltas.c.n,
+    ),
+).subquery("all_job_counts")
+
 events = sa.Table(
     "runner_job_events",
     metadata,
