@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -423,8 +422,8 @@ class Launcher:
         Not within RUNNER_STALE_AFTER_SECONDS of this instance seeing the database come back: while
         it was down no owner could heartbeat, so every job looks stale; the owners get one stale
         period to beat again before anything is called dead."""
-        threshold = utcnow() - timedelta(seconds=self.settings.stale_after_seconds)
-        stale = await asyncio.to_thread(self.rt.jobs.stale_jobs, threshold)
+        stale_after = self.settings.stale_after_seconds
+        stale = await asyncio.to_thread(self.rt.jobs.stale_jobs, stale_after)
         self._db_ok()
         if time.monotonic() - self._db_ok_since < self.settings.stale_after_seconds:
             return 0
@@ -434,8 +433,8 @@ class Launcher:
             ok = await asyncio.to_thread(
                 self.rt.jobs.fail_stale,
                 job["id"],
-                # The write holds only if the owner has not heartbeated since we looked.
-                threshold,
+                # The write holds only if the owner has still not heartbeated.
+                stale_after,
                 event_type=EventType.HEARTBEAT_STALE_RECOVERED,
                 message=f"no heartbeat from {job['runner_id']} for {self.settings.stale_after_seconds} s",
                 meta={"runner_id": job["runner_id"], "recovered_by": self.runner_id},

@@ -456,8 +456,8 @@ def test_a_credential_that_could_never_be_used_is_refused(make: Make, database_u
 def test_the_clock_is_checked_against_the_database_servers(
     make: Make, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Heartbeats and the stale threshold come from each instance's clock: on a shared PostgreSQL
-    a host whose clock lags has its live jobs failed by the others' watchdogs."""
+    """A host whose clock is off the PostgreSQL server's writes job times and idempotency windows
+    off by as much: a warning (heartbeats go by the server's clock, so never a refusal)."""
     settings, _ = make(database_url=database_url)
     if not settings.database_url.startswith("postgresql"):
         assert "clock" not in checks_of(settings)  # SQLite: one host, one clock
@@ -470,6 +470,4 @@ def test_the_clock_is_checked_against_the_database_servers(
         assert check.level == level and "NTP" in check.message, check
     assert "behind" in check.message  # this host's clock reads 500 s less than the server's
     prod = checks_of(dataclasses.replace(settings, production=True))["clock"]
-    assert_fails(prod, "misjudge heartbeats")
-    monkeypatch.setattr(doctor.time, "time", lambda: real() + 3.0)
-    assert not checks_of(dataclasses.replace(settings, production=True))["clock"].blocking
+    assert prod.level == "warn" and not prod.blocking

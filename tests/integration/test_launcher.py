@@ -299,7 +299,13 @@ def test_terminal_transitions_are_logged_with_their_fields(runner: Any) -> None:
     with capture_logs() as logs:
         ok = runner.wait(runner.submit({})["id"])
         bad = runner.wait(runner.submit({"exit": 4})["id"])
-    finished = {e["job_id"]: e for e in logs if e.get("event") == "job_finished"}
+        # The line follows the terminal write's commit, which the API may show a moment before.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            finished = {e["job_id"]: e for e in logs if e.get("event") == "job_finished"}
+            if {ok["id"], bad["id"]} <= finished.keys():
+                break
+            time.sleep(0.02)
     for job, status in ((ok, "success"), (bad, "failed")):
         entry = finished[job["id"]]
         assert entry["script_key"] == "behave"

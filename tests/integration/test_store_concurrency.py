@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -384,3 +385,50 @@ def test_a_finish_that_claims_waits_for_the_claim_lock_before_writing(pg_store: 
     assert not thread.is_alive()
     assert out["result"][0] == [0]
     assert [c.id for c in out["result"][1]] == [queued]
+
+
+# -- the shared clock ---------------------------------------------------------------------------
+
+
+def _server_now(store: JobStore) -> Any:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.now())).scalar_one()
+
+
+def test_heartbeats_and_the_stale_threshold_go_by_the_servers_clock(
+    pg_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instances on hosts whose clocks disagree: one an hour behind claims and heartbeats, and its
+    job is not stale to the others; one an hour ahead does not find the live job stale either.
+    Heartbeat times were each host's own, so the first one's jobs were failed as dead."""
+    job, _ = pg_store.create(new_job(user="skewed"), BIG)
+    registry = InstanceRegistry(pg_store.engine, "behind")
+    behind = lambda: datetime.now(UTC) - timedelta(hours=1)  # noqa: E731
+    ahead = lambda: datetime.now(UTC) + timedelta(hours=1)  # noqa: E731
+    for module in ("codex_runner.store.jobs", "codex_runner.store.instances", "codex_runner.store.records"):
+        monkeypatch.setattr(f"{module}.utcnow", behind)
+    registry.register()
+    (claimed,) = pg_store.claim("behind", slots=1, max_jobs_per_user=1)
+    row = pg_store.get_row(job["id"])
+    assert row is not None and abs((row["heartbeat_at"] - _server_now(pg_store)).total_seconds()) < 5
+    assert pg_store.heartbeat("behind", {job["id"]: claimed.lease_token}) == {job["id"]: "running"}
+    assert registry.heartbeat()
+    row = pg_store.get_row(job["id"])
+    assert row is not None and abs((row["heartbeat_at"] - _server_now(pg_store)).total_seconds()) < 5
+    for module in ("codex_runner.store.jobs", "codex_runner.store.instances", "codex_runner.store.records"):
+        monkeypatch.setattr(f"{module}.utcnow", ahead)
+    monkeypatch.setattr("codex_runner.store.schema.datetime", _Shifted)
+    assert pg_store.stale_jobs(30) == []
+    assert not pg_store.fail_stale(
+        job["id"], 30, event_type="heartbeat_stale_recovered", message="m", meta={}, values={}
+    )
+    assert InstanceRegistry(pg_store.engine, "other").live_instances(30) == ["behind"]
+    assert pg_store.stale_jobs(-5)[0]["id"] == job["id"]  # and a stale one is still found
+
+
+class _Shifted(datetime):
+    """`datetime` with a clock an hour ahead (the host's clock, as the store's SQLite path reads it)."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> Any:
+        return datetime.now(tz) + timedelta(hours=1)

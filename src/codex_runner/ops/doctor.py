@@ -138,16 +138,15 @@ def _database(engine: Engine) -> Iterator[Check]:
         yield _ok("migrations", f"database schema at head ({head})")
 
 
-#: A clock this far from the database's is worth a warning: heartbeats and the watchdog's stale
-#: threshold are computed on each instance's own clock.
+#: A clock this far from the database's is worth a warning (see `_clock`).
 CLOCK_WARN_SECONDS = 1.0
 
 
 def _clock(settings: Settings, engine: Engine) -> Check:
-    """This host's clock against the database server's. Heartbeat times and the stale threshold
-    come from each instance's clock: with PostgreSQL shared by several hosts, one whose clock lags
-    by more than RUNNER_STALE_AFTER_SECONDS minus a heartbeat has its live jobs failed by the
-    others' watchdogs, and one that runs ahead keeps a dead instance's jobs for that much longer."""
+    """This host's clock against the database server's. Heartbeats, the watchdog's stale threshold
+    and live instances go by the server's clock, so skew no longer fails live jobs or keeps dead
+    ones; it still shifts what this host writes by its own: the jobs' start and finish times, the
+    idempotency window's end and the ages retention compares. A warning, never a refusal."""
     try:
         before = time.time()
         with engine.connect() as conn:
@@ -156,16 +155,13 @@ def _clock(settings: Settings, engine: Engine) -> Check:
     except Exception as exc:
         return _warn("clock", f"could not read the database's clock ({type(exc).__name__})")
     skew = float(server) - (before + after) / 2
-    margin = settings.stale_after_seconds - settings.heartbeat_seconds
-    message = (
-        f"this host's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the database "
-        "server's: keep every runner host's clock in sync (NTP)"
-    )
-    if abs(skew) >= margin / 2:
-        far = message + f"; at {margin / 2:.0f} s or more, the watchdogs misjudge heartbeats"
-        return _warn("clock", far, production=settings.production)
     if abs(skew) >= CLOCK_WARN_SECONDS:
-        return _warn("clock", message)  # worth fixing, not worth refusing to start for
+        return _warn(
+            "clock",
+            f"this host's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the database "
+            "server's: job times, idempotency windows and retention ages written here are off by as "
+            "much; keep every runner host's clock in sync (NTP)",
+        )
     return _ok("clock", f"clock within {CLOCK_WARN_SECONDS:.0f} s of the database server's ({skew:+.3f} s)")
 
 

@@ -17,7 +17,7 @@ from codex_runner import __version__
 from codex_runner.errors import InstanceConflict
 from codex_runner.store.engine import read_txn, with_retries, write_txn
 from codex_runner.store.records import iso, utcnow
-from codex_runner.store.schema import instances, locks
+from codex_runner.store.schema import clock_cutoff, clock_now, instances, locks
 
 #: The `runner_locks` row naming the instance whose claim transaction last took the scheduler lock
 #: and claimed work. The lock itself is PostgreSQL's advisory lock (SQLite: BEGIN IMMEDIATE); this
@@ -32,6 +32,7 @@ class InstanceRegistry:
     def __init__(self, engine: Engine, runner_id: str) -> None:
         self.engine = engine
         self.runner_id = runner_id
+        self.is_pg = engine.dialect.name == "postgresql"
 
     def check_free(self, stale_after_seconds: int) -> None:
         """Raises `InstanceConflict` when another live instance holds this RUNNER_ID (see
@@ -46,7 +47,7 @@ class InstanceRegistry:
         RUNNER_STALE_AFTER_SECONDS, of another host, or of a live codex-runner process of this host
         that is not this one. A crashed process (gone, or its pid reused by another program) is
         not a holder: that is the restart that start-up recovery is for."""
-        cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
+        cutoff = clock_cutoff(self.is_pg, stale_after_seconds)
         row = conn.execute(
             sa.select(instances.c.host, instances.c.pid).where(
                 instances.c.id == self.runner_id,
@@ -73,7 +74,7 @@ class InstanceRegistry:
             "pid": os.getpid(),
             "version": __version__,
             "started_at": now,
-            "heartbeat_at": now,
+            "heartbeat_at": clock_now(self.is_pg),
             "stopped_at": None,
         }
 
@@ -119,7 +120,7 @@ class InstanceRegistry:
             with write_txn(self.engine, idempotent=True) as conn:
                 return bool(
                     conn.execute(
-                        instances.update().where(*self._mine()).values(heartbeat_at=utcnow())
+                        instances.update().where(*self._mine()).values(heartbeat_at=clock_now(self.is_pg))
                     ).rowcount
                 )
 
@@ -145,7 +146,7 @@ class InstanceRegistry:
 
     def live_instances(self, stale_after_seconds: int) -> list[str]:
         """Instances that heartbeated recently and have not stopped."""
-        cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
+        cutoff = clock_cutoff(self.is_pg, stale_after_seconds)
         with read_txn(self.engine) as conn:
             rows = conn.execute(
                 sa.select(instances.c.id).where(

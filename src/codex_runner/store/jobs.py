@@ -33,7 +33,16 @@ from codex_runner.store.creates import CreateOutcome, create_in_txn
 from codex_runner.store.engine import read_txn, with_retries, write_txn
 from codex_runner.store.prepared import Prepared
 from codex_runner.store.records import event_row, event_to_public, iso, job_to_public, utcnow
-from codex_runner.store.schema import all_job_counts, events, instances, jobs, repos
+from codex_runner.store.schema import (
+    SERVER_CLOCK,
+    all_job_counts,
+    clock_cutoff,
+    clock_now,
+    events,
+    instances,
+    jobs,
+    repos,
+)
 
 # Advisory lock keys (PostgreSQL): one serialises claims, one serialises creates so that the
 # queue caps hold across instances.
@@ -78,9 +87,10 @@ _CLAIM_LOCK = sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)).select_fr
 )
 
 
-def _claim_update_statement(count: int) -> sa.UpdateBase:
+def _claim_update_statement(count: int, is_pg: bool) -> sa.UpdateBase:
     """The move of `count` picked jobs to `running` in one statement that returns their rows:
-    `UPDATE … FROM` a list of `(id, lease)` values (PostgreSQL; SQLite 3.33+)."""
+    `UPDATE … FROM` a list of `(id, lease)` values (PostgreSQL; SQLite 3.33+). The first
+    heartbeat by the shared clock (`clock_now`): on PostgreSQL the server's, not this host's."""
     picked = (
         sa.values(sa.column("id", sa.String), sa.column("lease", sa.String), name="picked")
         .data([(sa.bindparam(f"b_id{i}"), sa.bindparam(f"b_lease{i}")) for i in range(count)])
@@ -92,7 +102,7 @@ def _claim_update_statement(count: int) -> sa.UpdateBase:
         .values(
             status=Status.RUNNING.value,
             started_at=sa.bindparam("b_now", type_=jobs.c.started_at.type),
-            heartbeat_at=sa.bindparam("b_now", type_=jobs.c.heartbeat_at.type),
+            heartbeat_at=SERVER_CLOCK if is_pg else sa.bindparam("b_now", type_=jobs.c.heartbeat_at.type),
             runner_id=sa.bindparam("b_runner"),
             lease_token=picked.c.lease,
             attempt=jobs.c.attempt + 1,
@@ -104,7 +114,7 @@ def _claim_update_statement(count: int) -> sa.UpdateBase:
 def _claim_with_events_statement(count: int) -> sa.Select[Any]:
     """PostgreSQL: `_claim_update_statement` and the `job_started` event of each job it moves, in
     one statement (a data-modifying CTE; one round trip less per claim). Returns the jobs' rows."""
-    moved = _claim_update_statement(count).cte("moved")
+    moved = _claim_update_statement(count, True).cte("moved")
     started = events.insert().from_select(
         ["job_id", "event_type", "actor", "message", "meta", "created_at"],
         sa.select(
@@ -506,7 +516,7 @@ class JobStore:
         values: Mapping[str, Any] | None,
         *,
         runner_id: str | None = None,
-        heartbeat_before: datetime | None = None,
+        heartbeat_before: Any = None,
         defer_event: list[_PendingEvent] | None = None,
     ) -> list[dict] | None:
         """The compare-and-set and its event row; None when it matched nothing. With `defer_event`
@@ -854,7 +864,7 @@ class JobStore:
             elif kind == "claim_events":
                 statement, result = _claim_with_events_statement(size), tuple(jobs.c)
             else:
-                statement, result = _claim_update_statement(size), tuple(jobs.c)
+                statement, result = _claim_update_statement(size, self.is_pg), tuple(jobs.c)
             prepared = Prepared(statement, self.engine.dialect, result=[c.type for c in result])
             self._prepared_by_size[(kind, size)] = prepared
         return prepared
@@ -897,7 +907,6 @@ class JobStore:
             return {}
 
         def txn() -> dict[str, str]:
-            now = utcnow()
             conds = (
                 jobs.c.runner_id == runner_id,
                 jobs.c.lease_token.in_(list(leases.values())),
@@ -911,7 +920,7 @@ class JobStore:
                 rows = conn.execute(
                     jobs.update()
                     .where(*conds)
-                    .values(heartbeat_at=now)
+                    .values(heartbeat_at=clock_now(self.is_pg))
                     .returning(jobs.c.id, jobs.c.lease_token, jobs.c.status)
                 ).all()
                 return {r.id: r.status for r in rows if leases.get(r.id) == r.lease_token}
@@ -961,8 +970,12 @@ class JobStore:
 
         return with_retries(txn)
 
-    def stale_jobs(self, older_than: datetime) -> list[dict[str, Any]]:
+    def stale_jobs(self, stale_after_seconds: float) -> list[dict[str, Any]]:
+        """Running jobs of any instance without a heartbeat for `stale_after_seconds`, by the
+        shared clock (`clock_now`)."""
+
         def txn() -> list[dict[str, Any]]:
+            older_than = clock_cutoff(self.is_pg, stale_after_seconds)
             with read_txn(self.engine) as conn:
                 rows = conn.execute(
                     sa.select(
@@ -1069,7 +1082,7 @@ class JobStore:
     def fail_stale(
         self,
         job_id: str,
-        heartbeat_before: datetime,
+        stale_after_seconds: float,
         *,
         event_type: str,
         message: str,
@@ -1077,8 +1090,8 @@ class JobStore:
         values: Mapping[str, Any],
         lock_timeout_ms: int = 500,
     ) -> bool:
-        """The watchdog's write: `running`/`cancel_requested` → `failed` if the job has not
-        heartbeated since `heartbeat_before`. Unlike `transition`, a row that another session holds
+        """The watchdog's write: `running`/`cancel_requested` → `failed` if the job has still not
+        heartbeated for `stale_after_seconds` (shared clock, as `stale_jobs`). Unlike `transition`, a row that another session holds
         locked is skipped (False) after `lock_timeout_ms` instead of waited for: an owner frozen in
         the middle of a write (SIGSTOP, a paused VM) holds its row lock until it wakes, and must not
         stall the watchdog for every other job. The next watchdog pass tries that job again."""
@@ -1101,7 +1114,7 @@ class JobStore:
                         message,
                         meta,
                         values,
-                        heartbeat_before=heartbeat_before,
+                        heartbeat_before=clock_cutoff(self.is_pg, stale_after_seconds),
                     )
             except sa.exc.OperationalError as exc:
                 if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,6 +39,25 @@ class UTCDateTime(TypeDecorator[datetime]):
         if isinstance(value, str):
             value = datetime.fromisoformat(value)
         return value.replace(tzinfo=UTC)
+
+
+# The PostgreSQL server's clock, in UTC, naive like the stored times (see `UTCDateTime`).
+SERVER_CLOCK = sa.func.timezone("UTC", sa.func.clock_timestamp(), type_=UTCDateTime)
+
+
+def clock_now(is_pg: bool) -> Any:
+    """Now, for the times instances compare with each other's (heartbeats, the stale threshold,
+    live instances): the PostgreSQL server's clock, so that no host's skew makes a watchdog fail
+    live jobs or keep dead ones; this host's on SQLite, which one host shares. A SQL expression on
+    PostgreSQL, a value on SQLite; either goes into `.values()` or a comparison."""
+    return SERVER_CLOCK if is_pg else datetime.now(UTC)
+
+
+def clock_cutoff(is_pg: bool, seconds: float) -> Any:
+    """`clock_now` minus `seconds`."""
+    if is_pg:  # an interval bind: the clock's own type would take the timedelta for a time
+        return SERVER_CLOCK - sa.literal(timedelta(seconds=seconds), sa.Interval())
+    return datetime.now(UTC) - timedelta(seconds=seconds)
 
 
 class CleanText(TypeDecorator[str]):
