@@ -319,6 +319,30 @@ def test_a_full_log_disk_costs_lines_not_the_job(
     assert (failed["status"], failed["error_code"]) == ("failed", "script_failed"), failed
 
 
+def test_a_secret_at_the_start_of_the_kept_stderr_shows_no_part_of_itself(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The raw stderr tail (16 KiB) began wherever its cut fell, inside a secret; masked, the other
+    copies shrank to `[REDACTED]`, the text fit in 8 KiB and the secret's end showed whole in the
+    stage's error (the API, the manifest). The tail now starts at its first whole line."""
+    token = "Wq8zN3vB6xM1cL5kJ9hG2fD7sA4pO0iUtY6uHc3J"  # 40 characters, 41 bytes a line
+    monkeypatch.setenv("MY_SECRET", token)
+    extra = """
+[scripts.many]
+command = ["/bin/sh", "-c", 'i=0; while [ $i -lt 500 ]; do printf "%s\\n" "$MY_SECRET" >&2; i=$((i+1)); done; exit 1']
+env = ["MY_SECRET"]
+"""
+    runner = runner_factory(extra_toml=extra)
+    done = runner.wait(runner.submit({}, script="many")["id"], timeout=30)
+    assert done["status"] == "failed" and done["error_code"] == "script_failed", done
+    script = next(s for s in done["stages"] if s["name"] == "script")
+    assert script["error"] and script["error"].startswith("[REDACTED")
+    manifest = (runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text()
+    shown = json.dumps([script["error"], done["error_message"]]) + manifest
+    for piece in (token[-10:], token[:10], token[15:25]):
+        assert piece not in shown
+
+
 def test_a_secret_across_the_stderr_tails_cut_shows_no_part_of_itself(
     runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
 ) -> None:

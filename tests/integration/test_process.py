@@ -125,14 +125,30 @@ def test_exit_zero(run: Runner, tmp_path: Path) -> None:
 
 
 def test_nonzero_exit_keeps_last_8_kib_of_stderr(run: Runner, tmp_path: Path) -> None:
-    code = "import sys; sys.stderr.write('x' * 20000 + 'END'); sys.exit(3)"
+    code = "import sys; sys.stderr.write(('x' * 99 + '\\n') * 200 + 'END'); sys.exit(3)"
     outcome, data = run(run_to_end(make_spec([PY, "-c", code], tmp_path)))
     assert outcome.exit_code == 3
     assert outcome.signal is None
-    # Twice what a stage records: the job redacts first, then cuts to STDERR_TAIL_BYTES.
-    assert len(outcome.stderr_tail) == STDERR_KEEP_BYTES == 2 * STDERR_TAIL_BYTES
-    assert outcome.stderr_tail.endswith(b"xEND")
+    # Twice what a stage records (the job redacts first, then cuts to STDERR_TAIL_BYTES), from the
+    # first whole line in it: 163 lines of 100 bytes and the 3 after them, of the last 16 KiB.
+    assert STDERR_KEEP_BYTES == 2 * STDERR_TAIL_BYTES
+    assert outcome.stderr_tail == b"x" * 99 + b"\n" + (b"x" * 99 + b"\n") * 162 + b"END"
     assert len(data) == 20003
+
+
+def test_a_cut_stderr_tail_starts_at_a_whole_line(run: Runner, tmp_path: Path) -> None:
+    """A tail cut inside a line (a secret whose start, with its prefix or its `key=`, fell before
+    the cut would show its rest unrecognised) starts after that line; a cut tail that is one
+    partial line is nothing. A tail that was not cut is kept whole, first line and all."""
+    cut_inside = "import sys; sys.stderr.write('a' * 17000 + '\\nlast line\\n'); sys.exit(1)"
+    outcome, _ = run(run_to_end(make_spec([PY, "-c", cut_inside], tmp_path)))
+    assert outcome.stderr_tail == b"last line\n"
+    one_line = "import sys; sys.stderr.write('ghp_' + 'b' * 17000); sys.exit(1)"
+    outcome, _ = run(run_to_end(make_spec([PY, "-c", one_line], tmp_path)))
+    assert outcome.stderr_tail == b""
+    whole = "import sys; sys.stderr.write('first\\n' + 'c' * 16000); sys.exit(1)"
+    outcome, _ = run(run_to_end(make_spec([PY, "-c", whole], tmp_path)))
+    assert outcome.stderr_tail == b"first\n" + b"c" * 16000
 
 
 def test_killed_by_signal_maps_to_128_plus_n(run: Runner, tmp_path: Path) -> None:

@@ -95,7 +95,8 @@ class ProcessOutcome:
     exit_code: int
     #: N when the leader was killed by signal N.
     signal: int | None
-    #: The last `STDERR_KEEP_BYTES` of standard error, raw: redact, then cut to `STDERR_TAIL_BYTES`.
+    #: The last `STDERR_KEEP_BYTES` of standard error, raw, from the first line that starts in them:
+    #: redact, then cut to `STDERR_TAIL_BYTES`.
     stderr_tail: bytes
     #: None when the leader exited by itself, else the first reason given to `terminate()`.
     reason: str | None
@@ -280,6 +281,7 @@ class JobProcess:
         self._start_time: int | None = None
         self.sink_errors = 0
         self._tail = bytearray()
+        self._tail_cut = False  # whether stderr had more than the tail keeps
         self._open_fds: set[int] = set()
         self._drained = asyncio.Event()
         self._reason: str | None = None
@@ -493,11 +495,21 @@ class JobProcess:
         return ProcessOutcome(
             exit_code=exit_code,
             signal=sig,
-            stderr_tail=bytes(self._tail),
+            stderr_tail=self._whole_lines_tail(),
             reason=self._reason,
             duration_ms=duration_ms,
             strays_killed=strays,
         )
+
+    def _whole_lines_tail(self) -> bytes:
+        """The stderr tail from its first whole line: a tail that was cut may start inside a
+        secret, whose rest no rule would know for one (`ghp_…` without its prefix, a value
+        without its `key=`). A cut tail without a newline is one partial line: nothing."""
+        tail = bytes(self._tail)
+        if self._tail_cut:
+            newline = tail.find(b"\n")
+            tail = tail[newline + 1 :] if newline >= 0 else b""
+        return tail
 
     def _on_readable(self, fd: int, is_stderr: bool) -> None:
         try:
@@ -511,7 +523,9 @@ class JobProcess:
             return
         if is_stderr:
             self._tail += chunk
-            del self._tail[:-STDERR_KEEP_BYTES]
+            if len(self._tail) > STDERR_KEEP_BYTES:
+                self._tail_cut = True
+                del self._tail[:-STDERR_KEEP_BYTES]
         try:
             self._sink(chunk)
             if not is_stderr and self._stdout_tap is not None:
