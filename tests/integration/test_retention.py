@@ -511,6 +511,42 @@ def test_cleanup_removes_git_homes_that_crashed_background_tasks_left(runtime: R
     assert fresh.exists() and other.exists()
 
 
+def test_folders_that_could_not_be_removed_are_errors_not_counts(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale git HOME, an unused spare pool and what is left of a mirror whose removal failed part
+    way: each that cannot be removed is an error (the command exits 1), not a count; the mirror's
+    renamed folder is tried again by the next run. They were removed with errors ignored, counted
+    as deleted, and the renamed mirror was left for good."""
+    s = runtime.settings
+    home = s.data_dir / "git-home" / "upkeep-0123456789ab"
+    pool = s.workspace_dir / POOLS / "gone-repo.clone"
+    leftover = s.mirrors_dir / ".gone.git.0123abcd.doomed"
+    for path in (home, pool, leftover):
+        (path / "sub").mkdir(parents=True)
+    day_ago = time.time() - retention.TASK_HOME_GRACE_SECONDS - 60
+    os.utime(home, (day_ago, day_ago))
+    stuck = {home, pool, leftover}
+    real_rmtree = retention.shutil.rmtree
+
+    def rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path) in stuck:
+            if kwargs.get("ignore_errors"):
+                return  # as rmtree does: the error swallowed, the folder still there
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(retention.shutil, "rmtree", rmtree)
+    report = cleanup(runtime)
+    assert (report.git_homes, report.spare_pools) == (0, 0)
+    assert sorted(report.errors) == sorted(f"{p}: Operation not permitted" for p in stuck)
+    assert all(p.exists() for p in stuck)
+    stuck.clear()
+    report = cleanup(runtime)
+    assert (report.git_homes, report.spare_pools, report.errors) == (1, 1, [])
+    assert not home.exists() and not pool.exists() and not leftover.exists()
+
+
 def test_cli_cleanup_exits_1_when_something_could_not_be_removed(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,8 @@ import base64
 from pathlib import Path
 from urllib.parse import quote
 
+from codex_runner.logs.redaction import REDACTION_VERSION, RULESETS
+from codex_runner.logs.stream import MAX_LINE
 from codex_runner.logs.writer import LogWriter
 
 SECRET = "s3cr3t/Value+With=Chars"
@@ -90,18 +92,23 @@ def test_cap_truncates_once_at_the_cap(tmp_path: Path) -> None:
         writer.runner_line("exit code 0")
     data = path.read_bytes()
     assert data.count(b"log truncated") == 1
+    # The unfinished line that would reach the cap is dropped whole (see the test below).
     assert data == b"".join(b"line %03d\n" % i for i in range(5)) + (
-        b"line \n[runner] log truncated at 50 bytes; further output dropped\n[runner] exit code 0\n"
+        b"[runner] log truncated at 45 bytes; further output dropped\n[runner] exit code 0\n"
     )
 
 
 def test_cap_inside_a_long_line_keeps_characters_whole(tmp_path: Path) -> None:
+    """A line longer than MAX_LINE (readers may have been served pieces of it) is cut at the cap
+    when no separator comes before it, on a character boundary."""
     path = tmp_path / "j.log"
-    with LogWriter(path, max_bytes=9) as writer:
-        writer.write("ééééééééé".encode())
+    with LogWriter(path, max_bytes=MAX_LINE + 9) as writer:
+        writer.write("é".encode() * (MAX_LINE // 2 + 10))
         assert writer.bytes_written == len(path.read_bytes())
     data = path.read_bytes()
-    assert data == "éééé".encode() + b"\n[runner] log truncated at 8 bytes; further output dropped\n"
+    assert data == "é".encode() * (MAX_LINE // 2 + 4) + (
+        b"\n[runner] log truncated at %d bytes; further output dropped\n" % (MAX_LINE + 8)
+    )
 
 
 def test_runner_line_stands_alone(tmp_path: Path) -> None:
@@ -144,7 +151,64 @@ def test_a_runner_line_while_output_may_follow_never_splits_a_secret(tmp_path: P
             log.write(secret[split:].encode() + b"\n")
         data = path.read_bytes()
         assert secret[:7].encode() not in data and secret[split:].encode() not in data, data
-        assert data == b"token=\n[runner] stopping the process group (timeout)\n[REDACTED]\n"
+        assert data == b"token=[REDACTED]\n[runner] stopping the process group (timeout)\n"
+
+
+def test_a_runner_line_waits_for_the_end_of_the_outputs_line(tmp_path: Path) -> None:
+    """Put between two halves of a line, the runner line parted a secret the rules know by what
+    comes before it (`GITHUB_TOKEN=`, `ghp_`) from its rest, which no rule knew on its own line:
+    it waits for the output's line to end, or for the log to close."""
+    token = "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    path = tmp_path / "w.log"
+    with LogWriter(path, max_bytes=1 << 20) as log:
+        log.write(b"GITHUB_TOKEN=" + token[:20].encode())
+        log.runner_line("stopping the process group (timeout)", output_follows=True)
+        log.write(token[20:].encode() + b" ok")
+        log.runner_line("still stopping", output_follows=True)
+        log.write(b"\nnext line\n")
+        log.runner_line("exit code 143", output_follows=True)  # at a line start: at once
+        log.write(b"unfinished")
+        log.runner_line("late", output_follows=True)
+    assert path.read_bytes() == (
+        b"GITHUB_TOKEN=" + token.encode() + b" ok\n"
+        b"[runner] stopping the process group (timeout)\n[runner] still stopping\n"
+        b"next line\n[runner] exit code 143\nunfinished\n[runner] late\n"
+    )
+    redacted, _ = RULESETS[REDACTION_VERSION].redact(path.read_bytes(), 0)
+    assert token[20:].encode() not in redacted and token[:12].encode() not in redacted
+
+
+def test_the_cap_never_leaves_part_of_a_token_to_the_rules(tmp_path: Path) -> None:
+    """Cut anywhere at the cap, `ghp_` and 26 characters ended the log: too few for the rule that
+    knows tokens, so they showed. A short unfinished line is dropped whole (no reader can have
+    had a piece of it); a line already longer than MAX_LINE is cut after a separator."""
+    token = b"ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    path = tmp_path / "c.log"
+    with LogWriter(path, max_bytes=3055) as log:
+        log.write(b"x" * 3000 + b"\n")
+        log.write(b'{"auth": "' + token + b'", "body": "' + b"a" * 500)
+    data = path.read_bytes()
+    assert data == b"x" * 3000 + b"\n[runner] log truncated at 3001 bytes; further output dropped\n"
+    long = tmp_path / "l.log"
+    with LogWriter(long, max_bytes=MAX_LINE + 3026) as log:  # the cap inside the token
+        log.write(b"y" * (MAX_LINE + 3000) + b" ")
+        log.write(b"auth " + token + b" more" * 50)
+    data = long.read_bytes()
+    assert data.endswith(
+        b"y auth \n[runner] log truncated at %d bytes; further output dropped\n" % (MAX_LINE + 3006)
+    )
+    for piece in (token[:12], token[4:30]):
+        assert piece not in data
+    redacted, _ = RULESETS[REDACTION_VERSION].redact(data, 0)
+    assert b"ghp_" not in redacted
+
+
+def test_a_reopened_log_knows_where_its_last_line_starts(tmp_path: Path) -> None:
+    path = tmp_path / "r.log"
+    path.write_bytes(b"done\nhalf a li")
+    with LogWriter(path, max_bytes=20) as log:
+        log.write(b"ne that goes past the cap")
+    assert path.read_bytes() == b"done\n[runner] log truncated at 5 bytes; further output dropped\n"
 
 
 def test_a_secret_inside_a_longer_base64_value_is_masked(tmp_path: Path) -> None:

@@ -75,9 +75,9 @@ def _cut(buf: bytes, ruleset: RuleSet) -> int:
     ``buf[:MAX_LINE]`` only (known whenever a cut is made), so it never moves."""
     guard = ruleset.cut_guard
     if guard is None:
-        return _separator_cut(buf, MAX_LINE)
+        return separator_cut(buf, MAX_LINE)
     target = MAX_LINE - guard.lookahead
-    cut = _separator_cut(buf, target)
+    cut = separator_cut(buf, target)
     # The rules see ``lookahead`` bytes past any cut: enough to recognise a match that spans it.
     low = target - _CUT_WINDOW - guard.lookback
     safe = cut - low
@@ -91,11 +91,11 @@ def _cut(buf: bytes, ruleset: RuleSet) -> int:
     return _char_start(buf, low + safe)
 
 
-def _separator_cut(buf: bytes, end: int) -> int:
+def separator_cut(buf: bytes, end: int) -> int:
     """After the last separator of the window before ``end`` (not a space right after ``:`` or
     ``=``, which would part a key from its value), else at ``end``; never before a UTF-8
-    continuation byte."""
-    floor = end - _CUT_WINDOW
+    continuation byte. ``buf`` goes on past ``end``. Also the log writer's cut at its cap."""
+    floor = max(end - _CUT_WINDOW, 0)
     cut = max(buf.rfind(sep, floor, end) for sep in (b",", b";"))
     space = max(buf.rfind(sep, floor, end) for sep in (b" ", b"\t"))
     while space > floor and buf[space - 1 : space] in (b":", b"="):
@@ -106,6 +106,6 @@ def _separator_cut(buf: bytes, end: int) -> int:
 
 def _char_start(buf: bytes, cut: int) -> int:
     for _ in range(3):
-        if 0x80 <= buf[cut] < 0xC0:
+        if cut > 0 and 0x80 <= buf[cut] < 0xC0:
             cut -= 1
     return cut

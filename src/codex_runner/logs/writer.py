@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from codex_runner.logs.stream import MAX_LINE, separator_cut
 from codex_runner.secrets import replace_spans, secret_bytes, secret_forms, union_spans
 
 REDACTED = b"[REDACTED]"
@@ -34,6 +35,10 @@ class LogWriter:
         self._max_bytes = max_bytes
         self._carry = b""
         self._at_line_start = True
+        # Where the file's last line starts (after its last newline), None if that is more than
+        # MAX_LINE back; and runner lines waiting for the job's output to end its line.
+        self._line_start: int | None = 0
+        self._held_lines = b""
         self._truncated = False
         self._lock = threading.Lock()
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC  # RDWR: the last byte is read back
@@ -46,7 +51,10 @@ class LogWriter:
         # starts a line of its own if they end mid-line.
         self._written = os.fstat(self._fd).st_size
         if self._written:
-            self._at_line_start = os.pread(self._fd, 1, self._written - 1) == b"\n"
+            back = min(self._written, MAX_LINE + 1)
+            last = os.pread(self._fd, back, self._written - back).rfind(b"\n")
+            self._at_line_start = last == back - 1
+            self._line_start = self._written - back + last + 1 if last >= 0 or back == self._written else None
 
     @property
     def bytes_written(self) -> int:
@@ -65,25 +73,40 @@ class LogWriter:
         with self._lock:
             if self._truncated or not data:
                 return
-            self._emit(self._mask(self._carry + data))
+            masked = self._mask(self._carry + data)
+            if self._held_lines:
+                # Runner lines wait for the end of the output's line (see `runner_line`).
+                end = masked.find(b"\n") + 1
+                if end:
+                    self._emit(masked[:end])
+                    self._write(self._held_lines)
+                    self._held_lines = b""
+                    masked = masked[end:] if not self._truncated else b""
+            self._emit(masked)
 
     def runner_line(self, text: str, *, output_follows: bool = False) -> None:
         """``[runner] <text>`` on lines of its own; written even past the cap (the runner's few
         status lines matter most when the output was cut). With `output_follows` (the job's
         processes still run), the held-back tail stays held: the next output may complete the
         secret it starts, and released now, the rest of that secret would reach the file unmasked.
-        Those few bytes then come after the runner line instead of before it."""
+        Those few bytes then come after the runner line instead of before it. And when the output
+        is in the middle of a line, the runner line waits for that line's end (or `close`): put
+        in between, it would part a secret the rules know by what comes before it (`KEY=…`, a
+        token's prefix) from its rest, which would show unmasked on the next line."""
         body = text.encode("utf-8", "replace")
         if self._pattern is not None:
             body = replace_spans(body, union_spans(self._pattern, body), REDACTED)
         lines = b"".join(b"[runner] " + line + b"\n" for line in body.splitlines() or [b""])
         with self._lock:
+            if output_follows and not self._at_line_start and not self._truncated:
+                self._held_lines += lines
+                return
             if not output_follows:
                 pending = self._release_carry()
                 if pending and not self._truncated:
                     self._emit(pending)
-            self._write(b"" if self._at_line_start else b"\n")
-            self._write(lines)
+            self._write_runner_lines(self._held_lines + lines)
+            self._held_lines = b""
 
     def flush(self) -> None:
         """Makes what was written durable (fsync); the held-back tail stays in memory."""
@@ -101,6 +124,9 @@ class LogWriter:
                 pending = self._release_carry()
                 if pending and not self._truncated:
                     self._emit(pending)
+                if self._held_lines:
+                    self._write_runner_lines(self._held_lines)
+                    self._held_lines = b""
             finally:
                 os.close(self._fd)
                 self._fd = None
@@ -163,22 +189,41 @@ class LogWriter:
         tail = pending[hold:]
         return pending[:hold] + (REDACTED if len(tail) >= _MIN_SECRET else tail)
 
+    def _write_runner_lines(self, lines: bytes) -> None:
+        self._write(b"" if self._at_line_start else b"\n")
+        self._write(lines)
+
     def _emit(self, data: bytes) -> None:
-        """Writes job output under the cap; the first byte past it truncates the log for good."""
+        """Writes job output under the cap; the first byte past it truncates the log for good.
+
+        Cut where no secret is parted from what makes the rules know it: after the last line end
+        in the room left; else, when no reader can have been served any of the unfinished line
+        (the log is redacted in pieces of whole lines, a line over MAX_LINE bytes cut into more:
+        see logs/stream.py), the file goes back to that line's start, the line dropped whole;
+        else, inside a line already that long, after a separator as the stream cuts long lines
+        (`separator_cut`): cut anywhere, `…ghp_` and the first 26 characters of a token would
+        end the log, too few for the rule that knows tokens."""
         room = max(self._max_bytes - self._written, 0)
         if len(data) <= room:
             self._write(data)
             return
         cut = data.rfind(b"\n", 0, room) + 1
-        if not cut:  # no line ends in the room left: cut at the cap, on a character boundary
-            cut = room
-            while cut > 0 and data[cut] in _CONTINUATION:
-                cut -= 1
+        if not cut:
+            start = self._line_start
+            if start is not None and self._written + room - start <= MAX_LINE:
+                assert self._fd is not None
+                os.ftruncate(self._fd, start)
+                self._written, self._at_line_start = start, True
+            else:
+                cut = separator_cut(data, room)
+                while cut > 0 and data[cut] in _CONTINUATION:
+                    cut -= 1
         self._write(data[:cut])
         self._truncated = True
         self._carry = b""
         notice = f"[runner] log truncated at {self._written} bytes; further output dropped\n".encode()
-        self._write((b"" if self._at_line_start else b"\n") + notice)
+        self._write((b"" if self._at_line_start else b"\n") + notice + self._held_lines)
+        self._held_lines = b""
 
     def _write(self, data: bytes) -> None:
         if not data:
@@ -188,5 +233,10 @@ class LogWriter:
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
+        last = data.rfind(b"\n")
+        if last >= 0:
+            self._line_start = self._written + last + 1
+        elif self._line_start is not None and self._written + len(data) - self._line_start > MAX_LINE:
+            self._line_start = None  # long enough that readers may have had pieces of it
         self._written += len(data)
         self._at_line_start = data.endswith(b"\n")

@@ -63,6 +63,9 @@ MAX_POLL_SECONDS = 300
 RETRY_AFTER_FAILURE_SECONDS = 300
 # A mirror whose lock is held this long is being used after all: left for the next run.
 MIRROR_LOCK_SECONDS = 5.0
+# A mirror being removed is renamed `.<name>.git.<hex>.doomed` first (not `.tmp`: a first clone's
+# temporary folder, which only the next clone of that repo sweeps).
+_DOOMED = ".doomed"
 
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _TASK_HOME = re.compile(rf"^(?:{'|'.join(TASK_HOME_KINDS)})-[0-9a-f]{{12}}$")
@@ -133,18 +136,21 @@ def cleanup(
                 report.errors.append(f"{path}: {exc.strerror or exc}")
                 continue
         setattr(report, kind, getattr(report, kind) + 1)
+    # Counted only once gone: what could not be removed is an error (the command exits 1).
     for path in _stale_task_homes(runtime, now):
-        if not dry_run:
-            shutil.rmtree(path, ignore_errors=True)
-        report.git_homes += 1
-    unused_pools = list(_unused_spare_pools(runtime)) if shared_caches else []
-    for pool in unused_pools:
-        if not dry_run:
-            shutil.rmtree(pool, ignore_errors=True)
-        report.spare_pools += 1
-    for mirror in _unused_mirrors(runtime, unused_pools) if shared_caches else ():
-        if dry_run or _remove_mirror(runtime, mirror, unused_pools):
+        if dry_run or _rmtree(path, report):
+            report.git_homes += 1
+    dropped_pools = []
+    for pool in _unused_spare_pools(runtime) if shared_caches else ():
+        if dry_run or _rmtree(pool, report):
+            report.spare_pools += 1
+            dropped_pools.append(pool)  # a pool still there may still borrow a mirror's objects
+    for mirror in _unused_mirrors(runtime, dropped_pools) if shared_caches else ():
+        if dry_run or _remove_mirror(runtime, mirror, dropped_pools, report):
             report.mirrors += 1
+    if shared_caches and not dry_run:
+        for leftover in _doomed_mirrors(runtime):  # left by a removal that failed part way
+            _rmtree(leftover, report)
     _delete_transcripts(runtime, now, dry_run, report)
     log.info("cleanup_done", **report.to_dict())
     return report
@@ -384,22 +390,42 @@ def _mirror_in_use(settings: Settings, mirror: Path, dropped_pools: Sequence[Pat
     return False
 
 
-def _remove_mirror(runtime: Runtime, mirror: Path, dropped_pools: Sequence[Path]) -> bool:
+def _rmtree(path: Path, report: CleanupReport) -> bool:
+    """Removes a folder; False, with the error in the report, if any of it could not go."""
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        report.errors.append(f"{path}: {exc.strerror or exc}")
+        return False
+    return True
+
+
+def _doomed_mirrors(runtime: Runtime) -> Iterator[Path]:
+    root = runtime.settings.mirrors_dir
+    if root.is_dir():
+        for path in sorted(root.glob(f".*{_DOOMED}")):
+            if path.is_dir() and not path.is_symlink():
+                yield path
+
+
+def _remove_mirror(
+    runtime: Runtime, mirror: Path, dropped_pools: Sequence[Path], report: CleanupReport
+) -> bool:
     """Deletes an unused mirror under its repo lock (an instance whose catalog still has the repo
     may be fetching into it); renamed first, so no one ever sees half a mirror. False if it was
-    busy or came into use."""
+    busy or came into use, or could not be removed (an error in the report: the renamed folder is
+    tried again by the next run)."""
     key = mirror.name.removesuffix(".git")
     try:
         with repo_lock(runtime.settings, key, timeout=MIRROR_LOCK_SECONDS):
             if _mirror_in_use(runtime.settings, mirror, dropped_pools):
                 return False
-            doomed = mirror.with_name(f".{mirror.name}.{uuid.uuid4().hex[:8]}.tmp")
+            doomed = mirror.with_name(f".{mirror.name}.{uuid.uuid4().hex[:8]}{_DOOMED}")
             mirror.rename(doomed)
     except (GitError, OSError) as exc:
         log.warning("mirror_not_removed", mirror=mirror.name, error=str(exc)[:200])
         return False
-    shutil.rmtree(doomed, ignore_errors=True)
-    return True
+    return _rmtree(doomed, report)
 
 
 def _delete_transcripts(runtime: Runtime, now: datetime, dry_run: bool, report: CleanupReport) -> None:
