@@ -637,6 +637,34 @@ def test_jobs_logs_follow_exit_code_follows_the_job(
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_reader_that_stops_early_is_not_a_failed_job(sse_runner: SseRunner, follow: bool) -> None:
+    """`jobs logs ID | head`: the closed pipe ended the command with click's exit 1 — "the job
+    ended failed" to a script — for a job that succeeded. Now 141, as a shell reports SIGPIPE,
+    with nothing on standard error."""
+    job = sse_runner.runner.wait(sse_runner.runner.submit({"bytes": 1_000_000})["id"])
+    assert job["status"] == "success"
+    proc = subprocess.Popen(
+        [CLI, "jobs", "logs", job["id"], *(["-f"] if follow else [])],
+        env=dict(sse_runner.env()),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()
+    proc.stdout.close()  # the reader had enough
+    try:
+        code = proc.wait(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the command did not end when its reader left")
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert code == 141, stderr
+    assert "Traceback" not in stderr and "error" not in stderr
+
+
 class _CuttingProxy:
     """A TCP proxy in front of the server that drops the first SSE connection in the middle of its
     second event (its first whole event received, so the client has a Last-Event-ID)."""

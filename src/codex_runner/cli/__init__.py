@@ -7,6 +7,9 @@ line on stderr and a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sys
 
 import typer
@@ -72,9 +75,24 @@ def _fail(line: str, code: int = ExitCode.ERROR) -> None:
     sys.exit(code)
 
 
+def _output_closed(exc: SystemExit) -> bool:
+    """Whether click ended the command because standard output was closed (it exits 1 then, which
+    here means "the job failed"): the SystemExit it raises while handling that EPIPE."""
+    cause = exc.__context__
+    return isinstance(cause, OSError) and cause.errno == errno.EPIPE
+
+
 def main() -> None:
     try:
         app(prog_name="codex-runner")
+    except SystemExit as exc:
+        if _output_closed(exc):
+            # `jobs logs ID | head`: the reader had enough. Not a job outcome, not an error; and
+            # no second EPIPE at exit from flushing what is still buffered.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(ExitCode.OUTPUT_CLOSED)
+        raise
     except CliError as exc:
         _fail(masked(exc.line()), exc.exit_code)
     except ConfigError as exc:

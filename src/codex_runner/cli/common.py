@@ -37,6 +37,7 @@ class ExitCode(IntEnum):
     JOB_CANCELED = 4
     WAIT_TIMEOUT = 5  # --wait-timeout passed while the job was still active
     INTERRUPTED = 130
+    OUTPUT_CLOSED = 141  # standard output closed early (`| head`), as a shell reports SIGPIPE
 
 
 class CliError(Exception):
