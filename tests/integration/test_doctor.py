@@ -308,6 +308,23 @@ def test_production_turns_unsafe_settings_into_failures(make: Make, tmp_path: Pa
     assert "bind_address" not in allowed
 
 
+def test_a_weak_jwt_secret_and_the_missing_redis_ingress_are_unsafe(make: Make) -> None:
+    """A JWT secret under 32 bytes (an HS256 key that can be guessed offline from one token, which
+    then signs `role: admin` for anyone) passed even in production, as did RUNNER_REDIS_URL, which
+    nothing reads: jobs put on the stream would never run."""
+    settings, _ = make(RUNNER_JWT_SECRET="password1234", RUNNER_REDIS_URL="redis://127.0.0.1:6379/0")
+    dev = checks_of(settings)
+    assert dev["jwt_secret"].level == "warn" and not dev["jwt_secret"].blocking
+    assert dev["redis_ingress"].level == "warn" and not dev["redis_ingress"].blocking
+    prod = checks_of(dataclasses.replace(settings, production=True))
+    assert_fails(prod["jwt_secret"], "12 bytes", "32", "openssl rand")
+    assert "password1234" not in prod["jwt_secret"].message
+    assert_fails(prod["redis_ingress"], "RUNNER_REDIS_URL", "never run")
+    strong = dataclasses.replace(settings, production=True, jwt_secret="k" * 32, redis_url=None)
+    checks = checks_of(strong)
+    assert "jwt_secret" not in checks and "redis_ingress" not in checks
+
+
 def test_codex_home_open_to_others(make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner's CODEX_HOME holds codex's login and every conversation: private like the data dir."""
     monkeypatch.delenv("CODEX_HOME", raising=False)

@@ -382,6 +382,8 @@ def _encryption(settings: Settings, engine: Engine | None) -> Iterator[Check]:
 
 
 _SECRET_SETTINGS = ("encryption_key_previous", "jwt_secret", "token")
+#: An HS256 key shorter than the hash is weaker than the hash (RFC 7518 §3.2).
+MIN_JWT_SECRET_BYTES = 32
 
 
 def _secrets(settings: Settings) -> Iterator[Check]:
@@ -424,6 +426,22 @@ def _unsafe_settings(settings: Settings) -> Iterator[Check]:
         yield _warn(
             "bind_address",
             f"RUNNER_HOST={settings.host} is not loopback: set RUNNER_ALLOW_REMOTE=true if intended",
+            production=prod,
+        )
+    if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+        # Whoever holds one token (or guesses the key from it offline) can sign others, for any
+        # user and with `role: admin`.
+        yield _warn(
+            "jwt_secret",
+            f"RUNNER_JWT_SECRET is {len(settings.jwt_secret.encode())} bytes: an HS256 key needs at least "
+            f"{MIN_JWT_SECRET_BYTES} random bytes (RFC 7518 §3.2), e.g. `openssl rand -base64 32`",
+            production=prod,
+        )
+    if settings.redis_url is not None:
+        yield _warn(
+            "redis_ingress",
+            "RUNNER_REDIS_URL is set, but this version has no Redis Streams ingress (SPEC §10): "
+            "jobs added to the stream are never run; submit them over the HTTP API",
             production=prod,
         )
 
