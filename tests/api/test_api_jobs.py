@@ -77,6 +77,22 @@ def test_list_filters_and_pagination(api: Any) -> None:
         assert r.status_code == 400 and r.json()["code"] == "invalid_request", bad
 
 
+def test_ids_in_capitals_name_the_same_job_and_repo(api: Any) -> None:
+    """A create takes a repo id in capitals; the reads did not: the list filtered by it found
+    nothing and the job's routes answered 404 for its id in capitals."""
+    job = api.create(api.alice).json()
+    upper = job["id"].upper()
+    c = api.client(api.alice)
+    assert c.get(f"/api/runner/jobs/{upper}").json()["id"] == job["id"]
+    assert c.get(f"/api/runner/jobs/{upper}/events").json()["items"][0]["event_type"] == "job_created"
+    assert c.get(f"/api/runner/jobs/{upper}/logs").json()["job_id"] == job["id"]
+    listed = c.get("/api/runner/jobs", params={"repo_id": job["repo_id"].upper()}).json()
+    assert [j["id"] for j in listed["items"]] == [job["id"]] and listed["total"] == 1
+    assert api.client(api.bob).get(f"/api/runner/jobs/{upper}").status_code == 404  # still alice's
+    r = c.post(f"/api/runner/jobs/{upper}/cancel")
+    assert r.status_code == 200 and r.json()["id"] == job["id"] and r.json()["status"] == "canceled"
+
+
 def test_cancel_codes(api: Any) -> None:
     job = api.create(api.alice).json()
     c = api.client(api.alice)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Annotated
 
 import jwt
-from fastapi import Request
+from fastapi import Query, Request
+from pydantic import AfterValidator
 
 from codex_runner.errors import Forbidden, NotAuthenticated
 from codex_runner.runtime import Runtime
@@ -83,3 +85,13 @@ def require_admin(principal: Principal) -> Principal:
     if not principal.is_admin:
         raise Forbidden("this route is for admins")
     return principal
+
+
+def _lower(value: str | None) -> str | None:
+    return None if value is None else value.lower()
+
+
+# Ids as clients may write them: a UUID in capitals is the same job or repo (the ids stored are
+# lower case, as a create already takes a repo id in either case).
+JobId = Annotated[str, AfterValidator(_lower)]
+RepoIdFilter = Annotated[str | None, Query(max_length=200), AfterValidator(_lower)]

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
-from codex_runner.api.auth import current_principal
+from codex_runner.api.auth import JobId, current_principal
 from codex_runner.api.errors import responses
 from codex_runner.errors import InvalidRequest
 from codex_runner.jobs import TERMINAL, Status
@@ -73,7 +73,7 @@ def resume_offset(last_event_id: str | None) -> int | None:
 @router.get("/api/runner/jobs/{job_id}/logs", responses=responses(400, 404, 401, 503))
 def get_logs(
     request: Request,
-    job_id: str,
+    job_id: JobId,
     principal: Auth,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 16384,
@@ -96,7 +96,7 @@ def get_logs(
 @router.get("/api/runner/jobs/{job_id}/logs/stream", responses=responses(400, 404, 401, 503))
 async def stream_logs(
     request: Request,
-    job_id: str,
+    job_id: JobId,
     principal: Auth,
     offset: Annotated[int, Query(ge=0)] = 0,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,

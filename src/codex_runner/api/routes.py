@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from codex_runner.api.auth import bearer_token, current_principal, require_admin
+from codex_runner.api.auth import JobId, RepoIdFilter, bearer_token, current_principal, require_admin
 from codex_runner.api.create import CREATE_PATH, OPENAPI_EXTRA, CreateBatcher, CreateRequest, created_response
 from codex_runner.api.errors import error_response, responses
 from codex_runner.jobs import Status
@@ -94,7 +94,7 @@ async def list_jobs(
     request: Request,
     principal: Auth,
     status: Annotated[list[Status] | None, Query()] = None,
-    repo_id: Annotated[str | None, Query(max_length=200)] = None,
+    repo_id: RepoIdFilter = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
@@ -111,7 +111,7 @@ async def list_jobs(
 
 
 @router.get("/api/runner/jobs/{job_id}", tags=["jobs"], responses=responses(404, *AUTH_ERRORS))
-async def get_job(request: Request, job_id: str, principal: Auth) -> dict[str, Any]:
+async def get_job(request: Request, job_id: JobId, principal: Auth) -> dict[str, Any]:
     runtime = _rt(request)
     return await asyncio.to_thread(
         runtime.jobs.get, job_id, owner=runtime.owner_of(principal), with_events=True
@@ -123,13 +123,13 @@ async def get_job(request: Request, job_id: str, principal: Auth) -> dict[str, A
     tags=["jobs"],
     responses={202: {"description": "cancel requested"}, **responses(404, 409, *AUTH_ERRORS)},
 )
-def cancel_job(request: Request, job_id: str, principal: Auth) -> JSONResponse:
+def cancel_job(request: Request, job_id: JobId, principal: Auth) -> JSONResponse:
     job, code = _rt(request).cancel_job(principal, job_id)
     return JSONResponse(job, status_code=code)
 
 
 @router.get("/api/runner/jobs/{job_id}/events", tags=["jobs"], responses=responses(404, *AUTH_ERRORS))
-def job_events(request: Request, job_id: str, principal: Auth) -> dict[str, Any]:
+def job_events(request: Request, job_id: JobId, principal: Auth) -> dict[str, Any]:
     runtime = _rt(request)
     return {"items": runtime.jobs.events(job_id, owner=runtime.owner_of(principal))}
 
