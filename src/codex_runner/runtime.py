@@ -18,6 +18,7 @@ from codex_runner.secrets import parse_key
 from codex_runner.store import JobStore, create_store_engine
 from codex_runner.store.admin import CredentialStore, Principal, TokenStore
 from codex_runner.store.creates import CreateOutcome
+from codex_runner.store.engine import DatabaseProbe
 from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.migrate import upgrade
 
@@ -49,6 +50,7 @@ class Runtime:
     on_created: list[Callable[[str], None]] = field(default_factory=list)
     on_cancel: list[Callable[[str], None]] = field(default_factory=list)
     startup_checks: list[dict[str, Any]] = field(default_factory=list)
+    probe: DatabaseProbe | None = None  # `/readyz`'s, made on first use
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, catalog: Catalog | None = None) -> Runtime:
@@ -83,7 +85,14 @@ class Runtime:
         return rt
 
     def close(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
         self.engine.dispose()
+
+    def database_probe(self) -> DatabaseProbe:
+        if self.probe is None:
+            self.probe = DatabaseProbe(self.settings.database_url)
+        return self.probe
 
     @property
     def limits(self) -> Limits:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -32,12 +31,11 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["health"], responses=responses(503))
-def readyz(request: Request) -> Response:
+async def readyz(request: Request) -> Response:
     runtime = _rt(request)
-    try:
-        with runtime.engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception:
+    # Within a few seconds even when the database accepts connections and never answers (a frozen
+    # server, a stuck proxy): a load balancer must hear "not ready", not wait.
+    if not await runtime.database_probe().answers():
         return error_response(503, "not ready", "unavailable")
     if any(c.get("blocking") and not c.get("ok") for c in runtime.startup_checks):
         return error_response(503, "not ready", "unavailable")

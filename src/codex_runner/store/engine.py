@@ -3,11 +3,13 @@ policy for transient database errors."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +37,18 @@ WAL_PRAGMA_DELAY = 0.05
 # go after 30 s; and TimeZone UTC, because timestamps are stored naive UTC (`UTCDateTime`) and
 # an aware bind against them is compared through the session's TimeZone.
 PG_SESSION_OPTIONS = ("-c idle_in_transaction_session_timeout=30000", "-c timezone=UTC")
+# libpq TCP settings of every PostgreSQL connection: a server host that went away (powered off,
+# cut off by the network) is noticed within about 30 s, by keepalives on an idle connection and
+# by unacknowledged data on a busy one, instead of the kernel's defaults (two hours; about 15
+# minutes of retransmissions). A server that is frozen but whose kernel still answers TCP is not
+# noticed this way: see `DatabaseProbe` and docs/failure-modes.md.
+PG_TCP_ARGS = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 # SQLSTATEs that end the session: class 08 (connection exceptions), 57P01-57P03 (shut down).
 _DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03"})
 
@@ -91,8 +105,64 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5, "options": pg_session_options(url)},
+        connect_args={"connect_timeout": 5, "options": pg_session_options(url), **PG_TCP_ARGS},
     )
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class DatabaseProbe:
+    """Whether the database answers `SELECT 1` within `timeout` seconds, for `/readyz`: on a new
+    connection each time (a pooled one would first be pinged, and hang, on a server that stopped
+    answering), in a thread of its own with at most one check in flight. A check stuck on a server
+    that accepts connections but never answers them ties up that one thread, not one per probe,
+    and every probe meanwhile answers "not ready" at once."""
+
+    def __init__(self, url: str, *, timeout: float = 3.0) -> None:
+        self.timeout = timeout
+        if url.startswith("sqlite"):
+            self._engine = create_store_engine(url, pool_size=1)
+        else:
+            self._engine = sa.create_engine(
+                url,
+                poolclass=sa.pool.NullPool,
+                connect_args={
+                    "connect_timeout": 2,  # libpq's least; under `timeout`, so it decides first
+                    "options": pg_session_options(url),
+                    **PG_TCP_ARGS,
+                },
+            )
+        self._in_flight = threading.Lock()
+        self._thread_pool = ThreadPoolExecutor(1, thread_name_prefix="db-probe")
+
+    def _check(self) -> None:
+        try:
+            with self._engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        finally:
+            self._in_flight.release()
+
+    async def answers(self) -> bool:
+        if not self._in_flight.acquire(blocking=False):
+            return False  # the last check is still waiting for the server
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._thread_pool, self._check)
+        except BaseException:
+            self._in_flight.release()
+            raise
+        future.add_done_callback(_retrieve)  # its error is the answer, not something to log
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except Exception:
+            return False  # a timeout (the check goes on, in flight) or a database error
+        return True
+
+    def close(self) -> None:
+        self._thread_pool.shutdown(wait=False, cancel_futures=True)
+        self._engine.dispose()
 
 
 def pg_session_options(url: str) -> str:

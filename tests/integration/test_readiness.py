@@ -1,0 +1,130 @@
+"""`/readyz` against a PostgreSQL server that accepts connections and never answers them (a frozen
+server, a stuck proxy): "not ready" within seconds, not a request that hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from codex_runner.api import create_app
+
+from tests.api.conftest import build_runtime
+from tests.helpers import serve_app, wait_until
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL on 127.0.0.1; while `frozen`, it accepts connections and reads
+    what it is sent but passes nothing on, either way."""
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        self.target = target
+        self.frozen = False
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._accept, "127.0.0.1", 0), self.loop
+        ).result(timeout=10)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                while self.frozen:
+                    await asyncio.sleep(0.02)
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers.append(up_writer)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.frozen = False
+            self.server.close()
+            for writer in self.writers:
+                writer.transport.abort()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            await asyncio.wait(others, timeout=5) if others else None
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def proxy() -> Iterator[FreezingProxy]:
+    p = FreezingProxy()
+    try:
+        yield p
+    finally:
+        p.frozen = False
+        p.close()
+
+
+def test_readyz_says_not_ready_in_seconds_when_the_database_stops_answering(
+    pg_database_url: str, proxy: FreezingProxy, tmp_path: Path
+) -> None:
+    """It checked on a pooled connection, which the pool first pinged: with the server silent both
+    waited for ever (two minutes in the report that found it), and so did every probe after it."""
+    url = pg_database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    runtime = build_runtime(tmp_path, url)
+    try:
+        with serve_app(create_app(runtime)) as base:
+            assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+            proxy.frozen = True
+            started = time.monotonic()
+            first = httpx.get(f"{base}/readyz", timeout=20)
+            assert first.status_code == 503 and first.json()["code"] == "unavailable"
+            assert time.monotonic() - started < 6
+            started = time.monotonic()
+            assert httpx.get(f"{base}/readyz", timeout=20).status_code == 503
+            assert time.monotonic() - started < 6
+            proxy.frozen = False
+            assert wait_until(lambda: httpx.get(f"{base}/readyz", timeout=20).status_code == 200, timeout=20)
+    finally:
+        runtime.close()
+
+
+def test_a_probe_stuck_on_the_server_holds_one_thread_and_the_next_answers_at_once(tmp_path: Path) -> None:
+    """Connected, then no answer (the server froze mid-check): the check goes on in its one thread,
+    and every probe meanwhile answers "not ready" at once instead of starting another."""
+    from codex_runner.store.engine import DatabaseProbe
+
+    probe = DatabaseProbe(f"sqlite:///{tmp_path / 'p.db'}", timeout=0.5)
+    release = threading.Event()
+    real = probe._check
+    calls = []
+
+    def stuck() -> None:
+        calls.append(1)
+        release.wait(10)
+        real()
+
+    probe._check = stuck  # type: ignore[method-assign]
+    try:
+        started = time.monotonic()
+        assert asyncio.run(probe.answers()) is False
+        assert 0.4 < time.monotonic() - started < 3
+        started = time.monotonic()
+        assert asyncio.run(probe.answers()) is False
+        assert time.monotonic() - started < 0.2 and len(calls) == 1
+        release.set()
+        assert wait_until(lambda: asyncio.run(probe.answers()), timeout=10)
+    finally:
+        release.set()
+        probe.close()
