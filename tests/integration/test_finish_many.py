@@ -426,7 +426,8 @@ def test_a_claim_moves_its_jobs_in_one_statement(store: JobStore) -> None:
             "r",
             1,
         )
-        assert row["started_at"] == row["heartbeat_at"] is not None
+        # The first heartbeat by the shared clock: the PostgreSQL server's, this host's on SQLite.
+        assert abs((row["heartbeat_at"] - row["started_at"]).total_seconds()) < 5
 
 
 def test_a_claim_writes_the_started_events_with_its_update_on_postgresql(store: JobStore) -> None:
