@@ -242,3 +242,52 @@ def test_the_downgrade_folds_the_deltas_and_updates_in_place_again(pg_store: Job
     pg_store.cancel(made[2], owner=None, actor="d")
     assert _deltas(pg_store) == 2
     assert _counted(pg_store) == _actual(pg_store) == {("canceled", "d", "id-r1"): 3}
+
+
+def test_the_downgrade_waits_for_a_create_batch_in_flight(
+    pg_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create batch holds the fold lock (its fold's) while it inserts; the downgrade took the
+    table lock, then waited for the fold lock, and the two deadlocked: the downgrade failed."""
+    import codex_runner.store.jobs as jobs_module
+
+    paused, go = threading.Event(), threading.Event()
+    real = jobs_module.create_in_txn
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        paused.set()
+        go.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs_module, "create_in_txn", slow)
+    outcome: dict[str, Any] = {}
+
+    def create() -> None:
+        outcome["create"] = pg_store.create(new_job(user="inflight"), BIG)[0]["status"]
+
+    def downgrade() -> None:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        try:
+            with pg_store.engine.connect() as conn:
+                cfg.attributes["connection"] = conn
+                command.downgrade(cfg, "0003")
+                conn.commit()
+            outcome["downgrade"] = "ok"
+        except Exception as exc:
+            outcome["downgrade"] = repr(exc)[:300]
+
+    creating = threading.Thread(target=create)
+    creating.start()
+    assert paused.wait(10)
+    downgrading = threading.Thread(target=downgrade)
+    downgrading.start()
+    time.sleep(1.0)  # the downgrade is waiting for the batch now
+    go.set()
+    creating.join(30)
+    downgrading.join(30)
+    assert outcome == {"create": "queued", "downgrade": "ok"}
+    with pg_store.engine.connect() as conn:
+        rows = conn.execute(sa.select(job_counts).where(job_counts.c.requested_by == "inflight")).all()
+    assert [(r.status, r.n) for r in rows] == [("queued", 1)]
+    upgrade(pg_store.engine)

@@ -419,6 +419,7 @@ def test_heartbeats_and_the_stale_threshold_go_by_the_servers_clock(
         monkeypatch.setattr(f"{module}.utcnow", ahead)
     monkeypatch.setattr("codex_runner.store.schema.datetime", _Shifted)
     assert pg_store.stale_jobs(30) == []
+    assert not pg_store.transition(job["id"], [Status.RUNNING], Status.FAILED, stale_after_seconds=30)
     assert not pg_store.fail_stale(
         job["id"], 30, event_type="heartbeat_stale_recovered", message="m", meta={}, values={}
     )

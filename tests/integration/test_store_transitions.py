@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from codex_runner.jobs import EVENT_FOR_STATUS, TRANSITIONS, Status, canonical_p
 from codex_runner.store import JobStore
 from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
-from codex_runner.store.records import utcnow
 from codex_runner.store.schema import all_job_counts, events, jobs, metadata
 
 
@@ -186,9 +184,8 @@ def test_heartbeat_reports_lost_leases_and_cancels(store: JobStore) -> None:
 def test_watchdog_cas_respects_fresh_heartbeat(store: JobStore) -> None:
     job = store.create(new_job(), BIG)[0]["id"]
     lease = store.claim("r", slots=1, max_jobs_per_user=1)[0].lease_token
-    threshold = utcnow() - timedelta(seconds=60)
     # The heartbeat is fresh (set at claim): the watchdog's write must not land.
-    assert not store.transition(job, [Status.RUNNING], Status.FAILED, heartbeat_before=threshold)
+    assert not store.transition(job, [Status.RUNNING], Status.FAILED, stale_after_seconds=60)
     assert store.stale_jobs(60) == []
     assert store.stale_jobs(-1)[0]["lease_token"] == lease
 

@@ -467,10 +467,12 @@ class JobStore:
         meta: dict[str, Any] | None = None,
         values: Mapping[str, Any] | None = None,
         runner_id: str | None = None,
-        heartbeat_before: datetime | None = None,
+        stale_after_seconds: float | None = None,
     ) -> bool:
         """Compare-and-set: moves the job from one of `src` to `dst` only if it is still there
-        (and still holds `lease_token`, when given). Returns False and writes nothing otherwise."""
+        (and still holds `lease_token`, when given; and, with `stale_after_seconds`, still has no
+        heartbeat for that long by the shared clock, `clock_cutoff`). Returns False and writes
+        nothing otherwise."""
         sources = [src] if isinstance(src, Status) else list(src)
         allowed = [s for s in sources if can_transition(s, dst)]
         if not allowed:
@@ -492,7 +494,9 @@ class JobStore:
                     meta,
                     values,
                     runner_id=runner_id,
-                    heartbeat_before=heartbeat_before,
+                    heartbeat_before=(
+                        None if stale_after_seconds is None else clock_cutoff(self.is_pg, stale_after_seconds)
+                    ),
                 )
 
         ev = with_retries(txn)

@@ -97,9 +97,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        # Writers wait while the last deltas go in and the triggers change back.
+        # A running fold finishes first; then writers wait while the last deltas go in and the
+        # triggers change back. In this order: a create batch holds the fold lock (its fold's)
+        # while it inserts jobs, so the table lock first would deadlock with it.
+        op.execute(f"SELECT pg_advisory_xact_lock({FOLD_LOCK_KEY})")
         op.execute("LOCK TABLE runner_jobs IN SHARE MODE")
-        op.execute(f"SELECT pg_advisory_xact_lock({FOLD_LOCK_KEY})")  # a running fold finishes first
         op.execute(
             f"WITH gone AS (DELETE FROM runner_job_count_deltas RETURNING {_KEY}, n) "
             f"INSERT INTO runner_job_counts ({_KEY}, n) SELECT {_KEY}, sum(n) FROM gone GROUP BY {_KEY} "
