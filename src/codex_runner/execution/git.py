@@ -68,6 +68,10 @@ printf 'username=%s\\npassword=%s\\n' "$CODEX_RUNNER_GIT_USERNAME" "$CODEX_RUNNE
 _FIXED_CONFIG: tuple[tuple[str, str], ...] = (
     ("core.hooksPath", os.devnull),
     ("core.fsmonitor", "false"),
+    # A fetch into a repository with alternates runs this through the shell to list their refs: a
+    # repo config an agent could write (and alternates it could add) would name any program. Set,
+    # it lists none; the fetch then negotiates with the repository's own refs only.
+    ("core.alternateRefsCommand", "true"),
     # Attributes choose filter drivers (`gitutil.filter_guard` turns off the drivers themselves).
     ("core.attributesFile", os.devnull),
     ("protocol.ext.allow", "never"),
@@ -253,6 +257,15 @@ def run_git(
         home, credential=credential, plain_http=plain_http, env_extra=env_extra, extra_config=extra_config
     )
     argv = ["git", *args]
+    if cwd is None:
+        # A command given no repository (`ls-remote`, `clone`, `init`) would otherwise look for one
+        # from the service's working directory up, and use that repo's config: one an agent can
+        # write (the runner started inside a repo it also runs in_place) could set `http.proxy` or
+        # `url.*.insteadOf` and so receive the credential. The job's git HOME is no repository, and
+        # the search stops there.
+        cwd = home
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        env["GIT_CEILING_DIRECTORIES"] = str(home.parent)
     try:
         proc = subprocess.Popen(
             argv,

@@ -156,7 +156,9 @@ def prepare_workspace(
         ws = _prepare(repo, job_id, settings, credential, mode, home)
         if repo.source_type != "git_url" and repo.push and ws.store is not None:
             ws.push_url = _local_origin_url(ws)
-        if ws.git_dir is not None and ws.git_dir.parent == ws.path:
+        # Compared resolved: an in_place repo's path as configured may run through a symlink, and
+        # unrecorded, every check of the git dir (`_git_dir_problem`) would be off.
+        if ws.git_dir is not None and _real(ws.git_dir).parent == _real(ws.path):
             st = os.lstat(ws.git_dir)
             ws.git_dir_id = (st.st_dev, st.st_ino)
         return ws
@@ -716,7 +718,7 @@ def _fetch_into_local(target: Path, shim: Path, ref: str, tip: str, home: Path) 
     target with hooks and auto-maintenance off updates the ref the same way, and like the push it
     is not forced (a non-fast-forward is refused) and never updates a checked-out branch."""
     run_git(["--git-dir=" + str(shim), "update-ref", ref, tip], home=home, error_code="push_failed")
-    git_dir = _git_out(["-C", str(target), "rev-parse", "--absolute-git-dir"], home, "push_failed")
+    git_dir = _own_git_dir(target)
     args = [f"--git-dir={git_dir}", "-c", "gc.auto=0", "-c", "maintenance.auto=false"]
     run_git(
         [*args, "fetch", "-q", "--no-tags", "--no-write-fetch-head", "--", str(shim), f"{ref}:{ref}"],
@@ -725,9 +727,47 @@ def _fetch_into_local(target: Path, shim: Path, ref: str, tip: str, home: Path) 
     )
 
 
+def _own_git_dir(target: Path) -> Path:
+    """The git dir of a local push target, which must be the target itself (a bare repository) or
+    its `.git` folder: the allowlists judged the target's path, and a `.git` file, a symlink or a
+    `commondir` would carry the update into a repository somewhere else."""
+    real = Path(os.path.realpath(target))
+    dot_git = real / ".git"
+    if os.path.lexists(dot_git):
+        if os.path.islink(dot_git) or not dot_git.is_dir():
+            raise GitError(f"the push target {target} names another repository (.git)", code="push_failed")
+        git_dir = dot_git
+    elif (real / "HEAD").is_file() and (real / "objects").is_dir():
+        git_dir = real
+    else:
+        raise GitError(f"the push target {target} is not a git repository", code="push_failed")
+    if os.path.lexists(git_dir / "commondir"):
+        raise GitError(f"the push target {target} names another repository (commondir)", code="push_failed")
+    return git_dir
+
+
 # Inside a git dir, what git writes through when it commits: a symlink at any of these would carry
-# the runner's objects, refs or index into another repository.
-_GIT_DIR_WRITE_PATHS = ("objects", "refs", "refs/heads", "refs/heads/runner", "logs", "HEAD", "index")
+# the runner's objects, refs or index into another repository, or its commit message
+# (COMMIT_EDITMSG, opened for writing) and reflog lines (appended) into any file the runner can
+# write. Also every folder in `objects` and the job branch's reflog (`_git_dir_problem`).
+_GIT_DIR_WRITE_PATHS = (
+    "objects",
+    "refs",
+    "refs/heads",
+    "refs/heads/runner",
+    "logs",
+    "logs/HEAD",
+    "logs/refs",
+    "logs/refs/heads",
+    "logs/refs/heads/runner",
+    "HEAD",
+    "index",
+    "COMMIT_EDITMSG",
+)
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
 
 
 def _git_dir_problem(ws: Workspace) -> str | None:
@@ -744,9 +784,17 @@ def _git_dir_problem(ws: Workspace) -> str | None:
         return "the workspace's .git folder was replaced"
     if os.path.lexists(ws.git_dir / "commondir"):
         return "the workspace's .git names another repository (commondir)"
-    for name in _GIT_DIR_WRITE_PATHS:
+    names = [*_GIT_DIR_WRITE_PATHS, *([f"logs/refs/heads/{ws.branch}"] if ws.branch else [])]
+    for name in names:
         if os.path.islink(ws.git_dir / name):
             return f"the workspace's .git/{name} is a symbolic link"
+    try:
+        with os.scandir(ws.git_dir / "objects") as entries:  # loose objects go into objects/<xx>/
+            for entry in entries:
+                if entry.is_symlink():
+                    return f"the workspace's .git/objects/{entry.name} is a symbolic link"
+    except OSError:
+        pass  # no objects folder: git fails on its own
     return None
 
 

@@ -1,0 +1,178 @@
+"""What an agent that writes in its workspace (and, in worktree and in_place mode, in the repo's
+shared `.git`) can no longer make the runner's own, unsandboxed git do: run a program, write
+outside the workspace, push where the allowlists do not reach, or push a commit that names
+nothing. Each test failed on the build before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codex_runner.execution.workspace import (
+    GitError,
+    cleanup_workspace,
+    prepare_workspace,
+    push_branch,
+)
+
+from tests.integration.test_git_workspace import Repo, commit, git, make_repo, settings_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_local_push_target_runs_no_program_from_its_config(tmp_path: Path) -> None:
+    """An in_place agent made a bare repo inside the repo's own `.git` (inside the allowlist,
+    invisible to `status`), gave it alternates and a `core.alternateRefsCommand`, and named it as
+    origin: the runner's fetch into it ran that command through the shell, as the runner."""
+    local = make_repo(tmp_path / "repo")
+    evil = local / ".git" / "x.git"
+    git("init", "-q", "--bare", str(evil))
+    (evil / "objects" / "info" / "alternates").write_text(f"{local / '.git' / 'objects'}\n")
+    marker = tmp_path / "PWNED"
+    git("config", "-f", str(evil / "config"), "core.alternateRefsCommand", f"id > {marker}; echo")
+    git("remote", "add", "origin", str(evil), cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    ws = prepare_workspace(repo, "61616161-a", settings)
+    (local / "new.txt").write_text("x\n")
+    result = commit(ws)
+    push_branch(ws, repo, None)
+    assert not marker.exists()
+    assert git("rev-parse", "refs/heads/runner/61616161", cwd=evil) == result.commit
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
+@pytest.mark.parametrize("how", ["gitfile", "symlink"])
+def test_a_local_push_target_cannot_send_the_push_into_another_repository(tmp_path: Path, how: str) -> None:
+    """The allowlists judge the push target's path; a `.git` file (or symlink) in it named a
+    repository elsewhere, and the runner's ref update landed there."""
+    local = make_repo(tmp_path / "repo")
+    outside = tmp_path / "outside.git"
+    git("init", "-q", "--bare", str(outside))
+    target = local / ".git" / "y"
+    target.mkdir()
+    if how == "gitfile":
+        (target / ".git").write_text(f"gitdir: {outside}\n")
+    else:
+        (target / ".git").symlink_to(outside)
+    git("remote", "add", "origin", str(target), cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    ws = prepare_workspace(repo, "62626262-a", settings)
+    (local / "new.txt").write_text("x\n")
+    commit(ws)
+    with pytest.raises(GitError) as err:
+        push_branch(ws, repo, None)
+    assert err.value.code == "push_failed" and "another repository" in err.value.message
+    assert git("for-each-ref", cwd=outside) == ""
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
+def test_a_repository_around_the_services_folder_never_sees_the_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ls-remote` (the default branch of a URL repo) ran with no repository and the service's
+    working directory: git found the repo that folder is in and used its config, which an agent
+    can write when the runner is started inside a repo it also runs in_place. Its `http.proxy`
+    received the credential."""
+    import http.server
+    import socketserver
+    import threading
+
+    from codex_runner.execution.workspace import GitCredential
+
+    from tests.integration.git_http_server import make_bare_repo, serve_git_http
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="x"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = socketserver.TCPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        root = tmp_path / "srv"
+        root.mkdir()
+        make_bare_repo(root / "widgets.git")
+        seed = make_repo(tmp_path / "seed")
+        git("push", "-q", str(root / "widgets.git"), "main", cwd=seed)
+        around = make_repo(tmp_path / "around")
+        git("config", "http.proxy", f"http://127.0.0.1:{proxy.server_address[1]}", cwd=around)
+        monkeypatch.chdir(around)
+        settings = settings_for(tmp_path)
+        with serve_git_http(root, "runner", "S3CRET-TOKEN-123") as base:
+            credential = GitCredential(
+                host=base.split("//", 1)[1], username="runner", secret="S3CRET-TOKEN-123"
+            )
+            repo = Repo(
+                "widgets", f"{base}/widgets.git", source_type="git_url", branch=None, workspace="clone"
+            )
+            ws = prepare_workspace(repo, "63636363-a", settings, credential)
+            assert ws.base_branch == "main"
+            cleanup_workspace(ws, repo, settings, failed=False)
+        assert seen == []
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+@pytest.mark.parametrize(
+    "link", ["COMMIT_EDITMSG", "logs/HEAD", "logs/refs/heads/runner/64646464", "objects/ab"]
+)
+def test_the_runners_commit_writes_nothing_through_a_symlink_in_git(tmp_path: Path, link: str) -> None:
+    """A clone's `.git` is the agent's to write: a symlink at COMMIT_EDITMSG (opened for writing),
+    at a reflog (appended to) or at a folder of loose objects made the runner's commit write into a
+    file or folder outside the workspace. The commit stage refuses instead."""
+    local = make_repo(tmp_path / "repo")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("the operator's data\n")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="clone", push=False)
+    ws = prepare_workspace(repo, "64646464-a", settings)
+    assert ws.git_dir is not None
+    target = ws.git_dir / link
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.unlink()
+    target.symlink_to(outside if link.startswith("objects/") else victim)
+    (ws.path / "change.txt").write_text("x\n")
+    with pytest.raises(GitError) as err:
+        commit(ws)
+    assert err.value.code == "commit_failed" and "symbolic link" in err.value.message
+    assert victim.read_text() == "the operator's data\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
+def test_an_in_place_repo_behind_a_symlinked_folder_is_still_guarded(tmp_path: Path) -> None:
+    """The git dir's identity was recorded only when `.git` sat in the workspace path as given; an
+    in_place repo configured through a symlinked folder skipped it, and an agent that replaced
+    `.git` with a link to another checkout had the runner commit into that one."""
+    real = make_repo(tmp_path / "real" / "repo")
+    (tmp_path / "srv").symlink_to(tmp_path / "real")
+    other = tmp_path / "other"
+    git("clone", "-q", str(real), str(other))
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(tmp_path / "srv" / "repo"), workspace="in_place", push=False)
+    ws = prepare_workspace(repo, "65656565-a", settings)
+    assert ws.git_dir_id is not None
+    import shutil
+
+    shutil.rmtree(real / ".git")
+    (real / ".git").symlink_to(other / ".git")  # the agent
+    (real / "agent.txt").write_text("agent\n")
+    with pytest.raises(GitError) as err:
+        commit(ws)
+    assert err.value.code == "commit_failed"
+    assert "runner/65656565" not in git("for-each-ref", "--format=%(refname)", cwd=other)
