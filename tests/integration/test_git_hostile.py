@@ -176,3 +176,61 @@ def test_an_in_place_repo_behind_a_symlinked_folder_is_still_guarded(tmp_path: P
         commit(ws)
     assert err.value.code == "commit_failed"
     assert "runner/65656565" not in git("for-each-ref", "--format=%(refname)", cwd=other)
+
+
+@pytest.mark.parametrize("nesting", ["linked", "linked twice"])
+def test_a_nested_repositorys_filter_driver_never_runs_in_the_runners_commit(
+    tmp_path: Path, nesting: str
+) -> None:
+    """git's `add` and `commit` run `git status` inside every repository the index links to, and
+    that command read the nested repository's config, the agent's: a filter driver named there
+    (with `* filter=x` in its info/attributes) ran as the runner, in every workspace mode. Also
+    for a repository linked from inside the linked one."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="clone", push=False)
+    ws = prepare_workspace(repo, "66666666-a", settings)
+    marker = tmp_path / "PWNED"
+    ident = ("-c", "user.name=a", "-c", "user.email=a@a")
+    sub = make_repo(ws.path / "sub", {"f.txt": "x\n"})
+    evil = sub
+    if nesting == "linked twice":
+        evil = make_repo(sub / "deeper", {"g.txt": "y\n"})
+        (sub / ".gitmodules").write_text('[submodule "deeper"]\n\tpath = deeper\n\turl = ./deeper\n')
+        git("add", "-A", cwd=sub)
+        git(*ident, "commit", "-qm", "link", cwd=sub)
+    git("config", "filter.x.clean", f"sh -c 'touch {marker}; cat'", cwd=evil)
+    (evil / ".git" / "info").mkdir(exist_ok=True)
+    (evil / ".git" / "info" / "attributes").write_text("* filter=x\n")
+    (ws.path / ".gitmodules").write_text('[submodule "sub"]\n\tpath = sub\n\turl = ./sub\n')
+    git("add", "-A", cwd=ws.path)
+    git(*ident, "commit", "-qm", "agent", cwd=ws.path)
+    marker.unlink(missing_ok=True)
+    import os
+    import time
+
+    time.sleep(1.1)  # the files' stat data changes: git must look at their contents again
+    for path in evil.iterdir():
+        if path.is_file():
+            os.utime(path)
+    (ws.path / "more.txt").write_text("more\n")
+    result = commit(ws)
+    assert result.commit is not None
+    assert not marker.exists()
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
+def test_a_repository_the_agent_committed_itself_is_refused_too(tmp_path: Path) -> None:
+    """A folder the agent made a repository of its own is refused when the runner stages it; when
+    the agent committed it itself, the link went out as a gitlink to a commit that exists nowhere."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="clone", push=False)
+    ws = prepare_workspace(repo, "67676767-a", settings)
+    make_repo(ws.path / "app", {"index.js": "console.log(1)\n"})
+    git("add", "-A", cwd=ws.path)
+    git("-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qm", "scaffold", cwd=ws.path)
+    with pytest.raises(GitError) as err:
+        commit(ws)
+    assert err.value.code == "commit_failed" and "app" in err.value.message
+    cleanup_workspace(ws, repo, settings, failed=False)

@@ -138,6 +138,40 @@ def filter_guard(git_dir: Path, home: Path) -> tuple[tuple[str, str], ...]:
     )
 
 
+#: How deep repositories inside repositories (gitlinks) are followed for `nested_guard`.
+MAX_NESTED_DEPTH = 4
+
+
+def nested_guard(
+    git_dir: Path, work_tree: Path, home: Path, code: str, guard: Sequence[tuple[str, str]], *, depth: int = 0
+) -> tuple[tuple[str, str], ...]:
+    """`guard` plus the `filter_guard` of every repository the index links to (gitlinks), and of
+    the ones those link to. To see whether such a repository changed, git's `add`, `status` and
+    `commit` run `git status` inside it, and that command reads the nested repository's own config
+    and attributes, which the agent wrote: a filter driver there would run outside its sandbox.
+    Our settings reach that command (git passes GIT_CONFIG_COUNT on to it), so the nested drivers
+    are turned off the same way. A gitlink path that is not UTF-8, or nesting deeper than
+    `MAX_NESTED_DEPTH`, cannot be guarded and is refused."""
+    listed = run_in(git_dir, work_tree, ["ls-files", "-s", "-z"], home, code, guard=guard).stdout
+    links = [entry.split("\t", 1)[1] for entry in listed.split("\0") if entry.startswith("160000 ")]
+    combined = dict.fromkeys(guard)
+    for path in links:
+        if "\ufffd" in path:
+            raise GitError("a repository inside the workspace has a path that is not UTF-8", code=code)
+        inner = work_tree / path
+        if not os.path.lexists(inner / ".git") or os.path.islink(inner):
+            continue  # not checked out: git does not look inside
+        if depth >= MAX_NESTED_DEPTH:
+            raise GitError(f"{path}: repositories nested more than {MAX_NESTED_DEPTH} deep", code=code)
+        got = run_git(["-C", str(inner), "rev-parse", "--absolute-git-dir"], home=home, check=False)
+        if got.returncode != 0:
+            continue
+        inner_git = Path(got.stdout.strip())
+        inner_guard = tuple(dict.fromkeys([*combined, *filter_guard(inner_git, home)]))
+        combined.update(dict.fromkeys(nested_guard(inner_git, inner, home, code, inner_guard, depth=depth + 1)))
+    return tuple(combined)
+
+
 def git_out(args: list[str], home: Path, code: str) -> str:
     return run_git(args, home=home, error_code=code).stdout.strip()
 

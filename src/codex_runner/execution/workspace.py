@@ -43,7 +43,7 @@ from codex_runner.execution.git import (
     validate_source,
 )
 from codex_runner.execution.gitutil import current_branch as _current_branch
-from codex_runner.execution.gitutil import filter_guard, lock_key
+from codex_runner.execution.gitutil import filter_guard, lock_key, nested_guard
 from codex_runner.execution.gitutil import git_out as _git_out
 from codex_runner.execution.gitutil import real_dir as _real_dir
 from codex_runner.execution.gitutil import repo_lock as _repo_lock
@@ -298,8 +298,9 @@ def _prepare_in_place(
     branch: str,
     home: Path,
 ) -> Workspace:
-    # An earlier job's agent could write this repo's config (`filter_guard`).
-    guard = filter_guard(store, home)
+    # An earlier job's agent could write this repo's config (`filter_guard`), and that of the
+    # repositories it links to, which `status` looks inside (`nested_guard`).
+    guard = nested_guard(store, source, home, "prepare_failed", filter_guard(store, home))
     # A dirty tree would end up in the job's commit, mixed with the agent's work: refuse it.
     status = _run_in(
         store,
@@ -556,7 +557,13 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     # The agent could write this config. Read once HEAD is where `add` finds it: an
     # `includeIf "onbranch:..."` it added applies only on the branch HEAD names at that moment.
     guard = filter_guard(ws.git_dir, ws.home)
+    # And the config of every repository the index links to (`nested_guard`): before `add`, which
+    # looks inside the ones already linked, and after it, for `commit`, which looks inside all.
+    guard = nested_guard(ws.git_dir, ws.path, ws.home, "commit_failed", guard)
     _run_in(ws.git_dir, ws.path, ["add", "-A"], ws.home, "commit_failed", guard=guard)
+    guard = nested_guard(ws.git_dir, ws.path, ws.home, "commit_failed", guard)
+    # Links to repositories of the agent's own, staged now or committed by the agent itself.
+    _refuse_stray_gitlinks(ws, guard)
     staged = _run_in(
         ws.git_dir,
         ws.path,
@@ -569,7 +576,6 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     if staged.returncode not in (0, 1):
         raise GitError(f"git diff --cached failed: {staged.stderr.strip()}", code="commit_failed")
     if staged.returncode == 1:
-        _refuse_stray_gitlinks(ws, guard)
         ident = {
             "GIT_AUTHOR_NAME": author_name,
             "GIT_AUTHOR_EMAIL": author_email,
@@ -597,11 +603,12 @@ def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) ->
     staged by `add -A` as a link to its commit, not as its files: the commit would name a commit
     that is never pushed, and the files would go with the workspace. Refused unless `.gitmodules`
     lists it (a submodule the agent added on purpose)."""
-    assert ws.git_dir is not None
+    assert ws.git_dir is not None and ws.base_commit is not None
+    # From the base commit to the index: what `add -A` staged and what the agent committed itself.
     raw = _run_in(
         ws.git_dir,
         ws.path,
-        ["diff", "--cached", "--raw", "-z", "--no-renames"],
+        ["diff-index", "--cached", "--raw", "-z", "--no-renames", ws.base_commit, "--"],
         ws.home,
         "commit_failed",
         guard=guard,
