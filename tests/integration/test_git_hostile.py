@@ -234,3 +234,44 @@ def test_a_repository_the_agent_committed_itself_is_refused_too(tmp_path: Path) 
         commit(ws)
     assert err.value.code == "commit_failed" and "app" in err.value.message
     cleanup_workspace(ws, repo, settings, failed=False)
+
+
+def test_in_place_never_overwrites_the_operators_ignored_files(tmp_path: Path) -> None:
+    """The repo's `branch` tracks a file that the checked-out branch ignores (the operator's local
+    settings): the checkout to the job branch overwrote it, and the switch back at cleanup deleted
+    it. The job now fails at set-up and the file is as it was."""
+    local = make_repo(tmp_path / "repo", {"README.md": "hi\n", ".gitignore": "local.cfg\n"})
+    git("checkout", "-q", "-b", "release", cwd=local)
+    (local / ".gitignore").write_text("")
+    (local / "local.cfg").write_text("tracked default\n")
+    git("add", "-A", cwd=local)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "release", cwd=local)
+    git("checkout", "-q", "main", cwd=local)
+    (local / "local.cfg").write_text("the operator's own settings\n")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), branch="release", workspace="in_place", push=False)
+    with pytest.raises(GitError) as err:
+        prepare_workspace(repo, "68686868-a", settings)
+    assert err.value.code == "branch_failed" and "would be overwritten" in err.value.message
+    assert (local / "local.cfg").read_text() == "the operator's own settings\n"
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert "runner/68686868" not in git("branch", "--list", cwd=local)
+
+
+def test_a_clone_whose_branch_cannot_be_kept_stays_and_says_where(tmp_path: Path) -> None:
+    """The fetch of the job branch back into the repo failed (here: an object the agent removed):
+    the folder then holds the job's commits alone, so it stays, and the error names it."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="clone", push=False)
+    ws = prepare_workspace(repo, "69696969-a", settings)
+    (ws.path / "change.txt").write_text("x\n")
+    result = commit(ws)
+    assert result.commit is not None and ws.git_dir is not None
+    blob = git("rev-parse", f"{result.commit}:change.txt", cwd=ws.path)
+    (ws.git_dir / "objects" / blob[:2] / blob[2:]).unlink()
+    with pytest.raises(GitError) as err:
+        cleanup_workspace(ws, repo, settings, failed=False)
+    assert err.value.code == "cleanup_failed"
+    assert f"stay in the workspace folder {ws.path}" in err.value.message
+    assert ws.path.is_dir() and not ws.home.exists()

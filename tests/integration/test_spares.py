@@ -327,6 +327,26 @@ def test_local_clone_repo_has_spares_that_own_their_objects(
     assert wait_for_refills(30)
 
 
+def test_a_local_clone_spare_has_the_repos_tags_as_they_are_now(tmp_path: Path) -> None:
+    """The take's `fetch --prune --tags` kept a tag the repo deleted since the build (`--prune`
+    does not prune tags fetched with `--tags`): a fresh clone does not have it."""
+    local = make_repo(tmp_path / "repo")
+    git("tag", "old-release", cwd=local)
+    git("tag", "moving", cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("l", str(local), workspace="clone")
+    first = prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+    git("tag", "-d", "old-release", cwd=local)
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()  # taken
+    assert git("tag", cwd=second.path).split() == ["moving"]
+    cleanup_workspace(second, repo, settings, failed=False)
+    cleanup_workspace(first, repo, settings, failed=False)
+    assert wait_for_refills(30)
+
+
 def test_two_jobs_racing_for_one_spare_both_get_a_workspace(tmp_path: Path) -> None:
     seed, _bare, settings, repo = url_repo(tmp_path, "worktree")
     prepare_workspace(repo, "11111111-a", settings)

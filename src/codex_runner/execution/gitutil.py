@@ -168,7 +168,9 @@ def nested_guard(
             continue
         inner_git = Path(got.stdout.strip())
         inner_guard = tuple(dict.fromkeys([*combined, *filter_guard(inner_git, home)]))
-        combined.update(dict.fromkeys(nested_guard(inner_git, inner, home, code, inner_guard, depth=depth + 1)))
+        combined.update(
+            dict.fromkeys(nested_guard(inner_git, inner, home, code, inner_guard, depth=depth + 1))
+        )
     return tuple(combined)
 
 

@@ -177,7 +177,15 @@ def _reset(
         # now (a fresh clone's remote-tracking branches); the objects it adds are copied, few.
         _write_file(git_dir / "config", _CLONE_CONFIG.format(url=_config_quote(src.origin)))
         (git_dir / "objects" / "info" / "alternates").unlink(missing_ok=True)
-        run_in(git_dir, path, ["fetch", "-q", "--prune", "--tags", "origin"], home, "clone_failed")
+        # `--prune-tags` too: `--prune` alone keeps tags the repo deleted since the build, and
+        # `--force` takes a tag the repo moved, as a fresh clone would have them.
+        run_in(
+            git_dir,
+            path,
+            ["fetch", "-q", "--prune", "--prune-tags", "--force", "--tags", "origin"],
+            home,
+            "clone_failed",
+        )
     elif src.mode == "clone":
         # Written again rather than trusted: the same configuration and objects a fresh clone gets.
         _write_file(git_dir / "config", _CLONE_CONFIG.format(url=_config_quote(src.origin)))

@@ -326,7 +326,16 @@ def _prepare_in_place(
             "its branch",
             code="prepare_failed",
         )
-    _run_in(store, source, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed", guard=guard)
+    # Ignored files are the operator's (local settings, build output): a checkout overwrites one
+    # the base tracks, and the switch back at cleanup would then delete it. Refused instead.
+    _run_in(
+        store,
+        source,
+        ["checkout", "-q", "--no-overwrite-ignore", "-b", branch, base_commit],
+        home,
+        "branch_failed",
+        guard=guard,
+    )
     return Workspace(
         source, "in_place", branch, base_branch, base_commit, job_id, home, store, store, original
     )
@@ -932,11 +941,27 @@ def _cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path
         # The clone goes away, its commits stay: the job branch is kept in the mirror (or local repo).
         with _repo_lock(settings, _lock_key(repo)):
             ref = f"refs/heads/{ws.branch}"
-            run_git(
-                [f"--git-dir={ws.store}", "fetch", "-q", "--no-tags", "--", str(ws.git_dir), f"{ref}:{ref}"],
-                home=ws.home,
-                error_code="cleanup_failed",
-            )
+            try:
+                run_git(
+                    [
+                        f"--git-dir={ws.store}",
+                        "fetch",
+                        "-q",
+                        "--no-tags",
+                        "--",
+                        str(ws.git_dir),
+                        f"{ref}:{ref}",
+                    ],
+                    home=ws.home,
+                    error_code="cleanup_failed",
+                )
+            except GitError as exc:
+                # The job's commits are in this folder alone now: it stays (retention removes it
+                # with the job), and the error says where they are.
+                raise GitError(
+                    f"{exc.message}; the job branch's commits stay in the workspace folder {ws.path}",
+                    code="cleanup_failed",
+                ) from None
     _remove_tree(ws.path, root)
 
 
@@ -950,9 +975,9 @@ def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings) -> None
         _run_in(ws.git_dir, ws.path, ["clean", "-fdq"], ws.home, "cleanup_failed", guard=guard)
         original = ws.original_ref or ws.base_commit
         if original.startswith("refs/heads/"):
-            checkout = ["checkout", "-q", original.removeprefix("refs/heads/")]
+            checkout = ["checkout", "-q", "--no-overwrite-ignore", original.removeprefix("refs/heads/")]
         else:
-            checkout = ["checkout", "-q", "--detach", original]
+            checkout = ["checkout", "-q", "--no-overwrite-ignore", "--detach", original]
         _run_in(ws.git_dir, ws.path, checkout, ws.home, "cleanup_failed", guard=guard)
         _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
 
