@@ -325,6 +325,19 @@ def test_a_weak_jwt_secret_and_the_missing_redis_ingress_are_unsafe(make: Make) 
     assert "jwt_secret" not in checks and "redis_ingress" not in checks
 
 
+def test_the_short_bypass_flag_is_flagged_too(make: Make) -> None:
+    """`--yolo` is codex's short name for --dangerously-bypass-approvals-and-sandbox: the check
+    looked for the long name only."""
+    settings, _ = make(
+        """
+        [scripts.short]
+        command = ["codex", "exec", "--yolo", "-"]
+        """
+    )
+    check = checks_of(settings)["script_policy:short"]
+    assert check.level == "warn" and "--yolo" in check.message
+
+
 def test_codex_home_open_to_others(make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner's CODEX_HOME holds codex's login and every conversation: private like the data dir."""
     monkeypatch.delenv("CODEX_HOME", raising=False)

@@ -634,3 +634,18 @@ def _create_scratch_job(rt: Any) -> dict[str, Any]:
     )  # fmt: skip
     created, _ = rt.jobs.create(new, Limits(max_queue_size=10, max_queued_per_user=10))
     return created
+
+
+def test_stdin_can_be_the_job_branch(runner_factory: Any) -> None:
+    """`stdin = "{branch}"` fed the script nothing: the branch was not among the values stdin
+    could take, unlike argv's placeholders."""
+    extra = """
+[scripts.branch_in]
+command = ["/bin/cat"]
+stdin = "{branch}"
+"""
+    runner = runner_factory(extra_toml=extra)
+    done = runner.wait(runner.submit({}, script="branch_in", repo="inplace")["id"])
+    assert done["status"] == "success", done
+    log = runner.client.get(f"/api/runner/jobs/{done['id']}/logs").json()["content"]
+    assert f"runner/{done['id'][:8]}" in log

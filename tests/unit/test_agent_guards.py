@@ -52,3 +52,69 @@ def test_git_stderr_is_masked_before_its_tail_is_cut() -> None:
     tail = _tail(err, [secret])
     assert len(tail.encode()) <= STDERR_TAIL_BYTES
     assert secret[-20:] not in tail and "x" * 20 not in tail
+
+
+@pytest.mark.parametrize(
+    ("extra", "policy"),
+    [
+        (["--add-dir", "/"], "conservative"),
+        (["--add-dir=/etc"], "standard"),
+        (["-C", "/"], "conservative"),
+        (["--cd", "/"], "conservative"),
+        (["--cd=/"], "standard"),
+        (["-C/"], "conservative"),
+    ],
+)
+def test_no_option_widens_what_the_sandbox_lets_codex_write(extra: list[str], policy: str) -> None:
+    """`--add-dir` makes more folders writable and `-C`/`--cd` moves the root the sandbox makes
+    writable: from a script's command or a client's flagged argument, they widened a conservative
+    repo's sandbox (a write outside the workspace succeeded with the real codex). They go, and the
+    workspace is the root."""
+    argv = apply_risk_policy(["codex", "exec", "--json", *extra, "-"], policy, "/ws")
+    assert argv == ["codex", "exec", "--sandbox", "workspace-write", "-C", "/ws", "--json", "-"]
+    kept = apply_risk_policy(["codex", "exec", "--json", "-C", "/ws", *extra, "-"], policy, "/ws")
+    assert kept == ["codex", "exec", "--sandbox", "workspace-write", "--json", "-C", "/ws", "-"]
+    wide = apply_risk_policy(["codex", "exec", *extra, "-"], "permissive", "/ws")
+    assert wide == ["codex", "exec", "--sandbox", "danger-full-access", *extra, "-"]
+
+
+def test_the_exec_alias_gets_the_policy_too() -> None:
+    """`codex e` is `codex exec`: it was not recognised, and its `--yolo` ran unsandboxed."""
+    from codex_runner.catalog import ScriptSpec
+    from codex_runner.execution.agents import is_codex_exec
+
+    script = ScriptSpec(
+        key="x",
+        label="x",
+        description="",
+        command=("codex", "e", "--yolo", "-"),
+        stdin=None,
+        timeout_seconds=60,
+        env=(),
+        repos=None,
+        args={},
+    )
+    assert is_codex_exec(script)
+    argv = apply_risk_policy(list(script.command), "conservative", "/ws")
+    assert argv == ["codex", "e", "--sandbox", "workspace-write", "-C", "/ws", "-"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["codex", "--dangerously-bypass-approvals-and-sandbox", "exec", "-"],
+        ["codex", "-c", "k=v", "exec", "-"],
+        ["codex", "--yolo"],
+        ["codex"],
+        ["/opt/bin/codex", "resume", "--last"],
+    ],
+)
+def test_codex_runs_only_as_codex_exec(command: list[str]) -> None:
+    """Options before `exec` (or no `exec` at all) were not recognised as a codex run: the repo's
+    risk policy was skipped and the command's own sandbox choice stood. Refused at start-up."""
+    from codex_runner.catalog.specs import codex_command_problem
+
+    assert codex_command_problem(command) is not None
+    assert codex_command_problem(["codex", "exec", "--json", "-"]) is None
+    assert codex_command_problem(["codex", "e", "-"]) is None
+    assert codex_command_problem(["/bin/echo", "--yolo"]) is None

@@ -353,3 +353,11 @@ def test_dotted_keys_are_fine_when_quoted() -> None:
         "codex.exec",
         "a_b-c.9",
     ]
+
+
+def test_a_codex_script_with_options_before_exec_stops_start_up() -> None:
+    """Not recognised as `codex exec`, such a command ran without the repo's risk policy (with
+    `--yolo`, unsandboxed on a conservative repo): the configuration is refused instead."""
+    message = config_error({"wild": {"command": ["codex", "--yolo", "exec", "-"]}})
+    assert '[scripts."wild"].command' in message and "codex exec" in message and "risk policy" in message
+    assert script(["codex", "e", "--json", "-"]).command[1] == "e"  # the alias is exec

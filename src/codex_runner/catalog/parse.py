@@ -20,6 +20,7 @@ from codex_runner.catalog.specs import (
     ArgSpec,
     RepoSpec,
     ScriptSpec,
+    codex_command_problem,
     repo_id_for,
 )
 from codex_runner.errors import ConfigError
@@ -274,6 +275,8 @@ def parse_script(key: str, raw: Any, *, default_timeout: int, repos: Mapping[str
     command = t.strings("command")
     if not command or not command[0]:
         t.fail("command", "must be a non-empty list whose first element is the program")
+    if problem := codex_command_problem(command):
+        t.fail("command", problem)
     args_table = _Table(t.raw.get("args", {}), t.at("args"))
     args = {name: _parse_arg(name, raw_arg, args_table) for name, raw_arg in args_table.raw.items()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Mapping
@@ -250,3 +251,26 @@ def clip(value: object, limit: int = 80) -> str:
     """Client-supplied names echoed in messages are shortened: messages stay one readable line."""
     text = str(value)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+#: codex's `exec` subcommand and its alias.
+CODEX_EXEC = frozenset({"exec", "e"})
+
+
+def is_codex(command: list[str] | tuple[str, ...]) -> bool:
+    return bool(command) and os.path.basename(command[0]) == "codex"
+
+
+def codex_command_problem(command: list[str] | tuple[str, ...]) -> str | None:
+    """Why the runner will not run this codex command, or None: only `codex exec …` (or `codex e
+    …`), with codex's options after the subcommand, is a form whose sandbox the repo's risk policy
+    sets (`apply_risk_policy`). An option before it (`codex --yolo exec`), or another subcommand,
+    would run codex with whatever sandbox the command chose."""
+    if not is_codex(command):
+        return None
+    if len(command) < 2 or command[1] not in CODEX_EXEC:
+        return (
+            "runs codex other than as `codex exec ...` (options after `exec`): only there can the "
+            "repo's risk policy set its sandbox"
+        )
+    return None

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from codex_runner.catalog import ScriptSpec
+from codex_runner.catalog.specs import CODEX_EXEC, is_codex
 from codex_runner.config import Settings
 from codex_runner.execution.codex_home import CONFIG_NAME, prepare_codex_home
 
@@ -20,30 +21,48 @@ SANDBOX_BY_POLICY = {
 
 def is_codex_exec(script: ScriptSpec) -> bool:
     """A script that runs `codex exec` (the built-in `codex.exec` or an operator's own)."""
-    return (
-        bool(script.command)
-        and os.path.basename(script.command[0]) == "codex"
-        and "exec" in script.command[1:3]
-    )
+    return is_codex(script.command) and len(script.command) > 1 and script.command[1] in CODEX_EXEC
 
 
 # codex flags that turn the sandbox (and approvals) off whatever `--sandbox` says.
-_BYPASS_FLAGS = frozenset({"--dangerously-bypass-approvals-and-sandbox", "--yolo"})
+BYPASS_FLAGS = frozenset({"--dangerously-bypass-approvals-and-sandbox", "--yolo"})
+# codex options that widen what the sandbox lets it write: more writable folders, another root.
+_ROOT_OPTIONS = frozenset({"-C", "--cd"})
+_ADD_DIR = "--add-dir"
 
 
-def apply_risk_policy(argv: list[str], policy: str) -> list[str]:
+def apply_risk_policy(argv: list[str], policy: str, workspace: str | None = None) -> list[str]:
     """Sets `--sandbox` from the repo's policy, whatever the script asked for: an operator's
     script cannot widen a conservative repo's sandbox. Every other way of choosing it goes:
     `--sandbox X`, `-s X`, `--sandbox=X`, `-sX`, a `-c`/`--config` setting of `sandbox_mode` or
-    `sandbox_*`, and (but for a permissive repo) the flags that bypass the sandbox altogether. One
-    `--sandbox` is put right after `exec`."""
+    `sandbox_*`, and (but for a permissive repo) the flags that bypass the sandbox altogether, the
+    extra writable folders of `--add-dir`, and a working root (`-C`/`--cd`, which the sandbox makes
+    writable) other than `workspace`, which is given instead. One `--sandbox` is put right after
+    `exec`."""
     sandbox = SANDBOX_BY_POLICY.get(policy, "workspace-write")
+    guarded = policy != "permissive"
     out = argv[:1]
+    rooted = False
     i = 1
     while i < len(argv):
         arg = argv[i]
         value = argv[i + 1] if i + 1 < len(argv) else None
-        if value is not None and (
+        if guarded and workspace is not None and value is not None and arg in _ROOT_OPTIONS:
+            if value == workspace and not rooted:
+                out += [arg, value]
+                rooted = True
+            i += 2
+        elif (
+            guarded
+            and workspace is not None
+            and (arg.startswith("--cd=") or (arg.startswith("-C") and len(arg) > 2))
+        ):
+            i += 1
+        elif guarded and value is not None and arg == _ADD_DIR:
+            i += 2
+        elif guarded and arg.startswith(_ADD_DIR + "="):
+            i += 1
+        elif value is not None and (
             arg in {"--sandbox", "-s"} or (arg in {"-c", "--config"} and _sandbox_setting(value))
         ):
             i += 2
@@ -52,14 +71,15 @@ def apply_risk_policy(argv: list[str], policy: str) -> list[str]:
             or (arg.startswith("-s") and not arg.startswith("--") and len(arg) > 2)
             or (arg.startswith("--config=") and _sandbox_setting(arg[len("--config=") :]))
             or (arg.startswith("-c") and not arg.startswith("--") and _sandbox_setting(arg[2:]))
-            or (arg in _BYPASS_FLAGS and policy != "permissive")
+            or (arg in BYPASS_FLAGS and guarded)
         ):
             i += 1
         else:
             out.append(arg)
             i += 1
-    at = out.index("exec") + 1 if "exec" in out else len(out)
-    return [*out[:at], "--sandbox", sandbox, *out[at:]]
+    at = 2 if len(out) > 1 and out[1] in CODEX_EXEC else len(out)
+    root = ["-C", workspace] if guarded and workspace is not None and not rooted else []
+    return [*out[:at], "--sandbox", sandbox, *root, *out[at:]]
 
 
 def _sandbox_setting(setting: str) -> bool:

@@ -401,7 +401,7 @@ class JobRun:
         )
         extra = {"RUNNER_JOB_ID": self.job_id, "RUNNER_WORKSPACE": str(ws.path)}
         if is_codex_exec(script):
-            argv = apply_risk_policy(argv, repo.risk_policy)
+            argv = apply_risk_policy(argv, repo.risk_policy, str(ws.path))
             home = await self._in_thread(codex_home_for, self.settings)
             if home is not None:
                 extra["CODEX_HOME"] = str(home)
@@ -410,7 +410,9 @@ class JobRun:
             argv=argv,
             cwd=ws.path,
             env=build_env(script.env, extra),
-            stdin=script.build_stdin(args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name),
+            stdin=script.build_stdin(
+                args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
+            ),
         )
         if self.stop_reason is not None:
             self._stage("script", "canceled")

@@ -28,6 +28,7 @@ from codex_runner.catalog.specs import PLACEHOLDER
 from codex_runner.config import Settings
 from codex_runner.errors import ConfigError, RunnerError
 from codex_runner.execution import spare_watch
+from codex_runner.execution.agents import BYPASS_FLAGS
 from codex_runner.execution.git import is_loopback_host
 from codex_runner.ops.backup import newest_backup
 from codex_runner.store import create_store_engine
@@ -251,13 +252,14 @@ def _scripts(settings: Settings, catalog: Catalog) -> Iterator[Check]:
         if _is_dangerous(script):
             yield _warn(
                 f"script_policy:{key}",
-                f"script {key} runs codex with {DANGEROUS_FLAG}: no sandbox, no approvals",
+                f"script {key} runs codex with {DANGEROUS_FLAG} (or --yolo): no sandbox, no approvals",
                 production=settings.production,
             )
 
 
 def _is_dangerous(script: ScriptSpec) -> bool:
-    return DANGEROUS_FLAG in script.command or any(a.flag == DANGEROUS_FLAG for a in script.args.values())
+    flags = {*script.command, *(a.flag for a in script.args.values())}
+    return bool(flags & BYPASS_FLAGS)
 
 
 def _is_git_repo(path: Path) -> bool:
