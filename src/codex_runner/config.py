@@ -170,6 +170,7 @@ class Settings:
 # a crashed watchdog) long before Python's integers do: ten years, or a century of days, is past
 # any sensible setting and far from those limits.
 MAX_SECONDS = 10 * 365 * 86400
+_RUNNER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
 MAX_DAYS = 100 * 365
 
 _INT_MINIMUMS: dict[str, int] = {
@@ -200,7 +201,16 @@ _INT_MAXIMUMS: dict[str, int] = {
     "retention_interval_seconds": MAX_SECONDS,
     "retention_days": MAX_DAYS,
     "backup_max_age_days": MAX_DAYS,
+    # Rotation renames every backup once: a billion would hang the first rotation (holding the
+    # audit lock every job event waits on).
+    "audit_log_backups": 1000,
+    "log_max_bytes": 1 << 50,
+    "audit_log_max_bytes": 1 << 50,
+    "max_request_bytes": 1 << 40,
 }
+# Any other count: what the database's integers hold (SQLite's end at 2**63, and a value past
+# them failed only at the first query that used it: retention on every pass, for one).
+_INT_DEFAULT_MAXIMUM = 2**31 - 1
 
 _SKIP = {"repos", "scripts", "config"}
 
@@ -213,14 +223,23 @@ def _coerce(name: str, env_name: str, raw: object, current: object) -> object:
     if f_type is bool:
         return _parse_bool(env_name, raw)
     if f_type is int:
-        return _parse_int(env_name, raw, _INT_MINIMUMS.get(name, 0), _INT_MAXIMUMS.get(name))
+        return _parse_int(
+            env_name, raw, _INT_MINIMUMS.get(name, 0), _INT_MAXIMUMS.get(name, _INT_DEFAULT_MAXIMUM)
+        )
     if f_type is float:  # the only one is poll_interval_seconds
         return _parse_seconds(env_name, raw)
     if name in {"data_dir", "log_dir", "workspace_dir", "backup_dir", "audit_log", "codex_home"}:
-        text = str(raw).strip()
+        if not isinstance(raw, str) or "\0" in raw:
+            raise ConfigError(f"{env_name}: expected a path (a string without NUL)")
+        text = raw.strip()
         return Path(text).expanduser() if text else None
-    text = str(raw)
-    return text if text != "" else None
+    if not isinstance(raw, str):
+        # runner.toml: `jwt_secret = true` became the secret "True", `host = ["0.0.0.0"]` a host
+        # name of brackets.
+        raise ConfigError(f"{env_name}: expected a string, got {type(raw).__name__}")
+    if "\0" in raw:
+        raise ConfigError(f"{env_name}: must not contain a NUL character")
+    return raw if raw != "" else None
 
 
 def _blank(value: object) -> bool:
@@ -245,6 +264,26 @@ def _check_database_url(url: str) -> None:
         raise ConfigError(
             "RUNNER_DATABASE_URL: the host name holds '@', '#', '?', '/' or a space: "
             "percent-encode those characters in the user name and password"
+        )
+
+
+# git's "crud" around an identity: what it strips, and refuses a name made only of.
+_GIT_CRUD = set(" .,:;<>\"\\'")
+
+
+def _check_git_identity(values: Mapping[str, object]) -> None:
+    """The runner's commits would all fail (`commit_failed`) on an identity git refuses: a name of
+    only punctuation and spaces, `<`/`>` (they delimit the email), control characters."""
+    name, email = values.get("git_author_name"), values.get("git_author_email")
+    if isinstance(name, str) and (
+        all(c in _GIT_CRUD or ord(c) < 32 for c in name) or any(c in "<>" or ord(c) < 32 for c in name)
+    ):
+        raise ConfigError(
+            "RUNNER_GIT_AUTHOR_NAME: needs a letter or digit, and no '<', '>' or control characters"
+        )
+    if isinstance(email, str) and (not email.strip() or any(c in "<> " or ord(c) < 32 for c in email)):
+        raise ConfigError(
+            "RUNNER_GIT_AUTHOR_EMAIL: must not be blank or hold '<', '>', spaces or control characters"
         )
 
 
@@ -286,6 +325,8 @@ def load_settings(
     for key in runner_table:
         if key not in known:
             raise ConfigError(f"runner.toml [runner].{key}: unknown setting")
+        if key == "token":  # a client's credential: the environment's, never a file's
+            raise ConfigError("runner.toml [runner].token: RUNNER_TOKEN is read from the environment only")
 
     defaults = Settings()
     values: dict[str, object] = {}
@@ -327,6 +368,12 @@ def load_settings(
         values["database_url"] = f"sqlite:///{data_dir / 'runner.db'}"
     if not values.get("id"):
         values["id"] = _default_runner_id()
+    elif not _RUNNER_ID.fullmatch(str(values["id"])):
+        # It is a column of 200 characters, and it goes into log lines and process environments.
+        raise ConfigError(
+            "RUNNER_ID: 1-200 characters of letters, digits and . _ : @ - (no spaces or control characters)"
+        )
+    _check_git_identity(values)
     if values.get("log_format", "json") not in {"json", "console"}:
         raise ConfigError(f"RUNNER_LOG_FORMAT: expected json or console, got {values['log_format']!r}")
     url = str(values["database_url"])

@@ -361,3 +361,20 @@ def test_a_codex_script_with_options_before_exec_stops_start_up() -> None:
     message = config_error({"wild": {"command": ["codex", "--yolo", "exec", "-"]}})
     assert '[scripts."wild"].command' in message and "codex exec" in message and "risk policy" in message
     assert script(["codex", "e", "--json", "-"]).command[1] == "e"  # the alias is exec
+
+
+def test_a_script_timeout_past_ten_years_stops_start_up() -> None:
+    """Accepted, it made every create of the script fail with a 500 (the integer overflowed)."""
+    assert "must be at most" in config_error({"slow": {"command": ["/bin/true"], "timeout_seconds": 10**20}})
+
+
+def test_the_built_in_model_argument_cannot_start_with_a_dash() -> None:
+    """`--dangerously-bypass-approvals-and-sandbox` passed the model pattern: the job was queued,
+    then codex refused its command line (and on a conservative repo the flag was dropped, leaving
+    a bare `--model`). A 400 now."""
+    from codex_runner.errors import InvalidRequest
+
+    spec = Catalog.from_settings(Settings()).scripts["codex.exec"]
+    with pytest.raises(InvalidRequest):
+        spec.validate_args({"prompt": "p", "model": "--dangerously-bypass-approvals-and-sandbox"})
+    assert spec.validate_args({"prompt": "p", "model": "gpt-5.5"})["model"] == "gpt-5.5"

@@ -173,3 +173,44 @@ def test_secret_values_never_include_sqlite_url(tmp_path: Path) -> None:
     assert s.secret_values() == ["jwt-secret-123456"]
     pg = load_settings({"RUNNER_DATABASE_URL": "postgresql://u:pw@h/db"}, cwd=tmp_path)
     assert "postgresql://u:pw@h/db" in pg.secret_values()
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"RUNNER_AUDIT_LOG_BACKUPS": "1000000000"}, "RUNNER_AUDIT_LOG_BACKUPS: must be at most 1000"),
+        ({"RUNNER_RETENTION_KEEP": "100000000000000000000"}, "RUNNER_RETENTION_KEEP: must be at most"),
+        ({"RUNNER_ID": "x" * 250}, "RUNNER_ID: 1-200 characters"),
+        ({"RUNNER_ID": "a\n[runner] forged"}, "RUNNER_ID: 1-200 characters"),
+        ({"RUNNER_ID": "has space"}, "RUNNER_ID: 1-200 characters"),
+        ({"RUNNER_GIT_AUTHOR_NAME": "<>"}, "RUNNER_GIT_AUTHOR_NAME"),
+        ({"RUNNER_GIT_AUTHOR_NAME": " . "}, "RUNNER_GIT_AUTHOR_NAME"),
+        ({"RUNNER_GIT_AUTHOR_EMAIL": "<x@y>"}, "RUNNER_GIT_AUTHOR_EMAIL"),
+    ],
+)
+def test_values_that_failed_later_stop_start_up(tmp_path: Path, env: dict[str, str], fragment: str) -> None:
+    """Each was accepted, then failed at its first use: a rotation that hung, a retention pass
+    that overflowed on every run, a registration a column could not hold (or a log line forged
+    by a newline), every commit refused by git."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env, cwd=tmp_path)
+    assert fragment in str(exc.value)
+    assert load_settings({"RUNNER_ID": "host-1.example:a@b_c"}, cwd=tmp_path).id == "host-1.example:a@b_c"
+
+
+@pytest.mark.parametrize(
+    ("toml", "fragment"),
+    [
+        ("jwt_secret = true", "[runner].jwt_secret: expected a string, got bool"),
+        ('host = ["0.0.0.0"]', "[runner].host: expected a string, got list"),
+        ('data_dir = "/tmp/a\\u0000b"', "[runner].data_dir: expected a path"),
+        ('token = "t"', "RUNNER_TOKEN is read from the environment only"),
+    ],
+)
+def test_runner_toml_strings_are_strings(tmp_path: Path, toml: str, fragment: str) -> None:
+    """`jwt_secret = true` became the secret "True", a list a host name of brackets, a NUL in a
+    path an unexpected ValueError naming no setting; and the client's token was read from a file."""
+    (tmp_path / "runner.toml").write_text(f"[runner]\n{toml}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings({}, cwd=tmp_path)
+    assert fragment in str(exc.value)

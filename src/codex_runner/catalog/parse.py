@@ -23,6 +23,7 @@ from codex_runner.catalog.specs import (
     codex_command_problem,
     repo_id_for,
 )
+from codex_runner.config import MAX_SECONDS
 from codex_runner.errors import ConfigError
 from codex_runner.execution.git import is_loopback_host
 
@@ -63,7 +64,7 @@ BUILTIN_SCRIPTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "env": ["OPENAI_API_KEY", "CODEX_HOME"],
             "args": {
                 "prompt": {"type": "string", "required": True, "max_length": 100000},
-                "model": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$", "flag": "--model"},
+                "model": {"type": "string", "pattern": "^[A-Za-z0-9._:][A-Za-z0-9._:-]{0,63}$", "flag": "--model"},
             },
         }
     }
@@ -323,6 +324,9 @@ def parse_script(key: str, raw: Any, *, default_timeout: int, repos: Mapping[str
         timeout = default_timeout
     elif timeout < 1:
         t.fail("timeout_seconds", "must be at least 1")
+    elif timeout > MAX_SECONDS:
+        # Past it, every create of the script failed with a 500 (the column's integer overflowed).
+        t.fail("timeout_seconds", f"must be at most {MAX_SECONDS} (ten years)")
     env = t.strings("env") or ()
     for name in env:
         if not _NAME.fullmatch(name):
