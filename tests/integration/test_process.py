@@ -599,6 +599,29 @@ def test_the_stdout_tap_gets_standard_output_alone(run: Runner, tmp_path: Path) 
     assert b"".join(both.chunks).count(b"trace\n") == 5
 
 
+def test_a_failing_log_write_does_not_keep_output_from_the_tap(run: Runner, tmp_path: Path) -> None:
+    """The log sink and the tap ran in one `try`: a log write that failed (a full disk) kept that
+    chunk from codex's event parser, which may be the one with `turn.failed`: the job then
+    counted as a success."""
+    import errno
+
+    class FullDisk(Collector):
+        def __call__(self, chunk: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    tapped = Collector()
+
+    async def go() -> ProcessOutcome:
+        code = 'print(\'{"type": "turn.failed"}\')'
+        proc = await JobProcess.start(make_spec([PY, "-c", code], tmp_path), FullDisk(), stdout_tap=tapped)
+        outcome = await proc.wait()
+        assert proc.sink_errors >= 1
+        return outcome
+
+    assert run(go()).exit_code == 0
+    assert b"".join(tapped.chunks) == b'{"type": "turn.failed"}\n'
+
+
 def test_a_stop_during_the_clean_up_after_a_clean_exit_does_not_make_it_a_timeout(
     run: Runner, tmp_path: Path
 ) -> None:

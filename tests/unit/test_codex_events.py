@@ -272,3 +272,37 @@ def test_texts_are_redacted_before_they_are_cut() -> None:
     summary = json.dumps(parser.summary())
     assert secret[:6] not in summary
     assert parser.commands[0]["command"].endswith(" [REDACTED]")
+
+
+def test_an_event_of_an_unforeseen_shape_does_not_hide_the_turns_failure() -> None:
+    """`"changes": 1` raised a TypeError in the parser, and the rest of the output chunk (the
+    `turn.failed` among it) was never read: a failed run was recorded as a success."""
+    lines = [
+        {"type": "item.completed", "item": {"type": "file_change", "status": "completed", "changes": 1}},
+        {"type": "error", "message": "the model refused"},
+        {"type": "turn.failed", "error": {"message": "the model refused"}},
+    ]
+    parser = CodexEventParser()
+    parser.feed(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    parser.close()
+    assert parser.failed and parser.error_message == "the model refused"
+    assert parser.events_failed == 0  # the shape is handled now, not merely survived
+
+    def explode(event: dict[str, Any]) -> None:
+        raise RuntimeError("a bug in an event's handling")
+
+    parser = CodexEventParser()
+    parser._handle_item = explode  # type: ignore[method-assign,assignment]
+    parser.feed(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    assert parser.failed and parser.events_failed == 1
+
+
+def test_usage_keys_are_plain_counter_names() -> None:
+    """A key is shown as it is: a lone surrogate in one made every read of the job a 500, a token
+    in one was not masked, a megabyte key made a megabyte summary."""
+    token = "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    parser = CodexEventParser(redact=lambda text: text.replace("abcdef0123456789", "[REDACTED]"))
+    usage = {"\ud800": 1, token: 2, "x" * 100_000: 3, "input_tokens": 5, "abcdef0123456789": 7, "Output": 1}
+    parser.feed(json.dumps({"type": "turn.completed", "usage": usage}).encode() + b"\n")
+    parser.close()
+    assert parser.summary()["usage"] == {"input_tokens": 5}

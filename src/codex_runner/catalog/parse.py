@@ -64,7 +64,11 @@ BUILTIN_SCRIPTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "env": ["OPENAI_API_KEY", "CODEX_HOME"],
             "args": {
                 "prompt": {"type": "string", "required": True, "max_length": 100000},
-                "model": {"type": "string", "pattern": "^[A-Za-z0-9._:][A-Za-z0-9._:-]{0,63}$", "flag": "--model"},
+                "model": {
+                    "type": "string",
+                    "pattern": "^[A-Za-z0-9._:][A-Za-z0-9._:-]{0,63}$",
+                    "flag": "--model",
+                },
             },
         }
     }

@@ -19,10 +19,15 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
+log = structlog.get_logger("codex_runner.codex")
+
 MAX_LINE_BYTES = 1024 * 1024
 MAX_ENTRIES = 500
 MAX_TEXT_CHARS = 100_000
 MAX_USAGE_KEYS = 32
+_USAGE_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 # codex reports each retry of a model request as an `error` event with this prefix: "n/m" for a
 # failed stream, "waiting for network" (with no end: codex never gives up) for a refused connection.
@@ -68,6 +73,7 @@ class CodexEventParser:
         self.last_retry_notice: str | None = None
         self.turns_completed = 0
         self.events_seen = 0
+        self.events_failed = 0  # events whose handling raised (`_parse_line`)
         self.lines_skipped = 0
         self.entries_dropped = 0
         self._error: str | None = None
@@ -145,7 +151,13 @@ class CodexEventParser:
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             return
         self.events_seen += 1
-        self._handle(event)
+        try:
+            self._handle(event)
+        except Exception:
+            # An event of a shape not foreseen costs that event only: the rest of the output, a
+            # `turn.failed` among it, is still read.
+            self.events_failed += 1
+            log.warning("codex_event_not_understood", event_type=event["type"][:64])
         if self._on_event is not None:
             self._on_event(event)
 
@@ -184,7 +196,8 @@ class CodexEventParser:
         if item_type == "command_execution":
             self._record_command(item)
         elif item_type == "file_change" and completed and item.get("status") != "failed":
-            for change in item.get("changes") or []:
+            changes = item.get("changes")
+            for change in changes if isinstance(changes, list) else []:
                 if isinstance(change, dict):
                     self._record_file(change.get("path"), change.get("kind"))
         elif item_type == "agent_message" and completed:
@@ -228,9 +241,14 @@ class CodexEventParser:
         total = self.usage if self.usage is not None else {}
         for key, value in usage.items():
             # A few counters (input, cached, output tokens …): a line of a million keys must not
-            # make a summary of a million.
+            # make a summary of a million. Named like counters, or dropped: a key is shown as it
+            # is (a lone surrogate in one made every read of the job a 500, a token in one was
+            # not masked), so it must be a plain name that redaction leaves alone.
             fits = key in total or len(total) < MAX_USAGE_KEYS
-            if isinstance(key, str) and isinstance(value, int) and not isinstance(value, bool) and fits:
+            plain = isinstance(key, str) and _USAGE_KEY.fullmatch(key) is not None
+            if plain and self._redact is not None and self._redact(key) != key:
+                plain = False
+            if plain and isinstance(value, int) and not isinstance(value, bool) and fits:
                 total[key] = total.get(key, 0) + value
         self.usage = total
 

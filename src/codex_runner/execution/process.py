@@ -526,15 +526,21 @@ class JobProcess:
             if len(self._tail) > STDERR_KEEP_BYTES:
                 self._tail_cut = True
                 del self._tail[:-STDERR_KEEP_BYTES]
+        # Apart: a log write that fails (a full disk) must not keep a chunk from the tap (codex's
+        # event parser), which might hold the `turn.failed` that decides the job's status.
         try:
             self._sink(chunk)
-            if not is_stderr and self._stdout_tap is not None:
-                self._stdout_tap(chunk)
         except Exception:
             # The child must never block on a full pipe, so a failing sink costs only this chunk.
             self.sink_errors += 1
             if self.sink_errors == 1:
                 log.exception("output_sink_failed", pid=self.pid)
+        if not is_stderr and self._stdout_tap is not None:
+            try:
+                self._stdout_tap(chunk)
+            except Exception:
+                self.sink_errors += 1
+                log.exception("output_tap_failed", pid=self.pid)
 
     def _close_reader(self, fd: int) -> None:
         self._loop.remove_reader(fd)
