@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from codex_runner.errors import InstanceConflict, StoreUnavailable
+from codex_runner.errors import CommitOutcomeUnknown, InstanceConflict, StoreUnavailable
 from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.manifest import MANIFEST_NAME
@@ -84,7 +84,9 @@ class Launcher:
             time.monotonic() - self.settings.stale_after_seconds + 2 * self.settings.heartbeat_seconds
         )
         # Owner writes go through a store that outlasts a database outage (see `_PatientJobStore`).
-        self._job_runtime = replace(runtime, jobs=_PatientJobStore(runtime.jobs, lambda: not self._abandoned))
+        self._job_runtime = replace(
+            runtime, jobs=_PatientJobStore(runtime.jobs, lambda: not self._abandoned, self._known_jobs)
+        )
         # Whoever claims holds this turn (the claim loop, or a batch of terminal writes that claims
         # along), so that two claims never count the same free slots.
         self._claim_turn = asyncio.Lock()
@@ -247,6 +249,16 @@ class Launcher:
             self._db_down = True
             log.warning("database_unavailable", runner_id=self.runner_id)
 
+    def _known_jobs(self) -> set[str]:
+        """The jobs this instance runs, from any thread (the event loop may change `active` while
+        another thread copies it)."""
+        for _ in range(10):
+            try:
+                return set(self.active)
+            except RuntimeError:  # changed size during the copy
+                continue
+        return set(list(self.active))
+
     # -- claim ------------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
@@ -257,7 +269,8 @@ class Launcher:
             claimed: list[ClaimedJob] = []
             async with self._claim_turn:
                 slots = self.settings.max_concurrency - len(self.active)
-                if slots > 0:
+                # Again here: a stop may have begun while this loop waited for the turn.
+                if slots > 0 and not self._stopping:
                     try:
                         claimed = await asyncio.to_thread(
                             self.rt.jobs.claim,
@@ -585,10 +598,16 @@ class _PatientJobStore(JobStore):
     finishes during an outage still gets its terminal status once the database is back, instead of
     staying `running` until a watchdog calls it stale."""
 
-    def __init__(self, inner: JobStore, keep_trying: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        inner: JobStore,
+        keep_trying: Callable[[], bool],
+        known: Callable[[], set[str]] = set,
+    ) -> None:
         # The same engine and the same listener list (not a copy): listeners added later count too.
         self.__dict__.update(inner.__dict__)
         self._keep_trying = keep_trying
+        self._known = known
 
     def transition(self, *args: Any, **kwargs: Any) -> bool:
         call = functools.partial(super().transition, *args, **kwargs)
@@ -603,14 +622,37 @@ class _PatientJobStore(JobStore):
     def finish_many(
         self, writes: Sequence[OwnerWrite], claim: ClaimRequest | None = None
     ) -> tuple[list[int | None], list[ClaimedJob]]:
-        return self._patiently(functools.partial(super().finish_many, writes, claim))
+        if claim is None:
+            return self._patiently(functools.partial(super().finish_many, writes, None))
+        try:
+            return self._patiently(functools.partial(super().finish_many, writes, claim), lost=True)
+        except CommitOutcomeUnknown:
+            pass
+        # The COMMIT's answer was lost: its claim may have been applied. Run again, it would claim
+        # more jobs on top (docs/crash-safety.md); so the writes go again alone (their
+        # compare-and-sets tell an applied write by its lease), and the jobs the lost COMMIT did
+        # claim — running under this instance, and known to none of its tasks — are started.
+        held, _ = self._patiently(functools.partial(super().finish_many, writes, None))
+        mine = self._known() | {w.job_id for w in writes}
+        adopted = [
+            ClaimedJob(row["id"], row["lease_token"], row)
+            for row in self._patiently(functools.partial(self.active_jobs_of_runner, claim.runner_id))
+            if row["id"] not in mine and row["status"] == Status.RUNNING.value and row["lease_token"]
+        ]
+        if adopted:
+            log.warning("claim_after_lost_commit_adopted", job_ids=[job.id for job in adopted])
+        return held, adopted
 
-    def _patiently(self, call: Callable[[], T]) -> T:
+    def _patiently(self, call: Callable[[], T], *, lost: bool = False) -> T:
+        """`call` until it lands. With `lost`, a COMMIT whose answer was lost is the caller's to
+        handle (`CommitOutcomeUnknown` raised), not tried again."""
         delay = PATIENT_FIRST_DELAY
         while True:
             try:
                 return call()
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                if lost and isinstance(exc, CommitOutcomeUnknown):
+                    raise
                 if not self._keep_trying():
                     raise
                 log.warning("owner_write_waiting_for_database", retry_in=delay)

@@ -66,6 +66,9 @@ def test_a_job_that_fails_on_its_own_after_a_cancel_ends_canceled(
     _cancel(runner, job["id"])
     done = runner.wait(job["id"], timeout=30)
     assert (done["status"], done["error_code"]) == ("canceled", "canceled"), done
+    # The run manifest says so too: it kept the error of the status the job would have had.
+    doc = json.loads((runner.runtime.settings.runs_dir / job["id"] / "manifest.json").read_text())
+    assert (doc["status"], doc["error_code"]) == ("canceled", "canceled"), doc
 
 
 def test_a_cancel_during_the_commit_stage_pushes_nothing(

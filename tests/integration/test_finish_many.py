@@ -513,3 +513,45 @@ def test_a_heartbeat_and_a_batch_of_the_same_jobs_do_not_deadlock(
     beat.join(timeout=30)
     assert results["batch"][0] == [0, 0]
     assert deadlocks == [] and time.monotonic() - started < 2.0, deadlocks
+
+
+def test_a_lost_commit_of_a_batch_that_claimed_is_not_claimed_again(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher's patient store ran a batch again after its COMMIT's answer was lost, claim and
+    all: if the first had been applied, the retry claimed more jobs on top, and the first claim's
+    jobs ran nowhere (`running`, no process) until a watchdog failed them. Now the writes go again
+    alone and the jobs the lost COMMIT claimed are started."""
+    from codex_runner.errors import CommitOutcomeUnknown
+    from codex_runner.launcher import _PatientJobStore
+
+    a, b, c = (store.create(_new("u"), BIG)[0]["id"] for _ in range(3))
+    (first,) = store.claim("r", slots=1, max_jobs_per_user=5)
+    assert first.id == a
+    calls: list[Any] = []
+    real = JobStore.finish_many
+
+    def loses_one_answer(self: JobStore, writes: Any, claim: Any = None) -> Any:
+        result = real(self, writes, claim)  # applied...
+        calls.append(claim)
+        if len(calls) == 1:
+            raise CommitOutcomeUnknown("the connection went away during COMMIT")  # ...answer lost
+        return result
+
+    monkeypatch.setattr(JobStore, "finish_many", loses_one_answer)
+    patient = _PatientJobStore(store, lambda: True, lambda: {a})
+    values: dict[str, Any] = {
+        "exit_code": 0,
+        "error_code": None,
+        "error_message": None,
+        "stages": [],
+        "result": None,
+    }
+    write = OwnerWrite(a, first.lease_token, (Cas((Status.RUNNING,), Status.SUCCESS, values, "done"),))
+    held, claimed = patient.finish_many([write], ClaimRequest("r", 1, 5))
+    assert held == [0]
+    assert [job.id for job in claimed] == [b]
+    assert claimed[0].lease_token == (store.get_row(b) or {})["lease_token"]
+    assert len(calls) == 2 and calls[1] is None  # the second run claimed nothing
+    assert (store.get_row(c) or {})["status"] == "queued"
+    assert (store.get_row(a) or {})["status"] == "success"

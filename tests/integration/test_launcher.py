@@ -649,3 +649,36 @@ stdin = "{branch}"
     assert done["status"] == "success", done
     log = runner.client.get(f"/api/runner/jobs/{done['id']}/logs").json()["content"]
     assert f"runner/{done['id'][:8]}" in log
+
+
+def test_a_job_queued_when_the_stop_begins_stays_queued(runner_factory: Any, monkeypatch: Any) -> None:
+    """The claim loop waited for the claim turn (held by a batch of terminal writes) and, once it
+    had it, claimed without looking whether a stop had begun meanwhile: the job started after the
+    stop and ended `failed` / `runner_shutdown` instead of staying queued (SPEC §3)."""
+    import asyncio
+    import threading
+
+    from codex_runner import launcher as launcher_module
+    from codex_runner.store.jobs import JobStore
+
+    real = JobStore.finish_many
+    slow_once = threading.Event()
+
+    def finish_many(self: JobStore, writes: Any, claim: Any = None) -> Any:
+        out = real(self, writes, claim)
+        if writes and not slow_once.is_set():
+            slow_once.set()
+            time.sleep(1.5)  # the batch holds the claim turn (a slow disk's fsyncs, say)
+        return out
+
+    monkeypatch.setattr(JobStore, "finish_many", finish_many)
+    runner = runner_factory(RUNNER_MAX_CONCURRENCY="2")
+    first = runner.submit({"sleep": "0.2"})
+    assert wait_until(lambda: slow_once.is_set(), timeout=20)
+    queued = runner.submit({"sleep": "20"})  # wakes the claim loop, which waits for the turn
+    time.sleep(0.2)
+    (launcher,) = [la for la in launcher_module._LIVE if la.rt is runner.runtime]
+    asyncio.run_coroutine_threadsafe(launcher.stop(), launcher._loop).result(timeout=60)
+    row = runner.runtime.jobs.get_row(queued["id"]) or {}
+    assert row["status"] == "queued" and row["started_at"] is None, row
+    assert (runner.runtime.jobs.get_row(first["id"]) or {})["status"] == "success"

@@ -760,6 +760,10 @@ class JobRun:
                 log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
         elif prepared is not None:
             self.manifest.discard(prepared)
+        if final == Status.CANCELED.value and expected != final:
+            # The cancel won (`_terminal_write`): the row says canceled, and so must the manifest,
+            # not the error of the status this job would have had.
+            extra = {**extra, "error_code": ErrorCode.CANCELED}
         self._write_manifest(self._manifest_doc(final, extra), durable=True)
         return None
 
