@@ -68,6 +68,8 @@ class Launcher:
         self.registry = InstanceRegistry(runtime.engine, self.runner_id)
         self.active: dict[str, JobRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Canceled jobs in a git stage whose git processes are killed after the grace.
+        self._git_cancels: dict[str, asyncio.Future[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._stopping = False
@@ -235,6 +237,27 @@ class Launcher:
         run = self.active.get(job_id)
         if run is not None:
             run.request_stop("cancel")
+            if run.in_git_stage and job_id not in self._git_cancels:
+                # A stop request reaches a script, not git in a worker thread: a clone that never
+                # gets an answer would keep the job `cancel_requested` for the 30-minute network
+                # timeout. Its git processes get the kill grace, then are killed.
+                self._git_cancels[job_id] = asyncio.ensure_future(self._kill_git_after_grace(job_id))
+
+    async def _kill_git_after_grace(self, job_id: str) -> None:
+        try:
+            deadline = time.monotonic() + self.settings.kill_grace_seconds
+            while time.monotonic() < deadline:
+                run = self.active.get(job_id)
+                if run is None or not run.in_git_stage:
+                    return  # ended, or its script started (which the stop request reaches)
+                await asyncio.sleep(0.1)
+            if job_id in self.active and self.active[job_id].in_git_stage:
+                log.warning("killing_git_of_canceled_job", job_id=job_id)
+                await asyncio.to_thread(kill_job_processes, {job_id}, timeout=1.0)
+        except Exception as exc:  # the job's own end still comes, later
+            log.warning("git_kill_failed", job_id=job_id, error_type=type(exc).__name__)
+        finally:
+            self._git_cancels.pop(job_id, None)
 
     # -- database health --------------------------------------------------------------------
 
@@ -399,7 +422,7 @@ class Launcher:
                 run.request_stop("lease_lost")
             else:
                 if alive[job_id] == Status.CANCEL_REQUESTED:
-                    run.request_stop("cancel")
+                    self._cancel_local(job_id)
                 run.heartbeat_files()  # touched while the job stops too (SPEC §3: every heartbeat)
         # After the jobs: the registry row is for diagnostics, the jobs' heartbeats are what count.
         try:

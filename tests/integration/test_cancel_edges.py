@@ -260,3 +260,37 @@ def test_an_owner_whose_lease_went_while_its_script_ended_does_not_commit(
     )
     assert branches.stdout.strip() == "", "a fenced owner committed"
     assert runner.job(job["id"])["error_code"] == "heartbeat_stale"
+
+
+def test_a_cancel_during_a_clone_that_never_gets_an_answer_ends_the_job(
+    runner_factory: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """A stop request reaches a script, not git in a worker thread: a job canceled while its clone
+    waited on a server that never answers stayed `cancel_requested` (git alive) until git's
+    30-minute network timeout. Its git is killed after the kill grace, and the job ends canceled."""
+    import socket
+
+    from codex_runner.launcher import find_job_processes
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        extra = f"""
+[repos.hang]
+source = "http://127.0.0.1:{listener.getsockname()[1]}/x.git"
+workspace = "clone"
+
+[scripts.change]
+command = ["/bin/sh", "-c", "echo changed > new.txt"]
+"""
+        runner = runner_factory(extra_toml=extra, RUNNER_KILL_GRACE_SECONDS="1")
+        job = runner.submit({}, repo="hang", script="change")
+        runner.wait(job["id"], {"running"})
+        assert wait_until(lambda: bool(find_job_processes({job["id"]})), timeout=10)  # git is waiting
+        _cancel(runner, job["id"])
+        done = runner.wait(job["id"], timeout=20)
+        assert (done["status"], done["error_code"]) == ("canceled", "canceled"), done
+        assert find_job_processes({job["id"]}) == {}
+    finally:
+        listener.close()
