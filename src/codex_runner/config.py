@@ -206,11 +206,11 @@ _INT_MAXIMUMS: dict[str, int] = {
     "audit_log_backups": 1000,
     "log_max_bytes": 1 << 50,
     "audit_log_max_bytes": 1 << 50,
-    "max_request_bytes": 1 << 40,
+    "max_request_bytes": 1 << 50,
 }
 # Any other count: what the database's integers hold (SQLite's end at 2**63, and a value past
 # them failed only at the first query that used it: retention on every pass, for one).
-_INT_DEFAULT_MAXIMUM = 2**31 - 1
+_INT_DEFAULT_MAXIMUM = 2**63 - 1
 
 _SKIP = {"repos", "scripts", "config"}
 

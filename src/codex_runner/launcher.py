@@ -237,7 +237,7 @@ class Launcher:
         run = self.active.get(job_id)
         if run is not None:
             run.request_stop("cancel")
-            if run.in_git_stage and job_id not in self._git_cancels:
+            if run.git_killable and job_id not in self._git_cancels:
                 # A stop request reaches a script, not git in a worker thread: a clone that never
                 # gets an answer would keep the job `cancel_requested` for the 30-minute network
                 # timeout. Its git processes get the kill grace, then are killed.
@@ -248,10 +248,11 @@ class Launcher:
             deadline = time.monotonic() + self.settings.kill_grace_seconds
             while time.monotonic() < deadline:
                 run = self.active.get(job_id)
-                if run is None or not run.in_git_stage:
-                    return  # ended, or its script started (which the stop request reaches)
+                if run is None or not run.git_killable:
+                    return  # its git stage ended (the stop request reaches what comes next)
                 await asyncio.sleep(0.1)
-            if job_id in self.active and self.active[job_id].in_git_stage:
+            run = self.active.get(job_id)
+            if run is not None and run.git_killable:
                 log.warning("killing_git_of_canceled_job", job_id=job_id)
                 await asyncio.to_thread(kill_job_processes, {job_id}, timeout=1.0)
         except Exception as exc:  # the job's own end still comes, later

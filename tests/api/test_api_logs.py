@@ -227,3 +227,34 @@ def test_an_idle_stream_reads_the_status_a_few_times_a_second(api: Any, monkeypa
         assert time.monotonic() - t1 < 2.0
     assert seen == [("log", "first\n"), ("log", "second\n")]
     assert idle_calls <= 6, f"{idle_calls} status reads in 1 s of an idle stream"
+
+
+def test_an_open_stream_stops_when_its_token_is_revoked(api: Any) -> None:
+    """The token was checked once, when the stream opened: after a revocation (which "stops working
+    at once") an open stream went on delivering the job's output. It ends within a few seconds,
+    and what is written after the revocation is not sent."""
+    token, record = api.runtime.tokens.create("alice", "user", "soon revoked")
+    job_id, _ = _job_with_log(api, b"before\n", terminal=False)
+    path = api.runtime.settings.log_dir / f"{job_id}.log"
+    c = api.client(token)
+    seen: list[str] = []
+    with c.stream("GET", f"/api/runner/jobs/{job_id}/logs/stream", timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data:"):
+                seen.append(json.loads(line[5:])["content"])
+                break
+        api.runtime.tokens.revoke(record["id"])
+        time.sleep(AUTH_RECHECK + 0.5)
+        with path.open("ab") as fh:
+            fh.write(b"written after the revocation\n")
+        started = time.monotonic()
+        for line in lines:  # ends (the server closes it) instead of carrying the new output
+            if line.startswith("data:"):
+                seen.append(json.loads(line[5:])["content"])
+        assert time.monotonic() - started < 10
+    assert seen == ["before\n"]
+
+
+AUTH_RECHECK = 1.0

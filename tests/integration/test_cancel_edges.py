@@ -4,6 +4,7 @@ own outcome, and a job canceled after its script pushes nothing."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -294,3 +295,43 @@ command = ["/bin/sh", "-c", "echo changed > new.txt"]
         assert find_job_processes({job["id"]}) == {}
     finally:
         listener.close()
+
+
+def test_a_cancel_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job canceled while its script ran stays `cancel_requested` until its terminal write; the
+    git kill meant for a hanging clone or push (after the grace) also caught its cleanup's
+    `git checkout` back to the original branch, and the in_place repo stayed on the job branch.
+    Only the prepare, commit and push stages' git is killed."""
+    import shutil
+
+    real_git = shutil.which("git")
+    assert real_git is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "git"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "# the switch back (a checkout without -b) takes 3 s, as on a large tree\n"
+        'case " $* " in\n'
+        '  *" checkout "*" -b "*) ;;\n'
+        '  *" checkout "*) sleep 3 ;;\n'
+        "esac\n"
+        f'exec {real_git} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    runner = runner_factory(RUNNER_KILL_GRACE_SECONDS="1")
+    job = runner.submit({"sleep": "30"}, repo="inplace")
+    runner.wait(job["id"], {"running"})
+    time.sleep(0.5)
+    _cancel(runner, job["id"])
+    done = runner.wait(job["id"], timeout=60)
+    assert done["status"] == "canceled", done
+    cleanup = next(s for s in done["stages"] if s["name"] == "cleanup")
+    assert cleanup["status"] == "success", cleanup
+    branch = subprocess.run(
+        [real_git, "-C", str(tmp_path / "repo"), "branch", "--show-current"], capture_output=True, text=True
+    ).stdout.strip()
+    assert branch == "main"

@@ -247,10 +247,19 @@ def test_encryption_key_checks(make: Make, database_url: str) -> None:
     # The old key as _PREVIOUS still decrypts: a rotation in progress is fine.
     rotating = dataclasses.replace(settings, encryption_key=generate_key(), encryption_key_previous=key)
     assert checks_of(rotating)["encryption_key"].ok
+    # Every credential is tried, not the first by name alone: after a key change without
+    # `credentials rotate`, one stored under the new key decrypts and the older ones do not.
+    newer = generate_key()
+    rt = Runtime.open(dataclasses.replace(settings, encryption_key=newer))
+    rt.credentials.set("aaa", "example.com", "oauth2", "0123456789abcdef")
+    rt.close()
+    mixed = checks_of(dataclasses.replace(settings, encryption_key=newer))["encryption_key"]
+    assert_fails(mixed, "does not decrypt", "'github'", "credentials rotate")
+    assert "'aaa'" not in mixed.message
 
     keyless = dataclasses.replace(settings, encryption_key=None)
     check = checks_of(keyless)["encryption_key"]
-    assert check.level == "warn" and "1 stored credential" in check.message
+    assert check.level == "warn" and "2 stored credential" in check.message
     assert_fails(
         checks_of(dataclasses.replace(keyless, production=True))["encryption_key"], "RUNNER_ENCRYPTION_KEY"
     )

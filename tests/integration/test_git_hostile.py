@@ -275,3 +275,22 @@ def test_a_clone_whose_branch_cannot_be_kept_stays_and_says_where(tmp_path: Path
     assert err.value.code == "cleanup_failed"
     assert f"stay in the workspace folder {ws.path}" in err.value.message
     assert ws.path.is_dir() and not ws.home.exists()
+
+
+def test_in_place_cleanup_goes_back_when_the_job_stopped_tracking_an_ignored_file(tmp_path: Path) -> None:
+    """The switch back to the original branch refused to overwrite ignored files too: a job that
+    stopped tracking build output (`git rm --cached`, the folder ignored) left the repo on its job
+    branch, and every later in_place job failed. Only the checkout to the job branch refuses."""
+    local = make_repo(tmp_path / "repo", {"README.md": "hi\n", ".gitignore": "build/\n"})
+    (local / "build").mkdir()
+    (local / "build" / "out.txt").write_text("tracked output\n")
+    git("add", "-f", "build/out.txt", cwd=local)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "track output", cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place", push=False)
+    ws = prepare_workspace(repo, "70707070-a", settings)
+    git("rm", "-q", "--cached", "build/out.txt", cwd=local)  # the job's change
+    assert commit(ws).commit is not None
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert (local / "build" / "out.txt").read_text() == "tracked output\n"

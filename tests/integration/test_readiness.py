@@ -128,3 +128,15 @@ def test_a_probe_stuck_on_the_server_holds_one_thread_and_the_next_answers_at_on
     finally:
         release.set()
         probe.close()
+
+
+def test_the_probe_uses_psycopg_3_like_the_store() -> None:
+    """It took the URL as given: under SQLAlchemy 2.0 (which pyproject allows) `postgresql://`
+    means psycopg2, not installed, and every probe was a 500."""
+    from codex_runner.store.engine import DatabaseProbe
+
+    probe = DatabaseProbe("postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        assert probe._engine.url.drivername == "postgresql+psycopg"
+    finally:
+        probe.close()

@@ -3,6 +3,8 @@ script's command chose one; git's stderr keeps no part of a secret."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from codex_runner.execution.agents import apply_risk_policy
@@ -118,3 +120,30 @@ def test_codex_runs_only_as_codex_exec(command: list[str]) -> None:
     assert codex_command_problem(["codex", "exec", "--json", "-"]) is None
     assert codex_command_problem(["codex", "e", "-"]) is None
     assert codex_command_problem(["/bin/echo", "--yolo"]) is None
+
+
+def test_a_root_or_folder_inside_the_workspace_stays(tmp_path: Path) -> None:
+    """Narrowing codex to a folder of the repo (`-C {workspace}/packages/app`) is no widening: it
+    stays. A folder of the workspace that is a link out of it (committed in the repo) is not."""
+    ws = tmp_path / "ws"
+    (ws / "packages" / "app").mkdir(parents=True)
+    (ws / "escape").symlink_to("/")
+    inner = str(ws / "packages" / "app")
+    argv = apply_risk_policy(
+        ["codex", "exec", "-C", inner, "--add-dir", f"{ws}/packages", "-"], "conservative", str(ws)
+    )
+    assert argv == [
+        "codex",
+        "exec",
+        "--sandbox",
+        "workspace-write",
+        "-C",
+        inner,
+        "--add-dir",
+        f"{ws}/packages",
+        "-",
+    ]
+    relative = apply_risk_policy(["codex", "exec", "--cd=packages/app", "-"], "conservative", str(ws))
+    assert relative == ["codex", "exec", "--sandbox", "workspace-write", "--cd=packages/app", "-"]
+    out = apply_risk_policy(["codex", "exec", "-C", str(ws / "escape"), "-"], "conservative", str(ws))
+    assert out == ["codex", "exec", "--sandbox", "workspace-write", "-C", str(ws), "-"]

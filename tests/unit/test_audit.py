@@ -196,3 +196,40 @@ def test_an_audit_log_that_cannot_be_made_never_undoes_the_action(tmp_path: Path
     )
     runtime = SimpleNamespace(settings=settings, jobs=SimpleNamespace(listeners=[]))
     audit_event(runtime, "token_created", actor="admin", meta={"user": "bob"})  # type: ignore[arg-type]
+
+
+def test_a_job_events_failed_audit_write_is_logged_once_a_minute(tmp_path: Path) -> None:
+    """Job-event audit lines failed silently (admin actions logged `audit_write_failed`): an audit
+    log that stops working must show in the service log."""
+    from structlog.testing import capture_logs
+
+    audit = AuditLog(tmp_path / "audit" / "audit.jsonl")
+    (tmp_path / "audit" / "audit.jsonl").mkdir()  # a folder where the file should be: every write fails
+    row = {"event_type": "job_created", "job_id": "j", "actor": "alice", "message": "m", "meta": {}}
+    with capture_logs() as logs:
+        for _ in range(3):
+            audit.on_event(row)  # never raises into the job write
+    assert [e["event"] for e in logs] == ["audit_write_failed"]
+
+
+def test_text_that_is_not_utf8_is_escaped_not_fatal(tmp_path: Path) -> None:
+    """A USER that is not UTF-8 reached the audit line as a lone surrogate, and the write raised
+    UnicodeEncodeError (after the admin action it recorded)."""
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).write("token_revoked", actor="cli:ops\udcff", message="token revoked")
+    assert json.loads(path.read_text())["actor"].startswith("cli:ops")
+
+
+def test_the_cli_actor_is_known_without_a_passwd_entry(monkeypatch: object) -> None:
+    """`getpass.getuser()` raises in a container whose uid has no passwd entry and no USER: the
+    admin command failed after its change was made (a token created, never printed)."""
+    import getpass
+    import os
+
+    from codex_runner.cli import admin
+
+    def no_user() -> str:
+        raise KeyError("getpwuid(): uid not found: 12345")
+
+    monkeypatch.setattr(getpass, "getuser", no_user)  # type: ignore[attr-defined]
+    assert admin.cli_actor() == f"cli:uid:{os.getuid()}"

@@ -11,9 +11,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
-from codex_runner.api.auth import JobId, current_principal
+from codex_runner.api.auth import JobId, authenticate, bearer_token, current_principal
 from codex_runner.api.errors import responses
-from codex_runner.errors import InvalidRequest
+from codex_runner.errors import InvalidRequest, NotAuthenticated
 from codex_runner.jobs import TERMINAL, Status
 from codex_runner.logs import read_page
 from codex_runner.runtime import Runtime
@@ -29,6 +29,8 @@ STREAM_POLL_SECONDS = 0.05
 # read per stream every poll made a few hundred idle streams a load on the database. A job's
 # last log line comes before its terminal status, so a growing log is re-read at once.
 STATUS_POLL_SECONDS = 0.25
+# How often an open stream checks its token again (one indexed read).
+AUTH_RECHECK_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15
 # Event ids are redacted offsets: 20 digits exceed any log (and a 64-bit integer).
 MAX_EVENT_ID_DIGITS = 20
@@ -108,12 +110,26 @@ async def stream_logs(
         offset = resume
     await asyncio.to_thread(_status, runtime, job_id, owner)  # 404 before the stream starts
     log_path, index_dir = log_paths(runtime, job_id)
+    token = bearer_token(request)
+
+    async def still_allowed() -> bool:
+        """The token is checked again as the stream goes on: a revoked one (or an expired JWT)
+        "stops working at once" (docs/api.md), an open stream included."""
+        try:
+            await asyncio.to_thread(authenticate, runtime, token)
+        except NotAuthenticated:
+            return False
+        return True
 
     async def events() -> AsyncIterator[dict[str, str]]:
         loop = asyncio.get_running_loop()
         position = offset
-        read_size, status_at = -1, 0.0
+        read_size, status_at, auth_at = -1, 0.0, loop.time()
         while True:
+            if loop.time() - auth_at >= AUTH_RECHECK_SECONDS:
+                if not await still_allowed():
+                    return
+                auth_at = loop.time()
             size = _size(log_path)
             if size == read_size and loop.time() - status_at < STATUS_POLL_SECONDS:
                 # Nothing new since the last read (which found nothing to send) and the status

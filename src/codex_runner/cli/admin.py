@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,11 +57,24 @@ def admin_runtime(loaded: Settings | None = None) -> Iterator[Runtime]:
         rt.close()
 
 
-def audit(rt: Runtime, action: str, meta: dict[str, object]) -> None:
+def cli_actor() -> str:
+    """Who runs the command, for the audit log: the login name, else the uid. Worked out before the
+    action: `getpass.getuser()` raises in a container whose uid has no passwd entry (and no USER),
+    which failed the command after its change was made, with no audit line."""
+    try:
+        name = getpass.getuser()
+    except Exception:
+        name = ""
+    if not name or any(ord(c) < 32 for c in name):
+        name = f"uid:{os.getuid()}"
+    return f"cli:{name}"
+
+
+def audit(rt: Runtime, action: str, meta: dict[str, object], actor: str | None = None) -> None:
     """Admin actions have no job: they go to the audit log (and the service log) only."""
     from codex_runner.ops.audit import audit_admin
 
-    audit_admin(rt, action, f"cli:{getpass.getuser()}", dict(meta))
+    audit_admin(rt, action, actor or cli_actor(), dict(meta))
 
 
 def safe_database_url(url: str) -> str:
@@ -76,9 +90,10 @@ def tokens_create(
     name: Annotated[str, typer.Option(help="A label, e.g. where the token is used.")] = "",
 ) -> None:
     """Create a token. Prints the token, and only it, on stdout: it is shown once."""
+    actor = cli_actor()
     with admin_runtime() as rt:
         token, record = rt.tokens.create(user, role.value, name)
-        audit(rt, "token_created", {"token_id": record["id"], "user": user, "role": role.value})
+        audit(rt, "token_created", {"token_id": record["id"], "user": user, "role": role.value}, actor)
     sys.stdout.write(token + "\n")
     sys.stdout.flush()
     info(f"created {record['role']} token {record['id']} for user {record['user']!r}; it is not shown again")
@@ -101,9 +116,14 @@ def tokens_list(json_out: JsonOpt = False) -> None:
 @tokens_app.command("revoke")
 def tokens_revoke(token_id: Annotated[str, typer.Argument(help="The token's id.")]) -> None:
     """Revoke a token: it stops working at once."""
+    actor = cli_actor()
     with admin_runtime() as rt:
-        record = rt.tokens.revoke(token_id)
-        audit(rt, "token_revoked", {"token_id": record["id"], "user": record["user"]})
+        record, revoked = rt.tokens.revoke(token_id)
+        if revoked:
+            audit(rt, "token_revoked", {"token_id": record["id"], "user": record["user"]}, actor)
+    if not revoked:
+        info(f"token {record['id']} of user {record['user']!r} was already revoked at {record['revoked_at']}")
+        return
     info(f"revoked token {record['id']} of user {record['user']!r} at {record['revoked_at']}")
 
 
@@ -129,10 +149,11 @@ def credentials_set(
     loaded = settings()
     if not loaded.encryption_key:
         raise CliError("RUNNER_ENCRYPTION_KEY is not set; create one with `codex-runner keygen` and set it")
+    actor = cli_actor()
     with admin_runtime(loaded) as rt:
         secret = read_secret(name)
         record = rt.credentials.set(name, host, username, secret)
-        audit(rt, "credential_set", {"name": name, "host": host, "username": username})
+        audit(rt, "credential_set", {"name": name, "host": host, "username": username}, actor)
     info(f"stored credential {record['name']!r} for {record['username']}@{record['host']} (encrypted)")
 
 
@@ -153,9 +174,10 @@ def credentials_list(json_out: JsonOpt = False) -> None:
 @credentials_app.command("delete")
 def credentials_delete(name: Annotated[str, typer.Argument(help="The credential's name.")]) -> None:
     """Delete a credential."""
+    actor = cli_actor()
     with admin_runtime() as rt:
         rt.credentials.delete(name)
-        audit(rt, "credential_deleted", {"name": name})
+        audit(rt, "credential_deleted", {"name": name}, actor)
     info(f"deleted credential {name!r}")
 
 
@@ -163,9 +185,10 @@ def credentials_delete(name: Annotated[str, typer.Argument(help="The credential'
 def credentials_rotate() -> None:
     """Re-encrypt every credential under RUNNER_ENCRYPTION_KEY, reading with it or with
     RUNNER_ENCRYPTION_KEY_PREVIOUS."""
+    actor = cli_actor()
     with admin_runtime() as rt:
         count = rt.credentials.rotate()
-        audit(rt, "credentials_rotated", {"count": count})
+        audit(rt, "credentials_rotated", {"count": count}, actor)
     info(f"re-encrypted {count} credential(s) under the current RUNNER_ENCRYPTION_KEY")
 
 

@@ -36,8 +36,8 @@ def apply_risk_policy(argv: list[str], policy: str, workspace: str | None = None
     script cannot widen a conservative repo's sandbox. Every other way of choosing it goes:
     `--sandbox X`, `-s X`, `--sandbox=X`, `-sX`, a `-c`/`--config` setting of `sandbox_mode` or
     `sandbox_*`, and (but for a permissive repo) the flags that bypass the sandbox altogether, the
-    extra writable folders of `--add-dir`, and a working root (`-C`/`--cd`, which the sandbox makes
-    writable) other than `workspace`, which is given instead. One `--sandbox` is put right after
+    extra writable folders of `--add-dir` and a working root (`-C`/`--cd`, which the sandbox makes
+    writable) outside `workspace` (which is given instead); folders in the workspace stay. One `--sandbox` is put right after
     `exec`."""
     sandbox = SANDBOX_BY_POLICY.get(policy, "workspace-write")
     guarded = policy != "permissive"
@@ -48,7 +48,7 @@ def apply_risk_policy(argv: list[str], policy: str, workspace: str | None = None
         arg = argv[i]
         value = argv[i + 1] if i + 1 < len(argv) else None
         if guarded and workspace is not None and value is not None and arg in _ROOT_OPTIONS:
-            if value == workspace and not rooted:
+            if _inside(value, workspace) and not rooted:
                 out += [arg, value]
                 rooted = True
             i += 2
@@ -57,10 +57,18 @@ def apply_risk_policy(argv: list[str], policy: str, workspace: str | None = None
             and workspace is not None
             and (arg.startswith("--cd=") or (arg.startswith("-C") and len(arg) > 2))
         ):
+            attached = arg[len("--cd=") :] if arg.startswith("--cd=") else arg[2:]
+            if _inside(attached, workspace) and not rooted:
+                out.append(arg)
+                rooted = True
             i += 1
         elif guarded and value is not None and arg == _ADD_DIR:
+            if workspace is not None and _inside(value, workspace):
+                out += [arg, value]
             i += 2
         elif guarded and arg.startswith(_ADD_DIR + "="):
+            if workspace is not None and _inside(arg[len(_ADD_DIR) + 1 :], workspace):
+                out.append(arg)
             i += 1
         elif value is not None and (
             arg in {"--sandbox", "-s"} or (arg in {"-c", "--config"} and _sandbox_setting(value))
@@ -80,6 +88,15 @@ def apply_risk_policy(argv: list[str], policy: str, workspace: str | None = None
     at = 2 if len(out) > 1 and out[1] in CODEX_EXEC else len(out)
     root = ["-C", workspace] if guarded and workspace is not None and not rooted else []
     return [*out[:at], "--sandbox", sandbox, *root, *out[at:]]
+
+
+def _inside(path: str, workspace: str) -> bool:
+    """Whether `path` (relative ones from the workspace, as codex takes them) is the workspace or
+    lies in it, symlinks resolved: narrowing the sandbox to a folder of the repo is fine, a link in
+    the repo to `/` is not."""
+    real = os.path.realpath(os.path.join(workspace, path))
+    root = os.path.realpath(workspace)
+    return real == root or real.startswith(root + os.sep)
 
 
 def _sandbox_setting(setting: str) -> bool:

@@ -131,6 +131,11 @@ class JobRun:
     def fenced(self) -> bool:
         return self.stop_reason == "lease_lost"
 
+    #: True while the job's git runs for its prepare, commit or push stage (a worker thread): a cancel
+    #: may kill that git after the grace (`Launcher._kill_git_after_grace`); never its cleanup's,
+    #: which must put an in_place repo back on its branch.
+    git_killable = False
+
     @property
     def in_git_stage(self) -> bool:
         """Not in its script: preparing, committing or pushing (git in a worker thread, which a
@@ -367,9 +372,12 @@ class JobRun:
             self._write_manifest(self._manifest_doc())
             self._manifest_dirty = False
         try:
+            self.git_killable = True
             ws = prepare_workspace(repo, self.job_id, self.settings, credential)
         except GitError as exc:
             return credential, exc
+        finally:
+            self.git_killable = False
         # Both reach the manifest on the job's next trip: the pid record of a script that runs on
         # (`PID_RECORD_DELAY_SECONDS`), else the cleanup; not here, ahead of the spawn.
         self._stage("prepare", "success")
@@ -555,6 +563,7 @@ class JobRun:
         if self.fenced:
             return result
         try:
+            self.git_killable = True
             commit = await self._in_thread(
                 commit_changes,
                 ws,
@@ -565,6 +574,8 @@ class JobRun:
         except GitError as exc:
             self._stage("commit", "failed", error=exc.message)
             return {**result, "error": (exc.code, exc.message)}
+        finally:
+            self.git_killable = False
         self._stage("commit", "success")
         result.update(
             commit=commit.commit,
@@ -589,6 +600,7 @@ class JobRun:
         try:
             if repo.source_type != "git_url" and ws.push_url is not None:
                 self.rt.catalog.check_push_target(repo, ws.push_url)
+            self.git_killable = True
             await self._in_thread(push_branch, ws, repo, credential)
         except GitError as exc:
             self._stage("push", "failed", error=exc.message)
@@ -596,6 +608,8 @@ class JobRun:
         except RepoNotAllowed as exc:
             self._stage("push", "failed", error=exc.message)
             return {**result, "error": ("push_failed", exc.message)}
+        finally:
+            self.git_killable = False
         self._stage("push", "success")
         self._runner_line(f"pushed {ws.branch}")
         result["pushed"] = True

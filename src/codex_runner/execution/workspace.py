@@ -974,10 +974,13 @@ def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings) -> None
         _run_in(ws.git_dir, ws.path, ["reset", "--hard", "-q"], ws.home, "cleanup_failed", guard=guard)
         _run_in(ws.git_dir, ws.path, ["clean", "-fdq"], ws.home, "cleanup_failed", guard=guard)
         original = ws.original_ref or ws.base_commit
+        # Not `--no-overwrite-ignore` here (the checkout to the job branch has it): a file the
+        # original branch tracks and the job branch stopped tracking (now ignored) must come back,
+        # or the repo would stay on the job branch and every later job on it fail.
         if original.startswith("refs/heads/"):
-            checkout = ["checkout", "-q", "--no-overwrite-ignore", original.removeprefix("refs/heads/")]
+            checkout = ["checkout", "-q", original.removeprefix("refs/heads/")]
         else:
-            checkout = ["checkout", "-q", "--no-overwrite-ignore", "--detach", original]
+            checkout = ["checkout", "-q", "--detach", original]
         _run_in(ws.git_dir, ws.path, checkout, ws.home, "cleanup_failed", guard=guard)
         _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
 

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ class AuditLog:
         self.masker = Masker(secrets)  # the runtime's own secrets, their encodings worked out once
         self._lock_path = path.with_name(path.name + ".lock")
         self._thread_lock = threading.Lock()
+        self._last_failure_logged = float("-inf")
         path.parent.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -69,7 +71,8 @@ class AuditLog:
             "meta": meta or {},
         }
         line = json.dumps(mask_value(record, self.masker), ensure_ascii=False, default=str) + "\n"
-        data = line.encode("utf-8")
+        # Text from outside (a USER that is not UTF-8, a lone surrogate) is escaped, not fatal.
+        data = line.encode("utf-8", "backslashreplace")
         with self._locked():
             self._rotate_if_needed(len(data))
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -79,16 +82,27 @@ class AuditLog:
                 os.close(fd)
 
     def on_event(self, row: dict[str, Any]) -> None:
-        """A JobStore listener: each committed event row becomes one line."""
+        """A JobStore listener: each committed event row becomes one line. A failed write is a
+        service-log warning (at most one a minute), never an error of the job write."""
         created = row.get("created_at")
-        self.write(
-            str(row["event_type"]),
-            job_id=row.get("job_id"),
-            actor=str(row.get("actor") or "system"),
-            message=str(row.get("message") or ""),
-            meta=dict(row.get("meta") or {}),
-            ts=created if isinstance(created, datetime) else None,
-        )
+        try:
+            self.write(
+                str(row["event_type"]),
+                job_id=row.get("job_id"),
+                actor=str(row.get("actor") or "system"),
+                message=str(row.get("message") or ""),
+                meta=dict(row.get("meta") or {}),
+                ts=created if isinstance(created, datetime) else None,
+            )
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._last_failure_logged >= 60:
+                self._last_failure_logged = now
+                log.warning(
+                    "audit_write_failed",
+                    path=str(self.path),
+                    error=getattr(exc, "strerror", None) or type(exc).__name__,
+                )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -156,8 +170,12 @@ def audit_event(
         audit = attached(runtime) or AuditLog.from_runtime(runtime)
         if audit is not None:
             audit.write(event_type, job_id=job_id, actor=actor, message=message, meta=meta)
-    except OSError as exc:
-        log.warning("audit_write_failed", path=str(runtime.settings.audit_log), error=exc.strerror)
+    except Exception as exc:
+        log.warning(
+            "audit_write_failed",
+            path=str(runtime.settings.audit_log),
+            error=getattr(exc, "strerror", None) or type(exc).__name__,
+        )
 
 
 def audit_admin(runtime: Runtime, action: str, actor: str, meta: dict[str, Any] | None = None) -> None:

@@ -341,13 +341,17 @@ def _spare_watch(settings: Settings, catalog: Catalog) -> Check:
 
 def _encryption(settings: Settings, engine: Engine | None) -> Iterator[Check]:
     name = "encryption_key"
-    count, first = 0, None
+    stored: list[Any] = []
     if engine is not None:
         with engine.connect() as conn:
-            count = int(conn.execute(sa.select(sa.func.count()).select_from(credentials)).scalar_one())
-            first = conn.execute(
-                sa.select(credentials.c.name, credentials.c.secret_enc).order_by(credentials.c.name).limit(1)
-            ).first()
+            # Every one (a handful): after a key change without `credentials rotate`, the first
+            # may decrypt and another not.
+            stored = list(
+                conn.execute(
+                    sa.select(credentials.c.name, credentials.c.secret_enc).order_by(credentials.c.name)
+                )
+            )
+    count = len(stored)
     if not settings.encryption_key:
         if count:
             yield _warn(
@@ -371,15 +375,20 @@ def _encryption(settings: Settings, engine: Engine | None) -> Iterator[Check]:
             name, "RUNNER_ENCRYPTION_KEY (or _PREVIOUS) does not parse: expected 64 hex chars or base64"
         )
         return
-    if first is not None:
+    bad = []
+    for row in stored:
         try:
-            secrets.decrypt(keys, first.secret_enc, first.name.encode())
+            secrets.decrypt(keys, row.secret_enc, row.name.encode())
         except RunnerError:
-            yield _fail(
-                name,
-                f"RUNNER_ENCRYPTION_KEY does not decrypt stored credential {first.name!r}: wrong key?",
-            )
-            return
+            bad.append(row.name)
+    if bad:
+        shown = ", ".join(repr(n) for n in bad[:5]) + (" …" if len(bad) > 5 else "")
+        yield _fail(
+            name,
+            f"RUNNER_ENCRYPTION_KEY does not decrypt stored credential(s) {shown}: wrong key, or a key "
+            "changed without `codex-runner credentials rotate`?",
+        )
+        return
     yield _ok(name, f"RUNNER_ENCRYPTION_KEY parses ({count} credential(s) stored)")
 
 

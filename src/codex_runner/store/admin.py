@@ -58,6 +58,9 @@ class TokenStore:
             raise InvalidRequest(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if not valid_user(user):
             raise InvalidRequest("user must be 1-200 printable characters")
+        if len(name) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            # A column of 200 (PostgreSQL refused more with a DataError), shown by `tokens list`.
+            raise InvalidRequest("token name: at most 200 characters, no control characters")
         token = secrets.new_api_token()
         row = {
             "id": str(uuid.uuid4()),
@@ -119,18 +122,20 @@ class TokenStore:
 
         return with_retries(txn)
 
-    def revoke(self, token_id: str) -> dict[str, Any]:
-        def txn() -> dict[str, Any]:
+    def revoke(self, token_id: str) -> tuple[dict[str, Any], bool]:
+        """The token's record, and whether this call revoked it (False: it already was)."""
+
+        def txn() -> tuple[dict[str, Any], bool]:
             with write_txn(self.engine) as conn:
-                conn.execute(
+                changed = conn.execute(
                     tokens.update()
                     .where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
                     .values(revoked_at=utcnow())
-                )
+                ).rowcount
                 row = conn.execute(sa.select(tokens).where(tokens.c.id == token_id)).mappings().first()
                 if row is None:
                     raise NotFound(f"token {token_id} not found")
-                return self._public(row)
+                return self._public(row), changed == 1
 
         return with_retries(txn)
 
@@ -164,6 +169,8 @@ class CredentialStore:
             raise InvalidRequest("the secret read from standard input is empty")
         if any(c in value for value in (username, secret) for c in "\r\n\0"):
             raise InvalidRequest("the user name and the secret must be one line (no line break or NUL)")
+        if len(username) > 200 or any(ord(c) < 32 for c in username):
+            raise InvalidRequest("credential user name: at most 200 characters, no control characters")
         blob = secrets.encrypt(self._require_key(), secret.encode(), name.encode())
         now = utcnow()
 
@@ -237,12 +244,17 @@ class CredentialStore:
 
         def txn() -> int:
             with write_txn(self.engine) as conn:
-                rows = conn.execute(sa.select(credentials.c.name, credentials.c.secret_enc)).all()
+                # Locked as read (PostgreSQL; SQLite's write lock is whole), and each written back
+                # only if still the blob read: a `credentials set` in between (the leaked-secret
+                # runbook) must not get its old secret back, re-encrypted.
+                rows = conn.execute(
+                    sa.select(credentials.c.name, credentials.c.secret_enc).with_for_update()
+                ).all()
                 for name, blob in rows:
                     plain = secrets.decrypt(keys, blob, name.encode())
                     conn.execute(
                         credentials.update()
-                        .where(credentials.c.name == name)
+                        .where(credentials.c.name == name, credentials.c.secret_enc == blob)
                         .values(secret_enc=secrets.encrypt(key, plain, name.encode()), updated_at=utcnow())
                     )
                 return len(rows)

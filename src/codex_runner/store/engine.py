@@ -123,6 +123,7 @@ class DatabaseProbe:
 
     def __init__(self, url: str, *, timeout: float = 3.0) -> None:
         self.timeout = timeout
+        url = normalise_url(url)  # psycopg 3, as the store's engine: SQLAlchemy 2.0 would pick psycopg2
         if url.startswith("sqlite"):
             self._engine = create_store_engine(url, pool_size=1)
         else:
