@@ -193,6 +193,15 @@ def runner(runner_factory: Callable[..., Runner]) -> Runner:
 
 
 @pytest.fixture
+def pg_store(pg_database_url: str) -> Iterator[JobStore]:
+    """A migrated store on a scratch PostgreSQL database."""
+    engine = create_store_engine(pg_database_url)
+    upgrade(engine)
+    yield JobStore(engine)
+    engine.dispose()
+
+
+@pytest.fixture
 def store(database_url: str) -> Iterator[JobStore]:
     """A migrated store on the test's database (SQLite file or a scratch PostgreSQL database)."""
     engine = create_store_engine(database_url)

@@ -525,6 +525,8 @@ def test_a_lost_commit_of_a_batch_that_claimed_is_not_claimed_again(
     from codex_runner.errors import CommitOutcomeUnknown
     from codex_runner.launcher import _PatientJobStore
 
+    from tests.integration.test_store_concurrency import _success
+
     a, b, c = (store.create(_new("u"), BIG)[0]["id"] for _ in range(3))
     (first,) = store.claim("r", slots=1, max_jobs_per_user=5)
     assert first.id == a
@@ -540,14 +542,7 @@ def test_a_lost_commit_of_a_batch_that_claimed_is_not_claimed_again(
 
     monkeypatch.setattr(JobStore, "finish_many", loses_one_answer)
     patient = _PatientJobStore(store, lambda: True, lambda: {a})
-    values: dict[str, Any] = {
-        "exit_code": 0,
-        "error_code": None,
-        "error_message": None,
-        "stages": [],
-        "result": None,
-    }
-    write = OwnerWrite(a, first.lease_token, (Cas((Status.RUNNING,), Status.SUCCESS, values, "done"),))
+    write = _success(a, first.lease_token)
     held, claimed = patient.finish_many([write], ClaimRequest("r", 1, 5))
     assert held == [0]
     assert [job.id for job in claimed] == [b]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -88,12 +87,13 @@ def test_every_writer_keeps_the_counts_exact(store: JobStore) -> None:
         assert moved == 0
 
 
-@pytest.fixture
-def pg_store(pg_database_url: str) -> Iterator[JobStore]:
-    engine = create_store_engine(pg_database_url)
-    upgrade(engine)
-    yield JobStore(engine)
-    engine.dispose()
+def _downgrade(store: JobStore, revision: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with store.engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+        conn.commit()
 
 
 def test_a_status_change_does_not_wait_for_another_on_the_same_counts(pg_store: JobStore) -> None:
@@ -221,12 +221,7 @@ def test_the_downgrade_folds_the_deltas_and_updates_in_place_again(pg_store: Job
     made = [pg_store.create(new_job(user="d"), BIG)[0]["id"] for _ in range(3)]
     pg_store.cancel(made[0], owner=None, actor="d")
     assert _deltas(pg_store) > 0
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with pg_store.engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0003")
-        conn.commit()
+    _downgrade(pg_store, "0003")
     assert not sa.inspect(pg_store.engine).has_table("runner_job_count_deltas")
 
     def in_place() -> dict[tuple[str, str, str], int]:
@@ -266,13 +261,8 @@ def test_the_downgrade_waits_for_a_create_batch_in_flight(
         outcome["create"] = pg_store.create(new_job(user="inflight"), BIG)[0]["status"]
 
     def downgrade() -> None:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         try:
-            with pg_store.engine.connect() as conn:
-                cfg.attributes["connection"] = conn
-                command.downgrade(cfg, "0003")
-                conn.commit()
+            _downgrade(pg_store, "0003")
             outcome["downgrade"] = "ok"
         except Exception as exc:
             outcome["downgrade"] = repr(exc)[:300]

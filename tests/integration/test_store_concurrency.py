@@ -65,11 +65,6 @@ def _migrated(url: str) -> Iterator[JobStore]:
     engine.dispose()
 
 
-@pytest.fixture
-def pg_store(pg_database_url: str) -> Iterator[JobStore]:
-    yield from _migrated(pg_database_url)
-
-
 # -- session time zone and the claim's keyset pages --------------------------------------------
 
 
