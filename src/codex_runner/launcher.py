@@ -254,7 +254,9 @@ class Launcher:
             run = self.active.get(job_id)
             if run is not None and run.git_killable:
                 log.warning("killing_git_of_canceled_job", job_id=job_id)
-                await asyncio.to_thread(kill_job_processes, {job_id}, timeout=1.0)
+                # Only the stage's git (`RUNNER_GIT_STAGE`): the kill scans again for a second, and
+                # the cleanup's git, which starts as soon as the stage fails, must survive it.
+                await asyncio.to_thread(kill_job_processes, {job_id}, timeout=1.0, git_stage_only=True)
         except Exception as exc:  # the job's own end still comes, later
             log.warning("git_kill_failed", job_id=job_id, error_type=type(exc).__name__)
         finally:
@@ -687,10 +689,13 @@ class _PatientJobStore(JobStore):
 # -- processes found by environment ---------------------------------------------------------------
 
 
-def find_job_processes(job_ids: Collection[str] | None = None) -> dict[str, list[int]]:
+def find_job_processes(
+    job_ids: Collection[str] | None = None, *, git_stage_only: bool = False
+) -> dict[str, list[int]]:
     """Live processes whose environment holds `RUNNER_JOB_ID=<id>`, by job id (all ids, or only
-    `job_ids`). Reads /proc/<pid>/environ, so it sees processes of our own user (or all, as root);
-    zombies have no environment left and are skipped."""
+    `job_ids`); with `git_stage_only`, only the git of a stage a cancel may stop (prepare, commit,
+    push: `RUNNER_GIT_STAGE`), never the cleanup's. Reads /proc/<pid>/environ, so it sees processes
+    of our own user (or all, as root); zombies have no environment left and are skipped."""
     found: dict[str, list[int]] = {}
     me = os.getpid()
     for entry in os.scandir("/proc"):
@@ -701,7 +706,10 @@ def find_job_processes(job_ids: Collection[str] | None = None) -> dict[str, list
                 environ = fh.read()
         except OSError:
             continue
-        for var in environ.split(b"\0"):
+        variables = environ.split(b"\0")
+        if git_stage_only and not any(var.startswith(b"RUNNER_GIT_STAGE=") for var in variables):
+            continue
+        for var in variables:
             if var.startswith(JOB_ENV_PREFIX):
                 job_id = var[len(JOB_ENV_PREFIX) :].decode("utf-8", "replace")
                 if job_ids is None or job_id in job_ids:
@@ -718,7 +726,7 @@ def _kill_escaped(job_ids: Collection[str]) -> int:
     return kill_job_processes(found, timeout=KILL_SCAN_SECONDS)
 
 
-def kill_job_processes(job_ids: Collection[str], *, timeout: float) -> int:
+def kill_job_processes(job_ids: Collection[str], *, timeout: float, git_stage_only: bool = False) -> int:
     """SIGKILLs every process of these jobs and its process group, again until none is found or
     `timeout` passes (a process may fork between scan and kill). Returns how many were signalled."""
     if not job_ids:
@@ -726,7 +734,7 @@ def kill_job_processes(job_ids: Collection[str], *, timeout: float) -> int:
     signalled = 0
     deadline = time.monotonic() + timeout
     while True:
-        found = find_job_processes(job_ids)
+        found = find_job_processes(job_ids, git_stage_only=git_stage_only)
         if not found:
             return signalled
         for pids in found.values():

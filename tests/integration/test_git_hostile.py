@@ -294,3 +294,53 @@ def test_in_place_cleanup_goes_back_when_the_job_stopped_tracking_an_ignored_fil
     cleanup_workspace(ws, repo, settings, failed=False)
     assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
     assert (local / "build" / "out.txt").read_text() == "tracked output\n"
+
+
+def test_an_in_place_repo_may_keep_its_packs_behind_a_symlink(tmp_path: Path) -> None:
+    """The scan for symlinks in `.git/objects` refused any: an operator's repo whose `pack` folder
+    was moved to another disk could no longer commit. Only the loose-object folders (`objects/ab`)
+    carry the runner's writes."""
+    import shutil
+
+    local = make_repo(tmp_path / "repo")
+    packs = tmp_path / "other-disk" / "pack"
+    packs.parent.mkdir()
+    shutil.move(str(local / ".git" / "objects" / "pack"), str(packs))
+    (local / ".git" / "objects" / "pack").symlink_to(packs)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place", push=False)
+    ws = prepare_workspace(repo, "71717171-a", settings)
+    (local / "new.txt").write_text("x\n")
+    assert commit(ws).files_changed == 1
+    cleanup_workspace(ws, repo, settings, failed=False)
+
+
+def test_a_cancel_kills_the_stages_git_and_never_the_cleanups(tmp_path: Path) -> None:
+    """The kill scanned for every process of the job for a second: the cleanup's git, started as
+    soon as the killed stage failed, was caught too. Only git that carries `RUNNER_GIT_STAGE` (a
+    prepare, commit or push) is the cancel's to kill."""
+    import os
+    import subprocess
+
+    from codex_runner.launcher import find_job_processes, kill_job_processes
+
+    job = "72727272-0000-4000-8000-000000000000"
+    base = {"PATH": os.environ["PATH"], "RUNNER_JOB_ID": job}
+    stage = subprocess.Popen(
+        ["sleep", "30"], env={**base, "RUNNER_GIT_STAGE": "push"}, start_new_session=True
+    )
+    cleanup = subprocess.Popen(["sleep", "30"], env=base, start_new_session=True)
+    try:
+        import time
+
+        deadline = time.monotonic() + 5
+        while len(find_job_processes({job}).get(job, [])) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert find_job_processes({job}, git_stage_only=True) == {job: [stage.pid]}
+        kill_job_processes({job}, timeout=0.5, git_stage_only=True)
+        assert stage.wait(5) == -9
+        assert cleanup.poll() is None
+    finally:
+        for proc in (stage, cleanup):
+            proc.kill()
+            proc.wait(5)

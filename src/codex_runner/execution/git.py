@@ -154,6 +154,9 @@ def _false_program() -> str:
 #: crash mid-push, the watchdog that fails the job, the shutdown. Background work (spare refills,
 #: upkeep) runs in plain threads, outside any job's context.
 JOB_OF_GIT: contextvars.ContextVar[str | None] = contextvars.ContextVar("JOB_OF_GIT", default=None)
+#: The job stage a git command runs for, when a cancel may kill it (prepare, commit, push): its
+#: processes carry `RUNNER_GIT_STAGE`, so that the kill finds them and never the cleanup's git.
+GIT_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("GIT_STAGE", default=None)
 
 
 def git_env(
@@ -210,6 +213,9 @@ def git_env(
     job_id = JOB_OF_GIT.get()
     if job_id is not None:
         env["RUNNER_JOB_ID"] = job_id
+        stage = GIT_STAGE.get()
+        if stage is not None:
+            env["RUNNER_GIT_STAGE"] = stage
     if env_extra:
         env.update(env_extra)
     return env

@@ -138,12 +138,21 @@ def filter_guard(git_dir: Path, home: Path) -> tuple[tuple[str, str], ...]:
     )
 
 
-#: How deep repositories inside repositories (gitlinks) are followed for `nested_guard`.
-MAX_NESTED_DEPTH = 4
+#: How deep repositories inside repositories (gitlinks) are followed for `nested_guard`: deep
+#: enough for any real tree of submodules, and a bound on a loop of links.
+MAX_NESTED_DEPTH = 16
 
 
 def nested_guard(
-    git_dir: Path, work_tree: Path, home: Path, code: str, guard: Sequence[tuple[str, str]], *, depth: int = 0
+    git_dir: Path,
+    work_tree: Path,
+    home: Path,
+    code: str,
+    guard: Sequence[tuple[str, str]],
+    *,
+    seen: dict[Path, tuple[tuple[str, str], ...]] | None = None,
+    depth: int = 0,
+    where: str = "",
 ) -> tuple[tuple[str, str], ...]:
     """`guard` plus the `filter_guard` of every repository the index links to (gitlinks), and of
     the ones those link to. To see whether such a repository changed, git's `add`, `status` and
@@ -151,27 +160,52 @@ def nested_guard(
     and attributes, which the agent wrote: a filter driver there would run outside its sandbox.
     Our settings reach that command (git passes GIT_CONFIG_COUNT on to it), so the nested drivers
     are turned off the same way. A gitlink path that is not UTF-8, or nesting deeper than
-    `MAX_NESTED_DEPTH`, cannot be guarded and is refused."""
+    `MAX_NESTED_DEPTH`, cannot be guarded and is refused. `seen` (a dict the caller keeps across
+    calls of one stage) skips the repositories already read: two git commands per repository."""
+    seen = {} if seen is None else seen
     listed = run_in(git_dir, work_tree, ["ls-files", "-s", "-z"], home, code, guard=guard).stdout
     links = [entry.split("\t", 1)[1] for entry in listed.split("\0") if entry.startswith("160000 ")]
     combined = dict.fromkeys(guard)
     for path in links:
+        shown = f"{where}{path}"
         if "\ufffd" in path:
             raise GitError("a repository inside the workspace has a path that is not UTF-8", code=code)
         inner = work_tree / path
-        if not os.path.lexists(inner / ".git") or os.path.islink(inner):
+        inner_git = _nested_git_dir(inner)
+        if inner_git is None:
             continue  # not checked out: git does not look inside
-        if depth >= MAX_NESTED_DEPTH:
-            raise GitError(f"{path}: repositories nested more than {MAX_NESTED_DEPTH} deep", code=code)
-        got = run_git(["-C", str(inner), "rev-parse", "--absolute-git-dir"], home=home, check=False)
-        if got.returncode != 0:
+        if inner_git in seen:
+            combined.update(dict.fromkeys(seen[inner_git]))
             continue
-        inner_git = Path(got.stdout.strip())
+        if depth >= MAX_NESTED_DEPTH:
+            raise GitError(f"{shown}: repositories nested more than {MAX_NESTED_DEPTH} deep", code=code)
+        seen[inner_git] = ()  # a loop of links ends here
         inner_guard = tuple(dict.fromkeys([*combined, *filter_guard(inner_git, home)]))
-        combined.update(
-            dict.fromkeys(nested_guard(inner_git, inner, home, code, inner_guard, depth=depth + 1))
+        found = nested_guard(
+            inner_git, inner, home, code, inner_guard, seen=seen, depth=depth + 1, where=f"{shown}/"
         )
+        seen[inner_git] = found
+        combined.update(dict.fromkeys(found))
     return tuple(combined)
+
+
+def _nested_git_dir(inner: Path) -> Path | None:
+    """The git dir of a checked-out nested repository: its `.git` folder, or the folder its `.git`
+    file names (a submodule's, in the parent's `.git/modules`); None when there is none."""
+    if os.path.islink(inner):
+        return None
+    dot_git = inner / ".git"
+    try:
+        if dot_git.is_dir():
+            return Path(os.path.realpath(dot_git))
+        if dot_git.is_file():
+            text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
+            if text.startswith("gitdir:"):
+                target = Path(text[len("gitdir:") :].strip())
+                return Path(os.path.realpath(target if target.is_absolute() else inner / target))
+    except OSError:
+        return None
+    return None
 
 
 def git_out(args: list[str], home: Path, code: str) -> str:

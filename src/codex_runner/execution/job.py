@@ -39,7 +39,7 @@ from codex_runner.errors import RepoNotAllowed
 from codex_runner.execution.agents import apply_risk_policy, codex_home_for, is_codex_exec
 from codex_runner.execution.codex_events import CodexEventParser
 from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
-from codex_runner.execution.git import JOB_OF_GIT
+from codex_runner.execution.git import GIT_STAGE, JOB_OF_GIT
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
 from codex_runner.execution.workspace import (
@@ -371,6 +371,7 @@ class JobRun:
             # Before a prepare that may take a while (a clone, a fetch): readers see it running.
             self._write_manifest(self._manifest_doc())
             self._manifest_dirty = False
+        stage = GIT_STAGE.set("prepare")
         try:
             self.git_killable = True
             ws = prepare_workspace(repo, self.job_id, self.settings, credential)
@@ -378,6 +379,7 @@ class JobRun:
             return credential, exc
         finally:
             self.git_killable = False
+            GIT_STAGE.reset(stage)
         # Both reach the manifest on the job's next trip: the pid record of a script that runs on
         # (`PID_RECORD_DELAY_SECONDS`), else the cleanup; not here, ahead of the spawn.
         self._stage("prepare", "success")
@@ -562,6 +564,7 @@ class JobRun:
         await self._fenced_update({"stages": list(self.stages.values())})
         if self.fenced:
             return result
+        stage = GIT_STAGE.set("commit")
         try:
             self.git_killable = True
             commit = await self._in_thread(
@@ -576,6 +579,7 @@ class JobRun:
             return {**result, "error": (exc.code, exc.message)}
         finally:
             self.git_killable = False
+            GIT_STAGE.reset(stage)
         self._stage("commit", "success")
         result.update(
             commit=commit.commit,
@@ -597,6 +601,7 @@ class JobRun:
             self._stage("push", "skipped")
             return result
         self._stage("push", "running")
+        stage = GIT_STAGE.set("push")
         try:
             if repo.source_type != "git_url" and ws.push_url is not None:
                 self.rt.catalog.check_push_target(repo, ws.push_url)
@@ -610,6 +615,7 @@ class JobRun:
             return {**result, "error": ("push_failed", exc.message)}
         finally:
             self.git_killable = False
+            GIT_STAGE.reset(stage)
         self._stage("push", "success")
         self._runner_line(f"pushed {ws.branch}")
         result["pushed"] = True

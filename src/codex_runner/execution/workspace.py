@@ -568,9 +568,10 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     guard = filter_guard(ws.git_dir, ws.home)
     # And the config of every repository the index links to (`nested_guard`): before `add`, which
     # looks inside the ones already linked, and after it, for `commit`, which looks inside all.
-    guard = nested_guard(ws.git_dir, ws.path, ws.home, "commit_failed", guard)
+    seen: dict[Path, tuple[tuple[str, str], ...]] = {}
+    guard = nested_guard(ws.git_dir, ws.path, ws.home, "commit_failed", guard, seen=seen)
     _run_in(ws.git_dir, ws.path, ["add", "-A"], ws.home, "commit_failed", guard=guard)
-    guard = nested_guard(ws.git_dir, ws.path, ws.home, "commit_failed", guard)
+    guard = nested_guard(ws.git_dir, ws.path, ws.home, "commit_failed", guard, seen=seen)
     # Links to repositories of the agent's own, staged now or committed by the agent itself.
     _refuse_stray_gitlinks(ws, guard)
     staged = _run_in(
@@ -782,6 +783,9 @@ _GIT_DIR_WRITE_PATHS = (
 )
 
 
+_LOOSE_DIR = re.compile(r"[0-9a-f]{2}")
+
+
 def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
@@ -807,7 +811,9 @@ def _git_dir_problem(ws: Workspace) -> str | None:
     try:
         with os.scandir(ws.git_dir / "objects") as entries:  # loose objects go into objects/<xx>/
             for entry in entries:
-                if entry.is_symlink():
+                # The folders loose objects are written into; `pack` or `info` moved to another
+                # disk by a symlink is an operator's layout (an in_place repo's own).
+                if _LOOSE_DIR.fullmatch(entry.name) and entry.is_symlink():
                     return f"the workspace's .git/objects/{entry.name} is a symbolic link"
     except OSError:
         pass  # no objects folder: git fails on its own
