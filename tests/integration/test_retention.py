@@ -391,6 +391,50 @@ def test_cleanup_removes_spare_pools_no_repo_would_take_from(tmp_path: Path, dat
         rt.close()
 
 
+def test_a_pool_is_renamed_away_before_it_is_deleted(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job of another instance (whose catalog still uses the pool) may take a spare while the
+    pool is deleted: `rmtree`, holding the spare's folder open, went on deleting inside it after the
+    job renamed it into its workspace. The pool is renamed first: a take then finds nothing (and
+    prepares the usual way) instead of a half-deleted workspace."""
+    rt = make_runtime(tmp_path, database_url)
+    try:
+        pools = rt.settings.workspace_dir / POOLS
+        pool = pools / "removed-repo-0123456789ab.clone"
+        spare = pool / "ready-0123456789ab"
+        spare.mkdir(parents=True)
+        for i in range(5):
+            (spare / f"f{i}.txt").write_text("x")
+        taken = rt.settings.workspace_dir / "11111111-take"
+        outcome: dict[str, Any] = {}
+        real_rmtree = retention.shutil.rmtree
+
+        def rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+            inside = Path(path) / spare.name
+            if inside.is_dir():
+                fd = os.open(inside, os.O_RDONLY)  # as rmtree holds the folders it walks
+                try:
+                    try:
+                        os.rename(spare, taken)  # the other instance's take, meanwhile
+                        outcome["take"] = "taken"
+                    except FileNotFoundError:
+                        outcome["take"] = "no pool"
+                    for name in os.listdir(fd):
+                        os.unlink(name, dir_fd=fd)
+                finally:
+                    os.close(fd)
+            real_rmtree(path, *args, **kwargs)
+
+        monkeypatch.setattr(retention.shutil, "rmtree", rmtree)
+        assert cleanup(rt).spare_pools == 1
+        assert outcome == {"take": "no pool"}
+        assert not pool.exists() and not taken.exists()
+        assert not [p for p in pools.iterdir() if p.name.endswith(".discard")]
+    finally:
+        rt.close()
+
+
 def test_cleanup_removes_mirrors_of_removed_repos_once_no_workspace_borrows_them(
     tmp_path: Path, database_url: str
 ) -> None:

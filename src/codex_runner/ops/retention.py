@@ -142,7 +142,7 @@ def cleanup(
             report.git_homes += 1
     dropped_pools = []
     for pool in _unused_spare_pools(runtime) if shared_caches else ():
-        if dry_run or _rmtree(pool, report):
+        if dry_run or _discard_pool(pool, report):
             report.spare_pools += 1
             dropped_pools.append(pool)  # a pool still there may still borrow a mirror's objects
     for mirror in _unused_mirrors(runtime, dropped_pools) if shared_caches else ():
@@ -398,6 +398,22 @@ def _rmtree(path: Path, report: CleanupReport) -> bool:
         report.errors.append(f"{path}: {exc.strerror or exc}")
         return False
     return True
+
+
+def _discard_pool(pool: Path, report: CleanupReport) -> bool:
+    """Removes a spare pool, renamed out of the way first: a job taking a spare renames it out of
+    the pool (another instance's catalog may still use the pool), and a deletion running through
+    the pool meanwhile would go on deleting inside the job's workspace. After the rename, a take
+    finds no pool (and prepares the usual way); a spare taken before it is no longer in it."""
+    discarded = pool.with_name(f".{pool.name}.{uuid.uuid4().hex[:8]}.discard")
+    try:
+        pool.rename(discarded)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        report.errors.append(f"{pool}: {exc.strerror or exc}")
+        return False
+    return _rmtree(discarded, report)
 
 
 def _doomed_mirrors(runtime: Runtime) -> Iterator[Path]:
