@@ -347,6 +347,27 @@ def test_a_local_clone_spare_has_the_repos_tags_as_they_are_now(tmp_path: Path) 
     assert wait_for_refills(30)
 
 
+def test_a_local_clone_spare_has_origin_head_as_a_fresh_clone(tmp_path: Path) -> None:
+    """`origin/HEAD` was fixed when the spare was built: after the repo switched its branch and
+    deleted the old one, the job's clone named a dangling `origin/HEAD`, where a fresh clone names
+    the repo's current branch."""
+    local = make_repo(tmp_path / "repo")
+    git("branch", "dev", cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("l", str(local), branch=None, workspace="clone")
+    first = prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)
+    [spare] = ready_spares(settings, repo)
+    cleanup_workspace(first, repo, settings, failed=False)
+    git("checkout", "-q", "dev", cwd=local)
+    git("branch", "-D", "main", cwd=local)
+    second = prepare_workspace(repo, "22222222-b", settings)
+    assert not spare.exists()  # taken
+    assert git("symbolic-ref", "refs/remotes/origin/HEAD", cwd=second.path) == "refs/remotes/origin/dev"
+    cleanup_workspace(second, repo, settings, failed=False)
+    assert wait_for_refills(30)
+
+
 def test_two_jobs_racing_for_one_spare_both_get_a_workspace(tmp_path: Path) -> None:
     seed, _bare, settings, repo = url_repo(tmp_path, "worktree")
     prepare_workspace(repo, "11111111-a", settings)

@@ -186,6 +186,15 @@ def _reset(
             home,
             "clone_failed",
         )
+        # And `origin/HEAD` as a fresh clone has it: the repo's current branch (it may have
+        # switched, and the branch the spare's points at may be gone), or none for a detached HEAD.
+        got = run_in(
+            git_dir, path, ["remote", "set-head", "origin", "--auto"], home, "clone_failed", check=False
+        )
+        if got.returncode != 0:
+            run_in(
+                git_dir, path, ["remote", "set-head", "origin", "--delete"], home, "clone_failed", check=False
+            )
     elif src.mode == "clone":
         # Written again rather than trusted: the same configuration and objects a fresh clone gets.
         _write_file(git_dir / "config", _CLONE_CONFIG.format(url=_config_quote(src.origin)))
