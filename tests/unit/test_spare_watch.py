@@ -169,3 +169,21 @@ def test_a_deleted_spare_is_forgotten(tmp_path: Path) -> None:
     shutil.rmtree(root)
     w.forget(tmp_path)  # any call reads the queue
     assert not w._spares and not w._by_wd  # nothing kept for a folder that is gone
+
+
+def test_all_spares_together_stay_within_a_share_of_the_users_watches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cap was per tree only: sixteen spares of a big repo took most of the user's
+    `max_user_watches`, and the agents' own file watchers (the same user) failed with ENOSPC. Past
+    the budget, a spare is not watched (it is checked file by file when taken); the budget comes
+    back as spares are taken."""
+    monkeypatch.setattr(spare_watch.Path, "read_text", lambda self: "20")  # a quarter: 5 watches
+    assert spare_watch.watch_budget() == 5
+    w = SpareWatch()
+    first, second = tree(tmp_path / "one"), tree(tmp_path / "two")  # 3 folders each, .git aside
+    assert w.start(first)
+    assert not w.start(second)  # 3 + 3 > 5
+    w.verified(first)
+    assert w.take(first)  # its watches are given back
+    assert w.start(second)

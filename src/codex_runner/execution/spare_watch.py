@@ -39,6 +39,22 @@ log = structlog.get_logger("codex_runner.spares")
 # Each watch costs the kernel about 1 KiB and counts against `fs.inotify.max_user_watches`; a tree with
 # more folders than this is checked the old way instead.
 MAX_FOLDERS = 20_000
+# All spares together take at most this share of `fs.inotify.max_user_watches`: the limit is the
+# user's, and the agents (the same user) run file watchers of their own (dev servers, test
+# watchers), which would fail with ENOSPC once the runner held them all.
+WATCH_SHARE = 0.25
+_DEFAULT_MAX_USER_WATCHES = 8192
+
+
+def watch_budget() -> int:
+    """How many watches this process's spares may hold in all."""
+    try:
+        limit = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text().strip())
+    except (OSError, ValueError):
+        limit = _DEFAULT_MAX_USER_WATCHES
+    return max(1, int(limit * WATCH_SHARE))
+
+
 # Every event that changes what is in a folder or a file's content, mode or times. Reads (ACCESS,
 # OPEN, CLOSE_NOWRITE) are left out: git reading the spare is not a change. MOVE_SELF is left out
 # because the runner renames a spare's root itself (publish, claim); a sub-folder moved away is
@@ -73,6 +89,7 @@ class SpareWatch:
         self._fd: INotify | None = None
         self._spares: dict[tuple[int, int], _Watched] = {}
         self._by_wd: dict[int, tuple[int, int]] = {}
+        self._budget = watch_budget()
 
     def start(self, root: Path) -> bool:
         """Watches every folder of `root` except `.git`, before anything in it is listed, so a change
@@ -107,6 +124,11 @@ class SpareWatch:
             folder = stack.pop()
             if len(entry.wds) >= MAX_FOLDERS:
                 raise _TooManyFolders(f"more than {MAX_FOLDERS} folders")
+            if len(self._by_wd) >= self._budget:
+                raise _TooManyFolders(
+                    f"the spares' watches would pass {self._budget} "
+                    f"({WATCH_SHARE:.0%} of fs.inotify.max_user_watches)"
+                )
             wd = self._fd.add_watch(folder, _WATCH_MASK)
             entry.wds.append(wd)
             self._by_wd[wd] = key
