@@ -67,8 +67,11 @@ def test_a_job_that_fails_on_its_own_after_a_cancel_ends_canceled(
     _cancel(runner, job["id"])
     done = runner.wait(job["id"], timeout=30)
     assert (done["status"], done["error_code"]) == ("canceled", "canceled"), done
-    # The run manifest says so too: it kept the error of the status the job would have had.
-    doc = json.loads((runner.runtime.settings.runs_dir / job["id"] / "manifest.json").read_text())
+    # The run manifest says so too: it kept the error of the status the job would have had. It is
+    # published right after the status is written, so a moment after the API shows it.
+    manifest = runner.runtime.settings.runs_dir / job["id"] / "manifest.json"
+    assert wait_until(lambda: json.loads(manifest.read_text()).get("status") == "canceled", timeout=10)
+    doc = json.loads(manifest.read_text())
     assert (doc["status"], doc["error_code"]) == ("canceled", "canceled"), doc
 
 
