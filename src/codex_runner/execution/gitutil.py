@@ -189,6 +189,17 @@ def nested_guard(
     return tuple(combined)
 
 
+def gitfile_target(dot_git: Path) -> Path | None:
+    """The git dir a `.git` file names ("gitdir: <path>", gitrepository-layout(5)), resolved; None
+    when the file is not of that form. Read here rather than by a `git rev-parse` (3 ms). The path
+    is taken as git takes it, bytes and all (not UTF-8 is no reason to look elsewhere). Raises
+    OSError when it cannot be read."""
+    text = os.fsdecode(dot_git.read_bytes())
+    if not text.startswith("gitdir: ") or "\n" in text.rstrip("\n"):
+        return None
+    return (dot_git.parent / text[len("gitdir: ") :].rstrip("\n")).resolve()
+
+
 def _nested_git_dir(inner: Path) -> Path | None:
     """The git dir of a checked-out nested repository: its `.git` folder, or the folder its `.git`
     file names (a submodule's, in the parent's `.git/modules`); None when there is none."""
@@ -197,15 +208,10 @@ def _nested_git_dir(inner: Path) -> Path | None:
     dot_git = inner / ".git"
     try:
         if dot_git.is_dir():
-            return Path(os.path.realpath(dot_git))
-        if dot_git.is_file():
-            text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
-            if text.startswith("gitdir:"):
-                target = Path(text[len("gitdir:") :].strip())
-                return Path(os.path.realpath(target if target.is_absolute() else inner / target))
+            return dot_git.resolve()
+        return gitfile_target(dot_git) if dot_git.is_file() else None
     except OSError:
         return None
-    return None
 
 
 def git_out(args: list[str], home: Path, code: str) -> str:

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -135,6 +135,19 @@ class JobRun:
     #: may kill that git after the grace (`Launcher._kill_git_after_grace`); never its cleanup's,
     #: which must put an in_place repo back on its branch.
     git_killable = False
+
+    @contextlib.contextmanager
+    def _killable_git(self, stage: str) -> Iterator[None]:
+        """The git of `stage` (prepare, commit, push), which a cancel may kill: the flag the
+        launcher reads, and `RUNNER_GIT_STAGE` on the processes (the context a worker thread
+        copies), so that the kill finds them and never the cleanup's git."""
+        token = GIT_STAGE.set(stage)
+        self.git_killable = True
+        try:
+            yield
+        finally:
+            self.git_killable = False
+            GIT_STAGE.reset(token)
 
     @property
     def in_git_stage(self) -> bool:
@@ -371,15 +384,11 @@ class JobRun:
             # Before a prepare that may take a while (a clone, a fetch): readers see it running.
             self._write_manifest(self._manifest_doc())
             self._manifest_dirty = False
-        stage = GIT_STAGE.set("prepare")
         try:
-            self.git_killable = True
-            ws = prepare_workspace(repo, self.job_id, self.settings, credential)
+            with self._killable_git("prepare"):
+                ws = prepare_workspace(repo, self.job_id, self.settings, credential)
         except GitError as exc:
             return credential, exc
-        finally:
-            self.git_killable = False
-            GIT_STAGE.reset(stage)
         # Both reach the manifest on the job's next trip: the pid record of a script that runs on
         # (`PID_RECORD_DELAY_SECONDS`), else the cleanup; not here, ahead of the spawn.
         self._stage("prepare", "success")
@@ -564,22 +573,18 @@ class JobRun:
         await self._fenced_update({"stages": list(self.stages.values())})
         if self.fenced:
             return result
-        stage = GIT_STAGE.set("commit")
         try:
-            self.git_killable = True
-            commit = await self._in_thread(
-                commit_changes,
-                ws,
-                message=f"{script.key}: job {self.job_id}\n\nCommitted by codex-runner for {self.row['requested_by']}.",
-                author_name=self.settings.git_author_name,
-                author_email=self.settings.git_author_email,
-            )
+            with self._killable_git("commit"):
+                commit = await self._in_thread(
+                    commit_changes,
+                    ws,
+                    message=f"{script.key}: job {self.job_id}\n\nCommitted by codex-runner for {self.row['requested_by']}.",
+                    author_name=self.settings.git_author_name,
+                    author_email=self.settings.git_author_email,
+                )
         except GitError as exc:
             self._stage("commit", "failed", error=exc.message)
             return {**result, "error": (exc.code, exc.message)}
-        finally:
-            self.git_killable = False
-            GIT_STAGE.reset(stage)
         self._stage("commit", "success")
         result.update(
             commit=commit.commit,
@@ -601,21 +606,17 @@ class JobRun:
             self._stage("push", "skipped")
             return result
         self._stage("push", "running")
-        stage = GIT_STAGE.set("push")
         try:
             if repo.source_type != "git_url" and ws.push_url is not None:
                 self.rt.catalog.check_push_target(repo, ws.push_url)
-            self.git_killable = True
-            await self._in_thread(push_branch, ws, repo, credential)
+            with self._killable_git("push"):
+                await self._in_thread(push_branch, ws, repo, credential)
         except GitError as exc:
             self._stage("push", "failed", error=exc.message)
             return {**result, "error": (exc.code, exc.message)}
         except RepoNotAllowed as exc:
             self._stage("push", "failed", error=exc.message)
             return {**result, "error": ("push_failed", exc.message)}
-        finally:
-            self.git_killable = False
-            GIT_STAGE.reset(stage)
         self._stage("push", "success")
         self._runner_line(f"pushed {ws.branch}")
         result["pushed"] = True

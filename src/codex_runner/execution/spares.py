@@ -33,7 +33,7 @@ import structlog
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import GitError, install_script, run_git
-from codex_runner.execution.gitutil import filter_guard, git_out, real_dir, repo_lock, run_in
+from codex_runner.execution.gitutil import filter_guard, git_out, gitfile_target, real_dir, repo_lock, run_in
 from codex_runner.execution.spare_watch import watch
 
 __all__ = [
@@ -149,15 +149,15 @@ def _claim(settings: Settings, src: SpareSource, spare: Path, path: Path, home: 
 
 
 def _linked_git_dir(work_tree: Path) -> Path:
-    """The git dir a worktree's `.git` file names ("gitdir: <path>", gitrepository-layout(5)); read
-    here rather than by a `git rev-parse` (3 ms). The checkout that follows fails if it is no repo."""
+    """The git dir a worktree's `.git` file names (`gitfile_target`). The checkout that follows
+    fails if it is no repo."""
     try:
-        text = (work_tree / ".git").read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        target = gitfile_target(work_tree / ".git")
+    except OSError as exc:
         raise GitError(f"spare worktree has no .git link: {exc}", code="branch_failed") from None
-    if not text.startswith("gitdir: ") or "\n" in text.rstrip("\n"):
+    if target is None:
         raise GitError("spare worktree has a malformed .git link", code="branch_failed")
-    return (work_tree / text[len("gitdir: ") :].rstrip("\n")).resolve()
+    return target
 
 
 def _rename(spare: Path, path: Path) -> bool:

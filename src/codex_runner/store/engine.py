@@ -105,7 +105,7 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5, "options": pg_session_options(url), **PG_TCP_ARGS},
+        connect_args=pg_connect_args(url, connect_timeout=5),
     )
 
 
@@ -130,11 +130,8 @@ class DatabaseProbe:
             self._engine = sa.create_engine(
                 url,
                 poolclass=sa.pool.NullPool,
-                connect_args={
-                    "connect_timeout": 2,  # libpq's least; under `timeout`, so it decides first
-                    "options": pg_session_options(url),
-                    **PG_TCP_ARGS,
-                },
+                # libpq's least connect timeout; under `timeout`, so it decides first.
+                connect_args=pg_connect_args(url, connect_timeout=2),
             )
         self._in_flight = threading.Lock()
         self._thread_pool = ThreadPoolExecutor(1, thread_name_prefix="db-probe")
@@ -164,6 +161,11 @@ class DatabaseProbe:
     def close(self) -> None:
         self._thread_pool.shutdown(wait=False, cancel_futures=True)
         self._engine.dispose()
+
+
+def pg_connect_args(url: str, *, connect_timeout: int) -> dict[str, Any]:
+    """psycopg's connection arguments for every PostgreSQL connection of the runner."""
+    return {"connect_timeout": connect_timeout, "options": pg_session_options(url), **PG_TCP_ARGS}
 
 
 def pg_session_options(url: str) -> str:

@@ -55,9 +55,9 @@ def clock_now(is_pg: bool) -> Any:
 
 def clock_cutoff(is_pg: bool, seconds: float) -> Any:
     """`clock_now` minus `seconds`."""
-    if is_pg:  # an interval bind: the clock's own type would take the timedelta for a time
-        return SERVER_CLOCK - sa.literal(timedelta(seconds=seconds), sa.Interval())
-    return datetime.now(UTC) - timedelta(seconds=seconds)
+    ago = timedelta(seconds=seconds)
+    # On PostgreSQL an interval bind: the clock's own type would take the timedelta for a time.
+    return clock_now(is_pg) - (sa.literal(ago, sa.Interval()) if is_pg else ago)
 
 
 class CleanText(TypeDecorator[str]):
