@@ -110,6 +110,7 @@ class Settings:
     default_timeout_seconds: int = 3600
     heartbeat_seconds: int = 30
     stale_after_seconds: int = 120
+    db_answer_timeout_seconds: int = 45
     kill_grace_seconds: int = 10
     idempotency_window_seconds: int = 86400
     log_dir: Path = Path()
@@ -182,6 +183,7 @@ _INT_MINIMUMS: dict[str, int] = {
     "default_timeout_seconds": 1,
     "heartbeat_seconds": 1,
     "stale_after_seconds": 1,
+    "db_answer_timeout_seconds": 1,
     "idempotency_window_seconds": 1,
     "log_max_bytes": 1024,
     "audit_log_max_bytes": 1024,
@@ -196,6 +198,7 @@ _INT_MAXIMUMS: dict[str, int] = {
     "default_timeout_seconds": MAX_SECONDS,
     "heartbeat_seconds": MAX_SECONDS,
     "stale_after_seconds": MAX_SECONDS,
+    "db_answer_timeout_seconds": MAX_SECONDS,
     "kill_grace_seconds": MAX_SECONDS,
     "idempotency_window_seconds": MAX_SECONDS,
     "retention_interval_seconds": MAX_SECONDS,

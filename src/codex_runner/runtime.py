@@ -55,7 +55,7 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, catalog: Catalog | None = None) -> Runtime:
         catalog = catalog or Catalog.from_settings(settings)
-        engine = create_store_engine(settings.database_url)
+        engine = create_store_engine(settings.database_url, answer_timeout=settings.db_answer_timeout_seconds)
         if migrate:
             upgrade(engine)
         key = parse_key(settings.encryption_key) if settings.encryption_key else None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from codex_runner.api import create_app
 
@@ -140,3 +141,93 @@ def test_the_probe_uses_psycopg_3_like_the_store() -> None:
         assert probe._engine.url.drivername == "postgresql+psycopg"
     finally:
         probe.close()
+
+
+def test_a_request_to_a_silent_database_answers_503_instead_of_hanging(
+    pg_database_url: str, proxy: FreezingProxy, tmp_path: Path
+) -> None:
+    """Every route but the health ones reads the tokens table: with the server frozen, a request
+    waited until it answered again (for ever, under SIGSTOP). Now the statement's wait ends after
+    RUNNER_DB_ANSWER_TIMEOUT_SECONDS, its connection is closed, and the next connection's
+    connect timeout (5 s) is not tried again: 503 within seconds, and the instance recovers once
+    the server answers."""
+    url = pg_database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    runtime = build_runtime(tmp_path, url, RUNNER_DB_ANSWER_TIMEOUT_SECONDS="2")
+    try:
+        token, _ = runtime.tokens.create("alice", "user")
+        headers = {"Authorization": f"Bearer {token}"}
+        with serve_app(create_app(runtime)) as base:
+            assert httpx.get(f"{base}/api/runner/jobs", headers=headers, timeout=10).status_code == 200
+            proxy.frozen = True
+            for _ in range(2):  # on the pooled connection, then on a new one
+                started = time.monotonic()
+                answer = httpx.get(f"{base}/api/runner/jobs", headers=headers, timeout=30)
+                assert answer.status_code == 503 and answer.json()["code"] == "unavailable"
+                assert time.monotonic() - started < 15  # 2 s of answer deadline + 5 s to connect
+            proxy.frozen = False
+            assert wait_until(
+                lambda: httpx.get(f"{base}/api/runner/jobs", headers=headers, timeout=20).status_code == 200,
+                timeout=20,
+            )
+    finally:
+        runtime.close()
+
+
+def test_a_silent_commit_is_reported_as_of_unknown_outcome(
+    pg_database_url: str, proxy: FreezingProxy
+) -> None:
+    """A COMMIT whose answer never comes may have been applied: `CommitOutcomeUnknown`, not
+    retried (a retry could apply it twice), and the frozen connection is not reused."""
+    from codex_runner.errors import CommitOutcomeUnknown
+    from codex_runner.store.engine import create_store_engine, with_retries, write_txn
+
+    url = pg_database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    engine = create_store_engine(url, pool_size=1, answer_timeout=1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (n int)"))
+
+        def write() -> None:
+            with write_txn(engine) as conn:
+                conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+                proxy.frozen = True  # the INSERT got its answer; the COMMIT will not
+
+        started = time.monotonic()
+        with pytest.raises(CommitOutcomeUnknown):
+            with_retries(write)
+        assert time.monotonic() - started < 5
+        proxy.frozen = False  # the COMMIT the proxy held reaches the server: it was applied after all
+
+        def count() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(sa.text("SELECT count(*) FROM t")).scalar_one())
+
+        assert wait_until(lambda: count() == 1, timeout=10)
+    finally:
+        proxy.frozen = False
+        engine.dispose()
+
+
+def test_migrations_have_no_answer_deadline(pg_database_url: str) -> None:
+    """A migration waits for another instance's whole upgrade on a lock and may rewrite a big
+    table: its connection has no time limit, every other one has."""
+    from codex_runner.errors import StoreUnavailable
+    from codex_runner.store.engine import create_store_engine, with_retries, without_answer_deadline
+
+    engine = create_store_engine(pg_database_url, pool_size=1, answer_timeout=1)
+    try:
+        with engine.connect() as conn, without_answer_deadline(conn):
+            conn.execute(sa.text("SELECT pg_sleep(1.5)"))
+
+        def slow() -> None:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_sleep(1.5)"))
+
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            with_retries(slow)
+        assert time.monotonic() - started < 1.4  # not retried: another attempt would wait as long
+        with engine.connect() as conn:  # the limit is back on the pooled connection
+            assert conn.connection.dbapi_connection.answer_timeout == 1  # type: ignore[union-attr]
+    finally:
+        engine.dispose()

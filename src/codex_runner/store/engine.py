@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import threading
 import time
 import weakref
@@ -49,6 +50,12 @@ PG_TCP_ARGS = {
     "keepalives_count": 3,
     "tcp_user_timeout": 30_000,
 }
+# How long any one exchange with PostgreSQL (a statement, a COMMIT) may go without an answer
+# before the connection is closed and the call fails (`DeadlineConnection`): the case the TCP
+# settings above do not catch, a server or proxy that keeps the connection open and never answers.
+# Above the longest wait a healthy server makes a statement do here: a lock held by a frozen
+# instance, which `idle_in_transaction_session_timeout` (30 s) releases.
+PG_ANSWER_TIMEOUT_SECONDS = 45.0
 # SQLSTATEs that end the session: class 08 (connection exceptions), 57P01-57P03 (shut down).
 _DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03"})
 
@@ -62,7 +69,26 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
+@contextmanager
+def without_answer_deadline(conn: Connection) -> Iterator[Connection]:
+    """No time limit on `conn`'s statements for the block: for migrations, whose lock waits for
+    another instance's whole upgrade and whose statements may rewrite big tables."""
+    dbapi: Any = conn.connection.dbapi_connection
+    if conn.dialect.name != "postgresql" or not hasattr(dbapi, "answer_timeout"):
+        yield conn
+        return
+    before, dbapi.answer_timeout = dbapi.answer_timeout, None
+    try:
+        yield conn
+    finally:
+        dbapi.answer_timeout = before
+
+
+def create_store_engine(
+    url: str, *, pool_size: int = 10, answer_timeout: float = PG_ANSWER_TIMEOUT_SECONDS
+) -> Engine:
+    """`answer_timeout`: PostgreSQL only, how long one exchange with the server may take
+    (`pg_conn.DeadlineConnection`)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         db_path = sa.engine.make_url(url).database
@@ -99,7 +125,7 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    return sa.create_engine(
+    engine = sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -107,6 +133,16 @@ def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
         pool_recycle=1800,
         connect_args=pg_connect_args(url, connect_timeout=5),
     )
+
+    from codex_runner.store.pg_conn import DeadlineConnection  # psycopg: 80 ms to import
+
+    @event.listens_for(engine, "do_connect")
+    def _pg_connect(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> DeadlineConnection:
+        conn = DeadlineConnection.connect(*cargs, **cparams)
+        conn.answer_timeout = answer_timeout
+        return conn
+
+    return engine
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
@@ -206,6 +242,18 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def _silent(exc: sa.exc.DBAPIError) -> bool:
+    """The server took a connection, or a statement, and never answered (`NoAnswer`, libpq's
+    connect timeout): another attempt would wait as long again, so the caller hears at once."""
+    if "psycopg" not in sys.modules:
+        return False  # SQLite only: not imported for nothing
+    from psycopg.errors import ConnectionTimeout
+
+    from codex_runner.store.pg_conn import NoAnswer
+
+    return isinstance(exc.orig, NoAnswer | ConnectionTimeout)
+
+
 def commit_outcome_unknown(exc: sa.exc.DBAPIError) -> bool:
     """Whether a COMMIT that raised `exc` may have been applied all the same: the connection went
     away (PostgreSQL), so the server may have committed before the answer was lost. An SQLite
@@ -234,7 +282,7 @@ def with_retries(
         except sa.exc.DBAPIError as exc:
             if not is_transient(exc):
                 raise
-            if attempt == attempts:
+            if attempt == attempts or _silent(exc):
                 raise StoreUnavailable("the database is not answering; try again shortly") from None
             time.sleep(delay)
             delay *= 2

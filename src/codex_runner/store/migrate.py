@@ -11,6 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
+from codex_runner.store.engine import without_answer_deadline
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATE_LOCK_KEY = 0x636F646578_00
 
@@ -38,7 +40,9 @@ def upgrade(engine: Engine) -> None:
     upgrading to writer would deadlock on), and with a transaction per migration (alembic's
     default on SQLite) another instance could run a migration in between."""
     cfg = _config()
-    with engine.connect() as conn:
+    # No time limit on an answer: the lock waits for another instance's whole upgrade, and a
+    # migration may rewrite a big table.
+    with engine.connect() as conn, without_answer_deadline(conn):
         if engine.dialect.name == "postgresql":
             conn.execute(sa.select(sa.func.pg_advisory_lock(MIGRATE_LOCK_KEY)))
             conn.commit()
