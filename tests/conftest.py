@@ -33,6 +33,15 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def _refills_taken() -> None:
+    """A stop of the workspace layer's background work (a launcher's, a test's) lasts until a
+    launcher starts again; a test that prepares workspaces without one expects spares made."""
+    from codex_runner.execution.spares import resume_refills
+
+    resume_refills()
+
+
 def _pg_url(dbname: str) -> str:
     return f"postgresql://postgres@127.0.0.1:5432/{dbname}"
 

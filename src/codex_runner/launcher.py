@@ -27,7 +27,7 @@ from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.manifest import MANIFEST_NAME
 from codex_runner.execution.process import kill_process_group
-from codex_runner.execution.spares import stop_refills
+from codex_runner.execution.spares import resume_refills, stop_refills
 from codex_runner.execution.workspace import cleanup_workspace, prewarm_spares, workspace_from_record
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
 from codex_runner.runtime import Runtime
@@ -105,6 +105,7 @@ class Launcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        resume_refills()  # an earlier launcher of this process (tests) stopped them
         # Every store call runs in a thread. During a database outage each running job may hold one
         # thread retrying its writes, so the default pool (cores + 4) must not be what limits us:
         # heartbeats and claims need threads of their own.
@@ -198,7 +199,7 @@ class Launcher:
         await asyncio.gather(*self._loops, return_exceptions=True)
         self.rt.metrics.lock_acquired.set(0)
         # A warm workspace being built finishes (its git process is not left behind); requests
-        # for more are dropped.
+        # for more are dropped, also from a job's prepare that outlives this stop.
         await asyncio.to_thread(stop_refills, float(grace))
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.registry.stopped)

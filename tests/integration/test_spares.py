@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -517,3 +518,39 @@ def test_prewarm_skips_what_it_cannot_make_without_the_network(tmp_path: Path) -
     assert prewarm_spares([Repo("l", str(local))], off) == 0
     assert wait_for_refills(30)
     assert not (settings.workspace_dir / ".spares").exists()
+
+
+def test_no_spare_is_asked_for_after_a_stop_until_resumed(tmp_path: Path) -> None:
+    """The stop re-armed the background at once: a job's prepare that outlived the launcher's
+    stop (stuck on a repo lock past the grace) started a spare build after shutdown, on a thread
+    that holds the process's exit."""
+    _seed, _bare, settings, repo = url_repo(tmp_path, "clone")
+    stop_refills(timeout=5)
+    prepare_workspace(repo, "11111111-a", settings)  # asks for a spare
+    assert spares._background._thread is None and spares._background._pending == {}
+    assert wait_for_refills(5) and ready_spares(settings, repo) == []
+    spares.resume_refills()  # the next launcher's start
+    prepare_workspace(repo, "22222222-b", settings)
+    assert wait_for_refills(30) and len(ready_spares(settings, repo)) == 1
+
+
+def test_a_stop_ends_a_build_waiting_for_a_repo_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build waiting for a lock a job holds waited up to the lock timeout (40 minutes) after the
+    stop, on a non-daemon thread: the process could not exit meanwhile."""
+    from codex_runner.execution import workspace
+    from codex_runner.execution.gitutil import repo_lock
+
+    _seed, _bare, settings, repo = url_repo(tmp_path, "worktree")  # its build takes the lock
+    asked: list[spares.SpareSource] = []
+    monkeypatch.setattr(workspace, "refill_later", lambda _settings, src: asked.append(src))
+    prepare_workspace(repo, "11111111-a", settings)
+    assert wait_for_refills(30)  # the mirror's upkeep
+    [source] = asked
+    with repo_lock(settings, lock_key(repo.source)):
+        spares.refill_later(settings, source)
+        assert not wait_for_refills(0.5)  # the build waits for the lock
+        started = time.monotonic()
+        stop_refills(timeout=10)
+        assert time.monotonic() - started < 2
+        assert spares._background._thread is None
+    assert ready_spares(settings, repo) == []

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -61,13 +62,24 @@ def lock_key(source: str) -> str:
     return f"{safe}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 
 
+_lock_waits = threading.local()
+
+
+def give_up_lock_waits_when(event: threading.Event) -> None:
+    """`repo_lock` waits of the calling thread end (with a `GitError`) once `event` is set: the
+    background thread's, so that a shutdown need not wait for a lock held by a job (up to
+    `REPO_LOCK_TIMEOUT`) before the process can exit."""
+    _lock_waits.stop = event
+
+
 @contextmanager
 def repo_lock(settings: Settings, key: str, *, timeout: float = REPO_LOCK_TIMEOUT) -> Iterator[None]:
     """An exclusive per-repo lock that holds across runner processes on this host (flock).
 
     Every holder runs git commands bounded by their timeouts, so a wait longer than the longest of
     them means a holder that no longer moves (a frozen process): `prepare_failed` rather than a job
-    that waits forever."""
+    that waits forever. A thread can also be told to give up (`give_up_lock_waits_when`)."""
+    stop: threading.Event | None = getattr(_lock_waits, "stop", None)
     locks = real_dir(settings.data_dir) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -79,6 +91,10 @@ def repo_lock(settings: Settings, key: str, *, timeout: float = REPO_LOCK_TIMEOU
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if stop is not None and stop.is_set():
+                    raise GitError(
+                        "stopping: gave up waiting for the repo lock", code="prepare_failed"
+                    ) from None
                 if time.monotonic() >= deadline:
                     raise GitError(
                         f"the repo lock was held by someone else for {timeout:.0f} s", code="prepare_failed"

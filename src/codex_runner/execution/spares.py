@@ -33,13 +33,22 @@ import structlog
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import GitError, install_script, run_git
-from codex_runner.execution.gitutil import filter_guard, git_out, gitfile_target, real_dir, repo_lock, run_in
+from codex_runner.execution.gitutil import (
+    filter_guard,
+    git_out,
+    gitfile_target,
+    give_up_lock_waits_when,
+    real_dir,
+    repo_lock,
+    run_in,
+)
 from codex_runner.execution.spare_watch import watch
 
 __all__ = [
     "SpareSource",
     "pool_dir",
     "refill_later",
+    "resume_refills",
     "run_in_background",
     "stop_refills",
     "take_spare",
@@ -389,13 +398,16 @@ class _Background:
     """One thread per process does the workspace layer's background work, one task at a time, newest
     request first: making spares, and the mirrors' upkeep (workspace.py). A request whose key is
     already waiting replaces it (a spare's commit is newer; a second upkeep is the same upkeep). Not a
-    daemon thread: at exit the task in progress finishes instead of leaving a git process behind."""
+    daemon thread: at exit the task in progress finishes instead of leaving a git process behind.
+    Once stopped it takes no request until `resume` (the next launcher's start): a job's prepare that
+    outlived the shutdown would otherwise start a build after it, which holds the process's exit."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._pending: dict[object, tuple[str, Callable[[], object]]] = {}
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._stopping = threading.Event()  # ends the thread's repo lock waits (`repo_lock`)
 
     def request(self, key: object, what: str, task: Callable[[], object]) -> None:
         with self._cond:
@@ -408,6 +420,7 @@ class _Background:
                 self._thread.start()
 
     def _run(self) -> None:
+        give_up_lock_waits_when(self._stopping)
         while True:
             with self._cond:
                 if not self._pending or self._stopped:
@@ -427,14 +440,16 @@ class _Background:
     def stop(self, timeout: float) -> None:
         with self._cond:
             self._stopped = True
+            self._stopping.set()
             self._pending.clear()
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
 
-    def restart(self) -> None:
+    def resume(self) -> None:
         with self._cond:
             self._stopped = False
+            self._stopping.clear()
 
 
 _background = _Background()
@@ -460,6 +475,12 @@ def wait_for_refills(timeout: float = 60.0) -> bool:
 
 
 def stop_refills(timeout: float = 30.0) -> None:
-    """Drops pending requests and waits (at most `timeout`) for the build in progress: shutdown."""
+    """Shutdown: drops pending requests, takes no more until `resume_refills`, and waits (at most
+    `timeout`) for the build in progress; a build still waiting for a repo lock gives up."""
     _background.stop(timeout)
-    _background.restart()  # a later runtime in the same process (tests) may use spares again
+
+
+def resume_refills() -> None:
+    """Background work is taken again after `stop_refills`: a launcher's start (a later runtime in
+    the same process, as in tests)."""
+    _background.resume()
