@@ -26,68 +26,67 @@ def is_codex_exec(script: ScriptSpec) -> bool:
 
 # codex flags that turn the sandbox (and approvals) off whatever `--sandbox` says.
 BYPASS_FLAGS = frozenset({"--dangerously-bypass-approvals-and-sandbox", "--yolo"})
-# codex options that widen what the sandbox lets it write: more writable folders, another root.
-_ROOT_OPTIONS = frozenset({"-C", "--cd"})
-_ADD_DIR = "--add-dir"
+# codex options (short form, long form) that choose what the sandbox lets it write: its mode,
+# another root (which the sandbox makes writable), more writable folders; and its config.
+_SANDBOX = ("-s", "--sandbox")
+_ROOT = ("-C", "--cd")
+_ADD_DIR = (None, "--add-dir")
+_CONFIG = ("-c", "--config")
+
+
+def _option_at(argv: list[str], i: int, option: tuple[str | None, str]) -> tuple[str, list[str]] | None:
+    """When `argv[i]` starts `option` in any of its forms (`--long VALUE`, `-s VALUE`,
+    `--long=VALUE`, `-sVALUE`): its value and the tokens it spans. None otherwise, and for an
+    option without its value (the last token), which codex refuses anyway."""
+    short, long = option
+    arg = argv[i]
+    if arg in option and i + 1 < len(argv):
+        return argv[i + 1], argv[i : i + 2]
+    if arg.startswith(long + "="):
+        return arg[len(long) + 1 :], [arg]
+    if short is not None and arg.startswith(short) and len(arg) > 2 and not arg.startswith("--"):
+        return arg[2:], [arg]
+    return None
 
 
 def apply_risk_policy(argv: list[str], policy: str, workspace: str | None = None) -> list[str]:
     """Sets `--sandbox` from the repo's policy, whatever the script asked for: an operator's
     script cannot widen a conservative repo's sandbox. Every other way of choosing it goes:
-    `--sandbox X`, `-s X`, `--sandbox=X`, `-sX`, a `-c`/`--config` setting of `sandbox_mode` or
-    `sandbox_*`, and (but for a permissive repo) the flags that bypass the sandbox altogether, the
-    extra writable folders of `--add-dir` and a working root (`-C`/`--cd`, which the sandbox makes
-    writable) outside `workspace` (which is given instead); folders in the workspace stay. One `--sandbox` is put right after
-    `exec`."""
+    `--sandbox`/`-s` in any form, a `-c`/`--config` setting of `sandbox_mode` or `sandbox_*`, and
+    (but for a permissive repo) the flags that bypass the sandbox altogether, the extra writable
+    folders of `--add-dir` and a working root (`-C`/`--cd`) outside `workspace` (which is given
+    instead); folders in the workspace stay. One `--sandbox` is put right after `exec`."""
     sandbox = SANDBOX_BY_POLICY.get(policy, "workspace-write")
     guarded = policy != "permissive"
     out = argv[:1]
     rooted = False
     i = 1
     while i < len(argv):
-        arg = argv[i]
-        value = argv[i + 1] if i + 1 < len(argv) else None
-        if guarded and workspace is not None and value is not None and arg in _ROOT_OPTIONS:
-            if _inside(value, workspace) and not rooted:
-                out += [arg, value]
+        root = _option_at(argv, i, _ROOT) if guarded and workspace is not None else None
+        added = _option_at(argv, i, _ADD_DIR) if guarded else None
+        config = _option_at(argv, i, _CONFIG)
+        dropped = _option_at(argv, i, _SANDBOX) or (
+            config if config and _sandbox_setting(config[0]) else None
+        )
+        if root is not None:
+            if _inside(root[0], workspace or "") and not rooted:
+                out += root[1]
                 rooted = True
-            i += 2
-        elif (
-            guarded
-            and workspace is not None
-            and (arg.startswith("--cd=") or (arg.startswith("-C") and len(arg) > 2))
-        ):
-            attached = arg[len("--cd=") :] if arg.startswith("--cd=") else arg[2:]
-            if _inside(attached, workspace) and not rooted:
-                out.append(arg)
-                rooted = True
-            i += 1
-        elif guarded and value is not None and arg == _ADD_DIR:
-            if workspace is not None and _inside(value, workspace):
-                out += [arg, value]
-            i += 2
-        elif guarded and arg.startswith(_ADD_DIR + "="):
-            if workspace is not None and _inside(arg[len(_ADD_DIR) + 1 :], workspace):
-                out.append(arg)
-            i += 1
-        elif value is not None and (
-            arg in {"--sandbox", "-s"} or (arg in {"-c", "--config"} and _sandbox_setting(value))
-        ):
-            i += 2
-        elif (
-            arg.startswith("--sandbox=")
-            or (arg.startswith("-s") and not arg.startswith("--") and len(arg) > 2)
-            or (arg.startswith("--config=") and _sandbox_setting(arg[len("--config=") :]))
-            or (arg.startswith("-c") and not arg.startswith("--") and _sandbox_setting(arg[2:]))
-            or (arg in BYPASS_FLAGS and guarded)
-        ):
+            i += len(root[1])
+        elif added is not None:
+            if workspace is not None and _inside(added[0], workspace):
+                out += added[1]
+            i += len(added[1])
+        elif dropped is not None:
+            i += len(dropped[1])
+        elif guarded and argv[i] in BYPASS_FLAGS:
             i += 1
         else:
-            out.append(arg)
+            out.append(argv[i])
             i += 1
     at = 2 if len(out) > 1 and out[1] in CODEX_EXEC else len(out)
-    root = ["-C", workspace] if guarded and workspace is not None and not rooted else []
-    return [*out[:at], "--sandbox", sandbox, *root, *out[at:]]
+    root_arg = ["-C", workspace] if guarded and workspace is not None and not rooted else []
+    return [*out[:at], "--sandbox", sandbox, *root_arg, *out[at:]]
 
 
 def _inside(path: str, workspace: str) -> bool:
