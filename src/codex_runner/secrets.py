@@ -75,6 +75,24 @@ def tokens_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+# Passed-through variables whose values are known secrets of a job (masked in its log): named like
+# secrets — a name containing one of these, or with one of the parts below between underscores
+# (`DB_PASS`, `GH_PAT`, `SENTRY_DSN`; not `PATH`) — or holding a URL with a user part
+# (`https://user:pw@proxy`, a DSN), whatever its name.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|AUTH", re.IGNORECASE)
+_SECRET_NAME_PARTS = frozenset(
+    {"PASS", "PWD", "PW", "PAT", "DSN", "PRIVATE", "COOKIE", "SESSION", "SIGNATURE", "WEBHOOK"}
+)
+_URL_WITH_USER = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s@]+@")
+
+
+def is_secret_variable(name: str, value: str) -> bool:
+    """Whether a variable passed through to a job holds a secret (docs/logs.md, "Known secrets")."""
+    if _SECRET_NAME.search(name) or _URL_WITH_USER.search(value):
+        return True
+    return name.upper() != "PWD" and not _SECRET_NAME_PARTS.isdisjoint(name.upper().split("_"))
+
+
 def secret_bytes(value: str) -> bytes:
     """The bytes of a secret as a process sees them. Values from os.environ carry bytes that are
     not UTF-8 as lone surrogates (surrogateescape): those become the original bytes again, where a
@@ -89,19 +107,37 @@ def secret_bytes(value: str) -> bytes:
 
 
 def secret_forms(value: str, min_length: int = 8) -> list[str]:
-    """A secret and the encodings it most often leaks in: base64 (standard and URL-safe) and
-    percent-encoding. Values shorter than `min_length` are ignored: masking them would shred logs."""
-    from urllib.parse import quote
+    """A secret and the encodings it most often leaks in: base64 (standard and URL-safe; also
+    wrapped at 76 columns, as `base64` and MIME write it) and percent-encoding (with `/` kept or
+    not, `+` for a space, hex digits in either case). A value read from a file often ends in a
+    newline the program using it drops: the value without its surrounding white space counts too.
+    Values shorter than `min_length` are ignored: masking them would shred logs."""
+    forms: set[str] = set()
+    for candidate in {value, value.strip()}:
+        if len(candidate) >= min_length:
+            forms |= _forms_of(candidate)
+    return sorted((f for f in forms if len(f) >= min_length), key=len, reverse=True)
 
-    if len(value) < min_length:
-        return []
+
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+
+
+def _forms_of(value: str) -> set[str]:
+    from urllib.parse import quote, quote_plus
+
     raw = secret_bytes(value)
-    forms = {
-        value,
-        base64.b64encode(raw).decode().rstrip("="),
-        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+    standard = base64.b64encode(raw).decode()
+    forms = {value, standard.rstrip("="), base64.urlsafe_b64encode(raw).decode().rstrip("=")}
+    for lines in ("\n", "\r\n"):
+        forms.add(lines.join(standard[i : i + 76] for i in range(0, len(standard), 76)).rstrip("="))
+    for encoded in (
         quote(raw, safe=""),
-    }
+        quote(raw, safe="/"),
+        quote_plus(raw, safe=""),
+        quote_plus(raw, safe="/"),
+    ):
+        forms.add(encoded)
+        forms.add(_PERCENT_ESCAPE.sub(lambda m: m.group().lower(), encoded))
     # Inside a longer encoded value (`Basic base64(user:token)`, a docker `auth`), the secret may
     # start at any of the three byte positions of a base64 group, and bytes may follow it: the
     # characters that depend on the secret's bytes alone, for each alignment.
@@ -110,7 +146,7 @@ def secret_forms(value: str, min_length: int = 8) -> list[str]:
         for encode in (base64.b64encode, base64.urlsafe_b64encode):
             encoded = encode(b"\0" * offset + raw).decode().rstrip("=")
             forms.add(encoded[lead : len(encoded) - trail])
-    return sorted((f for f in forms if len(f) >= min_length), key=len, reverse=True)
+    return forms
 
 
 def mask(text: str, values: Iterable[str], replacement: str = "[REDACTED]") -> str:

@@ -4,6 +4,7 @@ script runs, text PostgreSQL cannot store, and secrets in what the job row shows
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -363,3 +365,37 @@ env = ["MY_API_TOKEN"]
     for piece in (token[-12:], token[:12], token[10:22]):
         assert piece not in shown
     assert len(script["error"].encode()) <= 8192
+
+
+def test_secrets_of_variables_not_named_like_keys_and_their_encodings_stay_out_of_the_log(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `DB_PASS` and a DSN were no known secrets (only KEY, TOKEN, SECRET, PASSWORD, PASSWD,
+    CREDENTIAL and AUTH names were), a secret printed as `urllib.parse.quote` writes it or as
+    `base64` wraps it went through, and a value read from a file with its newline was masked only
+    with the newline: all reached the log file on disk in clear."""
+    password = "Vq8r+T2wL/m9Zx4Kc"
+    dsn = "https://a1b2c3d4e5f6@o1.ingest.example.io/42"
+    long_token = "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123"
+    monkeypatch.setenv("DB_PASS", password)
+    monkeypatch.setenv("SENTRY_DSN", dsn)
+    monkeypatch.setenv("MY_API_TOKEN", long_token + "\n")
+    printer = (
+        "import base64, os, urllib.parse as u; e = os.environ; "
+        "print(e['DB_PASS'], u.quote(e['DB_PASS']), e['SENTRY_DSN']); "
+        "print(base64.encodebytes(e['MY_API_TOKEN'].strip().encode()).decode()); "
+        "print(e['MY_API_TOKEN'].strip(), flush=True)"
+    )
+    extra = f"""
+[scripts.leaky]
+command = ["{sys.executable}", "-c", "{printer}"]
+env = ["DB_PASS", "SENTRY_DSN", "MY_API_TOKEN"]
+"""
+    runner = runner_factory(extra_toml=extra)
+    done = runner.wait(runner.submit({}, script="leaky")["id"], timeout=30)
+    assert done["status"] == "success", done
+    text = (runner.runtime.settings.log_dir / f"{done['id']}.log").read_text()
+    wrapped = base64.encodebytes(long_token.encode()).decode().splitlines()
+    assert text.count("[REDACTED]") >= 5, text
+    for leak in (password, quote(password), dsn, long_token, *wrapped):
+        assert leak not in text, text

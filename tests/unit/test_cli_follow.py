@@ -154,3 +154,12 @@ def test_cli_repo_ids_and_urls() -> None:
         assert not _is_uuid(name)
     with pytest.raises(CliError, match="must not hold a user name or password"):
         RunnerClient("http://user:pw@127.0.0.1:1", "t")
+
+
+def test_an_unparsable_runner_url_is_not_repeated() -> None:
+    """The error line repeated the whole URL, password and all."""
+    from codex_runner.cli.common import CliError
+
+    with pytest.raises(CliError) as caught:
+        RunnerClient("http://u:hunter2SECRETpw@127.0.0.1:99999", "t")
+    assert "hunter2SECRETpw" not in str(caught.value) and "RUNNER_URL" in str(caught.value)

@@ -4,10 +4,14 @@ every known secret, in nested values, the same answer whichever way it is asked.
 from __future__ import annotations
 
 import base64
-from urllib.parse import quote
+import re
+from collections.abc import Callable
+from urllib.parse import quote, quote_plus
+
+import pytest
 
 from codex_runner.ops.logging import mask_value
-from codex_runner.secrets import Masker, mask
+from codex_runner.secrets import Masker, is_secret_variable, mask
 
 SECRET = "s3cr3t/value+with=odd chars"
 OTHER = "another-long-secret"
@@ -69,3 +73,63 @@ def test_utf8_tail_cuts_by_bytes_and_never_splits_a_character() -> None:
     assert utf8_tail("é" * 10, 5) == "éé"  # the "é" the cut splits is dropped whole
     assert utf8_tail("\ufffd" * 4000, 8192) == "\ufffd" * 2730
     assert len(utf8_tail("a\ud800b" * 5, 4).encode("utf-8")) <= 4  # a lone surrogate does not raise
+
+
+@pytest.mark.parametrize(
+    "shown",
+    [
+        pytest.param(lambda v: quote(v), id="quote-keeping-slash"),
+        pytest.param(lambda v: re.sub("%..", lambda m: m.group().lower(), quote(v, safe="")), id="lower-hex"),
+        pytest.param(lambda v: quote_plus(v), id="quote-plus"),
+        pytest.param(lambda v: v.strip(), id="without-its-newline"),
+        pytest.param(
+            lambda v: base64.b64encode(v.strip().encode()).decode().rstrip("="), id="base64-without-newline"
+        ),
+    ],
+)
+def test_every_common_encoding_of_a_secret_is_masked(shown: Callable[[str], str]) -> None:
+    """Only `quote(value, safe="")` with upper-case hex was a form: Python's default `quote` (which
+    keeps `/`), lower-case hex and `+` for spaces went through, as did a value read from a file with
+    its newline when printed without it."""
+    secret = "Ab+cd/Ef=gh Ij/Kl9z\n"
+    text = f"before {shown(secret)} after"
+    assert mask(text, [secret]) == "before [REDACTED] after"
+
+
+def test_base64_wrapped_at_76_columns_is_masked() -> None:
+    """`base64` and MIME wrap at 76 columns: the encoding of a secret over 57 bytes was never one
+    unbroken string, and went through whole."""
+    secret = (
+        "xyzq_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghij"
+    )
+    for wrapped in (
+        base64.encodebytes(secret.encode()).decode(),
+        base64.encodebytes(secret.encode()).decode().replace("\n", "\r\n"),
+    ):
+        masked = mask(f"out:\n{wrapped}end", [secret])
+        assert "[REDACTED]" in masked and all(
+            line not in masked for line in wrapped.splitlines() if len(line) > 8
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "secret"),
+    [
+        ("OPENAI_API_KEY", "sk-abcdefgh", True),
+        ("DB_PASS", "Vq8rT2wLm9Zx4Kc", True),
+        ("GH_PAT", "pat-Hq7Lw2Nz8Rv3Tb6Y", True),
+        ("SENTRY_DSN", "https://a1b2c3d4e5f6@o1.ingest.sentry.io/42", True),
+        ("HTTPS_PROXY", "http://user:pw12345678@proxy:8080", True),
+        ("SLACK_WEBHOOK", "https://hooks.slack.com/services/T/B/X", True),
+        ("MYSQL_PWD", "hunter2hunter2", True),
+        ("PATH", "/usr/bin:/bin", False),
+        ("PWD", "/home/user/work", False),
+        ("NODE_ENV", "production", False),
+        ("CODEX_HOME", "/srv/codex", False),
+        ("HTTPS_PROXY", "http://proxy:8080", False),
+    ],
+)
+def test_which_passed_through_variables_are_secrets(name: str, value: str, secret: bool) -> None:
+    """Only names with KEY, TOKEN, SECRET, PASSWORD, PASSWD, CREDENTIAL or AUTH in them were: a
+    `DB_PASS`, a `GH_PAT`, a Sentry DSN reached the log in clear."""
+    assert is_secret_variable(name, value) is secret

@@ -57,7 +57,8 @@ class RunnerClient:
             parsed = urlsplit(url)
             parsed.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
-            raise CliError(f"RUNNER_URL: {url!r} is not a valid URL") from None
+            # Not repeated: it may hold a password (refused below, once it parses).
+            raise CliError("RUNNER_URL is not a valid URL (check its host and port)") from None
         if parsed.scheme not in {"http", "https"} or not parsed.hostname:
             raise CliError(f"RUNNER_URL: expected an http:// or https:// URL, got {display_url(url)!r}")
         if parsed.username is not None or parsed.password is not None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -57,7 +56,7 @@ from codex_runner.jobs import ErrorCode, Status
 from codex_runner.logs.redaction import REDACTION_VERSION, RULESETS
 from codex_runner.logs.writer import LogWriter
 from codex_runner.runtime import Runtime
-from codex_runner.secrets import Masker, utf8_tail
+from codex_runner.secrets import Masker, is_secret_variable, utf8_tail
 from codex_runner.store.jobs import Cas, ClaimedJob, OwnerWrite
 from codex_runner.store.records import initial_stages, iso, utcnow
 
@@ -70,8 +69,6 @@ TAIL_BYTES = 8192
 #: thread trip less per short job). Until then crash recovery finds its processes by their
 #: `RUNNER_JOB_ID` (docs/crash-safety.md).
 PID_RECORD_DELAY_SECONDS = 1.0
-# Passed-through variables whose values are masked in the log: the ones named like secrets.
-SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
 
 
 class JobRun:
@@ -409,8 +406,9 @@ class JobRun:
         if credential is not None:
             values.append(credential.secret)
         for name in script.env if script else ():
-            if SECRET_NAME.search(name) and os.environ.get(name):
-                values.append(os.environ[name])
+            value = os.environ.get(name)
+            if value and is_secret_variable(name, value):
+                values.append(value)
         return values
 
     async def _run_script(self, script: ScriptSpec, repo: RepoSpec, ws: Workspace) -> ProcessOutcome | None:
