@@ -32,7 +32,12 @@ def validate_idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or any(not (0x20 <= ord(c) <= 0x7E) for c in key):
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+        raise InvalidRequest(
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+            errors=[
+                {"loc": ["header", "Idempotency-Key"], "msg": "expected 1-255 printable ASCII characters"}
+            ],
+        )
     return key
 
 

@@ -69,3 +69,37 @@ def test_unexpected_error_is_a_500_logged_by_type_only(api: Any, service_log: io
     ]
     assert others == ["ASGI callable returned without completing response."], text
     assert "hunter2" not in text and "Traceback" not in text and "Exception in ASGI" not in text
+
+
+def test_a_405_names_the_allowed_methods_and_health_routes_take_head(api: Any) -> None:
+    """The error handler rebuilt Starlette's 405 without its `Allow` header (RFC 9110), and a
+    load balancer's `HEAD /healthz` was a 405."""
+    c = api.client(api.alice)
+    r = c.get("/api/runner/jobs/0b7c3f4e-1111-4222-8333-444455556666/cancel")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["code"] == "method_not_allowed"
+    for path in ("/healthz", "/readyz"):
+        assert httpx.head(f"{api.url}{path}", timeout=10).status_code == 200
+
+
+def test_every_400_about_a_field_names_it(api: Any) -> None:
+    """SPEC §4: validation errors add `errors` with a `loc`. A bad body shape did, a bad
+    `Idempotency-Key`, an unknown repo or script did not: a client could not map them to a field."""
+    cases = [
+        (
+            {"repo": "demo", "script_key": "echo", "args": {"message": "hi"}},
+            {"Idempotency-Key": "é"},
+            ["header", "Idempotency-Key"],
+        ),
+        ({"repo": "nope", "script_key": "echo", "args": {}}, {}, ["body", "repo"]),
+        (
+            {"repo_id": "0b7c3f4e-1111-4222-8333-444455556666", "script_key": "echo", "args": {}},
+            {},
+            ["body", "repo_id"],
+        ),
+        ({"repo": "demo", "script_key": "nope", "args": {}}, {}, ["body", "script_key"]),
+    ]
+    c = api.client(api.alice)
+    for body, headers, loc in cases:
+        r = c.post("/api/runner/jobs", json=body, headers={k: v.encode() for k, v in headers.items()})
+        assert r.status_code == 400, r.text
+        assert r.json()["errors"][0]["loc"] == loc, r.text

@@ -258,3 +258,20 @@ def test_an_open_stream_stops_when_its_token_is_revoked(api: Any) -> None:
 
 
 AUTH_RECHECK = 1.0
+
+
+def test_an_offset_is_one_a_resume_can_take_back(api: Any) -> None:
+    """`offset` had no bound while `Last-Event-ID` takes 20 digits: a stream opened past that sent
+    an event id its own resume refused (a 400, and an EventSource gives up for good)."""
+    job_id, _ = _job_with_log(api, b"hello\n")
+    c = api.client(api.alice)
+    for path in (f"/api/runner/jobs/{job_id}/logs", f"/api/runner/jobs/{job_id}/logs/stream"):
+        r = c.get(path, params={"offset": 10**20})
+        assert r.status_code == 400 and r.json()["errors"][0]["loc"] == ["query", "offset"], r.text
+    with c.stream("GET", f"/api/runner/jobs/{job_id}/logs/stream", params={"offset": 10**20 - 1}) as r:
+        events = _sse_events(r)
+    assert r.status_code == 200 and events[0][1] == "9" * 20
+    with c.stream(
+        "GET", f"/api/runner/jobs/{job_id}/logs/stream", headers={"Last-Event-ID": events[0][1]}
+    ) as r:
+        assert r.status_code == 200

@@ -127,7 +127,10 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = CODE_BY_STATUS.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, detail, code)
+        response = error_response(exc.status_code, detail, code)
+        # Starlette's own headers: the `Allow` a 405 must carry (RFC 9110).
+        response.headers.update(exc.headers or {})
+        return response
 
     # Starlette's ServerErrorMiddleware sends this answer and then re-raises the exception;
     # `ErrorGuard` (outside it) stops it there and logs it once, so no logging here.

@@ -34,6 +34,8 @@ AUTH_RECHECK_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15
 # Event ids are redacted offsets: 20 digits exceed any log (and a 64-bit integer).
 MAX_EVENT_ID_DIGITS = 20
+#: The largest `offset` taken: one whose event id a resume would take back.
+MAX_OFFSET = 10**MAX_EVENT_ID_DIGITS - 1
 
 
 def log_paths(runtime: Runtime, job_id: str) -> tuple[Path, Path]:
@@ -77,7 +79,7 @@ def get_logs(
     request: Request,
     job_id: JobId,
     principal: Auth,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 16384,
 ) -> dict[str, Any]:
     runtime: Runtime = request.app.state.runtime
@@ -100,7 +102,7 @@ async def stream_logs(
     request: Request,
     job_id: JobId,
     principal: Auth,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     runtime: Runtime = request.app.state.runtime

@@ -25,12 +25,13 @@ def _rt(request: Request) -> Runtime:
     return runtime
 
 
-@router.get("/healthz", tags=["health"])
+# HEAD too: load balancers often probe with it.
+@router.api_route("/healthz", methods=["GET", "HEAD"], tags=["health"])
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], responses=responses(503))
+@router.api_route("/readyz", methods=["GET", "HEAD"], tags=["health"], responses=responses(503))
 async def readyz(request: Request) -> Response:
     runtime = _rt(request)
     # Within a few seconds even when the database accepts connections and never answers (a frozen

@@ -64,13 +64,15 @@ class Catalog:
             wanted = str(repo_id).lower()
             by_id = next((r for r in self.repos.values() if r.id == wanted), None)
             if by_id is None:
-                raise InvalidRequest(f"unknown repo {clip(repo_id)!r}")
+                raise InvalidRequest(f"unknown repo {clip(repo_id)!r}", errors=_at("repo_id", "unknown repo"))
         if name is not None:
             by_name = self.repos.get(name) if isinstance(name, str) else None
             if by_name is None:
-                raise InvalidRequest(f"unknown repo {clip(name)!r}")
+                raise InvalidRequest(f"unknown repo {clip(name)!r}", errors=_at("repo", "unknown repo"))
         if by_id is not None and by_name is not None and by_id is not by_name:
-            raise InvalidRequest("repo_id and repo name different repos")
+            raise InvalidRequest(
+                "repo_id and repo name different repos", errors=_at("repo", "names another repo than repo_id")
+            )
         found = by_id or by_name
         assert found is not None
         return found
@@ -78,7 +80,7 @@ class Catalog:
     def script(self, key: str) -> ScriptSpec:
         spec = self.scripts.get(key) if isinstance(key, str) else None
         if spec is None:
-            raise UnknownScript(f"unknown script {clip(key)!r}")
+            raise UnknownScript(f"unknown script {clip(key)!r}", errors=_at("script_key", "unknown script"))
         return spec
 
     def resolve(
@@ -162,3 +164,8 @@ def _url_has_prefix(url: str, prefix: str) -> bool:
         return False
     # A prefix ends at a path boundary: "https://h/acme" must not admit "https://h/acme-evil".
     return len(u) == len(p) or p.endswith("/") or u[len(p)] == "/"
+
+
+def _at(field: str, msg: str) -> list[dict[str, Any]]:
+    """The `errors` of a 400 about one field of the create body (SPEC §4)."""
+    return [{"loc": ["body", field], "msg": msg}]
