@@ -54,7 +54,7 @@ def test_pages_concatenate_and_hide_secrets(api: Any) -> None:
         for page in pages:
             assert len(page["content"].encode()) <= limit
             assert SECRET[:8] not in page["content"]
-            assert page["redaction_version"] == "v3"
+            assert page["redaction_version"] == "v4"
 
 
 def test_offset_edges(api: Any) -> None:
@@ -82,7 +82,7 @@ def test_canceled_while_queued_log_is_empty_and_complete(api: Any) -> None:
         "next_offset": 0,
         "is_complete": True,
         "content": "",
-        "redaction_version": "v3",
+        "redaction_version": "v4",
     }
 
 

@@ -37,8 +37,8 @@ def write(tmp_path: Path, data: bytes, mode: str = "wb") -> None:
 
 
 def test_missing_log_is_empty(tmp_path: Path) -> None:
-    assert page(tmp_path, 0) == LogPage(0, 0, "", True, "v3")
-    assert page(tmp_path, 5, complete=False) == LogPage(5, 5, "", False, "v3")
+    assert page(tmp_path, 0) == LogPage(0, 0, "", True, "v4")
+    assert page(tmp_path, 5, complete=False) == LogPage(5, 5, "", False, "v4")
 
 
 def test_pages_redact_and_concatenate(tmp_path: Path) -> None:
@@ -47,35 +47,35 @@ def test_pages_redact_and_concatenate(tmp_path: Path) -> None:
     for limit in (1, 2, 7, 100):
         assert read_all(tmp_path, limit) == (expected, len(expected))
     whole = page(tmp_path, 0)
-    assert (whole.content, whole.is_complete, whole.redaction_version) == (expected, True, "v3")
+    assert (whole.content, whole.is_complete, whole.redaction_version) == (expected, True, "v4")
     assert not page(tmp_path, 0, limit=5).is_complete
 
 
 def test_offset_past_end(tmp_path: Path) -> None:
     write(tmp_path, b"abc\n")
-    assert page(tmp_path, 100) == LogPage(100, 100, "", True, "v3")
-    assert page(tmp_path, 4) == LogPage(4, 4, "", True, "v3")
-    assert page(tmp_path, 100, complete=False) == LogPage(100, 100, "", False, "v3")
+    assert page(tmp_path, 100) == LogPage(100, 100, "", True, "v4")
+    assert page(tmp_path, 4) == LogPage(4, 4, "", True, "v4")
+    assert page(tmp_path, 100, complete=False) == LogPage(100, 100, "", False, "v4")
 
 
 def test_offset_inside_a_character_moves_to_the_next(tmp_path: Path) -> None:
     write(tmp_path, "a€b\n".encode())  # € is 3 bytes at offsets 1..3
-    assert page(tmp_path, 2) == LogPage(4, 6, "b\n", True, "v3")
+    assert page(tmp_path, 2) == LogPage(4, 6, "b\n", True, "v4")
     assert page(tmp_path, 1, limit=3).content == "€"
 
 
 def test_limit_never_splits_a_character(tmp_path: Path) -> None:
     write(tmp_path, "€€\n".encode())
-    assert page(tmp_path, 0, limit=4) == LogPage(0, 3, "€", False, "v3")
+    assert page(tmp_path, 0, limit=4) == LogPage(0, 3, "€", False, "v4")
     # smaller than the character: an empty page at the same offset, never a cut character
-    assert page(tmp_path, 0, limit=2) == LogPage(0, 0, "", False, "v3")
-    assert page(tmp_path, 3, limit=1) == LogPage(3, 3, "", False, "v3")
-    assert page(tmp_path, 6, limit=1) == LogPage(6, 7, "\n", True, "v3")
+    assert page(tmp_path, 0, limit=2) == LogPage(0, 0, "", False, "v4")
+    assert page(tmp_path, 3, limit=1) == LogPage(3, 3, "", False, "v4")
+    assert page(tmp_path, 6, limit=1) == LogPage(6, 7, "\n", True, "v4")
 
 
 def test_partial_line_held_back_while_running(tmp_path: Path) -> None:
     write(tmp_path, b"done\npassword=hunt")
-    assert page(tmp_path, 0, complete=False) == LogPage(0, 5, "done\n", False, "v3")
+    assert page(tmp_path, 0, complete=False) == LogPage(0, 5, "done\n", False, "v4")
     write(tmp_path, b"er2\n", "ab")
     got = page(tmp_path, 5, complete=False)
     assert got.content == "password=[REDACTED:secret_assignment]\n"
@@ -107,7 +107,7 @@ def test_index_built_incrementally_and_used(tmp_path: Path) -> None:
     write(tmp_path, line * 3000)
     expected = (line.replace(b"password=x", b"password=[REDACTED:secret_assignment]") * 3000).decode()
     assert redacted_size(tmp_path / "job.log", complete=True, index_dir=tmp_path / "ix") == len(expected)
-    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v3")
+    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v4")
     first_size = path.stat().st_size
     assert first_size > 64
     write(tmp_path, line * 3000, "ab")
@@ -123,7 +123,7 @@ def test_index_built_incrementally_and_used(tmp_path: Path) -> None:
 def test_index_rebuilt_when_stale_missing_or_foreign(tmp_path: Path) -> None:
     write(tmp_path, b"a password=one\n" * 20000)
     assert page(tmp_path, 0, limit=20).content == "a password=[REDACTED"
-    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v3")
+    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v4")
     write(tmp_path, b"short token=abc\n")  # replaced by a shorter log: the index is stale
     assert read_all(tmp_path, 7) == ("short token=[REDACTED:secret_assignment]\n", 41)
     path.write_bytes(b"garbage" * 10)  # not ours
@@ -139,7 +139,7 @@ def test_index_rebuilt_when_stale_missing_or_foreign(tmp_path: Path) -> None:
 def test_torn_index_tail_is_dropped(tmp_path: Path) -> None:
     write(tmp_path, b"line of text\n" * 30000)
     page(tmp_path, 0)
-    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v3")
+    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v4")
     with path.open("ab") as index:
         index.write(b"\x01\x02\x03")
     assert (
@@ -222,7 +222,7 @@ def test_v1_keeps_its_cuts(tmp_path: Path) -> None:
         tmp_path / "job.log", offset=0, limit=131072, complete=True, index_dir=tmp_path / "ix", version="v1"
     )
     assert v1.redaction_version == "v1" and "opaqueTokenValue" in v1.content
-    assert page(tmp_path, 0, limit=131072).redaction_version == "v3"
+    assert page(tmp_path, 0, limit=131072).redaction_version == "v4"
     assert "opaqueTokenValue" not in page(tmp_path, 0, limit=131072).content
 
 
@@ -232,7 +232,7 @@ def test_a_first_page_near_the_start_does_not_index_the_whole_log(tmp_path: Path
     for, and grows as later pages are read."""
     line = b"x" * 83 + b"\n"
     write(tmp_path, line * 100_000)  # 8.4 MB
-    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v3")
+    path = index_path(tmp_path / "ix", tmp_path / "job.log", "v4")
     assert page(tmp_path, 0, limit=100).content == (line * 2).decode()[:100]
     records = (path.stat().st_size - 32) // 20
     assert records <= 3, records  # the start record and one checkpoint past the page

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codex_runner.logs.reader import read_page
-from codex_runner.logs.redaction import V1, V2
+from codex_runner.logs.redaction import RULESETS, V1, V2
 from codex_runner.logs.stream import MAX_LINE
 from codex_runner.logs.writer import LogWriter
 
@@ -168,6 +168,10 @@ FRAGMENTS = st.sampled_from(
         "secret_key=",
         "api-key",
         "xoxb-",
+        "xapp-",
+        "xoxe.",
+        "xoxp-",
+        "https://outlook.office.com/webhook/",
         "ya29.",
         "AIza",
         "glpat-",
@@ -180,11 +184,12 @@ line_text = st.lists(FRAGMENTS | st.text(alphabet="abcXYZ0189_-./", max_size=25)
 
 
 @settings(max_examples=600, deadline=None)
-@given(line_text)
-def test_prefilter_equals_the_full_rule_set(text: str) -> None:
-    full = V1._regex(frozenset(range(len(V1.rules))))
+@given(line_text, st.sampled_from(sorted(RULESETS)))
+def test_prefilter_equals_the_full_rule_set(text: str, version: str) -> None:
+    rules = RULESETS[version]
+    full = rules._regex(frozenset(range(len(rules.rules))))
     line = text.encode() + b"\n"
-    assert V1.redact(line)[0] == full.sub(V1._mask, line)
+    assert rules.redact(line)[0] == full.sub(rules._mask, line)
 
 
 @settings(max_examples=200, deadline=None)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from codex_runner.errors import InvalidRequest
-from codex_runner.logs.redaction import MAX_PEM_LINES, REDACTION_VERSION, RULESETS, V1, V2, V3, get_ruleset
+from codex_runner.logs.redaction import (
+    MAX_PEM_LINES,
+    REDACTION_VERSION,
+    RULESETS,
+    V1,
+    V2,
+    V3,
+    V4,
+    get_ruleset,
+)
 
 GH = "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
@@ -191,7 +200,7 @@ def test_spans_cover_whole_matches_and_private_keys() -> None:
 
 def test_v3_masks_url_credentials_with_an_empty_user_name() -> None:
     """`redis://:password@host` is how a Redis password is usually given: v2 showed it."""
-    assert RULESETS[REDACTION_VERSION] is V3 and get_ruleset("v3") is V3
+    assert get_ruleset("v3") is V3
     line = b"connecting to REDIS_URL=redis://:S3cretRedisPassw0rd@cache:6379/0\n"
     assert b"S3cretRedisPassw0rd" in V2.redact(line)[0]  # v2 is published: never edited
     assert V3.redact(line)[0] == b"connecting to REDIS_URL=redis://[REDACTED:url_credentials]@cache:6379/0\n"
@@ -201,3 +210,29 @@ def test_v3_masks_url_credentials_with_an_empty_user_name() -> None:
     data = PEM + b"password=x https://u:pw@h/ sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123\n"
     assert V3.redact(data) == V2.redact(data)
     assert V3.cut_guard == V2.cut_guard and V3.fingerprint != V2.fingerprint
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        b"xapp-1-A0123456789-1234567890123-abcdefabcdefabcdefabcdef",
+        b"xoxe-1-abcdefghijklmnopqrstuvwxyz0123456789",
+        b"xoxe.xoxp-1-abcdefghijklmnopqrstuvwxyz",
+        b"https://outlook.office.com/webhook/0f1e2d3c@4b5a6978/IncomingWebhook/abc123/def456",
+        b"https://outlook.office365.com/webhook/0f1e2d3c@4b5a6978/IncomingWebhook/abc123/def456",
+    ],
+)
+def test_v4_masks_slack_app_and_refresh_tokens_and_legacy_teams_webhooks(secret: bytes) -> None:
+    """v3 showed Slack app-level (`xapp-`) and refresh (`xoxe-`) tokens and the webhooks of
+    Teams' legacy host. v3 is published (never edited); v4 is the default."""
+    assert RULESETS[REDACTION_VERSION] is V4 and get_ruleset("v4") is V4
+    line = b"sending with " + secret + b" now\n"
+    assert secret in V3.redact(line)[0] or b"xoxe." in V3.redact(line)[0]
+    redacted = V4.redact(line)[0]
+    assert (
+        secret not in redacted
+        and redacted.startswith(b"sending with [REDACTED:")
+        and redacted.endswith(b" now\n")
+    )
+    for kept in (b"axapp-1234567890123\n", b"the xapp-id flag\n", b"see outlook.office.com/mail\n"):
+        assert V4.redact(kept)[0] == kept

@@ -316,8 +316,28 @@ V3 = RuleSet(
     cut_guard=V2.cut_guard,
 )
 
-REDACTION_VERSION = V3.version
-RULESETS: dict[str, RuleSet] = {V1.version: V1, V2.version: V2, V3.version: V3}
+# v3's rules, and tokens and webhooks of Slack and Teams that v3 let through: Slack app-level
+# tokens (`xapp-…`), refresh and rotating tokens (`xoxe-…`, `xoxe.xoxp-…`), and the legacy Teams
+# webhook host (`outlook.office.com/webhook/…`, `outlook.office365.com/webhook/…`).
+_V4_CHANGED = {
+    "slack_token": Rule(
+        "slack_token",
+        rb"(?:xox[abeprs]|xapp)-(?<![\w-]xox[abeprs]-)(?<![\w-]xapp-)[A-Za-z0-9-]{10,}"
+        rb"|xoxe\.(?<![\w-]xoxe\.)xox[bp]-[A-Za-z0-9-]{10,}",
+        (rb"xox[abeprs][-.]|xapp-",),
+    ),
+    "webhook_url": Rule(
+        "webhook_url",
+        rb"https://(?:(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/|[\w.-]+\.webhook\.office\.com/"
+        rb"|outlook\.office(?:365)?\.com/webhook/"
+        rb"|hooks\.zapier\.com/hooks/|[\w.-]+\.logic\.azure\.com(?::\d+)?/workflows/)[^\s\"'<>`\\]+",
+        (rb"://",),
+    ),
+}
+V4 = RuleSet("v4", tuple(_V4_CHANGED.get(rule.name, rule) for rule in V3.rules), cut_guard=V3.cut_guard)
+
+REDACTION_VERSION = V4.version
+RULESETS: dict[str, RuleSet] = {V1.version: V1, V2.version: V2, V3.version: V3, V4.version: V4}
 
 
 def get_ruleset(version: str) -> RuleSet:
