@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import signal
 import sys
@@ -27,8 +26,9 @@ from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.manifest import MANIFEST_NAME
 from codex_runner.execution.process import kill_process_group
+from codex_runner.execution.recovery import clean_up_ended_job
 from codex_runner.execution.spares import resume_refills, stop_refills
-from codex_runner.execution.workspace import cleanup_workspace, prewarm_spares, workspace_from_record
+from codex_runner.execution.workspace import prewarm_spares
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
 from codex_runner.runtime import Runtime
 from codex_runner.store.instances import InstanceRegistry
@@ -179,10 +179,12 @@ class Launcher:
             run.request_stop("shutdown")
         # A stop request reaches a script, not a git command in a worker thread (a clone, a push
         # that may take up to NETWORK_TIMEOUT): those are killed, and their jobs end runner_shutdown.
+        # Only the git of a stage (prepare, commit, push), never the cleanup's, which puts an
+        # in_place repo back on its branch: killed, it left the repo on the job's branch.
         in_git = {job_id for job_id, run in self.active.items() if run.in_git_stage}
         if in_git:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(kill_job_processes, in_git, timeout=1.0)
+                await asyncio.to_thread(kill_job_processes, in_git, timeout=1.0, git_stage_only=True)
         if self._tasks:
             # Heartbeats go on meanwhile, so no watchdog takes these jobs while they stop.
             await asyncio.wait(list(self._tasks.values()), timeout=grace + 5)
@@ -497,6 +499,14 @@ class Launcher:
             # that is frozen and would stop them once it runs again. Found by RUNNER_JOB_ID, which
             # the job's processes and its git commands carry; another host's are not seen here.
             await asyncio.to_thread(kill_job_processes, failed, timeout=KILL_SCAN_SECONDS)
+            # Then the cleanup their runs never did, for those whose run folder is on this host:
+            # an in_place repo left on the job's branch would refuse the next job on it. Not this
+            # instance's own runs (frozen past the stale time): fenced, they clean up themselves.
+            for job_id in failed - self.active.keys():
+                if (self.settings.runs_dir / job_id / MANIFEST_NAME).exists():
+                    row = await asyncio.to_thread(self.rt.jobs.get_row, job_id)
+                    if row is not None:
+                        await asyncio.to_thread(clean_up_ended_job, row, self.rt.catalog, self.settings)
         return recovered
 
     async def recover_own_jobs(self) -> int:
@@ -546,27 +556,8 @@ class Launcher:
         return recovered
 
     def _clean_up_after_crash(self, job: dict[str, Any]) -> None:
-        """The workspace cleanup the crashed run never did (SPEC §6, RUNNER_CLEANUP_AFTER_JOB), from
-        the workspace record in its run manifest: a worktree or clone folder goes, and an in_place
-        repo goes back to its branch, which would otherwise refuse every later job."""
-        try:
-            doc = json.loads((self.settings.runs_dir / job["id"] / MANIFEST_NAME).read_text())
-        except (OSError, ValueError):
-            return  # no manifest (the crash came before it), or none readable: nothing recorded
-        record = doc.get("workspace") if isinstance(doc, dict) else None
-        repo = self.rt.catalog.repos.get(job["repo"])
-        if not isinstance(record, dict) or repo is None:
-            return
-        try:
-            ws = workspace_from_record(record, job["id"], self.settings)
-            if ws.mode == "in_place" and (
-                repo.workspace != "in_place" or os.path.realpath(repo.source) != os.path.realpath(ws.path)
-            ):
-                return  # the record does not name this repo's folder: nothing of ours to reset
-            cleanup_workspace(ws, repo, self.settings, failed=True)
-            log.info("recovery_cleaned_up", job_id=job["id"], mode=ws.mode)
-        except Exception as exc:
-            log.warning("recovery_cleanup_failed", job_id=job["id"], error=str(exc)[:300])
+        """The workspace cleanup the crashed run never did (`recovery.clean_up_ended_job`)."""
+        clean_up_ended_job(job, self.rt.catalog, self.settings)
 
     def _kill_leftovers_by_env(self, own_active: set[str]) -> None:
         found = find_job_processes()

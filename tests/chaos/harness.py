@@ -47,6 +47,11 @@ TOML = """
 source = "{repo}"
 workspace = "scratch"
 
+[repos.inplace]
+source = "{repo}"
+workspace = "in_place"
+commit = false
+
 [scripts.behave]
 command = ["{python}", "{behave}"]
 timeout_seconds = 300
@@ -254,12 +259,14 @@ class Cluster:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def submit(self, n: int, *, user: str = "alice", sleep: Callable[[], float] | float = 0.2) -> list[str]:
+    def submit(
+        self, n: int, *, user: str = "alice", sleep: Callable[[], float] | float = 0.2, repo: str = "scratch"
+    ) -> list[str]:
         ids = []
         for _ in range(n):
             seconds = sleep() if callable(sleep) else sleep
             body = {
-                "repo": "scratch",
+                "repo": repo,
                 "script_key": "behave",
                 "args": {"sleep": f"{seconds:.3f}", "ledger": str(self.ledger)},
             }

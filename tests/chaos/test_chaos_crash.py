@@ -185,3 +185,42 @@ def test_restart_kills_leftovers_found_only_by_environment(pg_database_url: str,
         assert not job_pids(watched)
         assert {i: c.events()[i] for i in watched} == evs
         check_invariants(c)
+
+
+def _repo_state(c: Cluster) -> tuple[str, str, str]:
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(c.tmp / "repo"), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    return git("symbolic-ref", "HEAD"), git("status", "--porcelain"), git("branch", "--list", "runner/*")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("restart", ["same_id", "new_id"])
+def test_an_in_place_repo_survives_a_crash_early_in_its_job(
+    database_url: str, tmp_path: Path, restart: str
+) -> None:
+    """SIGKILL a fraction of a second into an in_place job's script. The manifest recorded the
+    workspace only on the job's next trip (1 s in), so start-up recovery under the same RUNNER_ID
+    found nothing to clean up; under a new id (the default at every start) the watchdog failed the
+    job and nobody cleaned up at all. Either way the repo stayed on the job's branch with its
+    edits, and every later job on it failed `prepare_failed`."""
+    with Cluster(tmp_path / "cluster", database_url) as c:
+        data = str(c.tmp / "data-shared")  # one data folder on this host, whatever the instance's id
+        a = c.start("early-a", "worker", RUNNER_DATA_DIR=data)
+        [job] = c.submit(1, sleep=60.0, repo="inplace")
+        wait_for(lambda: job in c.ledger_ids(), 30, "the script to start")  # its first act
+        (c.tmp / "repo" / "README.md").write_text("half-done by the job\n")
+        c.sigkill(a)
+        assert _repo_state(c)[0].startswith("refs/heads/runner/")
+        c.start("early-a" if restart == "same_id" else "early-b", "worker", RUNNER_DATA_DIR=data)
+        wait_for(lambda: c.all_done([job]), 30, "the crashed job to be failed")
+        expected = "recovered_after_crash" if restart == "same_id" else "heartbeat_stale"
+        assert c.rows([job])[job]["error_code"] == expected
+        wait_for(lambda: _repo_state(c) == ("refs/heads/main", "", ""), 15, "the repo back on main")
+        [after] = c.submit(1, sleep=0.1, repo="inplace")
+        wait_for(lambda: c.all_done([after]), 30, "the next in_place job")
+        assert c.rows([after])[after]["status"] == "success", c.rows([after])[after]

@@ -338,3 +338,67 @@ def test_a_cancel_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
         [real_git, "-C", str(tmp_path / "repo"), "branch", "--show-current"], capture_output=True, text=True
     ).stdout.strip()
     assert branch == "main"
+
+
+def test_a_shutdown_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while a job cleaned up: the shutdown killed every process of the jobs outside their
+    script, the cleanup's `git checkout` back to the original branch among them, and the in_place
+    repo stayed on the job's branch (every next job failed). Only a stage's git is killed now."""
+    import shutil
+
+    from codex_runner.runtime import Runtime
+    from codex_runner.server import build_app
+
+    from tests.helpers import serve_app, wait_until
+    from tests.integration.conftest import runner_settings
+
+    real_git = shutil.which("git")
+    assert real_git is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "git"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in\n'
+        '  *" checkout "*" -b "*) ;;\n'
+        '  *" checkout "*) sleep 3 ;;\n'
+        "esac\n"
+        f'exec {real_git} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    runtime = Runtime.open(runner_settings(tmp_path, database_url, RUNNER_KILL_GRACE_SECONDS="1"))
+    served = serve_app(build_app(runtime))
+    url = served.__enter__()
+    try:
+        token, _ = runtime.tokens.create("admin", "admin")
+        runner = Runner(url, runtime, token, tmp_path)
+        job = runner.submit({"sleep": "0.2"}, repo="inplace")
+        manifest = runtime.settings.runs_dir / job["id"] / "manifest.json"
+
+        def cleaning_up() -> bool:
+            try:
+                stages = json.loads(manifest.read_text())["stages"]
+            except (OSError, ValueError):
+                return False
+            return any(s["name"] == "cleanup" and s["status"] == "running" for s in stages)
+
+        assert wait_until(cleaning_up, timeout=30)
+        runner.client.close()
+    finally:
+        served.__exit__(None, None, None)  # the lifespan's shutdown: the launcher stops
+    try:
+        row = runtime.jobs.get_row(job["id"])
+        assert row is not None
+        cleanup = next(s for s in row["stages"] if s["name"] == "cleanup")
+        assert cleanup["status"] == "success", row
+        branch = subprocess.run(
+            [real_git, "-C", str(tmp_path / "repo"), "branch", "--show-current"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        assert branch == "main"
+    finally:
+        runtime.close()

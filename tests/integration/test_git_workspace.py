@@ -609,15 +609,35 @@ def test_an_in_place_repo_on_a_job_branch_is_not_taken(tmp_path: Path) -> None:
 
 
 def test_a_failing_in_place_cleanup_is_a_git_error(tmp_path: Path) -> None:
+    """A lock some live git holds (the operator's, say) is respected: the cleanup fails."""
     local = make_repo(tmp_path / "repo")
     settings = settings_for(tmp_path)
     repo = Repo("widgets", str(local), workspace="in_place")
     ws = prepare_workspace(repo, "15151515-a", settings)
     (ws.path / "README.md").write_text("half-done\n")
-    (local / ".git" / "index.lock").write_text("")  # left by a git the agent ran and was killed
-    with pytest.raises(GitError) as err:
+    lock = local / ".git" / "index.lock"
+    with lock.open("w"), pytest.raises(GitError) as err:  # held open, as a git writing the index holds it
         cleanup_workspace(ws, repo, settings, failed=True)
     assert err.value.code == "cleanup_failed"
+    assert lock.exists() and git("symbolic-ref", "--short", "HEAD", cwd=local) == ws.branch
+
+
+def test_an_in_place_cleanup_removes_the_locks_a_killed_git_left(tmp_path: Path) -> None:
+    """A git the runner killed mid-write (a cancel's or a shutdown's kill of the commit, a crash)
+    leaves `index.lock`: every later reset failed on it, the repo stayed on the job's branch and
+    every next job on it failed `prepare_failed`. Nobody holds such a lock: it goes."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    ws = prepare_workspace(repo, "15151515-b", settings)
+    (ws.path / "README.md").write_text("half-done\n")
+    for name in ("index.lock", "HEAD.lock", f"refs/heads/{ws.branch}.lock"):
+        (local / ".git" / name).write_text("")
+    cleanup_workspace(ws, repo, settings, failed=True)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert git("status", "--porcelain", cwd=local) == ""
+    assert not list((local / ".git").rglob("*.lock"))
+    prepare_workspace(repo, "15151516-c", settings)  # the next job takes the repo
 
 
 @pytest.mark.parametrize("mode", ["clone", "worktree", "in_place"])
@@ -761,3 +781,60 @@ def test_remove_empty_scratch_does_only_the_cheap_case(tmp_path: Path) -> None:
     assert remove_empty_scratch(kept, keep, failed=True) and kept.path.is_dir()
     worktree = prepare_workspace(Repo("l", str(make_repo(tmp_path / "r"))), "55555555-e", settings)
     assert not remove_empty_scratch(worktree, settings, failed=False)  # not scratch: not its case
+
+
+@pytest.mark.parametrize("recovering", [False, True])
+def test_a_late_cleanup_leaves_an_in_place_repo_another_job_took(tmp_path: Path, recovering: bool) -> None:
+    """A run that was failed by a watchdog while its instance was frozen cleans up once it runs
+    again: by then another job may have the folder, on its own branch with its own edits, which the
+    reset and checkout threw away. Another job's branch is left alone; and a recovering cleanup (a
+    crash's, a lost lease's) touches the repo only while it is on its own job's branch."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    first = prepare_workspace(repo, "17171717-a", settings)
+    git("checkout", "-q", "-f", "main", cwd=local)  # the first job's recovery put it back ...
+    git("checkout", "-q", "-b", "runner/18181818", cwd=local)  # ... and the next job took it
+    (local / "README.md").write_text("the next job's work\n")
+    cleanup_workspace(first, repo, settings, failed=True, recovering=recovering)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "runner/18181818"
+    assert (local / "README.md").read_text() == "the next job's work\n"
+    assert git("branch", "--list", first.branch or "", cwd=local) == ""  # its own branch, unchanged: gone
+
+
+def test_a_recovering_cleanup_leaves_the_operators_branch_alone(tmp_path: Path) -> None:
+    """Back on its own branch (another instance's recovery did it), the operator's edits there are
+    not the job's: a recovering cleanup leaves them."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    ws = prepare_workspace(repo, "19191919-a", settings)
+    git("checkout", "-q", "-f", "main", cwd=local)
+    (local / "README.md").write_text("the operator's edit\n")
+    cleanup_workspace(ws, repo, settings, failed=True, recovering=True)
+    assert (local / "README.md").read_text() == "the operator's edit\n"
+
+
+@pytest.mark.parametrize("mode", ["in_place", "worktree", "clone"])
+def test_what_a_prepare_cut_short_left_is_cleaned_up_by_its_names(tmp_path: Path, mode: str) -> None:
+    """A crash (or a watchdog's verdict) during the prepare, before the run manifest recorded the
+    workspace, left the in_place repo on the job's branch, or the worktree or clone folder and its
+    branch, with nothing to say so: recovery skipped the job. The runner's own names find them;
+    an in_place repo goes back to the branch checked out before the job's (`@{-1}`)."""
+    from codex_runner.execution.workspace import cleanup_unrecorded
+
+    local = make_repo(tmp_path / "repo")
+    git("checkout", "-q", "-b", "develop", cwd=local)  # the operator's branch: not the default
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace=mode)
+    ws = prepare_workspace(repo, "20202020-a", settings)
+    assert cleanup_unrecorded(repo, "20202020-a", mode, settings)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "develop"
+    assert git("status", "--porcelain", cwd=local) == ""
+    assert git("branch", "--list", "runner/*", cwd=local) == ""
+    assert not ws.path.exists() or mode == "in_place"
+    assert not cleanup_unrecorded(repo, "20202020-a", mode, settings)  # nothing left: a no-op
+    # A prepare that never got to its checkout: the operator's repo, dirty, is left as it is.
+    (local / "README.md").write_text("the operator's edit\n")
+    assert not cleanup_unrecorded(repo, "21212121-b", "in_place", settings)
+    assert (local / "README.md").read_text() == "the operator's edit\n"

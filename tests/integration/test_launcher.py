@@ -682,3 +682,102 @@ def test_a_job_queued_when_the_stop_begins_stays_queued(runner_factory: Any, mon
     row = runner.runtime.jobs.get_row(queued["id"]) or {}
     assert row["status"] == "queued" and row["started_at"] is None, row
     assert (runner.runtime.jobs.get_row(first["id"]) or {})["status"] == "success"
+
+
+def _in_place_job_left_on_its_branch(
+    runner: Any, *, record: bool, runner_id: str | None = None
+) -> tuple[Any, str, Path]:
+    """An in_place job claimed (by `runner_id`) whose run was cut short: the repo on the job's branch
+    with an edit, and its run manifest with the workspace record or (`record=False`, a crash
+    during the prepare) without."""
+    from codex_runner.execution.manifest import ManifestWriter
+    from codex_runner.execution.workspace import prepare_workspace, workspace_record
+    from codex_runner.store.jobs import Limits
+
+    rt = runner.runtime
+    principal = rt.tokens.authenticate(runner.token)
+    assert principal is not None
+    rt.jobs.create(
+        rt.new_job(principal, {"repo": "inplace", "script_key": "behave", "args": {}}),
+        Limits(max_queue_size=10, max_queued_per_user=10),
+    )
+    [claimed] = rt.jobs.claim(runner_id or rt.settings.id, slots=1, max_jobs_per_user=5)
+    repo = rt.catalog.repos["inplace"]
+    source = Path(repo.source)
+    ws = prepare_workspace(repo, claimed.id, rt.settings)
+    (source / "README.md").write_text("half-done by the job\n")
+    doc: dict[str, Any] = {"job_id": claimed.id, "status": "running"}
+    if record:
+        doc["workspace"] = workspace_record(ws)
+    ManifestWriter(rt.settings.runs_dir / claimed.id).update(doc, force=True)
+    return rt, claimed.id, source
+
+
+def _head_and_status(source: Path) -> tuple[str, str, str]:
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    return git("symbolic-ref", "HEAD"), git("status", "--porcelain"), git("branch", "--list", "runner/*")
+
+
+def test_start_up_recovery_cleans_up_after_a_crash_during_the_prepare(runner_factory: Any) -> None:
+    """The run manifest records the workspace only once the prepare is done: a crash during it
+    (or, before this fix, in the first second of the script) left the in_place repo on the job's
+    branch, and recovery, finding no record, left it so: every later job failed."""
+    from codex_runner.launcher import Launcher
+
+    runner = runner_factory(RUNNER_ENABLED="false")
+    rt, _, source = _in_place_job_left_on_its_branch(runner, record=False)
+    assert asyncio.run(Launcher(rt).recover_own_jobs()) == 1
+    assert _head_and_status(source) == ("refs/heads/main", "", "")
+
+
+def test_the_watchdog_cleans_up_the_workspace_of_a_job_it_fails(runner_factory: Any) -> None:
+    """A job failed by the watchdog (its instance died, and will not come back under its
+    RUNNER_ID: the default id is new at every start) kept its workspace: an in_place repo stayed
+    on the job's branch, and every later job on it failed. The watchdog now does the cleanup the
+    run never did, when the run's folder is on its host."""
+    from datetime import timedelta
+
+    from codex_runner.launcher import Launcher
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    runner = runner_factory(
+        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="2"
+    )
+    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="dead-vm-1")
+    with rt.engine.begin() as conn:
+        conn.execute(
+            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=30))
+        )
+
+    async def watch() -> int:
+        launcher = Launcher(rt)
+        launcher._db_ok_since -= 60  # the database has answered for a while
+        return await launcher.watchdog_once()
+
+    assert asyncio.run(watch()) == 1
+    row = rt.jobs.get_row(job_id)
+    assert row is not None and row["error_code"] == "heartbeat_stale"
+    assert _head_and_status(source) == ("refs/heads/main", "", "")
+
+
+def test_a_job_takes_an_in_place_repo_left_on_an_ended_jobs_branch(runner_factory: Any) -> None:
+    """Another instance's watchdog failed the job (its run folder is on this host, not there), or
+    the failed job's run had another data folder: the repo stayed on its branch and the next job
+    failed `prepare_failed` ("on the job branch"). The next job now runs that job's cleanup first."""
+    from codex_runner.jobs import Status
+
+    runner = runner_factory(RUNNER_POLL_INTERVAL_SECONDS="60")  # no poll claims the set-up's job
+    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="dead-vm-2")
+    assert rt.jobs.transition(
+        job_id, [Status.RUNNING], Status.FAILED, values={"error_code": "heartbeat_stale"}
+    )
+    done = runner.wait(runner.submit({}, repo="inplace")["id"], timeout=60)
+    assert done["status"] == "success", done
+    assert _head_and_status(source) == ("refs/heads/main", "", "")

@@ -3,11 +3,13 @@ pinned to a git dir and work tree, and ref resolution. Synchronous; callers run 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -31,8 +33,10 @@ __all__ = [
     "current_branch",
     "filter_guard",
     "git_out",
+    "head_ref",
     "lock_key",
     "real_dir",
+    "remove_stale_locks",
     "repo_lock",
     "resolve",
     "run_in",
@@ -256,3 +260,61 @@ def current_branch(git_dir: Path, home: Path) -> str:
         raise GitError("the repo's HEAD is detached; set `branch` for this repo", code="branch_failed")
     validate_ref_name(name)
     return name
+
+
+def head_ref(git_dir: Path) -> str | None:
+    """The ref HEAD names (`refs/heads/main`), read from the file as git would; None when HEAD is
+    detached or cannot be read. Opened without following a link and without blocking: the agent
+    can write this git dir, and a FIFO in HEAD's place must not hang the runner."""
+    try:
+        fd = os.open(git_dir / "HEAD", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 4096).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    return text[len("ref: ") :].strip() if text.startswith("ref: ") else None
+
+
+#: The lock files a git command killed mid-write leaves in a repository's git dir: while one is
+#: there every later command that writes the index or HEAD fails ("index.lock: File exists").
+_LOCK_NAMES = ("index.lock", "HEAD.lock", "ORIG_HEAD.lock", "packed-refs.lock")
+
+
+def remove_stale_locks(git_dir: Path, branch: str | None = None) -> list[str]:
+    """Removes the lock files of `git_dir` (and of `branch`'s ref) that no process holds open: git
+    holds its lock open from creating it to renaming it into place, so one that nobody holds was
+    left by a git that was killed (a cancel's, a shutdown's, a crash's kill). Returns the names
+    removed. Reading every process's open files is slow, so it only happens when a lock exists."""
+    names = [*_LOCK_NAMES, *([f"refs/heads/{branch}.lock"] if branch else [])]
+    present = [git_dir / name for name in names if (git_dir / name).is_file()]
+    if not present:
+        return []
+    held = _files_held_open()
+    removed = []
+    for path in present:
+        if os.path.realpath(path) not in held:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(str(path.relative_to(git_dir)))
+    return removed
+
+
+def _files_held_open() -> set[str]:
+    """The paths every process this user can see holds open (/proc/<pid>/fd)."""
+    held: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(fd.path))
+    return held

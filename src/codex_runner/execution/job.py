@@ -41,6 +41,7 @@ from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.execution.git import GIT_STAGE, JOB_OF_GIT
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
+from codex_runner.execution.recovery import clean_up_ended_job, in_place_job_prefix
 from codex_runner.execution.workspace import (
     GitCredential,
     GitError,
@@ -52,7 +53,7 @@ from codex_runner.execution.workspace import (
     remove_empty_scratch,
     workspace_record,
 )
-from codex_runner.jobs import ErrorCode, Status
+from codex_runner.jobs import TERMINAL, ErrorCode, Status
 from codex_runner.logs.redaction import REDACTION_VERSION, RULESETS
 from codex_runner.logs.writer import LogWriter
 from codex_runner.runtime import Runtime
@@ -336,10 +337,11 @@ class JobRun:
         assert prepared is not None
         ws = prepared
         self._workspace = (ws, repo)
-        # Made once (the workspace does not change): every manifest write carries it, for the
-        # cleanup start-up recovery does after a crash.
-        self._workspace_record = workspace_record(ws)
-        self._manifest_dirty = True
+        if self._workspace_record is None:
+            # Made once (the workspace does not change): every manifest write carries it, for the
+            # cleanup start-up recovery does after a crash.
+            self._workspace_record = workspace_record(ws)
+            self._manifest_dirty = True
 
         outcome = await self._run_script(script, repo, ws)
         result: dict[str, Any] | None = None
@@ -381,17 +383,37 @@ class JobRun:
             # Before a prepare that may take a while (a clone, a fetch): readers see it running.
             self._write_manifest(self._manifest_doc())
             self._manifest_dirty = False
+        if repo.workspace == "in_place":
+            self._reclaim_in_place(repo)
         try:
             with self._killable_git("prepare"):
                 ws = prepare_workspace(repo, self.job_id, self.settings, credential)
         except GitError as exc:
             return credential, exc
-        # Both reach the manifest on the job's next trip: the pid record of a script that runs on
-        # (`PID_RECORD_DELAY_SECONDS`), else the cleanup; not here, ahead of the spawn.
         self._stage("prepare", "success")
         self._runner_line(f"workspace ready ({ws.mode}) at {ws.path}")
         self._stage("script", "running")
+        if ws.mode != "scratch":
+            # Recorded before the spawn: a crash from here on (or a watchdog's verdict) finds what
+            # to clean up, and an in_place repo does not stay on the job's branch. A scratch job's
+            # stages reach the manifest on its next trip (its folder is retention's to remove).
+            self._workspace_record = workspace_record(ws)
+            self._write_manifest(self._manifest_doc())
+            self._manifest_dirty = False
         return credential, ws
+
+    def _reclaim_in_place(self, repo: RepoSpec) -> None:
+        """An in_place repo still on the branch of a job that has ended (failed by a watchdog, or by a
+        restart under another RUNNER_ID, before its run could clean up) would refuse this job as
+        "on the job branch": that job's cleanup runs here first. A job still active keeps the
+        folder (this one then fails as before)."""
+        prefix = in_place_job_prefix(repo.source)
+        if prefix is None or self.job_id.lower().startswith(prefix):
+            return
+        for row in self.rt.jobs.rows_with_id_prefix(prefix):
+            if Status(row["status"]) in TERMINAL:
+                log.warning("in_place_reclaimed", job_id=self.job_id, ended_job=row["id"])
+                clean_up_ended_job(row, self.rt.catalog, self.settings)
 
     def _credential(self, repo: RepoSpec | None) -> GitCredential | None:
         if repo is None or not repo.credential:
@@ -627,7 +649,10 @@ class JobRun:
             # An empty scratch folder is removed here, on the loop (no trip, so the manifest waits
             # for the terminal write); anything else in a thread, after the manifest.
             if not (ws.mode == "scratch" and remove_empty_scratch(ws, self.settings, failed=failed)):
-                await self._in_thread(cleanup_workspace, ws, repo, self.settings, failed=failed)
+                # Fenced (another instance failed the job): an in_place repo may be another job's now.
+                await self._in_thread(
+                    cleanup_workspace, ws, repo, self.settings, failed=failed, recovering=self.fenced
+                )
         except (GitError, OSError) as exc:
             self._stage("cleanup", "failed", error=getattr(exc, "message", None) or str(exc))
             return

@@ -43,7 +43,7 @@ from codex_runner.execution.git import (
     validate_source,
 )
 from codex_runner.execution.gitutil import current_branch as _current_branch
-from codex_runner.execution.gitutil import filter_guard, lock_key, nested_guard
+from codex_runner.execution.gitutil import filter_guard, head_ref, lock_key, nested_guard, remove_stale_locks
 from codex_runner.execution.gitutil import git_out as _git_out
 from codex_runner.execution.gitutil import real_dir as _real_dir
 from codex_runner.execution.gitutil import repo_lock as _repo_lock
@@ -61,6 +61,7 @@ __all__ = [
     "GitError",
     "RepoLike",
     "Workspace",
+    "cleanup_unrecorded",
     "cleanup_workspace",
     "commit_changes",
     "lock_key",
@@ -881,10 +882,16 @@ def workspace_from_record(record: Mapping[str, Any], job_id: str, settings: Sett
     )
 
 
-def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, failed: bool) -> None:
+def cleanup_workspace(
+    ws: Workspace, repo: RepoLike, settings: Settings, *, failed: bool, recovering: bool = False
+) -> None:
     """Removes the workspace when `RUNNER_CLEANUP_AFTER_JOB` (kept for a failed job with
     `RUNNER_KEEP_FAILED_WORKSPACES`). A job branch with commits is kept in the repo it came from;
-    one without is deleted. The job's git HOME always goes."""
+    one without is deleted. The job's git HOME always goes.
+
+    `recovering`: the cleanup of a run that crashed, lost its lease or was failed by a watchdog
+    (`recovery.clean_up_ended_job`): an in_place repo is put back only while it is still on this
+    job's branch, since another job (or the operator) may have the folder by now."""
     try:
         if not _keeps_workspace(settings, failed=failed):
             root = _real_dir(settings.workspace_dir)
@@ -895,7 +902,7 @@ def cleanup_workspace(ws: Workspace, repo: RepoLike, settings: Settings, *, fail
             elif ws.mode == "clone":
                 _cleanup_clone(ws, repo, settings, root)
             elif ws.mode == "in_place":
-                _cleanup_in_place(ws, repo, settings)
+                _cleanup_in_place(ws, repo, settings, recovering=recovering)
     finally:
         shutil.rmtree(ws.home, ignore_errors=True)
 
@@ -971,24 +978,118 @@ def _cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path
     _remove_tree(ws.path, root)
 
 
-def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings) -> None:
+def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings, *, recovering: bool = False) -> None:
     assert ws.git_dir is not None and ws.branch is not None and ws.base_commit is not None
     _check_git_dir(ws, "cleanup_failed")  # a reset and checkout must not land in another repository
     with _repo_lock(settings, _lock_key(repo)):
-        guard = filter_guard(ws.git_dir, ws.home)  # the agent could write this config
-        # The tree was clean when the job began, so what is left uncommitted is the job's own.
-        _run_in(ws.git_dir, ws.path, ["reset", "--hard", "-q"], ws.home, "cleanup_failed", guard=guard)
-        _run_in(ws.git_dir, ws.path, ["clean", "-fdq"], ws.home, "cleanup_failed", guard=guard)
-        original = ws.original_ref or ws.base_commit
-        # Not `--no-overwrite-ignore` here (the checkout to the job branch has it): a file the
-        # original branch tracks and the job branch stopped tracking (now ignored) must come back,
-        # or the repo would stay on the job branch and every later job on it fail.
-        if original.startswith("refs/heads/"):
-            checkout = ["checkout", "-q", original.removeprefix("refs/heads/")]
-        else:
-            checkout = ["checkout", "-q", "--detach", original]
-        _run_in(ws.git_dir, ws.path, checkout, ws.home, "cleanup_failed", guard=guard)
+        head = head_ref(ws.git_dir)
+        if head != f"refs/heads/{ws.branch}" and (
+            recovering or (head or "").startswith("refs/heads/runner/")
+        ):
+            # Another job's branch (it took the folder once this one was failed), or, after a crash
+            # or a lost lease, anything but this job's own: not this job's to reset.
+            log.warning("in_place_cleanup_skipped", job_id=ws.job_id, head=head)
+            _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
+            return
+        _restore_in_place(
+            ws.git_dir, ws.path, ws.branch, ws.job_id, ws.original_ref or ws.base_commit, ws.home
+        )
         _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
+
+
+def _restore_in_place(git_dir: Path, path: Path, branch: str, job_id: str, original: str, home: Path) -> None:
+    """Puts an in_place repo on the job's branch back on `original` (a ref or a commit), dropping
+    what the job left uncommitted. Under the repo lock."""
+    # A git the runner killed (a cancel's, a shutdown's, a crash's) leaves its lock file, and
+    # every command below would fail on it: the job's processes are gone, so nobody holds it.
+    removed = remove_stale_locks(git_dir, branch)
+    if removed:
+        log.warning("stale_git_locks_removed", job_id=job_id, locks=removed)
+    guard = filter_guard(git_dir, home)  # the agent could write this config
+    # The tree was clean when the job began, so what is left uncommitted is the job's own.
+    _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "cleanup_failed", guard=guard)
+    _run_in(git_dir, path, ["clean", "-fdq"], home, "cleanup_failed", guard=guard)
+    # Not `--no-overwrite-ignore` here (the checkout to the job branch has it): a file the
+    # original branch tracks and the job branch stopped tracking (now ignored) must come back,
+    # or the repo would stay on the job branch and every later job on it fail.
+    if original.startswith("refs/heads/"):
+        checkout = ["checkout", "-q", original.removeprefix("refs/heads/")]
+    else:
+        checkout = ["checkout", "-q", "--detach", original]
+    _run_in(git_dir, path, checkout, home, "cleanup_failed", guard=guard)
+
+
+def cleanup_unrecorded(repo: RepoLike, job_id: str, mode: str, settings: Settings) -> bool:
+    """What a prepare that never finished may have left, found by the names the runner gives
+    (`<workspace dir>/<job id>`, `runner/<id8>`): the run crashed, or was failed by a watchdog,
+    before its manifest recorded the workspace (`workspace_record`). The job never ran its
+    script, so its branch has no commits of its own. An in_place repo still on that branch goes
+    back to the branch checked out before it (`@{-1}`). True if something was found."""
+    if _keeps_workspace(settings, failed=True) or mode == "scratch" or not _JOB_ID.match(job_id):
+        return False
+    home = _real_dir(settings.data_dir) / "git-home" / job_id
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    branch = job_branch(job_id)
+    try:
+        if mode == "in_place":
+            return repo.source_type != "git_url" and _unrecorded_in_place(
+                repo, job_id, branch, settings, home
+            )
+        root = _real_dir(settings.workspace_dir)
+        path = root / job_id
+        found = path.exists() or path.is_symlink()
+        store = _unrecorded_store(repo, settings, home) if mode == "worktree" else None
+        with _repo_lock(settings, _lock_key(repo)):
+            if store is not None:
+                remove = ["worktree", "remove", "--force", "--force", "--", str(path)]
+                run_git([f"--git-dir={store}", *remove], home=home, check=False)
+            if path.exists() or path.is_symlink():
+                _remove_tree(path, root)
+            if store is not None:
+                run_git([f"--git-dir={store}", "worktree", "prune"], home=home, check=False)
+                ref = f"refs/heads/{branch}"
+                if _try_resolve(store, ref, home) is not None:
+                    run_git([f"--git-dir={store}", "update-ref", "-d", ref], home=home, check=False)
+                    found = True
+        return found
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _unrecorded_store(repo: RepoLike, settings: Settings, home: Path) -> Path | None:
+    if repo.source_type == "git_url":
+        mirror = _mirror_path(repo, settings)
+        return mirror if mirror.is_dir() else None
+    source = Path(repo.source)
+    if not source.is_dir():
+        return None
+    return Path(
+        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "cleanup_failed")
+    )
+
+
+def _unrecorded_in_place(repo: RepoLike, job_id: str, branch: str, settings: Settings, home: Path) -> bool:
+    source = Path(repo.source)
+    if not source.is_dir():
+        return False
+    git_dir = Path(
+        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "cleanup_failed")
+    )
+    with _repo_lock(settings, _lock_key(repo)):
+        if head_ref(git_dir) != f"refs/heads/{branch}":
+            return False  # the prepare never got to its checkout: the repo is as the operator left it
+        before = run_git(
+            [f"--git-dir={git_dir}", "rev-parse", "--symbolic-full-name", "@{-1}"], home=home, check=False
+        ).stdout.strip()
+        if not before.startswith("refs/heads/") or before == f"refs/heads/{branch}":
+            before = _git_out(
+                [f"--git-dir={git_dir}", "rev-parse", "--verify", "-q", "@{-1}^{commit}"],
+                home,
+                "cleanup_failed",
+            )
+        _restore_in_place(git_dir, source, branch, job_id, before, home)
+        run_git([f"--git-dir={git_dir}", "update-ref", "-d", f"refs/heads/{branch}"], home=home, check=False)
+    return True
 
 
 def _delete_branch_if_unchanged(git_dir: Path, branch: str, base_commit: str, home: Path) -> None:

@@ -370,6 +370,19 @@ class JobStore:
 
         return with_retries(txn)
 
+    def rows_with_id_prefix(self, prefix: str) -> list[dict[str, Any]]:
+        """The raw rows whose id starts with `prefix` (hex digits): the jobs a branch `runner/<id8>`
+        may belong to (usually one). A range on the primary key, not a scan."""
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            return []
+
+        def txn() -> list[dict[str, Any]]:
+            with read_txn(self.engine) as conn:
+                query = sa.select(jobs).where(jobs.c.id >= prefix, jobs.c.id < prefix + "g")
+                return [dict(r) for r in conn.execute(query).mappings()]
+
+        return with_retries(txn)
+
     def _get_row(self, conn: Connection, job_id: str, owner: str | None, *, lock: bool = False) -> Any:
         if "\0" in job_id:  # no job has one, and PostgreSQL text cannot even hold it (a DataError)
             raise NotFound(f"job {job_id!r} not found")
