@@ -8,8 +8,6 @@ and skip while it cannot be imported.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -447,18 +445,8 @@ def test_bad_runner_toml_is_one_line(tmp_path: Path) -> None:
 # -- outcomes of submit --wait (need the launcher) ---------------------------------------------
 
 
-def _launcher_importable() -> bool:
-    try:
-        importlib.import_module("codex_runner.launcher")
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    if not _launcher_importable():
-        pytest.skip("codex_runner.launcher cannot be imported yet")
     srv = start_server(tmp_path_factory.mktemp("cli-live"), enabled=True)
     try:
         yield srv
@@ -490,8 +478,6 @@ def test_submit_wait_exit_code_follows_the_outcome(
 
 
 def test_submit_follow_prints_the_log(live_server: Server, live_token: str) -> None:
-    if importlib.util.find_spec("codex_runner.api.logs") is None:
-        pytest.skip("the logs route does not exist yet")
     result = cli(
         "submit",
         "demo",
@@ -550,8 +536,6 @@ class SseRunner:
 
 @pytest.fixture
 def sse_runner(tmp_path: Path) -> Iterator[SseRunner]:
-    if not _launcher_importable():
-        pytest.skip("codex_runner.launcher cannot be imported yet")
     from codex_runner.server import build_app
 
     from tests.helpers import serve_app

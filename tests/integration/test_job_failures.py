@@ -255,12 +255,16 @@ def test_no_secret_in_a_stage_error_or_the_error_message(
 def test_an_in_place_job_whose_cleanup_fails_keeps_its_outcome(
     runner_factory: Callable[..., Runner], tmp_path: Path
 ) -> None:
-    # A git the agent ran and was killed leaves `.git/index.lock`: the cleanup's reset fails. The
-    # stage says so; the job keeps the outcome of its script, not `internal_error`.
+    # A git that still runs holds `.git/index.lock` (the test holds it open here): the cleanup's
+    # reset fails. The stage says so; the job keeps the outcome of its script, not `internal_error`.
+    # (A lock nobody holds, left by a killed git, is removed: test_git_workspace.py.)
     runner = runner_factory()
     lock = tmp_path / "repo" / ".git" / "index.lock"
-    done = runner.wait(runner.submit({"touch": str(lock)}, repo="inplace")["id"])
+    job = runner.submit({"touch": str(lock), "sleep": "1"}, repo="inplace")
+    assert wait_until(lock.exists, timeout=30)
     try:
+        with lock.open("a"):
+            done = runner.wait(job["id"])
         cleanup = next(s for s in done["stages"] if s["name"] == "cleanup")
         assert done["error_code"] != "internal_error", done
         assert cleanup["status"] == "failed" and "index.lock" in cleanup["error"], cleanup

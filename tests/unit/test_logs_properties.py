@@ -13,6 +13,7 @@ from codex_runner.logs.reader import read_page
 from codex_runner.logs.redaction import RULESETS, V1, V2
 from codex_runner.logs.stream import MAX_LINE
 from codex_runner.logs.writer import LogWriter
+from codex_runner.secrets import secret_forms
 
 SECRETS = [
     "sk-proj-Ab3dEf6hIj9kLmN0pQrStUvWxYz12345",
@@ -294,7 +295,6 @@ def test_overlapping_known_secrets_are_masked_as_one_span_however_cut(
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "job.log"
         with LogWriter(path, max_bytes=1 << 20, known_secrets=OVERLAPPING) as writer:
-            forms = list(writer._forms)
             at = 0
             for cut in itertools.cycle(cuts or [len(data) + 1]):
                 if at >= len(data):
@@ -302,6 +302,11 @@ def test_overlapping_known_secrets_are_masked_as_one_span_however_cut(
                 writer.write(data[at : at + cut])
                 at += cut
         written = path.read_bytes()
+    # The forms worked out apart from the writer: built from its own list, a secret the writer
+    # dropped would have been expected in clear too.
+    forms = sorted(
+        {form.encode() for secret in OVERLAPPING for form in secret_forms(secret)}, key=len, reverse=True
+    )
     assert written == _union_reference(data, forms)
 
 
