@@ -339,6 +339,20 @@ def test_lock_lets_one_instance_run_per_interval(runtime: Runtime) -> None:
     assert not claim_run(runtime.engine, "a", 60, now + timedelta(seconds=62))
 
 
+def test_a_shorter_interval_takes_effect_at_once(runtime: Runtime) -> None:
+    """The lock's expiry is the schedule, and it used to be honoured even when it lay further ahead
+    than the current interval: after a restart with RUNNER_RETENTION_INTERVAL_SECONDS lowered from
+    a day to a minute, no cleanup ran until the day-long hold taken before the restart ran out. A
+    hold longer than the caller's interval now counts as due; one within it still does not."""
+    now = utcnow()
+    assert claim_run(runtime.engine, "a", DAY, now)
+    assert not claim_run(runtime.engine, "a", DAY, now + timedelta(seconds=30))
+    assert claim_run(runtime.engine, "a", 60, now + timedelta(seconds=30))  # restarted with 60 s
+    assert not claim_run(runtime.engine, "a", 60, now + timedelta(seconds=60))
+    assert not claim_run(runtime.engine, "b", 60, now + timedelta(seconds=60))
+    assert claim_run(runtime.engine, "b", 60, now + timedelta(seconds=91))
+
+
 def test_retention_loop_runs_inside_serve(tmp_path: Path, database_url: str) -> None:
     rt = make_runtime(
         tmp_path,

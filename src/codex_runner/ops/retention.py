@@ -515,12 +515,15 @@ def _remove(path: Path) -> None:
 
 def try_lock(conn: Connection, name: str, holder: str, until: datetime, now: datetime) -> bool:
     """Takes the named lock if it is free or expired, holding it until `until`. Not even its holder
-    takes it again before then: the expiry is the schedule."""
+    takes it again before then: the expiry is the schedule. A lock that expires after `until` was
+    taken for a longer hold than this caller's (an instance that ran with a longer interval, before
+    a restart with a shorter one): it counts as expired, or the shorter interval would only take
+    effect once the old hold ran out, up to a day later."""
     row = conn.execute(sa.select(locks).where(locks.c.name == name)).first()
     if row is None:
         conn.execute(locks.insert().values(name=name, holder=holder, expires_at=until))
         return True
-    if row.expires_at > now:
+    if now < row.expires_at <= until:
         return False
     updated = conn.execute(
         locks.update()
