@@ -261,6 +261,12 @@ def _check_database_url(url: str) -> None:
         raise ConfigError("RUNNER_DATABASE_URL: not a valid database URL") from None
     if port is not None and not 0 < port < 65536:
         raise ConfigError("RUNNER_DATABASE_URL: the port must be 1-65535")
+    if parsed.get_backend_name() == "sqlite" and _sqlite_in_memory(parsed):
+        raise ConfigError(
+            "RUNNER_DATABASE_URL: an in-memory SQLite database cannot be used: each connection of "
+            "the pool (and each process) would get its own empty database; give a file, "
+            "sqlite:///path/to/runner.db"
+        )
     if parsed.host and any(c in parsed.host for c in "@#?/ "):
         # A password with an unencoded '@' leaves part of it in the host name, which a connection
         # error would then print.
@@ -268,6 +274,16 @@ def _check_database_url(url: str) -> None:
             "RUNNER_DATABASE_URL: the host name holds '@', '#', '?', '/' or a space: "
             "percent-encode those characters in the user name and password"
         )
+
+
+def _sqlite_in_memory(parsed: Any) -> bool:
+    """`sqlite://`, `sqlite:///:memory:`, and the URI forms `file::memory:` and `?mode=memory`."""
+    database = parsed.database or ""
+    return (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or parsed.query.get("mode") == "memory"
+    )
 
 
 # git's "crud" around an identity: what it strips, and refuses a name made only of.

@@ -199,6 +199,29 @@ def test_values_that_failed_later_stop_start_up(tmp_path: Path, env: dict[str, s
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file::memory:?cache=shared&uri=true",
+        "sqlite:///file:runner?mode=memory&uri=true",
+    ],
+)
+def test_an_in_memory_sqlite_database_is_refused(tmp_path: Path, url: str) -> None:
+    """It was accepted, then every command failed with `unexpected TypeError ... max_overflow`
+    (SQLAlchemy's pool for an in-memory database takes no pool size); and had it worked, each
+    pooled connection would have had its own empty database."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings({"RUNNER_DATABASE_URL": url}, cwd=tmp_path)
+    assert exc.value.message.startswith("RUNNER_DATABASE_URL: an in-memory SQLite database")
+    assert "own empty database" in exc.value.message
+    db = tmp_path / "runner.db"
+    assert load_settings({"RUNNER_DATABASE_URL": f"sqlite:///{db}"}, cwd=tmp_path).database_url.endswith(
+        "runner.db"
+    )
+
+
+@pytest.mark.parametrize(
     ("toml", "fragment"),
     [
         ("jwt_secret = true", "[runner].jwt_secret: expected a string, got bool"),
