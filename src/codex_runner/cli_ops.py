@@ -71,7 +71,7 @@ def _runtime(loaded: Settings, *, migrate: bool = True) -> Iterator[Runtime]:
     runner.toml must not change what a running server has configured. Without `migrate` (a dry
     run, which changes nothing), a database that is missing or not at head is an error instead."""
     from codex_runner.ops.audit import attach
-    from codex_runner.store.migrate import current_revision, head_revision, upgrade
+    from codex_runner.store.migrate import check_not_newer, current_revision, head_revision, upgrade
 
     if not migrate and loaded.is_sqlite:
         db_file = sa.engine.make_url(loaded.database_url).database
@@ -82,6 +82,7 @@ def _runtime(loaded: Settings, *, migrate: bool = True) -> Iterator[Runtime]:
         if migrate:
             upgrade(rt.engine)
         elif (current := current_revision(rt.engine)) != (head := head_revision()):
+            check_not_newer(current)
             raise ConfigError(
                 f"database schema is at {current or 'nothing'}, expected {head}: run `codex-runner migrate` "
                 "first (a dry run changes nothing)"

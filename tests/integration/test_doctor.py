@@ -131,6 +131,36 @@ def test_database_unreachable_and_not_migrated(make: Make, tmp_path: Path, datab
     assert_fails(checks_of(fresh)["migrations"], "codex-runner migrate")
 
 
+def test_a_schema_migrated_by_a_newer_version(make: Make, tmp_path: Path, database_url: str) -> None:
+    """A database migrated by a newer codex-runner (a revision this build does not have): doctor
+    said "run `codex-runner migrate`", and `migrate` and `serve` then failed with `unexpected
+    CommandError: Can't locate revision ...`. Each now says the schema is newer than this version,
+    naming both revisions, and changes nothing."""
+    import sqlalchemy as sa
+
+    from codex_runner.store.migrate import current_revision, head_revision
+
+    settings, env = make(database_url=database_url)
+    engine = create_store_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    head = head_revision()
+    assert head is not None
+    check = checks_of(settings)["migrations"]
+    assert_fails(check, "9999_from_the_future", head, "newer than this version of codex-runner")
+    assert "codex-runner migrate" not in check.message
+    with pytest.raises(ConfigError, match="newer than this version of codex-runner"):
+        Runtime.open(settings)
+    for command in (["migrate"], ["cleanup", "--dry-run"]):
+        done = run_cli(command, env, tmp_path)
+        assert done.returncode == 2, done
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+        assert done.stderr.startswith("error: database schema is at revision 9999_from_the_future")
+        assert head in done.stderr and "unexpected" not in done.stderr
+    assert current_revision(engine) == "9999_from_the_future"
+    engine.dispose()
+
+
 def test_script_not_executable_or_missing(make: Make, tmp_path: Path) -> None:
     tool = tmp_path / "tool.sh"
     tool.write_text("#!/bin/sh\necho hi\n")

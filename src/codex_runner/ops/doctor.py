@@ -32,7 +32,7 @@ from codex_runner.execution.agents import BYPASS_FLAGS
 from codex_runner.execution.git import is_loopback_host
 from codex_runner.ops.backup import newest_backup
 from codex_runner.store import create_store_engine
-from codex_runner.store.migrate import current_revision, head_revision
+from codex_runner.store.migrate import current_revision, head_revision, is_known, newer_schema_message
 from codex_runner.store.records import utcnow
 from codex_runner.store.schema import credentials
 
@@ -128,7 +128,9 @@ def _database(engine: Engine) -> Iterator[Check]:
         return
     yield _ok("database", f"database reachable ({engine.dialect.name})")
     current, head = current_revision(engine), head_revision()
-    if current != head:
+    if not is_known(current):
+        yield _fail("migrations", newer_schema_message(current), current=current, head=head)
+    elif current != head:
         yield _fail(
             "migrations",
             f"database schema is at {current or 'nothing'}, expected {head}: run `codex-runner migrate`",

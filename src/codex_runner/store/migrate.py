@@ -11,6 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
+from codex_runner import __version__
+from codex_runner.errors import ConfigError
 from codex_runner.store.engine import without_answer_deadline
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -32,6 +34,30 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def is_known(revision: str | None) -> bool:
+    """Whether this build has the migration `revision` (None, an empty database, counts as known).
+    An unknown one was written by a newer codex-runner: this one cannot upgrade from it."""
+    if revision is None:
+        return True
+    script = ScriptDirectory.from_config(_config())
+    return revision in {r.revision for r in script.walk_revisions()}
+
+
+def newer_schema_message(current: str | None) -> str:
+    """What to say about a database migrated by a newer codex-runner (revision `current`)."""
+    return (
+        f"database schema is at revision {current}, newer than this version of codex-runner "
+        f"({__version__}, whose newest revision is {head_revision()}): it was migrated by a newer "
+        "codex-runner; run that version, or restore a backup made before the upgrade"
+    )
+
+
+def check_not_newer(revision: str | None) -> None:
+    """Raises `ConfigError` when `revision` was written by a newer codex-runner."""
+    if not is_known(revision):
+        raise ConfigError(newer_schema_message(revision))
+
+
 def upgrade(engine: Engine) -> None:
     """Brings the schema to head. Several instances may start at once: on PostgreSQL they queue
     on an advisory lock; on SQLite on the write lock, taken up front (BEGIN IMMEDIATE) for the
@@ -51,6 +77,8 @@ def upgrade(engine: Engine) -> None:
             # commits its own, so the upgrade is one transaction under the write lock.
             conn.execution_options(sqlite_begin="IMMEDIATE").begin()
         try:
+            # alembic would fail with "Can't locate revision": say that the schema is newer.
+            check_not_newer(MigrationContext.configure(conn).get_current_revision())
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
             conn.commit()
