@@ -244,6 +244,29 @@ def test_log_folder_that_is_a_file(make: Make, tmp_path: Path) -> None:
     assert_fails(checks_of(nested)["folder:workspace"], "not usable")
 
 
+def test_a_data_folder_under_a_file_is_a_failed_check(make: Make, tmp_path: Path) -> None:
+    """With RUNNER_DATA_DIR under a regular file, the SQLite database's folder could not be made:
+    `doctor` stopped before any check (exit 2, nothing on stdout, `--json` not JSON). It is now a
+    failed `database` check, beside the failed data folder, and doctor exits 1."""
+    _, env = make()
+    (tmp_path / "notadir").write_text("a file\n")
+    data = tmp_path / "notadir" / "data"
+    env = {**env, "RUNNER_DATA_DIR": str(data)}
+    del env["RUNNER_DATABASE_URL"]  # the default, under the data folder
+    code, out, err = _doctor(env, tmp_path, "--json")
+    assert code == 1, out + err
+    doc: dict[str, Any] = json.loads(out)
+    assert doc["ok"] is False
+    failed = {c["name"]: c["message"] for c in doc["checks"] if c["level"] == "fail"}
+    assert {"database", "folder:data"} <= set(failed), failed
+    assert failed["database"].startswith(f"database folder {data} is not usable")
+    assert "not a folder" in failed["database"]
+    assert "migrations" not in {c["name"] for c in doc["checks"]}
+    code, out, _ = _doctor(env, tmp_path)
+    assert code == 1
+    assert any(line.split()[:2] == ["FAIL", "database"] for line in out.splitlines()), out
+
+
 def test_an_empty_or_future_dated_backup_is_no_backup(make: Make) -> None:
     """The backup check reads the age from the archive's name: an empty file, or one named for a
     later time, must not count as a fresh backup (a production start would trust it)."""

@@ -87,11 +87,19 @@ def _warn(name: str, message: str, *, production: bool = False, **detail: Any) -
 def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = None) -> list[Check]:
     """Every check, in a stable order. `engine` None: one is made for the checks and disposed."""
     own = engine is None
-    eng = engine or create_store_engine(settings.database_url, pool_size=1)
+    eng = engine
+    checks: list[Check] = []
+    if eng is None:
+        try:
+            eng = create_store_engine(settings.database_url, pool_size=1)
+        except OSError as exc:
+            # SQLite: the database's folder could not be made (a file in the way, no permission).
+            checks.append(_database_folder(settings, exc))
     try:
-        checks = list(_database(eng))
-        db_ok = all(c.ok for c in checks)
-        if db_ok and eng.dialect.name == "postgresql":
+        if eng is not None:
+            checks += _database(eng)
+        db_ok = eng is not None and all(c.ok for c in checks)
+        if eng is not None and db_ok and eng.dialect.name == "postgresql":
             checks.append(_clock(settings, eng))
         checks += _folders(settings)
         checks += _scripts(settings, catalog)
@@ -106,7 +114,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks.append(_backup(settings))
         return checks
     finally:
-        if own:
+        if own and eng is not None:
             eng.dispose()
 
 
@@ -115,6 +123,15 @@ def blocking_failures(checks: Iterable[Check]) -> list[Check]:
 
 
 # -- database ---------------------------------------------------------------------------------
+
+
+def _database_folder(settings: Settings, exc: OSError) -> Check:
+    folder = Path(sa.engine.make_url(settings.database_url).database or ".").parent
+    return _fail(
+        "database",
+        f"database folder {folder} is not usable: {_folder_problem(exc)}",
+        path=str(folder),
+    )
 
 
 def _database(engine: Engine) -> Iterator[Check]:
@@ -186,12 +203,17 @@ def _folders(settings: Settings) -> Iterator[Check]:
             with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
                 pass
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            if isinstance(exc, FileExistsError | NotADirectoryError):
-                reason = "it exists and is not a folder"
-            yield _fail(name, f"{label} folder {path} is not usable: {reason}", path=str(path))
+            yield _fail(name, f"{label} folder {path} is not usable: {_folder_problem(exc)}", path=str(path))
         else:
             yield _ok(name, f"{label} folder {path} is writable", path=str(path))
+
+
+def _folder_problem(exc: OSError) -> str:
+    """Why a folder could not be made or written, in a few words."""
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        # A file where the folder, or one of its parents, should be.
+        return "it (or a folder above it) exists and is not a folder"
+    return exc.strerror or str(exc)
 
 
 def _disk(settings: Settings) -> Iterator[Check]:
