@@ -27,7 +27,7 @@ from codex_runner.secrets import generate_key
 from codex_runner.store import create_store_engine
 from codex_runner.store.migrate import upgrade
 
-from tests.helpers import make_git_repo, serve_app
+from tests.helpers import free_port, make_git_repo, serve_app
 from tests.integration.ops_cli import run_cli
 
 BASE_TOML = """
@@ -265,6 +265,35 @@ def test_a_data_folder_under_a_file_is_a_failed_check(make: Make, tmp_path: Path
     code, out, _ = _doctor(env, tmp_path)
     assert code == 1
     assert any(line.split()[:2] == ["FAIL", "database"] for line in out.splitlines()), out
+
+
+def test_an_audit_log_that_cannot_be_written(make: Make, tmp_path: Path) -> None:
+    """RUNNER_AUDIT_LOG under a regular file passed `doctor`, then stopped `serve` with `error:
+    unexpected FileExistsError`, naming no setting. doctor now fails its `audit_log` check (also
+    for a folder where the file should be), and `serve` stops with one line naming the setting."""
+    (tmp_path / "afile").write_text("a file\n")
+    blocked = tmp_path / "afile" / "audit.jsonl"
+    settings, env = make(RUNNER_AUDIT_LOG=str(blocked))
+    assert_fails(checks_of(settings)["audit_log"], "RUNNER_AUDIT_LOG", str(blocked))
+    folder = tmp_path / "a-folder.jsonl"
+    folder.mkdir()
+    assert_fails(
+        checks_of(dataclasses.replace(settings, audit_log=folder))["audit_log"], "RUNNER_AUDIT_LOG", "folder"
+    )
+    fine = tmp_path / "logs" / "audit.jsonl"
+    assert checks_of(dataclasses.replace(settings, audit_log=fine))["audit_log"].ok
+    assert not fine.exists()  # doctor tried its folder, it wrote no audit log
+    assert checks_of(dataclasses.replace(settings, audit_log=None))["audit_log"].ok
+
+    code, out, _ = _doctor(env, tmp_path)
+    assert code == 1
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("FAIL")] == ["audit_log"]
+    served = run_cli(["serve"], {**env, "RUNNER_PORT": str(free_port())}, tmp_path, timeout=60)
+    assert served.returncode == 2, served
+    errors = [line for line in served.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: RUNNER_AUDIT_LOG: cannot write the audit log {blocked}: a file is in the way of its folder"
+    ]
 
 
 def test_an_empty_or_future_dated_backup_is_no_backup(make: Make) -> None:

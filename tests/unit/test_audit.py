@@ -198,6 +198,22 @@ def test_an_audit_log_that_cannot_be_made_never_undoes_the_action(tmp_path: Path
     audit_event(runtime, "token_created", actor="admin", meta={"user": "bob"})  # type: ignore[arg-type]
 
 
+def test_an_audit_log_whose_folder_cannot_be_made_names_the_setting(tmp_path: Path) -> None:
+    """The folder's `mkdir` raised FileExistsError as is: `serve` stopped with `error: unexpected
+    FileExistsError`, naming no setting."""
+    import pytest
+
+    from codex_runner.errors import ConfigError
+
+    (tmp_path / "notadir").write_text("a file")
+    path = tmp_path / "notadir" / "audit.jsonl"
+    with pytest.raises(ConfigError) as exc:
+        AuditLog(path)
+    assert exc.value.message == (
+        f"RUNNER_AUDIT_LOG: cannot write the audit log {path}: a file is in the way of its folder"
+    )
+
+
 def test_a_job_events_failed_audit_write_is_logged_once_a_minute(tmp_path: Path) -> None:
     """Job-event audit lines failed silently (admin actions logged `audit_write_failed`): an audit
     log that stops working must show in the service log."""

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from codex_runner.errors import ConfigError
 from codex_runner.ops.logging import mask_value
 from codex_runner.secrets import Masker
 from codex_runner.store.records import iso, utcnow
@@ -30,6 +32,30 @@ if TYPE_CHECKING:
     from codex_runner.runtime import Runtime
 
 log = structlog.get_logger("codex_runner.audit")
+
+
+def unusable(path: Path, exc: OSError) -> str:
+    """Why the audit log at `path` cannot be written, for a message naming the setting."""
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        reason = "a file is in the way of its folder"
+    elif isinstance(exc, IsADirectoryError):
+        reason = "it is a folder"
+    else:
+        reason = exc.strerror or str(exc)
+    return f"cannot write the audit log {path}: {reason}"
+
+
+def check_writable(path: Path) -> None:
+    """Raises `OSError` unless the audit log at `path` (and its lock file beside it) can be
+    written. Changes nothing but the folder it makes: an existing file is opened for appending,
+    a missing one tried as a temporary file in its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target in (path, path.with_name(path.name + ".lock")):
+        if os.path.exists(target):
+            os.close(os.open(target, os.O_WRONLY | os.O_APPEND))
+        else:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".doctor-"):
+                pass
 
 
 class AuditLog:
@@ -43,7 +69,11 @@ class AuditLog:
         self._lock_path = path.with_name(path.name + ".lock")
         self._thread_lock = threading.Lock()
         self._last_failure_logged = float("-inf")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # At `serve` start-up this was `unexpected FileExistsError`, naming no setting.
+            raise ConfigError(f"RUNNER_AUDIT_LOG: {unusable(path, exc)}") from None
 
     @classmethod
     def from_runtime(cls, runtime: Runtime) -> AuditLog | None:

@@ -30,6 +30,7 @@ from codex_runner.errors import ConfigError, RunnerError
 from codex_runner.execution import spare_watch
 from codex_runner.execution.agents import BYPASS_FLAGS
 from codex_runner.execution.git import is_loopback_host
+from codex_runner.ops import audit
 from codex_runner.ops.backup import newest_backup
 from codex_runner.store import create_store_engine
 from codex_runner.store.migrate import current_revision, head_revision, is_known, newer_schema_message
@@ -102,6 +103,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         if eng is not None and db_ok and eng.dialect.name == "postgresql":
             checks.append(_clock(settings, eng))
         checks += _folders(settings)
+        checks.append(_audit_log(settings))
         checks += _scripts(settings, catalog)
         checks += _repos(settings, catalog)
         checks.append(_git())
@@ -206,6 +208,19 @@ def _folders(settings: Settings) -> Iterator[Check]:
             yield _fail(name, f"{label} folder {path} is not usable: {_folder_problem(exc)}", path=str(path))
         else:
             yield _ok(name, f"{label} folder {path} is writable", path=str(path))
+
+
+def _audit_log(settings: Settings) -> Check:
+    """An audit log whose folder cannot be made stopped `serve` after doctor passed it; one that
+    cannot be written loses every audit line (each failed write is only a service-log warning)."""
+    path = settings.audit_log
+    if path is None:
+        return _ok("audit_log", "no audit log (RUNNER_AUDIT_LOG not set)")
+    try:
+        audit.check_writable(path)
+    except OSError as exc:
+        return _fail("audit_log", f"RUNNER_AUDIT_LOG: {audit.unusable(path, exc)}", path=str(path))
+    return _ok("audit_log", f"audit log {path} is writable", path=str(path))
 
 
 def _folder_problem(exc: OSError) -> str:
