@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from codex_runner.api import create_app
 from codex_runner.config import Settings
+from codex_runner.errors import ConfigError
 from codex_runner.launcher import guard_serve_signals
 from codex_runner.ops.service import background_chores, on_startup
 from codex_runner.runtime import Runtime
@@ -145,6 +146,12 @@ def _already_shut_down(sig: int, frame: FrameType | None) -> None:
 def run_worker(settings: Settings) -> None:
     from codex_runner.launcher import run_worker_forever
 
+    if not settings.enabled:
+        # A worker is nothing but a launcher: it ran one anyway, and claimed jobs.
+        raise ConfigError(
+            "RUNNER_ENABLED=false: this instance launches nothing, and a worker is only a launcher; "
+            "unset it (or set it to true) to run a worker, or run `serve` for the API alone"
+        )
     runtime = Runtime.open(settings)
     try:
         _refuse_duplicate(runtime)

@@ -435,6 +435,25 @@ def test_bad_config_value_is_one_line(
     assert result.returncode == 2
 
 
+def test_a_worker_refuses_runner_enabled_false(server: Server, admin_token: str) -> None:
+    """RUNNER_ENABLED=false means "this instance launches nothing", yet `worker`, which is nothing
+    but a launcher, ignored it: it claimed and ran the queued jobs. It now refuses to start with
+    one line naming the setting, and the queued job stays queued."""
+    job_id = submit(server, admin_token, "echo", "--arg", "message=not-for-a-worker").stdout.strip()
+    assert server.env["RUNNER_ENABLED"] == "false"
+    result = subprocess.run(
+        [CLI, "worker"],
+        env={**server.env, "RUNNER_ID": "worker-disabled", "RUNNER_POLL_INTERVAL_SECONDS": "0.1"},
+        cwd=server.root,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert_one_error_line(result, "RUNNER_ENABLED=false", "worker")
+    assert result.returncode == 2
+    assert api_get(server, admin_token, f"/api/runner/jobs/{job_id}").json()["status"] == "queued"
+
+
 def test_bad_runner_toml_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "runner.toml"
     config.write_text("[runner]\nmax_concurency = 3\n")
