@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
 import signal
@@ -107,10 +108,68 @@ def _refuse_duplicate(runtime: Runtime) -> None:
         InstanceRegistry(runtime.engine, runtime.settings.id).check_free(runtime.settings.stale_after_seconds)
 
 
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    where = _where(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"RUNNER_PORT={port}: cannot listen on {where}, the address is already in use (another "
+            "process listens there): stop it or choose another RUNNER_PORT"
+        )
+    if exc.errno == errno.EACCES:
+        return f"RUNNER_PORT={port}: cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"RUNNER_HOST={host}: cannot listen on {where}: not an address of this machine"
+    return f"RUNNER_HOST={host}, RUNNER_PORT={port}: cannot listen on {where}: {exc.strerror or exc}"
+
+
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """The listening addresses of `serve`, bound before anything starts. uvicorn binds only after
+    the app's lifespan has run, and that starts the launcher, which claims queued jobs: a port in
+    use, or a host name that does not resolve, used to fail them (`runner_shutdown`) and exit 3
+    with no line naming the setting. Every address `host` resolves to is bound, as uvicorn did
+    (asyncio's `create_server`): IPv6 sockets IPv6 only, an address family the host lacks skipped.
+    Raises `ConfigError` naming RUNNER_HOST or RUNNER_PORT."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"RUNNER_HOST={host}: cannot resolve this host name ({exc.strerror})") from None
+    sockets: list[socket.socket] = []
+    skipped: OSError | None = None
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                # An address family not enabled here (IPv6 in many containers), as asyncio does.
+                skipped = exc
+                sockets.pop().close()
+        if not sockets:
+            raise skipped or OSError(errno.EADDRNOTAVAIL, "no address to listen on")
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(_bind_problem(host, port, exc)) from None
+    return sockets
+
+
 def run_serve(settings: Settings) -> None:
     runtime = Runtime.open(settings)
+    sockets: list[socket.socket] = []
     try:
         _refuse_duplicate(runtime)
+        # Before the app, whose lifespan starts the launcher: see `bind_listeners`.
+        sockets = bind_listeners(settings.host, settings.port)
         on_startup(runtime)
         config = uvicorn.Config(
             build_app(runtime, chores=True),
@@ -134,8 +193,10 @@ def run_serve(settings: Settings) -> None:
         # The shutdown is over by then, so ours has nothing left to do: `serve` exits 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _already_shut_down)
-        server.run()
+        server.run(sockets=sockets)
     finally:
+        for sock in sockets:
+            sock.close()
         runtime.close()
 
 

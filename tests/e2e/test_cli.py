@@ -30,7 +30,7 @@ from codex_runner import __version__
 from codex_runner.config import load_settings
 from codex_runner.runtime import Runtime
 
-from tests.helpers import CLI, answers_healthz, free_port, make_git_repo, wait_until
+from tests.helpers import CLI, answers_healthz, cli_token, free_port, make_git_repo, wait_until
 
 COMMAND_TIMEOUT = 60
 START_TIMEOUT = 30
@@ -452,6 +452,37 @@ def test_a_worker_refuses_runner_enabled_false(server: Server, admin_token: str)
     assert_one_error_line(result, "RUNNER_ENABLED=false", "worker")
     assert result.returncode == 2
     assert api_get(server, admin_token, f"/api/runner/jobs/{job_id}").json()["status"] == "queued"
+
+
+def test_a_serve_that_cannot_listen_starts_nothing(tmp_path: Path) -> None:
+    """uvicorn runs the app's lifespan, which starts the launcher, before it binds: a `serve` whose
+    port was taken (or whose host name does not resolve) claimed the queued jobs, then failed them
+    as `runner_shutdown` when the bind failed, and exited 3 without a line naming the setting. The
+    address is now bound first: one `error:` line naming the setting, exit 2, and the job stays
+    queued."""
+    srv = start_server(tmp_path / "api", enabled=False)
+    try:
+        token = cli_token(srv.env, srv.root, "root")
+        job_id = submit(srv, token, "echo", "--arg", "message=stay-queued").stdout.strip()
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            taken = str(holder.getsockname()[1])
+            for setting, value in (("RUNNER_PORT", taken), ("RUNNER_HOST", "no-such-host.invalid")):
+                env = {**srv.env, "RUNNER_ENABLED": "true", "RUNNER_ID": "cannot-listen", setting: value}
+                if setting == "RUNNER_HOST":
+                    env["RUNNER_ALLOW_REMOTE"] = "true"
+                result = cli("serve", env=env, cwd=srv.root)
+                assert result.returncode == 2, result.stderr
+                assert "Traceback" not in result.stderr
+                errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+                assert len(errors) == 1 and f"{setting}={value}" in errors[0], result.stderr
+                line = errors[0]
+                assert ("already in use" if setting == "RUNNER_PORT" else "cannot resolve") in line
+                job = api_get(srv, token, f"/api/runner/jobs/{job_id}").json()
+                assert (job["status"], job["error_code"]) == ("queued", None), (setting, job)
+    finally:
+        stop(srv.proc)
 
 
 def test_bad_runner_toml_is_one_line(tmp_path: Path) -> None:
