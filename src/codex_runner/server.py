@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
 
+import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from codex_runner import __version__
 from codex_runner.api import create_app
 from codex_runner.config import Settings
 from codex_runner.errors import ConfigError
@@ -23,6 +25,8 @@ from codex_runner.launcher import guard_serve_signals
 from codex_runner.ops.service import background_chores, on_startup
 from codex_runner.runtime import Runtime
 from codex_runner.store.instances import InstanceRegistry
+
+log = structlog.get_logger("codex_runner.server")
 
 
 def build_app(runtime: Runtime, *, chores: bool = False) -> FastAPI:
@@ -184,7 +188,7 @@ def run_serve(settings: Settings) -> None:
             loop="uvloop",
             timeout_graceful_shutdown=settings.kill_grace_seconds + 5,
         )
-        server = uvicorn.Server(config)
+        server = _Server(config, settings)
         tune_gc()
         # A second SIGTERM/SIGINT exits at once but still kills every job's process group.
         guard_serve_signals(server)
@@ -198,6 +202,27 @@ def run_serve(settings: Settings) -> None:
         for sock in sockets:
             sock.close()
         runtime.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying `serving` in the service log once the app has started (the
+    launcher with it) and listens: the JSON log stays JSON lines, and a start that fails
+    earlier never announces it."""
+
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self.settings = settings
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            port = sockets[0].getsockname()[1] if sockets else self.settings.port
+            log.info(
+                "serving",
+                url=f"http://{_where(self.settings.host, port)}",
+                version=__version__,
+                launcher=self.settings.enabled,
+            )
 
 
 def _already_shut_down(sig: int, frame: FrameType | None) -> None:

@@ -119,7 +119,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: 
     return lines[0]
 
 
-def start_server(root: Path, *, enabled: bool) -> Server:
+def start_server(root: Path, *, enabled: bool, **extra: str) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     repo = make_git_repo(root / "repo")
     config = root / "runner.toml"
@@ -128,12 +128,15 @@ def start_server(root: Path, *, enabled: bool) -> Server:
     )
     port = free_port()
     env = clean_env(
-        RUNNER_CONFIG=str(config),
-        RUNNER_DATA_DIR=str(root / "data"),
-        RUNNER_PORT=str(port),
-        RUNNER_ENABLED="true" if enabled else "false",
-        RUNNER_LOG_FORMAT="console",
-        RUNNER_KILL_GRACE_SECONDS="2",
+        **{
+            "RUNNER_CONFIG": str(config),
+            "RUNNER_DATA_DIR": str(root / "data"),
+            "RUNNER_PORT": str(port),
+            "RUNNER_ENABLED": "true" if enabled else "false",
+            "RUNNER_LOG_FORMAT": "console",
+            "RUNNER_KILL_GRACE_SECONDS": "2",
+            **extra,
+        }
     )
     log = root / "serve.log"
     with log.open("wb") as fh:
@@ -473,16 +476,32 @@ def test_a_serve_that_cannot_listen_starts_nothing(tmp_path: Path) -> None:
                 if setting == "RUNNER_HOST":
                     env["RUNNER_ALLOW_REMOTE"] = "true"
                 result = cli("serve", env=env, cwd=srv.root)
+                line = assert_one_error_line(result, f"{setting}={value}")
                 assert result.returncode == 2, result.stderr
-                assert "Traceback" not in result.stderr
-                errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-                assert len(errors) == 1 and f"{setting}={value}" in errors[0], result.stderr
-                line = errors[0]
                 assert ("already in use" if setting == "RUNNER_PORT" else "cannot resolve") in line
                 job = api_get(srv, token, f"/api/runner/jobs/{job_id}").json()
                 assert (job["status"], job["error_code"]) == ("queued", None), (setting, job)
     finally:
         stop(srv.proc)
+
+
+def test_serve_says_serving_in_its_json_log_once_it_listens(tmp_path: Path) -> None:
+    """`serve` began with a plain-text line, `codex-runner 0.1.0 serving http://…`, even with
+    RUNNER_LOG_FORMAT=json (a log of JSON lines that was not), and printed it before the catalog
+    and the database were even loaded, so a start that then failed had announced "serving". It is
+    now a `serving` event of the service log, once the app has started and listens; a start that
+    fails never says it (the test above: its only line is the error)."""
+    srv = start_server(tmp_path, enabled=True, RUNNER_LOG_FORMAT="json")
+    stop(srv.proc)
+    lines = srv.log.read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    serving = [e for e in events if e.get("event") == "serving"]
+    assert len(serving) == 1, lines
+    assert serving[0]["url"] == srv.url
+    assert serving[0]["version"] == __version__
+    assert serving[0]["launcher"] is True
+    names = [e.get("event") for e in events]
+    assert names.index("launcher_started") < names.index("serving")
 
 
 def test_bad_runner_toml_is_one_line(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import typer
 
 from codex_runner import __version__
 from codex_runner.cli import admin, jobs
-from codex_runner.cli.common import CliError, ExitCode, info, masked, settings
+from codex_runner.cli.common import CliError, ExitCode, masked, settings
 from codex_runner.cli_ops import register as register_ops
 from codex_runner.errors import ConfigError, RunnerError
 
@@ -36,10 +36,8 @@ def serve() -> None:
     from codex_runner.server import run_serve
 
     become_init_if_pid1()
-    loaded = settings()
-    launcher = "on" if loaded.enabled else "off (RUNNER_ENABLED=false)"
-    info(f"codex-runner {__version__} serving http://{loaded.host}:{loaded.port} (launcher {launcher})")
-    run_serve(loaded)
+    # Says `serving` (a service-log event) once it listens, not here, before anything could fail.
+    run_serve(settings())
 
 
 def worker() -> None:
