@@ -66,9 +66,14 @@ def _parse_seconds(name: str, raw: object) -> float:
 
 def _parse_list(name: str, raw: object) -> tuple[str, ...]:
     if isinstance(raw, list | tuple):
-        items = [str(x) for x in raw]
+        if not all(isinstance(x, str) for x in raw):
+            raise ConfigError(f"{name}: expected a list of strings")
+        items = list(raw)
+    elif not isinstance(raw, str):
+        # runner.toml: `allowed_repo_paths = 5` became the list ["5"].
+        raise ConfigError(f"{name}: expected a string or a list of strings, got {type(raw).__name__}")
     else:
-        text = str(raw).strip()
+        text = raw.strip()
         if not text:
             return ()
         if text.startswith("["):
@@ -85,6 +90,9 @@ def _parse_list(name: str, raw: object) -> tuple[str, ...]:
             items = [part for part in re.split(r":(?!//)(?!\d)", text) if part]
         else:
             items = [part for part in text.split(":") if part]
+    if any("\0" in item for item in items):
+        # A path with a NUL failed at every create on a local repo (a 500), not at start-up.
+        raise ConfigError(f"{name}: must not hold a NUL character")
     return tuple(items)
 
 
@@ -327,7 +335,7 @@ def load_settings(
     """Reads and validates every setting. Raises `ConfigError` with one readable line."""
     env = os.environ if env is None else env
     cwd = cwd or Path.cwd()
-    config_raw = env.get("RUNNER_CONFIG")
+    config_raw = (env.get("RUNNER_CONFIG") or "").strip()  # blank: not set, as every setting
     config_path: Path | None
     if config_raw:
         config_path = (cwd / config_raw).resolve()

@@ -168,6 +168,32 @@ def test_lists_json_or_colon_separated(tmp_path: Path) -> None:
     assert s.allowed_repo_paths == ("/a:b", "/c")
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('allowed_repo_paths = ["/a\\u0000b"]', "must not hold a NUL character"),
+        ("allowed_repo_paths = 5", "expected a string or a list of strings, got int"),
+        ("allowed_git_url_prefixes = [1, 2]", "expected a list of strings"),
+    ],
+)
+def test_list_settings_are_strings_without_nul(tmp_path: Path, toml: str, message: str) -> None:
+    """docs/configuration.md: no setting may hold a NUL, and a runner.toml text setting is a TOML
+    string. Lists escaped both: a NUL in an allowed path failed every create on a local repo (a
+    500), and `allowed_repo_paths = 5` became the list ["5"]."""
+    (tmp_path / "runner.toml").write_text(f"[runner]\n{toml}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match="NUL"):
+        load_settings({"RUNNER_ALLOWED_REPO_PATHS": '["/a\\u0000b"]'}, cwd=tmp_path / "elsewhere")
+
+
+def test_a_blank_runner_config_is_not_set(tmp_path: Path) -> None:
+    """An empty or blank value counts as not set (docs/configuration.md); RUNNER_CONFIG="  " was
+    taken as a file name, and start-up stopped: "file …/   does not exist"."""
+    (tmp_path / "runner.toml").write_text("[runner]\nmax_concurrency = 3\n")
+    assert load_settings({"RUNNER_CONFIG": "  "}, cwd=tmp_path).max_concurrency == 3
+
+
 def test_secret_values_never_include_sqlite_url(tmp_path: Path) -> None:
     s = load_settings({"RUNNER_JWT_SECRET": "jwt-secret-123456"}, cwd=tmp_path)
     assert s.secret_values() == ["jwt-secret-123456"]

@@ -352,6 +352,9 @@ def _reaper() -> Check:
     re-parented to it and, once dead, never reaped: zombies pile up."""
     if os.getpid() != 1:
         return _ok("init", "not PID 1: orphaned processes are reaped by an init")
+    if os.environ.get("RUNNER_NO_INIT") != "1":
+        # `doctor` itself runs as PID 1 here; `serve` and `worker` would fork an init first.
+        return _ok("init", "PID 1: serve and worker run under the runner's own init (RUNNER_NO_INIT unset)")
     return _warn(
         "init",
         "running as PID 1 (RUNNER_NO_INIT=1): processes that jobs orphan are never reaped and pile "
