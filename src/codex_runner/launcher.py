@@ -447,6 +447,10 @@ class Launcher:
 
     # -- watchdog and recovery --------------------------------------------------------------
 
+    async def watchdog_forever(self) -> None:
+        """The watchdog alone, for an instance that launches nothing (an API-only `serve`)."""
+        await self._watchdog_loop()
+
     async def _watchdog_loop(self) -> None:
         # Half the heartbeat period: a dead instance's jobs are failed within
         # RUNNER_STALE_AFTER_SECONDS + half a heartbeat of its last beat.

@@ -65,20 +65,27 @@ class ApiPresence:
     """An API-only `serve` (`RUNNER_ENABLED=false`) has no launcher to register it, yet it writes
     to the database: `restore` must see it live and refuse. It heartbeats an instance row of its own,
     `<RUNNER_ID>:api:<host>:<pid>` (never a launcher's id, so no duplicate check and no recovery
-    concern it), and deletes it when it stops."""
+    concern it), and deletes it when it stops. It also runs the watchdog every instance runs
+    (docs/crash-safety.md): with the API apart from the workers, a dead worker's jobs would
+    otherwise stay `running` until some other worker starts."""
 
     def __init__(self, runtime: Runtime) -> None:
+        from codex_runner.launcher import Launcher
+
         settings = runtime.settings
         self.registry = InstanceRegistry(
             runtime.engine, f"{settings.id}:api:{socket.gethostname()}:{os.getpid()}"
         )
         self.period = settings.heartbeat_seconds
         self._task: asyncio.Task[None] | None = None
+        self._watcher = Launcher(runtime)  # never started: its watchdog alone, it claims nothing
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         with contextlib.suppress(Exception):  # presence is for `restore`: never worth failing the API
             await asyncio.to_thread(self.registry.register)
         self._task = asyncio.create_task(self._beat(), name="api-presence")
+        self._watch = asyncio.create_task(self._watcher.watchdog_forever(), name="watchdog")
 
     async def _beat(self) -> None:
         while True:
@@ -87,10 +94,11 @@ class ApiPresence:
                 await asyncio.to_thread(self.registry.heartbeat)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.registry.forget)
 

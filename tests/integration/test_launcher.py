@@ -781,3 +781,31 @@ def test_a_job_takes_an_in_place_repo_left_on_an_ended_jobs_branch(runner_factor
     done = runner.wait(runner.submit({}, repo="inplace")["id"], timeout=60)
     assert done["status"] == "success", done
     assert _head_and_status(source) == ("refs/heads/main", "", "")
+
+
+def test_an_api_only_serve_runs_the_watchdog(runner_factory: Any) -> None:
+    """With the API apart from the workers (`RUNNER_ENABLED=false`), no watchdog ran there: a dead
+    worker's jobs stayed `running` for ever, counting against the queue and per-user limits."""
+    from datetime import timedelta
+
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    runner = runner_factory(
+        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="2"
+    )
+    rt = runner.runtime
+    created = _create_scratch_job(rt)
+    rt.jobs.claim("dead-worker-1", slots=1, max_jobs_per_user=5)
+    with rt.engine.begin() as conn:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == created["id"])
+            .values(heartbeat_at=utcnow() - timedelta(seconds=30))
+        )
+
+    def failed() -> bool:
+        row = rt.jobs.get_row(created["id"])
+        return row is not None and row["error_code"] == "heartbeat_stale"
+
+    assert wait_until(failed, timeout=20)
