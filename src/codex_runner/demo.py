@@ -254,7 +254,10 @@ def main() -> None:
     sys.stderr.flush()
     from codex_runner.server import run_serve
 
-    run_serve(settings)
+    try:
+        run_serve(settings)
+    except ConfigError as exc:  # the port is taken, say (`make run` twice): one line, as the CLI
+        sys.exit(f"error: {exc.message}")
 
 
 if __name__ == "__main__":

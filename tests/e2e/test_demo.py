@@ -3,7 +3,6 @@ serves, and the command it prints works as printed. A second run reuses everythi
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import stat
@@ -22,14 +21,6 @@ from tests.helpers import answers_healthz, free_port, wait_until
 START_TIMEOUT = 60
 STOP_TIMEOUT = 30
 COMMAND_TIMEOUT = 120
-
-
-def launcher_importable() -> bool:
-    try:
-        importlib.import_module("codex_runner.launcher")
-    except ImportError:
-        return False
-    return True
 
 
 @dataclass
@@ -53,8 +44,6 @@ def env(workdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNER_", "GIT_"))}
     # A HOME of its own: the test then sees whether the demo wrote any git config there.
     env.update(HOME=str(workdir / "home"), RUNNER_PORT=str(free_port()))
-    if not launcher_importable():
-        env["RUNNER_ENABLED"] = "false"
     return env
 
 
@@ -175,3 +164,23 @@ def test_demo_sets_up_serves_and_its_printed_command_works(
         f"{again.url}/api/runner/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=10
     ).json()
     assert job_id in [j["id"] for j in listed["items"]]
+
+
+def test_a_demo_whose_port_is_taken_says_so_in_one_line(workdir: Path, env: dict[str, str]) -> None:
+    """`make run` twice: the second demo's `serve` could not bind and printed a traceback (the
+    demo ran `serve` without the command line's error handling)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["RUNNER_PORT"])))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "codex_runner.demo"],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+        )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: RUNNER_PORT="), done.stderr
