@@ -507,10 +507,15 @@ class Launcher:
             # an in_place repo left on the job's branch would refuse the next job on it. Not this
             # instance's own runs (frozen past the stale time): fenced, they clean up themselves.
             for job_id in failed - self.active.keys():
-                if (self.settings.runs_dir / job_id / MANIFEST_NAME).exists():
+                if not (self.settings.runs_dir / job_id / MANIFEST_NAME).exists():
+                    continue
+                try:
                     row = await asyncio.to_thread(self.rt.jobs.get_row, job_id)
-                    if row is not None:
-                        await asyncio.to_thread(clean_up_ended_job, row, self.rt.catalog, self.settings)
+                except Exception as exc:  # the next in_place job cleans up after it (`JobRun`)
+                    log.warning("watchdog_cleanup_skipped", job_id=job_id, error_type=type(exc).__name__)
+                    continue
+                if row is not None:
+                    await asyncio.to_thread(clean_up_ended_job, row, self.rt.catalog, self.settings)
         return recovered
 
     async def recover_own_jobs(self) -> int:

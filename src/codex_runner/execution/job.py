@@ -384,7 +384,10 @@ class JobRun:
             self._write_manifest(self._manifest_doc())
             self._manifest_dirty = False
         if repo.workspace == "in_place":
-            self._reclaim_in_place(repo)
+            try:
+                self._reclaim_in_place(repo)
+            except Exception as exc:  # the prepare then says why the repo is not free, as before
+                log.warning("in_place_reclaim_failed", job_id=self.job_id, error_type=type(exc).__name__)
         try:
             with self._killable_git("prepare"):
                 ws = prepare_workspace(repo, self.job_id, self.settings, credential)
