@@ -343,7 +343,7 @@ def test_a_shorter_interval_takes_effect_at_once(runtime: Runtime) -> None:
     """The lock's expiry is the schedule, and it used to be honoured even when it lay further ahead
     than the current interval: after a restart with RUNNER_RETENTION_INTERVAL_SECONDS lowered from
     a day to a minute, no cleanup ran until the day-long hold taken before the restart ran out. A
-    hold longer than the caller's interval now counts as due; one within it still does not."""
+    hold past twice the caller's interval now counts as due; one within it still does not."""
     now = utcnow()
     assert claim_run(runtime.engine, "a", DAY, now)
     assert not claim_run(runtime.engine, "a", DAY, now + timedelta(seconds=30))
@@ -351,6 +351,14 @@ def test_a_shorter_interval_takes_effect_at_once(runtime: Runtime) -> None:
     assert not claim_run(runtime.engine, "a", 60, now + timedelta(seconds=60))
     assert not claim_run(runtime.engine, "b", 60, now + timedelta(seconds=60))
     assert claim_run(runtime.engine, "b", 60, now + timedelta(seconds=91))
+
+
+def test_a_lock_just_taken_by_a_clock_a_little_ahead_still_holds(runtime: Runtime) -> None:
+    """The shorter-interval rule took any hold past this caller's interval as due: an instance whose
+    clock ran 1 s behind took the lock another had just taken, and the cleanup ran twice."""
+    now = utcnow()
+    assert claim_run(runtime.engine, "a", 60, now)
+    assert not claim_run(runtime.engine, "b", 60, now - timedelta(seconds=1) + timedelta(seconds=0.5))
 
 
 def test_retention_loop_runs_inside_serve(tmp_path: Path, database_url: str) -> None:

@@ -516,14 +516,16 @@ def _remove(path: Path) -> None:
 def try_lock(conn: Connection, name: str, holder: str, until: datetime, now: datetime) -> bool:
     """Takes the named lock if it is free or expired, holding it until `until`. Not even its holder
     takes it again before then: the expiry is the schedule. A lock that expires after `until` was
-    taken for a longer hold than this caller's (an instance that ran with a longer interval, before
-    a restart with a shorter one): it counts as expired, or the shorter interval would only take
-    effect once the old hold ran out, up to a day later."""
+    taken for a much longer hold than this caller's (an instance that ran with a longer interval,
+    before a restart with a shorter one): past twice this caller's hold it counts as expired, or
+    the shorter interval would only take effect once the old hold ran out, up to a day later.
+    Twice, not once: a lock just taken by an instance whose clock runs a little ahead expires a
+    little after `until`, and must still hold."""
     row = conn.execute(sa.select(locks).where(locks.c.name == name)).first()
     if row is None:
         conn.execute(locks.insert().values(name=name, holder=holder, expires_at=until))
         return True
-    if now < row.expires_at <= until:
+    if now < row.expires_at <= until + (until - now):
         return False
     updated = conn.execute(
         locks.update()
