@@ -166,6 +166,10 @@ def bind_listeners(host: str, port: int) -> list[socket.socket]:
                 # An address family not enabled here (IPv6 in many containers), as asyncio does.
                 skipped = exc
                 sockets.pop().close()
+                continue
+            # Listening at once: with SO_REUSEADDR two processes may both bind a port that neither
+            # listens on yet, and the second found out only once its launcher had started.
+            sock.listen(2048)
         if not sockets:
             raise skipped or OSError(errno.EADDRNOTAVAIL, "no address to listen on")
     except OSError as exc:
@@ -196,7 +200,8 @@ def run_serve(settings: Settings) -> None:
             loop="uvloop",
             timeout_graceful_shutdown=settings.kill_grace_seconds + 5,
         )
-        server = _Server(config, settings)
+        # Read now: once uvicorn has them, uvloop owns the sockets (a `getsockname` then fails).
+        server = _Server(config, settings, sockets[0].getsockname()[1])
         tune_gc()
         # A second SIGTERM/SIGINT exits at once but still kills every job's process group.
         guard_serve_signals(server)
@@ -217,17 +222,17 @@ class _Server(uvicorn.Server):
     launcher with it) and listens: the JSON log stays JSON lines, and a start that fails
     earlier never announces it."""
 
-    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+    def __init__(self, config: uvicorn.Config, settings: Settings, port: int) -> None:
         super().__init__(config)
         self.settings = settings
+        self.port = port
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
-            port = sockets[0].getsockname()[1] if sockets else self.settings.port
             log.info(
                 "serving",
-                url=f"http://{_where(self.settings.host, port)}",
+                url=f"http://{_where(self.settings.host, self.port)}",
                 version=__version__,
                 launcher=self.settings.enabled,
             )
