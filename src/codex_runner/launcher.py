@@ -47,6 +47,9 @@ T = TypeVar("T")
 JOB_ENV_PREFIX = b"RUNNER_JOB_ID="
 #: How long start-up recovery and a forced exit keep looking for a job's processes after SIGKILL.
 KILL_SCAN_SECONDS = 5.0
+# How long the watchdog waits for a repo lock to clean up after a job it failed: a pass must not
+# stall (other stale jobs, shutdown) behind a job that holds the lock.
+WATCHDOG_LOCK_WAIT_SECONDS = 5.0
 #: After a job ends, how long until /proc is scanned for its processes that left its group (one scan
 #: covers every job that ended meanwhile, so a drain costs at most one scan a second).
 ESCAPED_SWEEP_DELAY = 1.0
@@ -515,7 +518,15 @@ class Launcher:
                     log.warning("watchdog_cleanup_skipped", job_id=job_id, error_type=type(exc).__name__)
                     continue
                 if row is not None:
-                    await asyncio.to_thread(clean_up_ended_job, row, self.rt.catalog, self.settings)
+                    # A busy repo lock (a job preparing) is not waited for: that job, or the next
+                    # in_place one, does this cleanup itself (`JobRun._reclaim_in_place`).
+                    await asyncio.to_thread(
+                        clean_up_ended_job,
+                        row,
+                        self.rt.catalog,
+                        self.settings,
+                        lock_wait=WATCHDOG_LOCK_WAIT_SECONDS,
+                    )
         return recovered
 
     async def recover_own_jobs(self) -> int:

@@ -838,3 +838,69 @@ def test_what_a_prepare_cut_short_left_is_cleaned_up_by_its_names(tmp_path: Path
     (local / "README.md").write_text("the operator's edit\n")
     assert not cleanup_unrecorded(repo, "21212121-b", "in_place", settings)
     assert (local / "README.md").read_text() == "the operator's edit\n"
+
+
+def test_a_prepare_cut_short_keeps_a_job_branch_with_commits_and_stashes_what_was_left(
+    tmp_path: Path,
+) -> None:
+    """Cleaned up by its names (no workspace record: the run had another data folder), a job
+    branch was deleted whatever it held, and what was left uncommitted was reset away. A branch
+    with commits of its own stays, and leftovers go to a stash entry naming the job."""
+    from codex_runner.execution.workspace import cleanup_unrecorded
+
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    ws = prepare_workspace(repo, "22222222-a", settings)
+    (local / "work.txt").write_text("committed by the job\n")
+    git("add", "work.txt", cwd=local)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the job's work", cwd=local)
+    (local / "README.md").write_text("left uncommitted\n")
+    assert cleanup_unrecorded(repo, "22222222-a", "in_place", settings)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert git("branch", "--list", ws.branch or "", cwd=local).strip("* ") == ws.branch
+    stashed = git("stash", "list", cwd=local)
+    assert "22222222-a" in stashed and "README.md" in git(
+        "stash", "show", "--name-only", "stash@{0}", cwd=local
+    )
+
+
+def test_a_lock_is_not_taken_from_a_git_that_runs_in_the_repo(tmp_path: Path) -> None:
+    """A git running a hook or an editor has closed its `index.lock` but still owns it: it looked
+    stale and was removed, and that commit then failed."""
+    import subprocess
+
+    from codex_runner.execution.gitutil import remove_stale_locks
+
+    from tests.helpers import wait_until
+
+    local = make_repo(tmp_path / "repo")
+    lock = local / ".git" / "index.lock"
+    lock.write_text("")
+    # A git process working in the repo (its current folder there), as during a hook.
+    busy = subprocess.Popen(
+        ["git", "-c", "alias.nap=!sleep 30", "nap"],
+        cwd=local,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(lambda: _git_in(local), timeout=10)
+        assert remove_stale_locks(local / ".git", local) == [] and lock.exists()
+    finally:
+        busy.kill()
+        busy.wait(timeout=10)
+    assert remove_stale_locks(local / ".git", local) == ["index.lock"] and not lock.exists()
+
+
+def _git_in(folder: Path) -> bool:
+    import os
+
+    for entry in os.scandir("/proc"):
+        try:
+            comm = Path(f"/proc/{entry.name}/comm").read_text()
+            if comm.startswith("git") and os.readlink(f"/proc/{entry.name}/cwd") == os.path.realpath(folder):
+                return True
+        except OSError:
+            continue
+    return False

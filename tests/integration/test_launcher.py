@@ -809,3 +809,96 @@ def test_an_api_only_serve_runs_the_watchdog(runner_factory: Any) -> None:
         return row is not None and row["error_code"] == "heartbeat_stale"
 
     assert wait_until(failed, timeout=20)
+
+
+def test_the_next_job_leaves_the_operators_work_on_a_kept_job_branch(
+    runner_factory: Any, tmp_path: Path
+) -> None:
+    """A job succeeded and kept its branch (it has commits); the operator checked it out to carry
+    on, and edited. The next in_place job took that for a run that never cleaned up: `reset
+    --hard`, `clean` and a checkout threw the operator's work away. A job whose run did its
+    cleanup is never cleaned up again; the next job fails as before, the work intact."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    runner = runner_factory(f'\n[repos.inplacec]\nsource = "{repo}"\nworkspace = "in_place"\n')
+    first = runner.wait(runner.submit({"touch": "made-by-job.txt"}, repo="inplacec")["id"], timeout=60)
+    assert first["status"] == "success", first
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    git("checkout", "-q", f"runner/{first['id'][:8]}")
+    (repo / "README.md").write_text("the operator's edit\n")
+    (repo / "operator-notes.txt").write_text("the operator's notes\n")
+    second = runner.wait(runner.submit({}, repo="inplace")["id"], timeout=60)
+    assert second["status"] == "failed" and second["error_code"] == "prepare_failed", second
+    assert (repo / "README.md").read_text() == "the operator's edit\n"
+    assert (repo / "operator-notes.txt").exists()
+
+
+def test_the_next_job_stops_an_ended_jobs_agent_before_taking_its_repo(runner_factory: Any) -> None:
+    """Another host's watchdog failed the job (it cannot kill this host's processes): its agent
+    still ran here, and the next job's reclaim reset the repo under it and started in it, the old
+    agent writing into the new job's tree. Its processes are killed first now."""
+    import os
+    import subprocess
+
+    from codex_runner.jobs import Status
+
+    runner = runner_factory(RUNNER_POLL_INTERVAL_SECONDS="60")
+    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="frozen-vm-3")
+    agent = subprocess.Popen(
+        ["sh", "-c", "while true; do sleep 0.1; done"],
+        cwd=source,
+        env={**os.environ, "RUNNER_JOB_ID": job_id},
+        start_new_session=True,
+    )
+    try:
+        assert rt.jobs.transition(
+            job_id, [Status.RUNNING], Status.FAILED, values={"error_code": "heartbeat_stale"}
+        )
+        done = runner.wait(runner.submit({}, repo="inplace")["id"], timeout=60)
+        assert done["status"] == "success", done
+        assert agent.wait(timeout=10) is not None  # killed by the reclaim, not left running
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(timeout=10)
+
+
+def test_the_watchdogs_cleanup_does_not_wait_on_a_busy_repo(runner_factory: Any, monkeypatch: Any) -> None:
+    """The watchdog's cleanup waited for the repo lock up to its 40-minute timeout, inside the
+    watchdog pass: no other stale job was failed meanwhile, and shutdown waited for the thread."""
+    import time
+    from datetime import timedelta
+
+    from codex_runner import launcher as launcher_module
+    from codex_runner.execution.gitutil import lock_key, repo_lock
+    from codex_runner.launcher import Launcher
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    monkeypatch.setattr(launcher_module, "WATCHDOG_LOCK_WAIT_SECONDS", 0.5)
+    runner = runner_factory(
+        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="2"
+    )
+    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="dead-vm-4")
+    with rt.engine.begin() as conn:
+        conn.execute(
+            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=30))
+        )
+
+    async def watch() -> tuple[int, float]:
+        launcher = Launcher(rt)
+        launcher._db_ok_since -= 60
+        started = time.monotonic()
+        failed = await asyncio.wait_for(launcher.watchdog_once(), 20)
+        return failed, time.monotonic() - started
+
+    with repo_lock(rt.settings, lock_key(str(source))):  # a job preparing on the repo holds it
+        failed, took = asyncio.run(watch())
+    assert failed == 1 and took < 5
+    assert _head_and_status(source)[0].startswith("refs/heads/runner/")  # left for the next job

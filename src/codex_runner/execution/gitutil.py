@@ -35,6 +35,7 @@ __all__ = [
     "git_out",
     "head_ref",
     "lock_key",
+    "lock_waits_at_most",
     "real_dir",
     "remove_stale_locks",
     "repo_lock",
@@ -69,6 +70,19 @@ def lock_key(source: str) -> str:
 _lock_waits = threading.local()
 
 
+@contextmanager
+def lock_waits_at_most(seconds: float) -> Iterator[None]:
+    """`repo_lock` waits of the calling thread end after `seconds` at most, whatever their own
+    timeout: for work that is better skipped than waited for (a watchdog's cleanup, which the next
+    job on the repo would do anyway), so that a job holding the lock does not hold it up."""
+    before = getattr(_lock_waits, "cap", None)
+    _lock_waits.cap = seconds
+    try:
+        yield
+    finally:
+        _lock_waits.cap = before
+
+
 def give_up_lock_waits_when(event: threading.Event) -> None:
     """`repo_lock` waits of the calling thread end (with a `GitError`) once `event` is set: the
     background thread's, so that a shutdown need not wait for a lock held by a job (up to
@@ -84,6 +98,8 @@ def repo_lock(settings: Settings, key: str, *, timeout: float = REPO_LOCK_TIMEOU
     them means a holder that no longer moves (a frozen process): `prepare_failed` rather than a job
     that waits forever. A thread can also be told to give up (`give_up_lock_waits_when`)."""
     stop: threading.Event | None = getattr(_lock_waits, "stop", None)
+    cap: float | None = getattr(_lock_waits, "cap", None)
+    timeout = timeout if cap is None else min(timeout, cap)
     locks = real_dir(settings.data_dir) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -284,16 +300,19 @@ def head_ref(git_dir: Path) -> str | None:
 _LOCK_NAMES = ("index.lock", "HEAD.lock", "ORIG_HEAD.lock", "packed-refs.lock")
 
 
-def remove_stale_locks(git_dir: Path, branch: str | None = None) -> list[str]:
-    """Removes the lock files of `git_dir` (and of `branch`'s ref) that no process holds open: git
-    holds its lock open from creating it to renaming it into place, so one that nobody holds was
-    left by a git that was killed (a cancel's, a shutdown's, a crash's kill). Returns the names
-    removed. Reading every process's open files is slow, so it only happens when a lock exists."""
+def remove_stale_locks(git_dir: Path, work_tree: Path, branch: str | None = None) -> list[str]:
+    """Removes the lock files of `git_dir` (and of `branch`'s ref) that a killed git left: none while
+    any process holds one open, or while any git process works in `work_tree` (one running a hook
+    or an editor has closed its lock but still owns it). The caller knows its own job's processes
+    are gone (a cancel's, a shutdown's, a crash's kill). Returns the names removed. Reading every
+    process's open files is slow, so it only happens when a lock exists."""
     names = [*_LOCK_NAMES, *([f"refs/heads/{branch}.lock"] if branch else [])]
     present = [git_dir / name for name in names if (git_dir / name).is_file()]
     if not present:
         return []
-    held = _files_held_open()
+    held, busy = _lock_holders(os.path.realpath(work_tree), os.path.realpath(git_dir))
+    if busy:
+        return []
     removed = []
     for path in present:
         if os.path.realpath(path) not in held:
@@ -303,18 +322,27 @@ def remove_stale_locks(git_dir: Path, branch: str | None = None) -> list[str]:
     return removed
 
 
-def _files_held_open() -> set[str]:
-    """The paths every process this user can see holds open (/proc/<pid>/fd)."""
+def _lock_holders(*trees: str) -> tuple[set[str], bool]:
+    """The paths every process this user can see holds open (/proc/<pid>/fd), and whether a git
+    process works inside one of `trees` (its current folder there)."""
     held: set[str] = set()
+    busy = False
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
+        proc = f"/proc/{entry.name}"
+        with contextlib.suppress(OSError):
+            with open(f"{proc}/comm") as fh:
+                is_git = fh.read().strip().startswith("git")
+            if is_git:
+                cwd = os.readlink(f"{proc}/cwd")
+                busy |= any(cwd == tree or cwd.startswith(tree + os.sep) for tree in trees)
         try:
-            fds = os.scandir(f"/proc/{entry.name}/fd")
+            fds = os.scandir(f"{proc}/fd")
         except OSError:
             continue
         with fds:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     held.add(os.readlink(fd.path))
-    return held
+    return held, busy

@@ -410,13 +410,22 @@ class JobRun:
         restart under another RUNNER_ID, before its run could clean up) would refuse this job as
         "on the job branch": that job's cleanup runs here first. A job still active keeps the
         folder (this one then fails as before)."""
+        from codex_runner.launcher import find_job_processes, kill_job_processes  # launcher imports us
+
         prefix = in_place_job_prefix(repo.source)
         if prefix is None or self.job_id.lower().startswith(prefix):
             return
         for row in self.rt.jobs.rows_with_id_prefix(prefix):
-            if Status(row["status"]) in TERMINAL:
-                log.warning("in_place_reclaimed", job_id=self.job_id, ended_job=row["id"])
-                clean_up_ended_job(row, self.rt.catalog, self.settings)
+            if Status(row["status"]) not in TERMINAL:
+                continue
+            # Failed by another host's watchdog, its agent may still run here: it goes first, and
+            # a job whose processes cannot be stopped keeps the folder.
+            kill_job_processes({row["id"]}, timeout=5.0)
+            if find_job_processes({row["id"]}):
+                log.warning("in_place_reclaim_skipped", job_id=self.job_id, ended_job=row["id"])
+                continue
+            log.warning("in_place_reclaimed", job_id=self.job_id, ended_job=row["id"])
+            clean_up_ended_job(row, self.rt.catalog, self.settings)
 
     def _credential(self, repo: RepoSpec | None) -> GitCredential | None:
         if repo is None or not repo.credential:

@@ -16,7 +16,7 @@ import structlog
 
 from codex_runner.catalog import Catalog
 from codex_runner.config import Settings
-from codex_runner.execution.gitutil import head_ref
+from codex_runner.execution.gitutil import head_ref, lock_waits_at_most
 from codex_runner.execution.manifest import MANIFEST_NAME
 from codex_runner.execution.workspace import cleanup_unrecorded, cleanup_workspace, workspace_from_record
 
@@ -27,14 +27,39 @@ __all__ = ["clean_up_ended_job", "in_place_job_prefix"]
 _JOB_BRANCH = re.compile(r"refs/heads/runner/([0-9A-Fa-f]{8})")
 
 
-def clean_up_ended_job(job: Mapping[str, Any], catalog: Catalog, settings: Settings) -> None:
+def clean_up_ended_job(
+    job: Mapping[str, Any], catalog: Catalog, settings: Settings, *, lock_wait: float | None = None
+) -> None:
     """The cleanup SPEC §6 (RUNNER_CLEANUP_AFTER_JOB) asks for, of a job whose run ended without it:
     a worktree or clone folder goes, and an in_place repo still on the job's branch goes back to
-    its own, which would otherwise refuse every later job. Never raises; logs what it did."""
+    its own, which would otherwise refuse every later job; what was left uncommitted there is kept
+    in a stash entry. Nothing for a job whose run did its cleanup (an in_place repo on its kept
+    branch is then the operator's doing). `lock_wait`: give up after that long on a busy repo
+    lock. Never raises; logs what it did."""
     job_id = str(job["id"])
     repo = catalog.repos.get(job["repo"])
-    if repo is None:
+    if repo is None or _cleaned_up(job):
         return
+    if lock_wait is not None:
+        with lock_waits_at_most(lock_wait):
+            _clean_up(job_id, job, repo, settings)
+    else:
+        _clean_up(job_id, job, repo, settings)
+
+
+def _cleaned_up(job: Mapping[str, Any]) -> bool:
+    stages = job.get("stages")
+    if isinstance(stages, str):
+        try:
+            stages = json.loads(stages)
+        except ValueError:
+            return False
+    return isinstance(stages, list) and any(
+        isinstance(s, dict) and s.get("name") == "cleanup" and s.get("status") == "success" for s in stages
+    )
+
+
+def _clean_up(job_id: str, job: Mapping[str, Any], repo: Any, settings: Settings) -> None:
     try:
         doc = json.loads((settings.runs_dir / job_id / MANIFEST_NAME).read_text())
     except FileNotFoundError:

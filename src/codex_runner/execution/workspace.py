@@ -991,24 +991,46 @@ def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings, *, reco
             log.warning("in_place_cleanup_skipped", job_id=ws.job_id, head=head)
             _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
             return
-        _restore_in_place(
-            ws.git_dir, ws.path, ws.branch, ws.job_id, ws.original_ref or ws.base_commit, ws.home
-        )
+        original = ws.original_ref or ws.base_commit
+        _restore_in_place(ws.git_dir, ws.path, ws.branch, ws.job_id, original, ws.home, settings, recovering)
         _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
 
 
-def _restore_in_place(git_dir: Path, path: Path, branch: str, job_id: str, original: str, home: Path) -> None:
-    """Puts an in_place repo on the job's branch back on `original` (a ref or a commit), dropping
-    what the job left uncommitted. Under the repo lock."""
+def _restore_in_place(
+    git_dir: Path,
+    path: Path,
+    branch: str,
+    job_id: str,
+    original: str,
+    home: Path,
+    settings: Settings,
+    recovering: bool,
+) -> None:
+    """Puts an in_place repo on the job's branch back on `original` (a ref or a commit). What is
+    left uncommitted goes: dropped after the job's own run (it is the job's, the tree was clean
+    when it began); kept in a stash entry naming the job when recovering (a crash, a lost lease, a
+    watchdog's verdict), since by then someone else may have written there too. Under the repo lock."""
     # A git the runner killed (a cancel's, a shutdown's, a crash's) leaves its lock file, and
     # every command below would fail on it: the job's processes are gone, so nobody holds it.
-    removed = remove_stale_locks(git_dir, branch)
+    removed = remove_stale_locks(git_dir, path, branch)
     if removed:
         log.warning("stale_git_locks_removed", job_id=job_id, locks=removed)
     guard = filter_guard(git_dir, home)  # the agent could write this config
-    # The tree was clean when the job began, so what is left uncommitted is the job's own.
-    _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "cleanup_failed", guard=guard)
-    _run_in(git_dir, path, ["clean", "-fdq"], home, "cleanup_failed", guard=guard)
+    if recovering:
+        # A stash looks inside nested repositories as `add` does (`nested_guard`).
+        guard = nested_guard(git_dir, path, home, "cleanup_failed", guard)
+        identity = {
+            "GIT_AUTHOR_NAME": settings.git_author_name,
+            "GIT_AUTHOR_EMAIL": settings.git_author_email,
+            "GIT_COMMITTER_NAME": settings.git_author_name,
+            "GIT_COMMITTER_EMAIL": settings.git_author_email,
+        }
+        message = f"codex-runner: left uncommitted on {branch} by job {job_id} (recovered)"
+        stash = ["stash", "push", "--include-untracked", "-q", "-m", message]
+        _run_in(git_dir, path, stash, home, "cleanup_failed", guard=guard, env_extra=identity)
+    else:
+        _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "cleanup_failed", guard=guard)
+        _run_in(git_dir, path, ["clean", "-fdq"], home, "cleanup_failed", guard=guard)
     # Not `--no-overwrite-ignore` here (the checkout to the job branch has it): a file the
     # original branch tracks and the job branch stopped tracking (now ignored) must come back,
     # or the repo would stay on the job branch and every later job on it fail.
@@ -1019,12 +1041,42 @@ def _restore_in_place(git_dir: Path, path: Path, branch: str, job_id: str, origi
     _run_in(git_dir, path, checkout, home, "cleanup_failed", guard=guard)
 
 
+def _delete_branch_without_commits(git_dir: Path, branch: str, home: Path) -> bool:
+    """Deletes `branch` when every commit on it is on another branch, a tag or a remote-tracking ref
+    too (a branch made at its base and never committed to): where the base is not recorded. A
+    branch with commits of its own stays. True if there was such a branch."""
+    ref = f"refs/heads/{branch}"
+    if _try_resolve(git_dir, ref, home) is None:
+        return False
+    own = run_git(
+        [
+            f"--git-dir={git_dir}",
+            "rev-list",
+            "-1",
+            ref,
+            "--not",
+            f"--exclude={branch}",  # before `--branches`: the name without `refs/heads/` (git-rev-list(1))
+            "--branches",
+            "--tags",
+            "--remotes",
+        ],
+        home=home,
+        check=False,
+    )
+    if own.returncode == 0 and not own.stdout.strip():
+        run_git([f"--git-dir={git_dir}", "update-ref", "-d", ref], home=home, check=False)
+    else:
+        log.warning("job_branch_kept", branch=branch, reason="it has commits of its own")
+    return True
+
+
 def cleanup_unrecorded(repo: RepoLike, job_id: str, mode: str, settings: Settings) -> bool:
     """What a prepare that never finished may have left, found by the names the runner gives
     (`<workspace dir>/<job id>`, `runner/<id8>`): the run crashed, or was failed by a watchdog,
-    before its manifest recorded the workspace (`workspace_record`). The job never ran its
-    script, so its branch has no commits of its own. An in_place repo still on that branch goes
-    back to the branch checked out before it (`@{-1}`). True if something was found."""
+    before its manifest recorded the workspace (`workspace_record`), or ran with another data
+    folder. An in_place repo still on that branch goes
+    back to the branch checked out before it (`@{-1}`), what was left uncommitted kept in a stash
+    entry; a branch is deleted only if it has no commits of its own. True if something was found."""
     if _keeps_workspace(settings, failed=True) or mode == "scratch" or not _JOB_ID.match(job_id):
         return False
     home = _real_dir(settings.data_dir) / "git-home" / job_id
@@ -1047,10 +1099,7 @@ def cleanup_unrecorded(repo: RepoLike, job_id: str, mode: str, settings: Setting
                 _remove_tree(path, root)
             if store is not None:
                 run_git([f"--git-dir={store}", "worktree", "prune"], home=home, check=False)
-                ref = f"refs/heads/{branch}"
-                if _try_resolve(store, ref, home) is not None:
-                    run_git([f"--git-dir={store}", "update-ref", "-d", ref], home=home, check=False)
-                    found = True
+                found |= _delete_branch_without_commits(store, branch, home)
         return found
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -1087,8 +1136,8 @@ def _unrecorded_in_place(repo: RepoLike, job_id: str, branch: str, settings: Set
                 home,
                 "cleanup_failed",
             )
-        _restore_in_place(git_dir, source, branch, job_id, before, home)
-        run_git([f"--git-dir={git_dir}", "update-ref", "-d", f"refs/heads/{branch}"], home=home, check=False)
+        _restore_in_place(git_dir, source, branch, job_id, before, home, settings, recovering=True)
+        _delete_branch_without_commits(git_dir, branch, home)
     return True
 
 
