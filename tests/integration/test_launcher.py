@@ -592,20 +592,25 @@ def test_start_up_recovery_cleans_up_the_workspace_a_crash_left(runner_factory: 
     assert not (rt.settings.data_dir / "git-home" / claimed.id).exists()
 
 
-def test_a_new_instance_waits_for_the_owners_beats_before_failing_anything(runner_factory: Any) -> None:
+def test_a_new_instance_waits_for_the_owners_beats_before_failing_anything(
+    tmp_path: Path, database_url: str
+) -> None:
     """Started just after a database outage, every job looks stale to a new instance though their
     owners beat again within a heartbeat period: its watchdog failed them at once, and the owners
     killed healthy scripts on `lease_lost`. It now waits two heartbeat periods first."""
     from datetime import timedelta
 
     from codex_runner.launcher import Launcher
+    from codex_runner.runtime import Runtime
     from codex_runner.store.records import utcnow
     from codex_runner.store.schema import jobs
 
-    runner = runner_factory(
-        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="5"
+    from tests.integration.conftest import runner_settings
+
+    # A runtime without a server: an API-only serve runs a watchdog of its own, which would act first.
+    rt = Runtime.open(
+        runner_settings(tmp_path, database_url, RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="5")
     )
-    rt = runner.runtime
     created = _create_scratch_job(rt)
     rt.jobs.claim("owner-vm-1a2b3c", slots=1, max_jobs_per_user=5)
     with rt.engine.begin() as conn:  # the owner's beats stopped during the outage
@@ -621,7 +626,10 @@ def test_a_new_instance_waits_for_the_owners_beats_before_failing_anything(runne
         await asyncio.sleep(2.2)  # two heartbeat periods: an owner that is alive has beaten by now
         return first, await launcher.watchdog_once()
 
-    assert asyncio.run(passes()) == (0, 1)
+    try:
+        assert asyncio.run(passes()) == (0, 1)
+    finally:
+        rt.close()
 
 
 def _create_scratch_job(rt: Any) -> dict[str, Any]:
@@ -747,18 +755,19 @@ def test_the_watchdog_cleans_up_the_workspace_of_a_job_it_fails(runner_factory: 
     from codex_runner.store.records import utcnow
     from codex_runner.store.schema import jobs
 
+    # A long stale time: the API-only server's own watchdog waits that long after its start.
     runner = runner_factory(
-        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="2"
+        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="600"
     )
     rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="dead-vm-1")
     with rt.engine.begin() as conn:
         conn.execute(
-            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=30))
+            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=3600))
         )
 
     async def watch() -> int:
         launcher = Launcher(rt)
-        launcher._db_ok_since -= 60  # the database has answered for a while
+        launcher._db_ok_since -= 1000  # the database has answered for a while
         return await launcher.watchdog_once()
 
     assert asyncio.run(watch()) == 1
@@ -882,18 +891,19 @@ def test_the_watchdogs_cleanup_does_not_wait_on_a_busy_repo(runner_factory: Any,
     from codex_runner.store.schema import jobs
 
     monkeypatch.setattr(launcher_module, "WATCHDOG_LOCK_WAIT_SECONDS", 0.5)
+    # A long stale time: the API-only server's own watchdog waits that long after its start.
     runner = runner_factory(
-        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="2"
+        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="600"
     )
     rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="dead-vm-4")
     with rt.engine.begin() as conn:
         conn.execute(
-            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=30))
+            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=3600))
         )
 
     async def watch() -> tuple[int, float]:
         launcher = Launcher(rt)
-        launcher._db_ok_since -= 60
+        launcher._db_ok_since -= 1000
         started = time.monotonic()
         failed = await asyncio.wait_for(launcher.watchdog_once(), 20)
         return failed, time.monotonic() - started
