@@ -300,13 +300,9 @@ command = ["/bin/sh", "-c", "echo changed > new.txt"]
         listener.close()
 
 
-def test_a_cancel_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
-    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A job canceled while its script ran stays `cancel_requested` until its terminal write; the
-    git kill meant for a hanging clone or push (after the grace) also caught its cleanup's
-    `git checkout` back to the original branch, and the in_place repo stayed on the job branch.
-    Only the prepare, commit and push stages' git is killed."""
+def _slow_switch_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A `git` first on PATH whose switch back to a branch (a checkout without -b, the in_place
+    cleanup's) takes 3 s, as on a large tree; returns the real git."""
     import shutil
 
     real_git = shutil.which("git")
@@ -316,7 +312,6 @@ def test_a_cancel_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
     wrapper = bin_dir / "git"
     wrapper.write_text(
         "#!/bin/sh\n"
-        "# the switch back (a checkout without -b) takes 3 s, as on a large tree\n"
         'case " $* " in\n'
         '  *" checkout "*" -b "*) ;;\n'
         '  *" checkout "*) sleep 3 ;;\n'
@@ -325,6 +320,17 @@ def test_a_cancel_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
     )
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return real_git
+
+
+def test_a_cancel_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job canceled while its script ran stays `cancel_requested` until its terminal write; the
+    git kill meant for a hanging clone or push (after the grace) also caught its cleanup's
+    `git checkout` back to the original branch, and the in_place repo stayed on the job branch.
+    Only the prepare, commit and push stages' git is killed."""
+    real_git = _slow_switch_back(tmp_path, monkeypatch)
     runner = runner_factory(RUNNER_KILL_GRACE_SECONDS="1")
     job = runner.submit({"sleep": "30"}, repo="inplace")
     runner.wait(job["id"], {"running"})
@@ -346,29 +352,13 @@ def test_a_shutdown_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
     """SIGTERM while a job cleaned up: the shutdown killed every process of the jobs outside their
     script, the cleanup's `git checkout` back to the original branch among them, and the in_place
     repo stayed on the job's branch (every next job failed). Only a stage's git is killed now."""
-    import shutil
-
     from codex_runner.runtime import Runtime
     from codex_runner.server import build_app
 
     from tests.helpers import serve_app, wait_until
     from tests.integration.conftest import runner_settings
 
-    real_git = shutil.which("git")
-    assert real_git is not None
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    wrapper = bin_dir / "git"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'case " $* " in\n'
-        '  *" checkout "*" -b "*) ;;\n'
-        '  *" checkout "*) sleep 3 ;;\n'
-        "esac\n"
-        f'exec {real_git} "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    real_git = _slow_switch_back(tmp_path, monkeypatch)
     runtime = Runtime.open(runner_settings(tmp_path, database_url, RUNNER_KILL_GRACE_SECONDS="1"))
     served = serve_app(build_app(runtime))
     url = served.__enter__()

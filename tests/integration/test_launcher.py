@@ -732,6 +732,37 @@ def _head_and_status(source: Path) -> tuple[str, str, str]:
     return git("symbolic-ref", "HEAD"), git("status", "--porcelain"), git("branch", "--list", "runner/*")
 
 
+def _stale_in_place_job(runner_factory: Any, runner_id: str) -> tuple[Any, str, Path]:
+    """An in_place job of a dead instance (`runner_id`) left on its branch, its heartbeat an hour
+    old, on an API-only server whose own watchdog a long stale time keeps out of the test's way."""
+    from datetime import timedelta
+
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    runner = runner_factory(
+        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="600"
+    )
+    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id=runner_id)
+    with rt.engine.begin() as conn:
+        conn.execute(
+            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=3600))
+        )
+    return rt, job_id, source
+
+
+async def _watchdog_pass(rt: Any) -> tuple[int, float]:
+    """One pass of a new launcher's watchdog, as if the database had answered for a while: how
+    many jobs it failed, and how long it took."""
+    from codex_runner.launcher import Launcher
+
+    launcher = Launcher(rt)
+    launcher._db_ok_since -= 1000
+    started = time.monotonic()
+    failed = await asyncio.wait_for(launcher.watchdog_once(), 20)
+    return failed, time.monotonic() - started
+
+
 def test_start_up_recovery_cleans_up_after_a_crash_during_the_prepare(runner_factory: Any) -> None:
     """The run manifest records the workspace only once the prepare is done: a crash during it
     (or, before this fix, in the first second of the script) left the in_place repo on the job's
@@ -749,28 +780,8 @@ def test_the_watchdog_cleans_up_the_workspace_of_a_job_it_fails(runner_factory: 
     RUNNER_ID: the default id is new at every start) kept its workspace: an in_place repo stayed
     on the job's branch, and every later job on it failed. The watchdog now does the cleanup the
     run never did, when the run's folder is on its host."""
-    from datetime import timedelta
-
-    from codex_runner.launcher import Launcher
-    from codex_runner.store.records import utcnow
-    from codex_runner.store.schema import jobs
-
-    # A long stale time: the API-only server's own watchdog waits that long after its start.
-    runner = runner_factory(
-        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="600"
-    )
-    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="dead-vm-1")
-    with rt.engine.begin() as conn:
-        conn.execute(
-            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=3600))
-        )
-
-    async def watch() -> int:
-        launcher = Launcher(rt)
-        launcher._db_ok_since -= 1000  # the database has answered for a while
-        return await launcher.watchdog_once()
-
-    assert asyncio.run(watch()) == 1
+    rt, job_id, source = _stale_in_place_job(runner_factory, "dead-vm-1")
+    assert asyncio.run(_watchdog_pass(rt))[0] == 1
     row = rt.jobs.get_row(job_id)
     assert row is not None and row["error_code"] == "heartbeat_stale"
     assert _head_and_status(source) == ("refs/heads/main", "", "")
@@ -881,34 +892,12 @@ def test_the_next_job_stops_an_ended_jobs_agent_before_taking_its_repo(runner_fa
 def test_the_watchdogs_cleanup_does_not_wait_on_a_busy_repo(runner_factory: Any, monkeypatch: Any) -> None:
     """The watchdog's cleanup waited for the repo lock up to its 40-minute timeout, inside the
     watchdog pass: no other stale job was failed meanwhile, and shutdown waited for the thread."""
-    import time
-    from datetime import timedelta
-
     from codex_runner import launcher as launcher_module
     from codex_runner.execution.gitutil import lock_key, repo_lock
-    from codex_runner.launcher import Launcher
-    from codex_runner.store.records import utcnow
-    from codex_runner.store.schema import jobs
 
     monkeypatch.setattr(launcher_module, "WATCHDOG_LOCK_WAIT_SECONDS", 0.5)
-    # A long stale time: the API-only server's own watchdog waits that long after its start.
-    runner = runner_factory(
-        RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="600"
-    )
-    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="dead-vm-4")
-    with rt.engine.begin() as conn:
-        conn.execute(
-            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=3600))
-        )
-
-    async def watch() -> tuple[int, float]:
-        launcher = Launcher(rt)
-        launcher._db_ok_since -= 1000
-        started = time.monotonic()
-        failed = await asyncio.wait_for(launcher.watchdog_once(), 20)
-        return failed, time.monotonic() - started
-
+    rt, _, source = _stale_in_place_job(runner_factory, "dead-vm-4")
     with repo_lock(rt.settings, lock_key(str(source))):  # a job preparing on the repo holds it
-        failed, took = asyncio.run(watch())
+        failed, took = asyncio.run(_watchdog_pass(rt))
     assert failed == 1 and took < 5
     assert _head_and_status(source)[0].startswith("refs/heads/runner/")  # left for the next job
