@@ -904,3 +904,22 @@ def _git_in(folder: Path) -> bool:
         except OSError:
             continue
     return False
+
+
+def test_a_prepare_cut_short_in_a_repo_without_reflogs_goes_back_to_the_configured_branch(
+    tmp_path: Path,
+) -> None:
+    """With no reflog (`core.logAllRefUpdates=false`), `@{-1}` says nothing: the cleanup failed and
+    the repo stayed on the job's branch for good. The repo's configured branch is the fallback."""
+    from codex_runner.execution.workspace import cleanup_unrecorded
+
+    local = make_repo(tmp_path / "repo")
+    git("config", "core.logAllRefUpdates", "false", cwd=local)
+    import shutil
+
+    shutil.rmtree(local / ".git" / "logs", ignore_errors=True)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    prepare_workspace(repo, "23232323-a", settings)
+    assert cleanup_unrecorded(repo, "23232323-a", "in_place", settings)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"

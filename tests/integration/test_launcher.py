@@ -735,19 +735,13 @@ def _head_and_status(source: Path) -> tuple[str, str, str]:
 def _stale_in_place_job(runner_factory: Any, runner_id: str) -> tuple[Any, str, Path]:
     """An in_place job of a dead instance (`runner_id`) left on its branch, its heartbeat an hour
     old, on an API-only server whose own watchdog a long stale time keeps out of the test's way."""
-    from datetime import timedelta
 
-    from codex_runner.store.records import utcnow
-    from codex_runner.store.schema import jobs
 
     runner = runner_factory(
         RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="600"
     )
     rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id=runner_id)
-    with rt.engine.begin() as conn:
-        conn.execute(
-            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=3600))
-        )
+    _make_stale(rt, job_id)
     return rt, job_id, source
 
 
@@ -901,3 +895,123 @@ def test_the_watchdogs_cleanup_does_not_wait_on_a_busy_repo(runner_factory: Any,
         failed, took = asyncio.run(_watchdog_pass(rt))
     assert failed == 1 and took < 5
     assert _head_and_status(source)[0].startswith("refs/heads/runner/")  # left for the next job
+
+
+def _make_stale(rt: Any, job_id: str) -> None:
+    from datetime import timedelta
+
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    with rt.engine.begin() as conn:
+        conn.execute(
+            jobs.update().where(jobs.c.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=3600))
+        )
+
+
+def test_a_late_cleanup_leaves_the_repo_another_instance_put_back(
+    runner_factory: Any, monkeypatch: Any
+) -> None:
+    """An instance froze just before its in_place cleanup; another instance's watchdog failed the
+    job and put the repo back on main, where the operator went on working. Resumed, the late
+    cleanup did not know its lease was gone (no write told it) and ran `reset --hard` and `clean`
+    on the operator's main. A repo already back on its branch is left as it is."""
+    import subprocess
+    import threading
+
+    from codex_runner.execution import job as job_module
+
+    real = job_module.cleanup_workspace
+    frozen, resume = threading.Event(), threading.Event()
+
+    def freezing_cleanup(*args: Any, **kwargs: Any) -> Any:
+        frozen.set()
+        resume.wait(60)  # the instance is frozen here (SIGSTOP, a paused VM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "cleanup_workspace", freezing_cleanup)
+    runner = runner_factory(RUNNER_HEARTBEAT_SECONDS="30", RUNNER_STALE_AFTER_SECONDS="600")
+    rt = runner.runtime
+    source = Path(rt.catalog.repos["inplace"].source)
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    job = runner.submit({"sleep": "30"}, repo="inplace")
+    assert wait_until(lambda: git("symbolic-ref", "HEAD").startswith("refs/heads/runner/"), timeout=20)
+    time.sleep(1.0)
+    _make_stale(rt, job["id"])
+    assert asyncio.run(_watchdog_pass(rt))[0] == 1  # another instance on this host
+    assert frozen.wait(20)
+    assert git("symbolic-ref", "HEAD") == "refs/heads/main"
+    (source / "README.md").write_text("the operator's edit\n")
+    (source / "operator-notes.txt").write_text("the operator's notes\n")
+    resume.set()
+    runner.wait(job["id"], timeout=30)
+    time.sleep(2)  # the late cleanup runs after the kill its run sees
+    assert (source / "README.md").read_text() == "the operator's edit\n"
+    assert (source / "operator-notes.txt").exists()
+    assert git("stash", "list") == ""
+
+
+def test_the_next_job_does_not_redo_a_recoverys_cleanup(runner_factory: Any) -> None:
+    """The watchdog cleaned up after a dead instance's job and kept its branch (it has commits); the
+    operator checked that branch out and edited. A recovery's cleanup was recorded nowhere, and the
+    next job took the operator's checkout for one never cleaned up: stashed and switched away."""
+    import subprocess
+
+    rt, job_id, source = _stale_in_place_job(runner_factory, "dead-vm-5")
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    git("-c", "user.name=j", "-c", "user.email=j@x", "commit", "-qam", "the job's commit")
+    assert asyncio.run(_watchdog_pass(rt))[0] == 1
+    assert git("symbolic-ref", "HEAD") == "refs/heads/main"
+    git("checkout", "-q", f"runner/{job_id[:8]}")
+    (source / "README.md").write_text("the operator's edit\n")
+    from codex_runner.execution.recovery import clean_up_ended_job
+
+    # What the next in_place job's reclaim runs for the ended job it finds.
+    clean_up_ended_job(rt.jobs.get_row(job_id), rt.catalog, rt.settings)
+    assert git("symbolic-ref", "HEAD") == f"refs/heads/runner/{job_id[:8]}"
+    assert (source / "README.md").read_text() == "the operator's edit\n" and git("stash", "list") == ""
+
+
+def test_a_job_left_in_a_conflicted_merge_does_not_keep_the_repo(runner_factory: Any) -> None:
+    """The agent was in a conflicted merge when its instance died: the recovery's `stash` refused
+    the unmerged paths, the repo stayed on the job's branch and every later job failed. The files
+    go to the stash as they are, the merge is dropped, the repo goes back."""
+    import subprocess
+
+    from codex_runner.jobs import Status
+
+    runner = runner_factory(RUNNER_POLL_INTERVAL_SECONDS="60")
+    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="crashed-2")
+
+    def git(*args: str, check: bool = True) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), "-c", "user.name=j", "-c", "user.email=j@x", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+        ).stdout.strip()
+
+    git("commit", "-qam", "the job's edit")
+    git("checkout", "-qb", "side", "HEAD~1")
+    (source / "README.md").write_text("side edit\n")
+    git("commit", "-qam", "side edit")
+    git("checkout", "-q", f"runner/{job_id[:8]}")
+    git("merge", "side", check=False)
+    assert "UU" in git("status", "--porcelain")
+    assert rt.jobs.transition(
+        job_id, [Status.RUNNING], Status.FAILED, values={"error_code": "heartbeat_stale"}
+    )
+    done = runner.wait(runner.submit({}, repo="inplace")["id"], timeout=60)
+    assert done["status"] == "success", done
+    assert git("symbolic-ref", "HEAD") == "refs/heads/main" and not (source / ".git" / "MERGE_HEAD").exists()
+    assert job_id in git("stash", "list")

@@ -415,8 +415,11 @@ class JobRun:
         prefix = in_place_job_prefix(repo.source)
         if prefix is None or self.job_id.lower().startswith(prefix):
             return
-        for row in self.rt.jobs.rows_with_id_prefix(prefix):
-            if Status(row["status"]) not in TERMINAL:
+        rows = self.rt.jobs.rows_with_id_prefix(prefix)
+        if any(Status(row["status"]) not in TERMINAL for row in rows if row["id"] != self.job_id):
+            return  # a job of that prefix is active: the branch may be its own
+        for row in rows:
+            if row["id"] == self.job_id:
                 continue
             # Failed by another host's watchdog, its agent may still run here: it goes first, and
             # a job whose processes cannot be stopped keeps the folder.
@@ -657,6 +660,11 @@ class JobRun:
     async def _cleanup(self, ws: Workspace, repo: RepoSpec, *, failed: bool) -> None:
         self._cleaned = True
         self._stage("cleanup", "running")
+        if ws.mode == "in_place" and not self.fenced:
+            # A fenced write first, as before a commit: an instance that was frozen may find, once
+            # it runs again, that another one failed the job and put the repo back, and the
+            # operator works there now. Its cleanup must know, before it touches the repo.
+            await self._fenced_update({"stages": list(self.stages.values())})
         try:
             # An empty scratch folder is removed here, on the loop (no trip, so the manifest waits
             # for the terminal write); anything else in a thread, after the manifest.

@@ -38,7 +38,7 @@ def clean_up_ended_job(
     lock. Never raises; logs what it did."""
     job_id = str(job["id"])
     repo = catalog.repos.get(job["repo"])
-    if repo is None or _cleaned_up(job):
+    if repo is None or _cleaned_up(job, settings):
         return
     if lock_wait is not None:
         with lock_waits_at_most(lock_wait):
@@ -47,7 +47,15 @@ def clean_up_ended_job(
         _clean_up(job_id, job, repo, settings)
 
 
-def _cleaned_up(job: Mapping[str, Any]) -> bool:
+#: Left in a run's folder once a recovery did its cleanup: the run's own cleanup stage says so in
+#: the row, a recovery's would say nothing, and the next in_place job would redo it (on a kept job
+#: branch the operator has checked out by then).
+RECOVERED_MARK = "recovery-cleaned-up"
+
+
+def _cleaned_up(job: Mapping[str, Any], settings: Settings) -> bool:
+    if (settings.runs_dir / str(job["id"]) / RECOVERED_MARK).exists():
+        return True
     stages = job.get("stages")
     if isinstance(stages, str):
         try:
@@ -74,6 +82,7 @@ def _clean_up(job_id: str, job: Mapping[str, Any], repo: Any, settings: Settings
             mode = job.get("workspace_mode") or repo.workspace
             if cleanup_unrecorded(repo, job_id, str(mode), settings):
                 log.info("recovery_cleaned_up", job_id=job_id, mode=mode, recorded=False)
+            _mark_cleaned_up(job_id, settings)
             return
         ws = workspace_from_record(record, job_id, settings)
         if ws.mode == "in_place" and (
@@ -81,9 +90,19 @@ def _clean_up(job_id: str, job: Mapping[str, Any], repo: Any, settings: Settings
         ):
             return  # the record does not name this repo's folder: nothing of ours to reset
         cleanup_workspace(ws, repo, settings, failed=True, recovering=True)
+        _mark_cleaned_up(job_id, settings)
         log.info("recovery_cleaned_up", job_id=job_id, mode=ws.mode)
     except Exception as exc:
         log.warning("recovery_cleanup_failed", job_id=job_id, error=str(exc)[:300])
+
+
+def _mark_cleaned_up(job_id: str, settings: Settings) -> None:
+    folder = settings.runs_dir / job_id
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RECOVERED_MARK).touch()
+    except OSError as exc:
+        log.warning("recovery_mark_failed", job_id=job_id, error=exc.strerror)
 
 
 def in_place_job_prefix(source: str) -> str | None:

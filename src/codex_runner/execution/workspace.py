@@ -992,7 +992,16 @@ def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings, *, reco
             _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
             return
         original = ws.original_ref or ws.base_commit
-        _restore_in_place(ws.git_dir, ws.path, ws.branch, ws.job_id, original, ws.home, settings, recovering)
+        if head == original:
+            # Already back (another instance's recovery did it while this run was frozen, and the
+            # operator may work there now): nothing to switch, nothing of the job's to drop.
+            log.warning("in_place_cleanup_skipped", job_id=ws.job_id, head=head)
+            _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
+            return
+        # Off the job's branch (the agent switched branches), what is uncommitted may not be the
+        # job's: kept in a stash, never dropped.
+        keep = recovering or head != f"refs/heads/{ws.branch}"
+        _restore_in_place(ws.git_dir, ws.path, ws.branch, ws.job_id, original, ws.home, settings, keep)
         _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
 
 
@@ -1025,6 +1034,18 @@ def _restore_in_place(
             "GIT_COMMITTER_NAME": settings.git_author_name,
             "GIT_COMMITTER_EMAIL": settings.git_author_email,
         }
+        # A merge, cherry-pick or revert the job left half done: `stash` refuses unmerged paths,
+        # and a MERGE_HEAD left behind would turn the operator's next commit into a merge. Its
+        # files go to the stash as they are (conflict markers and all), the operation is dropped.
+        if _run_in(git_dir, path, ["ls-files", "-u", "-z"], home, "cleanup_failed", guard=guard).stdout:
+            _run_in(git_dir, path, ["add", "-A"], home, "cleanup_failed", guard=guard)
+        for state, command in (
+            ("MERGE_HEAD", "merge"),
+            ("CHERRY_PICK_HEAD", "cherry-pick"),
+            ("REVERT_HEAD", "revert"),
+        ):
+            if (git_dir / state).exists():
+                _run_in(git_dir, path, [command, "--quit"], home, "cleanup_failed", guard=guard, check=False)
         message = f"codex-runner: left uncommitted on {branch} by job {job_id} (recovered)"
         stash = ["stash", "push", "--include-untracked", "-q", "-m", message]
         _run_in(git_dir, path, stash, home, "cleanup_failed", guard=guard, env_extra=identity)
@@ -1131,10 +1152,13 @@ def _unrecorded_in_place(repo: RepoLike, job_id: str, branch: str, settings: Set
             [f"--git-dir={git_dir}", "rev-parse", "--symbolic-full-name", "@{-1}"], home=home, check=False
         ).stdout.strip()
         if not before.startswith("refs/heads/") or before == f"refs/heads/{branch}":
-            before = _git_out(
-                [f"--git-dir={git_dir}", "rev-parse", "--verify", "-q", "@{-1}^{commit}"],
-                home,
-                "cleanup_failed",
+            before = _try_resolve(git_dir, "@{-1}", home) or ""
+        if not before and repo.branch and _try_resolve(git_dir, f"refs/heads/{repo.branch}", home):
+            before = f"refs/heads/{repo.branch}"  # no reflog to tell: the repo's configured branch
+        if not before:
+            raise GitError(
+                f"cannot tell which branch {source} was on before {branch}: check it out back",
+                code="cleanup_failed",
             )
         _restore_in_place(git_dir, source, branch, job_id, before, home, settings, recovering=True)
         _delete_branch_without_commits(git_dir, branch, home)
