@@ -736,7 +736,6 @@ def _stale_in_place_job(runner_factory: Any, runner_id: str) -> tuple[Any, str, 
     """An in_place job of a dead instance (`runner_id`) left on its branch, its heartbeat an hour
     old, on an API-only server whose own watchdog a long stale time keeps out of the test's way."""
 
-
     runner = runner_factory(
         RUNNER_ENABLED="false", RUNNER_HEARTBEAT_SECONDS="1", RUNNER_STALE_AFTER_SECONDS="600"
     )
@@ -1015,3 +1014,44 @@ def test_a_job_left_in_a_conflicted_merge_does_not_keep_the_repo(runner_factory:
     assert done["status"] == "success", done
     assert git("symbolic-ref", "HEAD") == "refs/heads/main" and not (source / ".git" / "MERGE_HEAD").exists()
     assert job_id in git("stash", "list")
+
+
+def test_no_reclaim_while_a_job_of_the_branchs_prefix_is_active(
+    runner_factory: Any, monkeypatch: Any, tmp_path: Path
+) -> None:
+    """Job branches are named by 8 characters of the id: an ended job and an active one can share
+    `runner/<id8>`. A job of another catalog repo on the same folder (the claim keeps one active
+    job per repo, not per folder) reclaimed it: the ended job's cleanup ran under the active one."""
+    import types
+    import uuid
+
+    from codex_runner.jobs import Status
+    from codex_runner.store import creates
+    from codex_runner.store.jobs import Limits
+
+    toml = '\n[repos.inplace2]\nsource = "{repo}"\nworkspace = "in_place"\ncommit = false\n'
+    runner = runner_factory(toml.replace("{repo}", str(tmp_path / "repo")), RUNNER_POLL_INTERVAL_SECONDS="60")
+    shared = iter(
+        [uuid.UUID("abcdabcd-0000-4000-8000-000000000001"), uuid.UUID("abcdabcd-0000-4000-8000-000000000002")]
+    )
+    # Only the store's job ids: the next two share their first 8 characters, the rest are random.
+    monkeypatch.setattr(
+        creates, "uuid", types.SimpleNamespace(uuid4=lambda: next(shared, None) or uuid.uuid4())
+    )
+    rt, ended, source = _in_place_job_left_on_its_branch(runner, record=True, runner_id="dead-vm-6")
+    assert ended.startswith("abcdabcd")
+    assert rt.jobs.transition(
+        ended, [Status.RUNNING], Status.FAILED, values={"error_code": "heartbeat_stale"}
+    )
+    principal = rt.tokens.authenticate(runner.token)
+    assert principal is not None
+    rt.jobs.create(
+        rt.new_job(principal, {"repo": "inplace", "script_key": "behave", "args": {}}),
+        Limits(max_queue_size=10, max_queued_per_user=10),
+    )
+    [active] = rt.jobs.claim("busy-vm-7", slots=1, max_jobs_per_user=5)  # same branch name, still running
+    assert active.id.startswith("abcdabcd") and active.id != ended
+    done = runner.wait(runner.submit({}, repo="inplace2")["id"], timeout=60)
+    assert done["status"] == "failed" and done["error_code"] == "prepare_failed", done
+    assert _head_and_status(source)[0] == "refs/heads/runner/abcdabcd"
+    assert (source / "README.md").read_text() == "half-done by the job\n"
