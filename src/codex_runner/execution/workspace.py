@@ -282,11 +282,14 @@ def _local_base(repo: RepoLike, home: Path) -> tuple[Path, Path, str, str]:
     source = Path(repo.source)
     if not source.is_dir():
         raise GitError(f"local repo {source} does not exist", code="clone_failed")
-    store = Path(
-        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "clone_failed")
-    )
+    store = _local_git_dir(source, home, "clone_failed")
     base_branch = repo.branch or _current_branch(store, home)
     return source, store, base_branch, _resolve(store, f"refs/heads/{base_branch}", home)
+
+
+def _local_git_dir(source: Path, home: Path, code: str) -> Path:
+    """The git dir of a local repo's folder (its `.git`, or the folder of a bare repo), absolute."""
+    return Path(_git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, code))
 
 
 def _prepare_in_place(
@@ -1095,9 +1098,9 @@ def cleanup_unrecorded(repo: RepoLike, job_id: str, mode: str, settings: Setting
     """What a prepare that never finished may have left, found by the names the runner gives
     (`<workspace dir>/<job id>`, `runner/<id8>`): the run crashed, or was failed by a watchdog,
     before its manifest recorded the workspace (`workspace_record`), or ran with another data
-    folder. An in_place repo still on that branch goes
-    back to the branch checked out before it (`@{-1}`), what was left uncommitted kept in a stash
-    entry; a branch is deleted only if it has no commits of its own. True if something was found."""
+    folder. An in_place repo still on that branch goes back to the branch checked out before it
+    (`@{-1}`), what was left uncommitted kept in a stash entry; a branch is deleted only if it has
+    no commits of its own. True if something was found."""
     if _keeps_workspace(settings, failed=True) or mode == "scratch" or not _JOB_ID.match(job_id):
         return False
     home = _real_dir(settings.data_dir) / "git-home" / job_id
@@ -1133,18 +1136,14 @@ def _unrecorded_store(repo: RepoLike, settings: Settings, home: Path) -> Path | 
     source = Path(repo.source)
     if not source.is_dir():
         return None
-    return Path(
-        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "cleanup_failed")
-    )
+    return _local_git_dir(source, home, "cleanup_failed")
 
 
 def _unrecorded_in_place(repo: RepoLike, job_id: str, branch: str, settings: Settings, home: Path) -> bool:
     source = Path(repo.source)
     if not source.is_dir():
         return False
-    git_dir = Path(
-        _git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, "cleanup_failed")
-    )
+    git_dir = _local_git_dir(source, home, "cleanup_failed")
     with _repo_lock(settings, _lock_key(repo)):
         if head_ref(git_dir) != f"refs/heads/{branch}":
             return False  # the prepare never got to its checkout: the repo is as the operator left it
