@@ -66,6 +66,8 @@ MIRROR_LOCK_SECONDS = 5.0
 # A mirror being removed is renamed `.<name>.git.<hex>.doomed` first (not `.tmp`: a first clone's
 # temporary folder, which only the next clone of that repo sweeps).
 _DOOMED = ".doomed"
+# A spare pool renamed away before its deletion (`_discard_pool`): `.<name>.<hex>.discard`.
+_DISCARDED = ".discard"
 
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _TASK_HOME = re.compile(rf"^(?:{'|'.join(TASK_HOME_KINDS)})-[0-9a-f]{{12}}$")
@@ -140,6 +142,10 @@ def cleanup(
     for path in _stale_task_homes(runtime, now):
         if dry_run or _rmtree(path, report):
             report.git_homes += 1
+    # First: pools of an earlier run whose deletion failed part way, counted once gone.
+    for leftover in _left_behind(runtime.settings.workspace_dir / POOLS, _DISCARDED) if shared_caches else ():
+        if dry_run or _rmtree(leftover, report):
+            report.spare_pools += 1
     dropped_pools = []
     for pool in _unused_spare_pools(runtime) if shared_caches else ():
         if dry_run or _discard_pool(pool, report):
@@ -149,7 +155,7 @@ def cleanup(
         if dry_run or _remove_mirror(runtime, mirror, dropped_pools, report):
             report.mirrors += 1
     if shared_caches and not dry_run:
-        for leftover in _doomed_mirrors(runtime):  # left by a removal that failed part way
+        for leftover in _left_behind(runtime.settings.mirrors_dir, _DOOMED):  # a removal that failed part way
             _rmtree(leftover, report)
     _delete_transcripts(runtime, now, dry_run, report)
     log.info("cleanup_done", **report.to_dict())
@@ -342,7 +348,13 @@ def _unused_spare_pools(runtime: Runtime) -> Iterator[Path]:
     if runtime.settings.warm_workspaces > 0:
         wanted = {f"{lock_key(r.source)}.{r.workspace}" for r in runtime.catalog.repos.values()}
     for pool in root.iterdir():
-        if pool.is_dir() and not pool.is_symlink() and pool.name not in wanted:
+        # `.`-names: pools renamed away for deletion (`_discard_pool`), swept apart (`_left_behind`).
+        if (
+            pool.is_dir()
+            and not pool.is_symlink()
+            and pool.name not in wanted
+            and not pool.name.startswith(".")
+        ):
             yield pool
 
 
@@ -405,7 +417,7 @@ def _discard_pool(pool: Path, report: CleanupReport) -> bool:
     the pool (another instance's catalog may still use the pool), and a deletion running through
     the pool meanwhile would go on deleting inside the job's workspace. After the rename, a take
     finds no pool (and prepares the usual way); a spare taken before it is no longer in it."""
-    discarded = pool.with_name(f".{pool.name}.{uuid.uuid4().hex[:8]}.discard")
+    discarded = pool.with_name(f".{pool.name}.{uuid.uuid4().hex[:8]}{_DISCARDED}")
     try:
         pool.rename(discarded)
     except FileNotFoundError:
@@ -416,10 +428,11 @@ def _discard_pool(pool: Path, report: CleanupReport) -> bool:
     return _rmtree(discarded, report)
 
 
-def _doomed_mirrors(runtime: Runtime) -> Iterator[Path]:
-    root = runtime.settings.mirrors_dir
+def _left_behind(root: Path, suffix: str) -> Iterator[Path]:
+    """Folders renamed away for deletion (`.<name>.<hex><suffix>`) whose deletion failed part way:
+    tried again by the next run."""
     if root.is_dir():
-        for path in sorted(root.glob(f".*{_DOOMED}")):
+        for path in sorted(root.glob(f".*{suffix}")):
             if path.is_dir() and not path.is_symlink():
                 yield path
 
