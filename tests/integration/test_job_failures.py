@@ -174,15 +174,23 @@ def test_shutdown_while_the_database_is_down_leaves_no_process(
         runtime.close()
 
 
-def _failing_supervision(monkeypatch: pytest.MonkeyPatch, alive_at_status: list[bool]) -> None:
-    """JobRun's supervision fails half a second in, while the script runs (an internal error);
-    `alive_at_status` gets whether the script was alive when the terminal write was made."""
+def _failing_supervision(
+    monkeypatch: pytest.MonkeyPatch, alive_at_status: list[bool], started: Path | None = None
+) -> None:
+    """JobRun's supervision fails half a second in, while the script runs (an internal error) —
+    once `started` exists, when given: on a loaded machine the script's interpreter may take
+    longer than that to start; `alive_at_status` gets whether the script was alive when the
+    terminal write was made."""
     real_finish = JobStore.finish_many
 
     async def failing(self: JobRun, proc: Any, timeout: int) -> Any:
         import asyncio
 
         await asyncio.sleep(0.5)
+        for _ in range(500):
+            if started is None or started.exists():
+                break
+            await asyncio.sleep(0.02)
         raise RuntimeError("supervision failed")
 
     def finishing(self: JobStore, writes: list[OwnerWrite], claim: Any = None) -> Any:
@@ -200,9 +208,9 @@ def test_an_internal_error_while_the_script_runs_stops_it_before_the_status(
     runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alive_at_status: list[bool] = []
-    _failing_supervision(monkeypatch, alive_at_status)
-    runner = runner_factory()
     pids = tmp_path / "pids"
+    _failing_supervision(monkeypatch, alive_at_status, started=pids)
+    runner = runner_factory()
     job = runner.submit({"sleep": "60", "pids": str(pids), "grandchild": True})
     started = [int(p) for p in (pids.read_text().split() if wait_until(pids.exists) else [])]
     try:
