@@ -572,12 +572,8 @@ class Launcher:
         if recovered:
             log.warning("recovered_after_crash", runner_id=self.runner_id, jobs=recovered)
         for job in jobs:
-            await asyncio.to_thread(self._clean_up_after_crash, job)
+            await asyncio.to_thread(clean_up_ended_job, job, self.rt.catalog, self.settings)
         return recovered
-
-    def _clean_up_after_crash(self, job: dict[str, Any]) -> None:
-        """The workspace cleanup the crashed run never did (`recovery.clean_up_ended_job`)."""
-        clean_up_ended_job(job, self.rt.catalog, self.settings)
 
     def _kill_leftovers_by_env(self, own_active: set[str]) -> None:
         found = find_job_processes()

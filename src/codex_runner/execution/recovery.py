@@ -5,6 +5,7 @@ workspace record in the run's manifest; by the runner's names when the crash cam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,15 +37,11 @@ def clean_up_ended_job(
     in a stash entry. Nothing for a job whose run did its cleanup (an in_place repo on its kept
     branch is then the operator's doing). `lock_wait`: give up after that long on a busy repo
     lock. Never raises; logs what it did."""
-    job_id = str(job["id"])
     repo = catalog.repos.get(job["repo"])
     if repo is None or _cleaned_up(job, settings):
         return
-    if lock_wait is not None:
-        with lock_waits_at_most(lock_wait):
-            _clean_up(job_id, job, repo, settings)
-    else:
-        _clean_up(job_id, job, repo, settings)
+    with lock_waits_at_most(lock_wait) if lock_wait is not None else contextlib.nullcontext():
+        _clean_up(job, repo, settings)
 
 
 #: Left in a run's folder once a recovery did its cleanup: the run's own cleanup stage says so in
@@ -67,7 +64,8 @@ def _cleaned_up(job: Mapping[str, Any], settings: Settings) -> bool:
     )
 
 
-def _clean_up(job_id: str, job: Mapping[str, Any], repo: Any, settings: Settings) -> None:
+def _clean_up(job: Mapping[str, Any], repo: Any, settings: Settings) -> None:
+    job_id = str(job["id"])
     try:
         doc = json.loads((settings.runs_dir / job_id / MANIFEST_NAME).read_text())
     except FileNotFoundError:
