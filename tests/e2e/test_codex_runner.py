@@ -340,8 +340,16 @@ def test_runner_secrets_reach_neither_codex_nor_the_model_server(
     assert any("codex" in c and " exec " in f" {c} " for c in cmdlines), cmdlines
     assert any("env; sleep 1" in c for c in cmdlines), cmdlines
     for pid, (cmdline, environ) in watcher.seen.items():
-        # The runner's own settings never pass: only the two variables it sets for the script.
-        assert {n for n in environ if n.startswith("RUNNER_")} <= {"RUNNER_JOB_ID", "RUNNER_WORKSPACE"}
+        # The runner's own settings never pass: only the two variables it sets for the script. The
+        # runner's own git for the job (prepare, commit, push: run with its minimal git environment,
+        # never the script's) carries the job id and, for the kill of a canceled stage, its stage.
+        allowed = {"RUNNER_JOB_ID", "RUNNER_WORKSPACE"}
+        if "RUNNER_GIT_STAGE" in environ:
+            # The runner's git or a program it starts (`sh -c git-receive-pack …` of a local push):
+            # known by the environment the runner gives its git, not by the command line.
+            assert "RUNNER_WORKSPACE" not in environ and environ.get("GIT_CONFIG_NOSYSTEM") == "1", cmdline
+            allowed = {"RUNNER_JOB_ID", "RUNNER_GIT_STAGE"}
+        assert {n for n in environ if n.startswith("RUNNER_")} <= allowed, (cmdline, sorted(environ))
         leaked = [
             k for k, v in runner.secrets.items() if v in "\0".join(f"{n}={x}" for n, x in environ.items())
         ]
