@@ -109,6 +109,8 @@ class Settings:
     database_url: str = ""
     host: str = "127.0.0.1"
     port: int = 8787
+    # 0: a `worker` serves no HTTP at all (as before there was this setting).
+    worker_metrics_port: int = 0
     id: str = ""
     enabled: bool = True
     max_concurrency: int = 2
@@ -202,6 +204,7 @@ _INT_MINIMUMS: dict[str, int] = {
 
 _INT_MAXIMUMS: dict[str, int] = {
     "port": 65535,
+    "worker_metrics_port": 65535,
     "warm_workspaces": 16,
     "default_timeout_seconds": MAX_SECONDS,
     "heartbeat_seconds": MAX_SECONDS,

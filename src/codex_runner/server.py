@@ -9,7 +9,7 @@ import gc
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from types import FrameType
 
@@ -124,27 +124,27 @@ def _where(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bind_problem(host: str, port: int, exc: OSError) -> str:
+def _bind_problem(host: str, port: int, exc: OSError, port_setting: str) -> str:
     where = _where(host, port)
     if exc.errno == errno.EADDRINUSE:
         return (
-            f"RUNNER_PORT={port}: cannot listen on {where}, the address is already in use (another "
-            "process listens there): stop it or choose another RUNNER_PORT"
+            f"{port_setting}={port}: cannot listen on {where}, the address is already in use (another "
+            f"process listens there): stop it or choose another {port_setting}"
         )
     if exc.errno == errno.EACCES:
-        return f"RUNNER_PORT={port}: cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+        return f"{port_setting}={port}: cannot listen on {where}: permission denied (ports below 1024 need privileges)"
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"RUNNER_HOST={host}: cannot listen on {where}: not an address of this machine"
-    return f"RUNNER_HOST={host}, RUNNER_PORT={port}: cannot listen on {where}: {exc.strerror or exc}"
+    return f"RUNNER_HOST={host}, {port_setting}={port}: cannot listen on {where}: {exc.strerror or exc}"
 
 
-def bind_listeners(host: str, port: int) -> list[socket.socket]:
+def bind_listeners(host: str, port: int, port_setting: str = "RUNNER_PORT") -> list[socket.socket]:
     """The listening addresses of `serve`, bound before anything starts. uvicorn binds only after
     the app's lifespan has run, and that starts the launcher, which claims queued jobs: a port in
     use, or a host name that does not resolve, used to fail them (`runner_shutdown`) and exit 3
     with no line naming the setting. Every address `host` resolves to is bound, as uvicorn did
     (asyncio's `create_server`): IPv6 sockets IPv6 only, an address family the host lacks skipped.
-    Raises `ConfigError` naming RUNNER_HOST or RUNNER_PORT."""
+    Raises `ConfigError` naming RUNNER_HOST or `port_setting`."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -175,7 +175,7 @@ def bind_listeners(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise ConfigError(_bind_problem(host, port, exc)) from None
+        raise ConfigError(_bind_problem(host, port, exc, port_setting)) from None
     return sockets
 
 
@@ -243,8 +243,6 @@ def _already_shut_down(sig: int, frame: FrameType | None) -> None:
 
 
 def run_worker(settings: Settings) -> None:
-    from codex_runner.launcher import run_worker_forever
-
     if not settings.enabled:
         # A worker is nothing but a launcher: it ran one anyway, and claimed jobs.
         raise ConfigError(
@@ -252,10 +250,73 @@ def run_worker(settings: Settings) -> None:
             "unset it (or set it to true) to run a worker, or run `serve` for the API alone"
         )
     runtime = Runtime.open(settings)
+    sockets: list[socket.socket] = []
     try:
         _refuse_duplicate(runtime)
+        if settings.worker_metrics_port:
+            # Before the launcher, as `serve` does: a port in use must not cost a claimed job.
+            sockets = bind_listeners(
+                settings.host, settings.worker_metrics_port, "RUNNER_WORKER_METRICS_PORT"
+            )
         on_startup(runtime)
         tune_gc()
-        asyncio.run(run_worker_forever(runtime))
+        asyncio.run(_worker_main(runtime, sockets))
     finally:
+        for sock in sockets:
+            sock.close()
         runtime.close()
+
+
+async def _worker_main(runtime: Runtime, sockets: list[socket.socket]) -> None:
+    from codex_runner.launcher import run_worker_forever
+
+    if not sockets:
+        await run_worker_forever(runtime)
+        return
+    from codex_runner.api.app import create_probe_app
+
+    config = uvicorn.Config(
+        create_probe_app(runtime),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    server = _ProbeServer(config, runtime.settings.host, sockets[0].getsockname()[1])
+    serving = asyncio.create_task(server.serve(sockets=sockets), name="worker-metrics")
+    serving.add_done_callback(server.on_done)
+    try:
+        await run_worker_forever(runtime)
+    finally:
+        # After the launcher has stopped: a scrape during the shutdown still answers.
+        server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(serving, timeout=10)
+
+
+class _ProbeServer(uvicorn.Server):
+    """uvicorn inside a worker's own loop. It must leave SIGTERM and SIGINT to the worker
+    (launcher.run_worker_forever): uvicorn would take them over for itself while it serves, and the
+    worker would never hear that it should stop. A server that stops on its own (it should not)
+    leaves the worker running, without metrics, and says so."""
+
+    def __init__(self, config: uvicorn.Config, host: str, port: int) -> None:
+        super().__init__(config)
+        self.where = f"http://{_where(host, port)}"
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            log.info("worker_metrics_serving", url=self.where, routes=["/healthz", "/readyz", "/metrics"])
+
+    def on_done(self, task: asyncio.Task[None]) -> None:
+        if self.should_exit:
+            return
+        failure = None if task.cancelled() else task.exception()
+        log.warning(
+            "worker_metrics_stopped", url=self.where, error=type(failure).__name__ if failure else None
+        )

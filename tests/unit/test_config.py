@@ -25,6 +25,7 @@ def test_environment_wins_over_toml(tmp_path: Path) -> None:
     (tmp_path / "runner.toml").write_text("[runner]\nmax_concurrency = 4\nport = 9000\n")
     s = load_settings({"RUNNER_MAX_CONCURRENCY": "7"}, cwd=tmp_path)
     assert s.max_concurrency == 7 and s.port == 9000
+    assert s.worker_metrics_port == 0  # off unless set
     assert s.config == (tmp_path / "runner.toml").resolve()
 
 
@@ -34,6 +35,8 @@ def test_environment_wins_over_toml(tmp_path: Path) -> None:
         ({"RUNNER_MAX_CONCURRENCY": "0"}, "RUNNER_MAX_CONCURRENCY: must be at least 1"),
         ({"RUNNER_PORT": "http"}, "RUNNER_PORT: expected an integer"),
         ({"RUNNER_PORT": "70000"}, "RUNNER_PORT: must be at most 65535"),
+        ({"RUNNER_WORKER_METRICS_PORT": "70000"}, "RUNNER_WORKER_METRICS_PORT: must be at most 65535"),
+        ({"RUNNER_WORKER_METRICS_PORT": "-1"}, "RUNNER_WORKER_METRICS_PORT: must be at least 0"),
         ({"RUNNER_ENABLED": "maybe"}, "RUNNER_ENABLED: expected true or false"),
         ({"RUNNER_LOG_FORMAT": "xml"}, "RUNNER_LOG_FORMAT"),
         ({"RUNNER_DATABASE_URL": "mysql://x"}, "RUNNER_DATABASE_URL"),

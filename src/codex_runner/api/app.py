@@ -183,8 +183,32 @@ def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> RunnerA
     app.state.create_batcher = CreateBatcher(runtime)
     app.fast_create = CreateEndpoint(runtime, app.state.create_batcher)
     errors.install(app)
+    app.include_router(routes.probe_router)
     app.include_router(routes.router)
     app.include_router(logs.router)
+    _add_middleware(app, runtime)
+    return app
+
+
+def create_probe_app(runtime: Runtime) -> RunnerApp:
+    """What a `worker` serves with RUNNER_WORKER_METRICS_PORT: `/healthz`, `/readyz` and
+    `/metrics` (admin token), the same routes as `serve`'s, with the same auth, errors and request
+    metrics. A worker's job counters live in its own process, so without this they were nowhere to
+    be read (docs/operations.md, "Metrics")."""
+    app = RunnerApp(
+        title="codex-runner worker",
+        version=__version__,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.runtime = runtime
+    errors.install(app)
+    app.include_router(routes.probe_router)
+    _add_middleware(app, runtime)
+    return app
+
+
+def _add_middleware(app: RunnerApp, runtime: Runtime) -> None:
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_bytes)
     app.add_middleware(HttpMetrics, runtime=runtime)
-    return app

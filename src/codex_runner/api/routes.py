@@ -16,6 +16,8 @@ from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 
 router = APIRouter()
+#: The routes a `worker` serves too, on RUNNER_WORKER_METRICS_PORT (api/app.py `create_probe_app`).
+probe_router = APIRouter()
 Auth = Annotated[Principal, Depends(current_principal)]
 AUTH_ERRORS = (401, 503)
 
@@ -27,14 +29,14 @@ def _rt(request: Request) -> Runtime:
 
 # HEAD too: load balancers often probe with it. One route per method: a route with both methods
 # gives both the same operationId, which OpenAPI forbids (FastAPI warns on every /openapi.json).
-@router.get("/healthz", tags=["health"])
-@router.head("/healthz", tags=["health"])
+@probe_router.get("/healthz", tags=["health"])
+@probe_router.head("/healthz", tags=["health"])
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], responses=responses(503))
-@router.head("/readyz", tags=["health"], responses=responses(503))
+@probe_router.get("/readyz", tags=["health"], responses=responses(503))
+@probe_router.head("/readyz", tags=["health"], responses=responses(503))
 async def readyz(request: Request) -> Response:
     runtime = _rt(request)
     # Within a few seconds even when the database accepts connections and never answers (a frozen
@@ -144,7 +146,7 @@ def diagnostics(request: Request, principal: Auth) -> dict[str, Any]:
     return collect(_rt(request))
 
 
-@router.get(
+@probe_router.get(
     "/metrics",
     tags=["operations"],
     response_class=PlainTextResponse,

@@ -41,7 +41,8 @@ def serve() -> None:
 
 
 def worker() -> None:
-    """Run only the launcher: claims and runs jobs from the shared database, no HTTP API."""
+    """Run only the launcher: claims and runs jobs from the shared database, no job API (with
+    RUNNER_WORKER_METRICS_PORT: /healthz, /readyz and /metrics)."""
     from codex_runner.pid1 import become_init_if_pid1
     from codex_runner.server import run_worker
 
