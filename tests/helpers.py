@@ -3,6 +3,7 @@ timeouts, a runner.toml writer, the statements a store runs."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -59,6 +60,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return predicate()
+
+
+def terminal_manifest(runs_dir: Path, job_id: str) -> dict[str, Any]:
+    """A job's manifest once it is terminal. It is published right after the status is written
+    (after its file's fsync, docs/execution.md), so a reader that saw the terminal status may be a
+    moment early: on a loaded machine the file was not there yet."""
+    path = runs_dir / job_id / "manifest.json"
+
+    def terminal() -> bool:
+        return path.exists() and json.loads(path.read_text())["status"] not in {"running", "cancel_requested"}
+
+    assert wait_until(terminal, timeout=10), path
+    return dict(json.loads(path.read_text()))
 
 
 @contextmanager

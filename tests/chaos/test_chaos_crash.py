@@ -220,7 +220,10 @@ def test_an_in_place_repo_survives_a_crash_early_in_its_job(
         wait_for(lambda: c.all_done([job]), 30, "the crashed job to be failed")
         expected = "recovered_after_crash" if restart == "same_id" else "heartbeat_stale"
         assert c.rows([job])[job]["error_code"] == expected
-        wait_for(lambda: _repo_state(c) == ("refs/heads/main", "", ""), 15, "the repo back on main")
+        try:
+            wait_for(lambda: _repo_state(c) == ("refs/heads/main", "", ""), 15, "the repo back on main")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {_repo_state(c)}\n{c.tail(c.instances[-1], 60)}") from None
         [after] = c.submit(1, sleep=0.1, repo="inplace")
         wait_for(lambda: c.all_done([after]), 30, "the next in_place job")
         assert c.rows([after])[after]["status"] == "success", c.rows([after])[after]

@@ -25,7 +25,7 @@ from codex_runner.runtime import Runtime
 from codex_runner.server import build_app
 from codex_runner.store.jobs import JobStore, OwnerWrite
 
-from tests.helpers import serve_app, wait_until
+from tests.helpers import serve_app, terminal_manifest, wait_until
 from tests.integration.conftest import Runner, runner_settings
 
 SECRET = "s3cr3t-value-0123456789abcdef"
@@ -252,6 +252,7 @@ def test_no_secret_in_a_stage_error_or_the_error_message(
     assert failed["status"] == "failed", failed
     for done in (timed_out, failed):
         events = runner.client.get(f"/api/runner/jobs/{done['id']}/events").json()
+        terminal_manifest(runner.runtime.settings.runs_dir, done["id"])  # published after the status
         manifest = (runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text()
         for text in (json.dumps(done), json.dumps(events), manifest):
             assert SECRET not in text and SHAPED not in text
@@ -351,6 +352,7 @@ env = ["MY_SECRET"]
     assert done["status"] == "failed" and done["error_code"] == "script_failed", done
     script = next(s for s in done["stages"] if s["name"] == "script")
     assert script["error"] and script["error"].startswith("[REDACTED")
+    terminal_manifest(runner.runtime.settings.runs_dir, done["id"])  # published after the status
     manifest = (runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text()
     shown = json.dumps([script["error"], done["error_message"]]) + manifest
     for piece in (token[-10:], token[:10], token[15:25]):

@@ -21,7 +21,7 @@ from codex_runner.execution import manifest as manifest_module
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.launcher import find_job_processes
 
-from tests.helpers import wait_until
+from tests.helpers import terminal_manifest, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -34,15 +34,7 @@ def _alive(pid: int) -> bool:
 
 
 def _terminal_manifest(runner: Any, job_id: str) -> dict[str, Any]:
-    """The job's manifest once it is terminal: it is published right after the status is written
-    (after its file's fsync), so a reader that saw the status may be a moment early."""
-    path = runner.runtime.settings.runs_dir / job_id / "manifest.json"
-
-    def terminal() -> bool:
-        return path.exists() and json.loads(path.read_text())["status"] not in {"running", "cancel_requested"}
-
-    assert wait_until(terminal, timeout=10), path
-    return dict(json.loads(path.read_text()))
+    return terminal_manifest(runner.runtime.settings.runs_dir, job_id)
 
 
 def test_success_with_events_stages_and_manifest(runner: Any) -> None:
@@ -124,7 +116,7 @@ def test_the_stderr_tail_is_at_most_8_kib_of_utf8(runner: Any) -> None:
     script = next(s for s in done["stages"] if s["name"] == "script")
     error = script["error"].encode("utf-8")
     assert 8000 < len(error) <= 8192 and script["error"].rstrip("\n").endswith("éé")
-    manifest = json.loads((runner.runtime.settings.runs_dir / done["id"] / "manifest.json").read_text())
+    manifest = _terminal_manifest(runner, done["id"])
     stage = next(s for s in manifest["stages"] if s["name"] == "script")
     assert len(stage["error"].encode("utf-8")) <= 8192
 
