@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,14 @@ GIT_ERROR_CODES = frozenset(
 )
 STDERR_TAIL_BYTES = 8 * 1024  # the stage's stderr tail is at most 8 KiB (SPEC §3)
 LOCAL_TIMEOUT = 600.0
+#: How long a command that found the index locked is tried again (`run_git`).
+LOCK_RETRY_SECONDS = 3.0
+#: git's words (lockfile.c) when `index.lock` exists. Only the index's: a command that takes it
+#: takes it before it changes anything (checkout, reset, commit, add), so trying again repeats
+#: nothing (a recovery's `stash push`, which takes it again for its reset, could at worst be
+#: stored twice: nothing is lost). A ref's lock can come later, after a first change (`checkout -b` has made its
+#: branch when it finds HEAD.lock), and git waits for those itself (core.filesRefLockTimeout).
+_LOCK_BUSY = re.compile(rb"index\.lock'?: File exists\.")
 NETWORK_TIMEOUT = 1800.0
 # http is accepted only towards loopback (test servers, a git server on the same host): anywhere
 # else a token would cross the network in clear.
@@ -272,6 +281,35 @@ def run_git(
         cwd = home
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         env["GIT_CEILING_DIRECTORIES"] = str(home.parent)
+    # Another git holding the index's lock (an editor's or IDE's `git status`, which refreshes the
+    # index, polls an in_place repo every few seconds) fails a command at once: it is tried again
+    # for a moment, as a person would. A lock file that stays (a killed git's) still fails, once
+    # the wait is over, with git's own message.
+    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+    delay = 0.02
+    while True:
+        returncode, out, err = _run_once(argv, cwd, env, input_text, timeout, args, error_code)
+        if returncode == 0 or not _LOCK_BUSY.search(err) or time.monotonic() + delay > deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 0.32)
+    stdout = out.decode("utf-8", "replace")
+    stderr = _tail(err, secrets)
+    if check and returncode != 0:
+        detail = stderr.strip() or f"exit status {returncode}"
+        raise GitError(f"git {_verb(args)} failed: {detail}", code=error_code, exit_code=returncode) from None
+    return GitResult(returncode, stdout, stderr)
+
+
+def _run_once(
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    input_text: str | None,
+    timeout: float,
+    args: Sequence[str],
+    error_code: str,
+) -> tuple[int, bytes, bytes]:
     try:
         proc = subprocess.Popen(
             argv,
@@ -292,14 +330,7 @@ def run_git(
     except BaseException:
         _kill_group(proc)
         raise
-    stdout = out.decode("utf-8", "replace")
-    stderr = _tail(err, secrets)
-    if check and proc.returncode != 0:
-        detail = stderr.strip() or f"exit status {proc.returncode}"
-        raise GitError(
-            f"git {_verb(args)} failed: {detail}", code=error_code, exit_code=proc.returncode
-        ) from None
-    return GitResult(proc.returncode, stdout, stderr)
+    return proc.returncode, out, err
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
