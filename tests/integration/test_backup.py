@@ -349,3 +349,30 @@ def test_restore_refuses_while_an_api_only_serve_is_live(
     finally:
         runtime.close()
     restore(settings, archive)
+
+
+def test_an_archive_from_a_newer_schema_is_refused_before_anything_changes(
+    settings: Settings, populated: dict[str, Any]
+) -> None:
+    """A backup made by a newer codex-runner (a schema revision this version does not know) would
+    replace a working database with one that `serve`, `worker`, `migrate` and every admin command
+    then refuse: restore says so and leaves the database as it was."""
+    from codex_runner.store.migrate import current_revision, head_revision
+
+    head = head_revision()
+    engine = create_store_engine(settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+        newer = backup(settings)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM runner_job_events"))  # changed after the backup
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = :head"), {"head": head})
+        before = snapshot(settings)
+        with pytest.raises(BackupError, match="newer") as err:
+            restore(settings, newer.path)
+        assert "\n" not in str(err.value)
+        assert snapshot(settings) == before
+        assert current_revision(engine) == head
+    finally:
+        engine.dispose()

@@ -38,6 +38,7 @@ from codex_runner.secrets import mask
 from codex_runner.store import create_store_engine
 from codex_runner.store.engine import normalise_url
 from codex_runner.store.instances import InstanceRegistry
+from codex_runner.store.migrate import head_revision, is_known
 from codex_runner.store.records import iso, utcnow
 
 FORMAT = 1
@@ -506,6 +507,15 @@ def restore(settings: Settings, archive: Path, *, force: bool = False) -> Restor
     with tempfile.TemporaryDirectory(dir=settings.data_dir, prefix=".restore-") as tmp_name:
         tmp = Path(tmp_name)
         manifest = verify_archive(archive, tmp)
+        revision = manifest["database"].get("revision")
+        if not is_known(revision):
+            # Loaded, it would replace a working database with one that serve, worker, migrate and
+            # every admin command of this version refuse (it cannot downgrade a schema).
+            raise BackupError(
+                f"archive {archive.name} holds a database at schema revision {revision}, newer than "
+                f"this version of codex-runner ({__version__}, newest revision {head_revision()}): "
+                "restore it with the version that made it"
+            )
         live = live_instances(settings)
         if live and not force:
             raise BackupError(
