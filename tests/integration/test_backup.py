@@ -376,3 +376,39 @@ def test_an_archive_from_a_newer_schema_is_refused_before_anything_changes(
         assert current_revision(engine) == head
     finally:
         engine.dispose()
+
+
+def test_two_backups_in_the_same_second_keep_both_archives(
+    settings: Settings, populated: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cron backup and one by hand, started in the same second: each keeps its own archive. Both
+    used to take the one name free at their start, and the later rename replaced the earlier
+    archive, whose command had printed that path with a SHA-256 the file no longer had."""
+    import threading
+    from datetime import UTC, datetime
+
+    from codex_runner.ops import backup as backup_module
+
+    both_dumped = threading.Barrier(2, timeout=30)
+    dump = backup_module._dump_database
+
+    def dump_then_wait(*args: Any) -> Any:
+        result = dump(*args)
+        both_dumped.wait()  # each has dumped (and, before the fix, chosen its name)
+        return result
+
+    monkeypatch.setattr(backup_module, "_dump_database", dump_then_wait)
+    now = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(backup(settings, now=now))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2
+    assert results[0].path != results[1].path
+    for r in results:
+        assert r.path.name.startswith("runner-20300102T030405Z")
+        assert backup_module._file_sha256(r.path) == r.sha256
+        assert r.path.with_name(r.path.name + ".sha256").read_text().split()[0] == r.sha256
+    assert len(list_backups(settings.backup_dir)) == 2

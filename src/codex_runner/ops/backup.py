@@ -172,13 +172,28 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _archive_name(backup_dir: Path, now: datetime) -> Path:
+def _publish(part: Path, backup_dir: Path, now: datetime) -> Path:
+    """Gives the finished archive `part` its name, never another backup's: two backups started in
+    the same second (cron and one by hand) both found the same name free at their start, and the
+    later rename replaced the earlier archive, whose command had printed that path and a SHA-256
+    the file no longer had. A hard link takes a name only if it is free; a file system without hard
+    links falls back to the check-then-rename."""
     stem = f"runner-{now.astimezone(UTC).strftime(_STAMP)}"
-    path, n = backup_dir / f"{stem}.tar.gz", 1
-    while path.exists():
+    n = 1
+    while True:
+        path = backup_dir / (f"{stem}.tar.gz" if n == 1 else f"{stem}-{n}.tar.gz")
         n += 1
-        path = backup_dir / f"{stem}-{n}.tar.gz"
-    return path
+        try:
+            os.link(part, path)
+        except FileExistsError:
+            continue
+        except OSError:
+            if path.exists():
+                continue
+            os.replace(part, path)
+            return path
+        part.unlink()
+        return path
 
 
 def _log_files(log_dir: Path) -> Iterator[tuple[Path, str]]:
@@ -216,7 +231,6 @@ def backup(
     now = now or utcnow()
     out_dir = out_dir or settings.backup_dir
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    final = _archive_name(out_dir, now)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".backup-") as tmp_name:
         tmp = Path(tmp_name)
         backend, member, revision = _dump_database(settings, tmp)
@@ -248,7 +262,7 @@ def backup(
         os.chmod(part, 0o600)
         digest = _file_sha256(part)
         size = part.stat().st_size
-        os.replace(part, final)
+        final = _publish(part, out_dir, now)
     sidecar = final.with_name(final.name + ".sha256")
     sidecar.write_text(f"{digest}  {final.name}\n")
     deleted = _prune(out_dir, retention_days, now, keep=final) if retention_days is not None else []
