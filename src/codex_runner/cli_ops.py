@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 import typer
@@ -103,7 +103,8 @@ def doctor(json_out: JsonOpt = False) -> None:
     checks = run_checks(loaded, Catalog.from_settings(loaded))
     failed = blocking_failures(checks)
     if json_out:
-        print_json({"ok": not failed, "checks": [c.to_dict() for c in checks]})
+        # Masked as the text lines are: a check's message or detail may quote a setting.
+        print_json({"ok": not failed, "checks": [_masked_strings(c.to_dict(), masked) for c in checks]})
     else:
         width = max(len(c.name) for c in checks)
         for c in checks:
@@ -116,6 +117,17 @@ def doctor(json_out: JsonOpt = False) -> None:
             info(f"no blocking problem ({warnings} warning(s))")
     if failed:
         raise typer.Exit(CHECKS_FAILED)
+
+
+def _masked_strings(value: Any, mask: Callable[[str], str]) -> Any:
+    """`value` with every string in it (dict keys and values, list items) passed through `mask`."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {_masked_strings(k, mask): _masked_strings(v, mask) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked_strings(v, mask) for v in value]
+    return value
 
 
 @_one_line_errors

@@ -597,3 +597,22 @@ def test_the_clock_is_checked_against_the_database_servers(
     assert "behind" in check.message  # this host's clock reads 500 s less than the server's
     prod = checks_of(dataclasses.replace(settings, production=True))["clock"]
     assert prod.level == "warn" and not prod.blocking
+
+
+def test_doctor_json_is_masked_like_its_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text lines went through the CLI's masking of the runner's own secrets, `--json` did
+    not: a check that quoted a setting would have printed it in clear there."""
+    from typer.testing import CliRunner
+
+    from codex_runner.cli import app
+    from codex_runner.ops import doctor as doctor_module
+    from codex_runner.ops.doctor import Check
+
+    secret = "jwt-" + "s3cr3t" * 6
+    quoting = Check("quoting", ok=False, blocking=False, message=f"saw {secret}", detail={"v": [secret]})
+    monkeypatch.setattr(doctor_module, "run_checks", lambda *_: [quoting])
+    env = {"RUNNER_DATA_DIR": str(tmp_path / "data"), "RUNNER_JWT_SECRET": secret}
+    for args in (["doctor"], ["doctor", "--json"]):
+        done = CliRunner().invoke(app, args, env=env)
+        assert done.exit_code == 0, done.output
+        assert "saw" in done.output and secret not in done.output, done.output
