@@ -1,0 +1,96 @@
+"""uvicorn's httptools protocol with the bounds it lacks on what a client sends before its request.
+
+uvicorn (httptools) keeps a request's head — request line and headers — in memory until it ends,
+however long: one connection sending a header of 200 MiB and never finishing it held 200 MiB of
+the server (uvicorn's h11 protocol stops at 16 KiB; httptools has no such cap). `serve` and a
+worker's metrics port use this class instead (`http=` of `uvicorn.Config`).
+"""
+
+from __future__ import annotations
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+#: The most bytes a request's head may take (request line and headers): far above any real one
+#: (a token is at most 4 KiB, api/auth.py), as nginx's 4 × 8 KiB, and a bound on what one
+#: connection holds before the app sees its request. Over it: 431 and the connection closed.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback to stop the parser: httptools turns it into the parse error on
+    which uvicorn answers 400, which `send_400_response` makes a 431."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """`HttpToolsProtocol` that refuses a head over `MAX_HEAD_BYTES`: a finished one by the size of
+    its parts, an unfinished one (httptools keeps a header whole until it ends) by the bytes that
+    came since it began."""
+
+    # Bytes received since the current head began; None once its headers are complete (the body
+    # and the answer are not counted).
+    _head_bytes: int | None = 0
+    # The size of the current head's request line and headers, as the parser hands them over.
+    _head_size = 0
+    _head_too_large = False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
+        if self._head_bytes is None:
+            self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._head_size += len(name) + len(value) + 4
+        self._check_head_size()
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        self._check_head_size()  # a long URL
+        super().on_headers_complete()
+
+    def _check_head_size(self) -> None:
+        if self._head_size > MAX_HEAD_BYTES:
+            self._head_too_large = True
+            raise HeadTooLarge
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is not None:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse_head()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse_head(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            msg = b"request head too large"
+            self.transport.write(
+                b"".join(
+                    [
+                        STATUS_LINE[431],
+                        *(
+                            name + b": " + value + b"\r\n"
+                            for name, value in self.server_state.default_headers
+                        ),
+                        b"content-type: text/plain; charset=utf-8\r\n",
+                        b"content-length: " + str(len(msg)).encode("ascii") + b"\r\n",
+                        b"connection: close\r\n\r\n",
+                        msg,
+                    ]
+                )
+            )
+        # Else an answer is under way on this connection (a pipelined head behind it): no room
+        # for another, the connection just closes.
+        self.transport.close()
