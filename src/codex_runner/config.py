@@ -153,6 +153,9 @@ class Settings:
     git_author_email: str = "codex-runner@localhost"
     poll_interval_seconds: float = 1.0
     max_request_bytes: int = 1024 * 1024
+    # A request must arrive whole within this many seconds of the connection opening or the last
+    # answer ending (api/connection.py).
+    http_request_timeout_seconds: int = 60
     # The raw [repos.*] and [scripts.*] tables; catalog.py gives them meaning.
     repos: Mapping[str, Any] = field(default_factory=dict)
     scripts: Mapping[str, Any] = field(default_factory=dict)
@@ -200,6 +203,7 @@ _INT_MINIMUMS: dict[str, int] = {
     "retention_interval_seconds": 1,
     # 0 would refuse every request body with 413; the smallest create body is about 50 bytes.
     "max_request_bytes": 1024,
+    "http_request_timeout_seconds": 1,
 }
 
 _INT_MAXIMUMS: dict[str, int] = {
@@ -211,6 +215,7 @@ _INT_MAXIMUMS: dict[str, int] = {
     "stale_after_seconds": MAX_SECONDS,
     "db_answer_timeout_seconds": MAX_SECONDS,
     "kill_grace_seconds": MAX_SECONDS,
+    "http_request_timeout_seconds": MAX_SECONDS,
     "idempotency_window_seconds": MAX_SECONDS,
     "retention_interval_seconds": MAX_SECONDS,
     "retention_days": MAX_DAYS,

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from codex_runner import __version__
 from codex_runner.api import create_app
-from codex_runner.api.connection import GuardedHttpToolsProtocol
+from codex_runner.api.connection import protocol_class
 from codex_runner.config import Settings
 from codex_runner.errors import ConfigError
 from codex_runner.launcher import guard_serve_signals
@@ -199,8 +199,9 @@ def run_serve(settings: Settings) -> None:
             # loop (subprocess.Popen, which vforks, and a pidfd: execution/process.py), so uvloop's
             # fork-per-child no longer matters (docs/performance.md, Dispatch).
             loop="uvloop",
-            # httptools with a cap on a request's head (api/connection.py).
-            http=GuardedHttpToolsProtocol,
+            # httptools with a cap on a request's head and a time limit on a request's arrival
+            # (api/connection.py).
+            http=protocol_class(settings.http_request_timeout_seconds),
             timeout_graceful_shutdown=settings.kill_grace_seconds + 5,
         )
         # Read now: once uvicorn has them, uvloop owns the sockets (a `getsockname` then fails).
@@ -283,7 +284,7 @@ async def _worker_main(runtime: Runtime, sockets: list[socket.socket]) -> None:
         log_config=None,
         access_log=False,
         lifespan="off",
-        http=GuardedHttpToolsProtocol,
+        http=protocol_class(runtime.settings.http_request_timeout_seconds),
         timeout_graceful_shutdown=5,
     )
     server = _ProbeServer(config, runtime.settings.host, sockets[0].getsockname()[1])

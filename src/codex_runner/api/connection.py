@@ -2,11 +2,17 @@
 
 uvicorn (httptools) keeps a request's head — request line and headers — in memory until it ends,
 however long: one connection sending a header of 200 MiB and never finishing it held 200 MiB of
-the server (uvicorn's h11 protocol stops at 16 KiB; httptools has no such cap). `serve` and a
-worker's metrics port use this class instead (`http=` of `uvicorn.Config`).
+the server (uvicorn's h11 protocol stops at 16 KiB; httptools has no such cap). Nor does uvicorn
+time out a connection before its first request, or a request that trickles in: a connection that
+sent nothing, or half a head, was kept for ever, and a few hundred of them took every file
+descriptor the server had (`/healthz` then went unanswered, as would a job's log and pipes). `serve`
+and a worker's metrics port use `protocol_class(RUNNER_HTTP_REQUEST_TIMEOUT_SECONDS)` instead
+(`http=` of `uvicorn.Config`).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -24,7 +30,18 @@ class HeadTooLarge(Exception):
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """`HttpToolsProtocol` that refuses a head over `MAX_HEAD_BYTES`: a finished one by the size of
     its parts, an unfinished one (httptools keeps a header whole until it ends) by the bytes that
-    came since it began."""
+    came since it began; and closes a connection whose next request has not come whole (head and
+    body) within `request_timeout` seconds of the connection opening or the last answer ending.
+    An answer under way (a log stream) is never cut: the clock runs only while a request is awaited.
+
+    uvicorn's own keep-alive timeout (5 s) still closes a connection idle between requests; but
+    any byte stops that timer, and a blank line between requests begins no message, so it alone
+    let a client that trickles keep a connection for ever."""
+
+    request_timeout: float = 60.0
+    # Waiting for a request, or for the rest of one; and the timer that ends the wait.
+    _receiving = False
+    _deadline: asyncio.TimerHandle | None = None
 
     # Bytes received since the current head began; None once its headers are complete (the body
     # and the answer are not counted).
@@ -33,11 +50,53 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _head_size = 0
     _head_too_large = False
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_clock()
+        super().connection_lost(exc)
+
+    def _await_request(self) -> None:
+        """Starts the clock, unless it runs already (a request begun before the last answer ended
+        keeps the time it had)."""
+        if not self._receiving:
+            self._receiving = True
+            self._deadline = self.loop.call_later(self.request_timeout, self._request_timed_out)
+
+    def _stop_clock(self) -> None:
+        self._receiving = False
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _request_timed_out(self) -> None:
+        self._deadline = None
+        if self._receiving and not self.transport.is_closing():
+            # The app, if it waits for the body, hears a disconnect.
+            self.transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_size = 0
         if self._head_bytes is None:
             self._head_bytes = 0
+        self._await_request()  # a pipelined request, begun while an answer is under way
+
+    def on_message_complete(self) -> None:
+        self._stop_clock()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if not pipelined and not self.transport.is_closing():
+            self._await_request()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._stop_clock()  # the connection is the websocket protocol's now
+        super().handle_websocket_upgrade()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -94,3 +153,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Else an answer is under way on this connection (a pipelined head behind it): no room
         # for another, the connection just closes.
         self.transport.close()
+
+
+def protocol_class(request_timeout: float) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class for `uvicorn.Config(http=...)`, which constructs it without our settings."""
+    return type(
+        "GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"request_timeout": float(request_timeout)}
+    )
