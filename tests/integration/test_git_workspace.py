@@ -923,3 +923,33 @@ def test_a_prepare_cut_short_in_a_repo_without_reflogs_goes_back_to_the_configur
     prepare_workspace(repo, "23232323-a", settings)
     assert cleanup_unrecorded(repo, "23232323-a", "in_place", settings)
     assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+
+
+def test_a_recovering_cleanup_waits_for_an_index_another_git_holds(tmp_path: Path) -> None:
+    """An editor's `git status` polling the repo holds `index.lock` for a moment; `git stash push`
+    then fails with no word at all (git 2.39), and the recovery left the repo on the job's branch
+    until the next job (found by the in_place crash test, whose own `git status` polled the repo)."""
+    import threading
+    import time
+
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    ws = prepare_workspace(repo, "21212121-a", settings)
+    (local / "README.md").write_text("half-done by the job\n")
+    lock = local / ".git" / "index.lock"
+    # Held open, as a live git holds it: the cleanup's stale-lock sweep must leave it.
+    held = open(lock, "w")  # noqa: SIM115 - closed by the thread
+
+    def release() -> None:
+        time.sleep(0.5)
+        held.close()
+        lock.unlink()
+
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
+    cleanup_workspace(ws, repo, settings, failed=True, recovering=True)
+    releaser.join(timeout=5)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert "left uncommitted on runner/21212121 by job 21212121-a" in git("stash", "list", cwd=local)
+    assert git("status", "--porcelain", cwd=local) == ""

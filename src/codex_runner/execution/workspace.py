@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import structlog
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import (
+    LOCK_RETRY_SECONDS,
     NETWORK_TIMEOUT,
     GitCredential,
     GitError,
@@ -1051,7 +1053,7 @@ def _restore_in_place(
                 _run_in(git_dir, path, [command, "--quit"], home, "cleanup_failed", guard=guard, check=False)
         message = f"codex-runner: left uncommitted on {branch} by job {job_id} (recovered)"
         stash = ["stash", "push", "--include-untracked", "-q", "-m", message]
-        _run_in(git_dir, path, stash, home, "cleanup_failed", guard=guard, env_extra=identity)
+        _stash_push(git_dir, path, stash, home, guard, identity)
     else:
         _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "cleanup_failed", guard=guard)
         _run_in(git_dir, path, ["clean", "-fdq"], home, "cleanup_failed", guard=guard)
@@ -1063,6 +1065,29 @@ def _restore_in_place(
     else:
         checkout = ["checkout", "-q", "--detach", original]
     _run_in(git_dir, path, checkout, home, "cleanup_failed", guard=guard)
+
+
+def _stash_push(
+    git_dir: Path,
+    path: Path,
+    args: list[str],
+    home: Path,
+    guard: Sequence[tuple[str, str]],
+    env: dict[str, str],
+) -> None:
+    """`git stash push`, tried again for a moment when it fails without a word: that is how it
+    fails (git 2.39, REFRESH_QUIET) when another git holds `index.lock` for its first index refresh,
+    before it has done anything, so `run_git`, which goes by git's message, cannot tell. An
+    editor's `git status` polling the repo is enough."""
+    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+    while True:
+        got = _run_in(git_dir, path, args, home, "cleanup_failed", guard=guard, env_extra=env, check=False)
+        if got.returncode == 0:
+            return
+        if got.stderr.strip() or time.monotonic() >= deadline:
+            detail = got.stderr.strip() or f"exit status {got.returncode}"
+            raise GitError(f"git stash failed: {detail}", code="cleanup_failed", exit_code=got.returncode)
+        time.sleep(0.05)
 
 
 def _delete_branch_without_commits(git_dir: Path, branch: str, home: Path) -> bool:
