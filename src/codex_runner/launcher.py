@@ -95,6 +95,10 @@ class Launcher:
         # Whoever claims holds this turn (the claim loop, or a batch of terminal writes that claims
         # along), so that two claims never count the same free slots.
         self._claim_turn = asyncio.Lock()
+        # The heartbeats' own thread: the default pool is shared with the API (every log stream
+        # reads the job's status and its log there, several times a second), and heartbeats queued
+        # behind a flood of followers would let other instances' watchdogs fail our live jobs.
+        self._beats = ThreadPoolExecutor(1, thread_name_prefix="heartbeat")
         # The jobs' terminal writes, committed together when they end together, with a claim for
         # the slots they free in the same transaction.
         self._finisher = GroupCommitter(self._job_runtime.jobs, _ClaimAlong(self))
@@ -208,6 +212,7 @@ class Launcher:
         await asyncio.to_thread(stop_refills, float(grace))
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.registry.stopped)
+        self._beats.shutdown(wait=False)
         _LIVE.discard(self)
         log.info("launcher_stopped", runner_id=self.runner_id, left_running=len(self.active))
 
@@ -410,13 +415,16 @@ class Launcher:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             await self.heartbeat_once()
 
+    async def _on_beat_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._beats, functools.partial(fn, *args))
+
     async def heartbeat_once(self) -> None:
         """Refreshes our jobs' heartbeats. A job whose lease is gone (another instance's watchdog
         failed it) is stopped at once, process group and all, and JobRun writes nothing more to it.
         When the database is unavailable the processes keep running and the next beat tries again."""
         leases = {job_id: run.lease for job_id, run in self.active.items() if not run.fenced}
         try:
-            alive = await asyncio.to_thread(self.rt.jobs.heartbeat, self.runner_id, leases)
+            alive = await self._on_beat_thread(self.rt.jobs.heartbeat, self.runner_id, leases)
         except Exception as exc:
             self._db_failed(exc)
             log.warning("heartbeat_failed", error_type=type(exc).__name__)
@@ -435,9 +443,9 @@ class Launcher:
                 run.heartbeat_files()  # touched while the job stops too (SPEC §3: every heartbeat)
         # After the jobs: the registry row is for diagnostics, the jobs' heartbeats are what count.
         try:
-            mine = await asyncio.to_thread(self.registry.heartbeat)
+            mine = await self._on_beat_thread(self.registry.heartbeat)
             # Claims and finishes leave job-count deltas that creates fold; without creates, this.
-            await asyncio.to_thread(self.rt.jobs.fold_counts)
+            await self._on_beat_thread(self.rt.jobs.fold_counts)
         except Exception:
             return
         if not mine and not self._stopping:

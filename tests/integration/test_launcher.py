@@ -1047,3 +1047,45 @@ def test_no_reclaim_while_a_job_of_the_branchs_prefix_is_active(
     assert done["status"] == "failed" and done["error_code"] == "prepare_failed", done
     assert _head_and_status(source)[0] == "refs/heads/runner/abcdabcd"
     assert (source / "README.md").read_text() == "half-done by the job\n"
+
+
+def test_heartbeats_keep_a_thread_of_their_own_when_the_shared_pool_is_busy(runner: Any) -> None:
+    """The default thread pool is shared with the API: every log stream reads its job's status and
+    log there several times a second. Heartbeats queued behind a flood of such calls stopped, and
+    other instances' watchdogs would fail this instance's live jobs as stale. They have their own
+    thread now."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from codex_runner.launcher import _LIVE
+    from codex_runner.store.schema import jobs
+
+    job = runner.submit({"sleep": "30"})
+    runner.wait(job["id"], {"running"})
+    [launcher] = [la for la in _LIVE if la.rt is runner.runtime]
+    assert launcher._loop is not None
+    threads = runner.runtime.settings.max_concurrency + 8  # the default pool's size (Launcher.start)
+
+    async def clog() -> None:
+        # Three rounds of every thread of the default pool busy for 2 s: 6 s in all.
+        await asyncio.gather(*(asyncio.to_thread(time.sleep, 2) for _ in range(3 * threads)))
+
+    def beat() -> Any:
+        with runner.runtime.engine.connect() as conn:
+            return conn.execute(sa.select(jobs.c.heartbeat_at).where(jobs.c.id == job["id"])).scalar_one()
+
+    clogged = asyncio.run_coroutine_threadsafe(clog(), launcher._loop)
+    try:
+        time.sleep(0.5)
+        seen = {beat()}
+        deadline = time.monotonic() + 4.5  # RUNNER_HEARTBEAT_SECONDS is 1 here
+        while time.monotonic() < deadline and len(seen) < 3:
+            time.sleep(0.1)
+            seen.add(beat())
+        assert not clogged.done(), "the pool was not busy all along"
+        assert len(seen) >= 3, seen  # beats went on while every pool thread was taken
+    finally:
+        clogged.result(timeout=30)
+        runner.client.post(f"/api/runner/jobs/{job['id']}/cancel")
+        runner.wait(job["id"], {"canceled"}, timeout=30)
