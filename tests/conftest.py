@@ -42,6 +42,25 @@ def _refills_taken() -> None:
     resume_refills()
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A command run in-process (typer's CliRunner: `cleanup`, `doctor`, `tokens`) configures the
+    service log as the real one does, at WARNING for the operations commands: left so, every later
+    test of the worker lost its INFO lines, and those that capture `job_finished` failed, by the
+    order xdist happened to give the tests."""
+    import logging
+
+    import structlog
+
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def _pg_url(dbname: str) -> str:
     return f"postgresql://postgres@127.0.0.1:5432/{dbname}"
 
