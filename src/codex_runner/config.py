@@ -153,6 +153,8 @@ class Settings:
     git_author_email: str = "codex-runner@localhost"
     poll_interval_seconds: float = 1.0
     max_request_bytes: int = 1024 * 1024
+    # Log streams one user may have open on one instance at once (api/logs.py).
+    max_streams_per_user: int = 32
     # A request must arrive whole within this many seconds of the connection opening or the last
     # answer ending (api/connection.py).
     http_request_timeout_seconds: int = 60

@@ -67,12 +67,24 @@ class IdempotencyConflict(RunnerError):
     code = "idempotency_key_reused_with_different_payload"
 
 
-class QueueFull(RunnerError):
-    code = "queue_full"
+class TooManyRequests(RunnerError):
+    """429 with a `Retry-After`: a limit that frees up by itself."""
+
+    code = "too_many_requests"
 
     def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
+
+
+class QueueFull(TooManyRequests):
+    code = "queue_full"
+
+
+class TooManyStreams(TooManyRequests):
+    """A user has RUNNER_MAX_STREAMS_PER_USER log streams open on this instance already."""
+
+    code = "too_many_streams"
 
 
 class UserQueueFull(QueueFull):

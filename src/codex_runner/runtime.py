@@ -56,6 +56,8 @@ class Runtime:
     on_cancel: list[Callable[[str], None]] = field(default_factory=list)
     startup_checks: list[dict[str, Any]] = field(default_factory=list)
     probe: DatabaseProbe | None = None  # `/readyz`'s, made on first use
+    # Log streams open in this process, by user (api/logs.py `StreamSlot`).
+    open_streams: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, catalog: Catalog | None = None) -> Runtime:

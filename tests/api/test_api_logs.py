@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -10,6 +11,8 @@ from typing import Any
 import httpx
 
 from codex_runner.jobs import Status
+
+from tests.helpers import wait_until
 
 SECRET = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 
@@ -275,3 +278,42 @@ def test_an_offset_is_one_a_resume_can_take_back(api: Any) -> None:
         "GET", f"/api/runner/jobs/{job_id}/logs/stream", headers={"Last-Event-ID": events[0][1]}
     ) as r:
         assert r.status_code == 200
+
+
+def test_a_user_has_at_most_max_streams_per_user_open(api_factory: Any) -> None:
+    """Each open stream costs a connection, a descriptor and thread trips several times a second in
+    the pool the launcher shares: one user's hundreds of followers slowed every request to seconds.
+    Past RUNNER_MAX_STREAMS_PER_USER a new stream is a 429 with `Retry-After`; one that ends (or a
+    client that leaves) gives its place back; another user has places of their own."""
+    api = api_factory(RUNNER_MAX_STREAMS_PER_USER="2")
+    job_id, _ = _job_with_log(api, b"running\n", terminal=False)
+    path = f"/api/runner/jobs/{job_id}/logs/stream"
+    alice = [api.client(api.alice) for _ in range(3)]
+    # Kept: an abandoned line iterator closes its connection (httpcore), ending the stream.
+    readers: list[Any] = []
+
+    def first_data(r: Any) -> str:
+        lines = r.iter_lines()
+        readers.append(lines)
+        for line in lines:
+            if line.startswith("data:"):
+                return str(json.loads(line[5:])["content"])
+        raise AssertionError("the stream ended")
+
+    with contextlib.ExitStack() as open_streams:
+        for c in alice[:2]:
+            r = open_streams.enter_context(c.stream("GET", path, timeout=30))
+            assert r.status_code == 200 and first_data(r) == "running\n"
+        assert api.runtime.open_streams == {"alice": 2}
+        refused = alice[2].get(path, timeout=30)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["code"] == "too_many_streams" and refused.headers["Retry-After"] == "5"
+        # Pages are not streams; and an admin counts as a user of their own.
+        assert alice[2].get(f"/api/runner/jobs/{job_id}/logs").status_code == 200
+        with api.client(api.admin).stream("GET", path, timeout=30) as admin:
+            assert admin.status_code == 200 and first_data(admin) == "running\n"
+    readers.clear()
+    # Closed by the client: their places come back once the server has seen them go.
+    assert wait_until(lambda: not api.runtime.open_streams, timeout=10), api.runtime.open_streams
+    with alice[2].stream("GET", path, timeout=30) as r:
+        assert r.status_code == 200 and first_data(r) == "running\n"

@@ -21,7 +21,7 @@ STATUS_BY_TYPE: list[tuple[type[e.RunnerError], int]] = [
     (e.NotFound, 404),
     (e.InvalidTransition, 409),
     (e.IdempotencyConflict, 409),
-    (e.QueueFull, 429),
+    (e.TooManyRequests, 429),
     (e.StoreUnavailable, 503),
     (e.CryptoError, 400),
 ]
@@ -73,7 +73,7 @@ def runner_error_response(exc: e.RunnerError) -> JSONResponse:
     if isinstance(exc, e.InvalidRequest) and exc.errors:
         extra["errors"] = exc.errors
     response = error_response(status, exc.message if status != 500 else "internal error", exc.code, **extra)
-    if isinstance(exc, e.QueueFull):
+    if isinstance(exc, e.TooManyRequests):
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from codex_runner.api.auth import JobId, authenticate, bearer_token, current_principal
 from codex_runner.api.errors import responses
-from codex_runner.errors import InvalidRequest, NotAuthenticated
+from codex_runner.errors import InvalidRequest, NotAuthenticated, TooManyStreams
 from codex_runner.jobs import TERMINAL, Status
 from codex_runner.logs import read_page
 from codex_runner.runtime import Runtime
@@ -50,6 +51,38 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return -1
+
+
+class StreamSlot:
+    """One of a user's RUNNER_MAX_STREAMS_PER_USER open log streams on this instance. Each costs
+    a connection, a file descriptor and several thread trips a second (status, token, log reads,
+    in the pool the launcher shares): one user's hundreds of followers slowed every other request
+    to seconds. Taken in the route, with no await between the check and the count (one loop: no
+    two requests interleave there); given back when the stream ends, or, for a response that never
+    started streaming (the client left first), when it is dropped."""
+
+    def __init__(self, runtime: Runtime, user: str) -> None:
+        counts = runtime.open_streams
+        limit = runtime.settings.max_streams_per_user
+        if counts.get(user, 0) >= limit:
+            raise TooManyStreams(
+                f"{limit} log streams are open for this user already (RUNNER_MAX_STREAMS_PER_USER): "
+                "close one, or read pages with GET .../logs",
+                retry_after=5,
+            )
+        counts[user] = counts.get(user, 0) + 1
+        self._release = weakref.finalize(self, _give_back, counts, user)
+
+    def release(self) -> None:
+        self._release()
+
+
+def _give_back(counts: dict[str, int], user: str) -> None:
+    left = counts.get(user, 1) - 1
+    if left > 0:
+        counts[user] = left
+    else:
+        counts.pop(user, None)
 
 
 def _status(runtime: Runtime, job_id: str, owner: str | None) -> Status:
@@ -97,7 +130,7 @@ def get_logs(
     }
 
 
-@router.get("/api/runner/jobs/{job_id}/logs/stream", responses=responses(400, 404, 401, 503))
+@router.get("/api/runner/jobs/{job_id}/logs/stream", responses=responses(400, 404, 401, 429, 503))
 async def stream_logs(
     request: Request,
     job_id: JobId,
@@ -113,6 +146,7 @@ async def stream_logs(
     await asyncio.to_thread(_status, runtime, job_id, owner)  # 404 before the stream starts
     log_path, index_dir = log_paths(runtime, job_id)
     token = bearer_token(request)
+    slot = StreamSlot(runtime, principal.user)
 
     async def still_allowed() -> bool:
         """The token is checked again as the stream goes on: a revoked one (or an expired JWT)
@@ -124,6 +158,13 @@ async def stream_logs(
         return True
 
     async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for event in _events():
+                yield event
+        finally:
+            slot.release()
+
+    async def _events() -> AsyncIterator[dict[str, str]]:
         loop = asyncio.get_running_loop()
         position = offset
         read_size, status_at, auth_at = -1, 0.0, loop.time()
