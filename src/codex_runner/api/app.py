@@ -169,21 +169,14 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
 def create_app(runtime: Runtime, *, lifespan: Lifespan | None = None) -> RunnerApp:
-    app = RunnerApp(
+    app = _app(
+        runtime,
         title="codex-runner",
-        version=__version__,
         description="Runs AI coding agents as durable jobs against git repositories.",
         lifespan=lifespan,
-        # Served by an authenticated route instead (api/routes.py `openapi_document`).
-        openapi_url=None,
-        docs_url=None,
-        redoc_url=None,
     )
-    app.state.runtime = runtime
     app.state.create_batcher = CreateBatcher(runtime)
     app.fast_create = CreateEndpoint(runtime, app.state.create_batcher)
-    errors.install(app)
-    app.include_router(routes.probe_router)
     app.include_router(routes.router)
     app.include_router(logs.router)
     _add_middleware(app, runtime)
@@ -195,9 +188,22 @@ def create_probe_app(runtime: Runtime) -> RunnerApp:
     `/metrics` (admin token), the same routes as `serve`'s, with the same auth, errors and request
     metrics. A worker's job counters live in its own process, so without this they were nowhere to
     be read (docs/operations.md, "Metrics")."""
+    app = _app(runtime, title="codex-runner worker")
+    _add_middleware(app, runtime)
+    return app
+
+
+def _app(
+    runtime: Runtime, *, title: str, description: str = "", lifespan: Lifespan | None = None
+) -> RunnerApp:
+    """The app with the health and metrics routes and the error mapping: what `serve` and a
+    worker's port share."""
     app = RunnerApp(
-        title="codex-runner worker",
+        title=title,
         version=__version__,
+        description=description,
+        lifespan=lifespan,
+        # Served by an authenticated route instead (api/routes.py `openapi_document`).
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
@@ -205,7 +211,6 @@ def create_probe_app(runtime: Runtime) -> RunnerApp:
     app.state.runtime = runtime
     errors.install(app)
     app.include_router(routes.probe_router)
-    _add_middleware(app, runtime)
     return app
 
 
