@@ -317,3 +317,32 @@ def test_a_user_has_at_most_max_streams_per_user_open(api_factory: Any) -> None:
     assert wait_until(lambda: not api.runtime.open_streams, timeout=10), api.runtime.open_streams
     with alice[2].stream("GET", path, timeout=30) as r:
         assert r.status_code == 200 and first_data(r) == "running\n"
+
+
+def test_a_stream_whose_client_stops_reading_is_dropped(api: Any, monkeypatch: Any) -> None:
+    """A client that opened a stream and stopped reading held it for ever (its sends waited for
+    room in the connection, with no limit): its connection, its place among the user's streams,
+    and a token no longer rechecked. A send that waits `SEND_TIMEOUT_SECONDS` ends the stream."""
+    import socket
+
+    from structlog.testing import capture_logs
+
+    from codex_runner.api import logs as logs_module
+
+    monkeypatch.setattr(logs_module, "SEND_TIMEOUT_SECONDS", 1.0, raising=False)
+    line = b"x" * 1023 + b"\n"
+    job_id, _ = _job_with_log(api, line * 40 * 1024, terminal=False)  # 40 MiB: more than any buffer
+    host, port = api.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = (
+            f"GET /api/runner/jobs/{job_id}/logs/stream HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {api.alice}\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+        assert sock.recv(12) == b"HTTP/1.1 200"  # and then never another byte read
+        assert wait_until(lambda: api.runtime.open_streams == {"alice": 1}, timeout=10)
+        with capture_logs() as logged:
+            assert wait_until(lambda: not api.runtime.open_streams, timeout=20), api.runtime.open_streams
+            assert wait_until(lambda: any(e["event"] == "log_stream_dropped" for e in logged), timeout=10)
+        assert not [e for e in logged if e["event"] == "unhandled_error"], logged  # an expected end

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Depends, Header, Query, Request
-from sse_starlette.sse import EventSourceResponse
+from sse_starlette.sse import EventSourceResponse, SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from codex_runner.api.auth import JobId, authenticate, bearer_token, current_principal
 from codex_runner.api.errors import responses
@@ -20,6 +22,7 @@ from codex_runner.logs import read_page
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 
+log = structlog.get_logger("codex_runner.api")
 router = APIRouter(tags=["logs"])
 Auth = Annotated[Principal, Depends(current_principal)]
 MAX_LIMIT = 131072
@@ -33,6 +36,10 @@ STATUS_POLL_SECONDS = 0.25
 # How often an open stream checks its token again (one indexed read).
 AUTH_RECHECK_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15
+#: How long one send to a stream's client may wait for room in the connection: a client that stops
+#: reading (its buffers full) is dropped then, with its place (`StreamSlot`), instead of holding
+#: both, and its token's recheck, for ever.
+SEND_TIMEOUT_SECONDS = 60.0
 # Event ids are redacted offsets: 20 digits exceed any log (and a 64-bit integer).
 MAX_EVENT_ID_DIGITS = 20
 #: The largest `offset` taken: one whose event id a resume would take back.
@@ -206,4 +213,15 @@ async def stream_logs(
                 return
             await asyncio.sleep(STREAM_POLL_SECONDS)
 
-    return EventSourceResponse(events(), ping=KEEPALIVE_SECONDS)
+    return _LogStream(events(), ping=KEEPALIVE_SECONDS, send_timeout=SEND_TIMEOUT_SECONDS)
+
+
+class _LogStream(EventSourceResponse):
+    """A client that stopped reading is dropped (`SEND_TIMEOUT_SECONDS`): an expected end, not the
+    `unhandled_error` the error guard would log for an exception out of a started answer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.info("log_stream_dropped", reason="client_not_reading", seconds=self.send_timeout)
