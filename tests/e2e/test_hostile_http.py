@@ -141,6 +141,21 @@ def test_a_request_that_does_not_arrive_whole_in_time_closes_the_connection(
     assert REQUEST_TIMEOUT - 0.5 <= waited < REQUEST_TIMEOUT + 5
 
 
+def test_a_body_sent_after_its_answer_does_not_keep_the_connection(server: Server) -> None:
+    """An answer may end before its request's body has come (a 413 for the Content-Length alone):
+    the body that follows stopped the clock and uvicorn's keep-alive timer alike, and nothing
+    started either again, so the connection was kept for ever."""
+    size = 1024 * 1024 + 1  # over RUNNER_MAX_REQUEST_BYTES
+    with _connect(server) as sock:
+        _send_all(
+            sock, b"POST /api/runner/jobs/x/cancel HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        assert _read_response(sock).startswith(b"HTTP/1.1 413 ")
+        _send_all(sock, b"a" * size)
+        waited = _closed_after(sock)
+    assert waited < REQUEST_TIMEOUT + 5
+
+
 def test_a_trickle_between_requests_does_not_keep_the_connection(server: Server) -> None:
     """uvicorn's keep-alive timer stops at any byte, and blank lines begin no request."""
     with _connect(server) as sock:

@@ -87,6 +87,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._stop_clock()
         super().on_message_complete()
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and cycle.response_complete
+            and not (self.parser.should_upgrade() and self._should_upgrade())
+            and not self.transport.is_closing()
+        ):
+            # Its answer ended before the body did (a 413 for the Content-Length alone): the next
+            # request is awaited from now. The body's bytes stopped uvicorn's keep-alive timer, and
+            # `on_response_complete`, which starts the clock, came while the clock still ran.
+            self._await_request()
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)
