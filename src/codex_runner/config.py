@@ -206,6 +206,8 @@ _INT_MINIMUMS: dict[str, int] = {
     # 0 would refuse every request body with 413; the smallest create body is about 50 bytes.
     "max_request_bytes": 1024,
     "http_request_timeout_seconds": 1,
+    # 0 would refuse every log stream with 429 (docs/configuration.md: at least 1).
+    "max_streams_per_user": 1,
 }
 
 _INT_MAXIMUMS: dict[str, int] = {

@@ -37,6 +37,7 @@ def test_environment_wins_over_toml(tmp_path: Path) -> None:
         ({"RUNNER_PORT": "70000"}, "RUNNER_PORT: must be at most 65535"),
         ({"RUNNER_WORKER_METRICS_PORT": "70000"}, "RUNNER_WORKER_METRICS_PORT: must be at most 65535"),
         ({"RUNNER_WORKER_METRICS_PORT": "-1"}, "RUNNER_WORKER_METRICS_PORT: must be at least 0"),
+        ({"RUNNER_MAX_STREAMS_PER_USER": "0"}, "RUNNER_MAX_STREAMS_PER_USER: must be at least 1"),
         ({"RUNNER_ENABLED": "maybe"}, "RUNNER_ENABLED: expected true or false"),
         ({"RUNNER_LOG_FORMAT": "xml"}, "RUNNER_LOG_FORMAT"),
         ({"RUNNER_DATABASE_URL": "mysql://x"}, "RUNNER_DATABASE_URL"),
