@@ -213,6 +213,8 @@ class Launcher:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.registry.stopped)
         self._beats.shutdown(wait=False)
+        # A fresh one (it makes no thread until used): a launcher started again still beats.
+        self._beats = ThreadPoolExecutor(1, thread_name_prefix="heartbeat")
         _LIVE.discard(self)
         log.info("launcher_stopped", runner_id=self.runner_id, left_running=len(self.active))
 
