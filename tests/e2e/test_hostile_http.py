@@ -98,6 +98,9 @@ def test_a_finished_head_over_the_cap_is_refused_too(server: Server) -> None:
         _send_all(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * (100 * 1024) + b"\r\n\r\n")
         answer = _read_all(sock)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["code"] == "request_header_fields_too_large"  # JSON, as every API error
 
 
 def test_a_large_head_under_the_cap_is_served_and_keeps_the_connection(server: Server) -> None:

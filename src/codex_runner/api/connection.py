@@ -145,7 +145,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:
-            msg = b"request head too large"
+            # JSON like every error of the API (SPEC §4), its code named after the status.
+            msg = b'{"detail": "request head over 64 KiB", "code": "request_header_fields_too_large"}'
             self.transport.write(
                 b"".join(
                     [
@@ -154,7 +155,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                             name + b": " + value + b"\r\n"
                             for name, value in self.server_state.default_headers
                         ),
-                        b"content-type: text/plain; charset=utf-8\r\n",
+                        b"content-type: application/json\r\n",
                         b"content-length: " + str(len(msg)).encode("ascii") + b"\r\n",
                         b"connection: close\r\n\r\n",
                         msg,
