@@ -163,3 +163,21 @@ def test_an_unparsable_runner_url_is_not_repeated() -> None:
     with pytest.raises(CliError) as caught:
         RunnerClient("http://u:hunter2SECRETpw@127.0.0.1:99999", "t")
     assert "hunter2SECRETpw" not in str(caught.value) and "RUNNER_URL" in str(caught.value)
+
+
+def test_reading_a_log_without_follow_does_not_wait_for_an_unreachable_runner() -> None:
+    """`jobs logs ID` retried an unreachable runner, silently, for 30 s before its error line,
+    while every other one-shot command (`jobs show`, `jobs list`) fails at once."""
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise httpx.ConnectError("refused")
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        follower = LogFollower(client, "j")
+        started = time.monotonic()
+        with pytest.raises(RunnerUnreachable, match="cannot reach the runner"):
+            list(follower.chunks(follow=False))
+    assert calls == 1 and time.monotonic() - started < 2

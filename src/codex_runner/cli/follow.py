@@ -126,7 +126,10 @@ class LogFollower:
         path = jobs_path(self.job_id, "logs")
         while True:
             params = {"offset": self.offset, "limit": LOG_PAGE_BYTES}
-            page: dict[str, Any] = patiently(partial(self.client.get, path, params))
+            read = partial(self.client.get, path, params)
+            # Only a follow rides out a restart: `jobs logs ID` is a one-shot read, and an
+            # unreachable runner is one error line at once, as for every other one-shot command.
+            page: dict[str, Any] = patiently(read) if follow else read()
             content = str(page.get("content") or "")
             if content:
                 yield content
