@@ -181,3 +181,39 @@ def test_reading_a_log_without_follow_does_not_wait_for_an_unreachable_runner() 
         with pytest.raises(RunnerUnreachable, match="cannot reach the runner"):
             list(follower.chunks(follow=False))
     assert calls == 1 and time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(503, json={"detail": "the database did not answer", "code": "unavailable"}),
+        httpx.Response(502, text="<html>bad gateway</html>"),  # a proxy before a restarting runner
+        httpx.Response(504, text="gateway timeout"),
+    ],
+)
+def test_waits_and_follows_ride_out_a_moment_of_not_now(answer: httpx.Response) -> None:
+    """`submit --wait` and `jobs logs -f` retried a runner that did not answer for 30 s, but died
+    (exit 2) on the first 503 `unavailable` (a database blip) or the 502/504 that a proxy answers
+    while the runner behind it restarts."""
+    from codex_runner.cli.follow import wait_for_job
+
+    calls: dict[str, int] = {"job": 0, "stream": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        kind = "stream" if request.url.path.endswith("/stream") else "job"
+        calls[kind] += 1
+        if calls[kind] <= 2:
+            return answer
+        if kind == "stream":
+            return httpx.Response(
+                200, content=_log(0, "all\n") + b'event: end\r\ndata: {"status": "success"}\r\n\r\n'
+            )
+        return httpx.Response(200, json={"id": "j", "status": "success"})
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        job, done = wait_for_job(client, "j", on_poll=lambda _: None, poll_seconds=0.0)
+        follower = LogFollower(client, "j", reconnect_delays=(0.0,) * 3)
+        got = "".join(follower.stream())
+    assert done and job["status"] == "success"
+    assert got == "all\n" and follower.status == "success"
+    assert calls == {"job": 3, "stream": 3}

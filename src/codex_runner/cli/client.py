@@ -25,8 +25,22 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 UNREACHABLE_GRACE_SECONDS = 30.0
 
 
+# Answers that say "not now" rather than "no": the database did not answer (503 `unavailable`), or a
+# proxy in front of a restarting runner could not reach it (502, 504).
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+
+
 class RunnerUnreachable(CliError):
     """The runner did not answer at all; waits retry these for a while."""
+
+
+class RunnerBusy(CliError):
+    """The runner, or a proxy in front of it, answered but cannot serve now (502, 503, 504);
+    waits and follows retry these for a while, as they do `RunnerUnreachable`."""
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 def display_url(url: str) -> str:
@@ -149,9 +163,10 @@ def _api_error(response: httpx.Response) -> CliError:
     except ValueError:
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("detail"), str):
-        return CliError(
-            f"the runner answered HTTP {response.status_code}", code=f"http_{response.status_code}"
-        )
+        message, code = f"the runner answered HTTP {response.status_code}", f"http_{response.status_code}"
+        if response.status_code in TRANSIENT_STATUSES:
+            return RunnerBusy(message, code=code, retry_after=_retry_after(response))
+        return CliError(message, code=code)
     detail: str = body["detail"]
     # Validation errors carry the specifics in `errors`; add them unless the detail already says it.
     items = body.get("errors")
@@ -166,18 +181,33 @@ def _api_error(response: httpx.Response) -> CliError:
         detail = f"{detail}: {'; '.join(specifics)}"
     if response.status_code == 429 and (retry := response.headers.get("Retry-After")):
         detail = f"{detail} (retry after {retry} s)"
-    code = body.get("code") if isinstance(body.get("code"), str) else f"http_{response.status_code}"
+    api_code = body.get("code")
+    code = api_code if isinstance(api_code, str) else f"http_{response.status_code}"
+    if response.status_code in TRANSIENT_STATUSES:
+        return RunnerBusy(detail, code=code, retry_after=_retry_after(response))
     return CliError(detail, code=code)
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    """A `Retry-After` in seconds (the HTTP-date form is not used by the runner: ignored)."""
+    try:
+        value = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return value if 0 <= value < float("inf") else None
+
+
 def patiently(call: Callable[[], T], *, grace: float = UNREACHABLE_GRACE_SECONDS, pause: float = 1.0) -> T:
-    """`call()`, retried while the runner is unreachable for up to `grace` seconds: a wait of many
-    minutes should survive a runner restart."""
+    """`call()`, retried while the runner is unreachable or answers "not now" (502, 503, 504) for up
+    to `grace` seconds: a wait of many minutes should survive a runner restart, also behind a
+    proxy, and a database that does not answer for a moment."""
     deadline = time.monotonic() + grace
     while True:
         try:
             return call()
-        except RunnerUnreachable:
-            if time.monotonic() >= deadline:
+        except (RunnerUnreachable, RunnerBusy) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise
-            time.sleep(pause)
+            wait = max(pause, getattr(exc, "retry_after", None) or 0.0)
+            time.sleep(min(wait, left))

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
-from codex_runner.cli.client import RunnerClient, RunnerUnreachable, patiently
+from codex_runner.cli.client import RunnerBusy, RunnerClient, RunnerUnreachable, patiently
 from codex_runner.cli.common import CliError, ExitCode
 
 TERMINAL = frozenset({"success", "failed", "canceled", "timeout"})
@@ -38,6 +38,8 @@ STREAM_CONNECT_TIMEOUT_SECONDS = 10.0
 # Reconnects in a row without receiving an event, and the pause before each: about 30 s in all,
 # enough to ride out a runner restart.
 RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0)
+# A `Retry-After` longer than this is not waited in full before the next reconnect.
+MAX_RETRY_AFTER_SECONDS = 30.0
 
 
 def jobs_path(job_id: str, *rest: str) -> str:
@@ -182,6 +184,12 @@ class LogFollower:
                             return
             except RunnerUnreachable as exc:
                 problem = exc.message
+                retry_after = 0.0
+            except RunnerBusy as exc:  # 502/503/504: a proxy before a restarting runner, a database blip
+                problem = exc.line().removeprefix("error: ")
+                retry_after = exc.retry_after or 0.0
+            else:
+                retry_after = 0.0
             if deadline is not None and time.monotonic() >= deadline:
                 return
             if failures >= len(self.reconnect_delays):
@@ -189,7 +197,7 @@ class LogFollower:
                     f"lost the log stream of job {self.job_id} at offset {self.offset} "
                     f"after {failures} reconnects: {problem}"
                 )
-            pause = self.reconnect_delays[failures]
+            pause = max(self.reconnect_delays[failures], min(retry_after, MAX_RETRY_AFTER_SECONDS))
             failures += 1
             self.reconnects += 1
             if deadline is not None:
