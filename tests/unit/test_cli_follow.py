@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -217,3 +218,28 @@ def test_waits_and_follows_ride_out_a_moment_of_not_now(answer: httpx.Response) 
     assert done and job["status"] == "success"
     assert got == "all\n" and follower.status == "success"
     assert calls == {"job": 3, "stream": 3}
+
+
+def test_a_follow_refused_for_too_many_streams_waits_its_retry_after() -> None:
+    """`jobs logs -f` answered 429 `too_many_streams` gave up at once (exit 2) though the answer
+    says when to come back (`Retry-After`); a reconnect could meet it for its own previous
+    connection, not yet noticed gone. It now waits that long, says so, and tries again."""
+    opened: list[float] = []
+    notices: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        opened.append(time.monotonic())
+        if len(opened) <= 2:
+            body = {"detail": "1 log streams are open for this user already", "code": "too_many_streams"}
+            return httpx.Response(429, json=body, headers={"Retry-After": "0.3"})
+        return httpx.Response(
+            200, content=_log(0, "all\n") + b'event: end\r\ndata: {"status": "success"}\r\n\r\n'
+        )
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        follower = LogFollower(client, "j", reconnect_delays=(0.0,) * 3)
+        follower.notice = notices.append
+        assert "".join(follower.stream()) == "all\n"
+    assert follower.status == "success" and len(opened) == 3
+    assert all(later - earlier >= 0.29 for earlier, later in itertools.pairwise(opened))
+    assert len(notices) == 2 and "(too_many_streams)" in notices[0] and "trying again in 0.3 s" in notices[0]

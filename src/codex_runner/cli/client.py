@@ -35,8 +35,8 @@ class RunnerUnreachable(CliError):
 
 
 class RunnerBusy(CliError):
-    """The runner, or a proxy in front of it, answered but cannot serve now (502, 503, 504);
-    waits and follows retry these for a while, as they do `RunnerUnreachable`."""
+    """The runner, or a proxy in front of it, answered but cannot serve now (502, 503, 504, or 429
+    with `Retry-After`); waits and follows retry these for a while, as they do `RunnerUnreachable`."""
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, code=code)
@@ -183,8 +183,12 @@ def _api_error(response: httpx.Response) -> CliError:
         detail = f"{detail} (retry after {retry} s)"
     api_code = body.get("code")
     code = api_code if isinstance(api_code, str) else f"http_{response.status_code}"
-    if response.status_code in TRANSIENT_STATUSES:
-        return RunnerBusy(detail, code=code, retry_after=_retry_after(response))
+    retry_after = _retry_after(response)
+    if response.status_code in TRANSIENT_STATUSES or (
+        response.status_code == 429 and retry_after is not None
+    ):
+        # A 429 with `Retry-After` (`too_many_streams`, `queue_full`) frees up by itself.
+        return RunnerBusy(detail, code=code, retry_after=retry_after)
     return CliError(detail, code=code)
 
 

@@ -120,6 +120,8 @@ class LogFollower:
     reconnect_delays: tuple[float, ...] = RECONNECT_DELAYS
     read_timeout: float = STREAM_READ_TIMEOUT_SECONDS
     reconnects: int = 0  # how many times the stream was opened again (for tests and messages)
+    # Told (a line for a person) when the runner said "not now" and the stream waits to try again.
+    notice: Callable[[str], None] | None = None
 
     def chunks(self, *, follow: bool, deadline: float | None = None) -> Iterator[str]:
         """Pages of `GET /logs`. Without `follow`: until the log is complete, or for a job still
@@ -185,7 +187,10 @@ class LogFollower:
             except RunnerUnreachable as exc:
                 problem = exc.message
                 retry_after = 0.0
-            except RunnerBusy as exc:  # 502/503/504: a proxy before a restarting runner, a database blip
+            except RunnerBusy as exc:
+                # 502/503/504: a proxy before a restarting runner, a database blip; 429
+                # `too_many_streams`: this user's streams are all open (maybe this one's last
+                # connection, not yet noticed gone by the server).
                 problem = exc.line().removeprefix("error: ")
                 retry_after = exc.retry_after or 0.0
             else:
@@ -202,6 +207,8 @@ class LogFollower:
             self.reconnects += 1
             if deadline is not None:
                 pause = min(pause, max(deadline - time.monotonic(), 0.0))
+            if retry_after and self.notice is not None:
+                self.notice(f"{problem}; trying again in {pause:g} s")
             time.sleep(pause)
 
     def _take(self, data: str) -> str:

@@ -131,7 +131,7 @@ def await_job(
     try:
         if follow:
             info(f"following the log of job {job_id} (Ctrl-C stops following; the job keeps running)")
-            follower = LogFollower(client, job_id)
+            follower = LogFollower(client, job_id, notice=info)
             # With --json stdout is reserved for the final job object.
             for chunk in follower.stream(deadline=deadline):
                 _write(chunk, to_stderr=json_out)
@@ -357,7 +357,7 @@ def job_logs(
 ) -> None:
     """Print a job's redacted log (stdout and stderr merged)."""
     with _client() as client:
-        follower = LogFollower(client, job_id, offset=offset)
+        follower = LogFollower(client, job_id, offset=offset, notice=info)
         try:
             for chunk in follower.stream() if follow else follower.chunks(follow=False):
                 _write(chunk)
