@@ -205,6 +205,33 @@ def test_version_prints_the_package_version() -> None:
     assert result.stdout == f"codex-runner {__version__}\n"
 
 
+def test_ctrl_c_while_the_cli_loads_is_exit_130_without_a_traceback() -> None:
+    """The CLI's imports take about a second; a Ctrl-C then (a command started by mistake) printed
+    a KeyboardInterrupt traceback out of whichever library was loading."""
+    program = textwrap.dedent(
+        """
+        import builtins, os, signal
+        real_import = builtins.__import__
+        def hooked(name, *args, **kwargs):
+            if name == "typer":  # the first heavy import: Ctrl-C now
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = hooked
+        from codex_runner.cli import main
+        main()
+        """
+    )
+    result = subprocess.run(
+        [PYTHON, "-c", program, "version"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr
+    assert result.returncode == 130 and result.stdout == ""
+
+
 def test_keygen_prints_a_fresh_64_hex_key() -> None:
     first, second = (cli("keygen", env=clean_env()).stdout for _ in range(2))
     assert re.fullmatch(r"[0-9a-f]{64}\n", first)

@@ -10,15 +10,26 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import sys
 
-import typer
 
-from codex_runner import __version__
-from codex_runner.cli import admin, jobs
-from codex_runner.cli.common import CliError, ExitCode, masked, settings
-from codex_runner.cli_ops import register as register_ops
-from codex_runner.errors import ConfigError, RunnerError
+def _interrupted_while_loading(signum: int, frame: object) -> None:
+    # Ctrl-C in the second or so the imports below take: exit as Ctrl-C does later (130), not with
+    # a KeyboardInterrupt traceback out of some library's import.
+    os._exit(130)
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+import typer  # noqa: E402
+
+from codex_runner import __version__  # noqa: E402
+from codex_runner.cli import admin, jobs  # noqa: E402
+from codex_runner.cli.common import CliError, ExitCode, masked, settings  # noqa: E402
+from codex_runner.cli_ops import register as register_ops  # noqa: E402
+from codex_runner.errors import ConfigError, RunnerError  # noqa: E402
 
 app = typer.Typer(
     name="codex-runner",
@@ -66,6 +77,11 @@ app.command()(admin.migrate)
 app.command()(admin.keygen)
 app.command()(version)
 register_ops(app)
+
+
+# Loaded: from here Ctrl-C is a KeyboardInterrupt again, which the commands turn into exit 130.
+if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _fail(line: str, code: int = ExitCode.ERROR) -> None:
