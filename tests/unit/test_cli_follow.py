@@ -243,3 +243,24 @@ def test_a_follow_refused_for_too_many_streams_waits_its_retry_after() -> None:
     assert follower.status == "success" and len(opened) == 3
     assert all(later - earlier >= 0.29 for earlier, later in itertools.pairwise(opened))
     assert len(notices) == 2 and "(too_many_streams)" in notices[0] and "trying again in 0.3 s" in notices[0]
+
+
+def test_runner_url_keeps_its_path_prefix_and_refuses_a_query() -> None:
+    """A runner behind a proxy at a path prefix works with or without a trailing slash; a query in
+    RUNNER_URL made httpx drop the prefix *and* the route (every request went to the prefix and
+    came back 404 `Not Found`): it is refused with a line naming the setting."""
+    from codex_runner.cli.common import CliError
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, json={})
+
+    for base in ("http://runner/pre", "http://runner/pre/"):
+        with RunnerClient(base, "t", transport=httpx.MockTransport(handler)) as client:
+            client.get("/api/runner/jobs/j/logs", params={"offset": 3})
+    assert seen == ["http://runner/pre/api/runner/jobs/j/logs?offset=3"] * 2
+    for bad in ("http://runner/pre?tenant=a", "http://runner/pre#x"):
+        with pytest.raises(CliError, match="RUNNER_URL: must not have a query"):
+            RunnerClient(bad, "t", transport=httpx.MockTransport(handler))

@@ -75,6 +75,12 @@ class RunnerClient:
             raise CliError("RUNNER_URL is not a valid URL (check its host and port)") from None
         if parsed.scheme not in {"http", "https"} or not parsed.hostname:
             raise CliError(f"RUNNER_URL: expected an http:// or https:// URL, got {display_url(url)!r}")
+        if parsed.query or parsed.fragment:
+            # httpx replaces a base URL's query with the request's, and its path with it: every
+            # request went to the wrong route and came back 404 `Not Found`.
+            raise CliError(
+                f"RUNNER_URL: must not have a query (?…) or fragment (#…), got {display_url(url)!r}"
+            )
         if parsed.username is not None or parsed.password is not None:
             # httpx would send them as Basic auth in place of the bearer token.
             raise CliError(
