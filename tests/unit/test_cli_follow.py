@@ -264,3 +264,24 @@ def test_runner_url_keeps_its_path_prefix_and_refuses_a_query() -> None:
     for bad in ("http://runner/pre?tenant=a", "http://runner/pre#x"):
         with pytest.raises(CliError, match="RUNNER_URL: must not have a query"):
             RunnerClient(bad, "t", transport=httpx.MockTransport(handler))
+
+
+def test_the_cli_module_imports_from_a_thread() -> None:
+    """Its Ctrl-C-while-loading handler is set only from the main thread: `signal.signal` raises
+    anywhere else, and an import of the CLI from a thread (a program embedding it) failed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading\n"
+        "errors = []\n"
+        "def imp():\n"
+        "    try:\n"
+        "        import codex_runner.cli\n"
+        "    except Exception as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "t = threading.Thread(target=imp); t.start(); t.join()\n"
+        "print(errors)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

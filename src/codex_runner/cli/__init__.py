@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 
 
 def _interrupted_while_loading(signum: int, frame: object) -> None:
@@ -20,8 +21,14 @@ def _interrupted_while_loading(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _interrupted_while_loading)
+def _set_sigint(handler: object, *, if_now: object) -> None:
+    """Only from the main thread (elsewhere `signal.signal` raises: an import from a thread), and
+    only over the handler expected there (an embedding program's own is left alone)."""
+    if signal.getsignal(signal.SIGINT) is if_now and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)  # type: ignore[arg-type]
+
+
+_set_sigint(_interrupted_while_loading, if_now=signal.default_int_handler)
 
 import typer  # noqa: E402
 
@@ -80,8 +87,7 @@ register_ops(app)
 
 
 # Loaded: from here Ctrl-C is a KeyboardInterrupt again, which the commands turn into exit 130.
-if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+_set_sigint(signal.default_int_handler, if_now=_interrupted_while_loading)
 
 
 def _fail(line: str, code: int = ExitCode.ERROR) -> None:
