@@ -242,7 +242,32 @@ def test_a_follow_refused_for_too_many_streams_waits_its_retry_after() -> None:
         assert "".join(follower.stream()) == "all\n"
     assert follower.status == "success" and len(opened) == 3
     assert all(later - earlier >= 0.29 for earlier, later in itertools.pairwise(opened))
-    assert len(notices) == 2 and "(too_many_streams)" in notices[0] and "trying again in 0.3 s" in notices[0]
+    assert (
+        len(notices) == 2
+        and "(too_many_streams)" in notices[0]
+        and "trying again in 0.3 s (1/3)" in notices[0]
+    )
+
+
+def test_a_follow_says_it_is_reconnecting_from_the_second_failure_in_a_row() -> None:
+    """A runner gone for a while left `jobs logs -f` silent for its whole ~30 s of reconnects; one
+    dropped connection (a restart's blip) says nothing, every failure after it says so."""
+    opened: list[int] = []
+    notices: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        opened.append(1)
+        if len(opened) <= 3:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(
+            200, content=_log(0, "back\n") + b'event: end\r\ndata: {"status": "success"}\r\n\r\n'
+        )
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        follower = LogFollower(client, "j", reconnect_delays=(0.0,) * 5, notice=notices.append)
+        assert "".join(follower.stream()) == "back\n"
+    assert len(notices) == 2, notices  # failures 2 and 3
+    assert all("trying again in 0 s" in n for n in notices) and notices[-1].endswith("(3/5)")
 
 
 def test_runner_url_keeps_its_path_prefix_and_refuses_a_query() -> None:

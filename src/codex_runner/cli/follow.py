@@ -207,8 +207,13 @@ class LogFollower:
             self.reconnects += 1
             if deadline is not None:
                 pause = min(pause, max(deadline - time.monotonic(), 0.0))
-            if retry_after and self.notice is not None:
-                self.notice(f"{problem}; trying again in {pause:g} s")
+            # Told when the runner said when to come back, and from a second failure in a row on:
+            # one dropped connection is a restart's usual blip, more is a wait worth a line (SPEC
+            # §11: long waits show progress).
+            if (retry_after or failures > 1) and self.notice is not None:
+                self.notice(
+                    f"{problem}; trying again in {pause:g} s ({failures}/{len(self.reconnect_delays)})"
+                )
             time.sleep(pause)
 
     def _take(self, data: str) -> str:
