@@ -310,3 +310,23 @@ def test_the_cli_module_imports_from_a_thread() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_a_wait_says_so_while_the_runner_does_not_answer() -> None:
+    """`submit --wait`'s status line stopped moving, without a word, for the ~30 s a wait rides out
+    a runner that does not answer: each retry is now told (the status line shows it)."""
+    from codex_runner.cli.follow import wait_for_job
+
+    answers: list[int] = []
+    notices: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answers.append(1)
+        if len(answers) <= 2:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"id": "j", "status": "success"})
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        job, done = wait_for_job(client, "j", on_poll=lambda _: None, notice=notices.append)
+    assert done and job["status"] == "success"
+    assert len(notices) == 2 and all("trying again in 1 s" in n for n in notices), notices

@@ -207,10 +207,17 @@ def _retry_after(response: httpx.Response) -> float | None:
     return value if 0 <= value < float("inf") else None
 
 
-def patiently(call: Callable[[], T], *, grace: float = UNREACHABLE_GRACE_SECONDS, pause: float = 1.0) -> T:
+def patiently(
+    call: Callable[[], T],
+    *,
+    grace: float = UNREACHABLE_GRACE_SECONDS,
+    pause: float = 1.0,
+    notice: Callable[[str], None] | None = None,
+) -> T:
     """`call()`, retried while the runner is unreachable or answers "not now" (502, 503, 504) for up
     to `grace` seconds: a wait of many minutes should survive a runner restart, also behind a
-    proxy, and a database that does not answer for a moment."""
+    proxy, and a database that does not answer for a moment. `notice` hears each retry (a line for
+    a person: a long wait shows progress, SPEC §11)."""
     deadline = time.monotonic() + grace
     while True:
         try:
@@ -219,5 +226,9 @@ def patiently(call: Callable[[], T], *, grace: float = UNREACHABLE_GRACE_SECONDS
             left = deadline - time.monotonic()
             if left <= 0:
                 raise
-            wait = max(pause, getattr(exc, "retry_after", None) or 0.0)
-            time.sleep(min(wait, left))
+            wait = min(max(pause, getattr(exc, "retry_after", None) or 0.0), left)
+            if notice is not None:
+                notice(
+                    f"{exc.line().removeprefix('error: ')}; trying again in {wait:.0f} s ({left:.0f} s left)"
+                )
+            time.sleep(wait)

@@ -248,11 +248,13 @@ def wait_for_job(
     on_poll: Callable[[dict[str, Any]], None],
     deadline: float | None = None,
     poll_seconds: float = STATUS_POLL_SECONDS,
+    notice: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """(last job seen, whether it is terminal): polls until the job ends or `deadline` passes."""
+    """(last job seen, whether it is terminal): polls until the job ends or `deadline` passes;
+    `notice` hears the retries of a runner that does not answer for a while."""
     path = jobs_path(job_id)
     while True:
-        job: dict[str, Any] = patiently(partial(client.get, path))
+        job: dict[str, Any] = patiently(partial(client.get, path), notice=notice)
         on_poll(job)
         if job.get("status") in TERMINAL:
             return job, True

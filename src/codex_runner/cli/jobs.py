@@ -139,7 +139,9 @@ def await_job(
             job, done = wait_for_job(client, job_id, on_poll=lambda _: None, deadline=deadline)
         else:
             with StatusLine(job_id) as line:
-                job, done = wait_for_job(client, job_id, on_poll=line.update, deadline=deadline)
+                job, done = wait_for_job(
+                    client, job_id, on_poll=line.update, deadline=deadline, notice=line.trouble
+                )
     except KeyboardInterrupt:
         info(f"stopped waiting; job {job_id} keeps running (see: codex-runner jobs show {job_id})")
         return ExitCode.INTERRUPTED
@@ -171,6 +173,16 @@ class StatusLine:
     def __exit__(self, *_: object) -> None:
         if self._spinner is not None:
             self._spinner.stop()
+
+    def trouble(self, message: str) -> None:
+        """The runner does not answer for now: said on the line (a spinner) or as a line of its own,
+        instead of a status that silently stops moving."""
+        line = Text.assemble(f"job {self.job_id} ", (message, "yellow"))
+        if self._spinner is not None:
+            self._spinner.update(line)
+        else:
+            err.print(line)
+        self.last_status = None  # the next status read is shown again, as news
 
     def update(self, job: dict[str, Any]) -> None:
         status = str(job.get("status"))
