@@ -71,19 +71,23 @@ def test_follower_resumes_from_the_last_whole_event() -> None:
     )
 
 
-def test_follower_gives_up_after_bounded_reconnects() -> None:
-    calls = 0
+def _refusing(calls: list[httpx.Request]) -> httpx.MockTransport:
+    """A runner that is not there: every connection refused, each attempt recorded in `calls`."""
 
     def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
+        calls.append(request)
         raise httpx.ConnectError("refused")
 
-    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+    return httpx.MockTransport(handler)
+
+
+def test_follower_gives_up_after_bounded_reconnects() -> None:
+    calls: list[httpx.Request] = []
+    with RunnerClient("http://runner", "t", transport=_refusing(calls)) as client:
         follower = LogFollower(client, "j", reconnect_delays=(0.0, 0.0, 0.0))
         with pytest.raises(RunnerUnreachable, match="after 3 reconnects"):
             list(follower.stream())
-    assert calls == 4
+    assert len(calls) == 4
 
 
 def test_follower_stops_at_the_deadline() -> None:
@@ -169,19 +173,13 @@ def test_an_unparsable_runner_url_is_not_repeated() -> None:
 def test_reading_a_log_without_follow_does_not_wait_for_an_unreachable_runner() -> None:
     """`jobs logs ID` retried an unreachable runner, silently, for 30 s before its error line,
     while every other one-shot command (`jobs show`, `jobs list`) fails at once."""
-    calls = 0
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        raise httpx.ConnectError("refused")
-
-    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+    calls: list[httpx.Request] = []
+    with RunnerClient("http://runner", "t", transport=_refusing(calls)) as client:
         follower = LogFollower(client, "j")
         started = time.monotonic()
         with pytest.raises(RunnerUnreachable, match="cannot reach the runner"):
             list(follower.chunks(follow=False))
-    assert calls == 1 and time.monotonic() - started < 2
+    assert len(calls) == 1 and time.monotonic() - started < 2
 
 
 @pytest.mark.parametrize(
