@@ -199,6 +199,12 @@ def submit(
 # -- local commands -------------------------------------------------------------------------
 
 
+def assert_no_trailing_blanks(output: str) -> None:
+    """Tables are read by scripts (`diff`, `grep`): rich pads every cell, the last one's too."""
+    padded = [line for line in output.splitlines() if line != line.rstrip()]
+    assert not padded, padded
+
+
 def test_version_prints_the_package_version() -> None:
     result = cli("version", env=clean_env())
     assert result.returncode == 0
@@ -271,6 +277,7 @@ def test_tokens_list_and_revoke(server: Server) -> None:
     assert record["role"] == "user" and record["revoked_at"] is None
     table = cli("tokens", "list", env=server.env)
     assert record["id"] in table.stdout and "carol" in table.stdout
+    assert_no_trailing_blanks(table.stdout)
 
     revoked = cli("tokens", "revoke", record["id"], env=server.env)
     assert revoked.returncode == 0, revoked.stderr
@@ -382,12 +389,14 @@ def test_jobs_list_show_events_cancel(server: Server, admin_token: str) -> None:
 
     table = cli("jobs", "list", env=env)
     assert table.returncode == 0 and job_id in table.stdout
+    assert_no_trailing_blanks(table.stdout)
     page = json.loads(cli("jobs", "list", "--status", "queued", "--limit", "200", "--json", env=env).stdout)
     assert job_id in [j["id"] for j in page["items"]]
     assert {"items", "total", "limit", "offset"} <= set(page)
 
     shown = cli("jobs", "show", job_id, env=env)
     assert shown.returncode == 0 and job_id in shown.stdout and "job_created" in shown.stdout
+    assert_no_trailing_blanks(shown.stdout)
     assert json.loads(cli("jobs", "show", job_id, "--json", env=env).stdout)["id"] == job_id
 
     canceled = cli("jobs", "cancel", job_id, env=env)
@@ -396,7 +405,9 @@ def test_jobs_list_show_events_cancel(server: Server, admin_token: str) -> None:
     events = json.loads(cli("jobs", "events", job_id, "--json", env=env).stdout)["items"]
     assert [e["event_type"] for e in events][:1] == ["job_created"]
     assert "job_canceled" in [e["event_type"] for e in events]
-    assert "job_canceled" in cli("jobs", "events", job_id, env=env).stdout
+    listed_events = cli("jobs", "events", job_id, env=env).stdout
+    assert "job_canceled" in listed_events
+    assert_no_trailing_blanks(listed_events)
     page = json.loads(cli("jobs", "list", "--status", "canceled", "--limit", "200", "--json", env=env).stdout)
     assert job_id in [j["id"] for j in page["items"]]
 

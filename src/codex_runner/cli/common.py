@@ -11,7 +11,8 @@ import sys
 from enum import IntEnum
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -83,9 +84,27 @@ def cell(value: object) -> Text:
     return Text("" if value is None else str(value))
 
 
+class TrimmedTable(Table):
+    """A table whose lines end at their last character: rich pads every cell to its column's
+    width, the last column's too, which leaves blanks at the end of most lines (a `diff` or a
+    `grep ' $'` of the output trips on them)."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        parts = super().__rich_console__(console, options)
+        segments = (s for p in parts for s in ([p] if isinstance(p, Segment) else console.render(p, options)))
+        for line in Segment.split_lines(segments):
+            while line and not line[-1].control and not line[-1].text.rstrip(" "):
+                line.pop()
+            if line and not line[-1].control:
+                last = line[-1]
+                line[-1] = Segment(last.text.rstrip(" "), last.style, last.control)
+            yield from line
+            yield Segment.line()
+
+
 def data_table(*headers: str) -> Table:
     """A borderless table whose lines carry no trailing blanks, easy to read and to grep."""
-    return Table(*headers, box=None, pad_edge=False, header_style="bold")
+    return TrimmedTable(*headers, box=None, pad_edge=False, header_style="bold")
 
 
 STATUS_STYLES = {

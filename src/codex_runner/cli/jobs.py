@@ -18,6 +18,7 @@ from codex_runner.cli.client import RunnerClient
 from codex_runner.cli.common import (
     CliError,
     ExitCode,
+    TrimmedTable,
     cell,
     data_table,
     err,
@@ -271,7 +272,7 @@ def show_job(job_id: JobId, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(job)
         return
-    grid = Table.grid(padding=(0, 2))
+    grid = TrimmedTable.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
     status = status_text(job["status"])
