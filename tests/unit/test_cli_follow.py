@@ -6,6 +6,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -328,3 +329,21 @@ def test_a_wait_says_so_while_the_runner_does_not_answer() -> None:
         job, done = wait_for_job(client, "j", on_poll=lambda _: None, notice=notices.append)
     assert done and job["status"] == "success"
     assert len(notices) == 2 and all("trying again in 1 s" in n for n in notices), notices
+
+
+def test_a_wait_that_loses_the_runner_names_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`submit --wait` whose runner stays away ended on `error: cannot reach the runner …` alone:
+    a CI log that kept only the last line did not say which job to look up (a lost `--follow`
+    says `lost the log stream of job …`)."""
+    from codex_runner.cli import client as client_module
+    from codex_runner.cli import follow as follow_module
+    from codex_runner.cli.jobs import await_job
+
+    monkeypatch.setattr(follow_module, "patiently", partial(client_module.patiently, grace=0.0))
+    calls: list[httpx.Request] = []
+    client = RunnerClient("http://runner", "t", transport=_refusing(calls))
+    with client, pytest.raises(RunnerUnreachable) as caught:
+        await_job(client, "job-42", follow=False, wait_timeout=None, json_out=False)
+    line = caught.value.line()
+    assert line.startswith("error: cannot reach the runner"), line
+    assert "stopped waiting for job job-42 (see: codex-runner jobs show job-42)" in line, line

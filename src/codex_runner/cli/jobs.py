@@ -146,6 +146,13 @@ def await_job(
     except KeyboardInterrupt:
         info(f"stopped waiting; job {job_id} keeps running (see: codex-runner jobs show {job_id})")
         return ExitCode.INTERRUPTED
+    except CliError as exc:
+        # The runner was lost for good (or answered an error) mid-wait: the error line is all a
+        # script's log may keep, so it names the job, which lives on whatever became of the wait
+        # (a lost log stream's line names it already).
+        if job_id not in exc.message:
+            exc.message += f"; stopped waiting for job {job_id} (see: codex-runner jobs show {job_id})"
+        raise
     if json_out:
         print_json(job)
     if not done:
