@@ -228,7 +228,5 @@ def patiently(
                 raise
             wait = min(max(pause, getattr(exc, "retry_after", None) or 0.0), left)
             if notice is not None:
-                notice(
-                    f"{exc.line().removeprefix('error: ')}; trying again in {wait:.0f} s ({left:.0f} s left)"
-                )
+                notice(f"{exc.reason()}; trying again in {wait:.0f} s ({left:.0f} s left)")
             time.sleep(wait)

@@ -50,8 +50,12 @@ class CliError(Exception):
         self.code = code
         self.exit_code = exit_code
 
+    def reason(self) -> str:
+        """The message with its code: what went wrong, fit for a line that goes on (a retry)."""
+        return self.message + (f" ({self.code})" if self.code else "")
+
     def line(self) -> str:
-        return f"error: {self.message}" + (f" ({self.code})" if self.code else "")
+        return f"error: {self.reason()}"
 
 
 # Secrets of the loaded settings, so that an unexpected error's text can be masked before printing.

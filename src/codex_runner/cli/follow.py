@@ -191,7 +191,7 @@ class LogFollower:
                 # 502/503/504: a proxy before a restarting runner, a database blip; 429
                 # `too_many_streams`: this user's streams are all open (maybe this one's last
                 # connection, not yet noticed gone by the server).
-                problem = exc.line().removeprefix("error: ")
+                problem = exc.reason()
                 retry_after = exc.retry_after or 0.0
             else:
                 retry_after = 0.0

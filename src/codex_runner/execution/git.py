@@ -39,8 +39,9 @@ LOCK_RETRY_SECONDS = 3.0
 #: git's words (lockfile.c) when `index.lock` exists. Only the index's: a command that takes it
 #: takes it before it changes anything (checkout, reset, commit, add), so trying again repeats
 #: nothing (a recovery's `stash push`, which takes it again for its reset, could at worst be
-#: stored twice: nothing is lost). A ref's lock can come later, after a first change (`checkout -b` has made its
-#: branch when it finds HEAD.lock), and git waits for those itself (core.filesRefLockTimeout).
+#: stored twice: nothing is lost). A ref's lock can come later, after a first change (`checkout
+#: -b` has made its branch when it finds HEAD.lock), and git waits for those itself
+#: (core.filesRefLockTimeout).
 _LOCK_BUSY = re.compile(rb"index\.lock'?: File exists\.")
 NETWORK_TIMEOUT = 1800.0
 # http is accepted only towards loopback (test servers, a git server on the same host): anywhere
