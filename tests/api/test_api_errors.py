@@ -81,6 +81,22 @@ def test_a_405_names_the_allowed_methods_and_health_routes_take_head(api: Any) -
         assert httpx.head(f"{api.url}{path}", timeout=10).status_code == 200
 
 
+def test_a_405_allows_every_method_of_the_path(api: Any) -> None:
+    """RFC 9110: `Allow` lists the methods the resource supports. Starlette named only the first
+    matching route's: `POST` for `/api/runner/jobs` (a GET lists jobs), `HEAD` for `/healthz`."""
+    c = api.client(api.alice)
+    cases = [
+        ("DELETE", "/api/runner/jobs", "GET, POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PUT", "/readyz", "GET, HEAD"),
+        ("DELETE", "/api/runner/jobs/0b7c3f4e-1111-4222-8333-444455556666", "GET"),
+    ]
+    for method, path, allow in cases:
+        r = c.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers)
+        assert r.json()["code"] == "method_not_allowed"
+
+
 def test_every_400_about_a_field_names_it(api: Any) -> None:
     """SPEC §4: validation errors add `errors` with a `loc`. A bad body shape did, a bad
     `Idempotency-Key`, an unknown repo or script did not: a client could not map them to a field."""

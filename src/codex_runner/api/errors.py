@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from codex_runner import errors as e
 
@@ -114,6 +115,21 @@ def response_for(exc: Exception) -> JSONResponse:
     return unexpected_error_response(exc)
 
 
+# The methods a 405's `Allow` may name: the standard ones a route here could declare.
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the path answers, for a 405's `Allow`. Starlette names only those of the first
+    route whose path matched: `Allow: POST` for `/api/runner/jobs`, which answers GET too, and
+    `Allow: HEAD` for `/healthz` (one route per method there, api/routes.py says why). Each method
+    is tried against the routes as the router would (FastAPI nests included routers)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(e.RunnerError)
     async def _runner_error(_: Request, exc: e.RunnerError) -> JSONResponse:
@@ -124,12 +140,14 @@ def install(app: FastAPI) -> None:
         return validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = CODE_BY_STATUS.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         response = error_response(exc.status_code, detail, code)
         # Starlette's own headers: the `Allow` a 405 must carry (RFC 9110).
         response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = allowed_methods(request)
         return response
 
     # Starlette's ServerErrorMiddleware sends this answer and then re-raises the exception;
