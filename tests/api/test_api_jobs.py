@@ -428,6 +428,28 @@ def test_openapi_documents_codes(api: Any) -> None:
         assert code in cancel
 
 
+def test_openapi_documents_auth_and_media_types_as_answered(api: Any) -> None:
+    """The document named no security scheme (a generated client sent no token), filed the JSON
+    error bodies of `/metrics` under `text/plain` and of the log stream under `application/json`
+    like its events, and gave the create's 200 and the cancel's 202 no body."""
+    spec = api.client(api.alice).get("/openapi.json").json()
+    bearer = spec["components"]["securitySchemes"]["bearer"]
+    assert bearer["type"] == "http" and bearer["scheme"] == "bearer"
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            open_route = path in ("/healthz", "/readyz")
+            assert op.get("security") == (None if open_route else [{"bearer": []}]), (method, path)
+            for code, response in op["responses"].items():
+                if code[0] in "45":
+                    assert list(response["content"]) == ["application/json"], (method, path, code)
+    stream = spec["paths"]["/api/runner/jobs/{job_id}/logs/stream"]["get"]["responses"]
+    assert list(stream["200"]["content"]) == ["text/event-stream"]
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert "application/json" in spec["paths"]["/api/runner/jobs"]["post"]["responses"]["200"]["content"]
+    cancel = spec["paths"]["/api/runner/jobs/{job_id}/cancel"]["post"]["responses"]
+    assert "application/json" in cancel["202"]["content"]
+
+
 def test_a_queued_cancel_is_logged_as_a_terminal_transition(api: Any) -> None:
     """SPEC §8: every terminal transition is a service log line with its five fields; a queued
     job's cancel is one that no launcher sees."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -13,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codex_runner import __version__
-from codex_runner.api import errors, logs, routes
+from codex_runner.api import errors, logs, openapi, routes
 from codex_runner.api.body import BodyTooLarge, announced_over, read_capped, too_large_response
 from codex_runner.api.create import CREATE_PATH, CreateBatcher, CreateEndpoint
 from codex_runner.runtime import Runtime
@@ -132,21 +131,9 @@ class RunnerApp(FastAPI):
     fast_create: CreateEndpoint | None = None
 
     def openapi(self) -> dict[str, Any]:
-        """FastAPI's document without the 422 it adds to every route with parameters: validation
-        errors answer 400 `invalid_request` here (api/errors.py), which each route documents."""
+        """FastAPI's document, corrected to what the service answers (api/openapi.py)."""
         if self.openapi_schema is None:
-            schema = super().openapi()
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
-                    if isinstance(operation, dict):
-                        operation.get("responses", {}).pop("422", None)
-            components = schema.get("components", {}).get("schemas", {})
-            if "HTTPValidationError" in components and '"#/components/schemas/HTTPValidationError"' not in (
-                json.dumps(schema.get("paths", {}))
-            ):
-                components.pop("HTTPValidationError", None)
-                components.pop("ValidationError", None)
-            self.openapi_schema = schema
+            self.openapi_schema = openapi.finish(super().openapi())
         return self.openapi_schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

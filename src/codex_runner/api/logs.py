@@ -137,7 +137,17 @@ def get_logs(
     }
 
 
-@router.get("/api/runner/jobs/{job_id}/logs/stream", responses=responses(400, 404, 401, 429, 503))
+@router.get(
+    "/api/runner/jobs/{job_id}/logs/stream",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `log` events, then one `end` with the job's status",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **responses(400, 404, 401, 429, 503),
+    },
+)
 async def stream_logs(
     request: Request,
     job_id: JobId,

@@ -20,6 +20,8 @@ router = APIRouter()
 probe_router = APIRouter()
 Auth = Annotated[Principal, Depends(current_principal)]
 AUTH_ERRORS = (401, 503)
+# A job, as the route's other success answer gives it (FastAPI documents only the default one's body).
+JOB_JSON = {"application/json": {"schema": {"type": "object"}}}
 
 
 def _rt(request: Request) -> Runtime:
@@ -72,7 +74,7 @@ def list_scripts(request: Request, _: Auth) -> dict[str, Any]:
     tags=["jobs"],
     status_code=201,
     responses={
-        200: {"description": "idempotent replay of an earlier job"},
+        200: {"description": "idempotent replay of an earlier job", "content": JOB_JSON},
         **responses(400, 401, 403, 409, 413, 429, 503),
     },
     openapi_extra=OPENAPI_EXTRA,
@@ -125,7 +127,10 @@ async def get_job(request: Request, job_id: JobId, principal: Auth) -> dict[str,
 @router.post(
     "/api/runner/jobs/{job_id}/cancel",
     tags=["jobs"],
-    responses={202: {"description": "cancel requested"}, **responses(404, 409, *AUTH_ERRORS)},
+    responses={
+        202: {"description": "cancel requested", "content": JOB_JSON},
+        **responses(404, 409, *AUTH_ERRORS),
+    },
 )
 def cancel_job(request: Request, job_id: JobId, principal: Auth) -> JSONResponse:
     job, code = _rt(request).cancel_job(principal, job_id)
