@@ -8,8 +8,10 @@ from typing import Any
 
 import httpx
 import jwt
+import pytest
 import sqlalchemy as sa
 
+from codex_runner.errors import InvalidRequest
 from codex_runner.store.schema import events, idempotency_keys, jobs
 
 
@@ -372,6 +374,23 @@ def test_jwt_sub_must_be_a_valid_user(api_factory: Any) -> None:
     r = api.create(longest)
     assert r.status_code == 201 and r.json()["requested_by"] == "u" * 200
     assert api.client(longest).get("/api/runner/jobs").json()["total"] == 1
+
+
+def test_no_user_takes_the_name_of_the_system_or_the_cli(api_factory: Any) -> None:
+    """An event's or audit line's actor is a user, `system` (the runner) or `cli:<login>` (an admin
+    command). A token or JWT for user `system` made its cancels read as the runner's own, and one for
+    `cli:root` as an operator's command: the audit trail could be forged from the API."""
+    secret = "a-jwt-secret-of-enough-length-123"
+    api = api_factory(RUNNER_JWT_SECRET=secret)
+    job = api.create(api.alice).json()
+    for sub in ("system", "System", "cli:root"):
+        token = jwt.encode({"sub": sub, "role": "admin"}, secret, algorithm="HS256")
+        r = api.client(token).post(f"/api/runner/jobs/{job['id']}/cancel")
+        assert r.status_code == 401 and r.json()["detail"] == "invalid token claims", (sub, r.text)
+        with pytest.raises(InvalidRequest):
+            api.runtime.tokens.create(sub, "admin")
+    events = api.client(api.admin).get(f"/api/runner/jobs/{job['id']}/events").json()["items"]
+    assert [e["event_type"] for e in events] == ["job_created"]
 
 
 def test_openapi_needs_auth_and_viewers_are_off(api: Any) -> None:

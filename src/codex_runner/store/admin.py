@@ -42,10 +42,23 @@ _BY_HASHES = sa.select(tokens.c.user, tokens.c.role, tokens.c.token_hash, tokens
 MAX_USER_LENGTH = 200
 
 
+#: The actor of the runner's own events (`system`) and the prefix of an admin command's
+#: (`cli:<login>`, cli/admin.py): no user may be named so, or its actions would read as theirs.
+SYSTEM_ACTOR = "system"
+CLI_ACTOR_PREFIX = "cli:"
+
+
 def valid_user(user: object) -> TypeGuard[str]:
     """A user name as the runner allows it, from a token or a JWT `sub`: 1-200 printable
-    characters (a NUL or a longer one would reach the database as a parameter it refuses)."""
-    return isinstance(user, str) and 0 < len(user) <= MAX_USER_LENGTH and user.isprintable()
+    characters (a NUL or a longer one would reach the database as a parameter it refuses), and
+    not an actor name the runner keeps for itself (in any case: `System` reads as `system`)."""
+    return (
+        isinstance(user, str)
+        and 0 < len(user) <= MAX_USER_LENGTH
+        and user.isprintable()
+        and user.casefold() != SYSTEM_ACTOR
+        and not user.casefold().startswith(CLI_ACTOR_PREFIX)
+    )
 
 
 class TokenStore:
@@ -57,7 +70,9 @@ class TokenStore:
         if role not in ROLES:
             raise InvalidRequest(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if not valid_user(user):
-            raise InvalidRequest("user must be 1-200 printable characters")
+            raise InvalidRequest(
+                f"user must be 1-200 printable characters, not {SYSTEM_ACTOR!r} nor starting {CLI_ACTOR_PREFIX!r}"
+            )
         if len(name) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
             # A column of 200 (PostgreSQL refused more with a DataError), shown by `tokens list`.
             raise InvalidRequest("token name: at most 200 characters, no control characters")
