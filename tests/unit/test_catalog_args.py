@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any
 
 import pytest
@@ -284,3 +285,22 @@ def test_arg_config_errors_name_the_toml_path(args: dict[str, Any], expected: st
     message = config_error(args)
     assert message.startswith("runner.toml [scripts.")
     assert expected in message
+
+
+def test_an_argv_value_must_fit_one_command_line_argument() -> None:
+    """Linux takes at most 131072 bytes (NUL included) in one argv element: a longer string passed
+    validation, was queued, and its job failed at spawn with "Argument list too long"."""
+    spec = script({"s": {"type": "string"}, "f": {"type": "string", "flag": "--f"}})
+    longest = "é" * 65535 + "x"  # 131071 bytes of UTF-8
+    assert spec.validate_args({"s": longest}) == {"s": longest}
+    for name in ("s", "f"):
+        assert "131072 bytes" in errors_of(spec, {name: longest + "x"})[name]
+        assert "131072 bytes" in errors_of(spec, {name: "€" * 43691})[name]  # 131073 bytes, few characters
+    # On stdin there is no such limit.
+    stdin_only = script({"s": {"type": "string"}}, ["tool"], stdin="{s}")
+    assert stdin_only.validate_args({"s": "x" * 200_000}) == {"s": "x" * 200_000}
+    # The limit is the kernel's: the longest value runs, one byte more cannot be started.
+    done = subprocess.run(["/bin/echo", longest], capture_output=True, timeout=30)
+    assert done.returncode == 0 and len(done.stdout) == len(longest.encode()) + 1
+    with pytest.raises(OSError):
+        subprocess.run(["/bin/echo", longest + "x"], capture_output=True, timeout=30)

@@ -22,6 +22,10 @@ PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 # Bounds every int even without min/max: the value must fit a 64-bit integer wherever it ends up.
 _INT_LIMIT = 2**63
+#: Linux's MAX_ARG_STRLEN (32 pages): one argv element with its NUL. A longer value passed every
+#: check, was queued, and failed at spawn (E2BIG, "Argument list too long"); SPEC §2 wants argument
+#: values refused before a job is queued.
+MAX_ARGV_ELEMENT_BYTES = 131072
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,13 @@ class ArgSpec:
             return "must be valid Unicode text"
         if self.max_length is not None and len(value) > self.max_length:
             return f"must be at most {self.max_length} characters"
+        # A quarter as many characters cannot reach the limit (4 bytes at most each): no encode then.
+        if (
+            in_argv
+            and len(value) >= MAX_ARGV_ELEMENT_BYTES // 4
+            and len(value.encode()) >= MAX_ARGV_ELEMENT_BYTES
+        ):
+            return f"must be under {MAX_ARGV_ELEMENT_BYTES} bytes of UTF-8 (the most one command-line argument holds)"
         if self.pattern is not None:
             return None if re.fullmatch(self.pattern, value) else f"must match the pattern {self.pattern}"
         if in_argv and value.startswith("-"):
