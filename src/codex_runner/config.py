@@ -158,6 +158,9 @@ class Settings:
     # A request must arrive whole within this many seconds of the connection opening or the last
     # answer ending (api/connection.py).
     http_request_timeout_seconds: int = 60
+    # Connections one HTTP server (`serve`, a worker's metrics port) holds at once; one more is
+    # answered 503 and closed (api/gate.py).
+    http_max_connections: int = 1024
     # The raw [repos.*] and [scripts.*] tables; catalog.py gives them meaning.
     repos: Mapping[str, Any] = field(default_factory=dict)
     scripts: Mapping[str, Any] = field(default_factory=dict)
@@ -206,6 +209,8 @@ _INT_MINIMUMS: dict[str, int] = {
     # 0 would refuse every request body with 413; the smallest create body is about 50 bytes.
     "max_request_bytes": 1024,
     "http_request_timeout_seconds": 1,
+    # Fewer would leave no room for a scrape and a health check beside a few clients.
+    "http_max_connections": 8,
     # 0 would refuse every log stream with 429 (docs/configuration.md: at least 1).
     "max_streams_per_user": 1,
 }
@@ -220,6 +225,8 @@ _INT_MAXIMUMS: dict[str, int] = {
     "db_answer_timeout_seconds": MAX_SECONDS,
     "kill_grace_seconds": MAX_SECONDS,
     "http_request_timeout_seconds": MAX_SECONDS,
+    # Linux's own ceiling on a process's open files (fs.nr_open) by default.
+    "http_max_connections": 1 << 20,
     "idempotency_window_seconds": MAX_SECONDS,
     "retention_interval_seconds": MAX_SECONDS,
     "retention_days": MAX_DAYS,

@@ -23,6 +23,7 @@ from codex_runner.api.connection import protocol_class
 from codex_runner.config import Settings
 from codex_runner.errors import ConfigError
 from codex_runner.launcher import guard_serve_signals
+from codex_runner.ops.fdlimit import raise_fd_limit
 from codex_runner.ops.service import background_chores, on_startup
 from codex_runner.runtime import Runtime
 from codex_runner.store.instances import InstanceRegistry
@@ -188,6 +189,7 @@ def run_serve(settings: Settings) -> None:
         # Before the app, whose lifespan starts the launcher: see `bind_listeners`.
         sockets = bind_listeners(settings.host, settings.port)
         on_startup(runtime)
+        raise_fd_limit(settings)  # after on_startup, which sets up the log it writes to
         config = uvicorn.Config(
             build_app(runtime, chores=True),
             host=settings.host,
@@ -201,7 +203,12 @@ def run_serve(settings: Settings) -> None:
             loop="uvloop",
             # httptools with a cap on a request's head and a time limit on a request's arrival
             # (api/connection.py).
-            http=protocol_class(settings.http_request_timeout_seconds),
+            http=protocol_class(
+                settings.http_request_timeout_seconds, settings.http_max_connections, runtime.metrics
+            ),
+            # The API has no websocket, and an upgraded connection would leave the protocol that
+            # counts it (api/connection.py).
+            ws="none",
             timeout_graceful_shutdown=settings.kill_grace_seconds + 5,
         )
         # Read now: once uvicorn has them, uvloop owns the sockets (a `getsockname` then fails).
@@ -263,6 +270,8 @@ def run_worker(settings: Settings) -> None:
                 settings.host, settings.worker_metrics_port, "RUNNER_WORKER_METRICS_PORT"
             )
         on_startup(runtime)
+        if settings.worker_metrics_port:
+            raise_fd_limit(settings)
         tune_gc()
         asyncio.run(_worker_main(runtime, sockets))
     finally:
@@ -284,7 +293,12 @@ async def _worker_main(runtime: Runtime, sockets: list[socket.socket]) -> None:
         log_config=None,
         access_log=False,
         lifespan="off",
-        http=protocol_class(runtime.settings.http_request_timeout_seconds),
+        http=protocol_class(
+            runtime.settings.http_request_timeout_seconds,
+            runtime.settings.http_max_connections,
+            runtime.metrics,
+        ),
+        ws="none",
         timeout_graceful_shutdown=5,
     )
     server = _ProbeServer(config, runtime.settings.host, sockets[0].getsockname()[1])

@@ -89,3 +89,33 @@ def test_a_worker_whose_metrics_port_is_taken_claims_nothing(tmp_path: Path) -> 
         assert len(errors) == 1, result.stderr
         assert f"RUNNER_WORKER_METRICS_PORT={taken}" in errors[0] and "already in use" in errors[0]
         assert c.rows([job_id])[job_id]["status"] == "queued"
+
+
+def test_a_worker_metrics_port_holds_at_most_the_cap_of_connections(tmp_path: Path) -> None:
+    """RUNNER_HTTP_MAX_CONNECTIONS bounds the metrics port too: one connection over it is answered
+    503 at once, and a place freed is taken again."""
+    port = free_port()
+    with Cluster(tmp_path / "cluster", f"sqlite:///{tmp_path / 'runner.db'}") as c:
+        c.start(
+            "capped-worker", "worker", RUNNER_WORKER_METRICS_PORT=str(port), RUNNER_HTTP_MAX_CONNECTIONS="8"
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(base), 30, "the metrics port to answer")
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+        try:
+            refused = httpx.get(f"{base}/healthz", timeout=10)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "too_many_connections"
+            assert refused.headers["retry-after"] == "1"
+            held.pop().close()
+            wait_for(lambda: _answers(base), 10, "a freed place to be taken again")
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -87,6 +87,10 @@ def test_environment_wins_over_toml(tmp_path: Path) -> None:
         ({"RUNNER_KILL_GRACE_SECONDS": "9" * 12}, "RUNNER_KILL_GRACE_SECONDS: must be at most"),
         ({"RUNNER_RETENTION_DAYS": "1000000000"}, "RUNNER_RETENTION_DAYS: must be at most 36500"),
         ({"RUNNER_BACKUP_MAX_AGE_DAYS": "99999999"}, "RUNNER_BACKUP_MAX_AGE_DAYS: must be at most"),
+        ({"RUNNER_HTTP_MAX_CONNECTIONS": "7"}, "RUNNER_HTTP_MAX_CONNECTIONS: must be at least 8, got 7"),
+        ({"RUNNER_HTTP_MAX_CONNECTIONS": "0"}, "RUNNER_HTTP_MAX_CONNECTIONS: must be at least 8"),
+        ({"RUNNER_HTTP_MAX_CONNECTIONS": "many"}, "RUNNER_HTTP_MAX_CONNECTIONS: expected an integer"),
+        ({"RUNNER_HTTP_MAX_CONNECTIONS": "2000000"}, "RUNNER_HTTP_MAX_CONNECTIONS: must be at most 1048576"),
     ],
 )
 def test_bad_values_name_the_setting(tmp_path: Path, env: dict[str, str], fragment: str) -> None:
@@ -267,3 +271,14 @@ def test_runner_toml_strings_are_strings(tmp_path: Path, toml: str, fragment: st
     with pytest.raises(ConfigError) as exc:
         load_settings({}, cwd=tmp_path)
     assert fragment in str(exc.value)
+
+
+def test_http_max_connections(tmp_path: Path) -> None:
+    assert load_settings({}, cwd=tmp_path).http_max_connections == 1024
+    assert load_settings({"RUNNER_HTTP_MAX_CONNECTIONS": "8"}, cwd=tmp_path).http_max_connections == 8
+    (tmp_path / "runner.toml").write_text("[runner]\nhttp_max_connections = 4096\n")
+    assert load_settings({}, cwd=tmp_path).http_max_connections == 4096
+    (tmp_path / "runner.toml").write_text("[runner]\nhttp_max_connections = 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings({}, cwd=tmp_path)
+    assert exc.value.message == "runner.toml [runner].http_max_connections: must be at least 8, got 2"

@@ -5,16 +5,22 @@ however long: one connection sending a header of 200 MiB and never finishing it 
 the server (uvicorn's h11 protocol stops at 16 KiB; httptools has no such cap). Nor does uvicorn
 time out a connection before its first request, or a request that trickles in: a connection that
 sent nothing, or half a head, was kept for ever, and a few hundred of them took every file
-descriptor the server had (`/healthz` then went unanswered, as would a job's log and pipes). `serve`
-and a worker's metrics port use `protocol_class(RUNNER_HTTP_REQUEST_TIMEOUT_SECONDS)` instead
-(`http=` of `uvicorn.Config`).
+descriptor the server had (`/healthz` then went unanswered, as would a job's log and pipes). Nor
+does it bound how many connections it holds (api/gate.py). `serve` and a worker's metrics port use
+`protocol_class(...)` instead (`http=` of `uvicorn.Config`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from codex_runner.api.gate import REFUSED_LINGER_SECONDS, ConnectionGate
+
+if TYPE_CHECKING:
+    from codex_runner.ops.metrics import Metrics
 
 #: The most bytes a request's head may take (request line and headers): far above any real one
 #: (a token is at most 4 KiB, api/auth.py), as nginx's 4 × 8 KiB, and a bound on what one
@@ -39,6 +45,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     let a client that trickles keep a connection for ever."""
 
     request_timeout: float = 60.0
+    # The server's count of connections (one per `protocol_class` call); None: no cap.
+    gate: ConnectionGate | None = None
+    # This connection holds one of the gate's places, until `connection_lost` gives it back.
+    _admitted = False
+    # Over the cap: answered 503 and closed; `_lingering` while the 503 is being delivered.
+    _refused = False
+    _lingering = False
+    _linger_end: asyncio.TimerHandle | None = None
     # Waiting for a request, or for the rest of one; and the timer that ends the wait.
     _receiving = False
     _deadline: asyncio.TimerHandle | None = None
@@ -51,12 +65,60 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _head_too_large = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.gate is not None:
+            if not self.gate.admit():
+                self._refuse_connection(transport)
+                return
+            self._admitted = True
         super().connection_made(transport)
         self._await_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            self._end_refusal()
+            return
+        # First: asyncio calls this once for every connection made, however it ended (our own
+        # timeout, a 431, the client), so the count stays exact whatever follows.
+        self._give_back()
         self._stop_clock()
         super().connection_lost(exc)
+
+    def _give_back(self) -> None:
+        if self._admitted and self.gate is not None:
+            self._admitted = False
+            self.gate.release()
+
+    def _refuse_connection(self, transport: asyncio.Transport) -> None:
+        """Answers 503 before any request and closes: the cheapest answer a client still
+        understands. The write side is shut at once; what the client sends meanwhile is dropped,
+        for at most `REFUSED_LINGER_SECONDS` (see api/gate.py)."""
+        assert self.gate is not None
+        self._refused = True
+        self.transport = transport
+        if not self.gate.linger():
+            transport.close()
+            return
+        self._lingering = True
+        transport.write(
+            b"".join(
+                [
+                    STATUS_LINE[503],
+                    *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
+                    self.gate.answer,
+                ]
+            )
+        )
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._linger_end = self.loop.call_later(REFUSED_LINGER_SECONDS, transport.close)
+
+    def _end_refusal(self) -> None:
+        if self._linger_end is not None:
+            self._linger_end.cancel()
+            self._linger_end = None
+        if self._lingering and self.gate is not None:
+            self._lingering = False
+            self.gate.unlinger()
 
     def _await_request(self) -> None:
         """Starts the clock, unless it runs already (a request begun before the last answer ended
@@ -105,8 +167,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not pipelined and not self.transport.is_closing():
             self._await_request()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """Silent: the API has no websocket (`ws="none"`), an upgrade request is answered as any
+        other, and uvicorn's two warnings a request (one that says to install a websocket library)
+        would let any client fill the service log."""
+
     def handle_websocket_upgrade(self) -> None:
-        self._stop_clock()  # the connection is the websocket protocol's now
+        # The connection is the websocket protocol's now: this one hears no `connection_lost`.
+        # (`serve` passes `ws="none"`: the API has no websocket.)
+        self._stop_clock()
+        self._give_back()
         super().handle_websocket_upgrade()
 
     def on_url(self, url: bytes) -> None:
@@ -129,6 +199,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             raise HeadTooLarge
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the request of a refused connection, dropped
         if self._head_bytes is not None:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -167,8 +239,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_class(request_timeout: float) -> type[GuardedHttpToolsProtocol]:
-    """The protocol class for `uvicorn.Config(http=...)`, which constructs it without our settings."""
+def protocol_class(
+    request_timeout: float, max_connections: int | None = None, metrics: Metrics | None = None
+) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class for `uvicorn.Config(http=...)`, which constructs it without our settings;
+    one per server, for its connections have a count of their own."""
+    gate = None if max_connections is None else ConnectionGate(max_connections, metrics)
     return type(
-        "GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"request_timeout": float(request_timeout)}
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"request_timeout": float(request_timeout), "gate": gate},
     )

@@ -30,7 +30,7 @@ from codex_runner.errors import ConfigError, RunnerError
 from codex_runner.execution import spare_watch
 from codex_runner.execution.agents import BYPASS_FLAGS
 from codex_runner.execution.git import is_loopback_host
-from codex_runner.ops import audit
+from codex_runner.ops import audit, fdlimit
 from codex_runner.ops.backup import newest_backup
 from codex_runner.store import create_store_engine
 from codex_runner.store.migrate import current_revision, head_revision, is_known, newer_schema_message
@@ -108,6 +108,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks += _repos(settings, catalog)
         checks.append(_git())
         checks.append(_reaper())
+        checks.append(_fd_limit(settings))
         checks.append(_spare_watch(settings, catalog))
         checks += _encryption(settings, eng if db_ok else None)
         checks += _disk(settings)
@@ -359,6 +360,30 @@ def _reaper() -> Check:
         "init",
         "running as PID 1 (RUNNER_NO_INIT=1): processes that jobs orphan are never reaped and pile "
         "up as zombies; unset RUNNER_NO_INIT or run under an init that reaps (tini, `docker run --init`)",
+    )
+
+
+def _fd_limit(settings: Settings) -> Check:
+    """A cap on connections above the open-file limit bounds nothing: a flood of connections would
+    still take the descriptors that jobs, logs and the database need (ops/fdlimit.py)."""
+    limit = fdlimit.current(settings)
+    cap = settings.http_max_connections
+    if not limit.room:
+        return _warn(
+            "fd_limit",
+            f"RUNNER_HTTP_MAX_CONNECTIONS={cap} needs about {limit.needed} open files (with jobs, "
+            f"database and logs), but the hard limit is {limit.hard}: lower the cap or raise the "
+            "limit (ulimit -n, LimitNOFILE= of systemd, --ulimit nofile= of docker)",
+            soft=limit.soft,
+            hard=limit.hard,
+            needed=limit.needed,
+        )
+    return _ok(
+        "fd_limit",
+        f"open-file limit leaves room for {cap} HTTP connections (needs about {limit.needed})",
+        soft=limit.soft,
+        hard=limit.hard,
+        needed=limit.needed,
     )
 
 

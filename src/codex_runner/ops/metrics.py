@@ -57,6 +57,16 @@ class Metrics:
             registry=r,
         )
 
+        # Moved by the server's connection gate (api/gate.py), for `serve` and a worker's metrics port.
+        self.http_connections = Gauge(
+            "runner_http_connections", "HTTP connections open and served", registry=r
+        )
+        self.http_connections_refused = Counter(
+            "runner_http_connections_refused_total",
+            "HTTP connections refused over RUNNER_HTTP_MAX_CONNECTIONS",
+            registry=r,
+        )
+
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         """One answered request, by route template (never the raw path: bounded label values)."""
         self.http_requests.labels(method=method, route=route, status=str(status)).inc()
