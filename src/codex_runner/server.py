@@ -24,6 +24,7 @@ from codex_runner.config import Settings
 from codex_runner.errors import ConfigError
 from codex_runner.launcher import guard_serve_signals
 from codex_runner.ops.fdlimit import raise_fd_limit
+from codex_runner.ops.hardening import seal_process
 from codex_runner.ops.service import background_chores, on_startup
 from codex_runner.runtime import Runtime
 from codex_runner.store.instances import InstanceRegistry
@@ -189,6 +190,9 @@ def run_serve(settings: Settings) -> None:
         # Before the app, whose lifespan starts the launcher: see `bind_listeners`.
         sockets = bind_listeners(settings.host, settings.port)
         on_startup(runtime)
+        # Before the launcher starts a job, whose scripts must not read our secrets; after
+        # on_startup, which sets up the log it may warn in (ops/hardening.py).
+        seal_process()
         raise_fd_limit(settings)  # after on_startup, which sets up the log it writes to
         config = uvicorn.Config(
             build_app(runtime, chores=True),
@@ -270,6 +274,7 @@ def run_worker(settings: Settings) -> None:
                 settings.host, settings.worker_metrics_port, "RUNNER_WORKER_METRICS_PORT"
             )
         on_startup(runtime)
+        seal_process()  # as `serve` does
         if settings.worker_metrics_port:
             raise_fd_limit(settings)
         tune_gc()

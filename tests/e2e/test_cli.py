@@ -18,7 +18,7 @@ import sys
 import textwrap
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,9 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: 
     return lines[0]
 
 
-def start_server(root: Path, *, enabled: bool, **extra: str) -> Server:
+def start_server(root: Path, *, enabled: bool, wrapper: Sequence[str] = (), **extra: str) -> Server:
+    """`codex-runner serve` on a free port, healthy; `wrapper` comes before it on the command line
+    (`setpriv …`)."""
     root.mkdir(parents=True, exist_ok=True)
     repo = make_git_repo(root / "repo")
     config = root / "runner.toml"
@@ -142,7 +144,7 @@ def start_server(root: Path, *, enabled: bool, **extra: str) -> Server:
     with log.open("wb") as fh:
         # Its own session, so teardown can signal the server and anything it started.
         proc = subprocess.Popen(
-            [CLI, "serve"], env=env, cwd=root, stdout=fh, stderr=fh, start_new_session=True
+            [*wrapper, CLI, "serve"], env=env, cwd=root, stdout=fh, stderr=fh, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
 
