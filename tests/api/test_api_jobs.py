@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import warnings
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from codex_runner.errors import InvalidRequest
+from codex_runner.jobs import payload_hash
 from codex_runner.store.schema import events, idempotency_keys, jobs
 
 
@@ -192,6 +194,13 @@ def test_idempotent_replay_and_conflict(api: Any) -> None:
     # The scope is (user, key): bob's k-1 is another key.
     assert api.create(api.bob, None, **{"Idempotency-Key": "k-1"}).status_code == 201
     assert _count(api, jobs) == 2
+    # The creation event names the key and the payload by their hashes, each by its own (the key's
+    # was the payload's hash under the key's name).
+    created = api.client(api.alice).get(f"/api/runner/jobs/{first.json()['id']}/events").json()["items"][0]
+    assert created["meta"]["idempotency_key_sha256"] == hashlib.sha256(b"k-1").hexdigest()[:16]
+    # `count` is left out as it equals its default (SPEC §4's canonical payload).
+    payload = payload_hash(first.json()["repo_id"], "echo", {"message": "hi"})
+    assert created["meta"]["payload_sha256"] == payload[:16]
 
 
 def test_idempotency_key_validation(api: Any) -> None:

@@ -9,6 +9,7 @@ decided, so a refused item (429, 409) leaves no trace and needs no savepoint."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -147,7 +148,9 @@ def _decide(conn: Connection, batch: _Batch, new: NewJob, digest: str, now: date
             }
         )
         batch.keys[(user, key)] = (digest, public)
-        meta["idempotency_key_sha256"] = digest[:16]
+        # Which key and which payload, without the key itself (a client's key may carry meaning).
+        meta["idempotency_key_sha256"] = hashlib.sha256(key.encode()).hexdigest()[:16]
+        meta["payload_sha256"] = digest[:16]
     batch.event(job_id, EventType.JOB_CREATED, user, "job created", meta, now)
     return public, False
 
