@@ -104,6 +104,10 @@ def test_cancel_codes(api: Any) -> None:
     r = c.post(f"/api/runner/jobs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     assert r.json()["error_code"] == "canceled"
+    # As a job canceled while running says of the stages it did not reach: none will run.
+    assert r.json()["error_message"] == "canceled while queued"
+    assert [s["status"] for s in r.json()["stages"]] == ["skipped"] * 5
+    assert c.get(f"/api/runner/jobs/{job['id']}").json()["stages"] == r.json()["stages"]
     r = c.post(f"/api/runner/jobs/{job['id']}/cancel")
     assert r.status_code == 409 and r.json()["code"] == "invalid_transition"
     events_ = c.get(f"/api/runner/jobs/{job['id']}/events").json()["items"]

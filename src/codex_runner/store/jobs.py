@@ -32,7 +32,7 @@ from codex_runner.jobs import (
 from codex_runner.store.creates import CreateOutcome, create_in_txn
 from codex_runner.store.engine import read_txn, with_retries, write_txn
 from codex_runner.store.prepared import Prepared
-from codex_runner.store.records import event_row, event_to_public, iso, job_to_public, utcnow
+from codex_runner.store.records import event_row, event_to_public, iso, job_to_public, skipped_stages, utcnow
 from codex_runner.store.schema import (
     SERVER_CLOCK,
     all_job_counts,
@@ -727,7 +727,11 @@ class JobStore:
                         None,
                         "canceled while queued",
                         {"error_code": "canceled"},
-                        {"error_code": "canceled"},
+                        {
+                            "error_code": "canceled",
+                            "error_message": "canceled while queued",
+                            "stages": skipped_stages(),
+                        },
                     )
                     code = 200
                 elif status is Status.RUNNING:

@@ -26,6 +26,12 @@ def initial_stages() -> list[dict[str, Any]]:
     ]
 
 
+def skipped_stages() -> list[dict[str, Any]]:
+    """The stages of a job that ends without running (canceled while queued): none of them will
+    run, as a job that ends running marks the stages it did not reach."""
+    return [{**stage, "status": "skipped"} for stage in initial_stages()]
+
+
 def job_to_public(row: Any, *, now: datetime | None = None) -> dict[str, Any]:
     started, finished = row["started_at"], row["finished_at"]
     duration_ms: int | None = None
