@@ -5,6 +5,10 @@ nothing. Each test failed on the build before its fix."""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -344,3 +348,66 @@ def test_a_cancel_kills_the_stages_git_and_never_the_cleanups(tmp_path: Path) ->
         for proc in (stage, cleanup):
             proc.kill()
             proc.wait(5)
+
+
+def _within(seconds: float, fifo: Path, call: Callable[[], object]) -> BaseException | None:
+    """Runs `call` in a thread and returns what it raised. If it still runs after `seconds` (a git
+    that waits on the named pipe `fifo`), the pipe is opened from here so that git goes on and
+    the thread ends, and the test fails."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    stuck = thread.is_alive()
+    while thread.is_alive():
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # O_RDWR never blocks: the waiting git's partner
+        time.sleep(0.2)
+        os.close(fd)
+        thread.join(1)
+    assert not stuck, f"the runner's git still waited on {fifo} after {seconds} s"
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize(
+    ("mode", "where", "stage"),
+    [
+        ("clone", "sub/.gitignore", "commit"),
+        ("clone", ".git/config", "commit"),
+        ("in_place", ".git/info/exclude", "commit"),
+        ("in_place", ".gitignore", "cleanup"),
+    ],
+)
+def test_a_named_pipe_where_git_reads_fails_the_stage_at_once(
+    tmp_path: Path, mode: str, where: str, stage: str
+) -> None:
+    """The agent made a FIFO where git opens a file by name (a folder's `.gitignore`, the
+    config, `info/exclude`): `open()` waits for a writer that never comes, and the runner's
+    `add`, `symbolic-ref` or `clean` sat there until its 10-minute timeout, an in_place cleanup
+    holding the repo lock all along. The stage now fails within a second, naming the pipe."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace=mode, push=False)
+    ws = prepare_workspace(repo, "73737373-a", settings)
+    fifo = ws.path / where
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    (ws.path / "sub" / "work.txt").parent.mkdir(exist_ok=True)
+    (ws.path / "sub" / "work.txt").write_text("work\n")
+    if stage == "commit":
+        error = _within(20, fifo, lambda: commit(ws))
+    else:
+        error = _within(20, fifo, lambda: cleanup_workspace(ws, repo, settings, failed=False))
+    assert isinstance(error, GitError), error
+    assert error.code == f"{stage}_failed"
+    assert "named pipe" in error.message and repr(str(fifo)) in error.message
+    fifo.unlink()
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"

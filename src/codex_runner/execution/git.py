@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from codex_runner.errors import RunnerError
+from codex_runner.execution.pipewait import fifo_wait
 from codex_runner.secrets import mask, utf8_tail
 
 GIT_ERROR_CODES = frozenset(
@@ -44,6 +45,9 @@ LOCK_RETRY_SECONDS = 3.0
 #: (core.filesRefLockTimeout).
 _LOCK_BUSY = re.compile(rb"index\.lock'?: File exists\.")
 NETWORK_TIMEOUT = 1800.0
+#: How often a running git command is checked for a wait on a named pipe (`pipewait`): the
+#: longest a command that opened one stalls before it fails.
+FIFO_POLL_SECONDS = 0.5
 # http is accepted only towards loopback (test servers, a git server on the same host): anywhere
 # else a token would cross the network in clear.
 SAFE_PROTOCOLS = ("file", "https", "ssh")
@@ -323,15 +327,38 @@ def _run_once(
         )
     except OSError as exc:
         raise GitError(f"cannot run git: {exc.strerror}", code=error_code) from None
+    data = input_text.encode() if input_text is not None else None
+    deadline = time.monotonic() + timeout
     try:
-        out, err = proc.communicate(input_text.encode() if input_text is not None else None, timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise GitError(f"git {_verb(args)} timed out after {timeout:.0f} s", code=error_code) from None
+        while True:
+            try:
+                # Woken every FIFO_POLL_SECONDS to look for a wait on a named pipe; a command that
+                # ends sooner is not delayed (communicate returns when git exits).
+                out, err = proc.communicate(
+                    data, max(0.0, min(FIFO_POLL_SECONDS, deadline - time.monotonic()))
+                )
+                break
+            except subprocess.TimeoutExpired:
+                data = None  # being written already: communicate() must not be given it twice
+                if time.monotonic() >= deadline:
+                    raise GitError(
+                        f"git {_verb(args)} timed out after {timeout:.0f} s", code=error_code
+                    ) from None
+                pipe = fifo_wait(proc.pid)
+                if pipe is not None:
+                    raise GitError(
+                        f"git {_verb(args)} stopped: it waited to open {_named(pipe)}, a named pipe (FIFO) "
+                        "nothing writes to or reads from; the runner's git opens no named pipes: remove it",
+                        code=error_code,
+                    ) from None
     except BaseException:
         _kill_group(proc)
         raise
     return proc.returncode, out, err
+
+
+def _named(pipe: str) -> str:
+    return repr(pipe) if pipe else "a file"
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
