@@ -6,6 +6,7 @@ nothing. Each test failed on the build before its fix."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -411,3 +412,48 @@ def test_a_named_pipe_where_git_reads_fails_the_stage_at_once(
     fifo.unlink()
     cleanup_workspace(ws, repo, settings, failed=False)
     assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+
+
+@pytest.mark.parametrize("operation", ["rebase", "cherry-pick", "am", "recovering rebase"])
+def test_an_in_place_cleanup_ends_an_operation_the_job_left_half_done(tmp_path: Path, operation: str) -> None:
+    """The agent started a rebase, a cherry-pick of several commits or an `am` that stopped on a
+    conflict. The cleanup reset the files and went back to the operator's branch, but left
+    `rebase-merge`, `sequencer` or `rebase-apply` in `.git`: the operator's `git status` showed
+    the job's operation in progress, and its `--abort` would reset to where the job's operation
+    began (back on the job branch, or the operator's branch moved there, their work gone)."""
+    local = make_repo(tmp_path / "repo")
+    ident = ("-c", "user.name=a", "-c", "user.email=a@a")
+    git("checkout", "-q", "-b", "other", cwd=local)
+    for text in ("other 1\n", "other 2\n"):
+        (local / "README.md").write_text(text)
+        git(*ident, "commit", "-qam", text.strip(), cwd=local)
+    patch = git("format-patch", "-1", "--stdout", "HEAD", cwd=local) + "\n"
+    git("checkout", "-q", "main", cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place", push=False)
+    ws = prepare_workspace(repo, "74747474-a", settings)
+    (local / "README.md").write_text("the job's\n")  # the agent: a commit, then the operation
+    git(*ident, "commit", "-qam", "job", cwd=local)
+    command = {
+        "rebase": ["rebase", "other"],
+        "recovering rebase": ["rebase", "other"],
+        "cherry-pick": ["cherry-pick", "other~1", "other"],
+        "am": ["am", "-3"],
+    }[operation]
+    started = subprocess.run(
+        ["git", *ident, *command], cwd=local, input=patch, capture_output=True, text=True, check=False
+    )
+    assert started.returncode != 0, started  # stopped on the conflict, as the agent left it
+    states = ("rebase-merge", "rebase-apply", "sequencer", "REBASE_HEAD", "CHERRY_PICK_HEAD", "MERGE_HEAD")
+    assert any((local / ".git" / name).exists() for name in states)
+    if operation != "recovering rebase":
+        assert commit(ws).commit is not None
+    cleanup_workspace(ws, repo, settings, failed=False, recovering=operation == "recovering rebase")
+    assert [name for name in states if (local / ".git" / name).exists()] == []
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert git("status", "--porcelain", cwd=local) == ""
+    main = git("rev-parse", "main", cwd=local)
+    for abort in (["rebase", "--abort"], ["cherry-pick", "--abort"], ["am", "--abort"]):
+        subprocess.run(["git", *abort], cwd=local, capture_output=True, check=False)
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert git("rev-parse", "main", cwd=local) == main

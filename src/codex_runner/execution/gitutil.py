@@ -37,6 +37,7 @@ __all__ = [
     "lock_key",
     "lock_waits_at_most",
     "real_dir",
+    "rebased_or_head_ref",
     "remove_stale_locks",
     "repo_lock",
     "resolve",
@@ -282,17 +283,38 @@ def head_ref(git_dir: Path) -> str | None:
     """The ref HEAD names (`refs/heads/main`), read from the file as git would; None when HEAD is
     detached or cannot be read. Opened without following a link and without blocking: the agent
     can write this git dir, and a FIFO in HEAD's place must not hang the runner."""
+    text = _read_small(git_dir / "HEAD")
+    return text[len("ref: ") :].strip() if text.startswith("ref: ") else None
+
+
+def rebased_or_head_ref(git_dir: Path) -> str | None:
+    """`head_ref`, or while a rebase (or an `am`) holds HEAD detached, the branch it rebases
+    (`rebase-merge/head-name`, `rebase-apply/head-name`): a job that left its branch mid-rebase
+    is still on it."""
+    head = head_ref(git_dir)
+    if head is not None:
+        return head
+    for folder in ("rebase-merge", "rebase-apply"):
+        name = _read_small(git_dir / folder / "head-name").strip()
+        if name.startswith("refs/heads/"):
+            return name
+    return None
+
+
+def _read_small(path: Path) -> str:
+    """A small regular file's text, "" when it is anything else or cannot be read (`head_ref`)."""
     try:
-        fd = os.open(git_dir / "HEAD", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None
+        return ""
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        text = os.read(fd, 4096).decode("utf-8", "replace")
+            return ""
+        return os.read(fd, 4096).decode("utf-8", "replace")
+    except OSError:
+        return ""
     finally:
         os.close(fd)
-    return text[len("ref: ") :].strip() if text.startswith("ref: ") else None
 
 
 #: The lock files a git command killed mid-write leaves in a repository's git dir: while one is

@@ -45,7 +45,14 @@ from codex_runner.execution.git import (
     validate_source,
 )
 from codex_runner.execution.gitutil import current_branch as _current_branch
-from codex_runner.execution.gitutil import filter_guard, head_ref, lock_key, nested_guard, remove_stale_locks
+from codex_runner.execution.gitutil import (
+    filter_guard,
+    head_ref,
+    lock_key,
+    nested_guard,
+    rebased_or_head_ref,
+    remove_stale_locks,
+)
 from codex_runner.execution.gitutil import git_out as _git_out
 from codex_runner.execution.gitutil import real_dir as _real_dir
 from codex_runner.execution.gitutil import repo_lock as _repo_lock
@@ -987,7 +994,7 @@ def _cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings, *, reco
     assert ws.git_dir is not None and ws.branch is not None and ws.base_commit is not None
     _check_git_dir(ws, "cleanup_failed")  # a reset and checkout must not land in another repository
     with _repo_lock(settings, _lock_key(repo)):
-        head = head_ref(ws.git_dir)
+        head = rebased_or_head_ref(ws.git_dir)
         if head != f"refs/heads/{ws.branch}" and (
             recovering or (head or "").startswith("refs/heads/runner/")
         ):
@@ -1044,17 +1051,12 @@ def _restore_in_place(
         # files go to the stash as they are (conflict markers and all), the operation is dropped.
         if _run_in(git_dir, path, ["ls-files", "-u", "-z"], home, "cleanup_failed", guard=guard).stdout:
             _run_in(git_dir, path, ["add", "-A"], home, "cleanup_failed", guard=guard)
-        for state, command in (
-            ("MERGE_HEAD", "merge"),
-            ("CHERRY_PICK_HEAD", "cherry-pick"),
-            ("REVERT_HEAD", "revert"),
-        ):
-            if (git_dir / state).exists():
-                _run_in(git_dir, path, [command, "--quit"], home, "cleanup_failed", guard=guard, check=False)
+        _quit_operations(git_dir, path, home, guard)
         message = f"codex-runner: left uncommitted on {branch} by job {job_id} (recovered)"
         stash = ["stash", "push", "--include-untracked", "-q", "-m", message]
         _stash_push(git_dir, path, stash, home, guard, identity)
     else:
+        _quit_operations(git_dir, path, home, guard)
         _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "cleanup_failed", guard=guard)
         _run_in(git_dir, path, ["clean", "-fdq"], home, "cleanup_failed", guard=guard)
     # Not `--no-overwrite-ignore` here (the checkout to the job branch has it): a file the
@@ -1065,6 +1067,39 @@ def _restore_in_place(
     else:
         checkout = ["checkout", "-q", "--detach", original]
     _run_in(git_dir, path, checkout, home, "cleanup_failed", guard=guard)
+
+
+#: What an operation stopped half way (on a conflict, or an `edit` step) leaves in a git dir, and
+#: the command that forgets it: `--quit` leaves HEAD, the index and the files as they are. Left
+#: in an in_place repo, the operator's `git status` would show the job's operation in progress,
+#: and `git rebase --abort` there would check the job branch out again, dropping their changes.
+#: `am` before `rebase`: both keep `rebase-apply`, and `rebase --quit` refuses an `am`'s.
+_OPERATIONS = (
+    ("MERGE_HEAD", "merge"),
+    ("CHERRY_PICK_HEAD", "cherry-pick"),
+    ("REVERT_HEAD", "revert"),
+    ("sequencer", "cherry-pick"),  # a pick or revert of several commits (both use this folder)
+    ("rebase-apply/applying", "am"),
+    ("rebase-apply", "rebase"),
+    ("rebase-merge", "rebase"),
+)
+
+
+def _quit_operations(git_dir: Path, path: Path, home: Path, guard: Sequence[tuple[str, str]]) -> None:
+    """Ends every merge, cherry-pick, revert, rebase or `am` the job left half done (`_OPERATIONS`);
+    `cleanup_failed` naming the one whose state stays."""
+    for state, command in _OPERATIONS:
+        if os.path.lexists(git_dir / state):
+            _run_in(git_dir, path, [command, "--quit"], home, "cleanup_failed", guard=guard, check=False)
+            if os.path.lexists(git_dir / state):
+                raise GitError(
+                    f"the job left a {command} in progress and `git {command} --quit` did not end it "
+                    f"(.git/{state} stays)",
+                    code="cleanup_failed",
+                )
+    # `rebase --quit` keeps the stopped step's commit there (git 2.39): nothing reads it after.
+    if os.path.lexists(git_dir / "REBASE_HEAD"):
+        (git_dir / "REBASE_HEAD").unlink()
 
 
 def _stash_push(
