@@ -40,6 +40,17 @@ class Repo:
     source_type: str = "git_url"
     branch: str | None = "main"
     workspace: str = "clone"
+    push: bool = True
+
+
+@dataclass(frozen=True)
+class LocalRepo:
+    id: str
+    source: str
+    source_type: str = "local_path"
+    branch: str | None = "main"
+    workspace: str = "in_place"
+    push: bool = True
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
@@ -236,3 +247,43 @@ def test_the_token_leaks_nowhere(tmp_path: Path, server: Server) -> None:
     assert not sampler.leaks
     assert not _files_containing(settings.data_dir, forms)
     assert all(TOKEN not in m and WRONG not in m for m in messages)
+
+
+def test_a_token_written_as_the_urls_user_name_reaches_no_command_line(
+    tmp_path: Path, server: Server
+) -> None:
+    """`https://<token>@host/…` is how tokens are often written into a URL (GitHub takes one as the
+    user name), in the catalog or in a local repo's `origin`. The runner gave git the URL as it
+    was: the token stood in the command line of every fetch and push (`/proc/<pid>/cmdline`,
+    readable by any local user), in the clone's `.git/config`, and in the error of a push with no
+    stored credential ("could not read Password for 'http://<token>@…'"). Over http(s) the user
+    name now stays out: the stored credential supplies one."""
+    in_url = "userinfo-canary-0123456789"
+    url = server.url.replace("://", f"://{in_url}@", 1)
+    settings = settings_for(tmp_path)
+    cred = GitCredential(server.host, USER, TOKEN)
+    local = tmp_path / "local"
+    git("clone", "-q", str(server.bare), str(local))
+    git("remote", "set-url", "origin", url, cwd=local)
+    messages: list[str] = []
+    with CmdlineSampler([in_url.encode()]) as sampler:
+        repo = Repo("widgets", url, branch=None)  # the default branch comes from `ls-remote`
+        ws = prepare_workspace(repo, "b8b8b8b8-8", settings, cred)
+        (ws.path / "new.txt").write_text("new\n")
+        commit(ws)
+        push_branch(ws, repo, cred)
+        assert not _files_containing(ws.path / ".git", [in_url.encode()])
+        cleanup_workspace(ws, repo, settings, failed=False)
+        in_place = LocalRepo("local", str(local))
+        ws = prepare_workspace(in_place, "c9c9c9c9-9", settings)
+        (local / "more.txt").write_text("more\n")
+        commit(ws)
+        with pytest.raises(GitError) as err:
+            push_branch(ws, in_place, None)
+        messages.append(err.value.message)
+        push_branch(ws, in_place, cred)
+        cleanup_workspace(ws, in_place, settings, failed=False)
+    assert sampler.git_seen > 0
+    assert not sampler.leaks
+    assert all(in_url not in m for m in messages), messages
+    assert git("rev-parse", "--verify", "-q", "refs/heads/runner/c9c9c9c9", cwd=server.bare)

@@ -506,6 +506,20 @@ def is_plain_http(url: str) -> bool:
     return url.lower().startswith("http://")
 
 
+def without_user(url: str) -> str:
+    """An http(s) URL without its user info (`https://<token>@host/…` is how tokens are often
+    written into one), anything else as it is: the form handed to git and written into a
+    clone's config. Over http(s) the stored credential (the helper) supplies the user name, and a
+    name in the URL would stand in the command line (`/proc/<pid>/cmdline`, readable by every
+    local user) and in git's "could not read Password for '<url>'". An ssh user (`git@`) is kept:
+    ssh needs it, and it is no secret."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in {"http", "https"}:
+        return url
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}"
+
+
 def url_host(url: str) -> str | None:
     """`host[:port]` of an http(s) URL, as git's credential protocol names it; None otherwise."""
     parts = urlsplit(url)

@@ -43,6 +43,7 @@ from codex_runner.execution.git import (
     url_host,
     validate_ref_name,
     validate_source,
+    without_user,
 )
 from codex_runner.execution.gitutil import current_branch as _current_branch
 from codex_runner.execution.gitutil import (
@@ -226,14 +227,16 @@ def _prepare_from_mirror(
         _sync_mirror(repo, mirror, home, credential)
         base_branch = repo.branch or _remote_default_branch(repo, home, credential)
         base_commit = _resolve(mirror, f"refs/remotes/origin/{base_branch}", home)
-    spare = SpareSource(_lock_key(repo), mode, mirror, repo.source, base_commit)
+    spare = SpareSource(_lock_key(repo), mode, mirror, without_user(repo.source), base_commit)
     git_dir = take_spare(settings, spare, path, base_branch, branch, home)
     if git_dir is None and mode == "worktree":
         git_dir = _make_worktree(settings, _lock_key(repo), mirror, root, path, branch, base_commit, home)
     elif git_dir is None:
         _new_folder(root, path)
         try:
-            git_dir = _shared_clone(mirror, path, repo.source, base_branch, base_commit, branch, home)
+            git_dir = _shared_clone(
+                mirror, path, without_user(repo.source), base_branch, base_commit, branch, home
+            )
         except BaseException:
             _remove_tree(path, root)
             raise
@@ -442,7 +445,7 @@ def _spare_source_now(repo: RepoLike, settings: Settings, home: Path) -> SpareSo
         if not repo.branch or not mirror.is_dir():
             return None
         commit = _resolve(mirror, f"refs/remotes/origin/{repo.branch}", home)
-        return SpareSource(key, repo.workspace, mirror, repo.source, commit)
+        return SpareSource(key, repo.workspace, mirror, without_user(repo.source), commit)
     if repo.source_type == "local_path" and repo.workspace in ("clone", "worktree"):
         source, store, _, commit = _local_base(repo, home)
         return SpareSource(key, repo.workspace, store, str(source), commit, repo.workspace == "clone")
@@ -548,10 +551,11 @@ def _remote_default_branch(repo: RepoLike, home: Path, credential: GitCredential
 def _remote_git(
     args: list[str], url: str, credential: GitCredential | None, home: Path, code: str
 ) -> GitResult:
-    """A command that talks to `url`: the credential only over http(s) (ssh uses the service account's
-    keys), plain http only where `validate_source` allowed it (loopback)."""
+    """A command that talks to `url` (one of `args`): the credential only over http(s) (ssh uses
+    the service account's keys), plain http only where `validate_source` allowed it (loopback), and
+    the URL without an http(s) user name (`without_user`)."""
     return run_git(
-        args,
+        [without_user(arg) if arg == url else arg for arg in args],
         home=home,
         credential=credential if url_host(url) else None,
         plain_http=is_plain_http(url),
