@@ -457,3 +457,39 @@ def test_an_in_place_cleanup_ends_an_operation_the_job_left_half_done(tmp_path: 
         subprocess.run(["git", *abort], cwd=local, capture_output=True, check=False)
     assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
     assert git("rev-parse", "main", cwd=local) == main
+
+
+def test_an_in_place_cleanup_keeps_what_the_operators_branch_ignores(tmp_path: Path) -> None:
+    """The job committed a `.gitignore` that no longer ignores the operator's `.env` (the agent
+    tidied it), then failed. The cleanup's `git clean` ran on the job branch, under the job's
+    rules, and deleted `.env` for good: it was never in any commit. It now runs once the repo is
+    back on the operator's branch, under its rules."""
+    local = make_repo(tmp_path / "repo", {"README.md": "hi\n", ".gitignore": ".env\n"})
+    (local / ".env").write_text("SECRET=the operator's\n")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place", push=False)
+    ws = prepare_workspace(repo, "75757575-a", settings)
+    (local / ".gitignore").write_text("# tidied\n")  # the agent
+    git("-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qm", "tidy", ".gitignore", cwd=local)
+    (local / "left.txt").write_text("the job's leftover\n")
+    cleanup_workspace(ws, repo, settings, failed=True)
+    assert (local / ".env").read_text() == "SECRET=the operator's\n"
+    assert not (local / "left.txt").exists()
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert git("status", "--porcelain", cwd=local) == ""
+
+
+def test_an_in_place_cleanup_goes_back_over_a_file_the_job_stopped_tracking(tmp_path: Path) -> None:
+    """The job committed the removal of a tracked file and a later step made it again,
+    untracked: the switch back must put the operator's branch's version there, not fail."""
+    local = make_repo(tmp_path / "repo")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place", push=False)
+    ws = prepare_workspace(repo, "76767676-a", settings)
+    git("rm", "-q", "README.md", cwd=local)
+    git("-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qm", "drop", cwd=local)
+    (local / "README.md").write_text("made again\n")
+    cleanup_workspace(ws, repo, settings, failed=True)
+    assert (local / "README.md").read_text() == "hello\n"
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+    assert git("status", "--porcelain", cwd=local) == ""

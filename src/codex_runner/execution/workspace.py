@@ -1062,15 +1062,28 @@ def _restore_in_place(
     else:
         _quit_operations(git_dir, path, home, guard)
         _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "cleanup_failed", guard=guard)
+    _run_in(
+        git_dir, path, _checkout_back(original, force=not recovering), home, "cleanup_failed", guard=guard
+    )
+    if not recovering:
+        # Only once back, under the ignore rules of the operator's branch: the job's branch may
+        # no longer ignore the operator's files (a `.env` its `.gitignore` dropped), and `clean`
+        # there deleted them for good.
         _run_in(git_dir, path, ["clean", "-fdq"], home, "cleanup_failed", guard=guard)
-    # Not `--no-overwrite-ignore` here (the checkout to the job branch has it): a file the
-    # original branch tracks and the job branch stopped tracking (now ignored) must come back,
-    # or the repo would stay on the job branch and every later job on it fail.
+
+
+def _checkout_back(original: str, *, force: bool) -> list[str]:
+    """The checkout that puts an in_place repo back on `original` (a ref or a commit).
+
+    Not `--no-overwrite-ignore` (the checkout to the job branch has it): a file the original
+    branch tracks and the job branch stopped tracking (now ignored) must come back, or the repo
+    would stay on the job branch and every later job on it fail. `force` (the job's own cleanup,
+    after its `reset --hard`): an untracked file in the way is the job's, at a path the original
+    branch tracks and the tree had clean when the job began, so that version comes back."""
+    forced = ["-f"] if force else []
     if original.startswith("refs/heads/"):
-        checkout = ["checkout", "-q", original.removeprefix("refs/heads/")]
-    else:
-        checkout = ["checkout", "-q", "--detach", original]
-    _run_in(git_dir, path, checkout, home, "cleanup_failed", guard=guard)
+        return ["checkout", "-q", *forced, original.removeprefix("refs/heads/")]
+    return ["checkout", "-q", *forced, "--detach", original]
 
 
 #: What an operation stopped half way (on a conflict, or an `edit` step) leaves in a git dir, and
