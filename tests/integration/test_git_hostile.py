@@ -493,3 +493,26 @@ def test_an_in_place_cleanup_goes_back_over_a_file_the_job_stopped_tracking(tmp_
     assert (local / "README.md").read_text() == "hello\n"
     assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
     assert git("status", "--porcelain", cwd=local) == ""
+
+
+def test_in_place_refuses_a_base_branch_that_does_not_ignore_the_operators_files(tmp_path: Path) -> None:
+    """The operator works on `dev`, whose `.gitignore` ignores `.env`; the repo's `branch` is
+    `main`, which does not. The tree was clean on `dev`, so the job started on `main` with `.env`
+    untracked: the runner's `add -A` committed the operator's secret (and pushed it), and the
+    switch back then removed it from the folder. The set-up now refuses, naming it, and leaves
+    the repo as it was."""
+    local = make_repo(tmp_path / "repo")
+    git("checkout", "-q", "-b", "dev", cwd=local)
+    (local / ".gitignore").write_text(".env\n")
+    git("add", ".gitignore", cwd=local)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ignore", cwd=local)
+    (local / ".env").write_text("SECRET=the operator's\n")
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), branch="main", workspace="in_place", push=False)
+    with pytest.raises(GitError) as err:
+        prepare_workspace(repo, "77777777-a", settings)
+    assert err.value.code == "prepare_failed" and ".env" in err.value.message
+    assert (local / ".env").read_text() == "SECRET=the operator's\n"
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "dev"
+    assert "runner/77777777" not in git("branch", "--list", cwd=local)
+    assert git("status", "--porcelain", cwd=local) == ""

@@ -342,6 +342,7 @@ def _prepare_in_place(
             "its branch",
             code="prepare_failed",
         )
+    same_tree = _try_resolve(store, "HEAD", home) == base_commit
     # Ignored files are the operator's (local settings, build output): a checkout overwrites one
     # the base tracks, and the switch back at cleanup would then delete it. Refused instead.
     _run_in(
@@ -352,8 +353,42 @@ def _prepare_in_place(
         "branch_failed",
         guard=guard,
     )
+    if not same_tree:
+        _refuse_unignored(store, source, home, guard, original, branch, base_branch, base_commit)
     return Workspace(
         source, "in_place", branch, base_branch, base_commit, job_id, home, store, store, original
+    )
+
+
+def _refuse_unignored(
+    store: Path,
+    source: Path,
+    home: Path,
+    guard: Sequence[tuple[str, str]],
+    original: str,
+    branch: str,
+    base_branch: str,
+    base_commit: str,
+) -> None:
+    """Once an in_place repo is on a job branch made from another commit than it was on: the
+    base's `.gitignore` may not ignore what the operator's branch did (a `.env`), and the tree,
+    clean before, then shows the operator's files as untracked: the job's `add -A` would commit
+    them, and the push publish them. Then the repo goes back and the job fails (`prepare_failed`)."""
+    guard = nested_guard(store, source, home, "prepare_failed", guard)
+    status = ["status", "--porcelain", "-z", "--untracked-files=normal"]
+    shown = _run_in(store, source, status, home, "prepare_failed", guard=guard).stdout
+    paths = [entry[3:] for entry in shown.split("\0") if len(entry) > 3]
+    if not paths:
+        return
+    _run_in(store, source, _checkout_back(original, force=False), home, "prepare_failed", guard=guard)
+    _delete_branch_if_unchanged(store, branch, base_commit, home)
+    names = ", ".join(paths[:5]) + (" …" if len(paths) > 5 else "")
+    where = original.removeprefix("refs/heads/")
+    raise GitError(
+        f"in_place repo: {names} ignored on {where} but not on the repo's branch {base_branch}: the "
+        "job's commit would take them in (and the push publish them); ignore them there too "
+        "(.gitignore, or .git/info/exclude) or move them away",
+        code="prepare_failed",
     )
 
 
