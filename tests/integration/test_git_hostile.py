@@ -516,3 +516,22 @@ def test_in_place_refuses_a_base_branch_that_does_not_ignore_the_operators_files
     assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "dev"
     assert "runner/77777777" not in git("branch", "--list", cwd=local)
     assert git("status", "--porcelain", cwd=local) == ""
+
+
+def test_in_place_refuses_changes_hidden_by_assume_unchanged(tmp_path: Path) -> None:
+    """The operator keeps local settings in a tracked file marked `--assume-unchanged` (a common
+    way to keep them out of commits). git hides the change, so the tree looked clean and the job
+    ran; its cleanup's `reset --hard` then wrote the file over: the operator's settings were gone.
+    The set-up now refuses, naming the file, and the repo stays as it was."""
+    local = make_repo(tmp_path / "repo", {"README.md": "hi\n", "config.local": "default\n"})
+    (local / "config.local").write_text("the operator's settings\n")
+    git("update-index", "--assume-unchanged", "config.local", cwd=local)
+    assert git("status", "--porcelain", cwd=local) == ""
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place", push=False)
+    with pytest.raises(GitError) as err:
+        ws = prepare_workspace(repo, "78787878-a", settings)
+        cleanup_workspace(ws, repo, settings, failed=True)
+    assert err.value.code == "prepare_failed" and "config.local" in err.value.message
+    assert (local / "config.local").read_text() == "the operator's settings\n"
+    assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"

@@ -330,6 +330,7 @@ def _prepare_in_place(
         raise GitError(
             "in_place repo has uncommitted changes; commit or stash them first", code="prepare_failed"
         )
+    _refuse_assumed_unchanged(store, source, home, guard)
     head = run_git([f"--git-dir={store}", "symbolic-ref", "-q", "HEAD"], home=home, check=False)
     original = head.stdout.strip() if head.returncode == 0 else _resolve(store, "HEAD", home)
     if original.startswith("refs/heads/runner/"):
@@ -358,6 +359,27 @@ def _prepare_in_place(
     return Workspace(
         source, "in_place", branch, base_branch, base_commit, job_id, home, store, store, original
     )
+
+
+def _refuse_assumed_unchanged(
+    store: Path, source: Path, home: Path, guard: Sequence[tuple[str, str]]
+) -> None:
+    """An in_place repo with files marked `--assume-unchanged` (a way to keep local changes to a
+    tracked file out of commits) is refused: git hides their changes from `status`, so the tree
+    looks clean, the job's commit would leave out its own edits to them, and the cleanup's
+    `reset --hard` writes them over, the operator's changes gone. (`--skip-worktree`, the other
+    way, is safe: the reset leaves those files alone.)"""
+    listed = _run_in(store, source, ["ls-files", "-v", "-z"], home, "prepare_failed", guard=guard).stdout
+    # `ls-files -v` tags an entry with a lower-case letter when it is marked assume-unchanged.
+    marked = [entry[2:] for entry in listed.split("\0") if entry[:1].islower()]
+    if marked:
+        names = ", ".join(marked[:5]) + (" …" if len(marked) > 5 else "")
+        raise GitError(
+            f"in_place repo: {names} marked --assume-unchanged: git hides their changes, and the job's "
+            "cleanup would write over them; `git update-index --no-assume-unchanged` them, and commit "
+            "or stash what they hold",
+            code="prepare_failed",
+        )
 
 
 def _refuse_unignored(
