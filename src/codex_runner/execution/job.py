@@ -62,6 +62,10 @@ from codex_runner.store.jobs import Cas, ClaimedJob, OwnerWrite
 from codex_runner.store.records import initial_stages, iso, utcnow
 
 log = structlog.get_logger("codex_runner.job")
+
+#: How long the kill of a job's escaped processes (`JobRun._stop_escaped`) tries again before
+#: the commit stage goes on: a process may fork between a scan and its kill.
+ESCAPED_KILL_SECONDS = 2.0
 T = TypeVar("T")
 
 TAIL_BYTES = 8192
@@ -344,6 +348,8 @@ class JobRun:
             self._manifest_dirty = True
 
         outcome = await self._run_script(script, repo, ws)
+        if ws.git_dir is not None:
+            await self._stop_escaped()
         result: dict[str, Any] | None = None
         agent_failed = self.agent is not None and self.agent.failed
         clean_exit = outcome is not None and outcome.reason is None and outcome.exit_code == 0
@@ -504,6 +510,20 @@ class JobRun:
             + (f" ({outcome.reason})" if outcome.reason else "")
         )
         return outcome
+
+    async def _stop_escaped(self) -> None:
+        """Kills what the script started that left its process group (a daemon: setsid), before the
+        runner's own git works in the workspace. The group is gone, but such a process ran on
+        until after the job ended (the launcher's sweep): it could change `.git` once
+        `commit_changes` had checked it, a COMMIT_EDITMSG made a link to any file the runner can
+        write, which the commit then wrote over, or write into an in_place repo during and
+        after its cleanup. Found by `RUNNER_JOB_ID` in its environment: one look through /proc,
+        for jobs with a git workspace only (the runner's git of this job runs only later)."""
+        from codex_runner.launcher import kill_job_processes  # launcher imports us
+
+        killed = await asyncio.to_thread(kill_job_processes, {self.job_id}, timeout=ESCAPED_KILL_SECONDS)
+        if killed:
+            self._runner_line(f"stopped {killed} process(es) the script left running outside its group")
 
     async def _supervise(self, proc: JobProcess, timeout: int) -> ProcessOutcome:
         # Plain futures, no task per wait: `asyncio.wait` never cancels what it waits on.
