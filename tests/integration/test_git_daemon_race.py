@@ -49,6 +49,7 @@ ready = Path({ready!r})
 subprocess.Popen(
     [sys.executable, "-c", {daemon!r}, {victim!r}, str(ready)],
     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    env={env},
 )
 deadline = time.monotonic() + 20
 while not ready.exists() and time.monotonic() < deadline:
@@ -68,19 +69,29 @@ command = ["{python}", "{script}"]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("environment", ["the job's", "an empty one"])
 def test_a_daemon_the_script_left_cannot_race_the_runners_commit(
-    runner_factory: Callable[..., Any], tmp_path: Path
+    runner_factory: Callable[..., Any], tmp_path: Path, environment: str
 ) -> None:
     """The runner checks the clone's `.git` for symbolic links before it commits, but a daemon
     of the job (setsid: out of its process group, so not stopped with it) ran on until after the
     job ended: it swapped COMMIT_EDITMSG for a link once the check was over, and the runner's
     `git commit` wrote its message over a file outside the workspace (here the victim; the
     database, a key: any file the runner can write). The job's processes now all go before the
-    commit stage."""
+    commit stage; and since one that made its own environment cannot be told from any other
+    process of the runner's user, the commit no longer writes COMMIT_EDITMSG at all (plumbing:
+    `write-tree`, `commit-tree`, `update-ref`)."""
     victim = tmp_path / "victim.txt"
     victim.write_text("the operator's data\n")
     script = tmp_path / "race.py"
-    script.write_text(SCRIPT.format(ready=str(tmp_path / "daemon-ready"), daemon=DAEMON, victim=str(victim)))
+    script.write_text(
+        SCRIPT.format(
+            ready=str(tmp_path / "daemon-ready"),
+            daemon=DAEMON,
+            victim=str(victim),
+            env="None" if environment == "the job's" else "{}",  # {}: no RUNNER_JOB_ID to find it by
+        )
+    )
     extra = textwrap.dedent(TOML.format(repo=tmp_path / "repo", python=sys.executable, script=script))
     runner = runner_factory(extra_toml=extra)
     for _ in range(3):  # a race: a few tries make the unfixed build lose it every time here

@@ -535,3 +535,28 @@ def test_in_place_refuses_changes_hidden_by_assume_unchanged(tmp_path: Path) -> 
     assert err.value.code == "prepare_failed" and "config.local" in err.value.message
     assert (local / "config.local").read_text() == "the operator's settings\n"
     assert git("symbolic-ref", "--short", "HEAD", cwd=local) == "main"
+
+
+@pytest.mark.parametrize("state", ["CHERRY_PICK_HEAD", "MERGE_HEAD"])
+def test_the_runners_commit_takes_over_no_operation_the_agent_left(tmp_path: Path, state: str) -> None:
+    """`git commit` finished what the agent had left in progress: with a CHERRY_PICK_HEAD (which
+    the agent can write, naming any commit) the runner's commit took that commit's author, not
+    RUNNER_GIT_AUTHOR_NAME; with a MERGE_HEAD it became a merge of whatever that names. The
+    commit is plumbing now: one parent, the runner's author."""
+    local = make_repo(tmp_path / "repo")
+    git("checkout", "-q", "-b", "other", cwd=local)
+    (local / "other.txt").write_text("other\n")
+    git("add", "-A", cwd=local)
+    git("-c", "user.name=Someone", "-c", "user.email=someone@corp", "commit", "-qm", "o", cwd=local)
+    git("checkout", "-q", "main", cwd=local)
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="clone", push=False)
+    ws = prepare_workspace(repo, "79797979-a", settings)
+    assert ws.git_dir is not None
+    (ws.path / "work.txt").write_text("work\n")
+    (ws.git_dir / state).write_text(git("rev-parse", "other", cwd=local) + "\n")
+    result = commit(ws)
+    assert result.commit is not None
+    shown = git("log", "-1", "--format=%an <%ae>|%P", result.commit, cwd=ws.path)
+    assert shown == f"Runner <r@x.io>|{ws.base_commit}"
+    cleanup_workspace(ws, repo, settings, failed=False)

@@ -666,20 +666,38 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
             "GIT_COMMITTER_NAME": author_name,
             "GIT_COMMITTER_EMAIL": author_email,
         }
-        _run_in(
-            ws.git_dir,
-            ws.path,
-            ["commit", "-q", "--no-verify", "--no-gpg-sign", "-F", "-"],
-            ws.home,
-            "commit_failed",
-            env_extra=ident,
-            input_text=message,
-            guard=guard,
-        )
+        _commit_index(ws, ref, message, ident, guard)
     tip = _resolve(ws.git_dir, ref, ws.home, code="commit_failed")
     if tip == ws.base_commit:
         return NO_CHANGES
     return _numstat(ws, tip)
+
+
+def _commit_index(
+    ws: Workspace, ref: str, message: str, ident: dict[str, str], guard: Sequence[tuple[str, str]]
+) -> None:
+    """Commits the index on `ref` with plumbing (`write-tree`, `commit-tree`, `update-ref`), not
+    `git commit`: that writes the message into `.git/COMMIT_EDITMSG`, opened for writing through
+    whatever link is there, and a process of the agent's that outlived its job (one that made an
+    environment of its own is not found by `RUNNER_JOB_ID`) could make it a link after
+    `_check_git_dir`: the runner then wrote over any file it can write. No hook or editor either,
+    and no merge or cherry-pick the agent left in progress is taken over: one parent, our author."""
+    assert ws.git_dir is not None
+    tree = _run_in(ws.git_dir, ws.path, ["write-tree"], ws.home, "commit_failed", guard=guard).stdout.strip()
+    parent = _resolve(ws.git_dir, ref, ws.home, code="commit_failed")
+    commit = _run_in(
+        ws.git_dir,
+        ws.path,
+        ["commit-tree", tree, "-p", parent, "-F", "-"],
+        ws.home,
+        "commit_failed",
+        env_extra=ident,
+        input_text=message,
+    ).stdout.strip()
+    # As `git commit` words its reflog entry; the old value makes a concurrent move of the ref fail.
+    subject = message.split("\n", 1)[0]
+    update = ["update-ref", "-m", f"commit: {subject}", ref, commit, parent]
+    _run_in(ws.git_dir, ws.path, update, ws.home, "commit_failed")
 
 
 def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) -> None:
