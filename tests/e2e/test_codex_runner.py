@@ -74,11 +74,11 @@ class CodexRunner(JobPolling):
             base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
         )
 
-    def submit(self, prompt: str = "Add a file hello.txt that says hello.") -> str:
-        r = self.client.post(
-            "/api/runner/jobs",
-            json={"repo": "demo", "script_key": "codex.exec", "args": {"prompt": prompt, "model": MODEL}},
-        )
+    def submit(
+        self, prompt: str = "Add a file hello.txt that says hello.", script: str = "codex.exec"
+    ) -> str:
+        args = {"prompt": prompt, "model": MODEL} if script == "codex.exec" else {"prompt": prompt}
+        r = self.client.post("/api/runner/jobs", json={"repo": "demo", "script_key": script, "args": args})
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
 
@@ -135,7 +135,9 @@ def start_runner(
     started: list[tuple[Any, CodexRunner]] = []
     fakes: list[FakeResponsesServer] = []
 
-    def start(turns: list[Turn], risk_policy: str = "conservative", **env: str) -> CodexRunner:
+    def start(
+        turns: list[Turn], risk_policy: str = "conservative", extra_toml: str = "", **env: str
+    ) -> CodexRunner:
         fake = FakeResponsesServer(turns).__enter__()
         fakes.append(fake)
         codex_home = prepare_codex_home(
@@ -146,7 +148,7 @@ def start_runner(
         )
         repo = make_git_repo(tmp_path / "repo")
         (tmp_path / "runner.toml").write_text(
-            textwrap.dedent(TOML.format(repo=repo, risk_policy=risk_policy))
+            textwrap.dedent(TOML.format(repo=repo, risk_policy=risk_policy)) + textwrap.dedent(extra_toml)
         )
         runner_env = {
             "RUNNER_DATABASE_URL": f"sqlite:///{tmp_path / 'runner.db'}",
@@ -372,3 +374,47 @@ def test_runner_secrets_reach_neither_codex_nor_the_model_server(
     log = runner.log(job_id)
     assert '"type":"command_execution"' in log
     assert not [name for name, value in runner.secrets.items() if value in log]
+
+
+# An operator's codex script with a flag codex 0.169 no longer has (older docs still show it).
+OLD_FLAG_SCRIPT = """
+[scripts."codex.old"]
+command = ["codex", "exec", "--json", "--full-auto", "-"]
+stdin = "{prompt}"
+env = ["OPENAI_API_KEY", "CODEX_HOME"]
+[scripts."codex.old".args.prompt]
+type = "string"
+"""
+
+
+def test_codex_refusing_its_command_line_fails_with_its_own_error(
+    start_runner: Callable[..., CodexRunner],
+) -> None:
+    runner = start_runner([message_turn("never asked")], extra_toml=OLD_FLAG_SCRIPT)
+    job_id = runner.submit(script="codex.old")
+    job = runner.wait(job_id)
+
+    assert job["status"] == "failed" and job["error_code"] == "script_failed", job
+    assert job["exit_code"] == 2
+    # codex's (clap's) reason, not the `For more information, try '--help'.` it ends with.
+    assert job["error_message"] == "script exited with code 2: error: unexpected argument '--full-auto' found"
+    script = next(s for s in job["stages"] if s["name"] == "script")
+    assert "Usage: codex exec" in script["error"]  # the whole stderr tail stays on the stage
+    assert runner.fake.responses_requests() == []
+    assert_no_process_left(job_id)
+
+
+def test_codex_killed_by_a_signal_says_so(start_runner: Callable[..., CodexRunner]) -> None:
+    # No sandbox: the command the model runs can see codex, its parent, and kill it.
+    runner = start_runner(
+        [shell_turn("kill -KILL $PPID; sleep 30"), message_turn("never")], risk_policy="permissive"
+    )
+    job_id = runner.submit()
+    job = runner.wait(job_id)
+
+    assert job["status"] == "failed" and job["error_code"] == "script_failed", job
+    # The npm launcher re-raises its child's signal on itself: 128 + 9.
+    assert job["exit_code"] == 137
+    # Not codex's start-up warning (its only stderr line when CODEX_HOME is under /tmp).
+    assert job["error_message"] == "script killed by SIGKILL (exit code 137)", job["error_message"]
+    assert job["result"]["agent"]["failed"] is False

@@ -37,6 +37,7 @@ from codex_runner.catalog import RepoSpec, ScriptSpec
 from codex_runner.errors import RepoNotAllowed
 from codex_runner.execution.agents import apply_risk_policy, codex_home_for, is_codex_exec
 from codex_runner.execution.codex_events import CodexEventParser
+from codex_runner.execution.failure import script_failure_message
 from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.execution.git import GIT_STAGE, JOB_OF_GIT
 from codex_runner.execution.manifest import ManifestWriter
@@ -730,10 +731,8 @@ class JobRun:
             message = self._redact(f"agent failed: {self.agent.error_message or 'turn failed'}")[:2000]
             await self._finish(Status.FAILED, ErrorCode.AGENT_FAILED, message, exit_code, result=result)
         elif exit_code != 0:
-            tail = self._redact(outcome.stderr_tail.decode("utf-8", "replace")).strip()
-            msg = f"script exited with code {exit_code}" + (
-                f": {tail.splitlines()[-1][:500]}" if tail else ""
-            )
+            tail = self._redact(outcome.stderr_tail.decode("utf-8", "replace"))
+            msg = script_failure_message(outcome.exit_code, outcome.signal, tail)
             await self._finish(Status.FAILED, ErrorCode.SCRIPT_FAILED, msg, exit_code, result=result)
         elif result is not None and "error" in result:
             code, message = self._shutdown_code(*result.pop("error"))
