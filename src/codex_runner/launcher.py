@@ -25,7 +25,7 @@ from codex_runner.errors import CommitOutcomeUnknown, InstanceConflict, StoreUna
 from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.manifest import MANIFEST_NAME
-from codex_runner.execution.process import kill_process_group
+from codex_runner.execution.process import KILL_CONFIRM_SECONDS, kill_process_group
 from codex_runner.execution.recovery import clean_up_ended_job
 from codex_runner.execution.spares import resume_refills, stop_refills
 from codex_runner.execution.workspace import prewarm_spares
@@ -764,6 +764,28 @@ def kill_job_processes(job_ids: Collection[str], *, timeout: float, git_stage_on
             log.warning("job_processes_survived_sigkill", job_ids=sorted(found))
             return signalled
         time.sleep(0.05)
+
+
+def stop_job_processes(job_ids: Collection[str], *, grace: float) -> int:
+    """SIGTERM (and SIGCONT) to every live process of these jobs, up to `grace` seconds for them
+    to go, then `kill_job_processes`. For a job stopped by cancel, timeout or shutdown: the
+    processes it left outside its group get the group's treatment (SPEC §3), before its terminal
+    status rather than at the next sweep (codex runs the model's commands in process groups of
+    their own when it has no sandbox). Returns how many processes were signalled."""
+    found = find_job_processes(job_ids)
+    if not found:
+        return 0
+    for pids in found.values():
+        for pid in pids:
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+    deadline, delay = time.monotonic() + grace, 0.005
+    while time.monotonic() < deadline and find_job_processes(job_ids):
+        # Short first: most processes go at once, and a cancel's answer waits for this.
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.1)
+    return sum(map(len, found.values())) + kill_job_processes(job_ids, timeout=KILL_CONFIRM_SECONDS)
 
 
 def _kill_live_groups(runs: Iterable[JobRun]) -> None:

@@ -418,3 +418,46 @@ def test_codex_killed_by_a_signal_says_so(start_runner: Callable[..., CodexRunne
     # Not codex's start-up warning (its only stderr line when CODEX_HOME is under /tmp).
     assert job["error_message"] == "script killed by SIGKILL (exit code 137)", job["error_message"]
     assert job["result"]["agent"]["failed"] is False
+
+
+# Two commands that ignore SIGTERM, one of them in a session of its own.
+STUBBORN = "setsid sleep 300 >/dev/null 2>&1 </dev/null & trap '' TERM; sleep 301"
+
+
+@pytest.mark.parametrize(
+    ("risk_policy", "how"),
+    [("permissive", "cancel"), ("permissive", "timeout"), ("conservative", "cancel")],
+)
+def test_the_commands_codex_runs_are_gone_when_the_job_ends(
+    start_runner: Callable[..., CodexRunner], risk_policy: str, how: str
+) -> None:
+    # Outside a sandbox codex runs each command in a process group of its own: the job's group
+    # (the launcher, codex) is not where they are. In the sandbox they are in bwrap's namespace.
+    env = {"RUNNER_DEFAULT_TIMEOUT_SECONDS": str(HANG_TIMEOUT)} if how == "timeout" else {}
+    runner = start_runner([shell_turn(STUBBORN), hang_turn()], risk_policy=risk_policy, **env)
+    job_id = runner.submit()
+    deadline = time.monotonic() + 20
+    while len(sleeps := _sleeps_of(job_id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(sleeps) == 2, sleeps
+    if how == "cancel":
+        assert runner.client.post(f"/api/runner/jobs/{job_id}/cancel").status_code == 202
+    stopped = time.monotonic()
+    job = runner.wait(job_id, timeout=HANG_TIMEOUT + 20)
+
+    assert job["status"] == ("canceled" if how == "cancel" else "timeout"), job
+    # Gone by the terminal status (SPEC §3), within the grace (1 s) and a second.
+    assert_no_process_left(job_id)
+    if how == "cancel":
+        assert time.monotonic() - stopped < 1 + 1 + 1  # + a second for the polling of `wait`
+
+
+def _sleeps_of(job_id: str) -> list[int]:
+    pids = []
+    for pid in processes_with_env("RUNNER_JOB_ID", job_id):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"):
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids

@@ -336,6 +336,22 @@ def test_a_daemon_that_left_the_group_dies_after_its_job(
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
 
 
+def test_a_canceled_jobs_daemon_is_gone_by_its_terminal_status(
+    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]]
+) -> None:
+    """Cancel and timeout stop the job's processes outside its group too (codex without a sandbox
+    runs every command in a group of its own), within the grace: not at the sweep after the job."""
+    from codex_runner import launcher as launcher_module
+
+    monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # the sweep plays no part
+    escape = tmp_path / "escaped"
+    job = runner.submit({"escape": str(escape), "sleep": "60"})
+    pids = escapees(escape)
+    assert runner.client.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 202
+    assert runner.wait(job["id"])["status"] == "canceled"
+    assert not [p for p in pids if _alive(p)]
+
+
 @pytest.mark.parametrize("how", ["stop", "forced exit"])
 def test_stopping_kills_a_daemon_of_a_job_that_just_ended(
     runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], how: str

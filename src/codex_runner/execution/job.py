@@ -550,11 +550,28 @@ class JobRun:
             if ended not in done:
                 reason = self.stop_reason if stop in done and self.stop_reason else "timeout"
                 self._runner_line(f"stopping the process group ({reason})", output_follows=True)
-                await proc.terminate(reason, float(self.settings.kill_grace_seconds))
+                await self._stop_processes(proc, reason)
             return await proc.wait()
         finally:
             if record is not None:
                 await self._settle_record(record)
+
+    async def _stop_processes(self, proc: JobProcess, reason: str) -> None:
+        """The group's SIGTERM, grace and SIGKILL, and the same, at the same time, for the job's
+        processes that are not in its group (found by RUNNER_JOB_ID in their environment): codex
+        without a sandbox runs each command the model asks for in a group of its own, and those
+        outlived the job's terminal status until the launcher's next sweep."""
+        from codex_runner.launcher import stop_job_processes  # the launcher imports this module
+
+        grace = float(self.settings.kill_grace_seconds)
+        outside = asyncio.ensure_future(asyncio.to_thread(stop_job_processes, {self.job_id}, grace=grace))
+        try:
+            await proc.terminate(reason, grace)
+        finally:
+            try:
+                await outside
+            except Exception as exc:  # the launcher's sweep after the job ends looks again
+                log.warning("job_process_scan_failed", job_id=self.job_id, error_type=type(exc).__name__)
 
     async def _settle_record(self, record: asyncio.Task[None]) -> None:
         """The pid record once the script is over: still waiting (the database is down), it is
