@@ -306,3 +306,14 @@ def test_usage_keys_are_plain_counter_names() -> None:
     parser.feed(json.dumps({"type": "turn.completed", "usage": usage}).encode() + b"\n")
     parser.close()
     assert parser.summary()["usage"] == {"input_tokens": 5}
+
+
+def test_an_agent_message_without_text_keeps_the_last_real_one() -> None:
+    def message(item_id: str, **fields: Any) -> bytes:
+        return line({"type": "item.completed", "item": {"id": item_id, "type": "agent_message", **fields}})
+
+    parser = parse(
+        message("m1", text="Added hello.txt."), message("m2"), message("m3", text=None), message("m4", text=7)
+    )
+    assert parser.summary()["final_message"] == "Added hello.txt."
+    assert parse(message("m1", text="first"), message("m2", text="")).final_message == ""

@@ -201,7 +201,11 @@ class CodexEventParser:
                 if isinstance(change, dict):
                     self._record_file(change.get("path"), change.get("kind"))
         elif item_type == "agent_message" and completed:
-            self.final_message = self._text(item.get("text"))
+            # A message without text (a shape this parser does not know) says nothing: the last
+            # real answer stays the final one, rather than becoming null.
+            text = self._text(item.get("text"))
+            if text is not None:
+                self.final_message = text
         elif item_type == "error" and completed:
             # Item-level errors are warnings codex carried on from; the turn's outcome decides.
             message = self._text(item.get("message"), 2000)
