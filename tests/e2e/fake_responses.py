@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-Mode = Literal["stream", "http_error", "cut", "hang"]
+Mode = Literal["stream", "http_error", "cut", "hang", "raw"]
 
 _ids = itertools.count(1)
 
@@ -45,6 +45,8 @@ class Turn:
     # Answer the first `fail_first` requests for this turn with HTTP `status`, then normally:
     # codex's own retry path, seen from the server.
     fail_first: int = 0
+    # mode "raw": the response body, sent as it is after the headers of an event stream.
+    raw: bytes = b""
     usage: dict[str, Any] = field(
         default_factory=lambda: {
             "input_tokens": 1200,
@@ -127,6 +129,11 @@ def flaky(turn: Turn, failures: int = 1, status: int = 500) -> Turn:
 def cut_turn(*items: dict[str, Any]) -> Turn:
     """Streams `items`, then closes the connection without `response.completed`."""
     return Turn(items=tuple(items), mode="cut")
+
+
+def raw_turn(body: bytes) -> Turn:
+    """Answers with `body` as the event stream, byte for byte: broken or hostile model output."""
+    return Turn(mode="raw", raw=body)
 
 
 def hang_turn() -> Turn:
@@ -291,6 +298,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        if turn.mode == "raw":
+            try:
+                self.wfile.write(turn.raw)
+                self.wfile.flush()
+            except OSError:
+                pass
+            return
         events: list[dict[str, Any]] = [
             {"type": "response.created", "response": {"id": response_id, "status": "in_progress"}}
         ]

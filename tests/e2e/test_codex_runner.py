@@ -39,6 +39,7 @@ from tests.e2e.fake_responses import (
     message_item,
     message_turn,
     patch_turn,
+    raw_turn,
     shell_turn,
 )
 from tests.helpers import JobPolling, make_git_repo, serve_app
@@ -461,3 +462,61 @@ def _sleeps_of(job_id: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+def _item_done(item: dict[str, Any] | bytes) -> bytes:
+    body = item if isinstance(item, bytes) else json.dumps(item).encode()
+    return (
+        b'event: response.output_item.done\ndata: {"type":"response.output_item.done","output_index":0,"item":'
+        + body
+        + b"}\n\n"
+    )
+
+
+_COMPLETED = _sse(
+    {
+        "type": "response.completed",
+        "response": {
+            "id": "r1",
+            "status": "completed",
+            "output": [],
+            "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2},
+        },
+    }
+)
+_BAD_UTF8 = json.dumps(message_item("bad XX text")).encode().replace(b"XX", b"\xff\xfe\xc3")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (_item_done(_BAD_UTF8) + _COMPLETED, "failed", "invalid utf-8"),
+        (_item_done(b"[" * 100_000 + b"]" * 100_000) + _COMPLETED, "success", None),
+        (_item_done(message_item("A" * 3_000_000)) + _COMPLETED, "success", None),
+        (b"\x00\x01 not an event stream\n\n" * 1000, "failed", "stream closed before response.completed"),
+    ],
+    ids=["invalid-utf8", "nested-100k-deep", "3MB-message", "garbage"],
+)
+def test_hostile_model_output_ends_the_job_cleanly(
+    start_runner: Callable[..., CodexRunner], body: bytes, status: str, error: str | None
+) -> None:
+    runner = start_runner([raw_turn(body)])
+    job_id = runner.submit()
+    job = runner.wait(job_id)
+
+    assert job["status"] == status, job
+    assert_no_process_left(job_id)
+    agent = job["result"]["agent"]
+    if error is None:
+        assert agent["failed"] is False and job["error_code"] is None
+    else:
+        assert job["error_code"] == "agent_failed" and error in job["error_message"], job
+    # The log holds codex's lines whole (a 3 MB event line too), and pages to its end.
+    log = runner.log(job_id)
+    assert log.rstrip().endswith(f"job ending: {status}" + ("" if error is None else " (agent_failed)"))
+    if len(body) > 2_000_000:  # the 3 MB message: over the parser's 1 MiB line cap, in the log whole
+        assert "A" * 3_000_000 in log
