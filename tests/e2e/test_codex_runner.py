@@ -137,7 +137,11 @@ def start_runner(
     fakes: list[FakeResponsesServer] = []
 
     def start(
-        turns: list[Turn], risk_policy: str = "conservative", extra_toml: str = "", **env: str
+        turns: list[Turn],
+        risk_policy: str = "conservative",
+        extra_toml: str = "",
+        operator_config: bool = False,
+        **env: str,
     ) -> CodexRunner:
         fake = FakeResponsesServer(turns).__enter__()
         fakes.append(fake)
@@ -147,6 +151,12 @@ def start_runner(
             provider_env_key="OPENAI_API_KEY",
             extra_config=FAST_RETRIES,
         )
+        if operator_config:
+            # The operator's own file (docs/codex.md: how to use another provider): no managed
+            # first line, and none of the runner's settings but the provider.
+            config = codex_home / "config.toml"
+            lines = config.read_text().splitlines(keepends=True)
+            config.write_text("".join(line for line in lines[1:] if "shell_environment_policy" not in line))
         repo = make_git_repo(tmp_path / "repo")
         (tmp_path / "runner.toml").write_text(
             textwrap.dedent(TOML.format(repo=repo, risk_policy=risk_policy)) + textwrap.dedent(extra_toml)
@@ -520,3 +530,21 @@ def test_hostile_model_output_ends_the_job_cleanly(
     assert log.rstrip().endswith(f"job ending: {status}" + ("" if error is None else " (agent_failed)"))
     if len(body) > 2_000_000:  # the 3 MB message: over the parser's 1 MiB line cap, in the log whole
         assert "A" * 3_000_000 in log
+
+
+def test_an_operators_own_codex_config_still_keeps_the_api_key_from_the_commands(
+    start_runner: Callable[..., CodexRunner],
+) -> None:
+    # codex's own default passes its whole environment to the commands the model runs; only the
+    # runner-written config.toml said otherwise, so `echo $OPENAI_API_KEY | rev` put the key in a
+    # user's log, past the masking of its exact value.
+    runner = start_runner([shell_turn("env"), message_turn("ok")], operator_config=True)
+    job_id = runner.submit()
+    job = runner.wait(job_id)
+
+    assert job["status"] == "success", job
+    requests = runner.fake.responses_requests()
+    assert requests[0].headers["authorization"] == f"Bearer {DUMMY_OPENAI_KEY}"  # codex has it
+    env_output = json.dumps([i for i in requests[1].body["input"] if i.get("type") == "function_call_output"])
+    assert f"RUNNER_JOB_ID={job_id}" in env_output
+    assert DUMMY_OPENAI_KEY not in env_output

@@ -147,3 +147,31 @@ def test_a_root_or_folder_inside_the_workspace_stays(tmp_path: Path) -> None:
     assert relative == ["codex", "exec", "--sandbox", "workspace-write", "--cd=packages/app", "-"]
     out = apply_risk_policy(["codex", "exec", "-C", str(ws / "escape"), "-"], "conservative", str(ws))
     assert out == ["codex", "exec", "--sandbox", "workspace-write", "-C", str(ws), "-"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["-c", "shell_environment_policy.ignore_default_excludes=true"],
+        ["--config", "shell_environment_policy.ignore_default_excludes = true"],
+        ["-cshell_environment_policy.ignore_default_excludes=true"],
+        ["--config=shell_environment_policy={ignore_default_excludes=true}"],
+    ],
+)
+def test_secret_variables_never_reach_the_commands_codex_runs(extra: list[str]) -> None:
+    from codex_runner.execution.agents import keep_secret_variables_from_commands
+
+    argv = keep_secret_variables_from_commands(["codex", "exec", *extra, "-c", "model=o3", "-"])
+    assert argv == [
+        "codex",
+        "exec",
+        "-c",
+        "shell_environment_policy.ignore_default_excludes=false",
+        "-c",
+        "model=o3",
+        "-",
+    ]
+    # Other settings of the policy are the operator's.
+    kept = ["-c", 'shell_environment_policy.inherit="core"']
+    assert kept[1] in keep_secret_variables_from_commands(["codex", "exec", *kept, "-"])

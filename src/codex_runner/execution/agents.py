@@ -89,6 +89,35 @@ def apply_risk_policy(argv: list[str], policy: str, workspace: str | None = None
     return [*out[:at], "--sandbox", sandbox, *root_arg, *out[at:]]
 
 
+# codex passes its whole environment to the commands the model runs unless this is false: then
+# variables whose names contain KEY, SECRET or TOKEN (OPENAI_API_KEY among them) are left out.
+ENV_EXCLUDES_SETTING = "shell_environment_policy.ignore_default_excludes"
+
+
+def keep_secret_variables_from_commands(argv: list[str]) -> list[str]:
+    """`-c shell_environment_policy.ignore_default_excludes=false` on every codex run, and no other
+    `-c` of that setting (or of the whole `shell_environment_policy` table): the runner-written
+    config.toml says so too, but an operator's own config.toml (another provider, a CODEX_HOME
+    passed through) did not, and the model's `echo $OPENAI_API_KEY | rev` put the key in the
+    job's log past the masking of its exact value. Put right after `exec`."""
+    out = argv[:1]
+    i = 1
+    while i < len(argv):
+        config = _option_at(argv, i, _CONFIG)
+        if config is not None and _env_policy_setting(config[0]):
+            i += len(config[1])
+        else:
+            out.append(argv[i])
+            i += 1
+    at = 2 if len(out) > 1 and out[1] in CODEX_EXEC else len(out)
+    return [*out[:at], "-c", f"{ENV_EXCLUDES_SETTING}=false", *out[at:]]
+
+
+def _env_policy_setting(setting: str) -> bool:
+    key = setting.lstrip().lstrip("=").partition("=")[0].strip()
+    return key in ("shell_environment_policy", ENV_EXCLUDES_SETTING)
+
+
 def _inside(path: str, workspace: str) -> bool:
     """Whether `path` (relative ones from the workspace, as codex takes them) is the workspace or
     lies in it, symlinks resolved: narrowing the sandbox to a folder of the repo is fine, a link in

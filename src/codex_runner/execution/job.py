@@ -35,7 +35,12 @@ import structlog
 
 from codex_runner.catalog import RepoSpec, ScriptSpec
 from codex_runner.errors import RepoNotAllowed
-from codex_runner.execution.agents import apply_risk_policy, codex_home_for, is_codex_exec
+from codex_runner.execution.agents import (
+    apply_risk_policy,
+    codex_home_for,
+    is_codex_exec,
+    keep_secret_variables_from_commands,
+)
 from codex_runner.execution.codex_events import CodexEventParser
 from codex_runner.execution.failure import script_failure_message
 from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
@@ -462,7 +467,9 @@ class JobRun:
         )
         extra = {"RUNNER_JOB_ID": self.job_id, "RUNNER_WORKSPACE": str(ws.path)}
         if is_codex_exec(script):
-            argv = apply_risk_policy(argv, repo.risk_policy, str(ws.path))
+            argv = keep_secret_variables_from_commands(
+                apply_risk_policy(argv, repo.risk_policy, str(ws.path))
+            )
             home = await self._in_thread(codex_home_for, self.settings)
             if home is not None:
                 extra["CODEX_HOME"] = str(home)
