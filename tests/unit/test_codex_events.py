@@ -317,3 +317,40 @@ def test_an_agent_message_without_text_keeps_the_last_real_one() -> None:
     )
     assert parser.summary()["final_message"] == "Added hello.txt."
     assert parse(message("m1", text="first"), message("m2", text="")).final_message == ""
+
+
+def test_the_summary_stays_small_whatever_the_model_did() -> None:
+    """The summary goes into the job row, and every job listing carries it: 500 commands, files
+    and warnings each, of 3900 control characters (6 bytes each as JSON), made a 30 MB row."""
+    long = "\x01" * 3900
+    events = [
+        line({"type": "item.completed", "item": command_item(f"c{i}", f"{long}{i}", 0, "completed")})
+        for i in range(500)
+    ]
+    events += [
+        line(
+            {
+                "type": "item.completed",
+                "item": {
+                    "id": f"f{i}",
+                    "type": "file_change",
+                    "status": "completed",
+                    "changes": [{"path": f"/ws/{i}/{long}", "kind": "add"}],
+                },
+            }
+        )
+        for i in range(500)
+    ]
+    events += [
+        line({"type": "item.completed", "item": {"type": "error", "message": f"{long}{i}"}})
+        for i in range(500)
+    ]
+    parser = parse(*events)
+    summary = parser.summary()
+    size = len(json.dumps(summary))
+    assert size <= 256 * 1024, size
+    # The first entries are kept, and what was left out is counted.
+    assert summary["commands"][0]["command"] == f"{long}0"
+    kept = len(summary["commands"]) + len(summary["files_changed"]) + len(summary["warnings"])
+    assert 0 < kept < 1500
+    assert summary["entries_dropped"] == 1500 - kept

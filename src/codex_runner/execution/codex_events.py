@@ -27,6 +27,10 @@ MAX_LINE_BYTES = 1024 * 1024
 MAX_ENTRIES = 500
 MAX_TEXT_CHARS = 100_000
 MAX_USAGE_KEYS = 32
+# The summary goes into the job row, and every job listing carries it: each of its lists keeps its
+# first entries up to this much JSON (as stored: non-ASCII and control characters escaped, up to 6
+# bytes each). 500 entries of a few thousand characters made rows of tens of MB.
+MAX_LIST_JSON_BYTES = 64 * 1024
 _USAGE_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 # codex reports each retry of a model request as an `error` event with this prefix: "n/m" for a
@@ -38,6 +42,16 @@ def _text(value: Any, limit: int = MAX_TEXT_CHARS) -> str | None:
     if not isinstance(value, str):
         return None
     return value if len(value) <= limit else value[:limit] + "…"
+
+
+def _within_budget(entries: list[Any]) -> list[Any]:
+    """The first `entries` whose JSON, with a separator each, fits in `MAX_LIST_JSON_BYTES`."""
+    used = 2  # the brackets
+    for index, entry in enumerate(entries):
+        used += len(json.dumps(entry)) + 2
+        if used > MAX_LIST_JSON_BYTES:
+            return entries[:index]
+    return entries
 
 
 class CodexEventParser:
@@ -116,18 +130,24 @@ class CodexEventParser:
             self._discarding = False
 
     def summary(self) -> dict[str, Any]:
-        """What the run did, as plain JSON-ready data."""
+        """What the run did, as plain JSON-ready data; each list within `MAX_LIST_JSON_BYTES`
+        (the entries left out are counted in `entries_dropped`)."""
+        commands = _within_budget([dict(c) for c in self.commands])
+        files = _within_budget([{"path": path, "kind": kind} for path, kind in self._files.items()])
+        warnings = _within_budget(list(self.warnings))
+        over_budget = len(self.commands) + len(self._files) + len(self.warnings)
+        over_budget -= len(commands) + len(files) + len(warnings)
         return {
             "thread_id": self.thread_id,
             "final_message": self.final_message,
             "usage": dict(self.usage) if self.usage is not None else None,
-            "commands": [dict(c) for c in self.commands],
-            "files_changed": [{"path": path, "kind": kind} for path, kind in self._files.items()],
+            "commands": commands,
+            "files_changed": files,
             "failed": self._failed,
             "error": self.error_message,
-            "warnings": list(self.warnings),
+            "warnings": warnings,
             "retries": self.retries,
-            "entries_dropped": self.entries_dropped,
+            "entries_dropped": self.entries_dropped + over_budget,
         }
 
     def _append(self, data: bytes) -> None:
