@@ -16,6 +16,7 @@ import subprocess
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -548,3 +549,23 @@ def test_an_operators_own_codex_config_still_keeps_the_api_key_from_the_commands
     env_output = json.dumps([i for i in requests[1].body["input"] if i.get("type") == "function_call_output"])
     assert f"RUNNER_JOB_ID={job_id}" in env_output
     assert DUMMY_OPENAI_KEY not in env_output
+
+
+def test_a_jobs_conversation_is_not_kept_in_the_shared_codex_home(
+    start_runner: Callable[..., CodexRunner],
+) -> None:
+    """Every job of a runner shares one CODEX_HOME, and every job's commands can read it (codex's
+    sandbox limits writes, not reads): the transcript codex kept of each run there
+    (`sessions/…/rollout-*.jsonl`, the whole conversation) gave any later job, another user's
+    included, every earlier prompt. The built-in script runs codex `--ephemeral`."""
+    runner = start_runner([message_turn("Nothing to do.")])
+    prompt = f"a prompt no other job may read {uuid.uuid4().hex}"
+    job = runner.wait(runner.submit(prompt))
+    assert job["status"] == "success", job
+    home = Path(os.environ["RUNNER_CODEX_HOME"])
+    kept = [
+        path.relative_to(home)
+        for path in home.rglob("*")
+        if path.is_file() and prompt.encode() in path.read_bytes()
+    ]
+    assert kept == [], kept

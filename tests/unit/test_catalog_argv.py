@@ -213,6 +213,7 @@ def test_builtin_codex_exec_is_present_and_replaceable() -> None:
             "codex",
             "exec",
             "--json",
+            "--ephemeral",
             "--sandbox",
             "workspace-write",
             "--color",

@@ -52,6 +52,8 @@ BUILTIN_SCRIPTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
                 "codex",
                 "exec",
                 "--json",
+                # No transcript in the CODEX_HOME every job shares and can read (docs/codex.md).
+                "--ephemeral",
                 "--sandbox",
                 "workspace-write",
                 "--color",
