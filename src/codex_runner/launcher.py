@@ -26,7 +26,7 @@ from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.manifest import MANIFEST_NAME
 from codex_runner.execution.process import KILL_CONFIRM_SECONDS, kill_process_group
-from codex_runner.execution.recovery import clean_up_ended_job
+from codex_runner.execution.recovery import clean_up_ended_job, ended_stages, record_recovery
 from codex_runner.execution.spares import resume_refills, stop_refills
 from codex_runner.execution.workspace import prewarm_spares
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
@@ -489,6 +489,7 @@ class Launcher:
         recovered = 0
         failed: set[str] = set()
         for job in stale:
+            stages = await asyncio.to_thread(ended_stages, job, self.settings)
             ok = await asyncio.to_thread(
                 self.rt.jobs.fail_stale,
                 job["id"],
@@ -502,9 +503,13 @@ class Launcher:
                     "error_message": "the runner instance running this job stopped heartbeating",
                     # Dropping the lease fences the old owner: its next write finds nothing.
                     "lease_token": None,
+                    **({"stages": stages} if stages else {}),
                 },
             )
             if ok:
+                await asyncio.to_thread(
+                    record_recovery, job, self.settings, error_code=ErrorCode.HEARTBEAT_STALE, stages=stages
+                )
                 log.warning("heartbeat_stale_recovered", job_id=job["id"], runner_id=job["runner_id"])
                 log_terminal(job, "failed")
                 failed.add(job["id"])
@@ -562,6 +567,7 @@ class Launcher:
         await asyncio.to_thread(self._kill_leftovers_by_env, {job["id"] for job in jobs})
         recovered = 0
         for job in jobs:
+            stages = await asyncio.to_thread(ended_stages, job, self.settings)
             ok = await asyncio.to_thread(
                 self.rt.jobs.transition,
                 job["id"],
@@ -573,10 +579,18 @@ class Launcher:
                     "error_code": ErrorCode.RECOVERED_AFTER_CRASH,
                     "error_message": "the runner restarted while this job ran",
                     "lease_token": None,
+                    **({"stages": stages} if stages else {}),
                 },
                 runner_id=self.runner_id,
             )
             if ok:
+                await asyncio.to_thread(
+                    record_recovery,
+                    job,
+                    self.settings,
+                    error_code=ErrorCode.RECOVERED_AFTER_CRASH,
+                    stages=stages,
+                )
                 log_terminal(job, "failed")
             recovered += int(ok)
         if recovered:

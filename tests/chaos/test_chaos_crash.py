@@ -3,6 +3,7 @@ of processes that no recorded pid leads to)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -140,6 +141,10 @@ def test_frozen_instance_is_fenced(pg_database_url: str, tmp_path: Path) -> None
         assert c.rows(ids) == rows, "A wrote to jobs it no longer owns"
         assert {i: c.events()[i] for i in ids} == evs, "A added events to jobs it no longer owns"
         assert a.proc.poll() is None, "A died instead of carrying on"
+        # A's fenced runs leave their manifests saying how the rows ended, not `running`.
+        for job_id in ids:
+            manifest = json.loads((c.tmp / "data-frozen-a" / "runs" / job_id / "manifest.json").read_text())
+            assert (manifest["status"], manifest["error_code"]) == ("failed", "heartbeat_stale"), manifest
         # A carries on: it still claims and runs new work.
         more = c.submit(4, sleep=0.1)
         wait_for(lambda: c.all_done(more), 60, "new jobs after the freeze")
@@ -227,3 +232,35 @@ def test_an_in_place_repo_survives_a_crash_early_in_its_job(
         [after] = c.submit(1, sleep=0.1, repo="inplace")
         wait_for(lambda: c.all_done([after]), 30, "the next in_place job")
         assert c.rows([after])[after]["status"] == "success", c.rows([after])[after]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("restart", ["same_id", "new_id"])
+def test_a_recovered_job_stages_and_manifest_say_how_it_ended(
+    database_url: str, tmp_path: Path, restart: str
+) -> None:
+    """SIGKILL while the script runs. The recovery (start-up under the same RUNNER_ID, or another
+    instance's watchdog) failed the row but left its `script` stage `running` and the run manifest
+    saying `status: running` for ever, disagreeing with the row and the events."""
+    with Cluster(tmp_path / "cluster", database_url) as c:
+        data = str(c.tmp / "data-shared")
+        a = c.start("stages-a", "worker", RUNNER_DATA_DIR=data)
+        [job] = c.submit(1, sleep=60.0)
+        wait_for(lambda: c.rows([job])[job]["pid"], 30, "the pid record")  # the row has the stages too
+        c.sigkill(a)
+        c.start("stages-a" if restart == "same_id" else "stages-b", "worker", RUNNER_DATA_DIR=data)
+        wait_for(lambda: c.all_done([job]), 30, "the crashed job to be failed")
+        row = c.rows([job])[job]
+        code = "recovered_after_crash" if restart == "same_id" else "heartbeat_stale"
+        assert (row["status"], row["error_code"]) == ("failed", code)
+        assert [e["event_type"] for e in c.events()[job]][-1] == (
+            "recovered_after_crash" if restart == "same_id" else "heartbeat_stale_recovered"
+        )
+        stages = {s["name"]: s for s in row["stages"]}
+        assert stages["prepare"]["status"] == "success", stages
+        assert stages["script"]["status"] == "failed" and stages["script"]["finished_at"], stages
+        assert not {s["status"] for s in stages.values()} & {"running", "pending"}, stages
+        manifest = json.loads((Path(data) / "runs" / job / "manifest.json").read_text())
+        assert (manifest["status"], manifest["error_code"]) == ("failed", code)
+        assert manifest["stages"] == row["stages"]
+        check_invariants(c)

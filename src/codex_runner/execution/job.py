@@ -211,7 +211,10 @@ class JobRun:
     def _write_manifest(self, doc: dict[str, Any], *, force: bool = True, durable: bool = False) -> None:
         """Stage changes and the periodic refresh are atomic but not fsynced; the terminal write
         (`durable=True`) is fsynced too. Blocks on the file system: worker threads only, except the
-        throttled periodic refresh."""
+        throttled periodic refresh. Nothing once fenced: the job ended in another instance's hands,
+        which may have written its status here already (`record_recovery`); see `_fenced_manifest`."""
+        if self.fenced:
+            return
         try:
             self.manifest.update(doc, force=force, durable=durable)
         except OSError as exc:
@@ -299,10 +302,27 @@ class JobRun:
             await self._finish(Status.FAILED, ErrorCode.INTERNAL_ERROR, "internal runner error", None)
         finally:
             with contextlib.suppress(Exception):
-                await self._flush_manifest()  # a path that ended without a terminal write
+                if self.fenced:
+                    await asyncio.to_thread(self._fenced_manifest)
+                else:
+                    await self._flush_manifest()  # a path that ended without a terminal write
             if self.log is not None:
                 with contextlib.suppress(OSError):
                     self.log.close()
+
+    def _fenced_manifest(self) -> None:
+        """A fenced run's manifest says how the row ended (the recovery that failed the job may run
+        on another host, with no manifest of ours to rewrite), not `running` for ever."""
+        row = self.rt.jobs.get_row(self.job_id)
+        if row is None or row["status"] not in TERMINAL:
+            return
+        doc = self._manifest_doc(row["status"], {"error_code": row["error_code"]})
+        if isinstance(row["stages"], list):
+            doc["stages"] = row["stages"]
+        try:
+            self.manifest.update(doc, force=True, durable=True)
+        except OSError as exc:
+            log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
 
     async def _settle_after_error(self) -> None:
         """What a failed `_run` left behind, before the terminal status goes out: no process of
@@ -838,10 +858,10 @@ class JobRun:
         self._ending = (status.value, extra, prepared)
         return prepared if self.manifest.syncs else None
 
-    def _final_status(self, outcome: int | None) -> str:
+    def _final_status(self, outcome: int) -> str:
         expected = self._ending[0]
         # Attempt 1 matched: a cancel arrived while the script finished on its own.
-        return "unknown" if outcome is None else expected if outcome == 0 else Status.CANCELED.value
+        return expected if outcome == 0 else Status.CANCELED.value
 
     def _end_written(self, outcome: Outcome) -> None:
         """Committing thread, right after the status write: its service log line, before the
@@ -854,9 +874,14 @@ class JobRun:
         synced: the durable terminal manifest. Returns the folder the committer must fsync for the
         rename to last, if one was made here."""
         expected, extra, prepared = self._ending
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, BaseException) or outcome is None:
             if prepared is not None:
                 self.manifest.discard(prepared)
+            if outcome is None:
+                # The write matched nothing: another instance ended the job and took the lease
+                # (its instance frozen meanwhile). Fenced, as if a heartbeat had said so: the
+                # manifest then says what the row does (`_fenced_manifest`), not "unknown".
+                self.stop_reason = "lease_lost"
             return None
         final = self._final_status(outcome)
         if prepared is not None and final == expected:

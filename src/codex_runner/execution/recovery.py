@@ -18,12 +18,13 @@ import structlog
 from codex_runner.catalog import Catalog
 from codex_runner.config import Settings
 from codex_runner.execution.gitutil import head_ref, lock_waits_at_most
-from codex_runner.execution.manifest import MANIFEST_NAME
+from codex_runner.execution.manifest import MANIFEST_NAME, ManifestWriter
 from codex_runner.execution.workspace import cleanup_unrecorded, cleanup_workspace, workspace_from_record
+from codex_runner.store.records import iso, utcnow
 
 log = structlog.get_logger("codex_runner.recovery")
 
-__all__ = ["clean_up_ended_job", "in_place_job_prefix"]
+__all__ = ["clean_up_ended_job", "ended_stages", "in_place_job_prefix", "record_recovery"]
 
 _JOB_BRANCH = re.compile(r"refs/heads/runner/([0-9A-Fa-f]{8})")
 
@@ -111,3 +112,65 @@ def in_place_job_prefix(source: str) -> str | None:
         return None  # a .git file or a bare repo: not a layout in_place jobs leave behind
     match = _JOB_BRANCH.fullmatch(head_ref(dot_git) or "")
     return match.group(1).lower() if match else None
+
+
+#: The `error` of the stage a recovered job was in: its run never got to say how it ended.
+STAGE_CUT_SHORT = "the runner instance running this job stopped during this stage"
+
+
+def ended_stages(job: Mapping[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """The stages of a job that a recovery fails, as its run would have left them: the stage it was
+    in `failed`, those it never reached `skipped`. From the run manifest when it is on this host
+    (written at every stage change, so it is ahead of the row, which gets the stages only with the
+    pid record and the terminal write), else from the row."""
+    stages = _stage_list(_manifest(job, settings).get("stages")) or _stage_list(job.get("stages"))
+    now = iso(utcnow())
+    out = []
+    for stage in stages:
+        stage = dict(stage)
+        if stage.get("status") == "running":
+            stage.update(status="failed", finished_at=now, error=STAGE_CUT_SHORT)
+        elif stage.get("status") == "pending":
+            stage["status"] = "skipped"
+        out.append(stage)
+    return out
+
+
+def record_recovery(
+    job: Mapping[str, Any], settings: Settings, *, error_code: str, stages: list[dict[str, Any]]
+) -> None:
+    """Rewrites the run manifest on this host, if there is one, with the terminal status a recovery
+    wrote to the row: left alone it said `running` for ever (its run was killed, or fenced). Never
+    raises: the row is what counts."""
+    doc = _manifest(job, settings)
+    if not doc:
+        return
+    doc.update(
+        status="failed",
+        error_code=error_code,
+        stages=stages,
+        updated_at=iso(utcnow()),
+    )
+    try:
+        ManifestWriter(settings.runs_dir / str(job["id"])).update(doc, force=True, durable=True)
+    except (OSError, ValueError) as exc:
+        log.warning("manifest_write_failed", job_id=str(job["id"]), error=str(exc)[:300])
+
+
+def _manifest(job: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    try:
+        doc = json.loads((settings.runs_dir / str(job["id"]) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _stage_list(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return []
+    if not isinstance(value, list):
+        return []
+    return [s for s in value if isinstance(s, dict)]

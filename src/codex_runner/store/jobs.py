@@ -1006,6 +1006,7 @@ class JobStore:
                         jobs.c.runner_id,
                         jobs.c.script_key,
                         jobs.c.started_at,
+                        jobs.c.stages,
                     ).where(
                         jobs.c.status.in_([s.value for s in RUNNING_LIKE]), jobs.c.heartbeat_at < older_than
                     )
