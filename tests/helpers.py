@@ -3,6 +3,7 @@ timeouts, a runner.toml writer, the statements a store runs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -184,3 +185,51 @@ def recorded_statements(store: JobStore) -> Iterator[list[str]]:
         sa.event.remove(store.engine, "before_cursor_execute", record)
         for name, original in originals.items():
             setattr(Prepared, name, original)
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL on 127.0.0.1; while `frozen`, it accepts connections and reads
+    what it is sent but passes nothing on, either way."""
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        self.target = target
+        self.frozen = False
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._accept, "127.0.0.1", 0), self.loop
+        ).result(timeout=10)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                while self.frozen:
+                    await asyncio.sleep(0.02)
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers.append(up_writer)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.frozen = False
+            self.server.close()
+            for writer in self.writers:
+                writer.transport.abort()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            await asyncio.wait(others, timeout=5) if others else None
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)

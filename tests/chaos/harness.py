@@ -52,6 +52,12 @@ source = "{repo}"
 workspace = "in_place"
 commit = false
 
+[repos.pushed]
+source = "{repo}"
+workspace = "worktree"
+commit = true
+push = true
+
 [scripts.behave]
 command = ["{python}", "{behave}"]
 timeout_seconds = 300
@@ -68,6 +74,10 @@ flag = "--ledger"
 [scripts.behave.args.grandchild]
 type = "bool"
 flag = "--grandchild"
+
+[scripts.behave.args.files]
+type = "int"
+flag = "--files"
 """
 
 #: Small values so the tests see recovery in seconds (the issue's acceptance uses these).

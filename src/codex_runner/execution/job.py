@@ -705,6 +705,13 @@ class JobRun:
         if not repo.push or commit.commit is None:
             self._stage("push", "skipped")
             return result
+        # A fenced write again: the lease may have gone while the commit ran (this instance frozen,
+        # or cut off from the database, so no heartbeat could tell it), and a push is a write in
+        # the job's name that no later compare-and-set can take back.
+        await self._fenced_update({"stages": list(self.stages.values())})
+        if self.fenced or self.stop_reason == "cancel":
+            self._stage("push", "skipped")
+            return result
         self._stage("push", "running")
         try:
             if repo.source_type != "git_url" and ws.push_url is not None:

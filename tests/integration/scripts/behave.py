@@ -22,6 +22,7 @@ def main() -> int:
     p.add_argument("--bytes", type=int, default=0, help="write this many bytes to stdout")
     p.add_argument("--ledger", default="")
     p.add_argument("--touch", default="")
+    p.add_argument("--files", type=int, default=0, help="write this many new files into gen/")
     p.add_argument("--env-dump", default="")
     p.add_argument("--escape", default="", help="start a daemon out of the job's group; its pid here")
     a = p.parse_args()
@@ -57,6 +58,10 @@ def main() -> int:
         print(a.stderr, file=sys.stderr, flush=True)
     if a.touch:
         Path(a.touch).write_text("changed by the job\n")
+    if a.files:
+        Path("gen").mkdir(exist_ok=True)
+        for i in range(a.files):
+            Path(f"gen/{i}.txt").write_text(f"file {i}: {os.urandom(512).hex()}\n")
     if a.bytes:
         block = (b"x" * 1023 + b"\n") * 64
         left = a.bytes
