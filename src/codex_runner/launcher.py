@@ -311,8 +311,10 @@ class Launcher:
                 # Again here: a stop may have begun while this loop waited for the turn.
                 if slots > 0 and not self._stopping:
                     try:
+                        # The patient store: a claim whose COMMIT's answer was lost adopts the
+                        # jobs it did claim instead of leaving them to the watchdog.
                         claimed = await asyncio.to_thread(
-                            self.rt.jobs.claim,
+                            self._job_runtime.jobs.claim,
                             self.runner_id,
                             slots=slots,
                             max_jobs_per_user=self.settings.max_jobs_per_user,
@@ -691,15 +693,31 @@ class _PatientJobStore(JobStore):
         # compare-and-sets tell an applied write by its lease), and the jobs the lost COMMIT did
         # claim — running under this instance, and known to none of its tasks — are started.
         held, _ = self._patiently(functools.partial(super().finish_many, writes, None))
-        mine = self._known() | {w.job_id for w in writes}
+        return held, self._adopt(claim.runner_id, {w.job_id for w in writes})
+
+    def claim(
+        self, runner_id: str, *, slots: int, max_jobs_per_user: int, scan: int | None = None
+    ) -> list[ClaimedJob]:
+        """A claim that fails is tried again on the claim loop's next turn, except one whose
+        COMMIT's answer was lost: run again it would claim more on top, and the jobs the lost
+        COMMIT did claim would run nowhere until a watchdog failed them. Those are adopted."""
+        try:
+            return super().claim(runner_id, slots=slots, max_jobs_per_user=max_jobs_per_user, scan=scan)
+        except CommitOutcomeUnknown:
+            return self._adopt(runner_id, set())
+
+    def _adopt(self, runner_id: str, ending: set[str]) -> list[ClaimedJob]:
+        """The jobs a claim whose COMMIT's answer was lost did claim: `running` under this
+        instance's id and known to none of its tasks (nor among the `ending` ones)."""
+        mine = self._known() | ending
         adopted = [
             ClaimedJob(row["id"], row["lease_token"], row)
-            for row in self._patiently(functools.partial(self.active_jobs_of_runner, claim.runner_id))
+            for row in self._patiently(functools.partial(self.active_jobs_of_runner, runner_id))
             if row["id"] not in mine and row["status"] == Status.RUNNING.value and row["lease_token"]
         ]
         if adopted:
             log.warning("claim_after_lost_commit_adopted", job_ids=[job.id for job in adopted])
-        return held, adopted
+        return adopted
 
     def _patiently(self, call: Callable[[], T], *, lost: bool = False) -> T:
         """`call` until it lands. With `lost`, a COMMIT whose answer was lost is the caller's to

@@ -1105,3 +1105,32 @@ def test_heartbeats_keep_a_thread_of_their_own_when_the_shared_pool_is_busy(runn
         clogged.result(timeout=30)
         runner.client.post(f"/api/runner/jobs/{job['id']}/cancel")
         runner.wait(job["id"], {"canceled"}, timeout=30)
+
+
+def test_a_claim_whose_commit_answer_is_lost_still_runs_its_jobs(
+    runner_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim loop's claim committed, but its answer was lost (a connection dropped during
+    COMMIT: `CommitOutcomeUnknown`). Its job sat `running` under this instance with no task and no
+    heartbeat until the watchdog failed it (`heartbeat_stale`): a queued job lost without running.
+    It is now adopted and run, as after a lost COMMIT of a batch that claimed along."""
+    from codex_runner.errors import CommitOutcomeUnknown
+    from codex_runner.store import JobStore
+
+    real = JobStore.claim
+    lost: list[str] = []
+
+    def loses_one_answer(self: JobStore, runner_id: str, **kwargs: Any) -> Any:
+        claimed = real(self, runner_id, **kwargs)  # applied...
+        if claimed and not lost:
+            lost.extend(job.id for job in claimed)
+            raise CommitOutcomeUnknown("the connection went away during COMMIT")  # ...answer lost
+        return claimed
+
+    monkeypatch.setattr(JobStore, "claim", loses_one_answer)
+    runner = runner_factory(RUNNER_STALE_AFTER_SECONDS="3")
+    job = runner.submit({"sleep": "0.2"})
+    done = runner.wait(job["id"], timeout=30)
+    assert lost == [job["id"]]
+    assert (done["status"], done["error_code"]) == ("success", None), done
+    assert [e["event_type"] for e in done["events"]].count("job_started") == 1

@@ -186,7 +186,7 @@ def test_a_claim_whose_commit_is_lost_is_not_run_again(
     pg_store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Run again, the claim would take a second job and leave the first running under no lease
-    this instance knows; now only the first is (docs/crash-safety.md: the watchdog fails it)."""
+    this instance knows; now only the first is (the launcher adopts it: docs/crash-safety.md)."""
     pg_store.create(new_job("a"), BIG)
     pg_store.create(new_job("b"), BIG)
     _lose_commit_answers(monkeypatch, pg_store)
