@@ -26,7 +26,12 @@ from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.manifest import MANIFEST_NAME
 from codex_runner.execution.process import KILL_CONFIRM_SECONDS, kill_process_group
-from codex_runner.execution.recovery import clean_up_ended_job, ended_stages, record_recovery
+from codex_runner.execution.recovery import (
+    clean_up_ended_job,
+    clean_up_failed_elsewhere,
+    ended_stages,
+    record_recovery,
+)
 from codex_runner.execution.spares import resume_refills, stop_refills
 from codex_runner.execution.workspace import prewarm_spares
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
@@ -599,6 +604,10 @@ class Launcher:
             log.warning("recovered_after_crash", runner_id=self.runner_id, jobs=recovered)
         for job in jobs:
             await asyncio.to_thread(clean_up_ended_job, job, self.rt.catalog, self.settings)
+        # Jobs another instance's watchdog failed while this id was down (their processes went
+        # with the scan above): a watchdog cleans up only a run folder on its own disk.
+        for job in await asyncio.to_thread(self.rt.jobs.stale_failed_jobs_of_runner, self.runner_id):
+            await asyncio.to_thread(clean_up_failed_elsewhere, job, self.rt.catalog, self.settings)
         return recovered
 
     def _kill_leftovers_by_env(self, own_active: set[str]) -> None:

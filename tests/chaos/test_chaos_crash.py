@@ -260,7 +260,54 @@ def test_a_recovered_job_stages_and_manifest_say_how_it_ended(
         assert stages["prepare"]["status"] == "success", stages
         assert stages["script"]["status"] == "failed" and stages["script"]["finished_at"], stages
         assert not {s["status"] for s in stages.values()} & {"running", "pending"}, stages
-        manifest = json.loads((Path(data) / "runs" / job / "manifest.json").read_text())
+        path = Path(data) / "runs" / job / "manifest.json"
+        # Rewritten right after the row's write: a moment later.
+        manifest = wait_for(
+            lambda: (doc := json.loads(path.read_text()))["status"] != "running" and doc, 10, "the manifest"
+        )
         assert (manifest["status"], manifest["error_code"]) == ("failed", code)
+        assert manifest["stages"] == row["stages"]
+        check_invariants(c)
+
+
+@pytest.mark.timeout(120)
+def test_a_restart_cleans_up_after_jobs_another_instance_failed_meanwhile(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A dies; B (its own data folder) fails A's job as stale; A starts again under its id. Its
+    start-up recovery looked only at its jobs still active, so the job's worktree (registered in
+    the source repo, its branch with it) and its `running` manifest stayed on A's disk until
+    retention deleted the row, 30 days later."""
+    import subprocess
+
+    with Cluster(tmp_path / "cluster", database_url) as c:
+        a = c.start("gone-a", "worker")
+        [job] = c.submit(1, sleep=60.0, repo="pushed")
+        wait_for(lambda: job_pids([job]), 30, "the script to start")
+        workspace = c.tmp / "data-gone-a" / "workspaces" / job
+        assert workspace.is_dir()
+        c.sigkill(a)
+        c.start("gone-b", "worker")
+        wait_for(lambda: c.all_done([job]), 30, "B's watchdog")
+        c.start("gone-a", "worker")
+
+        def worktrees() -> str:
+            return subprocess.run(
+                ["git", "-C", str(c.tmp / "repo"), "worktree", "list"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+
+        wait_for(lambda: not workspace.exists() and job not in worktrees(), 30, "A to clean up the workspace")
+        branches = subprocess.run(
+            ["git", "-C", str(c.tmp / "repo"), "branch", "--list", "runner/*"], capture_output=True, text=True
+        ).stdout
+        assert branches == "", branches
+        row = c.rows([job])[job]
+        manifest = json.loads(
+            (c.tmp / "data-gone-a" / "runs" / job / "manifest.json").read_text()
+        )  # before the cleanup
+        assert (manifest["status"], manifest["error_code"]) == ("failed", "heartbeat_stale")
         assert manifest["stages"] == row["stages"]
         check_invariants(c)

@@ -24,7 +24,13 @@ from codex_runner.store.records import iso, utcnow
 
 log = structlog.get_logger("codex_runner.recovery")
 
-__all__ = ["clean_up_ended_job", "ended_stages", "in_place_job_prefix", "record_recovery"]
+__all__ = [
+    "clean_up_ended_job",
+    "clean_up_failed_elsewhere",
+    "ended_stages",
+    "in_place_job_prefix",
+    "record_recovery",
+]
 
 _JOB_BRANCH = re.compile(r"refs/heads/runner/([0-9A-Fa-f]{8})")
 
@@ -43,6 +49,19 @@ def clean_up_ended_job(
         return
     with lock_waits_at_most(lock_wait) if lock_wait is not None else contextlib.nullcontext():
         _clean_up(job, repo, settings)
+
+
+def clean_up_failed_elsewhere(job: Mapping[str, Any], catalog: Catalog, settings: Settings) -> None:
+    """At start-up, for a job of this `RUNNER_ID` that another instance's watchdog failed while
+    this one was down: that watchdog saw neither its run folder nor its workspace (another data
+    folder, or another host), so its manifest still says `running` and its workspace is still
+    here. Only for a run folder on this host that no recovery has cleaned up yet."""
+    if not (settings.runs_dir / str(job["id"])).is_dir() or _cleaned_up(job, settings):
+        return
+    if _manifest(job, settings).get("status") == "running":
+        stages = _stage_list(job.get("stages"))
+        record_recovery(job, settings, error_code=str(job["error_code"]), stages=stages)
+    clean_up_ended_job(job, catalog, settings)
 
 
 #: Left in a run's folder once a recovery did its cleanup: the run's own cleanup stage says so in

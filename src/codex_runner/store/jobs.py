@@ -24,6 +24,7 @@ from codex_runner.jobs import (
     EVENT_FOR_STATUS,
     RUNNING_LIKE,
     TERMINAL,
+    ErrorCode,
     EventType,
     Status,
     can_transition,
@@ -985,6 +986,23 @@ class JobStore:
                 rows = conn.execute(
                     sa.select(jobs).where(
                         jobs.c.runner_id == runner_id, jobs.c.status.in_([s.value for s in RUNNING_LIKE])
+                    )
+                ).mappings()
+                return [dict(r) for r in rows]
+
+        return with_retries(txn)
+
+    def stale_failed_jobs_of_runner(self, runner_id: str) -> list[dict[str, Any]]:
+        """Jobs of `runner_id` that a watchdog failed (`heartbeat_stale`): an earlier life's, whose
+        run folder this host may still have to clean up at start-up."""
+
+        def txn() -> list[dict[str, Any]]:
+            with read_txn(self.engine) as conn:
+                rows = conn.execute(
+                    sa.select(jobs).where(
+                        jobs.c.runner_id == runner_id,
+                        jobs.c.status == Status.FAILED.value,
+                        jobs.c.error_code == ErrorCode.HEARTBEAT_STALE.value,
                     )
                 ).mappings()
                 return [dict(r) for r in rows]
