@@ -283,7 +283,8 @@ def test_a_restart_cleans_up_after_jobs_another_instance_failed_meanwhile(
     with Cluster(tmp_path / "cluster", database_url) as c:
         a = c.start("gone-a", "worker")
         [job] = c.submit(1, sleep=60.0, repo="pushed")
-        wait_for(lambda: job_pids([job]), 30, "the script to start")
+        # The ledger, not job_pids: the prepare's git carries the job's id too.
+        wait_for(lambda: job in c.ledger_ids(), 30, "the script to start")
         workspace = c.tmp / "data-gone-a" / "workspaces" / job
         assert workspace.is_dir()
         c.sigkill(a)
@@ -299,11 +300,22 @@ def test_a_restart_cleans_up_after_jobs_another_instance_failed_meanwhile(
                 check=True,
             ).stdout
 
-        wait_for(lambda: not workspace.exists() and job not in worktrees(), 30, "A to clean up the workspace")
-        branches = subprocess.run(
-            ["git", "-C", str(c.tmp / "repo"), "branch", "--list", "runner/*"], capture_output=True, text=True
-        ).stdout
-        assert branches == "", branches
+        def branches() -> str:
+            return subprocess.run(
+                ["git", "-C", str(c.tmp / "repo"), "branch", "--list", "runner/*"],
+                capture_output=True,
+                text=True,
+            ).stdout
+
+        # The branch goes last (it has no commit of its own).
+        try:
+            wait_for(
+                lambda: not workspace.exists() and job not in worktrees() and not branches(),
+                30,
+                "A to clean up the workspace",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {workspace.exists()}, {worktrees()}, {branches()}") from None
         row = c.rows([job])[job]
         manifest = json.loads(
             (c.tmp / "data-gone-a" / "runs" / job / "manifest.json").read_text()
