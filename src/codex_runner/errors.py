@@ -97,6 +97,12 @@ class StoreUnavailable(RunnerError):
     code = "unavailable"
 
 
+class StoreFull(StoreUnavailable):
+    """The database's disk is full (SQLite's SQLITE_FULL, PostgreSQL's disk_full). Handled as an
+    outage, retried until space comes back; its code stays `unavailable` (SPEC: every 503 says
+    `unavailable`), its message says why."""
+
+
 class CommitOutcomeUnknown(StoreUnavailable):
     """The connection was lost while a write transaction committed: the server may have applied it
     or not. Not retried automatically (a retry could apply it twice); a caller that can check what

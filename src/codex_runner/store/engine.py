@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from codex_runner.errors import CommitOutcomeUnknown, StoreUnavailable
+from codex_runner.errors import CommitOutcomeUnknown, StoreFull, StoreUnavailable
 
 T = TypeVar("T")
 log = structlog.get_logger("codex_runner.store")
@@ -225,21 +225,32 @@ def _set_wal(cur: sqlite3.Cursor) -> None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: SQLite busy/locked, PostgreSQL serialization/deadlock failures and
-    dropped or refused connections."""
+    """Errors worth retrying: SQLite busy/locked, a full disk (SQLite's; PostgreSQL's `disk_full`
+    is an OperationalError like the rest), PostgreSQL serialization/deadlock failures and dropped
+    or refused connections."""
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated:
             return True
         orig = exc.orig
         if isinstance(orig, sqlite3.OperationalError):
             text = str(orig).lower()
-            return "locked" in text or "busy" in text
+            return "locked" in text or "busy" in text or _disk_full(exc)
         sqlstate = getattr(orig, "sqlstate", None)
         if sqlstate in {"40001", "40P01", "57P01", "57P02", "57P03", "08000", "08003", "08006", "08001"}:
             return True
         if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
             return True
     return False
+
+
+def _disk_full(exc: sa.exc.DBAPIError) -> bool:
+    """SQLITE_FULL ("database or disk is full"), or PostgreSQL's `disk_full` (53100). Space may come
+    back any moment (a job's file removed, retention), so it is an outage like any other: retried
+    here, and the launcher's own writes wait for it (a job's status is not lost to it)."""
+    orig = exc.orig
+    if isinstance(orig, sqlite3.Error):
+        return (getattr(orig, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+    return getattr(orig, "sqlstate", None) == "53100"
 
 
 def _silent(exc: sa.exc.DBAPIError) -> bool:
@@ -283,6 +294,8 @@ def with_retries(
             if not is_transient(exc):
                 raise
             if attempt == attempts or _silent(exc):
+                if _disk_full(exc):
+                    raise StoreFull("the database's disk is full; try again later") from None
                 raise StoreUnavailable("the database is not answering; try again shortly") from None
             time.sleep(delay)
             delay *= 2

@@ -1,0 +1,93 @@
+"""Jobs that run the machine out of something, for real on a small scale: a disk of a few MiB
+(tmpfs, so these tests need root to mount it), memory (only the OOM killer's preference is read,
+nothing is exhausted), file descriptors, processes. The promises (SPEC §3, docs/failure-modes.md):
+no job lost or run twice, no orphan, the runner keeps serving, and recovers without a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_until
+from tests.integration.conftest import Runner
+
+MountSmall = Callable[[Path, str], Path]
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite in the data folder, so that a full data disk is a full database disk too."""
+    return f"sqlite:///{tmp_path / 'data' / 'runner.db'}"
+
+
+@pytest.fixture
+def small_disk() -> Iterator[MountSmall]:
+    """Mounts a tmpfs of the given size on a folder (made if missing); unmounted at teardown, after
+    the runner that uses it closed (request this fixture before `runner_factory`)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, timeout=30
+        )
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], timeout=30)  # still busy: detach it
+
+
+def _fill(hog: Path, marker: Path) -> str:
+    """A script that fills the disk of `hog` (dd stops at ENOSPC) and says so in `marker`."""
+    return f'["/bin/sh", "-c", "dd if=/dev/zero of={hog} bs=1M count=128 2>/dev/null; touch {marker}"]'
+
+
+def test_a_full_database_disk_delays_statuses_and_loses_none(
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+) -> None:
+    """SQLite answers SQLITE_FULL ("database or disk is full") when its disk fills. That was no
+    transient error: the API answered 500, the terminal write of a job that ended meanwhile failed,
+    so did its internal-error fallback, and the job stayed `running`; the heartbeats failed
+    too, and once space came back the watchdog failed every job of the instance as
+    `heartbeat_stale` (and killed the one still running). Now it is an outage like a database
+    that does not answer: 503 `unavailable`, and each job gets its own status once space is back."""
+    data = small_disk(tmp_path / "data", "24m")
+    hog, marker = data / "hog", tmp_path / "filled"
+    runner = runner_factory(extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n")
+    long = runner.submit({"sleep": "10"})
+    runner.wait(long["id"], statuses={"running"}, timeout=15)
+    fill = runner.submit({}, script="fill")
+    assert wait_until(marker.exists, timeout=20)
+    filled_at = time.monotonic()
+    refused = runner.client.post(
+        "/api/runner/jobs", json={"repo": "scratch", "script_key": "behave", "args": {}}
+    )
+    assert refused.status_code == 503, refused.text
+    assert refused.json() == {"code": "unavailable", "detail": "the database's disk is full; try again later"}
+    assert runner.client.get("/healthz").status_code == 200
+    # Full for longer than RUNNER_STALE_AFTER_SECONDS (5 s here): no heartbeat landed meanwhile.
+    time.sleep(max(0.0, filled_at + 6 - time.monotonic()))
+    assert runner.job(fill["id"])["status"] == "running"  # its end is not written yet, nor lost
+    hog.unlink()
+    done = runner.wait(fill["id"], timeout=30)
+    assert (done["status"], done["exit_code"], done["error_code"]) == ("success", 0, None), done
+    still = runner.wait(long["id"], timeout=30)
+    assert (still["status"], still["exit_code"], still["error_code"]) == ("success", 0, None), still
+    # Back without a restart: new jobs run, and the manifests are whole.
+    after = runner.wait(runner.submit({})["id"], timeout=30)
+    assert after["status"] == "success"
+    runs = runner.runtime.settings.runs_dir
+    for job in (done, still, after):
+        assert json.loads((runs / job["id"] / "manifest.json").read_text())["status"] == "success"
+    assert not [p.name for p in runs.rglob("*") if p.name.endswith(".tmp")]
