@@ -91,3 +91,27 @@ def test_a_full_database_disk_delays_statuses_and_loses_none(
     for job in (done, still, after):
         assert json.loads((runs / job["id"] / "manifest.json").read_text())["status"] == "success"
     assert not [p.name for p in runs.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _oom_score_adj(pid: int | str) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+def test_a_job_is_the_oom_killers_first_choice_not_the_runner(
+    tmp_path: Path, runner_factory: Callable[..., Runner]
+) -> None:
+    """Job processes had the runner's oom_score_adj (inherited): when a job ran the machine out of
+    memory the kernel weighed the runner, with every other job's supervision, like the job. The
+    leader now gets a higher one right after the spawn, and whatever it starts inherits it."""
+    runner = runner_factory()
+    own = _oom_score_adj("self")
+    pids = tmp_path / "pids"
+    job = runner.submit({"sleep": "30", "grandchild": True, "pids": str(pids)})
+    assert wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, timeout=15)
+    leader, grandchild = map(int, pids.read_text().split())
+    try:
+        assert _oom_score_adj(leader) == _oom_score_adj(grandchild) == min(1000, max(500, own + 500))
+        assert _oom_score_adj("self") == own  # the runner's own is left alone
+    finally:
+        runner.client.post(f"/api/runner/jobs/{job['id']}/cancel")
+    assert runner.wait(job["id"], timeout=30)["status"] == "canceled"

@@ -26,6 +26,7 @@ from typing import IO
 import structlog
 
 from codex_runner.errors import RunnerError
+from codex_runner.execution.limits import confine_leader
 
 log = structlog.get_logger("codex_runner.execution")
 
@@ -347,6 +348,7 @@ class JobProcess:
             # Only the child may hold the write ends, so EOF means every writer of the job is gone.
             os.close(out_w)
             os.close(err_w)
+        confine_leader(proc.pid)
         job_process = cls(proc, spec, sink, out_r, err_r, time.monotonic())
         job_process._stdout_tap = stdout_tap
         return job_process
