@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -115,3 +116,44 @@ def test_a_job_is_the_oom_killers_first_choice_not_the_runner(
     finally:
         runner.client.post(f"/api/runner/jobs/{job['id']}/cancel")
     assert runner.wait(job["id"], timeout=30)["status"] == "canceled"
+
+
+def _soft_nofile(pid: int) -> int:
+    line = next(
+        x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files")
+    )
+    return int(line.split()[3])
+
+
+def test_a_job_gets_the_open_file_limit_the_runner_started_with(
+    tmp_path: Path, runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve` raises its soft open-file limit for its HTTP connections (ops/fdlimit.py); jobs
+    inherited the raised one, and a program of theirs that uses select() breaks on a descriptor
+    over 1023 (why the usual soft limit is 1024). The leader gets the limit back right after the
+    spawn, and its children inherit it."""
+    from codex_runner.execution import limits
+    from codex_runner.ops.fdlimit import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 8192:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves no room to raise the soft one")
+    monkeypatch.setattr(
+        limits, "_job_nofile", None, raising=False
+    )  # what this test's raise records goes with it
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        runner = runner_factory()
+        assert raise_fd_limit(runner.runtime.settings).soft > 1024
+        pids = tmp_path / "pids"
+        job = runner.submit({"sleep": "30", "grandchild": True, "pids": str(pids)})
+        assert wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, timeout=15)
+        leader, grandchild = map(int, pids.read_text().split())
+        try:
+            assert _soft_nofile(leader) == _soft_nofile(grandchild) == 1024
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 1024  # the runner keeps its own
+        finally:
+            runner.client.post(f"/api/runner/jobs/{job['id']}/cancel")
+        assert runner.wait(job["id"], timeout=30)["status"] == "canceled"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import resource
 
 import structlog
 
@@ -20,6 +21,17 @@ log = structlog.get_logger("codex_runner.execution")
 #: (`oom_score_adj`, -1000 to 1000): a job that runs the machine out of memory is killed (its job
 #: fails, exit 137) before the runner that supervises every other job.
 JOB_OOM_SCORE_ADJ = 500
+#: The soft open-file limit the runner had before it raised its own for its HTTP connections
+#: (ops/fdlimit.py); None while it did not. Jobs get this one back: a program that uses select()
+#: breaks on a descriptor over 1023, which is why the usual soft limit is 1024.
+_job_nofile: int | None = None
+
+
+def keep_nofile_for_jobs(soft: int) -> None:
+    """Records the soft open-file limit jobs get, before the runner raises its own."""
+    global _job_nofile
+    if _job_nofile is None:
+        _job_nofile = soft
 
 
 @functools.cache
@@ -37,6 +49,13 @@ def job_oom_score_adj() -> int | None:
 def confine_leader(pid: int) -> None:
     """Applies the job's own limits to its freshly spawned leader; never raises (the job runs
     with the runner's values if the kernel refuses, e.g. for a set-user-ID program)."""
+    if _job_nofile is not None:
+        try:
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (_job_nofile, hard))
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                log.debug("job_nofile_not_set", pid=pid, error=exc.strerror)
     value = job_oom_score_adj()
     if value is None:
         return

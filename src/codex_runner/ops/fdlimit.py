@@ -4,8 +4,9 @@ Each HTTP connection takes a file descriptor, as do a job's pipes and log files,
 connections and the service's own files. The cap on connections keeps room for the rest only if the
 limit is above it: `serve` (and a worker with a metrics port) raises its soft limit as far as the cap
 needs, never past the hard limit, and `doctor` warns when the hard limit is too low. The soft limit
-is raised only that far, not to the hard limit: jobs inherit it, and a program that uses `select()`
-breaks on a descriptor over 1023 (why systemd leaves services a soft limit of 1024).
+is raised only that far, not to the hard limit. Jobs get the soft limit from before the raise back
+right after their spawn (`execution/limits.py`): a program that uses `select()` breaks on a
+descriptor over 1023 (why systemd leaves services a soft limit of 1024).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import structlog
 
 from codex_runner.api.gate import MAX_REFUSED_LINGERING
 from codex_runner.config import Settings
+from codex_runner.execution.limits import keep_nofile_for_jobs
 
 log = structlog.get_logger("codex_runner.fdlimit")
 
@@ -61,6 +63,7 @@ def raise_fd_limit(settings: Settings) -> FdLimit:
     target = limit.needed if limit.room else limit.hard
     if target <= limit.soft:
         return limit
+    keep_nofile_for_jobs(limit.soft)  # jobs get the limit back right after their spawn
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, limit.hard))
     except (ValueError, OSError) as exc:
