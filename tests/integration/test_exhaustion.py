@@ -157,3 +157,28 @@ def test_a_job_gets_the_open_file_limit_the_runner_started_with(
         assert runner.wait(job["id"], timeout=30)["status"] == "canceled"
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_log_write_cut_short_by_a_full_disk_still_counts(tmp_path: Path, small_disk: MountSmall) -> None:
+    """A write that fills the disk lands in part (the kernel takes what fits), then ENOSPC. The
+    part was not counted: the writer thought the file ended where the last whole write did, at a
+    line's end, so its next runner line was glued to the cut one (`xxx[runner] job ending …`),
+    and its size, the cap and the line starts it truncates to were off by that part."""
+    from codex_runner.logs.writer import LogWriter
+
+    disk = small_disk(tmp_path / "logs", "1m")
+    hog = disk / "hog"
+    hog.write_bytes(b"\0" * 512 * 1024)
+    path = disk / "job.log"
+    writer = LogWriter(path, max_bytes=64 * 1024 * 1024)
+    chunk = b"y" * 99 + b"\n"
+    with pytest.raises(OSError):
+        for _ in range(100_000):  # a bound: 1 MiB is full long before
+            writer.write(chunk * 655)  # 65,500 bytes: no write ends on a page boundary
+    assert writer.bytes_written == path.stat().st_size
+    hog.unlink()  # space is back
+    writer.runner_line("job ending: success")
+    writer.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-2] == b"[runner] job ending: success" and lines[-1] == b""
+    assert lines[-3] == chunk[:-1]  # the line the full disk cut is gone, the whole ones stay

@@ -231,8 +231,34 @@ class LogWriter:
         if self._fd is None:
             raise ValueError("write to a closed LogWriter")
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, view[done:])
+        finally:
+            # A full disk takes part of a write before it fails: that part is in the file, so it
+            # counts (the size, the cap, where lines start, whether a runner line needs a newline).
+            self._count(data[:done] if done < len(data) else data)
+            if done < len(data):
+                self._drop_cut_line()
+
+    def _drop_cut_line(self) -> None:
+        """After a write that failed part way: the line it cut goes, as at the cap (`_emit`) and
+        for the same reason (the rest of a secret the rules know by its start is lost), when no
+        reader can have had any of it. Shortening the file frees space: it cannot fail for want."""
+        start = self._line_start
+        if self._at_line_start or start is None or self._written - start > MAX_LINE:
+            return
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, start)
+        except OSError:
+            return
+        self._written, self._at_line_start = start, True
+
+    def _count(self, data: bytes) -> None:
+        if not data:
+            return
         last = data.rfind(b"\n")
         if last >= 0:
             self._line_start = self._written + last + 1
