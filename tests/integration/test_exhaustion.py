@@ -182,3 +182,23 @@ def test_a_log_write_cut_short_by_a_full_disk_still_counts(tmp_path: Path, small
     lines = path.read_bytes().split(b"\n")
     assert lines[-2] == b"[runner] job ending: success" and lines[-1] == b""
     assert lines[-3] == chunk[:-1]  # the line the full disk cut is gone, the whole ones stay
+
+
+def test_an_audit_line_a_full_disk_cuts_leaves_no_torn_record(tmp_path: Path, small_disk: MountSmall) -> None:
+    """A write to a nearly full disk takes what fits and returns short, with no error. The audit
+    log wrote each line with one `os.write` and did not look at the count: the cut line stayed
+    without its end, the next line (once space was back) was glued to it, and the JSON-lines file
+    had two records no reader could parse. Now the cut part is removed and the write fails
+    (`audit_write_failed`, as for any other failed audit write)."""
+    from codex_runner.ops.audit import AuditLog
+
+    disk = small_disk(tmp_path / "audit", "1m")
+    hog = disk / "hog"
+    hog.write_bytes(b"\0" * (1024 * 1024 - 8192))  # two pages left
+    audit = AuditLog(disk / "audit.jsonl")
+    with pytest.raises(OSError):
+        audit.write("job_created", job_id="j1", message="m" * 65536)
+    hog.unlink()
+    audit.write("job_created", job_id="j2", message="after")
+    records = [json.loads(line) for line in (disk / "audit.jsonl").read_text().splitlines()]
+    assert [r["job_id"] for r in records] == ["j2"]

@@ -10,6 +10,7 @@ the single `write` of the line happen together. The lock file never moves, unlik
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -107,7 +108,7 @@ class AuditLog:
             self._rotate_if_needed(len(data))
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, data)
+                _append_whole(fd, data)
             finally:
                 os.close(fd)
 
@@ -160,6 +161,18 @@ class AuditLog:
             if older.exists():
                 os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+
+def _append_whole(fd: int, data: bytes) -> None:
+    """Appends `data` whole or not at all (the caller holds the lock, so the size is ours). A
+    nearly full disk takes part of a write and returns short without an error: the part is cut
+    off again, since a line without its end would tear the next one too, and ENOSPC raised."""
+    size = os.fstat(fd).st_size
+    written = os.write(fd, data)
+    if written < len(data):
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise OSError(errno.ENOSPC, f"the audit line was cut after {written} of {len(data)} bytes")
 
 
 def attached(runtime: Runtime) -> AuditLog | None:
