@@ -202,3 +202,32 @@ def test_an_audit_line_a_full_disk_cuts_leaves_no_torn_record(tmp_path: Path, sm
     audit.write("job_created", job_id="j2", message="after")
     records = [json.loads(line) for line in (disk / "audit.jsonl").read_text().splitlines()]
     assert [r["job_id"] for r in records] == ["j2"]
+
+
+def test_a_log_can_be_read_while_its_disk_is_full(
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+) -> None:
+    """A page of a log is found through its checkpoint index (log-index/, in the data folder),
+    which the read itself makes or grows. On a full disk that write failed and the read with it:
+    500 for every page and for the follow stream, of every job. The index is a cache: the read
+    now goes on without it (from the log's start) and the index is made once there is room."""
+    data = small_disk(tmp_path / "data", "16m")
+    runner = runner_factory()
+    job = runner.wait(runner.submit({"bytes": 2_000_000})["id"], timeout=30)
+    assert job["status"] == "success"
+    hog = data / "hog"
+    subprocess.run(["dd", "if=/dev/zero", f"of={hog}", "bs=1M", "count=64"], capture_output=True, timeout=60)
+    pages = {}
+    for offset in (0, 1_500_000):
+        r = runner.client.get(f"/api/runner/jobs/{job['id']}/logs", params={"offset": offset, "limit": 1000})
+        assert r.status_code == 200, r.text
+        pages[offset] = r.json()
+    with runner.client.stream(
+        "GET", f"/api/runner/jobs/{job['id']}/logs/stream", params={"offset": 1_990_000}
+    ) as stream:
+        assert stream.status_code == 200
+        assert "event: end" in "".join(stream.iter_text())
+    hog.unlink()
+    for offset, page in pages.items():
+        r = runner.client.get(f"/api/runner/jobs/{job['id']}/logs", params={"offset": offset, "limit": 1000})
+        assert r.json() == page  # the same page as through the index made now

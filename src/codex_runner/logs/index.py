@@ -34,7 +34,8 @@ class Checkpoint:
     state: int
 
 
-_START = Checkpoint(0, 0, 0)
+#: The log's start: where a read begins without an index.
+START = Checkpoint(0, 0, 0)
 
 
 def index_path(index_dir: Path, log_path: Path, version: str) -> Path:
@@ -57,7 +58,7 @@ class CheckpointIndex:
             last = self._last_valid(size)
             if last is None:
                 self._rebuild()
-                last = _START
+                last = START
             pending: list[bytes] = []
             redacted = last.redacted
             for chunk in redact_range(
@@ -82,11 +83,11 @@ class CheckpointIndex:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            return _START
+            return START
         try:
             count = (os.fstat(fd).st_size - _HEADER.size) // _RECORD.size
             low, high = 0, count - 1
-            best = _START
+            best = START
             while low <= high:
                 middle = (low + high) // 2
                 record = _read_record(fd, middle)
@@ -119,7 +120,7 @@ class CheckpointIndex:
     def _rebuild(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_bytes(self._header + _RECORD.pack(_START.raw, _START.redacted, _START.state))
+        temporary.write_bytes(self._header + _RECORD.pack(START.raw, START.redacted, START.state))
         os.replace(temporary, self.path)
 
     def _append(self, records: list[bytes]) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codex_runner.errors import InvalidRequest
-from codex_runner.logs.index import CheckpointIndex, index_path
+from codex_runner.logs.index import START, CheckpointIndex, index_path
 from codex_runner.logs.redaction import REDACTION_VERSION, get_ruleset
 from codex_runner.logs.stream import redact_range
 
@@ -52,8 +52,13 @@ def read_page(
     with log:
         size = os.fstat(log.fileno()).st_size
         index = CheckpointIndex(index_path(index_dir, log_path, version), ruleset)
-        index.update(log, size, until=offset + limit + _SLACK)
-        start = index.locate(offset)
+        try:
+            index.update(log, size, until=offset + limit + _SLACK)
+            start = index.locate(offset)
+        except OSError:
+            # The index is a cache, made and grown by reads: on a disk it cannot be written to (a
+            # full one) the read starts at the log's start, slower but not failed.
+            start = START
         parts: list[bytes] = []
         redacted_end, at_end = start.redacted, True
         for chunk in redact_range(
@@ -95,7 +100,10 @@ def redacted_size(
         return 0
     with log:
         size = os.fstat(log.fileno()).st_size
-        last = CheckpointIndex(index_path(index_dir, log_path, version), ruleset).update(log, size)
+        try:
+            last = CheckpointIndex(index_path(index_dir, log_path, version), ruleset).update(log, size)
+        except OSError:  # as in `read_page`
+            last = START
         chunks = redact_range(
             log, ruleset, raw_start=last.raw, raw_end=size, state=last.state, final=complete
         )
