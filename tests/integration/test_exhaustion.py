@@ -231,3 +231,25 @@ def test_a_log_can_be_read_while_its_disk_is_full(
     for offset, page in pages.items():
         r = runner.client.get(f"/api/runner/jobs/{job['id']}/logs", params={"offset": offset, "limit": 1000})
         assert r.json() == page  # the same page as through the index made now
+
+
+def test_a_workspace_that_cannot_be_made_fails_the_prepare_not_the_runner(
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+) -> None:
+    """A disk out of space or inodes where workspaces live: git's own failures were `clone_failed`
+    and the like, but the folder of a scratch workspace (and the git HOME of the others) is made
+    by the runner, whose OSError ended the job as `internal_error` "internal runner error", its
+    prepare stage left `running` in the terminal row. Now it is `prepare_failed`, saying why."""
+    workspaces = small_disk(tmp_path / "ws", "1m")
+    runner = runner_factory(RUNNER_WORKSPACE_DIR=str(workspaces))
+    assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"
+    subprocess.run(["mount", "-o", "remount,nr_inodes=1", str(workspaces)], check=True, timeout=30)
+    try:
+        done = runner.wait(runner.submit({})["id"], timeout=30)
+    finally:
+        subprocess.run(["mount", "-o", "remount,nr_inodes=1024", str(workspaces)], check=True, timeout=30)
+    assert (done["status"], done["error_code"]) == ("failed", "prepare_failed"), done
+    assert "No space left on device" in done["error_message"], done
+    prepare = next(s for s in done["stages"] if s["name"] == "prepare")
+    assert prepare["status"] == "failed" and "No space left on device" in prepare["error"]
+    assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"  # inodes are back

@@ -155,6 +155,20 @@ def prepare_workspace(
 ) -> Workspace:
     """Makes the job's workspace and its branch. Raises `GitError` (clone_failed, branch_failed,
     prepare_failed); nothing half-made is left behind."""
+    try:
+        return _prepare_workspace(repo, job_id, settings, credential)
+    except OSError as exc:
+        # A folder the runner makes itself (the workspace of a scratch job, a git HOME) on a disk
+        # out of space or inodes, or read-only: the job's prepare failed, the runner did not.
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise GitError(
+            f"cannot make the workspace: {exc.strerror or exc}{where}", code="prepare_failed"
+        ) from None
+
+
+def _prepare_workspace(
+    repo: RepoLike, job_id: str, settings: Settings, credential: GitCredential | None
+) -> Workspace:
     mode = repo.workspace
     if mode not in MODES:
         raise GitError(f"unknown workspace mode {mode!r}", code="prepare_failed")
