@@ -113,6 +113,8 @@ def test_a_job_is_the_oom_killers_first_choice_not_the_runner(
     try:
         assert _oom_score_adj(leader) == _oom_score_adj(grandchild) == min(1000, max(500, own + 500))
         assert _oom_score_adj("self") == own  # the runner's own is left alone
+        # And no descriptor of the runner's (database, sockets, other jobs' pipes) is inherited.
+        assert sorted(os.listdir(f"/proc/{leader}/fd")) == ["0", "1", "2"]
     finally:
         runner.client.post(f"/api/runner/jobs/{job['id']}/cancel")
     assert runner.wait(job["id"], timeout=30)["status"] == "canceled"
@@ -253,3 +255,30 @@ def test_a_workspace_that_cannot_be_made_fails_the_prepare_not_the_runner(
     prepare = next(s for s in done["stages"] if s["name"] == "prepare")
     assert prepare["status"] == "failed" and "No space left on device" in prepare["error"]
     assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"  # inodes are back
+
+
+def test_hundreds_of_short_lived_children_are_all_gone_when_the_job_ends(
+    runner_factory: Callable[..., Runner],
+) -> None:
+    """A bounded burst of processes (not a fork bomb): 400 children waited for, then 100 that
+    outlive their parent shell inside the job's group. The job ends on time and leaves nothing."""
+    from codex_runner.launcher import find_job_processes
+
+    burst = (
+        "i=0; while [ $i -lt 400 ]; do /bin/true & i=$((i+1)); done; wait; "
+        "i=0; while [ $i -lt 100 ]; do (sleep 30 &); i=$((i+1)); done; echo spawned"
+    )
+    runner = runner_factory(extra_toml=f'\n[scripts.burst]\ncommand = ["/bin/sh", "-c", "{burst}"]\n')
+    started = time.monotonic()
+    done = runner.wait(runner.submit({}, script="burst")["id"], timeout=60)
+    assert (done["status"], done["exit_code"]) == ("success", 0), done
+    assert time.monotonic() - started < 30
+    assert wait_until(lambda: done["id"] not in find_job_processes(), timeout=10)
+    zombies = [
+        line
+        for line in subprocess.run(
+            ["ps", "-o", "stat=", "--ppid", str(os.getpid())], capture_output=True, text=True, timeout=30
+        ).stdout.split()
+        if line.startswith("Z")
+    ]
+    assert zombies == []
