@@ -282,3 +282,22 @@ def test_hundreds_of_short_lived_children_are_all_gone_when_the_job_ends(
         if line.startswith("Z")
     ]
     assert zombies == []
+
+
+def test_a_job_whose_log_cannot_be_made_ends_with_no_stage_running(
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+) -> None:
+    """No inode left for the log file of a scratch job (made right after its spawn): the job fails
+    as `internal_error` (docs/failure-modes.md) and its process is stopped, but its terminal row
+    kept the `script` stage `running` for ever. A stage an internal error interrupts now fails."""
+    logs = small_disk(tmp_path / "logs", "1m")
+    runner = runner_factory(RUNNER_LOG_DIR=str(logs))
+    subprocess.run(["mount", "-o", "remount,nr_inodes=1", str(logs)], check=True, timeout=30)
+    try:
+        done = runner.wait(runner.submit({"sleep": "30"})["id"], timeout=30)
+    finally:
+        subprocess.run(["mount", "-o", "remount,nr_inodes=1024", str(logs)], check=True, timeout=30)
+    assert (done["status"], done["error_code"]) == ("failed", "internal_error"), done
+    stages = {s["name"]: s for s in done["stages"]}
+    assert [n for n, s in stages.items() if s["status"] == "running"] == [], stages
+    assert stages["script"]["status"] == "failed" and stages["script"]["finished_at"], stages

@@ -298,6 +298,9 @@ class JobRun:
             await self._run()
         except Exception as exc:  # the job must end even when the runner itself is at fault
             log.error("job_internal_error", job_id=self.job_id, error_type=type(exc).__name__)
+            for name, stage in self.stages.items():
+                if stage["status"] == "running":  # a terminal row shows no stage still running
+                    self._stage(name, "failed", error="internal runner error")
             await self._settle_after_error()
             await self._finish(Status.FAILED, ErrorCode.INTERNAL_ERROR, "internal runner error", None)
         finally:
