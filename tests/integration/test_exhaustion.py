@@ -301,3 +301,32 @@ def test_a_job_whose_log_cannot_be_made_ends_with_no_stage_running(
     stages = {s["name"]: s for s in done["stages"]}
     assert [n for n, s in stages.items() if s["status"] == "running"] == [], stages
     assert stages["script"]["status"] == "failed" and stages["script"]["finished_at"], stages
+
+
+def test_retention_makes_room_on_a_full_database_disk(
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+) -> None:
+    """Retention deletes expired jobs' rows, then their files (as orphans). When the disk that holds
+    the SQLite database and the logs was full, the first delete failed for want of room (SQLite
+    writes its WAL first), so no file went either: neither the periodic cleanup nor
+    `codex-runner cleanup` could free the disk. On a full disk the expired jobs' files now go
+    first, then their rows."""
+    from datetime import timedelta
+
+    from codex_runner.ops.retention import cleanup
+    from codex_runner.store.records import utcnow
+
+    data = small_disk(tmp_path / "data", "16m")
+    runner = runner_factory(RUNNER_RETENTION_KEEP="0")
+    old = runner.wait(runner.submit({"bytes": 8_000_000})["id"], timeout=30)
+    assert old["status"] == "success"
+    log_file = runner.runtime.settings.log_dir / f"{old['id']}.log"
+    assert log_file.stat().st_size > 7_000_000
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={data / 'hog'}", "bs=1M", "count=64"], capture_output=True, timeout=60
+    )
+    report = cleanup(runner.runtime, now=utcnow() + timedelta(days=31), orphan_grace_seconds=0)
+    assert (report.jobs, report.logs, report.run_dirs) == (1, 1, 1), report
+    assert not log_file.exists()
+    assert runner.client.get(f"/api/runner/jobs/{old['id']}").status_code == 404
+    assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"  # room again

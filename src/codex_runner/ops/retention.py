@@ -35,6 +35,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from codex_runner.config import Settings
+from codex_runner.errors import StoreFull
 from codex_runner.execution.git import GitError
 from codex_runner.execution.gitutil import lock_key, repo_lock
 from codex_runner.execution.spares import POOLS
@@ -127,17 +128,18 @@ def cleanup(
             doomed = with_retries(lambda: _expired_ids(runtime.engine, conds))
             report.jobs, report.events = with_retries(lambda: _count_expired(runtime.engine, conds))
         else:
-            _delete_jobs(runtime, conds, batch_size, report)
+            try:
+                _delete_jobs(runtime, conds, batch_size, report)
+            except StoreFull:
+                # Deleting rows needs room (SQLite writes its WAL first): on a full disk, which the
+                # logs may well have filled, the expired jobs' files go first, then their rows.
+                expired = with_retries(lambda: _expired_ids(runtime.engine, conds))
+                log.warning("cleanup_files_first", reason="database_disk_full", jobs=len(expired))
+                _remove_orphans(runtime, now, orphan_grace_seconds, batch_size, expired, dry_run, report)
+                _delete_jobs(runtime, conds, batch_size, report)
             runtime.jobs.fold_counts()  # a delta per deleted job (PostgreSQL): list totals sum them
     report.idempotency_keys += _delete_keys(runtime.engine, now, batch_size, dry_run, doomed)
-    for kind, path in _orphans(runtime, now, orphan_grace_seconds, batch_size, doomed):
-        if not dry_run:
-            try:
-                _remove(path)
-            except OSError as exc:
-                report.errors.append(f"{path}: {exc.strerror or exc}")
-                continue
-        setattr(report, kind, getattr(report, kind) + 1)
+    _remove_orphans(runtime, now, orphan_grace_seconds, batch_size, doomed, dry_run, report)
     # Counted only once gone: what could not be removed is an error (the command exits 1).
     for path in _stale_task_homes(runtime, now):
         if dry_run or _rmtree(path, report):
@@ -160,6 +162,26 @@ def cleanup(
     _delete_transcripts(runtime, now, dry_run, report)
     log.info("cleanup_done", **report.to_dict())
     return report
+
+
+def _remove_orphans(
+    runtime: Runtime,
+    now: datetime,
+    grace_seconds: int,
+    batch_size: int,
+    doomed: set[str],
+    dry_run: bool,
+    report: CleanupReport,
+) -> None:
+    """Files of jobs that have no row, or whose row is `doomed`; counted once gone."""
+    for kind, path in _orphans(runtime, now, grace_seconds, batch_size, doomed):
+        if not dry_run:
+            try:
+                _remove(path)
+            except OSError as exc:
+                report.errors.append(f"{path}: {exc.strerror or exc}")
+                continue
+        setattr(report, kind, getattr(report, kind) + 1)
 
 
 # -- rows -------------------------------------------------------------------------------------
