@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
+from tests.helpers import terminal_manifest, wait_until
 from tests.integration.conftest import Runner
 
 MountSmall = Callable[[Path, str], Path]
@@ -90,7 +90,7 @@ def test_a_full_database_disk_delays_statuses_and_loses_none(
     assert after["status"] == "success"
     runs = runner.runtime.settings.runs_dir
     for job in (done, still, after):
-        assert json.loads((runs / job["id"] / "manifest.json").read_text())["status"] == "success"
+        assert terminal_manifest(runs, job["id"])["status"] == "success"  # published after the status
     assert not [p.name for p in runs.rglob("*") if p.name.endswith(".tmp")]
 
 
