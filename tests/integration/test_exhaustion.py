@@ -330,3 +330,30 @@ def test_retention_makes_room_on_a_full_database_disk(
     assert not log_file.exists()
     assert runner.client.get(f"/api/runner/jobs/{old['id']}").status_code == 404
     assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"  # room again
+
+
+def test_a_command_started_on_a_full_database_disk_says_so(tmp_path: Path, small_disk: MountSmall) -> None:
+    """With no process holding the SQLite database open, its `-wal` and `-shm` files are gone, and
+    a new connection must make them: on a full disk SQLite answers SQLITE_IOERR_SHMSIZE, "disk I/O
+    error", to every statement. `serve`, `worker` and the admin commands stopped with "error:
+    unexpected OperationalError: (sqlite3.OperationalError) disk I/O error"."""
+    from codex_runner.runtime import Runtime
+
+    from tests.helpers import CLI
+    from tests.integration.conftest import runner_settings
+
+    data = small_disk(tmp_path / "data", "8m")
+    url = f"sqlite:///{data / 'runner.db'}"
+    Runtime.open(runner_settings(tmp_path, url)).close()  # migrated, then closed: no -wal, no -shm
+    env = {**os.environ, "RUNNER_DATA_DIR": str(data), "RUNNER_DATABASE_URL": url}
+    command = [CLI, "tokens", "create", "--user", "u", "--role", "user"]
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={data / 'hog'}", "bs=1M", "count=64"], capture_output=True, timeout=60
+    )
+    full = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (full.returncode, full.stderr) == (
+        2,
+        "error: the database's disk is full; try again later (unavailable)\n",
+    )
+    (data / "hog").unlink()
+    assert subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, timeout=60).returncode == 0

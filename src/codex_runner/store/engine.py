@@ -33,6 +33,9 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30
 # `PRAGMA journal_mode=WAL` on a fresh file can answer SQLITE_BUSY at once, without the busy
 # handler, while another process switches the mode: tried again this often, this far apart.
 WAL_PRAGMA_ATTEMPTS = 50
+#: sqlite3 names the extended codes from Python 3.12 on: SQLITE_IOERR | (19 << 8).
+SQLITE_IOERR_SHMSIZE = 4874
+DISK_FULL_MESSAGE = "the database's disk is full; try again later"
 WAL_PRAGMA_DELAY = 0.05
 # Every PostgreSQL session: a session idle inside a transaction (a frozen instance) lets its locks
 # go after 30 s; and TimeZone UTC, because timestamps are stored naive UTC (`UTCDateTime`) and
@@ -108,7 +111,15 @@ def create_store_engine(
             cur = dbapi_conn.cursor()
             # The busy timeout first: every later pragma may have to wait for another process.
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
-            _set_wal(cur)
+            try:
+                _set_wal(cur)
+            except sqlite3.OperationalError as exc:
+                # The first connection makes the -wal and -shm files: on a full disk every command
+                # and every start would fail with "disk I/O error". Not a driver error, so the
+                # pool passes it on as it is (and `with_retries` does not wait for it).
+                if _sqlite_full(exc):
+                    raise StoreFull(DISK_FULL_MESSAGE) from None
+                raise
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             # Sorts and statement journals in memory, not in files created and deleted in $TMPDIR
@@ -249,8 +260,15 @@ def _disk_full(exc: sa.exc.DBAPIError) -> bool:
     here, and the launcher's own writes wait for it (a job's status is not lost to it)."""
     orig = exc.orig
     if isinstance(orig, sqlite3.Error):
-        return (getattr(orig, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+        return _sqlite_full(orig)
     return getattr(orig, "sqlstate", None) == "53100"
+
+
+def _sqlite_full(exc: sqlite3.Error) -> bool:
+    """SQLITE_FULL, or SQLITE_IOERR_SHMSIZE: the `-shm` file could not be given its size, which on
+    a full disk is what every statement of a new connection answers ("disk I/O error")."""
+    code = getattr(exc, "sqlite_errorcode", 0)
+    return (code & 0xFF) == sqlite3.SQLITE_FULL or code == SQLITE_IOERR_SHMSIZE
 
 
 def _silent(exc: sa.exc.DBAPIError) -> bool:
@@ -295,7 +313,7 @@ def with_retries(
                 raise
             if attempt == attempts or _silent(exc):
                 if _disk_full(exc):
-                    raise StoreFull("the database's disk is full; try again later") from None
+                    raise StoreFull(DISK_FULL_MESSAGE) from None
                 raise StoreUnavailable("the database is not answering; try again shortly") from None
             time.sleep(delay)
             delay *= 2
