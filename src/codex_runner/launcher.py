@@ -431,6 +431,11 @@ class Launcher:
         """Refreshes our jobs' heartbeats. A job whose lease is gone (another instance's watchdog
         failed it) is stopped at once, process group and all, and JobRun writes nothing more to it.
         When the database is unavailable the processes keep running and the next beat tries again."""
+        if self._finisher.owed_manifests:  # ended jobs' manifests a full disk refused
+            with contextlib.suppress(Exception):
+                landed = await self._on_beat_thread(self._finisher.owed_manifests.retry)
+                if landed:
+                    log.info("manifests_written_late", count=landed)
         leases = {job_id: run.lease for job_id, run in self.active.items() if not run.fenced}
         try:
             alive = await self._on_beat_thread(self.rt.jobs.heartbeat, self.runner_id, leases)

@@ -357,3 +357,27 @@ def test_a_command_started_on_a_full_database_disk_says_so(tmp_path: Path, small
     )
     (data / "hog").unlink()
     assert subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, timeout=60).returncode == 0
+
+
+def test_a_terminal_manifest_a_full_disk_refused_is_written_once_there_is_room(
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+) -> None:
+    """The data folder full (the database elsewhere, so the status itself lands): the terminal
+    manifest failed (`manifest_write_failed`) and was never written again, so `runs/<id>/` kept the
+    `running` document of an ended job (or none) for good. It is now tried again at each heartbeat
+    until it lands."""
+    files = small_disk(tmp_path / "files", "8m")
+    hog, marker = files / "hog", tmp_path / "filled"
+    runner = runner_factory(
+        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_DATA_DIR=str(files)
+    )
+    done = runner.wait(runner.submit({}, script="fill")["id"], timeout=30)
+    assert done["status"] == "success"
+    manifest = runner.runtime.settings.runs_dir / done["id"] / "manifest.json"
+
+    def status() -> str | None:
+        return json.loads(manifest.read_text())["status"] if manifest.exists() else None
+
+    assert status() != "success"  # the disk was full when the job ended
+    hog.unlink()
+    assert wait_until(lambda: status() == "success", timeout=15), status()

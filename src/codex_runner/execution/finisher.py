@@ -26,7 +26,7 @@ from typing import Protocol
 import structlog
 
 from codex_runner.errors import StoreUnavailable
-from codex_runner.execution.manifest import Fsyncs
+from codex_runner.execution.manifest import Fsyncs, OwedManifests
 from codex_runner.store.jobs import ClaimedJob, ClaimRequest, JobStore, OwnerWrite
 
 log = structlog.get_logger("codex_runner.finisher")
@@ -83,6 +83,8 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         # Resolved by the next ending while a batch lingers (`_gather`).
         self._more: asyncio.Future[None] | None = None
+        #: Terminal manifests the disk refused, for the launcher's heartbeats to write again.
+        self.owed_manifests = OwedManifests()
 
     async def commit(self, ending: Ending) -> int | None:
         """Waits for the batch that holds `ending`; the index of the attempt that matched, or

@@ -208,17 +208,20 @@ class JobRun:
             **(extra or {}),
         }
 
-    def _write_manifest(self, doc: dict[str, Any], *, force: bool = True, durable: bool = False) -> None:
+    def _write_manifest(self, doc: dict[str, Any], *, force: bool = True, durable: bool = False) -> bool:
         """Stage changes and the periodic refresh are atomic but not fsynced; the terminal write
         (`durable=True`) is fsynced too. Blocks on the file system: worker threads only, except the
-        throttled periodic refresh. Nothing once fenced: the job ended in another instance's hands,
-        which may have written its status here already (`record_recovery`); see `_fenced_manifest`."""
+        throttled periodic refresh. False when the disk refused it. Nothing once fenced (True: none
+        owed): the job ended in another instance's hands, which may have written its status here
+        already (`record_recovery`); see `_fenced_manifest`."""
         if self.fenced:
-            return
+            return True
         try:
             self.manifest.update(doc, force=force, durable=durable)
         except OSError as exc:
             log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
+            return False
+        return True
 
     def _take_dirty_manifest(self) -> dict[str, Any] | None:
         """The document to write on the next thread trip, built now (on the event loop, where the
@@ -906,7 +909,11 @@ class JobRun:
             # The cancel won (`_terminal_write`): the row says canceled, and so must the manifest,
             # not the error of the status this job would have had.
             extra = {**extra, "error_code": ErrorCode.CANCELED}
-        self._write_manifest(self._manifest_doc(final, extra), durable=True)
+        doc = self._manifest_doc(final, extra)
+        if not self._write_manifest(doc, durable=True):
+            # A full disk: the launcher's heartbeats write it once there is room, so that the
+            # folder does not keep a `running` manifest of an ended job for good.
+            self.finisher.owed_manifests.add(self.manifest, doc)
         return None
 
     def _terminal_write(

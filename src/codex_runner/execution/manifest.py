@@ -156,6 +156,43 @@ class ManifestWriter:
         _fsync_path(self._dir)
 
 
+class OwedManifests:
+    """Terminal manifests the disk refused (full, failing): written again, oldest first, until they
+    land (`retry`, on each of the launcher's heartbeats). A job that ended changes its manifest no
+    more, so its last document is the one owed; at most `LIMIT` are kept."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owed: dict[ManifestWriter, Mapping[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._owed)
+
+    def add(self, writer: ManifestWriter, doc: Mapping[str, Any]) -> None:
+        with self._lock:
+            if writer in self._owed or len(self._owed) < self.LIMIT:
+                self._owed[writer] = doc
+
+    def retry(self) -> int:
+        """Writes what is owed, durably; stops at the first failure (the disk is still full, the
+        others would fail too). Returns how many landed. Blocks on the disk: from a thread."""
+        with self._lock:
+            owed = list(self._owed.items())
+        landed = 0
+        for writer, doc in owed:
+            try:
+                writer.update(doc, force=True)
+            except OSError:
+                break
+            with self._lock:
+                if self._owed.get(writer) is doc:
+                    del self._owed[writer]
+            landed += 1
+        return landed
+
+
 def _fsync_path(path: str) -> None:
     # Read-only is enough: fsync flushes the inode whatever the descriptor's mode, folders too.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
