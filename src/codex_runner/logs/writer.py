@@ -239,7 +239,7 @@ class LogWriter:
             # A full disk takes part of a write before it fails: that part is in the file, so it
             # counts (the size, the cap, where lines start, whether a runner line needs a newline).
             self._count(data[:done] if done < len(data) else data)
-            if done < len(data):
+            if 0 < done < len(data):
                 self._drop_cut_line()
 
     def _drop_cut_line(self) -> None:
