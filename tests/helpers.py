@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
@@ -233,3 +234,25 @@ class FreezingProxy:
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+def connect_to(url: str, timeout: float) -> socket.socket:
+    """A raw TCP connection to an `http://host:port` server, for tests that speak HTTP by hand."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset, which a server that
+    closes with unread input sends, ends it too); a socket timeout fails the test."""
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            pytest.fail(f"the server neither answered nor closed within {sock.gettimeout()} s: {out[:200]!r}")
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_cli import Server, start_server, stop
-from tests.helpers import cli_token, wait_until
+from tests.helpers import cli_token, connect_to, read_until_closed, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,22 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _connect(server: Server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=RECV_TIMEOUT)
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    out = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            pytest.fail(f"the server neither answered nor closed within {RECV_TIMEOUT} s: {out[:200]!r}")
-        except ConnectionResetError:
-            return out
-        if not chunk:
-            return out
-        out += chunk
+    return connect_to(server.url, RECV_TIMEOUT)
 
 
 def _request(server: Server, path: str = "/healthz") -> bytes:
@@ -66,7 +51,7 @@ def _request(server: Server, path: str = "/healthz") -> bytes:
     with _connect(server) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        return _read_all(sock)
+        return read_until_closed(sock)
 
 
 def _assert_refused(answer: bytes) -> None:
@@ -149,7 +134,7 @@ def test_refused_connections_being_answered_are_bounded_too(server: Server) -> N
     """A refused connection is held for its 503 until the client closes, at most 1 s: past 64 of
     them at once, one more is closed without an answer; a client that never closes is let go."""
     with _idle(server, CAP), _idle(server, 200) as refused:
-        answers = [_read_all(sock) for sock in refused]  # the client keeps them open
+        answers = [read_until_closed(sock) for sock in refused]  # the client keeps them open
         assert sum(answer.startswith(b"HTTP/1.1 503 ") for answer in answers) >= 64
         assert answers.count(b"") >= 1
         # The server let them go after 1 s: a refused connection is answered again.
@@ -178,10 +163,10 @@ def test_connections_the_server_ends_give_their_place_back(server: Server) -> No
     for _ in range(3 * CAP):
         with _connect(server) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * (80 * 1024) + b"\r\n\r\n")
-            assert _read_all(sock).startswith(b"HTTP/1.1 431 ")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 431 ")
         with _connect(server) as sock:
             sock.sendall(b"\x16\x03\x01 not http\r\n\r\n")
-            assert _read_all(sock).startswith(b"HTTP/1.1 400 ")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
         assert _served(server)
     # The server sees each close a moment after the client: wait until all are counted out.
     assert wait_until(lambda: _fills_at(server, CAP), timeout=10)
@@ -205,7 +190,7 @@ def test_a_websocket_upgrade_keeps_the_count(server: Server) -> None:
     for _ in range(CAP + 2):
         with _connect(server) as sock:
             sock.sendall(upgrade)
-            answers.append(_read_all(sock))
+            answers.append(read_until_closed(sock))
     assert wait_until(lambda: _fills_at(server, CAP), timeout=10)
     assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers), answers[0][:200]
     # Nor does each one log uvicorn's advice to install a websocket library.
@@ -259,7 +244,7 @@ def test_connections_closed_by_the_request_timeout_give_their_place_back(impatie
         with _idle(impatient, CAP) as held:
             _assert_refused(_request(impatient))
             for sock in held:
-                assert _read_all(sock) == b""  # closed by the server, without an answer
+                assert read_until_closed(sock) == b""  # closed by the server, without an answer
         assert wait_until(lambda: _served(impatient), timeout=10)
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_cli import Server, start_server, stop
-from tests.helpers import cli_token
+from tests.helpers import cli_token, connect_to, read_until_closed
 
 RECV_TIMEOUT = 15
 REQUEST_TIMEOUT = 2
@@ -35,22 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _connect(server: Server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=RECV_TIMEOUT)
-    return sock
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection (or the timeout fails the test)."""
-    out = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            pytest.fail(f"the server neither answered nor closed within {RECV_TIMEOUT} s: {out[:200]!r}")
-        if not chunk:
-            return out
-        out += chunk
+    return connect_to(server.url, RECV_TIMEOUT)
 
 
 def _read_response(sock: socket.socket) -> bytes:
@@ -88,7 +73,7 @@ def test_a_head_over_64_kib_is_refused_with_431_before_it_ends(server: Server) -
         _send_all(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: ")
         for _ in range(32):  # 32 MiB, never finished
             _send_all(sock, b"a" * (1 << 20))
-        answer = _read_all(sock)
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert _vm_rss_kib(server.proc.pid) - rss_before < 16 * 1024
 
@@ -96,7 +81,7 @@ def test_a_head_over_64_kib_is_refused_with_431_before_it_ends(server: Server) -
 def test_a_finished_head_over_the_cap_is_refused_too(server: Server) -> None:
     with _connect(server) as sock:
         _send_all(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * (100 * 1024) + b"\r\n\r\n")
-        answer = _read_all(sock)
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-type: application/json" in head.lower()
@@ -111,14 +96,14 @@ def test_a_large_head_under_the_cap_is_served_and_keeps_the_connection(server: S
         first = _read_response(sock)
         assert first.startswith(b"HTTP/1.1 200 "), first[:200]
         _send_all(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + junk + b"\r\n")
-        second = _read_all(sock)
+        second = read_until_closed(sock)
     assert second.startswith(b"HTTP/1.1 200 "), second[:200]
 
 
 def _closed_after(sock: socket.socket) -> float:
     """Seconds until the server closes the connection (what it sends before is ignored)."""
     start = time.monotonic()
-    _read_all(sock)
+    read_until_closed(sock)
     return time.monotonic() - start
 
 

@@ -387,9 +387,8 @@ def _refuse_assumed_unchanged(
     # `ls-files -v` tags an entry with a lower-case letter when it is marked assume-unchanged.
     marked = [entry[2:] for entry in listed.split("\0") if entry[:1].islower()]
     if marked:
-        names = ", ".join(marked[:5]) + (" …" if len(marked) > 5 else "")
         raise GitError(
-            f"in_place repo: {names} marked --assume-unchanged: git hides their changes, and the job's "
+            f"in_place repo: {_first_few(marked)} marked --assume-unchanged: git hides their changes, and the job's "
             "cleanup would write over them; `git update-index --no-assume-unchanged` them, and commit "
             "or stash what they hold",
             code="prepare_failed",
@@ -418,7 +417,7 @@ def _refuse_unignored(
         return
     _run_in(store, source, _checkout_back(original, force=False), home, "prepare_failed", guard=guard)
     _delete_branch_if_unchanged(store, branch, base_commit, home)
-    names = ", ".join(paths[:5]) + (" …" if len(paths) > 5 else "")
+    names = _first_few(paths)
     where = original.removeprefix("refs/heads/")
     raise GitError(
         f"in_place repo: {names} ignored on {where} but not on the repo's branch {base_branch}: the "
@@ -748,13 +747,17 @@ def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) ->
     submodules = {line.split(" ", 1)[1] for line in listed.splitlines() if " " in line}
     stray = [path for path in links if path not in submodules]
     if stray:
-        shown = ", ".join(stray[:5]) + (" …" if len(stray) > 5 else "")
         raise GitError(
-            f"{shown}: a git repository of its own inside the workspace (a `git init` there?); its files "
+            f"{_first_few(stray)}: a git repository of its own inside the workspace (a `git init` there?); its files "
             "cannot be committed, only a link to a commit that is never pushed. Remove its .git folder, "
             "or add it as a submodule (.gitmodules)",
             code="commit_failed",
         )
+
+
+def _first_few(paths: Sequence[str]) -> str:
+    """The first five paths, for an error line that names what it refuses."""
+    return ", ".join(paths[:5]) + (" …" if len(paths) > 5 else "")
 
 
 def _numstat(ws: Workspace, tip: str) -> CommitResult:
