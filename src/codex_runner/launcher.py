@@ -790,48 +790,64 @@ def _kill_escaped(job_ids: Collection[str]) -> int:
     return kill_job_processes(found, timeout=KILL_SCAN_SECONDS)
 
 
-def kill_job_processes(job_ids: Collection[str], *, timeout: float, git_stage_only: bool = False) -> int:
+def kill_job_processes(
+    job_ids: Collection[str], *, timeout: float, git_stage_only: bool = False, outside: int | None = None
+) -> int:
     """SIGKILLs every process of these jobs and its process group, again until none is found or
-    `timeout` passes (a process may fork between scan and kill). Returns how many were signalled."""
+    `timeout` passes (a process may fork between scan and kill); with `outside`, only those out of
+    that process group. Returns how many were signalled."""
     if not job_ids:
         return 0
     signalled = 0
     deadline = time.monotonic() + timeout
     while True:
-        found = find_job_processes(job_ids, git_stage_only=git_stage_only)
+        found = _outside_group(find_job_processes(job_ids, git_stage_only=git_stage_only), outside)
         if not found:
             return signalled
-        for pids in found.values():
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    _kill_group(os.getpgid(pid), pid)
-                    signalled += 1
+        for pid, pgid in found:
+            _kill_group(pgid, pid)
+            signalled += 1
         if time.monotonic() >= deadline:
             log.warning("job_processes_survived_sigkill", job_ids=sorted(found))
             return signalled
         time.sleep(0.05)
 
 
-def stop_job_processes(job_ids: Collection[str], *, grace: float) -> int:
-    """SIGTERM (and SIGCONT) to every live process of these jobs, up to `grace` seconds for them
-    to go, then `kill_job_processes`. For a job stopped by cancel, timeout or shutdown: the
+def stop_job_processes(job_ids: Collection[str], *, grace: float, group: int) -> int:
+    """SIGTERM (and SIGCONT) to every live process of these jobs out of the process group `group`,
+    up to `grace` seconds for them to go, then `kill_job_processes` for those. For a job stopped by
+    cancel, timeout or shutdown, while its group gets the same from `JobProcess.terminate`: the
     processes it left outside its group get the group's treatment (SPEC §3), before its terminal
     status rather than at the next sweep (codex runs the model's commands in process groups of
-    their own when it has no sandbox). Returns how many processes were signalled."""
-    found = find_job_processes(job_ids)
+    their own when it has no sandbox). The group's own are left alone: a second SIGTERM is "stop
+    now" to many programs, and a SIGKILL here would cut their grace short. Returns how many
+    processes were signalled."""
+    found = _outside_group(find_job_processes(job_ids), group)
     if not found:
         return 0
-    for pids in found.values():
-        for pid in pids:
-            for sig in (signal.SIGTERM, signal.SIGCONT):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
+    for pid, _ in found:
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
     deadline, delay = time.monotonic() + grace, 0.005
-    while time.monotonic() < deadline and find_job_processes(job_ids):
+    while time.monotonic() < deadline and _outside_group(find_job_processes(job_ids), group):
         # Short first: most processes go at once, and a cancel's answer waits for this.
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.1)
-    return sum(map(len, found.values())) + kill_job_processes(job_ids, timeout=KILL_CONFIRM_SECONDS)
+    return len(found) + kill_job_processes(job_ids, timeout=KILL_CONFIRM_SECONDS, outside=group)
+
+
+def _outside_group(found: dict[str, list[int]], group: int | None) -> list[tuple[int, int]]:
+    """(pid, pgid) of the processes `find_job_processes` found, but for those in `group`; none for
+    a process gone meanwhile."""
+    out = []
+    for pids in found.values():
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                pgid = os.getpgid(pid)
+                if pgid != group:
+                    out.append((pid, pgid))
+    return out
 
 
 def _kill_live_groups(runs: Iterable[JobRun]) -> None:

@@ -88,6 +88,10 @@ flag = "--env-dump"
 type = "string"
 flag = "--escape"
 
+[scripts.behave.args.count_term]
+type = "string"
+flag = "--count-term"
+
 [scripts.missing]
 command = ["/nonexistent/program-xyz"]
 

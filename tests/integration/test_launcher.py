@@ -352,6 +352,24 @@ def test_a_canceled_jobs_daemon_is_gone_by_its_terminal_status(
     assert not [p for p in pids if _alive(p)]
 
 
+@pytest.mark.parametrize("escape", [False, True])
+def test_a_cancel_sends_the_jobs_group_one_sigterm(runner: Any, tmp_path: Path, escape: bool) -> None:
+    """SPEC §3: cancel sends the group SIGTERM, then SIGKILL after the grace. The stop of the
+    processes outside the group must not SIGTERM the group's own a second time: a program that
+    shuts down on the first takes a second as "give up the clean shutdown now" (as codex, node or
+    make do). With a daemon outside the group, and without one."""
+    terms, pids, escaped = tmp_path / "terms", tmp_path / "pids", tmp_path / "escaped"
+    args: dict[str, Any] = {"count_term": str(terms), "pids": str(pids), "sleep": "60"}
+    if escape:
+        args["escape"] = str(escaped)
+    job = runner.submit(args)
+    # The pids file is written once the handler is in place, the escaped one after it.
+    assert wait_until(escaped.exists if escape else pids.exists, timeout=20)
+    assert runner.client.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 202
+    assert runner.wait(job["id"])["status"] == "canceled"
+    assert terms.read_text() == "term\n"
+
+
 @pytest.mark.parametrize("how", ["stop", "forced exit"])
 def test_stopping_kills_a_daemon_of_a_job_that_just_ended(
     runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], how: str

@@ -597,7 +597,9 @@ class JobRun:
         from codex_runner.launcher import stop_job_processes  # the launcher imports this module
 
         grace = float(self.settings.kill_grace_seconds)
-        outside = asyncio.ensure_future(asyncio.to_thread(stop_job_processes, {self.job_id}, grace=grace))
+        outside = asyncio.ensure_future(
+            asyncio.to_thread(stop_job_processes, {self.job_id}, grace=grace, group=proc.pgid)
+        )
         try:
             await proc.terminate(reason, grace)
         finally:

@@ -25,6 +25,7 @@ def main() -> int:
     p.add_argument("--files", type=int, default=0, help="write this many new files into gen/")
     p.add_argument("--env-dump", default="")
     p.add_argument("--escape", default="", help="start a daemon out of the job's group; its pid here")
+    p.add_argument("--count-term", default="", help="add a line to this file at each SIGTERM, and live on")
     a = p.parse_args()
     if a.ledger:
         with open(a.ledger, "a") as fh:
@@ -35,6 +36,14 @@ def main() -> int:
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if a.count_term:
+        import signal
+
+        def counted(_signum: int, _frame: object) -> None:
+            with open(a.count_term, "a") as fh:
+                fh.write("term\n")
+
+        signal.signal(signal.SIGTERM, counted)
     pids = [os.getpid()]
     if a.grandchild:
         child = subprocess.Popen(["sh", "-c", "trap '' TERM; while true; do sleep 1; done"])
