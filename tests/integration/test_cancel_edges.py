@@ -392,3 +392,72 @@ def test_a_shutdown_never_kills_the_cleanup_that_puts_an_in_place_repo_back(
         assert branch == "main"
     finally:
         runtime.close()
+
+
+def test_a_fenced_runs_own_in_place_cleanup_is_not_redone_by_a_later_recovery(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance frozen past the stale time finds, once it runs again, that another instance failed
+    its in_place job (`heartbeat_stale`): fenced, it puts the repo back itself, the job branch with
+    the agent's commit kept. Nothing recorded that cleanup (the row is the watchdog's, a fenced run
+    writes none), so a later recovery took the job for one never cleaned up: the start-up of the
+    same RUNNER_ID (`clean_up_failed_elsewhere`) or the next in_place job (`_reclaim_in_place`) ran
+    it again on an operator who had checked out the kept branch meanwhile — their changes stashed,
+    the branch switched under them."""
+    import sqlalchemy as sa
+
+    from codex_runner.execution.recovery import clean_up_failed_elsewhere
+    from codex_runner.store.schema import jobs as jobs_table
+
+    real_supervise = job_module.JobRun._supervise
+
+    async def then_recovered_elsewhere(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outcome = await real_supervise(self, *args, **kwargs)
+        stages = [{**s, "status": "skipped"} if s["status"] == "pending" else s for s in self.stages.values()]
+        with self.rt.engine.begin() as conn:  # another instance's watchdog, meanwhile
+            conn.execute(
+                sa.update(jobs_table)
+                .where(jobs_table.c.id == self.job_id)
+                .values(status="failed", error_code="heartbeat_stale", lease_token=None, stages=stages)
+            )
+        return outcome
+
+    monkeypatch.setattr(job_module.JobRun, "_supervise", then_recovered_elsewhere)
+    agent = "git add -A && git -c user.name=a -c user.email=a@a commit -qm agent"
+    runner = runner_factory(
+        extra_toml=f"""
+[scripts.agent_commits]
+command = ["/bin/sh", "-c", "echo agent > agent.txt && {agent}"]
+"""
+    )
+    repo = tmp_path / "repo"
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    job = runner.submit({}, repo="inplace", script="agent_commits")
+    manifest = runner.runtime.settings.runs_dir / job["id"] / "manifest.json"
+
+    def fenced_run_over() -> bool:  # its manifest says how the row ended: its last step
+        try:
+            return json.loads(manifest.read_text())["error_code"] == "heartbeat_stale"
+        except (OSError, ValueError, KeyError):
+            return False
+
+    assert wait_until(fenced_run_over, timeout=30)
+    branch = f"runner/{job['id'][:8]}"
+    assert git("branch", "--show-current") == "main"  # put back by the fenced run itself
+    assert git("branch", "--list", branch)  # kept: the agent's commit is on it
+
+    # The operator looks at the agent's work, and edits.
+    git("checkout", "-q", branch)
+    (repo / "agent.txt").write_text("the operator's edit\n")
+    row = runner.runtime.jobs.get_row(job["id"])
+    assert row is not None and row["error_code"] == "heartbeat_stale"
+    clean_up_failed_elsewhere(row, runner.runtime.catalog, runner.runtime.settings)  # a restart's
+
+    assert git("branch", "--show-current") == branch
+    assert (repo / "agent.txt").read_text() == "the operator's edit\n"
+    assert git("stash", "list") == ""

@@ -47,7 +47,7 @@ from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.execution.git import GIT_STAGE, JOB_OF_GIT
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
-from codex_runner.execution.recovery import clean_up_ended_job, in_place_job_prefix
+from codex_runner.execution.recovery import clean_up_ended_job, in_place_job_prefix, mark_cleaned_up
 from codex_runner.execution.workspace import (
     GitCredential,
     GitError,
@@ -761,6 +761,11 @@ class JobRun:
             self._stage("cleanup", "failed", error=f"cleanup failed: {type(exc).__name__}")
             return
         self._stage("cleanup", "success")
+        if self.fenced:
+            # The row, another instance's now, will never say this cleanup was done: without the
+            # mark, a later recovery (a restart, the next in_place job) would run it again, on a
+            # kept job branch the operator may have checked out by then.
+            await self._in_thread(mark_cleaned_up, self.job_id, self.settings)
 
     async def _conclude(
         self, outcome: ProcessOutcome | None, result: dict[str, Any] | None, script: ScriptSpec

@@ -29,6 +29,7 @@ __all__ = [
     "clean_up_failed_elsewhere",
     "ended_stages",
     "in_place_job_prefix",
+    "mark_cleaned_up",
     "record_recovery",
 ]
 
@@ -64,9 +65,9 @@ def clean_up_failed_elsewhere(job: Mapping[str, Any], catalog: Catalog, settings
     clean_up_ended_job(job, catalog, settings)
 
 
-#: Left in a run's folder once a recovery did its cleanup: the run's own cleanup stage says so in
-#: the row, a recovery's would say nothing, and the next in_place job would redo it (on a kept job
-#: branch the operator has checked out by then).
+#: Left in a run's folder once a recovery did its cleanup, or a fenced run its own: the run's own
+#: cleanup stage says so in the row, theirs would say nothing, and a later recovery (the next
+#: in_place job, a restart) would redo it (on a kept job branch the operator has checked out by then).
 RECOVERED_MARK = "recovery-cleaned-up"
 
 
@@ -100,7 +101,7 @@ def _clean_up(job: Mapping[str, Any], repo: Any, settings: Settings) -> None:
             mode = job.get("workspace_mode") or repo.workspace
             if cleanup_unrecorded(repo, job_id, str(mode), settings):
                 log.info("recovery_cleaned_up", job_id=job_id, mode=mode, recorded=False)
-            _mark_cleaned_up(job_id, settings)
+            mark_cleaned_up(job_id, settings)
             return
         ws = workspace_from_record(record, job_id, settings)
         if ws.mode == "in_place" and (
@@ -108,13 +109,13 @@ def _clean_up(job: Mapping[str, Any], repo: Any, settings: Settings) -> None:
         ):
             return  # the record does not name this repo's folder: nothing of ours to reset
         cleanup_workspace(ws, repo, settings, failed=True, recovering=True)
-        _mark_cleaned_up(job_id, settings)
+        mark_cleaned_up(job_id, settings)
         log.info("recovery_cleaned_up", job_id=job_id, mode=ws.mode)
     except Exception as exc:
         log.warning("recovery_cleanup_failed", job_id=job_id, error=str(exc)[:300])
 
 
-def _mark_cleaned_up(job_id: str, settings: Settings) -> None:
+def mark_cleaned_up(job_id: str, settings: Settings) -> None:
     folder = settings.runs_dir / job_id
     try:
         folder.mkdir(parents=True, exist_ok=True)
