@@ -35,6 +35,11 @@ def become_init_if_pid1() -> None:
     the runner; this process never returns (see the module's docstring)."""
     if os.getpid() != 1 or os.environ.get("RUNNER_NO_INIT") == "1":
         return
+    from codex_runner.ops.hardening import seal_process
+
+    # Before the fork, so both halves are: this one holds the runner's environment (its secrets)
+    # for as long as it runs, and a job's `cat /proc/1/environ` read them (ops/hardening.py).
+    seal_process()
     child = os.fork()
     if child == 0:
         # A group of its own: a terminal's Ctrl-C reaches PID 1 only, which passes it on once, so

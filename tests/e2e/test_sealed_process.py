@@ -79,3 +79,36 @@ def test_a_process_of_the_runners_user_cannot_read_its_secrets(tmp_path: Path) -
         if worker is not None:
             stop(worker)
         stop(server.proc)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_the_init_that_serve_is_as_pid_1_is_sealed_too(tmp_path: Path) -> None:
+    """As PID 1 (a container without `--init`) `serve` forks: the child runs the runner and seals
+    itself, the parent stays as init (codex_runner/pid1.py). That parent holds the same environment,
+    and a job's `cat /proc/1/environ` read the secrets from it."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("util-linux's unshare is missing")
+    probe = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no PID namespace here: {probe.stderr.decode(errors='replace')[:200]}")
+    # PID 1 of a namespace of its own; dies with `unshare` (the test's stop signals that).
+    wrapper = [unshare, "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM", *_unprivileged()]
+    secrets = {"RUNNER_ENCRYPTION_KEY": KEY, "RUNNER_JWT_SECRET": JWT_SECRET}
+    server = start_server(tmp_path / "serve", enabled=True, wrapper=wrapper, **secrets)
+    try:
+        [init] = _children(server.proc.pid)  # PID 1 in there
+        [runner] = _children(init)
+        assert b"codex-runner" in Path(f"/proc/{init}/cmdline").read_bytes()
+        for pid in (init, runner):
+            got = _read(f"/proc/{pid}/environ")
+            assert got.returncode != 0 and b"Permission denied" in got.stderr, (pid, got)
+            assert KEY.encode() not in got.stdout and JWT_SECRET.encode() not in got.stdout
+    finally:
+        stop(server.proc)
