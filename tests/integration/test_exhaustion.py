@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -381,3 +382,57 @@ def test_a_terminal_manifest_a_full_disk_refused_is_written_once_there_is_room(
     assert status() != "success"  # the disk was full when the job ended
     hog.unlink()
     assert wait_until(lambda: status() == "success", timeout=15), status()
+
+
+def test_a_fenced_runs_manifest_a_full_disk_refused_is_written_once_there_is_room(
+    tmp_path: Path,
+    small_disk: MountSmall,
+    runner_factory: Callable[..., Runner],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, for a run that learns at its terminal write that another instance failed the job
+    meanwhile (its instance frozen): it writes the row's ending to its manifest
+    (`_fenced_manifest`), and on a full disk that write was given up at once, the `running`
+    manifest kept for good."""
+    import sqlalchemy as sa
+
+    from codex_runner import launcher as launcher_module
+    from codex_runner.execution import job as job_module
+    from codex_runner.store.schema import jobs as jobs_table
+
+    real_supervise = job_module.JobRun._supervise
+
+    async def then_recovered_elsewhere(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outcome = await real_supervise(self, *args, **kwargs)
+        with self.rt.engine.begin() as conn:  # another instance's watchdog, meanwhile
+            conn.execute(
+                sa.update(jobs_table)
+                .where(jobs_table.c.id == self.job_id)
+                .values(status="failed", error_code="heartbeat_stale", lease_token=None)
+            )
+        return outcome
+
+    monkeypatch.setattr(job_module.JobRun, "_supervise", then_recovered_elsewhere)
+    files = small_disk(tmp_path / "files", "8m")
+    hog, marker = files / "hog", tmp_path / "filled"
+    runner = runner_factory(
+        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_DATA_DIR=str(files)
+    )
+    job = runner.submit({}, script="fill")
+    manifest = runner.runtime.settings.runs_dir / job["id"] / "manifest.json"
+
+    def status() -> str | None:
+        try:
+            return str(json.loads(manifest.read_text())["status"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    assert wait_until(marker.exists, timeout=30)
+    assert runner.wait(job["id"], timeout=30)["error_code"] == "heartbeat_stale"
+    # The run's own end, its manifest write refused meanwhile.
+    assert wait_until(
+        lambda: not any(job["id"] in la.active for la in list(launcher_module._LIVE)), timeout=30
+    )
+    assert status() != "failed"
+    hog.unlink()
+    assert wait_until(lambda: status() == "failed", timeout=15), status()

@@ -329,6 +329,8 @@ class JobRun:
             self.manifest.update(doc, force=True, durable=True)
         except OSError as exc:
             log.warning("manifest_write_failed", job_id=self.job_id, error=exc.strerror)
+            # As a terminal manifest of its own (`_end_after`): written once there is room.
+            self.finisher.owed_manifests.add(self.manifest, doc)
 
     async def _settle_after_error(self) -> None:
         """What a failed `_run` left behind, before the terminal status goes out: no process of
