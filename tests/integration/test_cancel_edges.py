@@ -461,3 +461,50 @@ command = ["/bin/sh", "-c", "echo agent > agent.txt && {agent}"]
     assert git("branch", "--show-current") == branch
     assert (repo / "agent.txt").read_text() == "the operator's edit\n"
     assert git("stash", "list") == ""
+
+
+def test_a_cancel_made_on_another_instance_during_the_commit_pushes_nothing(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with the cancel taken by another instance's API (an API-only `serve` before
+    workers): this launcher hears of it only at its next poll of cancels, and the push went ahead
+    in the meantime; the job ended `canceled` with its branch on the remote."""
+    import sqlalchemy as sa
+
+    from codex_runner.store.schema import jobs as jobs_table
+
+    seed = _seed_repo(tmp_path)
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
+    extra = f"""
+[repos.pushed]
+source = "file://{bare}"
+workspace = "clone"
+push = true
+
+[scripts.change]
+command = ["/bin/sh", "-c", "echo changed > new.txt"]
+"""
+    # No poll of cancels during the test: only the row says the job is being canceled.
+    runner = runner_factory(extra_toml=extra, RUNNER_POLL_INTERVAL_SECONDS="60")
+    real_commit = job_module.commit_changes
+    job_id: list[str] = []
+
+    def commit_after_a_cancel_elsewhere(*args: Any, **kwargs: Any) -> Any:
+        with runner.runtime.engine.begin() as conn:  # the other instance's cancel, as it writes it
+            conn.execute(
+                sa.update(jobs_table).where(jobs_table.c.id == job_id[0]).values(status="cancel_requested")
+            )
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "commit_changes", commit_after_a_cancel_elsewhere)
+    job = runner.submit({}, repo="pushed", script="change")
+    job_id.append(job["id"])
+    done = runner.wait(job["id"], timeout=30)
+    assert done["status"] == "canceled", done
+    stages = {s["name"]: s["status"] for s in done["stages"]}
+    assert stages["commit"] == "success" and stages["push"] == "skipped", stages
+    branches = subprocess.run(
+        ["git", "-C", str(bare), "branch", "--list", "runner/*"], capture_output=True, text=True, check=True
+    )
+    assert branches.stdout.strip() == "", "a canceled job pushed its branch"

@@ -719,6 +719,12 @@ class JobRun:
         # or cut off from the database, so no heartbeat could tell it), and a push is a write in
         # the job's name that no later compare-and-set can take back.
         await self._fenced_update({"stages": list(self.stages.values())})
+        if self.stop_reason is None:
+            # A cancel another instance's API took reaches this one only at its next poll of
+            # cancels (an API-only `serve` before workers): the row says so now. One read per push.
+            status = (await asyncio.to_thread(self.rt.jobs.status_of, [self.job_id])).get(self.job_id)
+            if status == Status.CANCEL_REQUESTED:
+                self.request_stop("cancel")
         if self.fenced or self.stop_reason == "cancel":
             self._stage("push", "skipped")
             return result
