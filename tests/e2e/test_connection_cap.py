@@ -62,7 +62,7 @@ def _assert_refused(answer: bytes) -> None:
     assert b"content-type: application/json" in lines
     assert json.loads(body) == {
         "detail": f"the server holds its maximum of {CAP} connections; retry shortly",
-        "code": "too_many_connections",
+        "code": "unavailable",
     }
 
 

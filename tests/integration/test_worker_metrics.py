@@ -105,7 +105,7 @@ def test_a_worker_metrics_port_holds_at_most_the_cap_of_connections(tmp_path: Pa
         try:
             refused = httpx.get(f"{base}/healthz", timeout=10)
             assert refused.status_code == 503, refused.text
-            assert refused.json()["code"] == "too_many_connections"
+            assert refused.json()["code"] == "unavailable"
             assert refused.headers["retry-after"] == "1"
             held.pop().close()
             wait_for(lambda: _answers(base), 10, "a freed place to be taken again")

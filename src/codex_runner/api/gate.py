@@ -78,7 +78,7 @@ def refusal(limit: int) -> bytes:
     body = json.dumps(
         {
             "detail": f"the server holds its maximum of {limit} connections; retry shortly",
-            "code": "too_many_connections",
+            "code": "unavailable",
         }
     ).encode()
     return b"".join(
