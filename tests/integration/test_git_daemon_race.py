@@ -31,7 +31,7 @@ while time.monotonic() < deadline:
         pass
     time.sleep(0.0002)
 deadline = time.monotonic() + 5
-while time.monotonic() < deadline:
+while time.monotonic() < deadline and os.path.isdir(".git"):  # until the workspace is gone
     try:
         if not os.path.islink(".git/COMMIT_EDITMSG"):
             if os.path.lexists(".git/COMMIT_EDITMSG"):
