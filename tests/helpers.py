@@ -256,3 +256,26 @@ def read_until_closed(sock: socket.socket) -> bytes:
         if not chunk:
             return out
         out += chunk
+
+
+def fail_elsewhere_when_the_script_ends(monkeypatch: pytest.MonkeyPatch, *, stages: bool = False) -> None:
+    """Another instance's watchdog fails each job (`heartbeat_stale`, its lease gone) right as its
+    script ends: the run is fenced from then on. With `stages`, that write also ends the stages as
+    a recovery does (the pending ones skipped)."""
+    from codex_runner.execution import job as job_module
+    from codex_runner.store.schema import jobs as jobs_table
+
+    real_supervise = job_module.JobRun._supervise
+
+    async def then_failed_elsewhere(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outcome = await real_supervise(self, *args, **kwargs)
+        values: dict[str, Any] = {"status": "failed", "error_code": "heartbeat_stale", "lease_token": None}
+        if stages:
+            values["stages"] = [
+                {**s, "status": "skipped"} if s["status"] == "pending" else s for s in self.stages.values()
+            ]
+        with self.rt.engine.begin() as conn:  # another instance's watchdog, meanwhile
+            conn.execute(sa.update(jobs_table).where(jobs_table.c.id == self.job_id).values(**values))
+        return outcome
+
+    monkeypatch.setattr(job_module.JobRun, "_supervise", then_failed_elsewhere)

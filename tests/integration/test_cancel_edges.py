@@ -16,7 +16,7 @@ import pytest
 from codex_runner.execution import job as job_module
 from codex_runner.launcher import Launcher
 
-from tests.helpers import wait_until
+from tests.helpers import fail_elsewhere_when_the_script_ends, wait_until
 from tests.integration.conftest import Runner
 
 
@@ -75,9 +75,15 @@ def test_a_job_that_fails_on_its_own_after_a_cancel_ends_canceled(
     assert (doc["status"], doc["error_code"]) == ("canceled", "canceled"), doc
 
 
-def test_a_cancel_during_the_commit_stage_pushes_nothing(
-    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _cancel_during_the_commit(
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cancel: Callable[[Runner, str], None],
+    **settings: str,
 ) -> None:
+    """A pushing job canceled (by `cancel`) while its commit stage runs ends `canceled`, its commit
+    made and its push skipped: nothing reaches the remote."""
     seed = _seed_repo(tmp_path)
     bare = tmp_path / "origin.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
@@ -90,14 +96,13 @@ push = true
 [scripts.change]
 command = ["/bin/sh", "-c", "echo changed > new.txt"]
 """
-    runner = runner_factory(extra_toml=extra)
+    runner = runner_factory(extra_toml=extra, **settings)
     real_commit = job_module.commit_changes
     job_id: list[str] = []
 
     def commit_after_a_cancel(*args: Any, **kwargs: Any) -> Any:
         # The worker thread of the commit stage: the cancel arrives now, while it commits.
-        _cancel(runner, job_id[0])
-        time.sleep(0.3)
+        cancel(runner, job_id[0])
         return real_commit(*args, **kwargs)
 
     monkeypatch.setattr(job_module, "commit_changes", commit_after_a_cancel)
@@ -111,7 +116,16 @@ command = ["/bin/sh", "-c", "echo changed > new.txt"]
         ["git", "-C", str(bare), "branch", "--list", "runner/*"], capture_output=True, text=True, check=True
     )
     assert branches.stdout.strip() == "", "a canceled job pushed its branch"
-    assert wait_until(lambda: runner.job(job["id"])["status"] == "canceled")
+
+
+def test_a_cancel_during_the_commit_stage_pushes_nothing(
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cancel_then_wait(runner: Runner, job_id: str) -> None:
+        _cancel(runner, job_id)
+        time.sleep(0.3)
+
+    _cancel_during_the_commit(runner_factory, tmp_path, monkeypatch, cancel_then_wait)
 
 
 def test_a_shutdown_during_a_push_that_hangs_ends_the_job_runner_shutdown(
@@ -236,25 +250,10 @@ def test_an_owner_whose_lease_went_while_its_script_ended_does_not_commit(
     """Frozen past the stale time while its script ended, an instance resumed and committed onto
     the job's branch for a job another instance had already failed: the commit stage begins with a
     fenced write now, and a lost lease stops it."""
-    import sqlalchemy as sa
-
-    from codex_runner.store.schema import jobs as jobs_table
 
     seed = _seed_repo(tmp_path)
     extra = _committing_repo(seed)
-    real_supervise = job_module.JobRun._supervise
-
-    async def then_recovered_elsewhere(self: Any, *args: Any, **kwargs: Any) -> Any:
-        outcome = await real_supervise(self, *args, **kwargs)
-        with self.rt.engine.begin() as conn:  # another instance's watchdog, meanwhile
-            conn.execute(
-                sa.update(jobs_table)
-                .where(jobs_table.c.id == self.job_id)
-                .values(status="failed", error_code="heartbeat_stale", lease_token=None)
-            )
-        return outcome
-
-    monkeypatch.setattr(job_module.JobRun, "_supervise", then_recovered_elsewhere)
+    fail_elsewhere_when_the_script_ends(monkeypatch)
     runner = runner_factory(extra_toml=extra)
     job = runner.submit({}, repo="committing", script="change")
     assert wait_until(lambda: runner.job(job["id"])["status"] == "failed", timeout=30)
@@ -404,25 +403,10 @@ def test_a_fenced_runs_own_in_place_cleanup_is_not_redone_by_a_later_recovery(
     same RUNNER_ID (`clean_up_failed_elsewhere`) or the next in_place job (`_reclaim_in_place`) ran
     it again on an operator who had checked out the kept branch meanwhile — their changes stashed,
     the branch switched under them."""
-    import sqlalchemy as sa
 
     from codex_runner.execution.recovery import clean_up_failed_elsewhere
-    from codex_runner.store.schema import jobs as jobs_table
 
-    real_supervise = job_module.JobRun._supervise
-
-    async def then_recovered_elsewhere(self: Any, *args: Any, **kwargs: Any) -> Any:
-        outcome = await real_supervise(self, *args, **kwargs)
-        stages = [{**s, "status": "skipped"} if s["status"] == "pending" else s for s in self.stages.values()]
-        with self.rt.engine.begin() as conn:  # another instance's watchdog, meanwhile
-            conn.execute(
-                sa.update(jobs_table)
-                .where(jobs_table.c.id == self.job_id)
-                .values(status="failed", error_code="heartbeat_stale", lease_token=None, stages=stages)
-            )
-        return outcome
-
-    monkeypatch.setattr(job_module.JobRun, "_supervise", then_recovered_elsewhere)
+    fail_elsewhere_when_the_script_ends(monkeypatch, stages=True)
     agent = "git add -A && git -c user.name=a -c user.email=a@a commit -qm agent"
     runner = runner_factory(
         extra_toml=f"""
@@ -473,38 +457,13 @@ def test_a_cancel_made_on_another_instance_during_the_commit_pushes_nothing(
 
     from codex_runner.store.schema import jobs as jobs_table
 
-    seed = _seed_repo(tmp_path)
-    bare = tmp_path / "origin.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
-    extra = f"""
-[repos.pushed]
-source = "file://{bare}"
-workspace = "clone"
-push = true
-
-[scripts.change]
-command = ["/bin/sh", "-c", "echo changed > new.txt"]
-"""
-    # No poll of cancels during the test: only the row says the job is being canceled.
-    runner = runner_factory(extra_toml=extra, RUNNER_POLL_INTERVAL_SECONDS="60")
-    real_commit = job_module.commit_changes
-    job_id: list[str] = []
-
-    def commit_after_a_cancel_elsewhere(*args: Any, **kwargs: Any) -> Any:
+    def cancel_elsewhere(runner: Runner, job_id: str) -> None:
         with runner.runtime.engine.begin() as conn:  # the other instance's cancel, as it writes it
             conn.execute(
-                sa.update(jobs_table).where(jobs_table.c.id == job_id[0]).values(status="cancel_requested")
+                sa.update(jobs_table).where(jobs_table.c.id == job_id).values(status="cancel_requested")
             )
-        return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(job_module, "commit_changes", commit_after_a_cancel_elsewhere)
-    job = runner.submit({}, repo="pushed", script="change")
-    job_id.append(job["id"])
-    done = runner.wait(job["id"], timeout=30)
-    assert done["status"] == "canceled", done
-    stages = {s["name"]: s["status"] for s in done["stages"]}
-    assert stages["commit"] == "success" and stages["push"] == "skipped", stages
-    branches = subprocess.run(
-        ["git", "-C", str(bare), "branch", "--list", "runner/*"], capture_output=True, text=True, check=True
+    # No poll of cancels during the test: only the row says the job is being canceled.
+    _cancel_during_the_commit(
+        runner_factory, tmp_path, monkeypatch, cancel_elsewhere, RUNNER_POLL_INTERVAL_SECONDS="60"
     )
-    assert branches.stdout.strip() == "", "a canceled job pushed its branch"

@@ -12,11 +12,10 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.helpers import terminal_manifest, wait_until
+from tests.helpers import fail_elsewhere_when_the_script_ends, terminal_manifest, wait_until
 from tests.integration.conftest import Runner
 
 MountSmall = Callable[[Path, str], Path]
@@ -394,25 +393,10 @@ def test_a_fenced_runs_manifest_a_full_disk_refused_is_written_once_there_is_roo
     meanwhile (its instance frozen): it writes the row's ending to its manifest
     (`_fenced_manifest`), and on a full disk that write was given up at once, the `running`
     manifest kept for good."""
-    import sqlalchemy as sa
 
     from codex_runner import launcher as launcher_module
-    from codex_runner.execution import job as job_module
-    from codex_runner.store.schema import jobs as jobs_table
 
-    real_supervise = job_module.JobRun._supervise
-
-    async def then_recovered_elsewhere(self: Any, *args: Any, **kwargs: Any) -> Any:
-        outcome = await real_supervise(self, *args, **kwargs)
-        with self.rt.engine.begin() as conn:  # another instance's watchdog, meanwhile
-            conn.execute(
-                sa.update(jobs_table)
-                .where(jobs_table.c.id == self.job_id)
-                .values(status="failed", error_code="heartbeat_stale", lease_token=None)
-            )
-        return outcome
-
-    monkeypatch.setattr(job_module.JobRun, "_supervise", then_recovered_elsewhere)
+    fail_elsewhere_when_the_script_ends(monkeypatch)
     files = small_disk(tmp_path / "files", "8m")
     hog, marker = files / "hog", tmp_path / "filled"
     runner = runner_factory(
