@@ -162,6 +162,16 @@ def start_server(root: Path, *, enabled: bool, wrapper: Sequence[str] = (), **ex
     return Server(url, root, env, proc, log)
 
 
+@contextlib.contextmanager
+def serving(root: Path, *, enabled: bool, **extra: str) -> Iterator[Server]:
+    """`start_server` for the length of a `with` (a fixture's), stopped however it ends."""
+    srv = start_server(root, enabled=enabled, **extra)
+    try:
+        yield srv
+    finally:
+        stop(srv.proc)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -174,11 +184,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("cli"), enabled=False)
-    try:
+    with serving(tmp_path_factory.mktemp("cli"), enabled=False) as srv:
         yield srv
-    finally:
-        stop(srv.proc)
 
 
 @pytest.fixture(scope="module")
@@ -556,11 +563,8 @@ def test_bad_runner_toml_is_one_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("cli-live"), enabled=True)
-    try:
+    with serving(tmp_path_factory.mktemp("cli-live"), enabled=True) as srv:
         yield srv
-    finally:
-        stop(srv.proc)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_cli import Server, start_server, stop
+from tests.e2e.test_cli import Server, serving, start_server, stop
 from tests.helpers import cli_token, connect_to, read_until_closed, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,16 +30,13 @@ PROMPT = 3.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # The request timeout far above the test's length: idle connections stay until closed here.
-    srv = start_server(
+    with serving(
         tmp_path_factory.mktemp("conncap"),
         enabled=False,
         RUNNER_HTTP_MAX_CONNECTIONS=str(CAP),
         RUNNER_HTTP_REQUEST_TIMEOUT_SECONDS="300",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        stop(srv.proc)
 
 
 def _connect(server: Server) -> socket.socket:
@@ -227,16 +224,13 @@ def test_metrics_count_open_and_refused_connections(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(
+    with serving(
         tmp_path_factory.mktemp("conncap-timeout"),
         enabled=False,
         RUNNER_HTTP_MAX_CONNECTIONS=str(CAP),
         RUNNER_HTTP_REQUEST_TIMEOUT_SECONDS="2",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        stop(srv.proc)
 
 
 def test_connections_closed_by_the_request_timeout_give_their_place_back(impatient: Server) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_cli import Server, start_server, stop
+from tests.e2e.test_cli import Server, serving
 from tests.helpers import cli_token, connect_to, read_until_closed
 
 RECV_TIMEOUT = 15
@@ -23,15 +23,12 @@ REQUEST_TIMEOUT = 2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(
+    with serving(
         tmp_path_factory.mktemp("hostile"),
         enabled=False,
         RUNNER_HTTP_REQUEST_TIMEOUT_SECONDS=str(REQUEST_TIMEOUT),
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        stop(srv.proc)
 
 
 def _connect(server: Server) -> socket.socket:
