@@ -13,6 +13,8 @@ import contextlib
 import os
 import platform
 
+from codex_runner.execution.process import group_pids
+
 __all__ = ["fifo_wait"]
 
 #: What /proc/<pid>/wchan names while `open()` of a FIFO waits for the other side (fs/pipe.c:
@@ -49,7 +51,7 @@ def _members(group: int) -> list[int]:
     handful of reads, where a look at every process's stat costs one per process on the host);
     where that list is missing (a kernel built without it), every process whose group is `group`."""
     if not os.path.exists(f"/proc/{group}/task/{group}/children"):
-        return _group_scan(group)
+        return group_pids(group)
     found, todo = [], [group]
     while todo:
         pid = todo.pop()
@@ -62,20 +64,6 @@ def _members(group: int) -> list[int]:
                 ):
                     todo.extend(int(child) for child in fh.read().split())
     return found
-
-
-def _group_scan(group: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-                fields = fh.read().rsplit(b")", 1)[1].split()
-            if int(fields[2]) == group:
-                pids.append(int(name))
-    return pids
 
 
 def _opened_path(pid: int) -> str | None:

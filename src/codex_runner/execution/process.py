@@ -146,6 +146,11 @@ def _all_stats() -> Iterator[_Stat]:
                 yield stat
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Every process whose group is `pgid`, zombies included (one /proc scan)."""
+    return [s.pid for s in _all_stats() if s.pgrp == pgid]
+
+
 def _live_members(pgid: int) -> list[_Stat]:
     # Zombies are dead: where PID 1 does not reap orphans (some containers) they stay forever.
     return [s for s in _all_stats() if s.pgrp == pgid and s.state not in ("Z", "X")]
