@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from codex_runner.errors import ConfigError
 
@@ -161,6 +161,10 @@ class Settings:
     # Connections one HTTP server (`serve`, a worker's metrics port) holds at once; one more is
     # answered 503 and closed (api/gate.py).
     http_max_connections: int = 1024
+    # Landlock confinement of every job's processes (execution/sandbox.py): auto, required, off.
+    job_isolation: str = "auto"
+    # Paths beyond the runner's own files that no job may reach (execution/sandbox.py).
+    job_hidden_paths: tuple[str, ...] = ()
     # The raw [repos.*] and [scripts.*] tables; catalog.py gives them meaning.
     repos: Mapping[str, Any] = field(default_factory=dict)
     scripts: Mapping[str, Any] = field(default_factory=dict)
@@ -248,7 +252,7 @@ _SKIP = {"repos", "scripts", "config"}
 def _coerce(name: str, env_name: str, raw: object, current: object) -> object:
     """Converts one raw value to the type of the field's default."""
     f_type = type(current)
-    if name in {"allowed_repo_paths", "allowed_git_url_prefixes"}:
+    if name in {"allowed_repo_paths", "allowed_git_url_prefixes", "job_hidden_paths"}:
         return _parse_list(env_name, raw)
     if f_type is bool:
         return _parse_bool(env_name, raw)
@@ -420,6 +424,12 @@ def load_settings(
             "RUNNER_ID: 1-200 characters of letters, digits and . _ : @ - (no spaces or control characters)"
         )
     _check_git_identity(values)
+    if values.get("job_isolation", "auto") not in {"auto", "required", "off"}:
+        raise ConfigError(
+            f"RUNNER_JOB_ISOLATION: expected auto, required or off, got {values['job_isolation']!r}"
+        )
+    hidden = cast(tuple[str, ...], values.get("job_hidden_paths") or ())
+    values["job_hidden_paths"] = tuple(str((cwd / Path(p).expanduser()).resolve()) for p in hidden)
     if values.get("log_format", "json") not in {"json", "console"}:
         raise ConfigError(f"RUNNER_LOG_FORMAT: expected json or console, got {values['log_format']!r}")
     url = str(values["database_url"])

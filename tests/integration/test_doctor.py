@@ -616,3 +616,23 @@ def test_doctor_json_is_masked_like_its_text(tmp_path: Path, monkeypatch: pytest
         done = CliRunner().invoke(app, args, env=env)
         assert done.exit_code == 0, done.output
         assert "saw" in done.output and secret not in done.output, done.output
+
+
+def test_job_isolation_is_tried_for_real_and_reported(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Landlock keeps jobs out of the runner's files (docs/execution.md, "Job isolation"): ok where
+    the kernel confines a thread; without it a warning (`auto`: jobs run unconfined), a failure in
+    production mode or with `required`; `off` is the operator's choice, a warning."""
+    from codex_runner.execution import sandbox
+
+    settings, _ = make()
+    if sandbox.abi_version() > 0:
+        assert checks_of(settings)["job_isolation"].ok
+    monkeypatch.setattr(sandbox, "abi_version", lambda: 0)
+    check = checks_of(settings)["job_isolation"]
+    assert check.level == "warn" and "Landlock" in check.message and "can read" in check.message
+    assert_fails(checks_of(make_healthy_production(settings))["job_isolation"], "Landlock")
+    assert_fails(
+        checks_of(dataclasses.replace(settings, job_isolation="required"))["job_isolation"], "required"
+    )
+    off = checks_of(dataclasses.replace(settings, job_isolation="off", production=True))["job_isolation"]
+    assert off.level == "warn" and "RUNNER_JOB_ISOLATION=off" in off.message

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -48,6 +49,7 @@ from codex_runner.execution.git import GIT_STAGE, JOB_OF_GIT
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
 from codex_runner.execution.recovery import clean_up_ended_job, in_place_job_prefix, mark_cleaned_up
+from codex_runner.execution.sandbox import READ_ONLY, JobAccess, job_access
 from codex_runner.execution.workspace import (
     GitCredential,
     GitError,
@@ -494,6 +496,7 @@ class JobRun:
             args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
         )
         extra = {"RUNNER_JOB_ID": self.job_id, "RUNNER_WORKSPACE": str(ws.path)}
+        home: Path | None = None
         if is_codex_exec(script):
             argv = keep_secret_variables_from_commands(
                 apply_risk_policy(argv, repo.risk_policy, str(ws.path))
@@ -506,6 +509,8 @@ class JobRun:
             argv=argv,
             cwd=ws.path,
             env=build_env(script.env, extra),
+            access=self._access(ws, home),
+            isolation=self.settings.job_isolation,
             stdin=script.build_stdin(
                 args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
             ),
@@ -546,6 +551,18 @@ class JobRun:
             + (f" ({outcome.reason})" if outcome.reason else "")
         )
         return outcome
+
+    def _access(self, ws: Workspace, codex_home: Path | None) -> JobAccess | None:
+        """What the job's processes may reach: not the runner's files, but its workspace, the
+        repository its worktree belongs to (a clone's borrowed objects, read-only) and a codex
+        job's codex home."""
+        if self.settings.job_isolation == "off":
+            return None
+        store_rights = 0 if ws.mode == "worktree" else READ_ONLY
+        store = ws.store if ws.mode in ("worktree", "clone") else None
+        return job_access(
+            self.settings, ws.path, store=store, store_rights=store_rights, codex_home=codex_home
+        )
 
     async def _stop_escaped(self) -> None:
         """Kills what the script started that left its process group (a daemon: setsid), before the

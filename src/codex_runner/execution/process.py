@@ -27,6 +27,7 @@ import structlog
 
 from codex_runner.errors import RunnerError
 from codex_runner.execution.limits import confine_leader
+from codex_runner.execution.sandbox import ConfinementFailed, JobAccess, abi_version, refusal, run_confined
 
 log = structlog.get_logger("codex_runner.execution")
 
@@ -88,6 +89,10 @@ class ProcessSpec:
     cwd: Path
     env: dict[str, str]
     stdin: bytes | None = None
+    #: What the job's processes may reach (execution/sandbox.py); None: all the runner's user can.
+    access: JobAccess | None = None
+    #: RUNNER_JOB_ISOLATION: `required` fails the spawn where `access` cannot be enforced.
+    isolation: str = "auto"
 
 
 @dataclass
@@ -261,6 +266,32 @@ def _check_cwd(cwd: Path) -> None:
         raise SpawnFailed(f"working directory '{cwd}' is not a directory")
 
 
+_unconfined_warned = False
+
+
+def _spawn(spec: ProcessSpec, popen: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """`popen()`, confined to `spec.access` when there is one and the kernel can (Landlock)."""
+    global _unconfined_warned
+    if spec.access is None or spec.isolation == "off":
+        return popen()
+    abi = abi_version()
+    if abi > 0:
+        try:
+            return run_confined(spec.access, abi, popen)
+        except ConfinementFailed as exc:
+            if spec.isolation == "required":
+                raise
+            problem = exc.message
+    else:
+        if spec.isolation == "required":
+            raise ConfinementFailed(refusal())
+        problem = refusal()
+    if not _unconfined_warned:  # once: doctor's job_isolation check says it at every start
+        _unconfined_warned = True
+        log.warning("job_not_isolated", detail=problem)
+    return popen()
+
+
 class JobProcess:
     """One running script: its group, its output, its end. Create it with `start()`."""
 
@@ -331,19 +362,24 @@ class JobProcess:
             # Popen on the loop, as asyncio's own subprocess support does (vfork + exec take well
             # under a millisecond); the exit is watched through a pidfd (`_watch_exit`) instead of
             # asyncio's child watcher, which starts a thread per child.
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if spec.stdin is not None else subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=spec.cwd,
-                env=spec.env,
-                start_new_session=True,
-                close_fds=True,
+            proc = _spawn(
+                spec,
+                lambda: subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if spec.stdin is not None else subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=err_w,
+                    cwd=spec.cwd,
+                    env=spec.env,
+                    start_new_session=True,
+                    close_fds=True,
+                ),
             )
         except BaseException as exc:
             os.close(out_r)
             os.close(err_r)
+            if isinstance(exc, ConfinementFailed):
+                raise SpawnFailed(exc.message) from None
             if isinstance(exc, OSError):
                 raise SpawnFailed(_spawn_message(argv[0], spec.cwd, spec.env, exc)) from None
             if isinstance(exc, ValueError):  # e.g. an embedded NUL in an argument

@@ -27,7 +27,7 @@ from codex_runner.catalog import BUILTIN_SCRIPTS, Catalog, RepoSpec, ScriptSpec
 from codex_runner.catalog.specs import PLACEHOLDER
 from codex_runner.config import Settings
 from codex_runner.errors import ConfigError, RunnerError
-from codex_runner.execution import spare_watch
+from codex_runner.execution import sandbox, spare_watch
 from codex_runner.execution.agents import BYPASS_FLAGS
 from codex_runner.execution.git import is_loopback_host
 from codex_runner.ops import audit, fdlimit
@@ -109,6 +109,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks.append(_git())
         checks.append(_reaper())
         checks.append(_fd_limit(settings))
+        checks.append(_job_isolation(settings))
         checks.append(_spare_watch(settings, catalog))
         checks += _encryption(settings, eng if db_ok else None)
         checks += _disk(settings)
@@ -385,6 +386,25 @@ def _fd_limit(settings: Settings) -> Check:
         hard=limit.hard,
         needed=limit.needed,
     )
+
+
+def _job_isolation(settings: Settings) -> Check:
+    """Whether jobs are kept out of the runner's files (execution/sandbox.py): tried for real, in
+    a throwaway thread, since a kernel can report Landlock and still refuse it (a seccomp filter)."""
+    mode = settings.job_isolation
+    exposed = "jobs can read the runner's files (database, other jobs' logs and workspaces)"
+    if mode == "off":
+        return _warn("job_isolation", f"RUNNER_JOB_ISOLATION=off: {exposed}")  # the operator's choice
+    abi = sandbox.abi_version()
+    try:
+        if abi == 0:
+            raise sandbox.ConfinementFailed(sandbox.refusal())
+        sandbox.run_confined(sandbox.JobAccess(sandbox.hidden_paths(settings)), abi, lambda: None)
+    except sandbox.ConfinementFailed as exc:
+        if mode == "required":
+            return _fail("job_isolation", f"{exc.message}: RUNNER_JOB_ISOLATION=required fails every job")
+        return _warn("job_isolation", f"{exc.message}: {exposed}", production=settings.production)
+    return _ok("job_isolation", f"jobs are confined with Landlock (ABI {abi})", abi=abi)
 
 
 def _spare_watch(settings: Settings, catalog: Catalog) -> Check:

@@ -1,0 +1,408 @@
+"""Keeps a job's processes out of the runner's own files, with Linux's Landlock.
+
+A job runs as the runner's user, so without this it can read everything the runner can: the
+SQLite database (every job's arguments and prompts), other jobs' logs, workspaces and run
+folders, the stored admin token of the demo, the audit log, backups, and CODEX_HOME's
+`auth.json`. codex's own sandbox limits writes, not reads, and a plain script has none at all.
+
+Landlock (Linux 5.13+) lets an unprivileged thread give up file-system access for itself and every
+process it starts, for good, with no root and no helper binary. A ruleset only allows: every
+right it handles is denied but where a rule grants it. So "everything but the runner's files" is
+written as a rule for every entry of every folder on the way to a hidden path (`/`, `/var`,
+`/var/lib`, …) except the next folder on that way, plus rules for what the job may use inside
+hidden folders (its workspace, its repository's git folder, the codex home of a codex job).
+Consequences, documented in docs/execution.md: a job cannot list or create entries directly in
+the folders on the way to a hidden path (`ls /` fails; `/tmp` too when the data folder is under
+it). The plan of those folders is read again whenever one of them changes (its mtime).
+
+The rules are applied in a thread of its own that then starts the job's leader and ends: Landlock
+(like `no_new_privs`, which it needs) restricts the calling thread only, and a `preexec_fn` would
+make every spawn fork instead of vfork (docs/performance.md). Landlock's domain also keeps the
+job's processes from attaching to processes outside it (`ptrace`, `/proc/<pid>/mem`, `fd/`) —
+the runner's own `git push` and other jobs' processes — and, where the kernel has its ABI 6, from
+signalling them. It does not hide `/proc/<pid>/environ` of a process of the same user (a
+read-mode access, which Landlock leaves alone).
+
+Written by hand over `ctypes`: there is no maintained Python binding of the three system calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import structlog
+
+from codex_runner.errors import RunnerError
+
+if TYPE_CHECKING:
+    from codex_runner.config import Settings
+
+log = structlog.get_logger("codex_runner.execution")
+
+# The same numbers on every architecture Linux added them for (the generic system-call table).
+_SYS_CREATE_RULESET = 444
+_SYS_ADD_RULE = 445
+_SYS_RESTRICT_SELF = 446
+_CREATE_RULESET_VERSION = 1
+_RULE_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
+
+# Access rights (include/uapi/linux/landlock.h), by the ABI version that added them.
+EXECUTE = 1 << 0
+WRITE_FILE = 1 << 1
+READ_FILE = 1 << 2
+READ_DIR = 1 << 3
+_ABI1 = (1 << 13) - 1  # EXECUTE … MAKE_SYM
+REFER = 1 << 13  # ABI 2: renames and links across folders (denied everywhere unless handled)
+TRUNCATE = 1 << 14  # ABI 3
+IOCTL_DEV = 1 << 15  # ABI 5
+_SCOPE_SIGNAL = 1 << 1  # ABI 6
+#: The rights a rule on a file (not a folder) may carry.
+_FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
+#: What a clone's borrowed object store needs: reading.
+READ_ONLY = READ_FILE | READ_DIR
+
+MODES = ("auto", "required", "off")
+
+
+class ConfinementFailed(RunnerError):
+    """The job's leader could not be confined (no Landlock, or the kernel refused a step); the
+    message says why in one line."""
+
+    code = "spawn_failed"
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # __attribute__((packed)) in the kernel's header: 12 bytes
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _syscall(number: int, *args: object) -> int:
+    result = int(_libc().syscall(number, *args))
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+@functools.cache
+def abi_version() -> int:
+    """The kernel's Landlock ABI version; 0 where there is none (an older kernel, Landlock not
+    enabled at boot, a seccomp filter that refuses the call, not Linux)."""
+    try:
+        return _syscall(_SYS_CREATE_RULESET, None, 0, _CREATE_RULESET_VERSION)
+    except (OSError, AttributeError):
+        return 0
+
+
+def handled_rights(abi: int) -> int:
+    rights = _ABI1
+    if abi >= 2:
+        rights |= REFER
+    if abi >= 3:
+        rights |= TRUNCATE
+    if abi >= 5:
+        rights |= IOCTL_DEV
+    return rights
+
+
+@dataclass(frozen=True)
+class JobAccess:
+    """What one job's processes may reach. `hidden`: paths out of reach with all they hold;
+    `granted`: (path, rights) inside them that the job may still use; `rights` 0 means all."""
+
+    hidden: tuple[str, ...]
+    granted: tuple[tuple[str, int], ...] = ()
+
+
+def hidden_paths(settings: Settings, extra: Iterable[Path] = ()) -> tuple[str, ...]:
+    """The runner's own files: its data folder and whatever of its files a setting put elsewhere
+    (logs, workspaces, backups, audit log, codex home, a SQLite database, its config file), plus
+    RUNNER_JOB_HIDDEN_PATHS. Real paths, none inside another."""
+    paths: list[Path] = [
+        settings.data_dir,
+        settings.log_dir,
+        settings.workspace_dir,
+        settings.backup_dir,
+        *(p for p in (settings.audit_log, settings.codex_home, settings.config) if p is not None),
+        *(Path(p) for p in settings.job_hidden_paths),
+        *extra,
+    ]
+    if settings.is_sqlite:
+        database = settings.database_url.split("///", 1)[-1].split("?", 1)[0]
+        if database:
+            paths += [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    # Paths that do not exist yet are hidden too: once made, they are out of reach as well.
+    real = {os.path.realpath(p) for p in paths}
+    return tuple(sorted(p for p in real if not any(_under(p, q) for q in real if q != p)))
+
+
+_hidden_by_settings: dict[tuple[object, ...], tuple[str, ...]] = {}
+
+
+def job_access(
+    settings: Settings,
+    workspace: Path,
+    *,
+    store: Path | None = None,
+    store_rights: int = 0,
+    codex_home: Path | None = None,
+) -> JobAccess:
+    """One job's access: the runner's files hidden, but its workspace, the git folder its
+    workspace uses (`store`: a worktree's whole repository, a clone's borrowed objects read-only)
+    and, for a codex job, the codex home."""
+    key = (
+        settings.data_dir,
+        settings.log_dir,
+        settings.workspace_dir,
+        settings.backup_dir,
+        settings.audit_log,
+        settings.codex_home,
+        settings.config,
+        settings.job_hidden_paths,
+        settings.database_url,
+    )
+    hidden = _hidden_by_settings.get(key)
+    if hidden is None:
+        if len(_hidden_by_settings) >= 16:  # tests make many settings
+            _hidden_by_settings.clear()
+        hidden = _hidden_by_settings[key] = hidden_paths(settings)
+    granted: list[tuple[str, int]] = [(os.path.realpath(workspace), 0)]
+    if store is not None:
+        granted.append((os.path.realpath(store), store_rights))
+    if codex_home is not None:
+        granted.append((os.path.realpath(codex_home), 0))
+    # A granted path that is itself a hidden one is simply not hidden for this job.
+    shown = {path for path, _ in granted}
+    return JobAccess(tuple(h for h in hidden if h not in shown), tuple(granted))
+
+
+def _under(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it (both real, absolute)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+@dataclass
+class _Plan:
+    rules: tuple[tuple[str, int], ...]
+    #: (st_ino, st_mtime_ns) of every folder on the way when it was read: an entry added, removed
+    #: or renamed in one changes its mtime, and the plan is read again.
+    folders: tuple[tuple[str, int, int], ...]
+    #: The rules as the kernel takes them, each with an `O_PATH` descriptor of its path, opened at
+    #: the plan's first use and kept until it is replaced: an open, a stat and a close per rule
+    #: and spawn cost three times the rule itself. None while not opened, or for a plan of more
+    #: than `MAX_KEPT_RULES` rules (opened at each use then).
+    attrs: list[_PathBeneathAttr] | None = None
+
+    def close(self) -> None:
+        for attr in self.attrs or ():
+            os.close(attr.parent_fd)
+        self.attrs = None
+
+
+#: Descriptors one plan may keep open (a folder on the way with thousands of entries, as a test
+#: run's temporary folder, would otherwise take the process's open-file limit).
+MAX_KEPT_RULES = 256
+
+_plans: dict[tuple[tuple[str, ...], int], _Plan] = {}
+#: Held while a plan is read, used or replaced: its descriptors are closed only under it.
+_plans_lock = threading.Lock()
+
+
+def _folder_marks(folders: Iterable[str]) -> tuple[tuple[str, int, int], ...]:
+    marks = []
+    for folder in folders:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            marks.append((folder, 0, 0))
+        else:
+            marks.append((folder, st.st_ino, st.st_mtime_ns))
+    return tuple(marks)
+
+
+def _on_the_way(hidden: Iterable[str]) -> list[str]:
+    folders: set[str] = set()
+    for path in hidden:
+        parent = os.path.dirname(path)
+        while True:
+            folders.add(parent)
+            if parent == "/":
+                break
+            parent = os.path.dirname(parent)
+    return sorted(folders)
+
+
+def _plan(hidden: tuple[str, ...], full: int) -> _Plan:
+    """The rules that grant everything outside `hidden`: each entry of each folder on the way to
+    a hidden path but the next folder on that way. A symbolic link is followed: one that leads
+    into a hidden path, or onto the way to one, gets no rule (its target would be granted).
+    Kept while no folder on the way changes (one stat each per spawn). Call under `_plans_lock`."""
+    folders = _on_the_way(hidden)
+    marks = _folder_marks(folders)
+    cached = _plans.get((hidden, full))
+    if cached is not None and cached.folders == marks:
+        return cached
+    on_the_way = set(folders)
+    rules: list[tuple[str, int]] = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            path = entry.path
+            if path in on_the_way or path in hidden:
+                continue
+            target = os.path.realpath(path) if entry.is_symlink() else path
+            if target in on_the_way or any(_under(target, h) for h in hidden):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                continue
+            rules.append((path, full if is_dir else full & _FILE_RIGHTS))
+    plan = _Plan(tuple(rules), marks)
+    if cached is not None:
+        cached.close()
+    if len(_plans) >= 8 and (hidden, full) not in _plans:  # one per hidden set in use; tests make many
+        for old in _plans.values():
+            old.close()
+        _plans.clear()
+    _plans[(hidden, full)] = plan
+    return plan
+
+
+def _rule_attr(path: str, rights: int) -> _PathBeneathAttr | None:
+    """The kernel's form of one rule, with an `O_PATH` descriptor the caller closes; None when
+    the path is gone (nothing to grant)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= _FILE_RIGHTS  # a folder's rights on a file: EINVAL
+    except OSError:
+        os.close(fd)
+        return None
+    return _PathBeneathAttr(rights, fd)
+
+
+def _add(ruleset: int, attr: _PathBeneathAttr) -> None:
+    _syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(attr), 0)
+
+
+def _add_rules(ruleset: int, rules: Iterable[tuple[str, int]]) -> None:
+    for path, rights in rules:
+        attr = _rule_attr(path, rights)
+        if attr is not None:
+            try:
+                _add(ruleset, attr)
+            finally:
+                os.close(attr.parent_fd)
+
+
+def build_ruleset(access: JobAccess, abi: int) -> int:
+    """A ruleset's descriptor (the caller closes it) that grants everything but `access.hidden`,
+    and `access.granted` inside it."""
+    full = handled_rights(abi)
+    attr = _RulesetAttr(full, 0, _SCOPE_SIGNAL if abi >= 6 else 0)
+    size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else 8  # older kernels refuse unknown fields
+    ruleset = _syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), size, 0)
+    try:
+        with _plans_lock:
+            plan = _plan(access.hidden, full)
+            if plan.attrs is None and len(plan.rules) <= MAX_KEPT_RULES:
+                plan.attrs = [a for a in (_rule_attr(p, r) for p, r in plan.rules) if a is not None]
+            if plan.attrs is None:
+                _add_rules(ruleset, plan.rules)
+            else:
+                for rule in plan.attrs:
+                    _add(ruleset, rule)
+        granted = [(p, full if r == 0 else r & full) for p, r in access.granted]
+        _add_rules(ruleset, _safe_grants(granted, access.hidden))
+    except BaseException:
+        os.close(ruleset)
+        raise
+    return ruleset
+
+
+def _safe_grants(granted: Sequence[tuple[str, int]], hidden: Sequence[str]) -> list[tuple[str, int]]:
+    """A granted folder that holds a hidden path cannot be granted whole (a rule covers all that
+    lies beneath it): its entries are granted by the plan already, when it lies outside the
+    hidden paths."""
+    out = []
+    for path, rights in granted:
+        real = os.path.realpath(path)
+        if any(_under(h, real) and h != real for h in hidden):
+            continue
+        out.append((real, rights))
+    return out
+
+
+T = TypeVar("T")
+
+
+def run_confined(access: JobAccess, abi: int, start: Callable[[], T]) -> T:
+    """Calls `start` (which spawns the job's leader) in a new thread that first confines itself to
+    `access`; the leader and all it starts inherit that. Raises OSError when the kernel refuses."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def confined() -> None:
+        try:
+            try:
+                ruleset = build_ruleset(access, abi)
+                try:
+                    # Required unless the thread has CAP_SYS_ADMIN; also keeps a set-user-ID
+                    # program the job runs from gaining privileges, which no job should need.
+                    _prctl_no_new_privs()
+                    _syscall(_SYS_RESTRICT_SELF, ruleset, 0)
+                finally:
+                    os.close(ruleset)
+            except OSError as exc:
+                raise ConfinementFailed(refusal(exc)) from None
+            result.append(start())
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=confined, name="job-spawn", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _prctl_no_new_privs() -> None:
+    if _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def refusal(exc: OSError | None = None) -> str:
+    """One line: why a job cannot be confined."""
+    why = os.strerror(exc.errno) if exc is not None and exc.errno else "this kernel has no Landlock"
+    return f"cannot confine the job's processes (Landlock): {why}"

@@ -1,0 +1,121 @@
+"""A job's processes cannot reach the runner's own files (Landlock, execution/sandbox.py): the
+database, other jobs' logs, run folders and workspaces; they still use their own workspace and
+everything outside the runner's files. Real jobs through a real server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from codex_runner.execution import process, sandbox
+
+from tests.integration.conftest import Runner
+
+pytestmark = pytest.mark.skipif(
+    sandbox.abi_version() == 0, reason="this kernel has no Landlock (job isolation cannot be tested)"
+)
+
+EXTRA = """
+[scripts.probe]
+command = ["/bin/sh", "-c", "{cmd}"]
+
+[scripts.probe.args.cmd]
+type = "string"
+max_length = 4000
+"""
+
+# One line per path: whether the job could read it.
+READS = 'for f in "$@"; do if cat "$f" > /dev/null 2>&1; then echo "read $f"; else echo "denied $f"; fi; done'
+
+
+def _probe(runner: Runner, paths: list[Path], before: str = "", user: str | None = None) -> dict[str, str]:
+    quoted = " ".join(f"'{p}'" for p in paths)
+    cmd = f"{before}\nset -- {quoted}\n{READS}"
+    job = runner.submit({"cmd": cmd}, script="probe", user=user)
+    done = runner.wait(job["id"])
+    assert done["status"] == "success", done
+    verdicts = {}
+    for line in _log(runner, job["id"]).splitlines():
+        word, _, path = line.partition(" ")
+        if word in ("read", "denied") and path.startswith("/"):
+            verdicts[path] = word
+    return verdicts
+
+
+def _log(runner: Runner, job_id: str) -> str:
+    return str(
+        runner.client.get(f"/api/runner/jobs/{job_id}/logs", params={"limit": 131072}).json()["content"]
+    )
+
+
+def _targets(runner: Runner, other_job: str) -> list[Path]:
+    settings = runner.runtime.settings
+    planted = settings.data_dir / "planted-secret"  # as an admin token file of the demo
+    planted.write_text("secret\n")
+    logs = sorted(settings.log_dir.rglob(f"{other_job}*"))
+    assert logs, "the first job's log file"
+    database = [Path(settings.database_url.split("///", 1)[1])] if settings.is_sqlite else []
+    assert all(p.is_file() for p in database)
+    return [
+        planted,
+        logs[0],
+        runner.runtime.settings.runs_dir / other_job / "manifest.json",
+        runner.tmp / "repo" / "README.md",  # outside the runner's files
+        *database,
+    ]
+
+
+def test_a_job_cannot_read_the_database_or_another_jobs_files(runner_factory: Callable[..., Runner]) -> None:
+    runner = runner_factory(extra_toml=EXTRA)
+    first = runner.submit({"cmd": "echo first > mine.txt"}, script="probe", user="alice")
+    assert runner.wait(first["id"])["status"] == "success"
+    paths = _targets(runner, first["id"])
+    verdicts = _probe(runner, [*paths, Path("mine.txt")], before="echo mine > mine.txt", user="bob")
+    expected = {str(p): "denied" for p in paths}
+    expected[str(paths[3])] = "read"
+    assert verdicts == expected, verdicts
+
+
+def test_the_job_writes_and_reads_its_own_workspace(runner_factory: Callable[..., Runner]) -> None:
+    runner = runner_factory(extra_toml=EXTRA)
+    job = runner.submit(
+        {
+            "cmd": 'mkdir -p a/b && echo x > a/b/f && mv a/b/f g && cat g && test "$(pwd)" = "$RUNNER_WORKSPACE"'
+        },
+        script="probe",
+    )
+    assert runner.wait(job["id"])["status"] == "success"
+    assert "x" in _log(runner, job["id"]).splitlines()
+
+
+def test_isolation_off_lets_the_job_read_them_which_is_what_the_default_prevents(
+    runner_factory: Callable[..., Runner],
+) -> None:
+    runner = runner_factory(extra_toml=EXTRA, RUNNER_JOB_ISOLATION="off")
+    first = runner.submit({"cmd": "true"}, script="probe")
+    assert runner.wait(first["id"])["status"] == "success"
+    paths = _targets(runner, first["id"])
+    verdicts = _probe(runner, paths)
+    assert set(verdicts.values()) == {"read"}, verdicts
+
+
+def test_required_fails_the_job_where_the_kernel_cannot_confine_it(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "abi_version", lambda: 0)
+    runner = runner_factory(extra_toml=EXTRA, RUNNER_JOB_ISOLATION="required")
+    job = runner.wait(runner.submit({"cmd": "echo ran"}, script="probe")["id"])
+    assert job["status"] == "failed" and job["error_code"] == "spawn_failed", job
+    assert "Landlock" in job["error_message"]
+
+
+def test_auto_runs_the_job_unconfined_where_the_kernel_cannot(
+    runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "abi_version", lambda: 0)
+    runner = runner_factory(extra_toml=EXTRA)
+    first = runner.submit({"cmd": "true"}, script="probe")
+    assert runner.wait(first["id"])["status"] == "success"
+    assert set(_probe(runner, _targets(runner, first["id"])).values()) == {"read"}

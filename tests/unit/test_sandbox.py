@@ -1,0 +1,198 @@
+"""execution/sandbox.py: the plan of Landlock rules, and what a confined process can and cannot
+reach (real processes, real Landlock where the kernel has it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codex_runner.config import load_settings
+from codex_runner.execution import sandbox
+from codex_runner.execution.sandbox import READ_ONLY, JobAccess, job_access, run_confined
+
+FULL = sandbox.handled_rights(sandbox.abi_version() or 1)
+needs_landlock = pytest.mark.skipif(sandbox.abi_version() == 0, reason="this kernel has no Landlock")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """base/{data/{secret, ws/}, a/, f, link -> data, alias -> a, store/objects}"""
+    base = tmp_path / "base"
+    (base / "data" / "ws").mkdir(parents=True)
+    (base / "data" / "secret").write_text("secret\n")
+    (base / "a").mkdir()
+    (base / "a" / "open").write_text("open\n")
+    (base / "f").write_text("f\n")
+    (base / "link").symlink_to(base / "data")
+    (base / "alias").symlink_to(base / "a")
+    (base / "data" / "store" / "objects").mkdir(parents=True)
+    (base / "data" / "store" / "objects" / "o").write_text("object\n")
+    return base
+
+
+def _rules(hidden: tuple[str, ...]) -> dict[str, int]:
+    with sandbox._plans_lock:
+        return dict(sandbox._plan(hidden, FULL).rules)
+
+
+def test_the_plan_grants_every_entry_on_the_way_but_the_way_and_what_leads_into_it(tree: Path) -> None:
+    hidden = (str(tree / "data"),)
+    rules = _rules(hidden)
+    assert rules[str(tree / "a")] == FULL
+    assert rules[str(tree / "alias")] == FULL
+    assert rules[str(tree / "f")] == FULL & sandbox._FILE_RIGHTS  # a file's rule carries file rights
+    for refused in ("data", "link"):
+        assert str(tree / refused) not in rules
+    # Nothing on the way itself (a rule on a folder covers all beneath it) ...
+    assert not [p for p in rules if str(tree).startswith(p.rstrip("/") + "/") or p == str(tree)]
+    # ... and everything beside it, from the root down.
+    assert "/usr" in rules and str(tree.parent / "base") not in rules
+
+
+def test_the_plan_is_read_again_once_a_folder_on_the_way_changes(tree: Path) -> None:
+    hidden = (str(tree / "data"),)
+    assert str(tree / "new") not in _rules(hidden)
+    (tree / "new").mkdir()
+    assert str(tree / "new") in _rules(hidden)
+
+
+def test_hidden_paths_are_the_runners_files_wherever_the_settings_put_them(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "RUNNER_DATA_DIR": str(tmp_path / "data"),
+            "RUNNER_LOG_DIR": str(tmp_path / "logs"),
+            "RUNNER_WORKSPACE_DIR": str(tmp_path / "data" / "ws"),
+            "RUNNER_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'runner.db'}",
+            "RUNNER_JOB_HIDDEN_PATHS": "secrets:/etc/shadow",
+        },
+        cwd=tmp_path,
+    )
+    hidden = set(sandbox.hidden_paths(settings))
+    assert {str(tmp_path / p) for p in ("data", "logs", "secrets")} <= hidden
+    assert {str(tmp_path / "db" / f"runner.db{s}") for s in ("", "-wal", "-shm", "-journal")} <= hidden
+    assert "/etc/shadow" in hidden
+    assert str(tmp_path / "data" / "ws") not in hidden  # inside the data folder, hidden with it
+
+
+def test_a_codex_jobs_home_is_granted_to_it_and_hidden_from_others(tmp_path: Path) -> None:
+    home = tmp_path / "codex-home"
+    settings = load_settings(
+        {"RUNNER_DATA_DIR": str(tmp_path / "data"), "RUNNER_CODEX_HOME": str(home)}, cwd=tmp_path
+    )
+    ws = tmp_path / "data" / "workspaces" / "j"
+    plain = job_access(settings, ws)
+    assert str(home) in plain.hidden and plain.granted == ((str(ws), 0),)
+    codex = job_access(settings, ws, store=tmp_path / "m.git", store_rights=READ_ONLY, codex_home=home)
+    assert str(home) not in codex.hidden
+    assert codex.granted == ((str(ws), 0), (str(tmp_path / "m.git"), READ_ONLY), (str(home), 0))
+
+
+def _run(access: JobAccess, script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_confined(
+        access,
+        sandbox.abi_version(),
+        lambda: subprocess.run(
+            ["/bin/sh", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
+        ),
+    )
+
+
+def _verdicts(access: JobAccess, checks: dict[str, str], cwd: Path) -> dict[str, bool]:
+    script = "\n".join(
+        f'if {cmd} >/dev/null 2>&1; then echo "ok {name}"; else echo "no {name}"; fi'
+        for name, cmd in checks.items()
+    )
+    out = _run(access, script, cwd).stdout.split("\n")
+    return {line.split()[1]: line.startswith("ok") for line in out if line}
+
+
+@needs_landlock
+def test_a_confined_process_reaches_all_but_the_hidden_paths(tree: Path) -> None:
+    ws, store = tree / "data" / "ws", tree / "data" / "store"
+    access = JobAccess((str(tree / "data"),), ((str(ws), 0), (str(store), READ_ONLY)))
+    verdicts = _verdicts(
+        access,
+        {
+            "secret": f"cat {tree}/data/secret",
+            "via_link": f"cat {tree}/link/secret",
+            "list_data": f"ls {tree}/data",
+            "beside": f"cat {tree}/a/open",
+            "beside_write": f"touch {tree}/a/new",
+            "alias": f"cat {tree}/alias/open",
+            "own": "echo x > mine && mkdir -p d/e && mv mine d/e/ && cat d/e/mine",
+            "store_read": f"cat {store}/objects/o",
+            "store_write": f"touch {store}/objects/p",
+            "usr": "ls /usr/bin",
+            "on_the_way": f"touch {tree}/made-on-the-way",  # the documented limitation
+        },
+        ws,
+    )
+    assert verdicts == {
+        "secret": False,
+        "via_link": False,
+        "list_data": False,
+        "beside": True,
+        "beside_write": True,
+        "alias": True,
+        "own": True,
+        "store_read": True,
+        "store_write": False,
+        "usr": True,
+        "on_the_way": False,
+    }
+
+
+@needs_landlock
+def test_the_same_script_unconfined_reaches_them_all(tree: Path) -> None:
+    """The control: the checks above can say yes."""
+    done = subprocess.run(["cat", str(tree / "data" / "secret"), str(tree / "link" / "secret")], check=False)
+    assert done.returncode == 0
+
+
+@needs_landlock
+def test_a_confined_process_cannot_attach_to_or_signal_the_runners_other_processes(tree: Path) -> None:
+    """Another job's process, or the runner's own `git push`: same user, but outside the job's
+    Landlock domain. Landlock refuses the access modes of an attach (`/proc/<pid>/mem`, `fd/`)
+    and, from its ABI 6, signals; `/proc/<pid>/environ` (a read-mode access) stays readable, which
+    docs/execution.md says."""
+    other = subprocess.Popen(
+        ["sleep", "30"], env={**os.environ, "PUSH_SECRET": "hunter2-abcdef"}, start_new_session=True
+    )
+    try:
+        access = JobAccess((str(tree / "data"),), ((str(tree / "data" / "ws"), 0),))
+        verdicts = _verdicts(
+            access,
+            {
+                "mem": f"head -c1 /proc/{other.pid}/mem",
+                "fd": f"readlink /proc/{other.pid}/fd/0",
+                "signal": f"kill -0 {other.pid}",
+                "own_child": "sleep 5 & kill $!",
+            },
+            tree / "data" / "ws",
+        )
+        # Unconfined, the same accesses work (the test's own process is the same user).
+        assert os.readlink(f"/proc/{other.pid}/fd/0")
+        assert verdicts["mem"] is False and verdicts["fd"] is False
+        assert verdicts["own_child"] is True
+        if sandbox.abi_version() >= 6:
+            assert verdicts["signal"] is False
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait(timeout=10)
+
+
+@needs_landlock
+def test_confinement_stays_with_the_spawning_thread(tree: Path) -> None:
+    """The runner itself is never confined: the thread that applied the rules is gone."""
+    access = JobAccess((str(tree / "data"),), ())
+    assert _run(access, f"cat {tree}/data/secret", tree / "a").returncode != 0
+    assert (tree / "data" / "secret").read_text() == "secret\n"
+    assert (
+        subprocess.run([sys.executable, "-c", f"open({str(tree / 'data' / 'secret')!r}).read()"]).returncode
+        == 0
+    )
