@@ -537,6 +537,21 @@ def test_running_as_pid_1_is_a_warning(
     assert checks_of(settings)["init"].ok
 
 
+def test_running_as_root_is_a_warning(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner run as root starts its jobs as root, which defeats its process sealing: a warning
+    that says why and what to do, in production too (containers commonly run as root)."""
+    settings, _ = make()
+    monkeypatch.setattr(doctor.os, "geteuid", lambda: 1000)
+    check = checks_of(settings)["runs_as_root"]
+    assert check.ok and "1000" in check.message
+    monkeypatch.setattr(doctor.os, "geteuid", lambda: 0)
+    for s in (settings, dataclasses.replace(settings, production=True)):
+        check = checks_of(s)["runs_as_root"]
+        assert not check.ok and not check.blocking and check.level == "warn"
+        assert "\n" not in check.message and len(check.message) < 300
+        assert "every job runs as root" in check.message and "user of its own" in check.message
+
+
 def test_spare_watch_warns_when_inotify_is_missing(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, _ = make()  # the demo repo: a local repo in `worktree` mode, warm workspaces on
     assert checks_of(settings)["spare_watch"].ok

@@ -108,6 +108,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks += _repos(settings, catalog)
         checks.append(_git())
         checks.append(_reaper())
+        checks.append(_runs_as_root())
         checks.append(_fd_limit(settings))
         checks.append(_job_isolation(settings))
         checks.append(_spare_watch(settings, catalog))
@@ -361,6 +362,21 @@ def _reaper() -> Check:
         "init",
         "running as PID 1 (RUNNER_NO_INIT=1): processes that jobs orphan are never reaped and pile "
         "up as zombies; unset RUNNER_NO_INIT or run under an init that reaps (tini, `docker run --init`)",
+    )
+
+
+def _runs_as_root() -> Check:
+    """Jobs run as the runner's user. As root, every job (a script, a command the model runs) is
+    root too, with CAP_SYS_PTRACE among its capabilities: it reads the runner's memory and
+    environment however the runner seals itself (ops/hardening.py), and anything else on the host.
+    A warning, never a refusal: containers commonly run as root."""
+    if os.geteuid() != 0:
+        return _ok("runs_as_root", f"runs as uid {os.geteuid()}, not root")
+    return _warn(
+        "runs_as_root",
+        "running as root: every job runs as root too and can read the runner's secrets from its "
+        "memory (CAP_SYS_PTRACE) and anything on the host; run the runner as a user of its own "
+        "(systemd User=, docker --user, USER in the image)",
     )
 
 
