@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codex_runner.execution.codex_events import CodexEventParser
+from codex_runner.execution.codex_version import CODEX_VERSION
 
-CODEX_VERSION = "0.169.0"
 CACHE_BIN = Path.home() / ".cache" / "codex-runner" / f"codex-{CODEX_VERSION}" / "bin" / "codex"
 # A slug from codex's bundled model catalog: an unknown slug makes codex fall back to defaults
 # that drop tools.

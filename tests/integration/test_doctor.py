@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from codex_runner.api import create_app
 from codex_runner.catalog import Catalog
 from codex_runner.config import Settings, load_settings
 from codex_runner.errors import ConfigError
+from codex_runner.execution.codex_version import CODEX_VERSION
 from codex_runner.ops import doctor
 from codex_runner.ops.doctor import Check, blocking_failures, run_checks, startup
 from codex_runner.runtime import Runtime
@@ -550,6 +552,86 @@ def test_running_as_root_is_a_warning(make: Make, monkeypatch: pytest.MonkeyPatc
         assert not check.ok and not check.blocking and check.level == "warn"
         assert "\n" not in check.message and len(check.message) < 300
         assert "every job runs as root" in check.message and "user of its own" in check.message
+
+
+def fake_codex(folder: Path, body: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An executable `codex` in `folder`, first on PATH: a shell script with `body`."""
+    folder.mkdir(parents=True)
+    codex = folder / "codex"
+    codex.write_text("#!/bin/sh\n" + body + "\n")
+    codex.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', os.defpath)}")
+    return codex
+
+
+def test_the_installed_codex_version_is_checked(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner is built and tested for one codex version (its flags, events, config keys):
+    another one on PATH, or one that does not run, is a warning naming both versions."""
+    settings, _ = make()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-a-version-probe")
+    seen = tmp_path / "seen-env"
+    codex = fake_codex(tmp_path / "good", f'env > {seen}; echo "codex-cli {CODEX_VERSION}"', monkeypatch)
+    check = checks_of(settings)["codex_version"]
+    assert check.ok and str(codex) in check.message and CODEX_VERSION in check.message, check
+    # Run with the minimal environment, in a CODEX_HOME of its own that is gone afterwards.
+    env = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+    assert "OPENAI_API_KEY" not in env and not any(n.startswith("RUNNER_") for n in env)
+    assert env["CODEX_HOME"] and not Path(env["CODEX_HOME"]).exists()
+
+    fake_codex(tmp_path / "old", 'echo "codex-cli 0.150.2"', monkeypatch)
+    for s in (settings, dataclasses.replace(settings, production=True)):
+        check = checks_of(s)["codex_version"]
+        assert check.level == "warn" and not check.blocking, check
+        assert "0.150.2" in check.message and CODEX_VERSION in check.message and "make codex" in check.message
+        assert check.detail["found"] == "0.150.2" and check.detail["expected"] == CODEX_VERSION
+
+    fake_codex(
+        tmp_path / "broken",
+        'echo "Missing optional dependency @openai/codex-linux-x64" >&2; exit 1',
+        monkeypatch,
+    )
+    check = checks_of(settings)["codex_version"]
+    assert check.level == "warn" and "does not run" in check.message and "Missing optional" in check.message
+
+    fake_codex(tmp_path / "silent", "exit 0", monkeypatch)
+    assert "printed no version" in checks_of(settings)["codex_version"].message
+
+    fake_codex(tmp_path / "hangs", "sleep 30 & sleep 30", monkeypatch)
+    monkeypatch.setattr(doctor.codex_version, "VERSION_TIMEOUT_SECONDS", 0.5)
+    started = time.monotonic()
+    check = checks_of(settings)["codex_version"]
+    assert check.level == "warn" and "did not answer within 0.5 s" in check.message, check
+    assert time.monotonic() - started < 5
+
+
+def test_no_codex_version_check_without_a_codex_to_run(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, _ = make()
+    fake_codex(tmp_path / "old", 'echo "codex-cli 0.150.2"', monkeypatch)
+    assert checks_of(settings)["codex_version"].level == "warn"
+    # No codex script in the catalog: nothing runs codex, nothing to check.
+    bare = {c.name for c in run_checks(settings, Catalog.from_settings(settings, builtins=False))}
+    assert "codex_version" not in bare
+    # codex.exec replaced by a script that is not codex.
+    other, _ = make('\n[scripts."codex.exec"]\ncommand = ["/bin/echo", "hello"]\n')
+    assert "codex_version" not in checks_of(other)
+    # codex not found: `script:codex.exec` says so, once.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    checks = checks_of(settings)
+    assert "codex_version" not in checks and checks["script:codex.exec"].level == "warn"
+
+
+def test_the_real_codex_is_the_pinned_version(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.home() / ".cache" / "codex-runner" / f"codex-{CODEX_VERSION}" / "bin" / "codex"
+    if not real.exists() or not shutil.which("node"):
+        pytest.skip(f"no codex {CODEX_VERSION} at {real} (run `make codex`)")
+    settings, _ = make()
+    monkeypatch.setenv("PATH", f"{real.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}")
+    check = checks_of(settings)["codex_version"]
+    assert check.ok and check.detail["found"] == CODEX_VERSION, check
 
 
 def test_spare_watch_warns_when_inotify_is_missing(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,8 +27,8 @@ from codex_runner.catalog import BUILTIN_SCRIPTS, Catalog, RepoSpec, ScriptSpec
 from codex_runner.catalog.specs import PLACEHOLDER
 from codex_runner.config import Settings
 from codex_runner.errors import ConfigError, RunnerError
-from codex_runner.execution import sandbox, spare_watch
-from codex_runner.execution.agents import BYPASS_FLAGS
+from codex_runner.execution import codex_version, sandbox, spare_watch
+from codex_runner.execution.agents import BYPASS_FLAGS, is_codex_exec
 from codex_runner.execution.git import is_loopback_host
 from codex_runner.ops import audit, fdlimit
 from codex_runner.ops.backup import newest_backup
@@ -105,6 +105,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks += _folders(settings)
         checks.append(_audit_log(settings))
         checks += _scripts(settings, catalog)
+        checks += _codex_version(catalog)
         checks += _repos(settings, catalog)
         checks.append(_git())
         checks.append(_reaper())
@@ -297,6 +298,45 @@ def _scripts(settings: Settings, catalog: Catalog) -> Iterator[Check]:
                 f"script {key} runs codex with {DANGEROUS_FLAG} (or --yolo): no sandbox, no approvals",
                 production=settings.production,
             )
+
+
+def _codex_version(catalog: Catalog) -> Iterator[Check]:
+    """The codex that the built-in `codex.exec` runs, against the version this runner is built and
+    tested for: another one may have other flags, events and config.toml keys, and its jobs fail in
+    ways no test has seen. Nothing to say without a codex `codex.exec`, or when `script:codex.exec`
+    already says its program is missing or not checked."""
+    script = catalog.scripts.get("codex.exec")
+    if script is None or not is_codex_exec(script):
+        return
+    program = script.command[0]
+    if PLACEHOLDER.fullmatch(program) or ("/" in program and not Path(program).is_absolute()):
+        return
+    codex = codex_version.resolve(program)
+    if codex is None:
+        return
+    expected = codex_version.CODEX_VERSION
+    try:
+        found = codex_version.installed_version(codex)
+    except codex_version.VersionUnreadable as exc:
+        yield _warn(
+            "codex_version",
+            f"codex at {codex} does not run ({exc}): codex.exec jobs will fail; reinstall codex "
+            f"{expected} (`make codex`)",
+            path=codex,
+            expected=expected,
+        )
+        return
+    if found != expected:
+        yield _warn(
+            "codex_version",
+            f"codex at {codex} is {found}, but this runner is built and tested for {expected}: its "
+            f"flags, events and config keys may differ; install {expected} (`make codex`)",
+            path=codex,
+            found=found,
+            expected=expected,
+        )
+        return
+    yield _ok("codex_version", f"codex at {codex} is {found}", path=codex, found=found, expected=expected)
 
 
 def _is_dangerous(script: ScriptSpec) -> bool:
