@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from codex_runner.catalog import ScriptSpec
+from codex_runner.catalog import Catalog, ScriptSpec
 from codex_runner.catalog.specs import CODEX_EXEC, is_codex
 from codex_runner.config import Settings
 from codex_runner.execution.codex_home import CONFIG_NAME, prepare_codex_home
@@ -132,16 +132,34 @@ def _sandbox_setting(setting: str) -> bool:
     return setting.lstrip().lstrip("=").startswith("sandbox")
 
 
-def codex_home_for(settings: Settings) -> Path | None:
+def _runner_codex_home(settings: Settings) -> Path | None:
     """SPEC §2: RUNNER_CODEX_HOME when set; else the runner's own CODEX_HOME passes through
-    (None here); else a runner-owned folder under the data dir, prepared on first use."""
+    (None here); else a runner-owned folder under the data dir."""
     if settings.codex_home is not None:
-        home = settings.codex_home
-    elif os.environ.get("CODEX_HOME"):
+        return settings.codex_home
+    if os.environ.get("CODEX_HOME"):
         return None
-    else:
-        home = settings.data_dir / "codex-home"
-    # Prepared only when it has no config yet: an operator's (or a test's) config is left alone.
+    return settings.data_dir / "codex-home"
+
+
+def codex_home_for(settings: Settings) -> Path | None:
+    """The CODEX_HOME of a codex run (`_runner_codex_home`), prepared on first use."""
+    home = _runner_codex_home(settings)
+    if home is None:
+        return None
+    # Per job, only when it has no config yet (a managed one was rewritten at start-up by
+    # `refresh_codex_home`): an operator's (or a test's) config is left alone.
     if not os.path.lexists(home / CONFIG_NAME):  # a symlink (even dangling) is the operator's
         prepare_codex_home(home)
     return home
+
+
+def refresh_codex_home(settings: Settings, catalog: Catalog) -> Path | None:
+    """At `serve` and `worker` start-up: the runner's own CODEX_HOME with its config.toml written
+    when absent or still the runner's (its managed first line), so that an upgrade brings its
+    settings to a file an earlier version wrote; an operator's file, or a symlink, stays as it is
+    (`prepare_codex_home`). Nothing when no script runs codex or the CODEX_HOME is passed through."""
+    home = _runner_codex_home(settings)
+    if home is None or not any(is_codex_exec(s) for s in catalog.scripts.values()):
+        return None
+    return prepare_codex_home(home)

@@ -1,7 +1,8 @@
 """The runner-owned CODEX_HOME: a `config.toml` that keeps codex from talking to anything but its model.
 
 Ownership rule: the runner writes `config.toml` only when the file is absent or still starts with
-`MANAGED_MARKER`; then it rewrites it on every call, so the settings follow the runner's version.
+`MANAGED_MARKER`; then it rewrites it on every call, so the settings follow the runner's version
+(`serve` and `worker` call it at start-up: execution/agents.py `refresh_codex_home`).
 A `config.toml` without the marker belongs to the operator and is never touched (to take the
 runner's file over, delete its first line). docs/codex.md explains each setting.
 """
