@@ -171,12 +171,14 @@ def test_wrong_token_fails_fast_on_push(tmp_path: Path, server: Server) -> None:
 
 
 class CmdlineSampler:
-    """Polls every process's command line while git runs, looking for any form of the secrets."""
+    """Polls every process's command line and environment while git runs, looking for any form
+    of the secrets: both are readable to every process of the runner's user, a job's included."""
 
     def __init__(self, needles: list[bytes]) -> None:
         self.needles = needles
         self.git_seen = 0
         self.leaks: list[bytes] = []
+        self.environ_leaks: list[bytes] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -202,6 +204,12 @@ class CmdlineSampler:
                     self.git_seen += 1
                 if any(n in cmdline for n in self.needles):
                     self.leaks.append(cmdline)
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                if any(n in environ for n in self.needles):
+                    self.environ_leaks.append(cmdline)
 
 
 def _files_containing(root: Path, needles: list[bytes]) -> list[Path]:
@@ -224,8 +232,10 @@ def test_the_token_leaks_nowhere(tmp_path: Path, server: Server) -> None:
     with CmdlineSampler(forms) as sampler:
         # Control: the sampler does see a secret in a command line when there is one.
         subprocess.run(["sh", "-c", "sleep 0.3", "control", TOKEN], check=True)
-        assert sampler.leaks
+        subprocess.run(["sleep", "0.3"], env={"CONTROL": TOKEN}, check=True)
+        assert sampler.leaks and sampler.environ_leaks
         sampler.leaks.clear()
+        sampler.environ_leaks.clear()
         first = prepare_workspace(repo, "e5e5e5e5-5", settings, cred)  # creates the mirror
         second = prepare_workspace(repo, "f6f6f6f6-6", settings, cred)  # fetches into it
         (first.path / "new.txt").write_text("new\n")
@@ -245,6 +255,9 @@ def test_the_token_leaks_nowhere(tmp_path: Path, server: Server) -> None:
         cleanup_workspace(second, repo, settings, failed=True)
     assert sampler.git_seen > 0, "the sampler never saw a git process"
     assert not sampler.leaks
+    # The credential reached git's helper through a memory file's descriptor: no git process
+    # (fetch, push, remote-https, the helper) had it in its environment.
+    assert not sampler.environ_leaks, sampler.environ_leaks[:3]
     assert not _files_containing(settings.data_dir, forms)
     assert all(TOKEN not in m and WRONG not in m for m in messages)
 

@@ -54,12 +54,19 @@ SAFE_PROTOCOLS = ("file", "https", "ssh")
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 _MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024
-_HELPER_NAME = "git-credential-runner"
+# A new name whenever the protocol between the runner and its helper changes: a git HOME that
+# outlived an upgrade (a spare's, a mirror's) keeps the script it was given.
+_HELPER_NAME = "git-credential-runner-2"
 # The helper answers `get` only, only for the credential's host, and only over https (or plain http
-# when the command was allowed it: loopback). `printf` and `read` are shell built-ins, so the secret is
-# never in a process's argument list; it lives in the environment of this one git command only.
+# when the command was allowed it: loopback). The user name and secret come from a memory file
+# (memfd) the runner passes to this one git command as a descriptor, read through
+# /proc/self/fd (which opens it again from its start, for a second `get`), never from the
+# environment: `/proc/<pid>/environ` of git and its helpers is readable to every process of the
+# runner's user, a job's among them (Landlock leaves read-mode access alone), while their `fd/`
+# is not to a confined job. `printf` and `read` are shell built-ins, so the secret is never in a
+# process's argument list either.
 _HELPER_SCRIPT = """#!/bin/sh
-# codex-runner one-shot git credential helper: everything it knows comes from its environment.
+# codex-runner one-shot git credential helper: the credential comes from a descriptor of the runner's.
 test "$1" = get || exit 0
 proto= host=
 while IFS= read -r line && test -n "$line"; do
@@ -74,7 +81,9 @@ case $proto in
   *) exit 0 ;;
 esac
 test "$host" = "$CODEX_RUNNER_GIT_HOST" || test "${host%:*}" = "$CODEX_RUNNER_GIT_HOST" || exit 0
-printf 'username=%s\\npassword=%s\\n' "$CODEX_RUNNER_GIT_USERNAME" "$CODEX_RUNNER_GIT_PASSWORD"
+case $CODEX_RUNNER_GIT_CREDENTIAL_FD in ''|*[!0-9]*) exit 0 ;; esac
+{ IFS= read -r user && IFS= read -r secret; } < "/proc/self/fd/$CODEX_RUNNER_GIT_CREDENTIAL_FD" || exit 0
+printf 'username=%s\\npassword=%s\\n' "$user" "$secret"
 """
 
 # Configuration every git command runs with, passed through GIT_CONFIG_COUNT (read after the
@@ -212,11 +221,10 @@ def git_env(
     if credential is not None:
         helper = _install_helper(home)
         config.append(("credential.helper", "!" + shlex.quote(str(helper))))
+        # The user name and secret: `credential_fd`, given by `run_git`.
         env.update(
             {
                 "CODEX_RUNNER_GIT_HOST": credential.host,
-                "CODEX_RUNNER_GIT_USERNAME": credential.username,
-                "CODEX_RUNNER_GIT_PASSWORD": credential.secret,
                 "CODEX_RUNNER_GIT_PLAIN_HTTP": "1" if plain_http else "0",
             }
         )
@@ -277,6 +285,46 @@ def run_git(
         home, credential=credential, plain_http=plain_http, env_extra=env_extra, extra_config=extra_config
     )
     argv = ["git", *args]
+    pass_fds: tuple[int, ...] = ()
+    if credential is not None:
+        pass_fds = (_credential_fd(credential),)
+        env["CODEX_RUNNER_GIT_CREDENTIAL_FD"] = str(pass_fds[0])
+    try:
+        return _run_with_retries(
+            argv, args, cwd, home, env, input_text, timeout, error_code, check, secrets, pass_fds
+        )
+    finally:
+        for fd in pass_fds:
+            os.close(fd)
+
+
+def _credential_fd(credential: GitCredential) -> int:
+    """A memory file holding the user name and secret, one line each (close-on-exec: only the git
+    command it is passed to gets it)."""
+    if "\n" in credential.username or "\n" in credential.secret:
+        raise GitError("the stored credential holds a line break", code="prepare_failed")
+    fd = os.memfd_create("codex-runner-git-credential", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, f"{credential.username}\n{credential.secret}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _run_with_retries(
+    argv: list[str],
+    args: Sequence[str],
+    cwd: Path | None,
+    home: Path,
+    env: dict[str, str],
+    input_text: str | None,
+    timeout: float,
+    error_code: str,
+    check: bool,
+    secrets: Sequence[str],
+    pass_fds: tuple[int, ...],
+) -> GitResult:
     if cwd is None:
         # A command given no repository (`ls-remote`, `clone`, `init`) would otherwise look for one
         # from the service's working directory up, and use that repo's config: one an agent can
@@ -293,7 +341,7 @@ def run_git(
     deadline = time.monotonic() + LOCK_RETRY_SECONDS
     delay = 0.02
     while True:
-        returncode, out, err = _run_once(argv, cwd, env, input_text, timeout, args, error_code)
+        returncode, out, err = _run_once(argv, cwd, env, input_text, timeout, args, error_code, pass_fds)
         if returncode == 0 or not _LOCK_BUSY.search(err) or time.monotonic() + delay > deadline:
             break
         time.sleep(delay)
@@ -314,12 +362,14 @@ def _run_once(
     timeout: float,
     args: Sequence[str],
     error_code: str,
+    pass_fds: tuple[int, ...] = (),
 ) -> tuple[int, bytes, bytes]:
     try:
         proc = subprocess.Popen(
             argv,
             cwd=cwd,
             env=env,
+            pass_fds=pass_fds,
             stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
