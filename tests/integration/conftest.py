@@ -212,3 +212,13 @@ def store(database_url: str) -> Iterator[JobStore]:
     upgrade(engine)
     yield JobStore(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """A folder for the files a test's jobs write. Not `tmp_path` itself: it holds the runner's
+    data folder, database and config, so it lies on the way to them, and a job confined by
+    Landlock cannot create entries directly in it (docs/execution.md, "Job isolation")."""
+    path = tmp_path / "out"
+    path.mkdir(exist_ok=True)
+    return path

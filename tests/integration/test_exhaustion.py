@@ -55,7 +55,7 @@ def _fill(hog: Path, marker: Path) -> str:
 
 
 def test_a_full_database_disk_delays_statuses_and_loses_none(
-    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner], out: Path
 ) -> None:
     """SQLite answers SQLITE_FULL ("database or disk is full") when its disk fills. That was no
     transient error: the API answered 500, the terminal write of a job that ended meanwhile failed,
@@ -64,8 +64,12 @@ def test_a_full_database_disk_delays_statuses_and_loses_none(
     `heartbeat_stale` (and killed the one still running). Now it is an outage like a database
     that does not answer: 503 `unavailable`, and each job gets its own status once space is back."""
     data = small_disk(tmp_path / "data", "24m")
-    hog, marker = data / "hog", tmp_path / "filled"
-    runner = runner_factory(extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n")
+    hog, marker = data / "hog", out / "filled"
+    # The fill job writes into the runner's data folder, which job isolation (Landlock) keeps
+    # every job out of: this test's tool needs it off.
+    runner = runner_factory(
+        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_JOB_ISOLATION="off"
+    )
     long = runner.submit({"sleep": "10"})
     runner.wait(long["id"], statuses={"running"}, timeout=15)
     fill = runner.submit({}, script="fill")
@@ -99,14 +103,14 @@ def _oom_score_adj(pid: int | str) -> int:
 
 
 def test_a_job_is_the_oom_killers_first_choice_not_the_runner(
-    tmp_path: Path, runner_factory: Callable[..., Runner]
+    tmp_path: Path, runner_factory: Callable[..., Runner], out: Path
 ) -> None:
     """Job processes had the runner's oom_score_adj (inherited): when a job ran the machine out of
     memory the kernel weighed the runner, with every other job's supervision, like the job. The
     leader now gets a higher one right after the spawn, and whatever it starts inherits it."""
     runner = runner_factory()
     own = _oom_score_adj("self")
-    pids = tmp_path / "pids"
+    pids = out / "pids"
     job = runner.submit({"sleep": "30", "grandchild": True, "pids": str(pids)})
     assert wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, timeout=15)
     leader, grandchild = map(int, pids.read_text().split())
@@ -128,7 +132,7 @@ def _soft_nofile(pid: int) -> int:
 
 
 def test_a_job_gets_the_open_file_limit_the_runner_started_with(
-    tmp_path: Path, runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, runner_factory: Callable[..., Runner], monkeypatch: pytest.MonkeyPatch, out: Path
 ) -> None:
     """`serve` raises its soft open-file limit for its HTTP connections (ops/fdlimit.py); jobs
     inherited the raised one, and a program of theirs that uses select() breaks on a descriptor
@@ -147,7 +151,7 @@ def test_a_job_gets_the_open_file_limit_the_runner_started_with(
     try:
         runner = runner_factory()
         assert raise_fd_limit(runner.runtime.settings).soft > 1024
-        pids = tmp_path / "pids"
+        pids = out / "pids"
         job = runner.submit({"sleep": "30", "grandchild": True, "pids": str(pids)})
         assert wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, timeout=15)
         leader, grandchild = map(int, pids.read_text().split())
@@ -245,6 +249,12 @@ def test_a_workspace_that_cannot_be_made_fails_the_prepare_not_the_runner(
     workspaces = small_disk(tmp_path / "ws", "1m")
     runner = runner_factory(RUNNER_WORKSPACE_DIR=str(workspaces))
     assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"
+    # The job's Landlock domain holds its workspace folder's inode until the kernel frees the
+    # domain, a moment after the job's last process is reaped (deferred work): the remount
+    # refuses to go under the inodes in use.
+    assert wait_until(
+        lambda: os.statvfs(workspaces).f_files - os.statvfs(workspaces).f_ffree <= 1, timeout=10
+    )
     subprocess.run(["mount", "-o", "remount,nr_inodes=1", str(workspaces)], check=True, timeout=30)
     try:
         done = runner.wait(runner.submit({})["id"], timeout=30)
@@ -360,16 +370,18 @@ def test_a_command_started_on_a_full_database_disk_says_so(tmp_path: Path, small
 
 
 def test_a_terminal_manifest_a_full_disk_refused_is_written_once_there_is_room(
-    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner], out: Path
 ) -> None:
     """The data folder full (the database elsewhere, so the status itself lands): the terminal
     manifest failed (`manifest_write_failed`) and was never written again, so `runs/<id>/` kept the
     `running` document of an ended job (or none) for good. It is now tried again at each heartbeat
     until it lands."""
     files = small_disk(tmp_path / "files", "8m")
-    hog, marker = files / "hog", tmp_path / "filled"
-    runner = runner_factory(
-        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_DATA_DIR=str(files)
+    hog, marker = files / "hog", out / "filled"
+    runner = runner_factory(  # the fill job writes into the data folder: no job isolation (above)
+        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n",
+        RUNNER_DATA_DIR=str(files),
+        RUNNER_JOB_ISOLATION="off",
     )
     done = runner.wait(runner.submit({}, script="fill")["id"], timeout=30)
     assert done["status"] == "success"
@@ -388,6 +400,7 @@ def test_a_fenced_runs_manifest_a_full_disk_refused_is_written_once_there_is_roo
     small_disk: MountSmall,
     runner_factory: Callable[..., Runner],
     monkeypatch: pytest.MonkeyPatch,
+    out: Path,
 ) -> None:
     """As above, for a run that learns at its terminal write that another instance failed the job
     meanwhile (its instance frozen): it writes the row's ending to its manifest
@@ -398,9 +411,11 @@ def test_a_fenced_runs_manifest_a_full_disk_refused_is_written_once_there_is_roo
 
     fail_elsewhere_when_the_script_ends(monkeypatch)
     files = small_disk(tmp_path / "files", "8m")
-    hog, marker = files / "hog", tmp_path / "filled"
-    runner = runner_factory(
-        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_DATA_DIR=str(files)
+    hog, marker = files / "hog", out / "filled"
+    runner = runner_factory(  # the fill job writes into the data folder: no job isolation (above)
+        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n",
+        RUNNER_DATA_DIR=str(files),
+        RUNNER_JOB_ISOLATION="off",
     )
     job = runner.submit({}, script="fill")
     manifest = runner.runtime.settings.runs_dir / job["id"] / "manifest.json"

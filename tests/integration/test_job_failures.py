@@ -97,7 +97,7 @@ def test_a_terminal_write_the_database_refuses_ends_as_internal_error(
 
 
 def test_the_timeout_holds_while_the_pid_record_waits_for_the_database(
-    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: Path
 ) -> None:
     # The pid record (a script past its first second) waits for a database that is down; the
     # deadline is still kept, and the terminal write carries the process ids instead.
@@ -109,7 +109,7 @@ def test_the_timeout_holds_while_the_pid_record_waits_for_the_database(
 
     runner = runner_factory()
     monkeypatch.setattr(JobStore, "update_fields", down)
-    pids = tmp_path / "pids"
+    pids = out / "pids"
     job = runner.submit({"sleep": "60", "pids": str(pids)}, script="short")  # timeout: 1 s
     pid = _pid(pids)
     try:
@@ -124,27 +124,27 @@ def test_the_timeout_holds_while_the_pid_record_waits_for_the_database(
 
 
 def test_a_pid_record_the_database_refuses_does_not_end_the_job(
-    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: Path
 ) -> None:
     def refused(self: JobStore, *args: Any, **kwargs: Any) -> bool:
         raise sa.exc.DataError("UPDATE runner_jobs", {}, Exception("value refused"))
 
     runner = runner_factory()
     monkeypatch.setattr(JobStore, "update_fields", refused)
-    done = runner.wait(runner.submit({"sleep": "1.5", "pids": str(tmp_path / "pids")})["id"], timeout=30)
+    done = runner.wait(runner.submit({"sleep": "1.5", "pids": str(out / "pids")})["id"], timeout=30)
     assert done["status"] == "success", done
     row = runner.runtime.jobs.get_row(done["id"])
-    assert row is not None and row["pid"] == int((tmp_path / "pids").read_text().split()[0])
+    assert row is not None and row["pid"] == int((out / "pids").read_text().split()[0])
 
 
 def test_shutdown_while_the_database_is_down_leaves_no_process(
-    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, out: Path
 ) -> None:
     runtime = Runtime.open(runner_settings(tmp_path, database_url))
     token, _ = runtime.tokens.create("admin", "admin")
     cm = serve_app(build_app(runtime))
     url = cm.__enter__()
-    pids = tmp_path / "pids"
+    pids = out / "pids"
     pid = 0
     try:
         r = httpx.post(
@@ -205,10 +205,10 @@ def _failing_supervision(
 
 
 def test_an_internal_error_while_the_script_runs_stops_it_before_the_status(
-    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runner_factory: Callable[..., Runner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: Path
 ) -> None:
     alive_at_status: list[bool] = []
-    pids = tmp_path / "pids"
+    pids = out / "pids"
     _failing_supervision(monkeypatch, alive_at_status, started=pids)
     runner = runner_factory()
     job = runner.submit({"sleep": "60", "pids": str(pids), "grandchild": True})

@@ -139,8 +139,8 @@ def test_cancel_while_queued(runner_factory: Any) -> None:
     assert runner.job(queued["id"])["started_at"] is None
 
 
-def test_cancel_running_kills_child_and_stubborn_grandchild(runner: Any, tmp_path: Path) -> None:
-    pids_file = tmp_path / "pids"
+def test_cancel_running_kills_child_and_stubborn_grandchild(runner: Any, tmp_path: Path, out: Path) -> None:
+    pids_file = out / "pids"
     job = runner.submit({"sleep": "60", "grandchild": True, "ignore_term": True, "pids": str(pids_file)})
     runner.wait(job["id"], {"running"})
     assert wait_until(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 2, timeout=10)
@@ -166,8 +166,8 @@ def test_timeout(runner: Any) -> None:
     assert [e["event_type"] for e in done["events"]][-1] == "job_timeout"
 
 
-def test_environment_is_minimal(runner: Any, tmp_path: Path, monkeypatch: Any) -> None:
-    dump = tmp_path / "env"
+def test_environment_is_minimal(runner: Any, tmp_path: Path, monkeypatch: Any, out: Path) -> None:
+    dump = out / "env"
     done = runner.wait(runner.submit({"env_dump": str(dump)})["id"])
     assert done["status"] == "success"
     names = {line.split("=", 1)[0] for line in dump.read_text().splitlines()}
@@ -325,11 +325,11 @@ def escapees() -> Iterator[Callable[[Path], list[int]]]:
 
 
 def test_a_daemon_that_left_the_group_dies_after_its_job(
-    runner: Any, tmp_path: Path, escapees: Callable[[Path], list[int]]
+    runner: Any, tmp_path: Path, escapees: Callable[[Path], list[int]], out: Path
 ) -> None:
     """setsid takes a process out of the job's group, so the group kill misses it; the runner
     finds it by RUNNER_JOB_ID in its environment shortly after the job ends."""
-    escape = tmp_path / "escaped"
+    escape = out / "escaped"
     done = runner.wait(runner.submit({"escape": str(escape)})["id"])
     assert done["status"] == "success"
     pids = escapees(escape)
@@ -337,14 +337,14 @@ def test_a_daemon_that_left_the_group_dies_after_its_job(
 
 
 def test_a_canceled_jobs_daemon_is_gone_by_its_terminal_status(
-    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]]
+    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], out: Path
 ) -> None:
     """Cancel and timeout stop the job's processes outside its group too (codex without a sandbox
     runs every command in a group of its own), within the grace: not at the sweep after the job."""
     from codex_runner import launcher as launcher_module
 
     monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # the sweep plays no part
-    escape = tmp_path / "escaped"
+    escape = out / "escaped"
     job = runner.submit({"escape": str(escape), "sleep": "60"})
     pids = escapees(escape)
     assert runner.client.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 202
@@ -353,12 +353,14 @@ def test_a_canceled_jobs_daemon_is_gone_by_its_terminal_status(
 
 
 @pytest.mark.parametrize("escape", [False, True])
-def test_a_cancel_sends_the_jobs_group_one_sigterm(runner: Any, tmp_path: Path, escape: bool) -> None:
+def test_a_cancel_sends_the_jobs_group_one_sigterm(
+    runner: Any, tmp_path: Path, escape: bool, out: Path
+) -> None:
     """SPEC §3: cancel sends the group SIGTERM, then SIGKILL after the grace. The stop of the
     processes outside the group must not SIGTERM the group's own a second time: a program that
     shuts down on the first takes a second as "give up the clean shutdown now" (as codex, node or
     make do). With a daemon outside the group, and without one."""
-    terms, pids, escaped = tmp_path / "terms", tmp_path / "pids", tmp_path / "escaped"
+    terms, pids, escaped = out / "terms", out / "pids", out / "escaped"
     args: dict[str, Any] = {"count_term": str(terms), "pids": str(pids), "sleep": "60"}
     if escape:
         args["escape"] = str(escaped)
@@ -372,14 +374,14 @@ def test_a_cancel_sends_the_jobs_group_one_sigterm(runner: Any, tmp_path: Path, 
 
 @pytest.mark.parametrize("how", ["stop", "forced exit"])
 def test_stopping_kills_a_daemon_of_a_job_that_just_ended(
-    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], how: str
+    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], how: str, out: Path
 ) -> None:
     """A graceful stop scans for the escaped processes of jobs that ended since the last scan, and so
     does a forced exit (the second signal's kill, here without the exit itself)."""
     from codex_runner import launcher as launcher_module
 
     monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # only the stop's scan runs
-    escape = tmp_path / "escaped"
+    escape = out / "escaped"
     [launcher] = launcher_module._LIVE
     assert runner.wait(runner.submit({"escape": str(escape)})["id"])["status"] == "success"
     pids = escapees(escape)
