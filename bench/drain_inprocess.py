@@ -59,9 +59,18 @@ from spawn_baseline import children_cpu
 _TO_THREAD = asyncio.to_thread
 
 
+#: RUNNER_JOB_ISOLATION of the drained runner (`--isolation`): its Landlock confinement of each
+#: spawn is part of a job's cost by default.
+_ISOLATION = "auto"
+
+
 def _settings(root: Path, concurrency: int) -> Settings:
     url = f"sqlite:///{root / 'data' / 'runner.db'}"
-    extra = {"RUNNER_MAX_JOBS_PER_USER": "100000", "RUNNER_MAX_CONCURRENCY": str(concurrency)}
+    extra = {
+        "RUNNER_MAX_JOBS_PER_USER": "100000",
+        "RUNNER_MAX_CONCURRENCY": str(concurrency),
+        "RUNNER_JOB_ISOLATION": _ISOLATION,
+    }
     return load_settings(scratch_runner_env(root, url, "bench-inprocess", **extra), cwd=root)
 
 
@@ -254,10 +263,15 @@ def main() -> None:
         help="the group commit's linger in seconds (default: the shipped one, finisher.LINGER_SECONDS)",
     )
     ap.add_argument("--parts", action="store_true", help="time the parts of a job instead of draining")
+    ap.add_argument(
+        "--isolation", choices=["auto", "off"], default="auto", help="RUNNER_JOB_ISOLATION of the runner"
+    )
     args = ap.parse_args()
     print(
         f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs); TMPDIR={tempfile.gettempdir()}"
     )
+    global _ISOLATION
+    _ISOLATION = args.isolation
     if args.parts:
         parts()
         return

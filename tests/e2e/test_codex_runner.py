@@ -337,6 +337,27 @@ def test_a_permissive_repo_runs_codex_without_a_sandbox(start_runner: Callable[.
     assert metadata["sandbox_mode"] == "danger-full-access"
 
 
+def test_a_permissive_codex_jobs_commands_cannot_read_the_runners_files(
+    start_runner: Callable[..., CodexRunner], tmp_path: Path
+) -> None:
+    """Without a sandbox of codex's own, the runner confines the whole codex run with Landlock
+    (docs/execution.md, "Job isolation"): what the model runs cannot read the database or the
+    data folder, and codex itself still works (its codex home is granted)."""
+    from codex_runner.execution import sandbox
+
+    if sandbox.abi_version() == 0:
+        pytest.skip("this kernel has no Landlock")
+    planted = tmp_path / "data" / "planted-secret"
+    command = f"cat {planted}; head -c 15 {tmp_path / 'runner.db'}; echo; echo done"
+    runner = start_runner([shell_turn(command), message_turn("ok")], risk_policy="permissive")
+    planted.write_text("planted-0123456789abcdef\n")
+    job = runner.wait(runner.submit())
+    assert job["status"] == "success", job
+    output = runner.fake.requests[1].raw_body.decode(errors="replace")
+    assert "done" in output and "Permission denied" in output, output
+    assert "planted-0123456789abcdef" not in output and "SQLite format" not in output
+
+
 def test_runner_secrets_reach_neither_codex_nor_the_model_server(
     start_runner: Callable[..., CodexRunner],
 ) -> None:

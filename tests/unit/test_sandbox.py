@@ -196,3 +196,20 @@ def test_confinement_stays_with_the_spawning_thread(tree: Path) -> None:
         subprocess.run([sys.executable, "-c", f"open({str(tree / 'data' / 'secret')!r}).read()"]).returncode
         == 0
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "sandboxed"),
+    [
+        (["codex", "exec", "--sandbox", "workspace-write", "-"], True),
+        (["codex", "exec", "--sandbox=read-only", "-"], True),
+        (["codex", "exec", "-"], True),  # codex's own default: read-only
+        (["codex", "exec", "--sandbox", "danger-full-access", "-"], False),
+        (["codex", "exec", "--sandbox", "workspace-write", "--yolo", "-"], False),
+    ],
+)
+def test_a_codex_run_is_left_to_codex_s_sandbox_when_it_has_one(argv: list[str], sandboxed: bool) -> None:
+    """codex's sandbox is bubblewrap, which needs the mounts a Landlock domain forbids."""
+    from codex_runner.execution.agents import codex_sandboxes_commands
+
+    assert codex_sandboxes_commands(argv) is sandboxed

@@ -113,6 +113,21 @@ def keep_secret_variables_from_commands(argv: list[str]) -> list[str]:
     return [*out[:at], "-c", f"{ENV_EXCLUDES_SETTING}=false", *out[at:]]
 
 
+def codex_sandboxes_commands(argv: list[str]) -> bool:
+    """Whether codex runs the model's commands in a sandbox of its own (`--sandbox` read-only or
+    workspace-write, after `apply_risk_policy`, and no bypass flag). codex 0.169 builds that
+    sandbox with bubblewrap, which needs mount namespaces, and a Landlock domain forbids every
+    mount: such a run cannot be confined by the runner (execution/sandbox.py) as well."""
+    if any(arg in BYPASS_FLAGS for arg in argv):
+        return False
+    for i, arg in enumerate(argv):
+        if arg in ("--sandbox", "-s") and i + 1 < len(argv):
+            return argv[i + 1] != "danger-full-access"
+        if arg.startswith("--sandbox="):
+            return arg.partition("=")[2] != "danger-full-access"
+    return True  # codex's own default for exec: a read-only sandbox
+
+
 def _env_policy_setting(setting: str) -> bool:
     key = setting.lstrip().lstrip("=").partition("=")[0].strip()
     return key in ("shell_environment_policy", ENV_EXCLUDES_SETTING)

@@ -39,6 +39,7 @@ from codex_runner.errors import RepoNotAllowed
 from codex_runner.execution.agents import (
     apply_risk_policy,
     codex_home_for,
+    codex_sandboxes_commands,
     is_codex_exec,
     keep_secret_variables_from_commands,
 )
@@ -497,10 +498,12 @@ class JobRun:
         )
         extra = {"RUNNER_JOB_ID": self.job_id, "RUNNER_WORKSPACE": str(ws.path)}
         home: Path | None = None
+        confine = True
         if is_codex_exec(script):
             argv = keep_secret_variables_from_commands(
                 apply_risk_policy(argv, repo.risk_policy, str(ws.path))
             )
+            confine = not codex_sandboxes_commands(argv)
             home = await self._in_thread(codex_home_for, self.settings)
             if home is not None:
                 extra["CODEX_HOME"] = str(home)
@@ -509,7 +512,7 @@ class JobRun:
             argv=argv,
             cwd=ws.path,
             env=build_env(script.env, extra),
-            access=self._access(ws, home),
+            access=self._access(ws, home) if confine else None,
             isolation=self.settings.job_isolation,
             stdin=script.build_stdin(
                 args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
