@@ -435,3 +435,28 @@ def test_a_fenced_runs_manifest_a_full_disk_refused_is_written_once_there_is_roo
     assert status() != "failed"
     hog.unlink()
     assert wait_until(lambda: status() == "failed", timeout=15), status()
+
+
+def test_readyz_is_not_ready_while_the_database_disk_is_full(
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+) -> None:
+    """While the SQLite database's disk was full, `/readyz` said ready (the database answers its
+    `SELECT 1`) though every create was refused: a load balancer kept sending them to the instance.
+    It now answers 503 (no details: SPEC §4) until a write lands again."""
+    data = small_disk(tmp_path / "data", "24m")
+    hog, marker = data / "hog", tmp_path / "filled"
+    runner = runner_factory(extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n")
+    assert runner.client.get("/readyz").status_code == 200
+    runner.submit({}, script="fill")
+    assert wait_until(marker.exists, timeout=20)
+    refused = runner.client.post(
+        "/api/runner/jobs", json={"repo": "scratch", "script_key": "behave", "args": {}}
+    )
+    assert refused.status_code == 503, refused.text
+    not_ready = runner.client.get("/readyz")
+    assert (not_ready.status_code, not_ready.json()) == (503, {"code": "unavailable", "detail": "not ready"})
+    assert runner.client.head("/readyz").status_code == 503
+    hog.unlink()
+    # The instance's next heartbeat lands: ready again, without a restart.
+    assert wait_until(lambda: runner.client.get("/readyz").status_code == 200, timeout=15)
+    assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"

@@ -1,5 +1,6 @@
 """`/readyz` against a PostgreSQL server that accepts connections and never answers them (a frozen
-server, a stuck proxy): "not ready" within seconds, not a request that hangs."""
+server, a stuck proxy): "not ready" within seconds, not a request that hangs. And what ends the
+full-disk outage it reports as not ready (`store/fullness.py`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from codex_runner.api import create_app
+from codex_runner.store import JobStore
 
 from tests.api.conftest import build_runtime
 from tests.helpers import FreezingProxy, serve_app, wait_until
@@ -183,3 +185,30 @@ def test_migrations_have_no_answer_deadline(pg_database_url: str) -> None:
             assert conn.connection.dbapi_connection.answer_timeout == 1  # type: ignore[union-attr]
     finally:
         engine.dispose()
+
+
+def test_a_full_disk_is_over_only_once_a_write_lands(store: JobStore) -> None:
+    """Reads answer on a full disk, and so does a write transaction that writes nothing (a claim
+    that finds no queued job): neither says the disk has room again, only a committed change does
+    (`/readyz` stays 503 until then)."""
+    from codex_runner.store import fullness
+    from codex_runner.store.engine import write_txn
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import repos
+
+    row = {"id": "r1", "name": "r1", "source_type": "local", "path_or_url": "/r1", "branch": "main"}
+    row |= {"workspace": "worktree", "updated_at": utcnow()}
+    engine = store.engine
+    fullness.refused(engine)  # as a write a full disk refused
+    with write_txn(engine) as conn:
+        conn.execute(sa.select(repos.c.id)).all()
+    with write_txn(engine) as conn:
+        conn.execute(repos.update().where(repos.c.id == "no such repo").values(enabled=False))
+    assert fullness.disk_full(engine)
+    with pytest.raises(RuntimeError), write_txn(engine) as conn:
+        conn.execute(repos.insert().values(**row))
+        raise RuntimeError("rolled back")
+    assert fullness.disk_full(engine)
+    with write_txn(engine) as conn:
+        conn.execute(repos.insert().values(**row))
+    assert not fullness.disk_full(engine)

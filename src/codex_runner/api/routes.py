@@ -13,6 +13,7 @@ from codex_runner.api.create import CREATE_PATH, OPENAPI_EXTRA, CreateBatcher, C
 from codex_runner.api.errors import error_response, responses
 from codex_runner.jobs import Status
 from codex_runner.runtime import Runtime
+from codex_runner.store import fullness
 from codex_runner.store.admin import Principal
 
 router = APIRouter()
@@ -41,6 +42,10 @@ def healthz() -> dict[str, str]:
 @probe_router.head("/readyz", tags=["health"], responses=responses(503))
 async def readyz(request: Request) -> Response:
     runtime = _rt(request)
+    # The database's disk full: it answers reads, but refuses every create until a write lands
+    # again (`fullness`); a load balancer must send them elsewhere meanwhile.
+    if fullness.disk_full(runtime.engine):
+        return error_response(503, "not ready", "unavailable")
     # Within a few seconds even when the database accepts connections and never answers (a frozen
     # server, a stuck proxy): a load balancer must hear "not ready", not wait.
     if not await runtime.database_probe().answers():

@@ -21,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from codex_runner.errors import CommitOutcomeUnknown, StoreFull, StoreUnavailable
+from codex_runner.store import fullness
 
 T = TypeVar("T")
 log = structlog.get_logger("codex_runner.store")
@@ -118,6 +119,7 @@ def create_store_engine(
                 # and every start would fail with "disk I/O error". Not a driver error, so the
                 # pool passes it on as it is (and `with_retries` does not wait for it).
                 if _sqlite_full(exc):
+                    fullness.refused(engine)
                     raise StoreFull(DISK_FULL_MESSAGE) from None
                 raise
             cur.execute("PRAGMA foreign_keys=ON")
@@ -345,19 +347,26 @@ def write_txn(engine: Engine, *, idempotent: bool = False) -> Iterator[Connectio
     `commit_outcome_unknown`): running the transaction again could apply it twice. With
     `idempotent` (a heartbeat, a fenced field update: applied twice, the same as once), it raises
     the connection error itself, which `with_retries` tries again like any other."""
+    # While the disk is full (`fullness`): whether this transaction writes, to end that state.
+    watch = fullness.disk_full(engine)
     if engine.dialect.name != "sqlite":
-        committing = False
+        committing = wrote = False
         try:
             with engine.connect() as conn, conn.begin():
                 yield conn
+                wrote = watch and _pg_wrote(conn)
                 committing = True  # the body is done: what fails from here on is the COMMIT
         except sa.exc.DBAPIError as exc:
+            if _disk_full(exc):
+                fullness.refused(engine)
             if committing and not idempotent and commit_outcome_unknown(exc):
                 log.warning("commit_outcome_unknown", error_type=type(exc.orig).__name__)
                 raise CommitOutcomeUnknown(
                     "the database connection was lost during COMMIT; the write may or may not have been applied"
                 ) from exc
             raise
+        if wrote:
+            fullness.landed(engine)
         return
     lock = _writer_lock(engine)
     if not lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_SECONDS):
@@ -365,10 +374,29 @@ def write_txn(engine: Engine, *, idempotent: bool = False) -> Iterator[Connectio
     try:
         with engine.connect() as conn:
             conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            before = _sqlite_changes(conn) if watch else 0
             with conn.begin():
                 yield conn
+            if watch and _sqlite_changes(conn) > before:
+                fullness.landed(engine)
+    except sa.exc.DBAPIError as exc:
+        if _disk_full(exc):
+            fullness.refused(engine)
+        raise
     finally:
         lock.release()
+
+
+def _sqlite_changes(conn: Connection) -> int:
+    """Rows this SQLite connection has changed since it opened (a counter, no statement)."""
+    dbapi: Any = conn.connection.dbapi_connection
+    return int(dbapi.total_changes)
+
+
+def _pg_wrote(conn: Connection) -> bool:
+    """Whether the open PostgreSQL transaction has written anything: only a writer gets a
+    transaction id."""
+    return conn.exec_driver_sql("SELECT txid_current_if_assigned()").scalar() is not None
 
 
 @contextmanager
