@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from codex_runner.errors import CommitOutcomeUnknown, InstanceConflict, StoreUnavailable
+from codex_runner.errors import CommitOutcomeUnknown, InstanceConflict, StoreFull, StoreUnavailable
 from codex_runner.execution.finisher import GroupCommitter
 from codex_runner.execution.job import JobRun, queue_wait_seconds
 from codex_runner.execution.manifest import MANIFEST_NAME
@@ -36,6 +36,7 @@ from codex_runner.execution.spares import resume_refills, stop_refills
 from codex_runner.execution.workspace import prewarm_spares
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
 from codex_runner.runtime import Runtime
+from codex_runner.store import fullness
 from codex_runner.store.instances import InstanceRegistry
 from codex_runner.store.jobs import ClaimedJob, ClaimRequest, JobStore, OwnerWrite
 from codex_runner.store.records import utcnow
@@ -64,6 +65,11 @@ PATIENT_MAX_DELAY = 5.0
 #: Bound on waiting for a claim transaction in flight when shutting down.
 CLAIM_DRAIN_SECONDS = 30.0
 
+#: What a database outage is (`Launcher._db_down`): it does not answer; its disk is full (it
+#: answers reads and refuses writes, until one lands again: `store.fullness`).
+UNAVAILABLE = "unavailable"
+DISK_FULL = "disk_full"
+
 #: Launchers started in this process, for the forced exit of a second signal.
 _LIVE: set[Launcher] = set()
 
@@ -89,7 +95,7 @@ class Launcher:
         # instance has not seen the database for long either: if it starts just after an outage,
         # every job looks stale, though their owners beat again within a heartbeat period. Its
         # first passes fail nothing until two heartbeat periods have gone by.
-        self._db_down = False
+        self._db_down: str | None = None  # UNAVAILABLE, DISK_FULL, or None while it answers
         self._db_ok_since = (
             time.monotonic() - self.settings.stale_after_seconds + 2 * self.settings.heartbeat_seconds
         )
@@ -283,14 +289,29 @@ class Launcher:
     # -- database health --------------------------------------------------------------------
 
     def _db_ok(self) -> None:
-        if self._db_down:
-            self._db_down = False
-            self._db_ok_since = time.monotonic()
+        """The database answered. A full disk's outage ends only once a write lands: reads answer
+        all along, and ended it (and logged so) at every watchdog pass while the disk stayed full."""
+        if self._db_down is None or (self._db_down == DISK_FULL and fullness.disk_full(self.rt.engine)):
+            return
+        was, self._db_down = self._db_down, None
+        self._db_ok_since = time.monotonic()
+        if was == DISK_FULL:
+            log.info("database_writable_again", runner_id=self.runner_id)
+        else:
             log.info("database_reachable_again", runner_id=self.runner_id)
 
     def _db_failed(self, exc: BaseException) -> None:
-        if isinstance(exc, StoreUnavailable) and not self._db_down:
-            self._db_down = True
+        if not isinstance(exc, StoreUnavailable) or self._db_down == DISK_FULL:
+            return
+        if isinstance(exc, StoreFull):
+            self._db_down = DISK_FULL
+            log.warning(
+                "database_disk_full",
+                runner_id=self.runner_id,
+                detail="the database's disk is full: writes are refused and wait until there is room",
+            )
+        elif self._db_down is None:
+            self._db_down = UNAVAILABLE
             log.warning("database_unavailable", runner_id=self.runner_id)
 
     def _known_jobs(self) -> set[str]:
@@ -460,8 +481,10 @@ class Launcher:
             mine = await self._on_beat_thread(self.registry.heartbeat)
             # Claims and finishes leave job-count deltas that creates fold; without creates, this.
             await self._on_beat_thread(self.rt.jobs.fold_counts)
-        except Exception:
+        except Exception as exc:
+            self._db_failed(exc)  # with no job running, a beat's one write
             return
+        self._db_ok()  # writes landed: a full disk has room again
         if not mine and not self._stopping:
             # Another process registered this RUNNER_ID while this one could not heartbeat (frozen
             # past the stale time): it recovered our jobs as its own earlier life's, and two
@@ -496,7 +519,9 @@ class Launcher:
         stale_after = self.settings.stale_after_seconds
         stale = await asyncio.to_thread(self.rt.jobs.stale_jobs, stale_after)
         self._db_ok()
-        if time.monotonic() - self._db_ok_since < self.settings.stale_after_seconds:
+        # Nor while the disk is full: no owner's heartbeat lands, and a failing write of ours that
+        # landed first, once there is room, would fail them all.
+        if self._db_down is not None or time.monotonic() - self._db_ok_since < stale_after:
             return 0
         recovered = 0
         failed: set[str] = set()

@@ -460,3 +460,39 @@ def test_readyz_is_not_ready_while_the_database_disk_is_full(
     # The instance's next heartbeat lands: ready again, without a restart.
     assert wait_until(lambda: runner.client.get("/readyz").status_code == 200, timeout=15)
     assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"
+
+
+def test_a_full_database_disk_is_logged_once_when_it_begins_and_once_when_it_ends(
+    tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner]
+) -> None:
+    """Reads go on while the disk is full, writes fail: the launcher logged `database_unavailable`
+    at each refused heartbeat and `database_reachable_again` at the next read that answered (the
+    watchdog's, a claim that found nothing to claim), a pair per heartbeat for as long as the disk
+    stayed full. It now logs `database_disk_full` once, and `database_writable_again` once a write
+    lands."""
+    from structlog.testing import capture_logs
+
+    data = small_disk(tmp_path / "data", "24m")
+    hog, marker = data / "hog", tmp_path / "filled"
+    runner = runner_factory(extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n")
+    long = runner.submit({"sleep": "12"})
+    runner.wait(long["id"], statuses={"running"}, timeout=15)
+    names = {
+        "database_unavailable",
+        "database_reachable_again",
+        "database_disk_full",
+        "database_writable_again",
+    }
+    with capture_logs() as logs:
+        runner.submit({}, script="fill")
+        assert wait_until(marker.exists, timeout=20)
+        # Several refused heartbeats (each retried for 1.5 s, RUNNER_HEARTBEAT_SECONDS=1 apart), and
+        # twice as many watchdog passes whose reads answer.
+        time.sleep(7)
+        hog.unlink()
+        assert runner.wait(long["id"], timeout=30)["status"] == "success"
+        wait_until(lambda: any(e["event"] == "database_writable_again" for e in logs), timeout=10)
+    outage = [e for e in logs if e["event"] in names]
+    assert [e["event"] for e in outage] == ["database_disk_full", "database_writable_again"], outage
+    assert sum(e["event"] == "heartbeat_failed" for e in logs) >= 2, logs  # refused more than once
+    assert outage[0]["log_level"] == "warning" and "disk is full" in outage[0]["detail"]
