@@ -452,11 +452,7 @@ class Launcher:
         """Refreshes our jobs' heartbeats. A job whose lease is gone (another instance's watchdog
         failed it) is stopped at once, process group and all, and JobRun writes nothing more to it.
         When the database is unavailable the processes keep running and the next beat tries again."""
-        if self._finisher.owed_manifests:  # ended jobs' manifests a full disk refused
-            with contextlib.suppress(Exception):
-                landed = await self._on_beat_thread(self._finisher.owed_manifests.retry)
-                if landed:
-                    log.info("manifests_written_late", count=landed)
+        await self._write_owed_manifests()
         leases = {job_id: run.lease for job_id, run in self.active.items() if not run.fenced}
         try:
             alive = await self._on_beat_thread(self.rt.jobs.heartbeat, self.runner_id, leases)
@@ -493,13 +489,23 @@ class Launcher:
             self.superseded.set()
             self.begin_stop()
 
+    async def _write_owed_manifests(self) -> None:
+        """Terminal manifests a full disk refused (ended jobs', recovered ones'): written once
+        there is room."""
+        if self._finisher.owed_manifests:
+            with contextlib.suppress(Exception):
+                landed = await self._on_beat_thread(self._finisher.owed_manifests.retry)
+                if landed:
+                    log.info("manifests_written_late", count=landed)
+
     # -- watchdog and recovery --------------------------------------------------------------
 
     async def watchdog_forever(self) -> None:
-        """The watchdog alone, for an instance that launches nothing (an API-only `serve`)."""
-        await self._watchdog_loop()
+        """The watchdog alone, for an instance that launches nothing (an API-only `serve`). With no
+        heartbeats of its own, it writes the manifests its recoveries owe after each pass."""
+        await self._watchdog_loop(owed_too=True)
 
-    async def _watchdog_loop(self) -> None:
+    async def _watchdog_loop(self, *, owed_too: bool = False) -> None:
         # Half the heartbeat period: a dead instance's jobs are failed within
         # RUNNER_STALE_AFTER_SECONDS + half a heartbeat of its last beat.
         period = min(self.settings.heartbeat_seconds, self.settings.stale_after_seconds / 2) / 2
@@ -509,6 +515,8 @@ class Launcher:
                 await self.watchdog_once()
             except Exception as exc:
                 self._db_failed(exc)
+            if owed_too:
+                await self._write_owed_manifests()
 
     async def watchdog_once(self) -> int:
         """Fails running jobs of any instance whose heartbeat is older than the stale threshold.
@@ -545,7 +553,12 @@ class Launcher:
             )
             if ok:
                 await asyncio.to_thread(
-                    record_recovery, job, self.settings, error_code=ErrorCode.HEARTBEAT_STALE, stages=stages
+                    record_recovery,
+                    job,
+                    self.settings,
+                    error_code=ErrorCode.HEARTBEAT_STALE,
+                    stages=stages,
+                    owed=self._finisher.owed_manifests,
                 )
                 log.warning("heartbeat_stale_recovered", job_id=job["id"], runner_id=job["runner_id"])
                 log_terminal(job, "failed")
@@ -627,6 +640,7 @@ class Launcher:
                     self.settings,
                     error_code=ErrorCode.RECOVERED_AFTER_CRASH,
                     stages=stages,
+                    owed=self._finisher.owed_manifests,
                 )
                 log_terminal(job, "failed")
             recovered += int(ok)
@@ -637,7 +651,13 @@ class Launcher:
         # Jobs another instance's watchdog failed while this id was down (their processes went
         # with the scan above): a watchdog cleans up only a run folder on its own disk.
         for job in await asyncio.to_thread(self.rt.jobs.stale_failed_jobs_of_runner, self.runner_id):
-            await asyncio.to_thread(clean_up_failed_elsewhere, job, self.rt.catalog, self.settings)
+            await asyncio.to_thread(
+                clean_up_failed_elsewhere,
+                job,
+                self.rt.catalog,
+                self.settings,
+                owed=self._finisher.owed_manifests,
+            )
         return recovered
 
     def _kill_leftovers_by_env(self, own_active: set[str]) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -496,3 +497,113 @@ def test_a_full_database_disk_is_logged_once_when_it_begins_and_once_when_it_end
     assert [e["event"] for e in outage] == ["database_disk_full", "database_writable_again"], outage
     assert sum(e["event"] == "heartbeat_failed" for e in logs) >= 2, logs  # refused more than once
     assert outage[0]["log_level"] == "warning" and "disk is full" in outage[0]["detail"]
+
+
+#: The runtime, a function that leaves a job of a runner id behind, and the file that fills the disk.
+FullRunsDisk = tuple[Any, Callable[[str], Path], Path]
+
+
+@pytest.fixture
+def full_runs_disk(tmp_path: Path, small_disk: MountSmall, database_url: str) -> Iterator[FullRunsDisk]:
+    """A runtime (no server) whose data folder is a full disk (the database elsewhere), with one job
+    of `runner_id` left `running` there by an instance that died: its manifest says `running`."""
+    from codex_runner.execution.manifest import ManifestWriter
+    from codex_runner.runtime import Runtime
+    from codex_runner.store.jobs import Limits, NewJob
+
+    from tests.integration.conftest import runner_settings
+
+    files = small_disk(tmp_path / "files", "8m")
+    rt = Runtime.open(runner_settings(tmp_path, database_url, RUNNER_DATA_DIR=str(files)))
+
+    def make(runner_id: str) -> Path:
+        new = NewJob(
+            repo_id="r", repo_name="scratch", workspace_mode="scratch", script_key="behave", args={},
+            defaults={}, timeout_seconds=60, requested_by="alice",
+        )  # fmt: skip
+        rt.jobs.create(new, Limits(max_queue_size=10, max_queued_per_user=10))
+        [claimed] = rt.jobs.claim(runner_id, slots=1, max_jobs_per_user=5)
+        manifest = rt.settings.runs_dir / claimed.id / "manifest.json"
+        ManifestWriter(manifest.parent).update({"job_id": claimed.id, "status": "running"}, force=True)
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={files / 'hog'}", "bs=1M", "count=64"],
+            capture_output=True,
+            timeout=60,
+        )
+        return manifest
+
+    try:
+        yield rt, make, files / "hog"
+    finally:
+        rt.close()
+
+
+def _manifest_status(manifest: Path) -> str:
+    return str(json.loads(manifest.read_text())["status"])
+
+
+def test_a_recovered_jobs_manifest_a_full_disk_refused_is_written_once_there_is_room(
+    full_runs_disk: FullRunsDisk,
+) -> None:
+    """Start-up recovery rewrites the manifest of each job it fails (`record_recovery`): the run's
+    own said `running`. On a full disk that write was given up at once, and `runs/<id>/` kept the
+    `running` manifest of a failed job for good. It is now owed like a run's terminal manifest
+    and written at a heartbeat once there is room."""
+    import asyncio
+
+    from codex_runner.launcher import Launcher
+
+    rt, make, hog = full_runs_disk
+    manifest = make(rt.settings.id)  # this instance's own id: an earlier life's job
+
+    async def recover_then_beat() -> tuple[str, str]:
+        launcher = Launcher(rt)
+        assert await launcher.recover_own_jobs() == 1
+        while_full = _manifest_status(manifest)
+        hog.unlink()
+        await launcher.heartbeat_once()
+        return while_full, _manifest_status(manifest)
+
+    assert asyncio.run(recover_then_beat()) == ("running", "failed")
+    row = rt.jobs.get_row(manifest.parent.name)
+    assert row is not None and row["error_code"] == "recovered_after_crash"
+
+
+def test_a_stale_jobs_manifest_a_full_disk_refused_is_written_by_an_api_only_watchdog(
+    full_runs_disk: FullRunsDisk,
+) -> None:
+    """The same for the watchdog's recovery of a dead instance's job (`heartbeat_stale`), in an
+    API-only `serve`: its watchdog runs alone, with no heartbeats to write what is owed."""
+    import asyncio
+    from datetime import timedelta
+
+    from codex_runner.launcher import Launcher
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    rt, make, hog = full_runs_disk
+    manifest = make("dead-instance")
+    with rt.engine.begin() as conn:  # its instance stopped heartbeating long ago
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == manifest.parent.name)
+            .values(heartbeat_at=utcnow() - timedelta(seconds=60))
+        )
+
+    async def watch() -> tuple[str, str]:
+        watcher = Launcher(rt)  # as `ApiPresence`'s: never started
+        watcher._db_ok_since = float("-inf")  # long past a new instance's wait for the owners' beats
+        assert await watcher.watchdog_once() == 1
+        while_full = _manifest_status(manifest)
+        hog.unlink()
+        task = asyncio.create_task(watcher.watchdog_forever())
+        try:
+            for _ in range(100):  # a pass every half heartbeat period (0.5 s here)
+                if _manifest_status(manifest) != "running":
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+        return while_full, _manifest_status(manifest)
+
+    assert asyncio.run(watch()) == ("running", "failed")

@@ -18,7 +18,7 @@ import structlog
 from codex_runner.catalog import Catalog
 from codex_runner.config import Settings
 from codex_runner.execution.gitutil import head_ref, lock_waits_at_most
-from codex_runner.execution.manifest import MANIFEST_NAME, ManifestWriter
+from codex_runner.execution.manifest import MANIFEST_NAME, ManifestWriter, OwedManifests
 from codex_runner.execution.workspace import cleanup_unrecorded, cleanup_workspace, workspace_from_record
 from codex_runner.store.records import iso, utcnow
 
@@ -52,7 +52,9 @@ def clean_up_ended_job(
         _clean_up(job, repo, settings)
 
 
-def clean_up_failed_elsewhere(job: Mapping[str, Any], catalog: Catalog, settings: Settings) -> None:
+def clean_up_failed_elsewhere(
+    job: Mapping[str, Any], catalog: Catalog, settings: Settings, *, owed: OwedManifests | None = None
+) -> None:
     """At start-up, for a job of this `RUNNER_ID` that another instance's watchdog failed while
     this one was down: that watchdog saw neither its run folder nor its workspace (another data
     folder, or another host), so its manifest still says `running` and its workspace is still
@@ -61,7 +63,7 @@ def clean_up_failed_elsewhere(job: Mapping[str, Any], catalog: Catalog, settings
         return
     if _manifest(job, settings).get("status") == "running":
         stages = _stage_list(job.get("stages"))
-        record_recovery(job, settings, error_code=str(job["error_code"]), stages=stages)
+        record_recovery(job, settings, error_code=str(job["error_code"]), stages=stages, owed=owed)
     clean_up_ended_job(job, catalog, settings)
 
 
@@ -157,11 +159,17 @@ def ended_stages(job: Mapping[str, Any], settings: Settings) -> list[dict[str, A
 
 
 def record_recovery(
-    job: Mapping[str, Any], settings: Settings, *, error_code: str, stages: list[dict[str, Any]]
+    job: Mapping[str, Any],
+    settings: Settings,
+    *,
+    error_code: str,
+    stages: list[dict[str, Any]],
+    owed: OwedManifests | None = None,
 ) -> None:
     """Rewrites the run manifest on this host, if there is one, with the terminal status a recovery
     wrote to the row: left alone it said `running` for ever (its run was killed, or fenced). Never
-    raises: the row is what counts."""
+    raises: the row is what counts. A write the disk refuses (full) goes to `owed`, the launcher's
+    manifests to write again once there is room, as a run's own terminal manifest does."""
     doc = _manifest(job, settings)
     if not doc:
         return
@@ -171,10 +179,13 @@ def record_recovery(
         stages=stages,
         updated_at=iso(utcnow()),
     )
+    writer = ManifestWriter(settings.runs_dir / str(job["id"]))
     try:
-        ManifestWriter(settings.runs_dir / str(job["id"])).update(doc, force=True, durable=True)
+        writer.update(doc, force=True, durable=True)
     except (OSError, ValueError) as exc:
         log.warning("manifest_write_failed", job_id=str(job["id"]), error=str(exc)[:300])
+        if isinstance(exc, OSError) and owed is not None:
+            owed.add(writer, doc)
 
 
 def _manifest(job: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
