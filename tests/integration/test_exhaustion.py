@@ -446,7 +446,9 @@ def test_readyz_is_not_ready_while_the_database_disk_is_full(
     It now answers 503 (no details: SPEC §4) until a write lands again."""
     data = small_disk(tmp_path / "data", "24m")
     hog, marker = data / "hog", tmp_path / "filled"
-    runner = runner_factory(extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n")
+    runner = runner_factory(  # the fill job writes into the data folder: no job isolation (above)
+        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_JOB_ISOLATION="off"
+    )
     assert runner.client.get("/readyz").status_code == 200
     runner.submit({}, script="fill")
     assert wait_until(marker.exists, timeout=20)
@@ -475,7 +477,9 @@ def test_a_full_database_disk_is_logged_once_when_it_begins_and_once_when_it_end
 
     data = small_disk(tmp_path / "data", "24m")
     hog, marker = data / "hog", tmp_path / "filled"
-    runner = runner_factory(extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n")
+    runner = runner_factory(  # the fill job writes into the data folder: no job isolation (above)
+        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_JOB_ISOLATION="off"
+    )
     long = runner.submit({"sleep": "12"})
     runner.wait(long["id"], statuses={"running"}, timeout=15)
     names = {
