@@ -16,12 +16,13 @@ meets a configuration file the agent could have edited.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +253,8 @@ def _prepare_from_mirror(
                 mirror, path, without_user(repo.source), base_branch, base_commit, branch, home
             )
         except BaseException:
-            _remove_tree(path, root)
+            with contextlib.suppress(GitError):  # the original error says why
+                _remove_tree(path, root)
             raise
     refill_later(settings, spare)
     # Once the workspace is made: the upkeep takes the repo lock and a core, which the take needs.
@@ -298,7 +300,8 @@ def _prepare_local(
         git_dir = path / ".git"
         _run_in(git_dir, path, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
     except BaseException:
-        _remove_tree(path, root)
+        with contextlib.suppress(GitError):  # the original error says why
+            _remove_tree(path, root)
         raise
     return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
 
@@ -452,7 +455,8 @@ def _make_worktree(
         )
         return git_dir
     except BaseException:
-        _remove_tree(path, root)
+        with contextlib.suppress(GitError):  # the original error says why
+            _remove_tree(path, root)
         with _repo_lock(settings, key):
             run_git([f"--git-dir={store}", "worktree", "prune"], home=home, check=False)
             _delete_branch_if_unchanged(store, branch, base_commit, home)
@@ -1344,13 +1348,46 @@ def _delete_branch_if_unchanged(git_dir: Path, branch: str, base_commit: str, ho
 
 def _remove_tree(path: Path, root: Path) -> None:
     """Deletes a workspace folder, and nothing outside RUNNER_WORKSPACE_DIR: a workspace the agent
-    replaced by a symlink loses the link only (rmtree itself never follows links)."""
+    replaced by a symlink loses the link only (rmtree itself never follows links). A folder the
+    agent made unwritable or unreadable (`chmod 000`) is opened up and deleted; what still cannot
+    be deleted (an immutable file, a mount) raises `cleanup_failed`, naming it: the folder was
+    kept while the cleanup said success."""
     if path.parent != root:
         raise GitError(f"refusing to delete {path}: not a workspace folder", code="cleanup_failed")
     if path.is_symlink():
         path.unlink()
-    elif path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+        return
+    if not path.exists():
+        return
+    shutil.rmtree(path, onerror=_open_up_and_retry)
+    if os.path.lexists(path):
+        raise GitError(
+            f"cannot delete the workspace folder {path}: {_first_left(path)} is left", code="cleanup_failed"
+        )
+
+
+def _open_up_and_retry(function: Callable[..., object], failed: str, info: tuple[Any, ...]) -> None:
+    """rmtree's error handler: a permission refused in a folder the job owns is lifted (the
+    runner's user owns every file of a workspace) and the step tried once more; any other error
+    leaves the entry, which `_remove_tree` then reports."""
+    if not isinstance(info[1], PermissionError):
+        return
+    with contextlib.suppress(OSError):
+        parent = os.path.dirname(failed)
+        os.chmod(parent, 0o700)
+        if os.path.isdir(failed) and not os.path.islink(failed):
+            os.chmod(failed, 0o700)
+            shutil.rmtree(failed, ignore_errors=True)
+        else:
+            function(failed)
+
+
+def _first_left(path: Path) -> str:
+    """The first file (else folder) still in `path`, relative to it."""
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in (*filenames, *dirnames):
+            return os.path.relpath(os.path.join(dirpath, name), path)
+    return "the folder itself"
 
 
 # --- small helpers ----------------------------------------------------------------------------------
