@@ -46,6 +46,7 @@ import uvloop
 from codex_runner.config import Settings, load_settings
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessSpec, build_env, process_start_time
+from codex_runner.execution.sandbox import abi_version, job_access
 from codex_runner.launcher import Launcher
 from codex_runner.logs.writer import LogWriter
 from codex_runner.ops.logging import configure_logging
@@ -193,18 +194,36 @@ def parts() -> None:
         configure_logging(settings, stream=open(os.devnull, "w"))  # noqa: SIM115 (for the run)
         env = build_env([], {"RUNNER_JOB_ID": "bench"})
 
-        async def spawn() -> float:
+        workspace = settings.workspace_dir / "bench"
+        workspace.mkdir(parents=True, exist_ok=True)
+        confined = ProcessSpec(
+            argv=["/bin/true"],
+            cwd=workspace,
+            env=env,
+            access=job_access(settings, workspace),
+            isolation="required",
+        )
+
+        async def spawn() -> tuple[float, float, float]:
             spec = ProcessSpec(argv=["/bin/true"], cwd=root, env=env)
             cpu0 = time.process_time()
             for _ in range(1000):
                 proc = await JobProcess.start(spec, lambda _: None)
                 await proc.wait()
+            confined0 = time.process_time()
+            for _ in range(1000 if abi_version() else 0):
+                proc = await JobProcess.start(confined, lambda _: None)
+                await proc.wait()
             trip0 = time.process_time()
             for _ in range(5000):
                 await asyncio.to_thread(lambda: None)
-            return (trip0 - cpu0) / 1000 * 1e6, (time.process_time() - trip0) / 5000 * 1e6
+            return (
+                (confined0 - cpu0) / 1000 * 1e6,
+                (trip0 - confined0) / 1000 * 1e6,
+                (time.process_time() - trip0) / 5000 * 1e6,
+            )
 
-        spawn_us, trip_us = uvloop.run(spawn())
+        spawn_us, confined_us, trip_us = uvloop.run(spawn())
         popen_us = _time(
             1000,
             lambda: subprocess.Popen(
@@ -230,6 +249,7 @@ def parts() -> None:
         stat_fresh, stat_exited = _stat_read_wall(root, env)
         rows = [
             ("spawn + wait, JobProcess", spawn_us),
+            ("spawn + wait, JobProcess confined by Landlock (0: no Landlock)", confined_us),
             ("spawn + wait, bare Popen", popen_us),
             ("asyncio.to_thread round trip", trip_us),
             (

@@ -28,15 +28,16 @@ Written by hand over `ctypes`: there is no maintained Python binding of the thre
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import functools
 import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -214,11 +215,18 @@ class _Plan:
     #: and spawn cost three times the rule itself. None while not opened, or for a plan of more
     #: than `MAX_KEPT_RULES` rules (opened at each use then).
     attrs: list[_PathBeneathAttr] | None = None
+    #: `ctypes.byref` of each of `attrs`, made once: the rules are added in a tight loop.
+    refs: list[object] = field(default_factory=list)
+
+    def open(self) -> None:
+        self.attrs = [a for a in (_rule_attr(p, r) for p, r in self.rules) if a is not None]
+        self.refs = [ctypes.byref(a) for a in self.attrs]
 
     def close(self) -> None:
         for attr in self.attrs or ():
             os.close(attr.parent_fd)
         self.attrs = None
+        self.refs = []
 
 
 #: Descriptors one plan may keep open (a folder on the way with thousands of entries, as a test
@@ -310,6 +318,16 @@ def _rule_attr(path: str, rights: int) -> _PathBeneathAttr | None:
     return _PathBeneathAttr(rights, fd)
 
 
+@functools.cache
+def _add_rule_call() -> Any:
+    """libc's `syscall`, typed for `landlock_add_rule` (a function object of its own, so that the
+    other calls keep theirs untyped): ctypes then converts no argument by guessing."""
+    call = ctypes.CDLL(None, use_errno=True).syscall
+    call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
+    call.restype = ctypes.c_long
+    return call
+
+
 def _add(ruleset: int, attr: _PathBeneathAttr) -> None:
     _syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(attr), 0)
 
@@ -335,12 +353,15 @@ def build_ruleset(access: JobAccess, abi: int) -> int:
         with _plans_lock:
             plan = _plan(access.hidden, full)
             if plan.attrs is None and len(plan.rules) <= MAX_KEPT_RULES:
-                plan.attrs = [a for a in (_rule_attr(p, r) for p, r in plan.rules) if a is not None]
+                plan.open()
             if plan.attrs is None:
                 _add_rules(ruleset, plan.rules)
             else:
-                for rule in plan.attrs:
-                    _add(ruleset, rule)
+                add = _add_rule_call()
+                for ref in plan.refs:
+                    if add(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ref, 0) < 0:
+                        code = ctypes.get_errno()
+                        raise OSError(code, os.strerror(code))
         granted = [(p, full if r == 0 else r & full) for p, r in access.granted]
         _add_rules(ruleset, _safe_grants(granted, access.hidden))
     except BaseException:
@@ -388,9 +409,19 @@ def run_confined(access: JobAccess, abi: int, start: Callable[[], T]) -> T:
         except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
 
-    thread = threading.Thread(target=confined, name="job-spawn", daemon=True)
-    thread.start()
-    thread.join()
+    # A bare `_thread` thread: `threading.Thread`'s bookkeeping (its name, its registry, the events
+    # of start() and join()) cost as much as the rest of the spawn's Python.
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def run() -> None:
+        try:
+            confined()
+        finally:
+            done.release()
+
+    _thread.start_new_thread(run, ())
+    done.acquire()
     if failure:
         raise failure[0]
     return result[0]
