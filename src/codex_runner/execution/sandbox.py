@@ -71,7 +71,6 @@ _FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 #: What a clone's borrowed object store needs: reading.
 READ_ONLY = READ_FILE | READ_DIR
 
-MODES = ("auto", "required", "off")
 
 
 class ConfinementFailed(RunnerError):
