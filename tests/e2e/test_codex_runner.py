@@ -358,6 +358,28 @@ def test_a_permissive_codex_jobs_commands_cannot_read_the_runners_files(
     assert "planted-0123456789abcdef" not in output and "SQLite format" not in output
 
 
+def test_a_sandboxed_codex_jobs_commands_cannot_read_the_runners_files(
+    start_runner: Callable[..., CodexRunner], tmp_path: Path
+) -> None:
+    """codex's own sandbox limits writes, not reads, and cannot run under the runner's Landlock:
+    the runner gives it a permission profile of the same meaning that denies the runner's files
+    (docs/execution.md, "Job isolation"). The workspace stays writable, `.git` read-only."""
+    planted = tmp_path / "data" / "planted-secret"
+    command = (
+        f"cat {planted}; head -c 15 {tmp_path / 'runner.db'}; echo; "
+        "echo made > made.txt && echo wrote-workspace; echo x >> .git/config || echo git-protected; echo done"
+    )
+    runner = start_runner([shell_turn(command), message_turn("ok")])
+    planted.write_text("planted-0123456789abcdef\n")
+    job = runner.wait(runner.submit())
+    assert job["status"] == "success", job
+    output = runner.fake.requests[1].raw_body.decode(errors="replace")
+    assert "done" in output and "Permission denied" in output, output
+    assert "planted-0123456789abcdef" not in output and "SQLite format" not in output
+    assert "wrote-workspace" in output and "git-protected" in output, output
+    assert job["result"]["files_changed"] == 1, job["result"]  # made.txt, committed by the runner
+
+
 def test_runner_secrets_reach_neither_codex_nor_the_model_server(
     start_runner: Callable[..., CodexRunner],
 ) -> None:

@@ -213,3 +213,22 @@ def test_a_codex_run_is_left_to_codex_s_sandbox_when_it_has_one(argv: list[str],
     from codex_runner.execution.agents import codex_sandboxes_commands
 
     assert codex_sandboxes_commands(argv) is sandboxed
+
+
+def test_a_codex_sandbox_becomes_a_permission_profile_that_hides_the_runners_files() -> None:
+    from codex_runner.execution.agents import with_permission_profile
+
+    argv = ["codex", "exec", "--sandbox", "workspace-write", "--json", "-"]
+    out = with_permission_profile(argv, "/d/ws/j", ["/d", "/etc/runner.toml"], ["/d/mirrors/r.git"])
+    assert out[:2] == ["codex", "exec"] and out[-2:] == ["--json", "-"]
+    assert "--sandbox" not in out
+    assert out[2:4] == ["-c", 'default_permissions="codex-runner"']
+    table = out[5]
+    assert table.startswith("permissions.codex-runner.filesystem={")
+    for pair in ('"/" = "read"', '"/tmp" = "write"', '"/d" = "none"', '"/etc/runner.toml" = "none"'):
+        assert pair in table
+    assert '"/d/mirrors/r.git" = "read"' in table and '"/d/ws/j" = "write"' in table
+    read_only = with_permission_profile(["codex", "exec", "--sandbox", "read-only", "-"], "/w", ["/d"], [])
+    assert "write" not in read_only[5]
+    bypass = ["codex", "exec", "--sandbox", "danger-full-access", "-"]
+    assert with_permission_profile(bypass, "/w", ["/d"]) == bypass

@@ -3,7 +3,9 @@ repo's risk policy to its sandbox, gives it a runner-owned CODEX_HOME and reads 
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from codex_runner.catalog import Catalog, ScriptSpec
@@ -126,6 +128,42 @@ def codex_sandboxes_commands(argv: list[str]) -> bool:
         if arg.startswith("--sandbox="):
             return arg.partition("=")[2] != "danger-full-access"
     return True  # codex's own default for exec: a read-only sandbox
+
+
+#: The name of the permission profile the runner gives a codex run (`with_permission_profile`).
+PROFILE_NAME = "codex-runner"
+
+
+def with_permission_profile(
+    argv: list[str], workspace: str, hidden: Iterable[str], readable: Iterable[str] = ()
+) -> list[str]:
+    """Replaces the `--sandbox read-only|workspace-write` that `apply_risk_policy` put after `exec`
+    with a codex permission profile of the same meaning that also makes the `hidden` paths (the
+    runner's files) unreadable to the model's commands, `readable` ones inside them excepted (a
+    worktree's repository): `/` read, the workspace and `/tmp` written (workspace-write), each
+    hidden path `none`. codex's own sandbox limits writes only; this is what keeps the runner's
+    files out of reach of a codex run that the runner cannot confine itself
+    (docs/execution.md, "Job isolation"). Other argv is returned as it is."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--sandbox" and argv[i + 1] in ("read-only", "workspace-write"):
+            break
+    else:
+        return argv
+    access: dict[str, str] = {"/": "read"}
+    if argv[i + 1] == "workspace-write":
+        access.update({"/tmp": "write", workspace: "write"})
+    access.update({path: "none" for path in hidden})
+    access.update({path: "read" for path in readable})
+    if argv[i + 1] == "workspace-write":
+        access[workspace] = "write"
+    table = ", ".join(f"{json.dumps(path)} = {json.dumps(mode)}" for path, mode in access.items())
+    profile = [
+        "-c",
+        f"default_permissions={json.dumps(PROFILE_NAME)}",
+        "-c",
+        f"permissions.{PROFILE_NAME}.filesystem={{{table}}}",
+    ]
+    return [*argv[:i], *profile, *argv[i + 2 :]]
 
 
 def _env_policy_setting(setting: str) -> bool:

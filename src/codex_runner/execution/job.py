@@ -42,6 +42,7 @@ from codex_runner.execution.agents import (
     codex_sandboxes_commands,
     is_codex_exec,
     keep_secret_variables_from_commands,
+    with_permission_profile,
 )
 from codex_runner.execution.codex_events import CodexEventParser
 from codex_runner.execution.failure import script_failure_message
@@ -504,6 +505,13 @@ class JobRun:
                 apply_risk_policy(argv, repo.risk_policy, str(ws.path))
             )
             confine = not codex_sandboxes_commands(argv)
+            if not confine and self.settings.job_isolation != "off":
+                # codex's own sandbox (bubblewrap) cannot run under the runner's Landlock: the
+                # runner's files are kept from the model's commands by codex's permission profile.
+                access = self._access(ws, None)
+                if access is not None:
+                    readable = [path for path, _ in access.granted[1:]]
+                    argv = with_permission_profile(argv, str(ws.path), access.hidden, readable)
             home = await self._in_thread(codex_home_for, self.settings)
             if home is not None:
                 extra["CODEX_HOME"] = str(home)

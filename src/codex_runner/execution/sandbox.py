@@ -72,7 +72,6 @@ _FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 READ_ONLY = READ_FILE | READ_DIR
 
 
-
 class ConfinementFailed(RunnerError):
     """The job's leader could not be confined (no Landlock, or the kernel refused a step); the
     message says why in one line."""
