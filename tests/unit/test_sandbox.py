@@ -232,3 +232,24 @@ def test_a_codex_sandbox_becomes_a_permission_profile_that_hides_the_runners_fil
     assert "write" not in read_only[5]
     bypass = ["codex", "exec", "--sandbox", "danger-full-access", "-"]
     assert with_permission_profile(bypass, "/w", ["/d"]) == bypass
+
+
+@needs_landlock
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_mount_point_on_the_way_stays_unmountable(tree: Path) -> None:
+    """The plan keeps its rules' descriptors open between spawns, but not those of mount points:
+    one would keep the operator from unmounting it ("target is busy") for as long as the plan."""
+    mnt = tree / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True, timeout=30)
+    try:
+        access = JobAccess((str(tree / "data"),), ((str(tree / "data" / "ws"), 0),))
+        assert _run(access, f"ls {mnt} && echo listed", tree / "data" / "ws").stdout.strip() == "listed"
+        with sandbox._plans_lock:
+            plan = sandbox._plans[(access.hidden, FULL)]
+            assert (str(mnt), FULL) in plan.mounts and plan.attrs
+    finally:
+        umounted = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=30)
+        if umounted.returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], timeout=30)
+    assert umounted.returncode == 0, umounted.stderr

@@ -216,8 +216,28 @@ class _Plan:
     #: `ctypes.byref` of each of `attrs`, made once: the rules are added in a tight loop.
     refs: list[object] = field(default_factory=list)
 
+    #: Rules on mount points, opened at each use instead: a descriptor kept on one would keep
+    #: the operator from unmounting it ("target is busy") for as long as the plan lives.
+    mounts: list[tuple[str, int]] = field(default_factory=list)
+
     def open(self) -> None:
-        self.attrs = [a for a in (_rule_attr(p, r) for p, r in self.rules) if a is not None]
+        self.attrs, self.mounts = [], []
+        devices: dict[str, int] = {}
+        for path, rights in self.rules:
+            attr = _rule_attr(path, rights)
+            if attr is None:
+                continue
+            folder = os.path.dirname(path)
+            if folder not in devices:
+                try:
+                    devices[folder] = os.stat(folder).st_dev
+                except OSError:
+                    devices[folder] = -1  # gone: every entry of it is opened at each use
+            if os.fstat(attr.parent_fd).st_dev != devices[folder]:
+                os.close(attr.parent_fd)
+                self.mounts.append((path, rights))
+            else:
+                self.attrs.append(attr)
         self.refs = [ctypes.byref(a) for a in self.attrs]
 
     def close(self) -> None:
@@ -225,6 +245,7 @@ class _Plan:
             os.close(attr.parent_fd)
         self.attrs = None
         self.refs = []
+        self.mounts = []
 
 
 #: Descriptors one plan may keep open (a folder on the way with thousands of entries, as a test
@@ -360,6 +381,7 @@ def build_ruleset(access: JobAccess, abi: int) -> int:
                     if add(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ref, 0) < 0:
                         code = ctypes.get_errno()
                         raise OSError(code, os.strerror(code))
+                _add_rules(ruleset, plan.mounts)
         granted = [(p, full if r == 0 else r & full) for p, r in access.granted]
         _add_rules(ruleset, _safe_grants(granted, access.hidden))
     except BaseException:
