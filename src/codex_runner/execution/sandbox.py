@@ -216,8 +216,9 @@ class _Plan:
     #: `ctypes.byref` of each of `attrs`, made once: the rules are added in a tight loop.
     refs: list[object] = field(default_factory=list)
 
-    #: Rules on mount points, opened at each use instead: a descriptor kept on one would keep
-    #: the operator from unmounting it ("target is busy") for as long as the plan lives.
+    #: Rules on mount points and files, opened at each use instead: a descriptor kept on a mount
+    #: point would keep the operator from unmounting it ("target is busy") for as long as the
+    #: plan lives.
     mounts: list[tuple[str, int]] = field(default_factory=list)
 
     def open(self) -> None:
@@ -233,7 +234,10 @@ class _Plan:
                     devices[folder] = os.stat(folder).st_dev
                 except OSError:
                     devices[folder] = -1  # gone: every entry of it is opened at each use
-            if os.fstat(attr.parent_fd).st_dev != devices[folder]:
+            st = os.fstat(attr.parent_fd)
+            if st.st_dev != devices[folder] or not stat.S_ISDIR(st.st_mode):
+                # A file is opened at each use too: a descriptor kept on one deleted meanwhile
+                # would keep its space taken until the plan is next read.
                 os.close(attr.parent_fd)
                 self.mounts.append((path, rights))
             else:
