@@ -526,6 +526,11 @@ class JobRun:
                 args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
             ),
         )
+        if self.stop_reason is None and time.monotonic() - self.started > self._lease_check_after():
+            # A prepare that outlasted a heartbeat interval may have outlasted the lease too (the
+            # instance frozen meanwhile, and another one's watchdog failed the job): a fenced write
+            # first, so that a job whose row says `failed` does not start its script.
+            await self._fenced_update({"stages": list(self.stages.values())})
         if self.stop_reason is not None:
             self._stage("script", "canceled")
             return ProcessOutcome(
@@ -562,6 +567,10 @@ class JobRun:
             + (f" ({outcome.reason})" if outcome.reason else "")
         )
         return outcome
+
+    def _lease_check_after(self) -> float:
+        """Seconds after the claim past which the spawn checks the lease first (`_run_script`)."""
+        return float(min(self.settings.heartbeat_seconds, self.settings.stale_after_seconds))
 
     def _access(self, ws: Workspace, codex_home: Path | None) -> JobAccess | None:
         """What the job's processes may reach: not the runner's files, but its workspace, the
