@@ -44,7 +44,7 @@ def test_the_plan_grants_every_entry_on_the_way_but_the_way_and_what_leads_into_
     hidden = (str(tree / "data"),)
     rules = _rules(hidden)
     assert rules[str(tree / "a")] == FULL
-    assert rules[str(tree / "alias")] == FULL
+    assert str(tree / "alias") not in rules  # a link's rule is on its target, opened without following
     assert rules[str(tree / "f")] == FULL & sandbox._FILE_RIGHTS  # a file's rule carries file rights
     for refused in ("data", "link"):
         assert str(tree / refused) not in rules
@@ -85,9 +85,11 @@ def test_a_codex_jobs_home_is_granted_to_it_and_hidden_from_others(tmp_path: Pat
         {"RUNNER_DATA_DIR": str(tmp_path / "data"), "RUNNER_CODEX_HOME": str(home)}, cwd=tmp_path
     )
     ws = tmp_path / "data" / "workspaces" / "j"
-    plain = job_access(settings, ws)
+    plain = job_access(settings, ws, job_id="j")
     assert str(home) in plain.hidden and plain.granted == ((str(ws), 0),)
-    codex = job_access(settings, ws, store=tmp_path / "m.git", store_rights=READ_ONLY, codex_home=home)
+    codex = job_access(
+        settings, ws, store=tmp_path / "m.git", store_rights=READ_ONLY, codex_home=home, job_id="j"
+    )
     assert str(home) not in codex.hidden
     assert codex.granted == ((str(ws), 0), (str(tmp_path / "m.git"), READ_ONLY), (str(home), 0))
 
@@ -253,3 +255,29 @@ def test_a_mount_point_on_the_way_stays_unmountable(tree: Path) -> None:
         if umounted.returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], timeout=30)
     assert umounted.returncode == 0, umounted.stderr
+
+
+def test_no_grant_leads_into_the_runners_own_areas_but_the_jobs_workspace(tmp_path: Path) -> None:
+    """An in_place repo (or a local repo's git folder) that a link made to lead into another
+    job's workspace or the logs must not open them to this job."""
+    settings = load_settings({"RUNNER_DATA_DIR": str(tmp_path / "data")}, cwd=tmp_path)
+    root = settings.workspace_dir
+    (root / "other").mkdir(parents=True)
+    (tmp_path / "repo-link").symlink_to(root / "other")
+    own = job_access(settings, root / "j1", job_id="j1")
+    assert own.granted[0] == (str(root / "j1"), 0)
+    with pytest.raises(sandbox.ConfinementFailed, match="lies in the runner's own files"):
+        job_access(settings, tmp_path / "repo-link", job_id="j1")
+    with pytest.raises(sandbox.ConfinementFailed):
+        job_access(settings, settings.log_dir, job_id="j1")
+    with pytest.raises(sandbox.ConfinementFailed):
+        job_access(settings, root / "j1", store=root / "other" / ".git", job_id="j1")
+    mirror = settings.mirrors_dir / "r.git"
+    assert job_access(settings, root / "j1", store=mirror, store_rights=READ_ONLY, job_id="j1").granted[
+        1
+    ] == (
+        str(mirror),
+        READ_ONLY,
+    )
+    demo = settings.data_dir / "demo" / "demo-repo" / ".git"  # a repo the operator keeps there
+    assert job_access(settings, root / "j1", store=demo, job_id="j1").granted[1] == (str(demo), 0)

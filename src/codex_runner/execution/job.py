@@ -51,7 +51,7 @@ from codex_runner.execution.git import GIT_STAGE, JOB_OF_GIT
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
 from codex_runner.execution.recovery import clean_up_ended_job, in_place_job_prefix, mark_cleaned_up
-from codex_runner.execution.sandbox import READ_ONLY, JobAccess, job_access
+from codex_runner.execution.sandbox import READ_ONLY, ConfinementFailed, JobAccess, job_access
 from codex_runner.execution.workspace import (
     GitCredential,
     GitError,
@@ -505,22 +505,27 @@ class JobRun:
                 apply_risk_policy(argv, repo.risk_policy, str(ws.path))
             )
             confine = not codex_sandboxes_commands(argv)
-            if not confine and self.settings.job_isolation != "off":
-                # codex's own sandbox (bubblewrap) cannot run under the runner's Landlock: the
-                # runner's files are kept from the model's commands by codex's permission profile.
-                access = self._access(ws, None)
-                if access is not None:
-                    readable = [path for path, _ in access.granted[1:]]
-                    argv = with_permission_profile(argv, str(ws.path), access.hidden, readable)
             home = await self._in_thread(codex_home_for, self.settings)
             if home is not None:
                 extra["CODEX_HOME"] = str(home)
             self.agent = CodexEventParser(redact=self._redact)
+        try:
+            access = self._access(ws, home if confine else None)
+        except ConfinementFailed as exc:
+            self._stage("script", "failed", error=exc.message)
+            self._runner_line(f"spawn failed: {exc.message}")
+            self._spawn_error = exc.message
+            return None
+        if access is not None and not confine:
+            # codex's own sandbox (bubblewrap) cannot run under the runner's Landlock: the
+            # runner's files are kept from the model's commands by codex's permission profile.
+            readable = [path for path, _ in access.granted[1:]]
+            argv = with_permission_profile(argv, str(ws.path), access.hidden, readable)
         spec = ProcessSpec(
             argv=argv,
             cwd=ws.path,
             env=build_env(script.env, extra),
-            access=self._access(ws, home) if confine else None,
+            access=access if confine else None,
             isolation=self.settings.job_isolation,
             stdin=script.build_stdin(
                 args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
@@ -581,7 +586,12 @@ class JobRun:
         store_rights = 0 if ws.mode == "worktree" else READ_ONLY
         store = ws.store if ws.mode in ("worktree", "clone") else None
         return job_access(
-            self.settings, ws.path, store=store, store_rights=store_rights, codex_home=codex_home
+            self.settings,
+            ws.path,
+            store=store,
+            store_rights=store_rights,
+            codex_home=codex_home,
+            job_id=self.job_id,
         )
 
     async def _stop_escaped(self) -> None:

@@ -167,6 +167,7 @@ def job_access(
     store: Path | None = None,
     store_rights: int = 0,
     codex_home: Path | None = None,
+    job_id: str | None = None,
 ) -> JobAccess:
     """One job's access: the runner's files hidden, but its workspace, the git folder its
     workspace uses (`store`: a worktree's whole repository, a clone's borrowed objects read-only)
@@ -187,14 +188,35 @@ def job_access(
         if len(_hidden_by_settings) >= 16:  # tests make many settings
             _hidden_by_settings.clear()
         hidden = _hidden_by_settings[key] = hidden_paths(settings)
-    granted: list[tuple[str, int]] = [(os.path.realpath(workspace), 0)]
+    # No grant inside the runner's own areas but the job's own workspace: an in_place repo (or a
+    # local repo's git folder) that a link made to lead into them — another job's workspace, the
+    # logs — must not open them to this job. (A repo the operator keeps in the data folder, as
+    # the demo does, is not in those areas.)
+    root = os.path.realpath(settings.workspace_dir)
+    areas = [root, *(os.path.realpath(p) for p in (settings.log_dir, settings.runs_dir, settings.backup_dir))]
+    own = os.path.join(root, job_id) if job_id else None
+    real = os.path.realpath(workspace)
+    _check_grant(real, areas, own, "workspace")
+    granted: list[tuple[str, int]] = [(real, 0)]
     if store is not None:
-        granted.append((os.path.realpath(store), store_rights))
+        real_store = os.path.realpath(store)
+        _check_grant(real_store, areas, None, "repository")
+        granted.append((real_store, store_rights))
+    shown: set[str] = set()
     if codex_home is not None:
-        granted.append((os.path.realpath(codex_home), 0))
-    # A granted path that is itself a hidden one is simply not hidden for this job.
-    shown = {path for path, _ in granted}
+        home = os.path.realpath(codex_home)
+        granted.append((home, 0))
+        shown.add(home)  # the configured codex home, itself a hidden path, is not hidden from it
     return JobAccess(tuple(h for h in hidden if h not in shown), tuple(granted))
+
+
+def _check_grant(path: str, areas: Iterable[str], own: str | None, what: str) -> None:
+    """Refuses a grant of a path inside one of the runner's own `areas`, but `own`."""
+    if path == own:
+        return
+    for area in areas:
+        if _under(path, area):
+            raise ConfinementFailed(f"the job's {what} {path} lies in the runner's own files")
 
 
 def _under(path: str, folder: str) -> bool:
@@ -313,7 +335,9 @@ def _plan(hidden: tuple[str, ...], full: int) -> _Plan:
                 is_dir = entry.is_dir()
             except OSError:
                 continue
-            rules.append((path, full if is_dir else full & _FILE_RIGHTS))
+            # The target, opened without following links (`_rule_attr`): a link swapped in
+            # after this plan was read gets a rule on the link itself, which grants nothing.
+            rules.append((target, full if is_dir else full & _FILE_RIGHTS))
     plan = _Plan(tuple(rules), marks)
     if cached is not None:
         cached.close()
@@ -329,7 +353,9 @@ def _rule_attr(path: str, rights: int) -> _PathBeneathAttr | None:
     """The kernel's form of one rule, with an `O_PATH` descriptor the caller closes; None when
     the path is gone (nothing to grant)."""
     try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        # Real paths only (`_plan`, `job_access`): a symbolic link there now was not one when
+        # the path was checked, and must not lead the rule elsewhere.
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
