@@ -119,3 +119,44 @@ def test_auto_runs_the_job_unconfined_where_the_kernel_cannot(
     first = runner.submit({"cmd": "true"}, script="probe")
     assert runner.wait(first["id"])["status"] == "success"
     assert set(_probe(runner, _targets(runner, first["id"])).values()) == {"read"}
+
+
+@pytest.mark.parametrize("mode", ["worktree", "clone"])
+def test_a_confined_job_uses_git_in_a_workspace_made_from_a_mirror_in_the_data_folder(
+    runner_factory: Callable[..., Runner], tmp_path: Path, mode: str
+) -> None:
+    """A URL repo's mirror lives in the data folder: a worktree's `.git` is a file naming the
+    mirror (granted whole), a clone borrows the mirror's objects (granted read-only). git inside
+    the job works; the mirror's other files stay out of a clone's reach for writing."""
+    import subprocess
+
+    seed = tmp_path / "seed"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(seed)], check=True)
+    (seed / "a.txt").write_text("a\n")
+    git = ["git", "-C", str(seed), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "a"], check=True)
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
+    extra = (
+        EXTRA
+        + f"""
+[repos.url]
+source = "file://{bare}"
+branch = "main"
+workspace = "{mode}"
+commit = false
+"""
+    )
+    runner = runner_factory(extra_toml=extra)
+    cmd = "git log -1 --format=%s && git status --porcelain && cat a.txt"
+    job = runner.wait(runner.submit({"cmd": cmd}, repo="url", script="probe")["id"])
+    assert job["status"] == "success", job
+    lines = _log(runner, job["id"]).splitlines()
+    assert "a" in lines and "a" in lines[lines.index("a") + 1 :], lines  # the subject, then a.txt
+    if mode == "clone":
+        # A clone's own git folder is in its workspace; the mirror it borrows from is read-only.
+        alternates = next(runner.runtime.settings.mirrors_dir.glob("*.git")) / "HEAD"
+        probe = f'echo x >> "{alternates}" 2>/dev/null && echo mirror-written || echo mirror-read-only'
+        second = runner.wait(runner.submit({"cmd": probe}, repo="url", script="probe")["id"])
+        assert "mirror-read-only" in _log(runner, second["id"]), _log(runner, second["id"])
