@@ -337,6 +337,23 @@ def test_a_permissive_repo_runs_codex_without_a_sandbox(start_runner: Callable[.
     assert metadata["sandbox_mode"] == "danger-full-access"
 
 
+def _probe_the_runners_files(
+    start_runner: Callable[..., CodexRunner], tmp_path: Path, more: str = "", **options: Any
+) -> tuple[dict[str, Any], str]:
+    """A codex job whose model reads a file planted in the data folder and the database, then runs
+    `more`: the job, and the commands' output as the model server got it."""
+    planted = tmp_path / "data" / "planted-secret"
+    command = f"cat {planted}; head -c 15 {tmp_path / 'runner.db'}; echo; {more}echo done"
+    runner = start_runner([shell_turn(command), message_turn("ok")], **options)
+    planted.write_text("planted-0123456789abcdef\n")
+    job = runner.wait(runner.submit())
+    assert job["status"] == "success", job
+    output = runner.fake.requests[1].raw_body.decode(errors="replace")
+    assert "done" in output and "Permission denied" in output, output
+    assert "planted-0123456789abcdef" not in output and "SQLite format" not in output
+    return job, output
+
+
 def test_a_permissive_codex_jobs_commands_cannot_read_the_runners_files(
     start_runner: Callable[..., CodexRunner], tmp_path: Path
 ) -> None:
@@ -347,15 +364,7 @@ def test_a_permissive_codex_jobs_commands_cannot_read_the_runners_files(
 
     if sandbox.abi_version() == 0:
         pytest.skip("this kernel has no Landlock")
-    planted = tmp_path / "data" / "planted-secret"
-    command = f"cat {planted}; head -c 15 {tmp_path / 'runner.db'}; echo; echo done"
-    runner = start_runner([shell_turn(command), message_turn("ok")], risk_policy="permissive")
-    planted.write_text("planted-0123456789abcdef\n")
-    job = runner.wait(runner.submit())
-    assert job["status"] == "success", job
-    output = runner.fake.requests[1].raw_body.decode(errors="replace")
-    assert "done" in output and "Permission denied" in output, output
-    assert "planted-0123456789abcdef" not in output and "SQLite format" not in output
+    _probe_the_runners_files(start_runner, tmp_path, risk_policy="permissive")
 
 
 def test_a_sandboxed_codex_jobs_commands_cannot_read_the_runners_files(
@@ -364,18 +373,8 @@ def test_a_sandboxed_codex_jobs_commands_cannot_read_the_runners_files(
     """codex's own sandbox limits writes, not reads, and cannot run under the runner's Landlock:
     the runner gives it a permission profile of the same meaning that denies the runner's files
     (docs/execution.md, "Job isolation"). The workspace stays writable, `.git` read-only."""
-    planted = tmp_path / "data" / "planted-secret"
-    command = (
-        f"cat {planted}; head -c 15 {tmp_path / 'runner.db'}; echo; "
-        "echo made > made.txt && echo wrote-workspace; echo x >> .git/config || echo git-protected; echo done"
-    )
-    runner = start_runner([shell_turn(command), message_turn("ok")])
-    planted.write_text("planted-0123456789abcdef\n")
-    job = runner.wait(runner.submit())
-    assert job["status"] == "success", job
-    output = runner.fake.requests[1].raw_body.decode(errors="replace")
-    assert "done" in output and "Permission denied" in output, output
-    assert "planted-0123456789abcdef" not in output and "SQLite format" not in output
+    more = "echo made > made.txt && echo wrote-workspace; echo x >> .git/config || echo git-protected; "
+    job, output = _probe_the_runners_files(start_runner, tmp_path, more)
     assert "wrote-workspace" in output and "git-protected" in output, output
     assert job["result"]["files_changed"] == 1, job["result"]  # made.txt, committed by the runner
 
