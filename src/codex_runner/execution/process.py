@@ -360,8 +360,9 @@ class JobProcess:
             raise
         try:
             # Popen on the loop, as asyncio's own subprocess support does (vfork + exec take well
-            # under a millisecond); the exit is watched through a pidfd (`_watch_exit`) instead of
-            # asyncio's child watcher, which starts a thread per child.
+            # under a millisecond), or, confined, in a thread of its own the loop waits for
+            # (`sandbox.run_confined`); the exit is watched through a pidfd (`_watch_exit`)
+            # instead of asyncio's child watcher, which starts a thread per child.
             proc = _spawn(
                 spec,
                 lambda: subprocess.Popen(
