@@ -231,7 +231,7 @@ def test_a_codex_sandbox_becomes_a_permission_profile_that_hides_the_runners_fil
         assert pair in table
     assert '"/d/mirrors/r.git" = "read"' in table and '"/d/ws/j" = "write"' in table
     read_only = with_permission_profile(["codex", "exec", "--sandbox", "read-only", "-"], "/w", ["/d"], [])
-    assert "write" not in read_only[5]
+    assert "write" not in read_only[5] and '"/w" = "read"' in read_only[5]
     bypass = ["codex", "exec", "--sandbox", "danger-full-access", "-"]
     assert with_permission_profile(bypass, "/w", ["/d"]) == bypass
 

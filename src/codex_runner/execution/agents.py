@@ -149,13 +149,12 @@ def with_permission_profile(
             break
     else:
         return argv
-    access: dict[str, str] = {"/": "read"}
-    if argv[i + 1] == "workspace-write":
-        access.update({"/tmp": "write", workspace: "write"})
+    writes = argv[i + 1] == "workspace-write"
+    access: dict[str, str] = {"/": "read", **({"/tmp": "write"} if writes else {})}
     access.update({path: "none" for path in hidden})
     access.update({path: "read" for path in readable})
-    if argv[i + 1] == "workspace-write":
-        access[workspace] = "write"
+    # The workspace lies inside a hidden path (the data folder): the deeper entry wins.
+    access[workspace] = "write" if writes else "read"
     table = ", ".join(f"{json.dumps(path)} = {json.dumps(mode)}" for path, mode in access.items())
     profile = [
         "-c",

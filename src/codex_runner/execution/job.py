@@ -519,8 +519,8 @@ class JobRun:
         if access is not None and not confine:
             # codex's own sandbox (bubblewrap) cannot run under the runner's Landlock: the
             # runner's files are kept from the model's commands by codex's permission profile.
-            readable = [path for path, _ in access.granted[1:]]
-            argv = with_permission_profile(argv, str(ws.path), access.hidden, readable)
+            workspace, readable = access.granted[0][0], [path for path, _ in access.granted[1:]]
+            argv = with_permission_profile(argv, workspace, access.hidden, readable)
         spec = ProcessSpec(
             argv=argv,
             cwd=ws.path,
