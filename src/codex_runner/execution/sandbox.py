@@ -438,7 +438,8 @@ T = TypeVar("T")
 
 def run_confined(access: JobAccess, abi: int, start: Callable[[], T]) -> T:
     """Calls `start` (which spawns the job's leader) in a new thread that first confines itself to
-    `access`; the leader and all it starts inherit that. Raises OSError when the kernel refuses."""
+    `access`; the leader and all it starts inherit that. Raises `ConfinementFailed` when the
+    kernel refuses, and whatever `start` raises."""
     result: list[T] = []
     failure: list[BaseException] = []
 
