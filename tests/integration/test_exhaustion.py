@@ -55,6 +55,14 @@ def _fill(hog: Path, marker: Path) -> str:
     return f'["/bin/sh", "-c", "dd if=/dev/zero of={hog} bs=1M count=128 2>/dev/null; touch {marker}"]'
 
 
+def _filling_runner(runner_factory: Callable[..., Runner], hog: Path, marker: Path, **env: str) -> Runner:
+    """A runner with a `fill` script (`_fill`). Its job writes into the runner's data folder, which
+    job isolation (Landlock) keeps every job out of: this tool of the tests runs with it off."""
+    return runner_factory(
+        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_JOB_ISOLATION="off", **env
+    )
+
+
 def test_a_full_database_disk_delays_statuses_and_loses_none(
     tmp_path: Path, small_disk: MountSmall, runner_factory: Callable[..., Runner], out: Path
 ) -> None:
@@ -66,11 +74,7 @@ def test_a_full_database_disk_delays_statuses_and_loses_none(
     that does not answer: 503 `unavailable`, and each job gets its own status once space is back."""
     data = small_disk(tmp_path / "data", "24m")
     hog, marker = data / "hog", out / "filled"
-    # The fill job writes into the runner's data folder, which job isolation (Landlock) keeps
-    # every job out of: this test's tool needs it off.
-    runner = runner_factory(
-        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_JOB_ISOLATION="off"
-    )
+    runner = _filling_runner(runner_factory, hog, marker)
     long = runner.submit({"sleep": "10"})
     runner.wait(long["id"], statuses={"running"}, timeout=15)
     fill = runner.submit({}, script="fill")
@@ -379,11 +383,7 @@ def test_a_terminal_manifest_a_full_disk_refused_is_written_once_there_is_room(
     until it lands."""
     files = small_disk(tmp_path / "files", "8m")
     hog, marker = files / "hog", out / "filled"
-    runner = runner_factory(  # the fill job writes into the data folder: no job isolation (above)
-        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n",
-        RUNNER_DATA_DIR=str(files),
-        RUNNER_JOB_ISOLATION="off",
-    )
+    runner = _filling_runner(runner_factory, hog, marker, RUNNER_DATA_DIR=str(files))
     done = runner.wait(runner.submit({}, script="fill")["id"], timeout=30)
     assert done["status"] == "success"
     manifest = runner.runtime.settings.runs_dir / done["id"] / "manifest.json"
@@ -413,11 +413,7 @@ def test_a_fenced_runs_manifest_a_full_disk_refused_is_written_once_there_is_roo
     fail_elsewhere_when_the_script_ends(monkeypatch)
     files = small_disk(tmp_path / "files", "8m")
     hog, marker = files / "hog", out / "filled"
-    runner = runner_factory(  # the fill job writes into the data folder: no job isolation (above)
-        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n",
-        RUNNER_DATA_DIR=str(files),
-        RUNNER_JOB_ISOLATION="off",
-    )
+    runner = _filling_runner(runner_factory, hog, marker, RUNNER_DATA_DIR=str(files))
     job = runner.submit({}, script="fill")
     manifest = runner.runtime.settings.runs_dir / job["id"] / "manifest.json"
 
@@ -446,9 +442,7 @@ def test_readyz_is_not_ready_while_the_database_disk_is_full(
     It now answers 503 (no details: SPEC §4) until a write lands again."""
     data = small_disk(tmp_path / "data", "24m")
     hog, marker = data / "hog", tmp_path / "filled"
-    runner = runner_factory(  # the fill job writes into the data folder: no job isolation (above)
-        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_JOB_ISOLATION="off"
-    )
+    runner = _filling_runner(runner_factory, hog, marker)
     assert runner.client.get("/readyz").status_code == 200
     runner.submit({}, script="fill")
     assert wait_until(marker.exists, timeout=20)
@@ -477,9 +471,7 @@ def test_a_full_database_disk_is_logged_once_when_it_begins_and_once_when_it_end
 
     data = small_disk(tmp_path / "data", "24m")
     hog, marker = data / "hog", tmp_path / "filled"
-    runner = runner_factory(  # the fill job writes into the data folder: no job isolation (above)
-        extra_toml=f"\n[scripts.fill]\ncommand = {_fill(hog, marker)}\n", RUNNER_JOB_ISOLATION="off"
-    )
+    runner = _filling_runner(runner_factory, hog, marker)
     long = runner.submit({"sleep": "12"})
     runner.wait(long["id"], statuses={"running"}, timeout=15)
     names = {
