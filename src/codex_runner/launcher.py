@@ -489,6 +489,19 @@ class Launcher:
             self.superseded.set()
             self.begin_stop()
 
+    async def _record_recovery(
+        self, job: dict[str, Any], error_code: str, stages: list[dict[str, Any]]
+    ) -> None:
+        """The run manifest of a job a recovery failed says so; one a full disk refuses is owed."""
+        await asyncio.to_thread(
+            record_recovery,
+            job,
+            self.settings,
+            error_code=error_code,
+            stages=stages,
+            owed=self._finisher.owed_manifests,
+        )
+
     async def _write_owed_manifests(self) -> None:
         """Terminal manifests a full disk refused (ended jobs', recovered ones'): written once
         there is room."""
@@ -552,14 +565,7 @@ class Launcher:
                 },
             )
             if ok:
-                await asyncio.to_thread(
-                    record_recovery,
-                    job,
-                    self.settings,
-                    error_code=ErrorCode.HEARTBEAT_STALE,
-                    stages=stages,
-                    owed=self._finisher.owed_manifests,
-                )
+                await self._record_recovery(job, ErrorCode.HEARTBEAT_STALE, stages)
                 log.warning("heartbeat_stale_recovered", job_id=job["id"], runner_id=job["runner_id"])
                 log_terminal(job, "failed")
                 failed.add(job["id"])
@@ -634,14 +640,7 @@ class Launcher:
                 runner_id=self.runner_id,
             )
             if ok:
-                await asyncio.to_thread(
-                    record_recovery,
-                    job,
-                    self.settings,
-                    error_code=ErrorCode.RECOVERED_AFTER_CRASH,
-                    stages=stages,
-                    owed=self._finisher.owed_manifests,
-                )
+                await self._record_recovery(job, ErrorCode.RECOVERED_AFTER_CRASH, stages)
                 log_terminal(job, "failed")
             recovered += int(ok)
         if recovered:

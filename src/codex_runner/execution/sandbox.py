@@ -135,7 +135,7 @@ class JobAccess:
     granted: tuple[tuple[str, int], ...] = ()
 
 
-def hidden_paths(settings: Settings, extra: Iterable[Path] = ()) -> tuple[str, ...]:
+def hidden_paths(settings: Settings) -> tuple[str, ...]:
     """The runner's own files: its data folder and whatever of its files a setting put elsewhere
     (logs, workspaces, backups, audit log, codex home, a SQLite database, its config file), plus
     RUNNER_JOB_HIDDEN_PATHS. Real paths, none inside another."""
@@ -146,18 +146,19 @@ def hidden_paths(settings: Settings, extra: Iterable[Path] = ()) -> tuple[str, .
         settings.backup_dir,
         *(p for p in (settings.audit_log, settings.codex_home, settings.config) if p is not None),
         *(Path(p) for p in settings.job_hidden_paths),
-        *extra,
     ]
     if settings.is_sqlite:
         database = settings.database_url.split("///", 1)[-1].split("?", 1)[0]
         if database:
             paths += [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    return _outermost_real(tuple(paths))
+
+
+@functools.lru_cache(maxsize=16)  # one set per settings in use: every spawn asks
+def _outermost_real(paths: tuple[Path, ...]) -> tuple[str, ...]:
     # Paths that do not exist yet are hidden too: once made, they are out of reach as well.
     real = {os.path.realpath(p) for p in paths}
     return tuple(sorted(p for p in real if not any(_under(p, q) for q in real if q != p)))
-
-
-_hidden_by_settings: dict[tuple[object, ...], tuple[str, ...]] = {}
 
 
 def job_access(
@@ -172,22 +173,7 @@ def job_access(
     """One job's access: the runner's files hidden, but its workspace, the git folder its
     workspace uses (`store`: a worktree's whole repository, a clone's borrowed objects read-only)
     and, for a codex job, the codex home."""
-    key = (
-        settings.data_dir,
-        settings.log_dir,
-        settings.workspace_dir,
-        settings.backup_dir,
-        settings.audit_log,
-        settings.codex_home,
-        settings.config,
-        settings.job_hidden_paths,
-        settings.database_url,
-    )
-    hidden = _hidden_by_settings.get(key)
-    if hidden is None:
-        if len(_hidden_by_settings) >= 16:  # tests make many settings
-            _hidden_by_settings.clear()
-        hidden = _hidden_by_settings[key] = hidden_paths(settings)
+    hidden = hidden_paths(settings)
     # No grant inside the runner's own areas but the job's own workspace: an in_place repo (or a
     # local repo's git folder) that a link made to lead into them — another job's workspace, the
     # logs — must not open them to this job. (A repo the operator keeps in the data folder, as
