@@ -221,7 +221,7 @@ def git_env(
     if credential is not None:
         helper = _install_helper(home)
         config.append(("credential.helper", "!" + shlex.quote(str(helper))))
-        # The user name and secret: `credential_fd`, given by `run_git`.
+        # The user name and secret come through `_credential_fd`, from `run_git`.
         env.update(
             {
                 "CODEX_RUNNER_GIT_HOST": credential.host,
@@ -285,46 +285,6 @@ def run_git(
         home, credential=credential, plain_http=plain_http, env_extra=env_extra, extra_config=extra_config
     )
     argv = ["git", *args]
-    pass_fds: tuple[int, ...] = ()
-    if credential is not None:
-        pass_fds = (_credential_fd(credential),)
-        env["CODEX_RUNNER_GIT_CREDENTIAL_FD"] = str(pass_fds[0])
-    try:
-        return _run_with_retries(
-            argv, args, cwd, home, env, input_text, timeout, error_code, check, secrets, pass_fds
-        )
-    finally:
-        for fd in pass_fds:
-            os.close(fd)
-
-
-def _credential_fd(credential: GitCredential) -> int:
-    """A memory file holding the user name and secret, one line each (close-on-exec: only the git
-    command it is passed to gets it)."""
-    if "\n" in credential.username or "\n" in credential.secret:
-        raise GitError("the stored credential holds a line break", code="prepare_failed")
-    fd = os.memfd_create("codex-runner-git-credential", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, f"{credential.username}\n{credential.secret}\n".encode())
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _run_with_retries(
-    argv: list[str],
-    args: Sequence[str],
-    cwd: Path | None,
-    home: Path,
-    env: dict[str, str],
-    input_text: str | None,
-    timeout: float,
-    error_code: str,
-    check: bool,
-    secrets: Sequence[str],
-    pass_fds: tuple[int, ...],
-) -> GitResult:
     if cwd is None:
         # A command given no repository (`ls-remote`, `clone`, `init`) would otherwise look for one
         # from the service's working directory up, and use that repo's config: one an agent can
@@ -334,24 +294,46 @@ def _run_with_retries(
         cwd = home
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         env["GIT_CEILING_DIRECTORIES"] = str(home.parent)
+    pass_fds: tuple[int, ...] = ()
+    if credential is not None:
+        pass_fds = (_credential_fd(credential, error_code),)
+        env["CODEX_RUNNER_GIT_CREDENTIAL_FD"] = str(pass_fds[0])
     # Another git holding the index's lock (an editor's or IDE's `git status`, which refreshes the
     # index, polls an in_place repo every few seconds) fails a command at once: it is tried again
     # for a moment, as a person would. A lock file that stays (a killed git's) still fails, once
     # the wait is over, with git's own message.
-    deadline = time.monotonic() + LOCK_RETRY_SECONDS
-    delay = 0.02
-    while True:
-        returncode, out, err = _run_once(argv, cwd, env, input_text, timeout, args, error_code, pass_fds)
-        if returncode == 0 or not _LOCK_BUSY.search(err) or time.monotonic() + delay > deadline:
-            break
-        time.sleep(delay)
-        delay = min(delay * 2, 0.32)
+    try:
+        deadline = time.monotonic() + LOCK_RETRY_SECONDS
+        delay = 0.02
+        while True:
+            returncode, out, err = _run_once(argv, cwd, env, input_text, timeout, args, error_code, pass_fds)
+            if returncode == 0 or not _LOCK_BUSY.search(err) or time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.32)
+    finally:
+        for fd in pass_fds:
+            os.close(fd)
     stdout = out.decode("utf-8", "replace")
     stderr = _tail(err, secrets)
     if check and returncode != 0:
         detail = stderr.strip() or f"exit status {returncode}"
         raise GitError(f"git {_verb(args)} failed: {detail}", code=error_code, exit_code=returncode) from None
     return GitResult(returncode, stdout, stderr)
+
+
+def _credential_fd(credential: GitCredential, error_code: str) -> int:
+    """A memory file holding the user name and secret, one line each (close-on-exec: only the git
+    command it is passed to gets it)."""
+    if "\n" in credential.username or "\n" in credential.secret:
+        raise GitError("the stored credential holds a line break", code=error_code)
+    fd = os.memfd_create("codex-runner-git-credential", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, f"{credential.username}\n{credential.secret}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _run_once(
