@@ -18,10 +18,10 @@ it). The plan of those folders is read again whenever one of them changes (its m
 The rules are applied in a thread of its own that then starts the job's leader and ends: Landlock
 (like `no_new_privs`, which it needs) restricts the calling thread only, and a `preexec_fn` would
 make every spawn fork instead of vfork (docs/performance.md). Landlock's domain also keeps the
-job's processes from attaching to processes outside it (`ptrace`, `/proc/<pid>/mem`, `fd/`) —
-the runner's own `git push` and other jobs' processes — and, where the kernel has its ABI 6, from
-signalling them. It does not hide `/proc/<pid>/environ` of a process of the same user (a
-read-mode access, which Landlock leaves alone).
+job's processes from attaching to processes outside it (`ptrace`, `/proc/<pid>/mem`, `fd/`) and
+from reading their `/proc/<pid>/environ` — the runner's own `git` and other jobs' processes — and,
+where the kernel has its ABI 6, from signalling them. The environment is refused only to a job of
+an ordinary user: a job of a runner that runs as root reads any process's (Linux 6.18).
 
 Written by hand over `ctypes`: there is no maintained Python binding of the three system calls.
 """

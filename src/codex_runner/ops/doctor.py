@@ -415,7 +415,7 @@ def _runs_as_root() -> Check:
     return _warn(
         "runs_as_root",
         "running as root: every job runs as root too and can read the runner's secrets from its "
-        "memory (CAP_SYS_PTRACE) and anything on the host; run the runner as a user of its own "
+        "memory (CAP_SYS_PTRACE), other jobs' environments and anything on the host; run the runner as a user of its own "
         "(systemd User=, docker --user, USER in the image)",
     )
 
