@@ -31,6 +31,7 @@ from codex_runner.execution.recovery import (
     clean_up_failed_elsewhere,
     ended_stages,
     record_recovery,
+    recovered_message,
 )
 from codex_runner.execution.spares import resume_refills, stop_refills
 from codex_runner.execution.workspace import prewarm_spares
@@ -558,7 +559,9 @@ class Launcher:
                 meta={"runner_id": job["runner_id"], "recovered_by": self.runner_id},
                 values={
                     "error_code": ErrorCode.HEARTBEAT_STALE,
-                    "error_message": "the runner instance running this job stopped heartbeating",
+                    "error_message": recovered_message(
+                        "the runner instance running this job stopped heartbeating", job, stages
+                    ),
                     # Dropping the lease fences the old owner: its next write finds nothing.
                     "lease_token": None,
                     **({"stages": stages} if stages else {}),
@@ -633,7 +636,9 @@ class Launcher:
                 message=f"{self.runner_id} restarted while the job ran",
                 values={
                     "error_code": ErrorCode.RECOVERED_AFTER_CRASH,
-                    "error_message": "the runner restarted while this job ran",
+                    "error_message": recovered_message(
+                        "the runner restarted while this job ran", job, stages
+                    ),
                     "lease_token": None,
                     **({"stages": stages} if stages else {}),
                 },

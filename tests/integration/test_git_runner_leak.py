@@ -10,12 +10,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from git_http_server import make_bare_repo, serve_git_http
 
+from codex_runner.execution.recovery import PUSH_CUT_SHORT, ended_stages, recovered_message
 from codex_runner.secrets import generate_key, secret_forms
 
 USER = "runner"
@@ -30,6 +32,12 @@ credential = "gitsrv"
 
 [repos.locked]
 source = "{base}/locked.git"
+workspace = "clone"
+push = true
+credential = "gitsrv"
+
+[repos.slow]
+source = "{base}/slow.git"
 workspace = "clone"
 push = true
 credential = "gitsrv"
@@ -50,10 +58,17 @@ def _seed(bare: Path, tmp: Path) -> None:
 def git_server(tmp_path: Path) -> Iterator[str]:
     root = tmp_path / "srv"
     root.mkdir()
-    for name in ("app.git", "locked.git"):
+    for name in ("app.git", "locked.git", "slow.git"):
         _seed(make_bare_repo(root / name), tmp_path)
     hook = root / "locked.git" / "hooks" / "pre-receive"
     hook.write_text("#!/bin/sh\necho 'pushes are frozen here' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    # slow.git holds every push until the test lets it go (60 s at most): `pushing` says one is in.
+    hook = root / "slow.git" / "hooks" / "pre-receive"
+    hook.write_text(
+        f"#!/bin/sh\ncat >/dev/null\ntouch {tmp_path}/pushing\ni=0\n"
+        f"while [ ! -e {tmp_path}/release ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"
+    )
     hook.chmod(0o755)
     with serve_git_http(root, USER, TOKEN) as base:
         yield base
@@ -141,3 +156,41 @@ def test_clone_push_and_failing_push_leak_nothing(
         assert not any(f in cfg.read_bytes() for f in forms), cfg
     out, err = capfd.readouterr()
     assert not any(f.decode() in out + err for f in forms)
+
+
+def test_a_push_under_way_stands_in_the_row_so_a_recovery_says_it_may_have_landed(
+    runner_factory: Any, git_server: str, tmp_path: Path
+) -> None:
+    """An instance that dies during a push leaves a job that a watchdog (on another host, which
+    reads the stages from the row) or its restart fails. The row said the push was still `pending`
+    (written before the push began), so the recovered job said `skipped` for a push the remote may
+    well have taken; and its message said nothing about the branch."""
+    runner = runner_factory(
+        extra_toml=REMOTE_TOML.format(base=git_server),
+        RUNNER_ENCRYPTION_KEY=generate_key(),
+        RUNNER_ALLOWED_GIT_URL_PREFIXES=git_server,
+    )
+    runner.runtime.credentials.set("gitsrv", "127.0.0.1", USER, TOKEN)
+    job = runner.submit({"touch": "changed.txt"}, repo="slow")["id"]
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "pushing").exists():
+            assert time.monotonic() < deadline, runner.runtime.jobs.get_row(job)
+            time.sleep(0.05)
+        row = runner.runtime.jobs.get_row(job)
+        assert row is not None
+        assert {s["name"]: s["status"] for s in row["stages"]}["push"] == "running", row["stages"]
+        # What another host's watchdog makes of that row: no run folder there to read.
+        elsewhere = replace(runner.runtime.settings, data_dir=tmp_path / "elsewhere")
+        ended = ended_stages(row, elsewhere)
+        stages = {s["name"]: s for s in ended}
+        assert stages["commit"]["status"] == "success"
+        assert (stages["push"]["status"], stages["push"]["error"]) == ("failed", PUSH_CUT_SHORT)
+        message = recovered_message("the runner restarted while this job ran", row, ended)
+        assert message.startswith("the runner restarted while this job ran, during the push of ")
+        assert f"runner/{job[:8]}" in message
+    finally:
+        (tmp_path / "release").touch()
+    done = runner.wait(job, timeout=60)
+    assert done["status"] == "success" and done["result"]["pushed"] is True, done
+    assert {s["name"]: s["status"] for s in done["stages"]}["push"] == "success"

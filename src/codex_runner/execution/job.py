@@ -764,7 +764,10 @@ class JobRun:
             return result
         # A fenced write again: the lease may have gone while the commit ran (this instance frozen,
         # or cut off from the database, so no heartbeat could tell it), and a push is a write in
-        # the job's name that no later compare-and-set can take back.
+        # the job's name that no later compare-and-set can take back. The push is `running` in it:
+        # a watchdog on another host that fails this job while it pushes (this instance dead)
+        # reads the stages from the row, which must say the push may have happened.
+        self._stage("push", "running")
         await self._fenced_update({"stages": list(self.stages.values())})
         if self.stop_reason is None:
             # A cancel another instance's API took reaches this one only at its next poll of
@@ -773,9 +776,9 @@ class JobRun:
             if status == Status.CANCEL_REQUESTED:
                 self.request_stop("cancel")
         if self.fenced or self.stop_reason == "cancel":
+            self.stages["push"]["started_at"] = None  # it never started
             self._stage("push", "skipped")
             return result
-        self._stage("push", "running")
         try:
             if repo.source_type != "git_url" and ws.push_url is not None:
                 self.rt.catalog.check_push_target(repo, ws.push_url)

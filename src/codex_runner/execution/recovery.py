@@ -138,6 +138,11 @@ def in_place_job_prefix(source: str) -> str | None:
 
 #: The `error` of the stage a recovered job was in: its run never got to say how it ended.
 STAGE_CUT_SHORT = "the runner instance running this job stopped during this stage"
+#: The same for the push, which is a write outside the runner: it may have landed.
+PUSH_CUT_SHORT = (
+    "the runner instance running this job stopped during the push: the job's branch may have "
+    "reached the remote all the same"
+)
 
 
 def ended_stages(job: Mapping[str, Any], settings: Settings) -> list[dict[str, Any]]:
@@ -151,11 +156,23 @@ def ended_stages(job: Mapping[str, Any], settings: Settings) -> list[dict[str, A
     for stage in stages:
         stage = dict(stage)
         if stage.get("status") == "running":
-            stage.update(status="failed", finished_at=now, error=STAGE_CUT_SHORT)
+            cut_short = PUSH_CUT_SHORT if stage.get("name") == "push" else STAGE_CUT_SHORT
+            stage.update(status="failed", finished_at=now, error=cut_short)
         elif stage.get("status") == "pending":
             stage["status"] = "skipped"
         out.append(stage)
     return out
+
+
+def recovered_message(message: str, job: Mapping[str, Any], stages: list[dict[str, Any]]) -> str:
+    """A recovered job's `error_message`: `message`, plus what a user must know about work the run
+    did outside the runner before it was cut short. A push that was under way may have reached the
+    remote although the job is `failed` (the row cannot tell: the push was its last step); the
+    branch is named so the user can look."""
+    if any(s.get("name") == "push" and s.get("error") == PUSH_CUT_SHORT for s in stages):
+        branch = f"runner/{str(job['id'])[:8]}"
+        return f"{message}, during the push of {branch}: that branch may be on the remote all the same"
+    return message
 
 
 def record_recovery(
