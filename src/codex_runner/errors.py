@@ -67,6 +67,13 @@ class IdempotencyConflict(RunnerError):
     code = "idempotency_key_reused_with_different_payload"
 
 
+class LogNotHere(RunnerError):
+    """The job's log is in the log folder of the instance that ran it, which this one does not
+    share (another host, or another data folder): its content is unknown here, not empty."""
+
+    code = "log_not_here"
+
+
 class TooManyRequests(RunnerError):
     """429 with a `Retry-After`: a limit that frees up by itself."""
 

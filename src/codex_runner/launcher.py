@@ -36,6 +36,7 @@ from codex_runner.execution.recovery import (
 from codex_runner.execution.spares import resume_refills, stop_refills
 from codex_runner.execution.workspace import prewarm_spares
 from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
+from codex_runner.logs.location import mark_writer
 from codex_runner.runtime import Runtime
 from codex_runner.store import fullness
 from codex_runner.store.instances import InstanceRegistry
@@ -132,6 +133,12 @@ class Launcher:
             ThreadPoolExecutor(self.settings.max_concurrency + 8, thread_name_prefix="launcher")
         )
         await asyncio.to_thread(self.registry.register, self.settings.stale_after_seconds)
+        try:
+            # Before any claim: an API beside this instance tells a log not opened yet from one in
+            # another instance's folder by this mark (logs/location.py).
+            await asyncio.to_thread(mark_writer, self.settings.log_dir, self.runner_id)
+        except OSError as exc:  # jobs still run; `doctor` (folder:log) says what is wrong
+            log.warning("log_dir_mark_failed", error=exc.strerror or str(exc))
         await self.recover_own_jobs()
         await self._prewarm_spares()
         self.rt.on_created.append(self._notify_created)

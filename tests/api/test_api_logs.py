@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from codex_runner.jobs import Status
+from codex_runner.logs.location import mark_writer
 
 from tests.helpers import wait_until
 
@@ -346,3 +347,24 @@ def test_a_stream_whose_client_stops_reading_is_dropped(api: Any, monkeypatch: A
             assert wait_until(lambda: not api.runtime.open_streams, timeout=20), api.runtime.open_streams
             assert wait_until(lambda: any(e["event"] == "log_stream_dropped" for e in logged), timeout=10)
         assert not [e for e in logged if e["event"] == "unhandled_error"], logged  # an expected end
+
+
+def test_a_started_jobs_missing_log_is_empty_only_where_its_instance_writes_logs(api: Any) -> None:
+    """A job claimed by an instance that writes into another log folder (another host, another
+    data folder) answers 409 `log_not_here`; one whose instance writes here (its log not opened
+    yet: a claim, a long prepare) is an empty page, as is one of this very instance."""
+    job = api.create(api.alice).json()
+    api.runtime.jobs.claim("elsewhere", slots=1, max_jobs_per_user=5)
+    c = api.client(api.alice)
+    r = c.get(f"/api/runner/jobs/{job['id']}/logs")
+    assert r.status_code == 409 and r.json()["code"] == "log_not_here", r.text
+    assert "elsewhere" in r.json()["detail"]
+    assert c.get(f"/api/runner/jobs/{job['id']}/logs/stream").status_code == 409
+
+    mark_writer(api.runtime.settings.log_dir, "elsewhere")
+    page = c.get(f"/api/runner/jobs/{job['id']}/logs").json()
+    assert page["content"] == "" and page["is_complete"] is False
+
+    mine = api.create(api.alice).json()
+    api.runtime.jobs.claim(api.runtime.settings.id, slots=1, max_jobs_per_user=5)
+    assert c.get(f"/api/runner/jobs/{mine['id']}/logs").status_code == 200

@@ -22,6 +22,7 @@ STATUS_BY_TYPE: list[tuple[type[e.RunnerError], int]] = [
     (e.NotFound, 404),
     (e.InvalidTransition, 409),
     (e.IdempotencyConflict, 409),
+    (e.LogNotHere, 409),
     (e.TooManyRequests, 429),
     (e.StoreUnavailable, 503),
     (e.CryptoError, 400),

@@ -16,9 +16,10 @@ from starlette.types import Receive, Scope, Send
 
 from codex_runner.api.auth import JobId, authenticate, bearer_token, current_principal
 from codex_runner.api.errors import responses
-from codex_runner.errors import InvalidRequest, NotAuthenticated, TooManyStreams
+from codex_runner.errors import InvalidRequest, LogNotHere, NotAuthenticated, TooManyStreams
 from codex_runner.jobs import TERMINAL, Status
 from codex_runner.logs import read_page
+from codex_runner.logs.location import writes_here
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 
@@ -92,8 +93,25 @@ def _give_back(counts: dict[str, int], user: str) -> None:
         counts.pop(user, None)
 
 
-def _status(runtime: Runtime, job_id: str, owner: str | None) -> Status:
-    return Status(runtime.jobs.get(job_id, owner=owner)["status"])
+def _status(runtime: Runtime, job_id: str, owner: str | None, log_path: Path) -> Status:
+    """The job's status, or `LogNotHere` when an instance that writes its logs into another folder
+    than this one's ran it: its log is not missing but elsewhere, and must not read as empty and
+    complete. A missing log of an instance that writes here (`writes_here`) is one not opened yet
+    (a claim, a prepare under way)."""
+    row = runtime.jobs.get(job_id, owner=owner)
+    runner_id = row["runner_id"]
+    if (
+        runner_id
+        and runner_id != runtime.settings.id
+        and not log_path.exists()
+        and not writes_here(log_path.parent, runner_id)
+    ):
+        raise LogNotHere(
+            f"the log of job {job_id} is in the log folder (RUNNER_LOG_DIR) of runner instance "
+            f"{runner_id!r}, which this instance does not share (another host or data folder): "
+            "read it through an instance that runs with that folder"
+        )
+    return Status(row["status"])
 
 
 def resume_offset(last_event_id: str | None) -> int | None:
@@ -114,7 +132,7 @@ def resume_offset(last_event_id: str | None) -> int | None:
     return int(text)
 
 
-@router.get("/api/runner/jobs/{job_id}/logs", responses=responses(400, 404, 401, 503))
+@router.get("/api/runner/jobs/{job_id}/logs", responses=responses(400, 404, 409, 401, 503))
 def get_logs(
     request: Request,
     job_id: JobId,
@@ -124,8 +142,8 @@ def get_logs(
 ) -> dict[str, Any]:
     runtime: Runtime = request.app.state.runtime
     # Read the status before the file: a terminal status means the writer has closed the log.
-    status = _status(runtime, job_id, runtime.owner_of(principal))
     log_path, index_dir = log_paths(runtime, job_id)
+    status = _status(runtime, job_id, runtime.owner_of(principal), log_path)
     page = read_page(log_path, offset=offset, limit=limit, complete=status in TERMINAL, index_dir=index_dir)
     return {
         "job_id": job_id,
@@ -145,7 +163,7 @@ def get_logs(
             "description": "Server-Sent Events: `log` events, then one `end` with the job's status",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **responses(400, 404, 401, 429, 503),
+        **responses(400, 404, 409, 401, 429, 503),
     },
 )
 async def stream_logs(
@@ -160,8 +178,9 @@ async def stream_logs(
     resume = resume_offset(last_event_id)
     if resume is not None:
         offset = resume
-    await asyncio.to_thread(_status, runtime, job_id, owner)  # 404 before the stream starts
     log_path, index_dir = log_paths(runtime, job_id)
+    # 404 (or 409 `log_not_here`) before the stream starts.
+    await asyncio.to_thread(_status, runtime, job_id, owner, log_path)
     token = bearer_token(request)
     slot = StreamSlot(runtime, principal.user)
 
@@ -198,7 +217,12 @@ async def stream_logs(
                     return
                 await asyncio.sleep(STREAM_POLL_SECONDS)
                 continue
-            status = await asyncio.to_thread(_status, runtime, job_id, owner)
+            try:
+                status = await asyncio.to_thread(_status, runtime, job_id, owner, log_path)
+            except LogNotHere:
+                # Claimed meanwhile by an instance whose log folder is another: the stream ends
+                # without `end`, and the client's reconnect gets the 409.
+                return
             status_at = loop.time()
             complete = status in TERMINAL
             page = await asyncio.to_thread(
