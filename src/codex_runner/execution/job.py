@@ -365,9 +365,16 @@ class JobRun:
             await self._finish(Status.FAILED, ErrorCode.PREPARE_FAILED, moved, None)
             return
         if repo is None or script is None:
+            # Removed since the job was queued, or (several instances) never in this instance's
+            # runner.toml: the API that accepted the job had it. Say which instance.
             missing = f"repo {self.row['repo']!r}" if repo is None else f"script {self.row['script_key']!r}"
             await self._finish(
-                Status.FAILED, ErrorCode.PREPARE_FAILED, f"{missing} is no longer configured", None
+                Status.FAILED,
+                ErrorCode.PREPARE_FAILED,
+                f"{missing} is not in the runner.toml of runner instance {self.settings.id!r} that "
+                "took the job (removed since the job was queued, or that instance's configuration "
+                "differs from the one that accepted it)",
+                None,
             )
             return
         if isinstance(prepared, GitError):
