@@ -347,3 +347,28 @@ def test_a_wait_that_loses_the_runner_names_the_job(monkeypatch: pytest.MonkeyPa
     line = caught.value.line()
     assert line.startswith("error: cannot reach the runner"), line
     assert "stopped waiting for job job-42 (see: codex-runner jobs show job-42)" in line, line
+
+
+def test_a_follow_whose_log_is_on_another_instance_still_waits_for_the_job(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`submit --follow` of a job that a worker with another log folder took (409 `log_not_here`)
+    ended at once with exit 2 while the job ran on: a CI step lost its wait and its exit code. It
+    now says why there is no log and waits for the job, its exit code following the job's."""
+    from codex_runner.cli.common import ExitCode
+    from codex_runner.cli.jobs import await_job
+
+    polls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/stream"):
+            body = {"detail": "the log of job j is in the log folder of 'w2'", "code": "log_not_here"}
+            return httpx.Response(409, json=body)
+        polls.append(1)
+        status = "running" if len(polls) < 3 else "failed"
+        return httpx.Response(200, json={"id": "j", "status": status, "exit_code": 3, "duration_ms": 5})
+
+    with RunnerClient("http://runner", "t", transport=httpx.MockTransport(handler)) as client:
+        code = await_job(client, "j", follow=True, wait_timeout=30, json_out=False)
+    assert code == ExitCode.JOB_FAILED and len(polls) == 3
+    assert "log_not_here" in capsys.readouterr().err

@@ -130,12 +130,7 @@ def await_job(
     """Waits (showing a status line, or the log with `follow`) and maps the outcome to an exit code."""
     deadline = time.monotonic() + wait_timeout if wait_timeout else None
     try:
-        if follow:
-            info(f"following the log of job {job_id} (Ctrl-C stops following; the job keeps running)")
-            follower = LogFollower(client, job_id, notice=info)
-            # With --json stdout is reserved for the final job object.
-            for chunk in follower.stream(deadline=deadline):
-                _write(chunk, to_stderr=json_out)
+        if follow and _follow_log(client, job_id, deadline=deadline, json_out=json_out):
             # After the stream's `end` the job is terminal: one read gets it for the outcome line.
             job, done = wait_for_job(client, job_id, on_poll=lambda _: None, deadline=deadline)
         else:
@@ -160,6 +155,25 @@ def await_job(
         return ExitCode.WAIT_TIMEOUT
     err.print(outcome_line(job))
     return EXIT_BY_STATUS.get(str(job["status"]), ExitCode.ERROR)
+
+
+def _follow_log(client: RunnerClient, job_id: str, *, deadline: float | None, json_out: bool) -> bool:
+    """Prints the job's log as it grows until its end (True), or says why this runner cannot
+    show it (409 `log_not_here`: another instance with its own log folder runs the job) and
+    returns False, for the caller to wait for the job without it: the wait, and the exit code
+    that follows the job, matter more than the log."""
+    info(f"following the log of job {job_id} (Ctrl-C stops following; the job keeps running)")
+    follower = LogFollower(client, job_id, notice=info)
+    try:
+        # With --json stdout is reserved for the final job object.
+        for chunk in follower.stream(deadline=deadline):
+            _write(chunk, to_stderr=json_out)
+    except CliError as exc:
+        if exc.code != "log_not_here":
+            raise
+        info(f"{exc.reason()}; waiting for the job to end without its log")
+        return False
+    return True
 
 
 class StatusLine:
