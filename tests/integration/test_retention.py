@@ -712,3 +712,36 @@ def test_the_cleanup_command_leaves_a_live_servers_spare_pools_and_mirrors(
         assert not pool.exists()
     finally:
         rt.close()
+
+
+def test_cleanup_removes_the_log_folder_marks_of_instances_gone_with_their_jobs(runtime: Runtime) -> None:
+    """Every start under the default RUNNER_ID marks the log folder (logs/location.py): without
+    this, one file more per start, for ever. A mark stays while its instance lives, while a job
+    names it (its log is here: a read of it must not answer `log_not_here`), and while fresh."""
+    from codex_runner.store.instances import InstanceRegistry
+
+    s = runtime.settings
+    s.log_dir.mkdir(parents=True, exist_ok=True)
+    old = time.time() - DAY
+    marks = {name: s.log_dir / f".writer-{name}" for name in ("gone", "live", "has-jobs", "fresh", "doomed")}
+    for name, path in marks.items():
+        path.touch()
+        if name != "fresh":
+            os.utime(path, (old, old))
+    InstanceRegistry(runtime.engine, "live").register()
+    now = utcnow()
+    kept_job = _job_row(str(uuid.uuid4()), "success", now - timedelta(days=1), now - timedelta(days=1))
+    doomed_job = _job_row(str(uuid.uuid4()), "success", now - timedelta(days=99), now - timedelta(days=99))
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            jobs.insert(), [{**kept_job, "runner_id": "has-jobs"}, {**doomed_job, "runner_id": "doomed"}]
+        )
+    with runtime.engine.begin() as conn:  # the newest RETENTION_KEEP stay whatever their age
+        conn.execute(jobs.insert(), [_job_row(str(uuid.uuid4()), "success", now, now) for _ in range(200)])
+
+    dry = cleanup(runtime, dry_run=True)
+    assert dry.log_marks == 2 and all(p.exists() for p in marks.values())
+    report = cleanup(runtime)
+    assert report.log_marks == 2 and not report.errors
+    assert {name for name, path in marks.items() if path.exists()} == {"live", "has-jobs", "fresh"}
+    assert cleanup(runtime).log_marks == 0

@@ -41,8 +41,10 @@ from codex_runner.execution.gitutil import lock_key, repo_lock
 from codex_runner.execution.spares import POOLS
 from codex_runner.execution.workspace import TASK_HOME_KINDS
 from codex_runner.jobs import TERMINAL, EventType
+from codex_runner.logs.location import MARK_PREFIX
 from codex_runner.ops.audit import audit_event
 from codex_runner.store.engine import read_txn, with_retries, write_txn
+from codex_runner.store.instances import InstanceRegistry
 from codex_runner.store.records import utcnow
 from codex_runner.store.schema import events, idempotency_keys, jobs, locks
 
@@ -88,6 +90,7 @@ class CleanupReport:
     spare_pools: int = 0
     mirrors: int = 0
     codex_transcripts: int = 0
+    log_marks: int = 0
     batches: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -100,7 +103,7 @@ class CleanupReport:
             f"{verb} {self.jobs} jobs, {self.events} events, {self.idempotency_keys} idempotency keys, "
             f"{self.logs} log files, {self.run_dirs} run folders, {self.workspaces} workspaces, "
             f"{self.git_homes} git homes, {self.spare_pools} spare pools, {self.mirrors} mirrors, "
-            f"{self.codex_transcripts} codex transcripts"
+            f"{self.codex_transcripts} codex transcripts, {self.log_marks} log-folder marks"
         )
 
 
@@ -160,6 +163,14 @@ def cleanup(
         for leftover in _left_behind(runtime.settings.mirrors_dir, _DOOMED):  # a removal that failed part way
             _rmtree(leftover, report)
     _delete_transcripts(runtime, now, dry_run, report)
+    for mark in _unused_log_marks(runtime, now, orphan_grace_seconds, doomed):
+        try:
+            if not dry_run:
+                mark.unlink(missing_ok=True)
+        except OSError as exc:
+            report.errors.append(f"{mark}: {exc.strerror or exc}")
+            continue
+        report.log_marks += 1
     log.info("cleanup_done", **report.to_dict())
     return report
 
@@ -357,6 +368,42 @@ def _orphans(
         except FileNotFoundError:
             continue
         yield kind, path
+
+
+def _unused_log_marks(
+    runtime: Runtime, now: datetime, grace_seconds: int, doomed: set[str]
+) -> Iterator[Path]:
+    """Log-folder marks (logs/location.py) of instances that no longer run and whose jobs are
+    gone: with the default RUNNER_ID every start leaves one. A mark of a live instance, or of one
+    a remaining job names (its log is here), stays; so does a fresh one (an instance starting: it
+    marks the folder before it registers). A dry run's `doomed` jobs count as gone."""
+    s = runtime.settings
+    if not s.log_dir.is_dir():
+        return
+    cutoff = now.timestamp() - grace_seconds
+    marks: dict[str, Path] = {}
+    for path in s.log_dir.iterdir():
+        if path.name.startswith(MARK_PREFIX) and path.is_file() and path.lstat().st_mtime <= cutoff:
+            marks[path.name[len(MARK_PREFIX) :]] = path
+    if not marks:
+        return
+    registry = InstanceRegistry(runtime.engine, s.id)
+    live = set(with_retries(lambda: registry.live_instances(s.stale_after_seconds)))
+    unknown = sorted(marks.keys() - live)
+
+    def named() -> set[str]:
+        with read_txn(runtime.engine) as conn:
+            if not doomed:
+                query = sa.select(jobs.c.runner_id).where(jobs.c.runner_id.in_(unknown)).distinct()
+                return set(conn.execute(query).scalars())
+            # A dry run: the jobs a real run would delete first do not count.
+            rows = conn.execute(sa.select(jobs.c.runner_id, jobs.c.id).where(jobs.c.runner_id.in_(unknown)))
+            return {runner_id for runner_id, job_id in rows if job_id not in doomed}
+
+    used = live | with_retries(named)
+    for runner_id, path in marks.items():
+        if runner_id not in used:
+            yield path
 
 
 def _unused_spare_pools(runtime: Runtime) -> Iterator[Path]:
