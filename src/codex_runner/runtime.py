@@ -18,7 +18,7 @@ from codex_runner.secrets import parse_key
 from codex_runner.store import JobStore, create_store_engine
 from codex_runner.store.admin import CredentialStore, Principal, TokenStore
 from codex_runner.store.creates import CreateOutcome
-from codex_runner.store.engine import DatabaseProbe
+from codex_runner.store.engine import APPLICATION_NAME, DatabaseProbe
 from codex_runner.store.jobs import Limits, NewJob
 from codex_runner.store.migrate import upgrade
 
@@ -62,7 +62,11 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, catalog: Catalog | None = None) -> Runtime:
         catalog = catalog or Catalog.from_settings(settings)
-        engine = create_store_engine(settings.database_url, answer_timeout=settings.db_answer_timeout_seconds)
+        engine = create_store_engine(
+            settings.database_url,
+            answer_timeout=settings.db_answer_timeout_seconds,
+            application_name=f"{APPLICATION_NAME} {settings.id}",
+        )
         if migrate:
             upgrade(engine)
         key = parse_key(settings.encryption_key) if settings.encryption_key else None

@@ -428,3 +428,29 @@ class _Shifted(datetime):
     @classmethod
     def now(cls, tz: Any = None) -> Any:
         return datetime.now(tz) + timedelta(hours=1)
+
+
+def test_an_instances_postgresql_connections_carry_its_runner_id(pg_database_url: str, tmp_path: Any) -> None:
+    """`pg_stat_activity` tells an operator which instance holds which connection (sizing
+    `max_connections`, a session stuck in a transaction): `codex-runner <RUNNER_ID>` for a
+    service, `codex-runner` for a command, and a name the URL gives itself wins."""
+    from codex_runner.config import load_settings
+    from codex_runner.runtime import Runtime
+
+    settings = load_settings(
+        {"RUNNER_DATABASE_URL": pg_database_url, "RUNNER_DATA_DIR": str(tmp_path), "RUNNER_ID": "web-1"},
+        cwd=tmp_path,
+    )
+    runtime = Runtime.open(settings)
+    plain = create_store_engine(pg_database_url, pool_size=1)
+    own = create_store_engine(f"{pg_database_url}?application_name=ops-console", pool_size=1)
+    try:
+        names = []
+        for engine in (runtime.engine, plain, own):
+            with engine.connect() as conn:
+                names.append(conn.exec_driver_sql("SELECT current_setting('application_name')").scalar())
+        assert names == ["codex-runner web-1", "codex-runner", "ops-console"]
+    finally:
+        runtime.close()
+        plain.dispose()
+        own.dispose()

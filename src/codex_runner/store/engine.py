@@ -38,6 +38,8 @@ WAL_PRAGMA_ATTEMPTS = 50
 SQLITE_IOERR_SHMSIZE = 4874
 DISK_FULL_MESSAGE = "the database's disk is full; try again later"
 WAL_PRAGMA_DELAY = 0.05
+#: What `pg_stat_activity` shows for the runner's connections, with the RUNNER_ID of a service.
+APPLICATION_NAME = "codex-runner"
 # Every PostgreSQL session: a session idle inside a transaction (a frozen instance) lets its locks
 # go after 30 s; and TimeZone UTC, because timestamps are stored naive UTC (`UTCDateTime`) and
 # an aware bind against them is compared through the session's TimeZone.
@@ -89,10 +91,15 @@ def without_answer_deadline(conn: Connection) -> Iterator[Connection]:
 
 
 def create_store_engine(
-    url: str, *, pool_size: int = 10, answer_timeout: float = PG_ANSWER_TIMEOUT_SECONDS
+    url: str,
+    *,
+    pool_size: int = 10,
+    answer_timeout: float = PG_ANSWER_TIMEOUT_SECONDS,
+    application_name: str = APPLICATION_NAME,
 ) -> Engine:
     """`answer_timeout`: PostgreSQL only, how long one exchange with the server may take
-    (`pg_conn.DeadlineConnection`)."""
+    (`pg_conn.DeadlineConnection`). `application_name`: PostgreSQL only, what `pg_stat_activity`
+    shows for these connections (a service passes its RUNNER_ID)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         db_path = sa.engine.make_url(url).database
@@ -144,7 +151,7 @@ def create_store_engine(
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args=pg_connect_args(url, connect_timeout=5),
+        connect_args=pg_connect_args(url, connect_timeout=5, application_name=application_name),
     )
 
     from codex_runner.store.pg_conn import DeadlineConnection  # psycopg: 80 ms to import
@@ -212,9 +219,17 @@ class DatabaseProbe:
         self._engine.dispose()
 
 
-def pg_connect_args(url: str, *, connect_timeout: int) -> dict[str, Any]:
-    """psycopg's connection arguments for every PostgreSQL connection of the runner."""
-    return {"connect_timeout": connect_timeout, "options": pg_session_options(url), **PG_TCP_ARGS}
+def pg_connect_args(
+    url: str, *, connect_timeout: int, application_name: str = APPLICATION_NAME
+) -> dict[str, Any]:
+    """psycopg's connection arguments for every PostgreSQL connection of the runner. Its
+    `application_name` tells an operator in `pg_stat_activity` which instance holds which
+    connection, unless the URL names one itself (`?application_name=`), which then wins."""
+    args = {"connect_timeout": connect_timeout, "options": pg_session_options(url), **PG_TCP_ARGS}
+    if "application_name" not in sa.engine.make_url(url).query:
+        # The server keeps 63 bytes of it and shows non-ASCII characters as `?`.
+        args["application_name"] = application_name
+    return args
 
 
 def pg_session_options(url: str) -> str:
