@@ -605,6 +605,42 @@ def test_submit_follow_prints_the_log(live_server: Server, live_token: str) -> N
     assert "success" in result.stderr
 
 
+def test_output_is_utf8_in_an_ascii_locale(live_server: Server, live_token: str) -> None:
+    """A C locale without coercion gives Python an ASCII stdout: a log, a table or JSON holding one
+    non-ASCII character failed the command (`unexpected UnicodeEncodeError`). Data is written as
+    UTF-8 whatever the locale: a log byte for byte as the API serves it."""
+    message = "héllo 😀 中文"
+    env = live_server.client_env(live_token)
+    job = json.loads(
+        cli("submit", "demo", "echo", "--arg", f"message={message}", "--wait", "--json", env=env).stdout
+    )
+    assert job["status"] == "success"
+    page = api_get(live_server, live_token, f"/api/runner/jobs/{job['id']}/logs").json()
+    ascii_env = {k: v for k, v in env.items() if not k.startswith(("LC_", "LANG"))}
+    ascii_env.update(LC_ALL="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+    ascii_env.pop("PYTHONIOENCODING", None)
+    for args in (["jobs", "logs", job["id"]], ["jobs", "logs", job["id"], "-f"], ["jobs", "show", job["id"]]):
+        result = subprocess.run(
+            [CLI, *args],
+            env=ascii_env,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, (args, result.stderr)
+        assert message.encode() in result.stdout, args
+        if args[1] == "logs":
+            assert result.stdout == page["content"].encode()
+    shown = subprocess.run(
+        [CLI, "jobs", "show", job["id"], "--json"],
+        env=ascii_env,
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout.decode("utf-8"))["args"]["message"] == message
+
+
 # -- following over the SSE route (an in-process server with its launcher) ---------------------
 
 

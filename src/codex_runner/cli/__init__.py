@@ -103,7 +103,20 @@ def _output_closed(exc: SystemExit) -> bool:
     return isinstance(cause, OSError) and cause.errno == errno.EPIPE
 
 
+def _utf8_stdout() -> None:
+    """Standard output in UTF-8 whatever the locale. A log is the redacted UTF-8 stream, written
+    byte for byte (its offsets count those bytes), and JSON is UTF-8 (RFC 8259); in an ASCII or
+    Latin-1 locale (a C locale without coercion) one character outside it failed the whole
+    command with `UnicodeEncodeError`. stderr, for people, keeps the locale's encoding: Python
+    escapes what it cannot show there."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if encoding != "utf8" and reconfigure is not None:
+        reconfigure(encoding="utf-8")
+
+
 def main() -> None:
+    _utf8_stdout()
     try:
         app(prog_name="codex-runner")
     except SystemExit as exc:
