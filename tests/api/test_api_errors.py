@@ -119,3 +119,17 @@ def test_every_400_about_a_field_names_it(api: Any) -> None:
         r = c.post("/api/runner/jobs", json=body, headers={k: v.encode() for k, v in headers.items()})
         assert r.status_code == 400, r.text
         assert r.json()["errors"][0]["loc"] == loc, r.text
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_under_another_content_type_says_so(api: Any, content_type: str) -> None:
+    """`curl -d '{…}'` sends a JSON body as a form: the answer was "Input should be a valid
+    dictionary or object to extract fields from" about a body that is one, with no word about the
+    header that was wrong."""
+    body = json.dumps({"repo": "demo", "script_key": "echo", "args": {"message": "hi"}})
+    r = api.client(api.alice).post("/api/runner/jobs", content=body, headers={"content-type": content_type})
+    assert r.status_code == 400, r.text
+    payload = r.json()
+    assert payload["code"] == "invalid_request"
+    assert "application/json" in payload["detail"] and content_type in payload["detail"]
+    assert payload["errors"][0]["loc"] == ["header", "Content-Type"]

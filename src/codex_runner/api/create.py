@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from codex_runner.api.auth import authenticate_many, parse_bearer
 from codex_runner.api.body import BodyTooLarge, announced_over, read_capped, too_large_response
 from codex_runner.api.errors import response_for
-from codex_runner.errors import NotAuthenticated, RunnerError, StoreUnavailable
+from codex_runner.errors import InvalidRequest, NotAuthenticated, RunnerError, StoreUnavailable
 from codex_runner.runtime import Runtime
 from codex_runner.store.admin import Principal
 from codex_runner.store.creates import CreateOutcome
@@ -85,7 +85,12 @@ def parse_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
     `loc`s (`["body", ...]`) otherwise."""
     media = (content_type or "application/json").split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise _invalid("Input should be a valid dictionary or object to extract fields from")
+        # Said in terms of the header: `curl -d '{…}'` sends JSON as a form, and FastAPI's own
+        # words ("Input should be a valid dictionary…") blamed a body that is one.
+        raise InvalidRequest(
+            f"the body must be JSON sent as Content-Type: application/json, not {media[:100]!r}",
+            errors=[{"loc": ["header", "Content-Type"], "msg": "expected application/json"}],
+        )
     if not raw:
         raise _invalid("Field required")
     try:
