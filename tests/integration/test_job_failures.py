@@ -413,3 +413,22 @@ env = ["DB_PASS", "SENTRY_DSN", "MY_API_TOKEN"]
     assert text.count("[REDACTED]") >= 5, text
     for leak in (password, quote(password), dsn, long_token, *wrapped):
         assert leak not in text, text
+
+
+def test_a_repo_whose_credential_is_not_stored_fails_its_prepare_saying_so(
+    runner_factory: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """A repo naming a credential nobody stored (a typo, a `credentials delete`) ended its jobs as
+    `internal_error`, "internal runner error", with no line in the log: neither the job's user nor
+    the operator could tell what to fix."""
+    extra = (
+        f'\n[repos.nocred]\nsource = "{tmp_path / "repo"}"\nworkspace = "scratch"\ncredential = "github"\n'
+    )
+    runner = runner_factory(extra_toml=extra)
+    done = runner.wait(runner.submit({}, repo="nocred")["id"], timeout=30)
+    assert (done["status"], done["error_code"]) == ("failed", "prepare_failed"), done
+    assert "credential 'github' not found" in done["error_message"]
+    prepare = next(s for s in done["stages"] if s["name"] == "prepare")
+    assert prepare["status"] == "failed" and "credential 'github' not found" in prepare["error"]
+    log = runner.client.get(f"/api/runner/jobs/{done['id']}/logs").json()["content"]
+    assert f"job {done['id']} started" in log and "credential 'github' not found" in log

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import structlog
 
 from codex_runner.catalog import RepoSpec, ScriptSpec
-from codex_runner.errors import RepoNotAllowed
+from codex_runner.errors import CryptoError, NotFound, RepoNotAllowed
 from codex_runner.execution.agents import (
     apply_risk_policy,
     codex_home_for,
@@ -420,7 +420,11 @@ class JobRun:
         `files_after_spawn` (a scratch job's set-up, on the loop): the log file waits for the
         spawn (`_open_log`), and the prepare stage for the job's next manifest write."""
         # No mkdir of the run and log folders here: the manifest and log writers make theirs.
-        credential = self._credential(repo)
+        refused: GitError | None = None
+        try:
+            credential = self._credential(repo)
+        except GitError as exc:  # the prepare fails, saying why, once the log is open
+            credential, refused = None, exc
         self.secrets = self._known_secrets(script, credential)
         if files_after_spawn:
             self._early_lines = []
@@ -430,6 +434,8 @@ class JobRun:
         if repo is None or script is None:
             return credential, None
         self._stage("prepare", "running")
+        if refused is not None:
+            return None, refused
         if not files_after_spawn:
             # Before a prepare that may take a while (a clone, a fetch): readers see it running.
             self._write_manifest(self._manifest_doc())
@@ -482,9 +488,19 @@ class JobRun:
             clean_up_ended_job(row, self.rt.catalog, self.settings)
 
     def _credential(self, repo: RepoSpec | None) -> GitCredential | None:
+        """The repo's stored credential. One not stored, or that the key cannot decrypt, is the
+        operator's to fix: a `GitError` naming it, not the "internal runner error" it was."""
         if repo is None or not repo.credential:
             return None
-        host, username, secret = self.rt.credentials.get_secret(repo.credential)
+        try:
+            host, username, secret = self.rt.credentials.get_secret(repo.credential)
+        except NotFound:
+            raise GitError(
+                f"credential {repo.credential!r} not found: store it with "
+                f"`codex-runner credentials set {repo.credential} --host HOST`"
+            ) from None
+        except CryptoError as exc:
+            raise GitError(f"credential {repo.credential!r}: {exc.message}") from None
         return GitCredential(host=host, username=username, secret=secret)
 
     def _known_secrets(self, script: ScriptSpec | None, credential: GitCredential | None) -> list[str]:
