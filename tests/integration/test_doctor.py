@@ -349,6 +349,37 @@ def test_encryption_key_checks(make: Make, database_url: str) -> None:
     )
 
 
+def test_a_repo_naming_a_credential_not_stored_warns(make: Make, database_url: str, tmp_path: Path) -> None:
+    """Every job of such a repo fails its prepare: said before the first one, naming the repo."""
+    settings, _ = make(
+        f"""
+        [repos.withcred]
+        source = "{tmp_path / "repos" / "demo"}"
+        credential = "github"
+
+        [repos.stored]
+        source = "{tmp_path / "repos" / "demo"}"
+        credential = "gitlab"
+
+        [repos.offcred]
+        source = "{tmp_path / "repos" / "demo"}"
+        credential = "nowhere"
+        enabled = false
+        """,
+        database_url=database_url,
+        RUNNER_ENCRYPTION_KEY=generate_key(),
+    )
+    rt = Runtime.open(settings)
+    rt.credentials.set("gitlab", "gitlab.com", "oauth2", "glpat-0123456789abcdef")
+    rt.close()
+    checks = checks_of(settings)
+    missing = checks["credential:withcred"]
+    assert missing.level == "warn" and not missing.blocking, missing
+    assert "'github'" in missing.message and "credentials set github" in missing.message
+    assert "credential:stored" not in checks and "credential:offcred" not in checks
+    assert blocking_failures(checks.values()) == []
+
+
 def test_short_secrets_warn(make: Make) -> None:
     settings, _ = make(RUNNER_JWT_SECRET="short")
     check = checks_of(settings)["short_secrets"]

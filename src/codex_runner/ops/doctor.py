@@ -114,6 +114,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks.append(_job_isolation(settings))
         checks.append(_spare_watch(settings, catalog))
         checks += _encryption(settings, eng if db_ok else None)
+        checks += _repo_credentials(catalog, eng if db_ok else None)
         checks += _disk(settings)
         checks += _secrets(settings)
         checks += _unsafe_settings(settings)
@@ -533,6 +534,23 @@ def _encryption(settings: Settings, engine: Engine | None) -> Iterator[Check]:
         )
         return
     yield _ok(name, f"RUNNER_ENCRYPTION_KEY parses ({count} credential(s) stored)")
+
+
+def _repo_credentials(catalog: Catalog, engine: Engine | None) -> Iterator[Check]:
+    """An enabled repo naming a credential nobody stored (a typo, a `credentials delete`): every
+    job on it fails its prepare. A warning, as the other repos' jobs run."""
+    named = {r.name: r.credential for r in catalog.repos.values() if r.enabled and r.credential}
+    if engine is None or not named:
+        return
+    with engine.connect() as conn:
+        stored = set(conn.execute(sa.select(credentials.c.name)).scalars())
+    for repo, credential in sorted(named.items()):
+        if credential not in stored:
+            yield _warn(
+                f"credential:{repo}",
+                f"repo {repo} names credential {credential!r}, which is not stored: its jobs fail "
+                f"their prepare; store it with `codex-runner credentials set {credential} --host HOST`",
+            )
 
 
 _SECRET_SETTINGS = ("encryption_key_previous", "jwt_secret", "token")
