@@ -133,3 +133,15 @@ def test_a_json_body_under_another_content_type_says_so(api: Any, content_type: 
     assert payload["code"] == "invalid_request"
     assert "application/json" in payload["detail"] and content_type in payload["detail"]
     assert payload["errors"][0]["loc"] == ["header", "Content-Type"]
+
+
+def test_a_path_no_route_serves_is_named_in_the_404(api: Any) -> None:
+    """Starlette's "Not Found" for a path no route serves read like a missing job; the answer
+    names the method and path, so a client behind a wrong prefix sees what it asked for."""
+    r = api.client(api.alice).get("/runner/api/runner/jobs")
+    assert r.status_code == 404
+    assert r.json() == {"detail": "no route GET /runner/api/runner/jobs", "code": "not_found"}
+    long = api.client(api.alice).get("/x" * 5000)
+    assert long.status_code == 404 and len(long.json()["detail"]) < 300
+    job = api.client(api.alice).get("/api/runner/jobs/00000000-0000-4000-8000-000000000000")
+    assert job.json()["detail"] == "job 00000000-0000-4000-8000-000000000000 not found"

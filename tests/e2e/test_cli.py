@@ -460,6 +460,13 @@ def test_unknown_job_is_one_line(server: Server, admin_token: str) -> None:
     assert_one_error_line(result, "(not_found)")
 
 
+def test_a_runner_url_with_a_wrong_path_says_so(server: Server, admin_token: str) -> None:
+    """RUNNER_URL naming a path the runner does not serve (a proxy's prefix where there is none)
+    printed `error: Not Found (not_found)`, as if some job were missing."""
+    result = cli("jobs", "list", env=server.client_env(admin_token, RUNNER_URL=server.url + "/runner"))
+    assert_one_error_line(result, "/runner/api/runner/jobs", "RUNNER_URL", "(not_found)")
+
+
 def test_unreachable_runner_is_one_line(server: Server, admin_token: str) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = cli("jobs", "list", env=server.client_env(admin_token, RUNNER_URL=url))

@@ -144,6 +144,10 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = CODE_BY_STATUS.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and detail == "Not Found":
+            # The router's: no route serves this path. Said as such, or it reads like a missing job
+            # to a client whose base URL (a proxy's prefix) is wrong.
+            detail = f"no route {request.method} {request.url.path[:200]}"
         response = error_response(exc.status_code, detail, code)
         # Starlette's own headers: the `Allow` a 405 must carry (RFC 9110).
         response.headers.update(exc.headers or {})
