@@ -445,6 +445,16 @@ def test_invalid_args_are_one_line(server: Server, admin_token: str) -> None:
     assert_one_error_line(submit(server, admin_token, "echo", "--arg", "no-equals-sign"), "KEY=VALUE")
 
 
+def test_a_number_given_to_a_string_argument_says_how_to_quote_it(server: Server, admin_token: str) -> None:
+    """`--arg message=42` is the integer 42 (docs/cli.md): the server's "message: must be a string"
+    alone left the user to guess why the value they typed was not one."""
+    result = submit(server, admin_token, "echo", "--arg", "message=42")
+    assert_one_error_line(result, "message: must be a string", "message='\"42\"'", "(invalid_args)")
+    result = submit(server, admin_token, "echo", "--arg", "message=true", "--arg", "count=99")
+    line = assert_one_error_line(result, "message='\"true\"'")
+    assert "count='" not in line  # only the arguments the server refused as not strings
+
+
 def test_bad_token_is_one_line(server: Server) -> None:
     result = cli("jobs", "list", env=server.client_env("cr_not-a-real-token"))
     assert_one_error_line(result, "(not_authenticated)")

@@ -98,11 +98,16 @@ def submit(
             validate_idempotency_key(idempotency_key)
         except Exception:
             raise CliError("--idempotency-key: must be 1-255 printable ASCII characters") from None
-    body: dict[str, Any] = {"script_key": script, "args": parse_args(arg or [], sys.stdin)}
+    args = parse_args(arg or [], sys.stdin)
+    body: dict[str, Any] = {"script_key": script, "args": args}
     body["repo_id" if _is_uuid(repo) else "repo"] = repo
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
     with RunnerClient.from_settings(loaded) as client:
-        _, job = client.post("/api/runner/jobs", body, headers)
+        try:
+            _, job = client.post("/api/runner/jobs", body, headers)
+        except CliError as exc:
+            exc.message += _quoting_hint(arg or [], args, exc)
+            raise
         job_id = str(job["id"])
         if job.get("deduplicated"):
             info(
@@ -122,6 +127,22 @@ def submit(
             _write(job_id + "\n")
         code = await_job(client, job_id, follow=follow, wait_timeout=wait_timeout, json_out=json_out)
     raise typer.Exit(int(code))
+
+
+def _quoting_hint(items: list[str], args: dict[str, Any], exc: CliError) -> str:
+    """For each `--arg KEY=VALUE` read as JSON (`n=42` is a number) that the server refused as not
+    a string: how to write the string instead."""
+    if exc.code != "invalid_args":
+        return ""
+    typed = dict(item.partition("=")[::2] for item in items)
+    quoted = [
+        f"{key}='{json.dumps(typed[key])}'"
+        for key, value in args.items()
+        if isinstance(value, (bool, int, float)) and f"{key}: must be a string" in exc.message
+    ]
+    return (
+        f" (a VALUE that is JSON is read as JSON; for a string write {', '.join(quoted)})" if quoted else ""
+    )
 
 
 def await_job(
