@@ -28,9 +28,11 @@ log = structlog.get_logger("codex_runner.runtime")
 
 
 def validate_idempotency_key(key: str | None) -> str | None:
-    """SPEC §4: 1–255 printable ASCII characters."""
+    """SPEC §4: 1–255 printable ASCII characters. The blanks around a header's value are not part
+    of it (RFC 9110 §5.5): the HTTP parser drops the leading ones only, and `k ` made a second job."""
     if key is None:
         return None
+    key = key.strip(" \t")
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or any(not (0x20 <= ord(c) <= 0x7E) for c in key):
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters",

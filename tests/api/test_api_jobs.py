@@ -219,6 +219,38 @@ def test_idempotency_key_validation(api: Any) -> None:
     assert _count(api, jobs) == 0
 
 
+def _create_raw(api: Any, key_field: bytes) -> tuple[int, dict[str, Any]]:
+    """A create whose `Idempotency-Key` line is sent as given: httpx (h11) refuses to send a value
+    with surrounding blanks, which other clients and proxies do send."""
+    import json
+
+    from tests.helpers import connect_to, read_until_closed
+
+    body = json.dumps({"repo": "demo", "script_key": "echo", "args": {"message": "hi"}}).encode()
+    head = (
+        f"POST /api/runner/jobs HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {api.alice}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+    ).encode()
+    with connect_to(api.url, timeout=10) as sock:
+        sock.sendall(head + b"Idempotency-Key:" + key_field + b"\r\n\r\n" + body)
+        answer = read_until_closed(sock)
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_blanks_around_an_idempotency_key_are_not_part_of_it(api: Any) -> None:
+    """RFC 9110 §5.5: a field value excludes the blanks around it. The server kept trailing ones
+    (the leading ones were dropped by the parser), so `k ` made a second job beside `k`'s."""
+    status, first = _create_raw(api, b" blank-key")
+    assert status == 201, first
+    for field in (b"blank-key", b"blank-key  ", b"\tblank-key\t "):
+        status, again = _create_raw(api, field)
+        assert (status, again["id"], again["deduplicated"]) == (200, first["id"], True), (field, again)
+    status, empty = _create_raw(api, b"   ")
+    assert status == 400 and empty["code"] == "invalid_request", empty
+    assert _count(api, jobs) == 1
+
+
 def test_idempotency_race_creates_one_job(api: Any) -> None:
     body = {"repo": "demo", "script_key": "echo", "args": {"message": "race"}}
 
