@@ -432,3 +432,25 @@ def test_a_repo_whose_credential_is_not_stored_fails_its_prepare_saying_so(
     assert prepare["status"] == "failed" and "credential 'github' not found" in prepare["error"]
     log = runner.client.get(f"/api/runner/jobs/{done['id']}/logs").json()["content"]
     assert f"job {done['id']} started" in log and "credential 'github' not found" in log
+
+
+def test_a_credential_the_runner_cannot_decrypt_fails_the_prepare_saying_so(
+    runner_factory: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """Stored under a key this runner does not have (none here): named, with what to check. The
+    key-less store's own words ("run `codex-runner keygen`") would have the operator make a new
+    key, which decrypts nothing stored."""
+    from codex_runner.secrets import generate_key, parse_key
+    from codex_runner.store.admin import CredentialStore
+
+    extra = (
+        f'\n[repos.keyless]\nsource = "{tmp_path / "repo"}"\nworkspace = "scratch"\ncredential = "github"\n'
+    )
+    runner = runner_factory(extra_toml=extra)
+    CredentialStore(runner.runtime.engine, parse_key(generate_key())).set(
+        "github", "github.com", "oauth2", SECRET
+    )
+    done = runner.wait(runner.submit({}, repo="keyless")["id"], timeout=30)
+    assert (done["status"], done["error_code"]) == ("failed", "prepare_failed"), done
+    assert "credential 'github' cannot be decrypted" in done["error_message"], done["error_message"]
+    assert "RUNNER_ENCRYPTION_KEY" in done["error_message"] and "keygen" not in done["error_message"]

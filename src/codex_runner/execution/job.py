@@ -499,8 +499,12 @@ class JobRun:
                 f"credential {repo.credential!r} not found: store it with "
                 f"`codex-runner credentials set {repo.credential} --host HOST`"
             ) from None
-        except CryptoError as exc:
-            raise GitError(f"credential {repo.credential!r}: {exc.message}") from None
+        except CryptoError:
+            # Not the store's "run `codex-runner keygen`": a new key decrypts nothing stored.
+            raise GitError(
+                f"credential {repo.credential!r} cannot be decrypted: RUNNER_ENCRYPTION_KEY is not set "
+                "on this runner, or is not the key it was stored with"
+            ) from None
         return GitCredential(host=host, username=username, secret=secret)
 
     def _known_secrets(self, script: ScriptSpec | None, credential: GitCredential | None) -> list[str]:
