@@ -375,6 +375,11 @@ def test_submit_idempotency_key_replays(server: Server, admin_token: str) -> Non
     other = submit(server, admin_token, "echo", "--arg", "message=twice", "--idempotency-key", key)
     assert_one_error_line(other, "(idempotency_key_reused_with_different_payload)")
     assert other.returncode == 2
+    # Blanks around the key are no part of it, as on the server: the same job, where httpx refused
+    # to send the header and the CLI said the request to the runner failed (LocalProtocolError).
+    padded = submit(server, admin_token, "echo", "--arg", "message=once", "--idempotency-key", f" {key} ")
+    assert padded.returncode == 0, padded.stderr
+    assert padded.stdout.strip() == first.stdout.strip()
 
 
 def test_submit_reads_args_from_a_file_and_from_stdin(
@@ -458,6 +463,16 @@ def test_a_number_given_to_a_string_argument_says_how_to_quote_it(server: Server
 def test_bad_token_is_one_line(server: Server) -> None:
     result = cli("jobs", "list", env=server.client_env("cr_not-a-real-token"))
     assert_one_error_line(result, "(not_authenticated)")
+
+
+def test_blanks_around_the_token_are_ignored(server: Server, admin_token: str) -> None:
+    """A token pasted with a trailing blank (or read from a file that has one): httpx refuses to
+    send the header, and the CLI said `request to the runner … failed (LocalProtocolError)`, as if
+    the network were at fault; a wait retried it for 30 s. The server ignores such blanks too."""
+    for token in (admin_token + " ", f"\t{admin_token}  "):
+        result = cli("jobs", "list", "--json", env=server.client_env(token))
+        assert result.returncode == 0, result.stderr
+        assert "items" in json.loads(result.stdout)
 
 
 def test_missing_token_is_one_line(server: Server) -> None:

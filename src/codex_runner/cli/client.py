@@ -60,6 +60,9 @@ class RunnerClient:
         timeout: float = REQUEST_TIMEOUT_SECONDS,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        # Blanks around it are no part of a token (the server ignores them too); a trailing one,
+        # pasted or read from a file, made httpx refuse to send the header at all.
+        token = token.strip(" \t") if token else token
         if not token:
             raise CliError(
                 "RUNNER_TOKEN is not set; create a token with `codex-runner tokens create --user NAME` "

@@ -95,7 +95,8 @@ def submit(
         from codex_runner.runtime import validate_idempotency_key
 
         try:
-            validate_idempotency_key(idempotency_key)
+            # As the server reads it (no blanks around it): httpx sends no header value with them.
+            idempotency_key = validate_idempotency_key(idempotency_key)
         except Exception:
             raise CliError("--idempotency-key: must be 1-255 printable ASCII characters") from None
     args = parse_args(arg or [], sys.stdin)
