@@ -368,15 +368,17 @@ def load_settings(
         config_path = candidate.resolve() if candidate.is_file() else None
         doc = _read_toml(candidate) if config_path else {}
 
+    # Errors name the file the operator gave (RUNNER_CONFIG), not always `runner.toml`.
+    label = config_source(config_path)
     runner_table = doc.get("runner", {})
     if not isinstance(runner_table, dict):
-        raise ConfigError("runner.toml [runner]: must be a table")
+        raise ConfigError(f"{label} [runner]: must be a table")
     known = {f.name for f in fields(Settings)} - _SKIP
     for key in runner_table:
         if key not in known:
-            raise ConfigError(f"runner.toml [runner].{key}: unknown setting")
+            raise ConfigError(f"{label} [runner].{key}: unknown setting")
         if key == "token":  # a client's credential: the environment's, never a file's
-            raise ConfigError("runner.toml [runner].token: RUNNER_TOKEN is read from the environment only")
+            raise ConfigError(f"{label} [runner].token: RUNNER_TOKEN is read from the environment only")
 
     defaults = Settings()
     values: dict[str, object] = {}
@@ -391,7 +393,7 @@ def load_settings(
         if str(env.get(env_name, "")).strip():
             values[f.name] = _coerce(f.name, env_name, env[env_name], current)
         elif f.name in runner_table and not _blank(runner_table[f.name]):
-            values[f.name] = _coerce(f.name, f"runner.toml [runner].{f.name}", runner_table[f.name], current)
+            values[f.name] = _coerce(f.name, f"{label} [runner].{f.name}", runner_table[f.name], current)
     if overrides:
         values.update(overrides)
 
@@ -456,10 +458,18 @@ def load_settings(
     repos = doc.get("repos", {})
     scripts = doc.get("scripts", {})
     if not isinstance(repos, dict):
-        raise ConfigError("runner.toml [repos]: must be a table of tables")
+        raise ConfigError(f"{label} [repos]: must be a table of tables")
     if not isinstance(scripts, dict):
-        raise ConfigError("runner.toml [scripts]: must be a table of tables")
+        raise ConfigError(f"{label} [scripts]: must be a table of tables")
     return Settings(config=config_path, repos=repos, scripts=scripts, **values)  # type: ignore[arg-type]
+
+
+def config_source(config_path: Path | None) -> str:
+    """How configuration errors name the config file: its name (`runner.toml` by default), or
+    the whole path when RUNNER_CONFIG names a file called otherwise, so the operator finds it."""
+    if config_path is None or config_path.name == "runner.toml":
+        return "runner.toml"
+    return str(config_path)
 
 
 SettingsFactory = Callable[[], Settings]

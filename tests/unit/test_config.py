@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,24 @@ def test_http_max_connections(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_settings({}, cwd=tmp_path)
     assert exc.value.message == "runner.toml [runner].http_max_connections: must be at least 8, got 2"
+
+
+def test_errors_name_the_config_file_runner_config_gives(tmp_path: Path) -> None:
+    """RUNNER_CONFIG=/etc/codex-runner/prod.toml: every error said `runner.toml`, a file the
+    operator may not have at all."""
+    from codex_runner.catalog import Catalog
+
+    conf = tmp_path / "prod.toml"
+    conf.write_text("[runner]\nmax_concurency = 3\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(conf))} \[runner\]\.max_concurency: unknown setting"
+    ):
+        load_settings({"RUNNER_CONFIG": str(conf)}, cwd=tmp_path)
+    conf.write_text('[repos.widgets]\nsource = "relative/path"\n')
+    settings = load_settings({"RUNNER_CONFIG": "prod.toml"}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(conf))} \[repos\.widgets\]"):
+        Catalog.from_settings(settings)
+    # The default file keeps its short name.
+    (tmp_path / "runner.toml").write_text("[runner]\nmax_concurency = 3\n")
+    with pytest.raises(ConfigError, match=r"^runner\.toml \[runner\]\.max_concurency"):
+        load_settings({}, cwd=tmp_path)

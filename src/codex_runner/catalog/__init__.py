@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from codex_runner.catalog.parse import BUILTIN_SCRIPTS, parse_repo, parse_script
 from codex_runner.catalog.specs import REPO_NAMESPACE, ArgSpec, RepoSpec, ScriptSpec, clip, repo_id_for
-from codex_runner.config import Settings
+from codex_runner.config import Settings, config_source
 from codex_runner.errors import Forbidden, InvalidRequest, RepoDisabled, RepoNotAllowed, UnknownScript
 
 __all__ = [
@@ -42,12 +42,13 @@ class Catalog:
     @classmethod
     def from_settings(cls, settings: Settings, *, builtins: bool = True) -> Catalog:
         """Validates every repo and script table; `builtins=False` leaves out `BUILTIN_SCRIPTS`."""
-        repos = {name: parse_repo(name, raw) for name, raw in settings.repos.items()}
+        config_file = config_source(settings.config)
+        repos = {name: parse_repo(name, raw, config_file=config_file) for name, raw in settings.repos.items()}
         raw_scripts = dict(BUILTIN_SCRIPTS) if builtins else {}
         raw_scripts.update(settings.scripts)
         timeout = settings.default_timeout_seconds
         scripts = {
-            key: parse_script(key, raw, default_timeout=timeout, repos=repos)
+            key: parse_script(key, raw, default_timeout=timeout, repos=repos, config_file=config_file)
             for key, raw in raw_scripts.items()
         }
         return cls(repos, scripts, settings.allowed_repo_paths, settings.allowed_git_url_prefixes)

@@ -147,8 +147,9 @@ _ARG_KEYS = (
 )
 
 
-def parse_repo(name: str, raw: Any) -> RepoSpec:
-    t = _Table(raw, f"runner.toml [repos.{_toml_key(name)}]")
+def parse_repo(name: str, raw: Any, *, config_file: str = "runner.toml") -> RepoSpec:
+    """`config_file`: how errors name the config file (`config.config_source`)."""
+    t = _Table(raw, f"{config_file} [repos.{_toml_key(name)}]")
     t.only(_REPO_KEYS)
     if not _REPO_NAME.fullmatch(name):
         t.fail(None, "repo names are 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -267,8 +268,15 @@ def _ref_problem(ref: str) -> str | None:
     return None
 
 
-def parse_script(key: str, raw: Any, *, default_timeout: int, repos: Mapping[str, RepoSpec]) -> ScriptSpec:
-    t = _Table(raw, f"runner.toml [scripts.{json.dumps(key)}]")
+def parse_script(
+    key: str,
+    raw: Any,
+    *,
+    default_timeout: int,
+    repos: Mapping[str, RepoSpec],
+    config_file: str = "runner.toml",
+) -> ScriptSpec:
+    t = _Table(raw, f"{config_file} [scripts.{json.dumps(key)}]")
     if not _SCRIPT_KEY.fullmatch(key):
         t.fail(
             None, "script keys are 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
