@@ -70,3 +70,13 @@ def test_revoking_twice_tells_and_names_are_bounded(engine: object) -> None:
     key = secrets.parse_key(secrets.generate_key())
     with pytest.raises(InvalidRequest):
         CredentialStore(engine, key).set("gh", "github.com", "u" * 201, "s3cret")  # type: ignore[arg-type]
+
+
+def test_a_token_for_a_user_name_padded_with_blanks_is_refused(engine: object) -> None:
+    """`tokens create --user "alice "` made a user of its own beside `alice` (another queue,
+    other jobs) that every table shows the same."""
+    tokens = TokenStore(engine)  # type: ignore[arg-type]
+    for user in (" alice", "alice ", "  "):
+        with pytest.raises(InvalidRequest, match="blank"):
+            tokens.create(user, "user")
+    assert tokens.create("alice smith", "user")[1]["user"] == "alice smith"

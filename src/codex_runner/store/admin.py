@@ -73,6 +73,10 @@ class TokenStore:
             raise InvalidRequest(
                 f"user must be 1-200 printable characters, not {SYSTEM_ACTOR!r} nor starting {CLI_ACTOR_PREFIX!r}"
             )
+        if user != user.strip():
+            # `alice ` is another user than `alice` (another queue, other jobs) that looks the same
+            # in every table. Tokens stored before this check keep working.
+            raise InvalidRequest(f"user must not begin or end with a blank, got {user!r}")
         if len(name) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
             # A column of 200 (PostgreSQL refused more with a DataError), shown by `tokens list`.
             raise InvalidRequest("token name: at most 200 characters, no control characters")
