@@ -67,6 +67,9 @@ flag = "--loud"
 [scripts.fail]
 command = [{python}, "-c", "import sys; print('about to fail'); sys.exit(3)"]
 
+[scripts.complain]
+command = [{python}, "-c", "import sys; sys.stderr.write('disk quota exceeded\\\\x1b[2J\\\\n'); sys.exit(1)"]
+
 [scripts.slow]
 command = [{python}, "-c", "import time; time.sleep(30)"]
 timeout_seconds = 1
@@ -620,6 +623,19 @@ def test_submit_wait_exit_code_follows_the_outcome(
     job: dict[str, Any] = json.loads(result.stdout)
     assert job["status"] == status
     assert f"job {job['id']} {status}" in result.stderr
+
+
+def test_jobs_show_prints_what_a_failed_stage_said(live_server: Server, live_token: str) -> None:
+    """The stderr tail on the failed stage (SPEC §3) is often the one line that says why; `jobs
+    show` printed only the stages' statuses. A control sequence in it reaches no terminal."""
+    env = live_server.client_env(live_token)
+    job = json.loads(cli("submit", "demo", "complain", "--wait", "--json", env=env).stdout)
+    assert job["status"] == "failed"
+    shown = cli("jobs", "show", job["id"], env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "script failed:" in shown.stdout
+    assert "disk quota exceeded\\x1b[2J" in shown.stdout and "\x1b" not in shown.stdout
+    assert_no_trailing_blanks(shown.stdout)
 
 
 def test_submit_follow_prints_the_log(live_server: Server, live_token: str) -> None:

@@ -88,6 +88,13 @@ def cell(value: object) -> Text:
     return Text("" if value is None else str(value))
 
 
+def shown(value: object) -> Text:
+    """Text of a job's own making (an error message, a stage's stderr tail) for the terminal: its
+    control characters (an escape sequence a script printed) as `\\xNN`, lines and tabs kept."""
+    text = "" if value is None else str(value)
+    return Text("".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text))
+
+
 class TrimmedTable(Table):
     """A table whose lines end at their last character: rich pads every cell to its column's
     width, the last column's too, which leaves blanks at the end of most lines (a `diff` or a

@@ -27,6 +27,7 @@ from codex_runner.cli.common import (
     out,
     print_json,
     settings,
+    shown,
     status_text,
 )
 from codex_runner.cli.follow import EXIT_BY_STATUS, TERMINAL, LogFollower, jobs_path, wait_for_job
@@ -336,7 +337,7 @@ def show_job(job_id: JobId, json_out: JsonOpt = False) -> None:
         ("attempt", cell(job.get("attempt"))),
     ]
     if job.get("error_code") or job.get("error_message"):
-        rows.append(("error", cell(f"{job.get('error_code')}: {job.get('error_message')}")))
+        rows.append(("error", shown(f"{job.get('error_code')}: {job.get('error_message')}")))
     result = job.get("result")
     if isinstance(result, dict):
         rows += [
@@ -361,6 +362,13 @@ def show_job(job_id: JobId, json_out: JsonOpt = False) -> None:
             )
         out.print()
         out.print(table)
+        # What a failed stage said (the stderr tail of a script, git's message): often the one
+        # line that tells why the job failed.
+        for stage in stages:
+            if stage.get("error"):
+                out.print()
+                out.print(Text(f"{stage.get('name')} {stage.get('status')}:", style="bold"))
+                out.print(shown(stage["error"].rstrip("\n")))
     if job.get("events"):
         out.print()
         out.print(_events_table(job["events"]))
@@ -373,7 +381,7 @@ def _events_table(events: list[dict[str, Any]]) -> Table:
             cell(event.get("created_at")),
             cell(event.get("event_type")),
             cell(event.get("actor")),
-            cell(event.get("message")),
+            shown(event.get("message")),
         )
     return table
 
