@@ -629,8 +629,10 @@ def test_jobs_show_prints_what_a_failed_stage_said(live_server: Server, live_tok
     """The stderr tail on the failed stage (SPEC §3) is often the one line that says why; `jobs
     show` printed only the stages' statuses. A control sequence in it reaches no terminal."""
     env = live_server.client_env(live_token)
-    job = json.loads(cli("submit", "demo", "complain", "--wait", "--json", env=env).stdout)
+    waited = cli("submit", "demo", "complain", "--wait", "--json", env=env)
+    job = json.loads(waited.stdout)
     assert job["status"] == "failed"
+    assert "disk quota exceeded\\x1b[2J" in waited.stderr and "\x1b" not in waited.stderr  # the outcome line
     shown = cli("jobs", "show", job["id"], env=env)
     assert shown.returncode == 0, shown.stderr
     assert "script failed:" in shown.stdout

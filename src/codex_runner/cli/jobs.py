@@ -256,7 +256,9 @@ def outcome_line(job: dict[str, Any]) -> Text:
     if job.get("exit_code") is not None:
         line.append(f" (exit {job['exit_code']})")
     if status != "success" and (job.get("error_code") or job.get("error_message")):
-        line.append(f": {job.get('error_code') or 'error'}: {job.get('error_message') or ''}".rstrip(": "))
+        line.append(
+            shown(f": {job.get('error_code') or 'error'}: {job.get('error_message') or ''}".rstrip(": "))
+        )
     result = job.get("result")
     if isinstance(result, dict) and result.get("commit"):
         line.append(f"; commit {str(result['commit'])[:12]} on {result.get('branch')}: {_changes(result)}")
