@@ -120,6 +120,8 @@ def test_clone_push_and_failing_push_leak_nothing(
     assert ok["status"] == "success", ok
     assert ok["result"]["pushed"] is True and ok["result"]["commit"]
     assert ok["result"]["files_changed"] == 1 and ok["result"]["lines_added"] == 1
+    ok_log = runner.client.get(f"/api/runner/jobs/{ok['id']}/logs").json()["content"]
+    assert ": 1 file, +1 -0" in ok_log, ok_log  # not "1 files"
     branch = ok["result"]["branch"]
     assert branch == f"runner/{ok['id'][:8]}"
     shown = subprocess.run(

@@ -778,7 +778,8 @@ class JobRun:
         )
         if commit.commit:
             self._runner_line(
-                f"committed {commit.commit[:12]} on {ws.branch}: {commit.files_changed} files, "
+                f"committed {commit.commit[:12]} on {ws.branch}: {commit.files_changed} "
+                f"file{'' if commit.files_changed == 1 else 's'}, "
                 f"+{commit.lines_added} -{commit.lines_removed}"
             )
         if self.fenced or self.stop_reason == "cancel":
