@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,6 +55,12 @@ T = TypeVar("T")
 #: The variable the runner puts in every script's environment (SPEC §3); children inherit it, so it
 #: finds a job's processes even when no pid was recorded or a process left the job's group.
 JOB_ENV_PREFIX = b"RUNNER_JOB_ID="
+#: The job id after `<a workspace root>/` in a process's argument list.
+_JOB_ID_AFTER_ROOT = re.compile(rb"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:/|$)")
+# The `RUNNER_WORKSPACE_DIR`s of the launchers of this process (as given and resolved, with a
+# trailing slash): a process that lost `RUNNER_JOB_ID` is still the job's when its arguments name
+# the job's own workspace (`register_workspace_root`).
+_workspace_roots: set[bytes] = set()
 #: How long start-up recovery and a forced exit keep looking for a job's processes after SIGKILL.
 KILL_SCAN_SECONDS = 5.0
 # How long the watchdog waits for a repo lock to clean up after a job it failed: a pass must not
@@ -82,6 +90,7 @@ class Launcher:
         self.settings = runtime.settings
         self.runner_id = runtime.settings.id
         self.registry = InstanceRegistry(runtime.engine, self.runner_id)
+        register_workspace_root(self.settings.workspace_dir)
         self.active: dict[str, JobRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Canceled jobs in a git stage whose git processes are killed after the grace.
@@ -809,13 +818,26 @@ class _PatientJobStore(JobStore):
 # -- processes found by environment ---------------------------------------------------------------
 
 
+def register_workspace_root(workspace_dir: Path) -> None:
+    """Lets `find_job_processes` know the jobs' workspaces under `workspace_dir`."""
+    for form in (os.path.abspath(workspace_dir), os.path.realpath(workspace_dir)):
+        _workspace_roots.add(os.fsencode(form.rstrip("/")) + b"/")
+
+
 def find_job_processes(
     job_ids: Collection[str] | None = None, *, git_stage_only: bool = False
 ) -> dict[str, list[int]]:
     """Live processes whose environment holds `RUNNER_JOB_ID=<id>`, by job id (all ids, or only
     `job_ids`); with `git_stage_only`, only the git of a stage a cancel may stop (prepare, commit,
     push: `RUNNER_GIT_STAGE`), never the cleanup's. Reads /proc/<pid>/environ, so it sees processes
-    of our own user (or all, as root); zombies have no environment left and are skipped."""
+    of our own user (or all, as root); zombies have no environment left and are skipped.
+
+    A process that started again with an environment of its own making has no `RUNNER_JOB_ID`
+    left: codex's sandbox helper (bubblewrap, in a session of its own, with nothing but PATH),
+    which outlived codex when codex failed. Such a process of our own user is the job's too when
+    its arguments name the job's own workspace (`<workspace dir>/<job id>`, which no other job
+    can reach); an `in_place` job's workspace is its repo, which the next job shares, so not
+    there."""
     found: dict[str, list[int]] = {}
     me = os.getpid()
     for entry in os.scandir("/proc"):
@@ -829,13 +851,36 @@ def find_job_processes(
         variables = environ.split(b"\0")
         if git_stage_only and not any(var.startswith(b"RUNNER_GIT_STAGE=") for var in variables):
             continue
-        for var in variables:
-            if var.startswith(JOB_ENV_PREFIX):
-                job_id = var[len(JOB_ENV_PREFIX) :].decode("utf-8", "replace")
-                if job_ids is None or job_id in job_ids:
-                    found.setdefault(job_id, []).append(int(entry.name))
-                break
+        job_id = next(
+            (
+                var[len(JOB_ENV_PREFIX) :].decode("utf-8", "replace")
+                for var in variables
+                if var.startswith(JOB_ENV_PREFIX)
+            ),
+            None,
+        )
+        if job_id is None and not git_stage_only:
+            job_id = _job_of_arguments(entry.name)
+        if job_id is not None and (job_ids is None or job_id in job_ids):
+            found.setdefault(job_id, []).append(int(entry.name))
     return found
+
+
+def _job_of_arguments(pid: str) -> str | None:
+    """The job whose workspace the arguments of process `pid` name, if it is our user's."""
+    if not _workspace_roots:
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+        for arg in cmdline.split(b"\0"):
+            for root in _workspace_roots:
+                if arg.startswith(root) and (m := _JOB_ID_AFTER_ROOT.match(arg, len(root))):
+                    # As root every process's arguments are readable: another user's is not ours.
+                    return m[1].decode() if os.stat(f"/proc/{pid}").st_uid == os.geteuid() else None
+    except OSError:
+        return None
+    return None
 
 
 def _kill_escaped(job_ids: Collection[str]) -> int:

@@ -88,6 +88,10 @@ flag = "--env-dump"
 type = "string"
 flag = "--escape"
 
+[scripts.behave.args.escape_bare]
+type = "string"
+flag = "--escape-bare"
+
 [scripts.behave.args.count_term]
 type = "string"
 flag = "--count-term"

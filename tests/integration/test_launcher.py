@@ -336,6 +336,20 @@ def test_a_daemon_that_left_the_group_dies_after_its_job(
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
 
 
+def test_a_daemon_without_the_jobs_environment_that_names_its_workspace_dies_after_it(
+    runner: Any, escapees: Callable[[Path], list[int]], out: Path
+) -> None:
+    """codex's sandbox helper (bubblewrap) runs in a session of its own with an environment of its
+    own making (no RUNNER_JOB_ID), and outlived codex when codex failed: neither the group kill nor
+    the environment scan found it. Its arguments name the job's workspace, which is the job's
+    alone."""
+    escape = out / "escaped-bare"
+    done = runner.wait(runner.submit({"escape_bare": str(escape)})["id"])
+    assert done["status"] == "success"
+    pids = escapees(escape)
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+
+
 def test_a_canceled_jobs_daemon_is_gone_by_its_terminal_status(
     runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], out: Path
 ) -> None:

@@ -25,6 +25,11 @@ def main() -> int:
     p.add_argument("--files", type=int, default=0, help="write this many new files into gen/")
     p.add_argument("--env-dump", default="")
     p.add_argument("--escape", default="", help="start a daemon out of the job's group; its pid here")
+    p.add_argument(
+        "--escape-bare",
+        default="",
+        help="the same, with an empty environment (no RUNNER_JOB_ID) and the workspace in its arguments",
+    )
     p.add_argument("--count-term", default="", help="add a line to this file at each SIGTERM, and live on")
     a = p.parse_args()
     if a.ledger:
@@ -61,6 +66,18 @@ def main() -> int:
             stderr=subprocess.DEVNULL,
         )
         Path(a.escape).write_text(str(daemon.pid))
+    if a.escape_bare:
+        # As codex's sandbox helper (bubblewrap): a session of its own, nothing of the job's
+        # environment, the workspace among its arguments.
+        daemon = subprocess.Popen(
+            ["/bin/sh", "-c", 'sleep 1000 & echo $! > "$1.child"; wait', "sh", a.escape_bare, os.getcwd()],
+            start_new_session=True,
+            env={},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        Path(a.escape_bare).write_text(str(daemon.pid))
     if a.stdout:
         print(a.stdout, flush=True)
     if a.stderr:
