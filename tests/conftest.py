@@ -4,6 +4,7 @@ absent (a failure in CI, where `CI=true`)."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,18 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One test process builds hundreds of runtimes, and each keeps descriptors until the garbage
+    collector or a cache lets them go (database pools, the job sandbox's rules: up to 8 sets of
+    256 `O_PATH` descriptors); together they pass the soft open-file limit of 1024 that a login
+    of an ordinary user gets (root's shell here had 20000). The test process takes its hard
+    limit, as `serve` raises its own for its connections; tests that need a low limit set it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _port_open(host: str, port: int) -> bool:

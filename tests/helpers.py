@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -26,6 +27,14 @@ from codex_runner.store.prepared import Prepared
 
 #: The console script of the venv the tests run in.
 CLI = str(Path(sys.executable).parent / "codex-runner")
+
+
+def pid_namespace(unshare: str = "unshare") -> list[str]:
+    """`unshare` into a PID namespace of its own, with /proc mounted for it. Not root: through a
+    user namespace that maps only the caller's uid, as a rootless container does; the process keeps
+    its uid and gets no capability, so the runner under test is an unprivileged one."""
+    as_user = [] if os.geteuid() == 0 else ["--user", "--map-current-user"]
+    return [unshare, *as_user, "--pid", "--fork", "--mount-proc"]
 
 
 def cli_token(env: dict[str, str], cwd: Path, user: str, role: str = "admin") -> str:

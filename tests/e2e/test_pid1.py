@@ -1,6 +1,7 @@
 """`codex-runner serve` as PID 1 of its own PID namespace, as in a container started without an
 init: a process a job orphans is re-parented to PID 1 and must be reaped there, not left a zombie.
-Needs `unshare --pid` (root, or user namespaces); skipped with the reason where it is refused."""
+Needs `unshare --pid`: as root, or as any user through a user namespace of its own
+(`helpers.pid_namespace`); skipped with the reason where it is refused."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import CLI, answers_healthz, cli_token, free_port, wait_until
+from tests.helpers import CLI, answers_healthz, cli_token, free_port, pid_namespace, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
-UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
+UNSHARE = pid_namespace()
 
 # The job leaves a process in a session of its own that ends 0.3 s later, long after its parent:
 # by then it is PID 1's child, and a zombie unless PID 1 reaps it.

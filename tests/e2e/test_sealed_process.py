@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_cli import CLI, start_server, stop
-from tests.helpers import wait_until
+from tests.helpers import pid_namespace, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,11 +95,11 @@ def test_the_init_that_serve_is_as_pid_1_is_sealed_too(tmp_path: Path) -> None:
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("util-linux's unshare is missing")
-    probe = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    probe = subprocess.run([*pid_namespace(unshare), "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"no PID namespace here: {probe.stderr.decode(errors='replace')[:200]}")
     # PID 1 of a namespace of its own; dies with `unshare` (the test's stop signals that).
-    wrapper = [unshare, "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM", *_unprivileged()]
+    wrapper = [*pid_namespace(unshare), "--kill-child=SIGTERM", *_unprivileged()]
     secrets = {"RUNNER_ENCRYPTION_KEY": KEY, "RUNNER_JWT_SECRET": JWT_SECRET}
     server = start_server(tmp_path / "serve", enabled=True, wrapper=wrapper, **secrets)
     try:
