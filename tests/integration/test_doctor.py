@@ -665,6 +665,28 @@ def test_the_real_codex_is_the_pinned_version(make: Make, monkeypatch: pytest.Mo
     assert check.ok and check.detail["found"] == CODEX_VERSION, check
 
 
+def test_the_runner_makes_its_data_folder_private(make: Make, tmp_path: Path) -> None:
+    """The data folder holds the SQLite database (every job's arguments and prompts, token hashes,
+    credentials), the logs and the workspaces. One the runner made itself was 0755, with a
+    runner.db every local user could read, and its own `data_dir_permissions` then warned about
+    it. Made 0700 by whichever makes it first: the SQLite engine, or the start-up checks (a
+    database elsewhere, PostgreSQL)."""
+    old = os.umask(0o022)  # the usual one: a folder made without a mode of its own is 0755
+    try:
+        settings, _ = make()  # migrates data/runner.db
+        assert settings.data_dir.stat().st_mode & 0o777 == 0o700
+        assert "data_dir_permissions" not in checks_of(settings)
+
+        db = f"sqlite:///{tmp_path / 'db' / 'runner.db'}"
+        elsewhere, _ = make(database_url=db, RUNNER_DATA_DIR=str(tmp_path / "d2"))
+        assert not elsewhere.data_dir.exists()
+        checks = checks_of(elsewhere)
+        assert elsewhere.data_dir.stat().st_mode & 0o777 == 0o700
+        assert "data_dir_permissions" not in checks and checks["folder:data"].ok
+    finally:
+        os.umask(old)
+
+
 def test_spare_watch_warns_when_inotify_is_missing(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, _ = make()  # the demo repo: a local repo in `worktree` mode, warm workspaces on
     assert checks_of(settings)["spare_watch"].ok

@@ -203,7 +203,8 @@ def _folders(settings: Settings) -> Iterator[Check]:
     ):
         name = f"folder:{label}"
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            # The data folder private from the start: `data_dir_permissions` asks for it.
+            path.mkdir(parents=True, exist_ok=True, mode=0o700 if label == "data" else 0o777)
             if not path.is_dir():
                 raise NotADirectoryError(f"{path} exists and is not a folder")
             # A real write: os.access lies for root and for read-only mounts.

@@ -104,7 +104,8 @@ def create_store_engine(
     if url.startswith("sqlite"):
         db_path = sa.engine.make_url(url).database
         if db_path and db_path != ":memory:":
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            # Private, as the data folder it usually is: it holds every job's arguments.
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         engine = sa.create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
