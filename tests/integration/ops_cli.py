@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("codex-runner")
@@ -27,9 +27,11 @@ def _registered() -> bool:
 
 
 def run_cli(
-    args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 120
+    args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 120, wrapper: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
+    """`wrapper` comes before the command on its command line (`unshare …`)."""
     argv = [str(CONSOLE_SCRIPT), *args] if _registered() else [sys.executable, "-c", _TINY_APP, *args]
+    argv = [*wrapper, *argv]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
     full_env.update(env)
     return subprocess.run(

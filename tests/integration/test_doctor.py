@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import textwrap
 import time
 from collections.abc import Callable
@@ -663,6 +664,56 @@ def test_the_real_codex_is_the_pinned_version(make: Make, monkeypatch: pytest.Mo
     monkeypatch.setenv("PATH", f"{real.parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}")
     check = checks_of(settings)["codex_version"]
     assert check.ok and check.detail["found"] == CODEX_VERSION, check
+
+
+def _without_user_namespaces() -> list[str]:
+    """A command prefix under which no user namespace can be made, as on a host where unprivileged
+    ones are off (kernel.unprivileged_userns_clone=0, Ubuntu's AppArmor restriction): a user
+    namespace of the test's own whose limit of user namespaces is 0. Skips where even that is
+    refused."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("util-linux's unshare is missing")
+    prefix = [
+        unshare,
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"',
+        "sh",
+    ]
+    probe = subprocess.run([*prefix, unshare, "--user", "true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode == 0 or "No space left" not in probe.stderr:
+        pytest.skip(f"cannot make a user namespace without user namespaces here: {probe.stderr[:200]}")
+    return prefix
+
+
+def test_codex_sandbox_needs_user_namespaces(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """codex runs the model's commands in bubblewrap, which makes a user namespace whoever runs it:
+    root can wherever the kernel has them, a runner of its own user (what `runs_as_root` asks for)
+    only where the kernel lets unprivileged users make them. Elsewhere every command the model runs
+    fails: a warning that names the cause, tried for real (as `job_isolation` is)."""
+    prefix = _without_user_namespaces()
+    settings, env = make()
+    fake_codex(tmp_path / "bin", f'echo "codex-cli {CODEX_VERSION}"', monkeypatch)
+    assert checks_of(settings)["codex_sandbox"].ok
+
+    done = run_cli(["doctor", "--json"], env, tmp_path, wrapper=prefix)
+    assert "Traceback" not in done.stderr, done.stderr
+    [check] = [c for c in json.loads(done.stdout)["checks"] if c["name"] == "codex_sandbox"]
+    assert check["level"] == "warn" and not check["blocking"], check
+    assert "user namespace" in check["message"] and "max_user_namespaces" in check["message"], check
+    assert "\n" not in check["message"] and len(check["message"]) < 400
+
+    # Nothing to check when no job would run codex in its sandbox.
+    bare = {c.name for c in run_checks(settings, Catalog.from_settings(settings, builtins=False))}
+    assert "codex_sandbox" not in bare
+    catalog = Catalog.from_settings(settings)
+    catalog.repos = {n: dataclasses.replace(r, risk_policy="permissive") for n, r in catalog.repos.items()}
+    assert "codex_sandbox" not in {c.name for c in run_checks(settings, catalog)}
 
 
 def test_the_runner_makes_its_data_folder_private(make: Make, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -112,6 +113,7 @@ def run_checks(settings: Settings, catalog: Catalog, engine: Engine | None = Non
         checks.append(_runs_as_root())
         checks.append(_fd_limit(settings))
         checks.append(_job_isolation(settings))
+        checks += _codex_sandbox(catalog)
         checks.append(_spare_watch(settings, catalog))
         checks += _encryption(settings, eng if db_ok else None)
         checks += _repo_credentials(catalog, eng if db_ok else None)
@@ -463,6 +465,49 @@ def _job_isolation(settings: Settings) -> Check:
             return _fail("job_isolation", f"{exc.message}: RUNNER_JOB_ISOLATION=required fails every job")
         return _warn("job_isolation", f"{exc.message}: {exposed}", production=settings.production)
     return _ok("job_isolation", f"jobs are confined with Landlock (ABI {abi})", abi=abi)
+
+
+# What bubblewrap does first in codex's sandbox: a user namespace with a mount namespace in it, then
+# `/` made a slave mount. In a child of its own: a process with threads (the runner) may not
+# unshare a user namespace. CLONE_NEWUSER | CLONE_NEWNS; MS_SLAVE | MS_REC.
+_USERNS_PROBE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x10000000 | 0x00020000) != 0:
+    sys.exit("creating a user namespace fails: " + os.strerror(ctypes.get_errno()))
+if libc.mount(None, b"/", None, 0x80000 | 0x4000, None) != 0:
+    sys.exit("mounting in a new user namespace fails: " + os.strerror(ctypes.get_errno()))
+"""
+
+
+def _codex_sandbox(catalog: Catalog) -> Iterator[Check]:
+    """codex runs the model's commands in bubblewrap (every repo but a `permissive` one), which
+    needs a user namespace whoever runs it: root can make one wherever the kernel has them, a
+    runner of its own user only where the kernel lets unprivileged users (docs/operations.md,
+    "Running as a user of its own"). Without, codex.exec jobs run but every command the model
+    asks for fails. Tried for real, in a throwaway child; nothing to say without a codex to run."""
+    sandboxed = any(r.enabled and r.risk_policy != "permissive" for r in catalog.repos.values())
+    codex = [s for s in catalog.scripts.values() if is_codex_exec(s) and not _is_dangerous(s)]
+    if not sandboxed or not any(codex_version.resolve(s.command[0]) for s in codex):
+        return
+    name = "codex_sandbox"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _USERNS_PROBE], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        yield _warn(name, f"could not check codex's sandbox: {exc}")
+        return
+    if done.returncode != 0:
+        problem = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:200]
+        yield _warn(
+            name,
+            f"codex's sandbox (bubblewrap) cannot start here: {problem}; every command the model runs "
+            "fails. Allow user namespaces (user.max_user_namespaces > 0; for a runner not run as "
+            "root: kernel.unprivileged_userns_clone=1, or on Ubuntu an AppArmor profile for bwrap)",
+        )
+        return
+    yield _ok(name, "codex's sandbox can make its namespaces (bubblewrap)")
 
 
 def _spare_watch(settings: Settings, catalog: Catalog) -> Check:
