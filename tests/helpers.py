@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,20 @@ from codex_runner.store.prepared import Prepared
 
 #: The console script of the venv the tests run in.
 CLI = str(Path(sys.executable).parent / "codex-runner")
+
+
+def unprivileged() -> list[str]:
+    """What makes a command run as an ordinary user's would: as root every process holds every
+    capability (CAP_SYS_PTRACE reads any process's /proc, CAP_DAC_OVERRIDE opens a `chmod 000`
+    folder), whatever a test checks; without them, root's processes are a user like any other
+    (still the owner of the files root made). Nothing to add when not root; skips without
+    util-linux's setpriv."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without util-linux's setpriv: cannot run as an ordinary user")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all"]
 
 
 def pid_namespace(unshare: str = "unshare") -> list[str]:

@@ -5,7 +5,6 @@ RUNNER_ENCRYPTION_KEY and RUNNER_JWT_SECRET. `serve` and `worker` make themselve
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_cli import CLI, start_server, stop
-from tests.helpers import pid_namespace, wait_until
+from tests.helpers import pid_namespace, unprivileged, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,26 +21,14 @@ KEY = "5e" * 32
 JWT_SECRET = "jwt-secret-that-no-script-may-read-0123456789"
 
 
-def _unprivileged() -> list[str]:
-    """What makes a command run as an ordinary user's would: as root (the test's user here) every
-    process holds every capability, CAP_SYS_PTRACE among them, which reads any process's /proc
-    whatever this test checks; without them, root's processes are a user like any other."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without util-linux's setpriv: cannot run as an ordinary user")
-    return [setpriv, "--bounding-set=-all", "--inh-caps=-all"]
-
-
 def _read(path: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*_unprivileged(), "cat", path], capture_output=True, timeout=10)
+    return subprocess.run([*unprivileged(), "cat", path], capture_output=True, timeout=10)
 
 
 def test_a_process_of_the_runners_user_cannot_read_its_secrets(tmp_path: Path) -> None:
     # The reader does read a process of the same user that is not sealed: the checks below mean
     # something.
-    with subprocess.Popen([*_unprivileged(), "sleep", "30"], env={"PROBE": JWT_SECRET}) as plain:
+    with subprocess.Popen([*unprivileged(), "sleep", "30"], env={"PROBE": JWT_SECRET}) as plain:
         try:
             assert wait_until(lambda: _read(f"/proc/{plain.pid}/cmdline").stdout.startswith(b"sleep"))
             got = _read(f"/proc/{plain.pid}/environ")
@@ -50,7 +37,7 @@ def test_a_process_of_the_runners_user_cannot_read_its_secrets(tmp_path: Path) -
             plain.kill()
 
     secrets = {"RUNNER_ENCRYPTION_KEY": KEY, "RUNNER_JWT_SECRET": JWT_SECRET}
-    server = start_server(tmp_path / "serve", enabled=True, wrapper=_unprivileged(), **secrets)
+    server = start_server(tmp_path / "serve", enabled=True, wrapper=unprivileged(), **secrets)
     worker: subprocess.Popen[bytes] | None = None
     try:
         got = _read(f"/proc/{server.proc.pid}/environ")
@@ -61,7 +48,7 @@ def test_a_process_of_the_runners_user_cannot_read_its_secrets(tmp_path: Path) -
 
         with (tmp_path / "worker.log").open("wb") as log:
             worker = subprocess.Popen(
-                [*_unprivileged(), CLI, "worker"],
+                [*unprivileged(), CLI, "worker"],
                 env={**server.env, "RUNNER_ID": "sealed-worker"},
                 cwd=server.root,
                 stdout=log,
@@ -99,7 +86,7 @@ def test_the_init_that_serve_is_as_pid_1_is_sealed_too(tmp_path: Path) -> None:
     if probe.returncode != 0:
         pytest.skip(f"no PID namespace here: {probe.stderr.decode(errors='replace')[:200]}")
     # PID 1 of a namespace of its own; dies with `unshare` (the test's stop signals that).
-    wrapper = [*pid_namespace(unshare), "--kill-child=SIGTERM", *_unprivileged()]
+    wrapper = [*pid_namespace(unshare), "--kill-child=SIGTERM", *unprivileged()]
     secrets = {"RUNNER_ENCRYPTION_KEY": KEY, "RUNNER_JWT_SECRET": JWT_SECRET}
     server = start_server(tmp_path / "serve", enabled=True, wrapper=wrapper, **secrets)
     try:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from tests.helpers import unprivileged
 from tests.integration.conftest import Runner
 
 EXTRA = """
@@ -50,3 +53,28 @@ def test_a_folder_the_script_locked_is_opened_up_and_deleted(runner_factory: Cal
     assert job["status"] == "success", job
     assert _stage(job, "cleanup")["status"] == "success"
     assert not (runner.runtime.settings.workspace_dir / job["id"]).exists()
+
+
+def test_folders_locked_one_in_another_are_deleted_without_root(tmp_path: Path) -> None:
+    """Root opens a `chmod 000` folder anyway (CAP_DAC_OVERRIDE), so run as root the test above
+    passed whatever the cleanup did; a runner of its own user opened `d` and then left it, with
+    `d/e` locked inside, and failed the cleanup. The removal here runs without capabilities, as
+    such a runner's does."""
+    root = tmp_path / "workspaces"
+    workspace = root / "job"
+    (workspace / "d" / "e").mkdir(parents=True)
+    (workspace / "d" / "e" / "f").touch()
+    os.chmod(workspace / "d" / "e", 0)
+    os.chmod(workspace / "d", 0)
+    remove = (
+        "import sys; from pathlib import Path; from codex_runner.execution.workspace import _remove_tree; "
+        "_remove_tree(Path(sys.argv[1]), Path(sys.argv[2]))"
+    )
+    done = subprocess.run(
+        [*unprivileged(), sys.executable, "-c", remove, str(workspace), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not workspace.exists()

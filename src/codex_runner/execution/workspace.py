@@ -17,6 +17,7 @@ meets a configuration file the agent could have edited.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -1359,25 +1360,31 @@ def _remove_tree(path: Path, root: Path) -> None:
         return
     if not path.exists():
         return
-    shutil.rmtree(path, onerror=_open_up_and_retry)
+    shutil.rmtree(path, onerror=functools.partial(_open_up_and_retry, set()))
     if os.path.lexists(path):
         raise GitError(
             f"cannot delete the workspace folder {path}: {_first_left(path)} is left", code="cleanup_failed"
         )
 
 
-def _open_up_and_retry(function: Callable[..., object], failed: str, info: tuple[Any, ...]) -> None:
+def _open_up_and_retry(
+    opened: set[str], function: Callable[..., object], failed: str, info: tuple[Any, ...]
+) -> None:
     """rmtree's error handler: a permission refused in a folder the job owns is lifted (the
-    runner's user owns every file of a workspace) and the step tried once more; any other error
-    leaves the entry, which `_remove_tree` then reports."""
-    if not isinstance(info[1], PermissionError):
+    runner's user owns every file of a workspace) and the step tried once more, with the same
+    handler for what that folder holds (a locked folder inside a locked folder; root never saw
+    one, CAP_DAC_OVERRIDE opens them all). Once per path (`opened`): a chmod that changes nothing
+    (an immutable folder) must not loop. Any other error leaves the entry, which `_remove_tree`
+    then reports."""
+    if not isinstance(info[1], PermissionError) or failed in opened:
         return
+    opened.add(failed)
     with contextlib.suppress(OSError):
         parent = os.path.dirname(failed)
         os.chmod(parent, 0o700)
         if os.path.isdir(failed) and not os.path.islink(failed):
             os.chmod(failed, 0o700)
-            shutil.rmtree(failed, ignore_errors=True)
+            shutil.rmtree(failed, onerror=functools.partial(_open_up_and_retry, opened))
         else:
             function(failed)
 
