@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -35,7 +36,7 @@ from codex_runner.runtime import Runtime
 from codex_runner.store.records import utcnow
 from codex_runner.store.schema import events, idempotency_keys, jobs
 
-from tests.helpers import serve_app, write_scratch_echo_config
+from tests.helpers import CLI, serve_app, unprivileged, write_scratch_echo_config
 
 TERMINAL = ("success", "failed", "canceled", "timeout")
 ACTIVE = ("queued", "running", "cancel_requested")
@@ -646,6 +647,30 @@ def test_cli_cleanup_exits_1_when_something_could_not_be_removed(
     assert "could not remove" in done.output and orphan.exists()
     monkeypatch.setattr(retention, "_remove", real_remove)
     assert CliRunner().invoke(app, ["cleanup"], env=env).exit_code == 0
+    assert not orphan.exists()
+
+
+def test_cleanup_opens_up_a_workspace_the_job_locked_without_root(runtime: Runtime) -> None:
+    """A kept workspace (RUNNER_CLEANUP_AFTER_JOB=false, or a cleanup that failed) with folders the
+    job locked (`chmod 000`) is retention's to remove. Root does so anyway (CAP_DAC_OVERRIDE); a
+    runner of its own user failed on it at every run, for good. Shown without capabilities by
+    `codex-runner cleanup` run as such a user would."""
+    s = runtime.settings
+    orphan = s.workspace_dir / str(uuid.uuid4())
+    (orphan / "d" / "e").mkdir(parents=True)
+    (orphan / "d" / "e" / "f").touch()
+    for folder in (orphan / "d" / "e", orphan / "d", orphan):
+        os.utime(folder, (0, 0))
+    os.chmod(orphan / "d" / "e", 0)
+    os.chmod(orphan / "d", 0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    env |= {"RUNNER_DATA_DIR": str(s.data_dir), "RUNNER_DATABASE_URL": s.database_url}
+    done = subprocess.run(
+        [*unprivileged(), CLI, "cleanup", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["workspaces"] == 1 and report["errors"] == [], report
     assert not orphan.exists()
 
 

@@ -17,6 +17,7 @@ meets a configuration file the agent could have edited.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -76,6 +77,7 @@ __all__ = [
     "cleanup_unrecorded",
     "cleanup_workspace",
     "commit_changes",
+    "delete_tree",
     "lock_key",
     "prepare_workspace",
     "prewarm_spares",
@@ -1360,11 +1362,21 @@ def _remove_tree(path: Path, root: Path) -> None:
         return
     if not path.exists():
         return
+    try:
+        delete_tree(path)
+    except OSError as exc:
+        raise GitError(
+            f"cannot delete the workspace folder {path}: {exc.strerror}", code="cleanup_failed"
+        ) from None
+
+
+def delete_tree(path: Path) -> None:
+    """`shutil.rmtree` of a folder whose every file the runner's user owns (a workspace), opening
+    up what a job locked (`chmod 000`) on the way. Raises OSError naming the first entry that
+    could not go (an immutable file, a mount)."""
     shutil.rmtree(path, onerror=functools.partial(_open_up_and_retry, set()))
     if os.path.lexists(path):
-        raise GitError(
-            f"cannot delete the workspace folder {path}: {_first_left(path)} is left", code="cleanup_failed"
-        )
+        raise OSError(errno.ENOTEMPTY, f"{_first_left(path)} is left", str(path))
 
 
 def _open_up_and_retry(

@@ -39,7 +39,7 @@ from codex_runner.errors import StoreFull
 from codex_runner.execution.git import GitError
 from codex_runner.execution.gitutil import lock_key, repo_lock
 from codex_runner.execution.spares import POOLS
-from codex_runner.execution.workspace import TASK_HOME_KINDS
+from codex_runner.execution.workspace import TASK_HOME_KINDS, delete_tree
 from codex_runner.jobs import TERMINAL, EventType
 from codex_runner.logs.location import MARK_PREFIX
 from codex_runner.ops.audit import audit_event
@@ -589,7 +589,8 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         # A worktree's registration in its source repo is pruned by the next `git worktree prune`.
-        shutil.rmtree(path)
+        # What a job locked (`chmod 000`) is opened up: only root's rmtree got through it.
+        delete_tree(path)
 
 
 # -- the loop inside serve --------------------------------------------------------------------
