@@ -843,27 +843,30 @@ def find_job_processes(
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                environ = fh.read()
-        except OSError:
-            continue
-        variables = environ.split(b"\0")
-        if git_stage_only and not any(var.startswith(b"RUNNER_GIT_STAGE=") for var in variables):
-            continue
-        job_id = next(
-            (
-                var[len(JOB_ENV_PREFIX) :].decode("utf-8", "replace")
-                for var in variables
-                if var.startswith(JOB_ENV_PREFIX)
-            ),
-            None,
-        )
-        if job_id is None and not git_stage_only:
-            job_id = _job_of_arguments(entry.name)
+        job_id = _job_of_process(entry.name, git_stage_only)
         if job_id is not None and (job_ids is None or job_id in job_ids):
             found.setdefault(job_id, []).append(int(entry.name))
     return found
+
+
+def _job_of_process(pid: str, git_stage_only: bool) -> str | None:
+    """The job process `pid` belongs to (`find_job_processes`), or None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            environ = fh.read()
+    except PermissionError:
+        # A process that made itself non-dumpable (an ssh-agent) hides its environment from a
+        # runner without CAP_SYS_PTRACE; its arguments are still readable.
+        return None if git_stage_only else _job_of_arguments(pid)
+    except OSError:
+        return None
+    variables = environ.split(b"\0")
+    if git_stage_only and not any(var.startswith(b"RUNNER_GIT_STAGE=") for var in variables):
+        return None
+    for var in variables:
+        if var.startswith(JOB_ENV_PREFIX):
+            return var[len(JOB_ENV_PREFIX) :].decode("utf-8", "replace")
+    return None if git_stage_only else _job_of_arguments(pid)
 
 
 def _job_of_arguments(pid: str) -> str | None:
