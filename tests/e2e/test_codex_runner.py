@@ -217,6 +217,27 @@ def start_runner(
 
 def assert_no_process_left(job_id: str) -> None:
     assert processes_with_env("RUNNER_JOB_ID", job_id) == []
+    # codex's sandbox helper (bubblewrap) carries no RUNNER_JOB_ID, but its arguments name the
+    # job's workspace: it outlived a codex that failed. The runner's scan after a job (about 1 s
+    # later, docs/execution.md) takes it.
+    deadline = time.monotonic() + 10
+    while left := _naming(job_id):
+        assert time.monotonic() < deadline, left
+        time.sleep(0.1)
+
+
+def _naming(job_id: str) -> list[str]:
+    """Command lines of live processes that name `job_id` (its workspace)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if job_id.encode() in cmdline:
+                found.append(cmdline.replace(b"\0", b" ")[:200].decode(errors="replace"))
+    return found
 
 
 def test_apply_patch_job_commits_the_file_and_reports_the_agent(
