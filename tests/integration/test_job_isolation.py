@@ -160,3 +160,50 @@ commit = false
         probe = f'echo x >> "{alternates}" 2>/dev/null && echo mirror-written || echo mirror-read-only'
         second = runner.wait(runner.submit({"cmd": probe}, repo="url", script="probe")["id"])
         assert "mirror-read-only" in _log(runner, second["id"]), _log(runner, second["id"])
+
+
+# A client that says whether it could connect to the abstract unix socket named by its argument.
+_CONNECT = """import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("\\0" + sys.argv[1])
+    print("connected", sys.argv[1])
+except OSError as e:
+    print("refused", sys.argv[1], e.strerror)
+"""
+# The job's own server on an abstract socket, and its own client: inside one job they still talk.
+_OWN = """import socket, subprocess, sys
+srv = socket.socket(socket.AF_UNIX)
+srv.bind("\\0" + sys.argv[1])
+srv.listen(1)
+subprocess.run([sys.executable, sys.argv[2], sys.argv[1]], check=True)
+"""
+
+
+@pytest.mark.skipif(sandbox.abi_version() < 6, reason="abstract unix socket scoping needs Landlock ABI 6")
+def test_a_job_cannot_connect_to_an_abstract_unix_socket_outside_it(
+    runner_factory: Callable[..., Runner], out: Path
+) -> None:
+    """Abstract unix sockets have no file, so the file rules do not cover them: without the
+    scope, a job reaches any listener of the machine's network namespace (another job's language
+    server, a container runtime's shim, the runner's own were it to have one)."""
+    import socket
+    import sys
+    import uuid
+
+    runner = runner_factory(extra_toml=EXTRA)
+    (out / "connect.py").write_text(_CONNECT)
+    (out / "own.py").write_text(_OWN)
+    outside = f"codex-runner-test-{uuid.uuid4().hex}"
+    own = f"codex-runner-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind("\0" + outside)  # as the runner, or a process of another job
+        listener.listen(1)
+        python = sys.executable
+        cmd = f"{python} {out}/connect.py {outside} && {python} {out}/own.py {own} {out}/connect.py"
+        job = runner.submit({"cmd": cmd}, script="probe")
+        done = runner.wait(job["id"])
+    lines = _log(runner, job["id"]).splitlines()
+    assert done["status"] == "success", lines
+    assert f"connected {own}" in lines, lines
+    assert any(line.startswith(f"refused {outside}") for line in lines), lines

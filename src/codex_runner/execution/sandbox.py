@@ -65,7 +65,10 @@ _ABI1 = (1 << 13) - 1  # EXECUTE … MAKE_SYM
 REFER = 1 << 13  # ABI 2: renames and links across folders (denied everywhere unless handled)
 TRUNCATE = 1 << 14  # ABI 3
 IOCTL_DEV = 1 << 15  # ABI 5
-_SCOPE_SIGNAL = 1 << 1  # ABI 6
+# Scopes (ABI 6): no connecting to an abstract unix socket, and no signal, outside the domain.
+_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
+_SCOPE_SIGNAL = 1 << 1
+_SCOPES = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL
 #: The rights a rule on a file (not a folder) may carry.
 _FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 #: What a clone's borrowed object store needs: reading.
@@ -381,7 +384,9 @@ def build_ruleset(access: JobAccess, abi: int) -> int:
     """A ruleset's descriptor (the caller closes it) that grants everything but `access.hidden`,
     and `access.granted` inside it."""
     full = handled_rights(abi)
-    attr = _RulesetAttr(full, 0, _SCOPE_SIGNAL if abi >= 6 else 0)
+    # Abstract unix sockets have no file for a rule to cover: without their scope a job connects
+    # to any listener of the network namespace (another job's server, a container shim's).
+    attr = _RulesetAttr(full, 0, _SCOPES if abi >= 6 else 0)
     size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else 8  # older kernels refuse unknown fields
     ruleset = _syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), size, 0)
     try:
