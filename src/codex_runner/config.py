@@ -163,6 +163,8 @@ class Settings:
     http_max_connections: int = 1024
     # Landlock confinement of every job's processes (execution/sandbox.py): auto, required, off.
     job_isolation: str = "auto"
+    # RLIMIT_NPROC of every job's processes (execution/limits.py); 0: the runner's own.
+    job_max_processes: int = 8192
     # Paths beyond the runner's own files that no job may reach (execution/sandbox.py).
     job_hidden_paths: tuple[str, ...] = ()
     # The raw [repos.*] and [scripts.*] tables; catalog.py gives them meaning.
@@ -241,6 +243,8 @@ _INT_MAXIMUMS: dict[str, int] = {
     "log_max_bytes": 1 << 50,
     "audit_log_max_bytes": 1 << 50,
     "max_request_bytes": 1 << 50,
+    # Linux's own ceiling on process ids (kernel.pid_max at most).
+    "job_max_processes": 1 << 22,
 }
 # Any other count: what the database's integers hold (SQLite's end at 2**63, and a value past
 # them failed only at the first query that used it: retention on every pass, for one).

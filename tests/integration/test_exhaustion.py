@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -270,6 +271,42 @@ def test_a_workspace_that_cannot_be_made_fails_the_prepare_not_the_runner(
     prepare = next(s for s in done["stages"] if s["name"] == "prepare")
     assert prepare["status"] == "failed" and "No space left on device" in prepare["error"]
     assert runner.wait(runner.submit({})["id"], timeout=30)["status"] == "success"  # inodes are back
+
+
+# Forks children that sleep until it cannot fork any more (or made 40), and says how many it made.
+_FORKS = """import os, time
+made = 0
+for _ in range(40):
+    try:
+        pid = os.fork()
+    except BlockingIOError:
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    made += 1
+print("forked", made)
+"""
+
+
+def test_a_fork_bomb_stops_at_the_jobs_process_limit(runner_factory: Callable[..., Runner]) -> None:
+    """RLIMIT_NPROC counts every process and thread of the job's user, and the kernel does not
+    enforce it for root; so the job here runs as an unused uid of its own (setpriv), as a
+    runner's own user would be, with RUNNER_JOB_MAX_PROCESSES=5: it forks 4 children, not 40."""
+    setpriv, python = shutil.which("setpriv"), "/usr/bin/python3"
+    if os.geteuid() != 0 or setpriv is None or not os.access(python, os.X_OK):
+        pytest.skip("needs root, util-linux's setpriv and /usr/bin/python3 to run a job as another uid")
+    uid = "64999"  # no account: nothing else runs as it
+    command = json.dumps(
+        [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", python, "-c", _FORKS]
+    )
+    runner = runner_factory(
+        extra_toml=f"\n[scripts.forks]\ncommand = {command}\n", RUNNER_JOB_MAX_PROCESSES="5"
+    )
+    done = runner.wait(runner.submit({}, script="forks")["id"], timeout=60)
+    log = runner.client.get(f"/api/runner/jobs/{done['id']}/logs").json()["content"]
+    assert done["status"] == "success", log
+    assert "forked 4" in log.splitlines(), log
 
 
 def test_hundreds_of_short_lived_children_are_all_gone_when_the_job_ends(

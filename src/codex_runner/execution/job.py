@@ -554,6 +554,7 @@ class JobRun:
             env=build_env(script.env, extra),
             access=access if confine else None,
             isolation=self.settings.job_isolation,
+            max_processes=self.settings.job_max_processes,
             stdin=script.build_stdin(
                 args, workspace=str(ws.path), job_id=self.job_id, repo=repo.name, branch=ws.branch or ""
             ),

@@ -46,9 +46,13 @@ def job_oom_score_adj() -> int | None:
     return min(1000, max(JOB_OOM_SCORE_ADJ, own + JOB_OOM_SCORE_ADJ))
 
 
-def confine_leader(pid: int) -> None:
+def confine_leader(pid: int, max_processes: int = 0) -> None:
     """Applies the job's own limits to its freshly spawned leader; never raises (the job runs
-    with the runner's values if the kernel refuses, e.g. for a set-user-ID program)."""
+    with the runner's values if the kernel refuses, e.g. for a set-user-ID program).
+    `max_processes` (RUNNER_JOB_MAX_PROCESSES, 0: none) becomes its RLIMIT_NPROC, soft and hard,
+    so that the job cannot raise it again."""
+    if max_processes > 0:
+        _set_nproc(pid, max_processes)
     if _job_nofile is not None:
         try:
             _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -68,3 +72,16 @@ def confine_leader(pid: int) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ESRCH):  # not gone already (a trivial job)
             log.debug("job_oom_score_not_set", pid=pid, error=exc.strerror)
+
+
+def _set_nproc(pid: int, limit: int) -> None:
+    """RLIMIT_NPROC counts every process and thread of the job's *user*, the runner's own among
+    them: a fork bomb stops at `limit` of them in all, while the runner, with its own higher
+    limit, still starts threads, git and other jobs' leaders. The kernel ignores it for root."""
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        value = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+        resource.prlimit(pid, resource.RLIMIT_NPROC, (value, value))
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            log.debug("job_nproc_not_set", pid=pid, error=exc.strerror)

@@ -93,6 +93,8 @@ class ProcessSpec:
     access: JobAccess | None = None
     #: RUNNER_JOB_ISOLATION: `required` fails the spawn where `access` cannot be enforced.
     isolation: str = "auto"
+    #: RUNNER_JOB_MAX_PROCESSES: the leader's RLIMIT_NPROC (execution/limits.py); 0 leaves it.
+    max_processes: int = 0
 
 
 @dataclass
@@ -390,7 +392,7 @@ class JobProcess:
             # Only the child may hold the write ends, so EOF means every writer of the job is gone.
             os.close(out_w)
             os.close(err_w)
-        confine_leader(proc.pid)
+        confine_leader(proc.pid, spec.max_processes)
         job_process = cls(proc, spec, sink, out_r, err_r, time.monotonic())
         job_process._stdout_tap = stdout_tap
         return job_process
