@@ -4,6 +4,8 @@ everything outside the runner's files. Real jobs through a real server."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,3 +209,37 @@ def test_a_job_cannot_connect_to_an_abstract_unix_socket_outside_it(
     assert done["status"] == "success", lines
     assert f"connected {own}" in lines, lines
     assert any(line.startswith(f"refused {outside}") for line in lines), lines
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` no longer runs (gone, or a zombie its new parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sandbox.abi_version() < 6, reason="signal scoping needs Landlock ABI 6")
+def test_a_process_that_sheds_every_mark_of_its_job_still_ends_with_it(
+    runner_factory: Callable[..., Runner], out: Path
+) -> None:
+    """A daemon out of the job's session, with an empty environment (no RUNNER_JOB_ID), its
+    working directory out of the workspace and nothing of it in its arguments: neither the group
+    kill nor the /proc scan can tell it is the job's. It is still in the job's Landlock domain,
+    and whatever the domain holds is killed before the job's terminal status (SPEC §3)."""
+    from tests.helpers import wait_until
+
+    runner = runner_factory(extra_toml=EXTRA)
+    pidfile = out / "escaped"
+    daemon = f"echo $$ > {pidfile}; cd /; exec sleep 300"
+    cmd = f"setsid env -i /bin/sh -c '{daemon}' < /dev/null > /dev/null 2>&1 &\nwhile [ ! -s {pidfile} ]; do sleep 0.01; done"
+    job = runner.submit({"cmd": cmd}, script="probe")
+    done = runner.wait(job["id"])
+    pid = int(pidfile.read_text())
+    try:
+        assert done["status"] == "success", done
+        assert _gone(pid) or wait_until(lambda: _gone(pid), timeout=1), "the daemon outlived its job"
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)

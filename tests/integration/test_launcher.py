@@ -324,11 +324,20 @@ def escapees() -> Iterator[Callable[[Path], list[int]]]:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def unconfined(runner_factory: Callable[..., Any]) -> Any:
+    """A runner whose jobs are not confined: a confined job's daemons go with its Landlock domain
+    before its terminal status (sandbox.Domain; test_job_isolation.py), so the /proc scans tested
+    here are what finds those of a job that has none (codex in its own sandbox, no Landlock)."""
+    return runner_factory(RUNNER_JOB_ISOLATION="off")
+
+
 def test_a_daemon_that_left_the_group_dies_after_its_job(
-    runner: Any, tmp_path: Path, escapees: Callable[[Path], list[int]], out: Path
+    unconfined: Any, tmp_path: Path, escapees: Callable[[Path], list[int]], out: Path
 ) -> None:
     """setsid takes a process out of the job's group, so the group kill misses it; the runner
     finds it by RUNNER_JOB_ID in its environment shortly after the job ends."""
+    runner = unconfined
     escape = out / "escaped"
     done = runner.wait(runner.submit({"escape": str(escape)})["id"])
     assert done["status"] == "success"
@@ -337,12 +346,13 @@ def test_a_daemon_that_left_the_group_dies_after_its_job(
 
 
 def test_a_daemon_without_the_jobs_environment_that_names_its_workspace_dies_after_it(
-    runner: Any, escapees: Callable[[Path], list[int]], out: Path
+    unconfined: Any, escapees: Callable[[Path], list[int]], out: Path
 ) -> None:
     """codex's sandbox helper (bubblewrap) runs in a session of its own with an environment of its
     own making (no RUNNER_JOB_ID), and outlived codex when codex failed: neither the group kill nor
     the environment scan found it. Its arguments name the job's workspace, which is the job's
     alone."""
+    runner = unconfined
     escape = out / "escaped-bare"
     done = runner.wait(runner.submit({"escape_bare": str(escape)})["id"])
     assert done["status"] == "success"
@@ -351,10 +361,11 @@ def test_a_daemon_without_the_jobs_environment_that_names_its_workspace_dies_aft
 
 
 def test_a_canceled_jobs_daemon_is_gone_by_its_terminal_status(
-    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], out: Path
+    unconfined: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], out: Path
 ) -> None:
     """Cancel and timeout stop the job's processes outside its group too (codex without a sandbox
     runs every command in a group of its own), within the grace: not at the sweep after the job."""
+    runner = unconfined
     from codex_runner import launcher as launcher_module
 
     monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # the sweep plays no part
@@ -388,10 +399,16 @@ def test_a_cancel_sends_the_jobs_group_one_sigterm(
 
 @pytest.mark.parametrize("how", ["stop", "forced exit"])
 def test_stopping_kills_a_daemon_of_a_job_that_just_ended(
-    runner: Any, tmp_path: Path, monkeypatch: Any, escapees: Callable[[Path], list[int]], how: str, out: Path
+    unconfined: Any,
+    tmp_path: Path,
+    monkeypatch: Any,
+    escapees: Callable[[Path], list[int]],
+    how: str,
+    out: Path,
 ) -> None:
     """A graceful stop scans for the escaped processes of jobs that ended since the last scan, and so
     does a forced exit (the second signal's kill, here without the exit itself)."""
+    runner = unconfined
     from codex_runner import launcher as launcher_module
 
     monkeypatch.setattr(launcher_module, "ESCAPED_SWEEP_DELAY", 600.0)  # only the stop's scan runs

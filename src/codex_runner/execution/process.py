@@ -27,7 +27,14 @@ import structlog
 
 from codex_runner.errors import RunnerError
 from codex_runner.execution.limits import confine_leader
-from codex_runner.execution.sandbox import ConfinementFailed, JobAccess, abi_version, refusal, run_confined
+from codex_runner.execution.sandbox import (
+    ConfinementFailed,
+    Domain,
+    JobAccess,
+    abi_version,
+    refusal,
+    run_confined,
+)
 
 log = structlog.get_logger("codex_runner.execution")
 
@@ -271,15 +278,18 @@ def _check_cwd(cwd: Path) -> None:
 _unconfined_warned = False
 
 
-def _spawn(spec: ProcessSpec, popen: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """`popen()`, confined to `spec.access` when there is one and the kernel can (Landlock)."""
+def _spawn(
+    spec: ProcessSpec, popen: Callable[[], subprocess.Popen[bytes]], domain: Domain
+) -> subprocess.Popen[bytes]:
+    """`popen()`, confined to `spec.access` when there is one and the kernel can (Landlock); then
+    `domain` serves the job's domain where the kernel scopes signals."""
     global _unconfined_warned
     if spec.access is None or spec.isolation == "off":
         return popen()
     abi = abi_version()
     if abi > 0:
         try:
-            return run_confined(spec.access, abi, popen)
+            return run_confined(spec.access, abi, popen, domain)
         except ConfinementFailed as exc:
             if spec.isolation == "required":
                 raise
@@ -308,8 +318,10 @@ class JobProcess:
         out_fd: int,
         err_fd: int,
         started: float,
+        domain: Domain | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._domain = domain
         self._proc = proc
         self._exit: asyncio.Future[int] = self._loop.create_future()
         self._sink = sink
@@ -360,6 +372,7 @@ class JobProcess:
             os.close(out_r)
             os.close(out_w)
             raise
+        domain = Domain()
         try:
             # Popen on the loop, as asyncio's own subprocess support does (vfork + exec take well
             # under a millisecond), or, confined, in a thread of its own the loop waits for
@@ -377,6 +390,7 @@ class JobProcess:
                     start_new_session=True,
                     close_fds=True,
                 ),
+                domain,
             )
         except BaseException as exc:
             os.close(out_r)
@@ -393,7 +407,11 @@ class JobProcess:
             os.close(out_w)
             os.close(err_w)
         confine_leader(proc.pid, spec.max_processes)
-        job_process = cls(proc, spec, sink, out_r, err_r, time.monotonic())
+        try:
+            job_process = cls(proc, spec, sink, out_r, err_r, time.monotonic(), domain)
+        except BaseException:
+            domain.close()
+            raise
         job_process._stdout_tap = stdout_tap
         return job_process
 
@@ -518,6 +536,13 @@ class JobProcess:
             self._exit.set_result(rc)
 
     async def _supervise(self) -> ProcessOutcome:
+        try:
+            return await self._supervised()
+        finally:
+            if self._domain is not None:
+                self._domain.close()
+
+    async def _supervised(self) -> ProcessOutcome:
         rc = await asyncio.shield(self._exit)
         duration_ms = int((time.monotonic() - self._started) * 1000)
         alive = group_alive(self.pgid)
@@ -528,6 +553,10 @@ class JobProcess:
             await asyncio.shield(self._kill_task)  # a terminate() in progress keeps its own grace
         elif alive:
             await self._stop_group(STRAY_GRACE_SECONDS)
+        # What left the group and every mark of the job (sandbox.Domain): before the terminal
+        # status, and before the wait for the pipes, which such a process may hold.
+        if self._domain is not None and self._domain.kill_all():
+            log.warning("killed_processes_left_in_job_domain", pgid=self.pgid)
         try:
             if not self._drained.is_set():  # mostly it is: the EOFs come with the exit
                 await asyncio.wait_for(self._drained.wait(), PIPE_EOF_SECONDS)

@@ -32,6 +32,7 @@ import _thread
 import ctypes
 import functools
 import os
+import signal
 import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -427,10 +428,78 @@ def _safe_grants(granted: Sequence[tuple[str, int]], hidden: Sequence[str]) -> l
 T = TypeVar("T")
 
 
-def run_confined(access: JobAccess, abi: int, start: Callable[[], T]) -> T:
+class Domain:
+    """The thread that confined a job's leader, kept in the job's Landlock domain until `close`,
+    to kill what the domain still holds (`kill_all`).
+
+    A process can leave the job's group and session, drop `RUNNER_JOB_ID` from its environment,
+    leave the workspace and name nothing of it in its arguments (`setsid env -i sh -c 'cd /; …'`):
+    nothing the runner reads in /proc tells it is the job's. It cannot leave the job's domain,
+    though, and with the signal scope (ABI 6) a process in the domain may signal only processes in
+    it: `kill(-1, SIGKILL)` sent from inside kills exactly the job's processes (the kernel spares
+    the sender's own process, the runner). One idle thread per running job; `kill_all` costs a
+    hand-off and one system call."""
+
+    def __init__(self) -> None:
+        self._request = _thread.allocate_lock()
+        self._request.acquire()
+        self._reply = _thread.allocate_lock()
+        self._reply.acquire()
+        #: Set by the confined thread once the leader started in a domain with the signal scope.
+        self.serving = False
+        self._closing = False
+        self._killed = False
+
+    def _serve(self) -> None:
+        while True:
+            self._request.acquire()
+            if self._closing:
+                self._reply.release()
+                return
+            self._killed = _kill_domain()
+            self._reply.release()
+
+    def kill_all(self) -> bool:
+        """SIGKILLs every process left in the job's domain; whether there was any. False (and
+        nothing signalled) when the leader was not started in such a domain."""
+        if not self.serving or self._closing:
+            return False
+        self._request.release()
+        self._reply.acquire()
+        return self._killed
+
+    def close(self) -> None:
+        """Ends the thread. Idempotent."""
+        if self.serving and not self._closing:
+            self._closing = True
+            self._request.release()
+            self._reply.acquire()
+
+
+def _kill_domain() -> bool:
+    """From inside a job's domain: SIGKILL every process it may signal, which the signal scope
+    makes the domain's. Signals nothing if init answers: the scope is then not in force, and
+    `kill(-1)` would reach every process of the runner's user (of the machine, as root)."""
+    try:
+        os.kill(1, 0)
+    except PermissionError:
+        pass
+    except OSError:
+        return False
+    else:
+        return False
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:  # ESRCH: nothing left
+        return False
+    return True
+
+
+def run_confined(access: JobAccess, abi: int, start: Callable[[], T], domain: Domain | None = None) -> T:
     """Calls `start` (which spawns the job's leader) in a new thread that first confines itself to
     `access`; the leader and all it starts inherit that. Raises `ConfinementFailed` when the
-    kernel refuses, and whatever `start` raises."""
+    kernel refuses, and whatever `start` raises. With `domain`, where the kernel scopes signals
+    (ABI 6), the thread then stays, serving it, until `domain.close()`."""
     result: list[T] = []
     failure: list[BaseException] = []
 
@@ -448,6 +517,8 @@ def run_confined(access: JobAccess, abi: int, start: Callable[[], T]) -> T:
             except OSError as exc:
                 raise ConfinementFailed(refusal(exc)) from None
             result.append(start())
+            if domain is not None and abi >= 6:
+                domain.serving = True
         except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
 
@@ -461,6 +532,8 @@ def run_confined(access: JobAccess, abi: int, start: Callable[[], T]) -> T:
             confined()
         finally:
             done.release()
+        if domain is not None and domain.serving:
+            domain._serve()
 
     _thread.start_new_thread(run, ())
     done.acquire()
