@@ -447,33 +447,33 @@ class Domain:
         self._reply.acquire()
         #: Set by the confined thread once the leader started in a domain with the signal scope.
         self.serving = False
-        self._closing = False
+        self._done = False  # kill_all or close was called: the thread's one request is made
+        self._kill = False
         self._killed = False
 
     def _serve(self) -> None:
-        while True:
-            self._request.acquire()
-            if self._closing:
-                self._reply.release()
-                return
+        # One request, then the thread ends: a kill (waited for) or a close (not).
+        self._request.acquire()
+        if self._kill:
             self._killed = _kill_domain()
             self._reply.release()
 
     def kill_all(self) -> bool:
-        """SIGKILLs every process left in the job's domain; whether there was any. False (and
-        nothing signalled) when the leader was not started in such a domain."""
-        if not self.serving or self._closing:
+        """SIGKILLs every process left in the job's domain, and ends the thread; whether any was
+        signalled (a zombie counts). False, and nothing signalled, when the leader was not started
+        in such a domain or the domain is closed."""
+        if not self.serving or self._done:
             return False
+        self._done = self._kill = True
         self._request.release()
         self._reply.acquire()
         return self._killed
 
     def close(self) -> None:
-        """Ends the thread. Idempotent."""
-        if self.serving and not self._closing:
-            self._closing = True
+        """Ends the thread without a kill, and without waiting for it. Idempotent."""
+        if self.serving and not self._done:
+            self._done = True
             self._request.release()
-            self._reply.acquire()
 
 
 def _kill_domain() -> bool:
