@@ -221,24 +221,33 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(sandbox.abi_version() < 6, reason="signal scoping needs Landlock ABI 6")
+@pytest.mark.parametrize("end", ["exit", "cancel"])
 def test_a_process_that_sheds_every_mark_of_its_job_still_ends_with_it(
-    runner_factory: Callable[..., Runner], out: Path
+    runner_factory: Callable[..., Runner], out: Path, end: str
 ) -> None:
     """A daemon out of the job's session, with an empty environment (no RUNNER_JOB_ID), its
     working directory out of the workspace and nothing of it in its arguments: neither the group
     kill nor the /proc scan can tell it is the job's. It is still in the job's Landlock domain,
-    and whatever the domain holds is killed before the job's terminal status (SPEC §3)."""
+    and whatever the domain holds is killed before the job's terminal status (SPEC §3), whether
+    the script ended by itself or was canceled."""
     from tests.helpers import wait_until
 
     runner = runner_factory(extra_toml=EXTRA)
     pidfile = out / "escaped"
     daemon = f"echo $$ > {pidfile}; cd /; exec sleep 300"
-    cmd = f"setsid env -i /bin/sh -c '{daemon}' < /dev/null > /dev/null 2>&1 &\nwhile [ ! -s {pidfile} ]; do sleep 0.01; done"
+    wait = "sleep 60" if end == "cancel" else "true"
+    cmd = (
+        f"setsid env -i /bin/sh -c '{daemon}' < /dev/null > /dev/null 2>&1 &\n"
+        f"while [ ! -s {pidfile} ]; do sleep 0.01; done; {wait}"
+    )
     job = runner.submit({"cmd": cmd}, script="probe")
-    done = runner.wait(job["id"])
+    assert wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=20)
     pid = int(pidfile.read_text())
     try:
-        assert done["status"] == "success", done
+        if end == "cancel":
+            assert runner.client.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 202
+        done = runner.wait(job["id"])
+        assert done["status"] == ("canceled" if end == "cancel" else "success"), done
         assert _gone(pid) or wait_until(lambda: _gone(pid), timeout=1), "the daemon outlived its job"
     finally:
         if not _gone(pid):
