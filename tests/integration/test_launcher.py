@@ -332,29 +332,17 @@ def unconfined(runner_factory: Callable[..., Any]) -> Any:
     return runner_factory(RUNNER_JOB_ISOLATION="off")
 
 
+@pytest.mark.parametrize("arg", ["escape", "escape_bare"])
 def test_a_daemon_that_left_the_group_dies_after_its_job(
-    unconfined: Any, tmp_path: Path, escapees: Callable[[Path], list[int]], out: Path
+    unconfined: Any, escapees: Callable[[Path], list[int]], out: Path, arg: str
 ) -> None:
     """setsid takes a process out of the job's group, so the group kill misses it; the runner
-    finds it by RUNNER_JOB_ID in its environment shortly after the job ends."""
-    runner = unconfined
-    escape = out / "escaped"
-    done = runner.wait(runner.submit({"escape": str(escape)})["id"])
-    assert done["status"] == "success"
-    pids = escapees(escape)
-    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
-
-
-def test_a_daemon_without_the_jobs_environment_that_names_its_workspace_dies_after_it(
-    unconfined: Any, escapees: Callable[[Path], list[int]], out: Path
-) -> None:
-    """codex's sandbox helper (bubblewrap) runs in a session of its own with an environment of its
-    own making (no RUNNER_JOB_ID), and outlived codex when codex failed: neither the group kill nor
-    the environment scan found it. Its arguments name the job's workspace, which is the job's
-    alone."""
-    runner = unconfined
-    escape = out / "escaped-bare"
-    done = runner.wait(runner.submit({"escape_bare": str(escape)})["id"])
+    finds it by RUNNER_JOB_ID in its environment shortly after the job ends (`escape`). codex's
+    sandbox helper (bubblewrap) runs in a session of its own with an environment of its own making
+    (no RUNNER_JOB_ID) and outlived codex when codex failed: its arguments name the job's
+    workspace, which is the job's alone (`escape_bare`)."""
+    escape = out / arg
+    done = unconfined.wait(unconfined.submit({arg: str(escape)})["id"])
     assert done["status"] == "success"
     pids = escapees(escape)
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
