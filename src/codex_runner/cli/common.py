@@ -84,13 +84,9 @@ def info(message: str) -> None:
 
 
 def cell(value: object) -> Text:
-    """A table cell from data: rich must not read `[...]` in a user's text as markup."""
-    return Text("" if value is None else str(value))
-
-
-def shown(value: object) -> Text:
-    """Text of a job's own making (an error message, a stage's stderr tail) for the terminal: its
-    control characters (an escape sequence a script printed) as `\\xNN`, lines and tabs kept."""
+    """Text of data for the terminal (a table cell, a job's error or stderr tail): rich must not
+    read `[...]` in it as markup, and its control characters (an escape sequence a script printed)
+    are written as `\\xNN`, lines and tabs kept."""
     text = "" if value is None else str(value)
     return Text("".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text))
 

@@ -27,7 +27,6 @@ from codex_runner.cli.common import (
     out,
     print_json,
     settings,
-    shown,
     status_text,
 )
 from codex_runner.cli.follow import EXIT_BY_STATUS, TERMINAL, LogFollower, jobs_path, wait_for_job
@@ -257,7 +256,7 @@ def outcome_line(job: dict[str, Any]) -> Text:
         line.append(f" (exit {job['exit_code']})")
     if status != "success" and (job.get("error_code") or job.get("error_message")):
         line.append(
-            shown(f": {job.get('error_code') or 'error'}: {job.get('error_message') or ''}".rstrip(": "))
+            cell(f": {job.get('error_code') or 'error'}: {job.get('error_message') or ''}".rstrip(": "))
         )
     result = job.get("result")
     if isinstance(result, dict) and result.get("commit"):
@@ -339,7 +338,7 @@ def show_job(job_id: JobId, json_out: JsonOpt = False) -> None:
         ("attempt", cell(job.get("attempt"))),
     ]
     if job.get("error_code") or job.get("error_message"):
-        rows.append(("error", shown(f"{job.get('error_code')}: {job.get('error_message')}")))
+        rows.append(("error", cell(f"{job.get('error_code')}: {job.get('error_message')}")))
     result = job.get("result")
     if isinstance(result, dict):
         rows += [
@@ -370,7 +369,7 @@ def show_job(job_id: JobId, json_out: JsonOpt = False) -> None:
             if stage.get("error"):
                 out.print()
                 out.print(Text(f"{stage.get('name')} {stage.get('status')}:", style="bold"))
-                out.print(shown(stage["error"].rstrip("\n")))
+                out.print(cell(stage["error"].rstrip("\n")))
     if job.get("events"):
         out.print()
         out.print(_events_table(job["events"]))
@@ -383,7 +382,7 @@ def _events_table(events: list[dict[str, Any]]) -> Table:
             cell(event.get("created_at")),
             cell(event.get("event_type")),
             cell(event.get("actor")),
-            shown(event.get("message")),
+            cell(event.get("message")),
         )
     return table
 
