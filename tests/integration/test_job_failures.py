@@ -269,7 +269,9 @@ def test_an_in_place_job_whose_cleanup_fails_keeps_its_outcome(
     # (A lock nobody holds, left by a killed git, is removed: test_git_workspace.py.)
     runner = runner_factory()
     lock = tmp_path / "repo" / ".git" / "index.lock"
-    job = runner.submit({"touch": str(lock), "sleep": "1"}, repo="inplace")
+    # The script sleeps long enough for the test to open the lock before the cleanup looks at it:
+    # with 1 s, a loaded CI machine once saw the cleanup remove a lock nobody held yet.
+    job = runner.submit({"touch": str(lock), "sleep": "5"}, repo="inplace")
     assert wait_until(lock.exists, timeout=30)
     try:
         with lock.open("a"):
