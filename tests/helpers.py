@@ -88,6 +88,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
     return predicate()
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` still runs: not gone, and not a zombie (or dead) its parent has not reaped
+    yet. /proc/<pid>/stat of a process that vanishes between the open and the read raises
+    ProcessLookupError: that is gone too."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def terminal_manifest(runs_dir: Path, job_id: str) -> dict[str, Any]:
     """A job's manifest once it is terminal. It is published right after the status is written
     (after its file's fsync, docs/execution.md), so a reader that saw the terminal status may be a

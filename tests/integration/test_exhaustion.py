@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import random
 import resource
 import shutil
 import subprocess
@@ -289,6 +291,22 @@ print("forked", made)
 """
 
 
+def _uid_without_processes() -> int:
+    """A uid with no account and no process, zombies included: RLIMIT_NPROC counts every process
+    of the uid in the kernel, so a fixed one was shared with whatever else ran as it (a killed but
+    unreaped child of an earlier run; another container on the same kernel runs this suite too),
+    and the job forked fewer than its four. Drawn at random from a wide range, checked here."""
+    used = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            line = next(x for x in status.read_text().splitlines() if x.startswith("Uid:"))
+        except (OSError, StopIteration):  # gone meanwhile
+            continue
+        used.update(int(u) for u in line.split()[1:])
+    taken = used | {entry.pw_uid for entry in pwd.getpwall()}
+    return next(uid for uid in iter(lambda: random.randrange(1 << 20, 1 << 30), None) if uid not in taken)
+
+
 def test_a_fork_bomb_stops_at_the_jobs_process_limit(runner_factory: Callable[..., Runner]) -> None:
     """RLIMIT_NPROC counts every process and thread of the job's user, and the kernel does not
     enforce it for root; so the job here runs as an unused uid of its own (setpriv), as a
@@ -296,7 +314,7 @@ def test_a_fork_bomb_stops_at_the_jobs_process_limit(runner_factory: Callable[..
     setpriv, python = shutil.which("setpriv"), "/usr/bin/python3"
     if os.geteuid() != 0 or setpriv is None or not os.access(python, os.X_OK):
         pytest.skip("needs root, util-linux's setpriv and /usr/bin/python3 to run a job as another uid")
-    uid = "64999"  # no account: nothing else runs as it
+    uid = str(_uid_without_processes())
     command = json.dumps(
         [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", python, "-c", _FORKS]
     )

@@ -25,7 +25,7 @@ from codex_runner.runtime import Runtime
 from codex_runner.server import build_app
 from codex_runner.store.jobs import JobStore, OwnerWrite
 
-from tests.helpers import serve_app, terminal_manifest, wait_until
+from tests.helpers import process_alive, serve_app, terminal_manifest, wait_until
 from tests.integration.conftest import Runner, runner_settings
 
 SECRET = "s3cr3t-value-0123456789abcdef"
@@ -45,21 +45,13 @@ command = ["/bin/sh", "-c", "echo 'key {SHAPED}' >&2; exit 3"]
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone, maybe between open and read
-        return False
-
-
 def _pid(pids: Path) -> int:
     assert wait_until(lambda: pids.exists() and pids.read_text().strip() != "", timeout=15)
     return int(pids.read_text().split()[0])
 
 
 def _kill(pid: int) -> None:
-    if _alive(pid):
+    if process_alive(pid):
         os.kill(pid, 9)
 
 
@@ -113,7 +105,9 @@ def test_the_timeout_holds_while_the_pid_record_waits_for_the_database(
     job = runner.submit({"sleep": "60", "pids": str(pids)}, script="short")  # timeout: 1 s
     pid = _pid(pids)
     try:
-        assert wait_until(lambda: not _alive(pid), timeout=6), "the 1 s timeout waited for the database"
+        assert wait_until(lambda: not process_alive(pid), timeout=6), (
+            "the 1 s timeout waited for the database"
+        )
         monkeypatch.setattr(JobStore, "update_fields", real)
         done = runner.wait(job["id"], timeout=20)
         assert done["status"] == "timeout", done
@@ -165,7 +159,7 @@ def test_shutdown_while_the_database_is_down_leaves_no_process(
         time.sleep(1.5)  # past the pid record's second: it now waits for the database
         cm.__exit__(None, None, None)
         cm = None
-        assert not _alive(pid), "the job's script outlived the runner's shutdown"
+        assert not process_alive(pid), "the job's script outlived the runner's shutdown"
     finally:
         if cm is not None:
             cm.__exit__(None, None, None)
@@ -197,7 +191,7 @@ def _failing_supervision(
         for write in writes:
             pid = write.attempts[0].values.get("pid")
             if pid:
-                alive_at_status.append(_alive(pid))
+                alive_at_status.append(process_alive(pid))
         return real_finish(self, writes, claim)
 
     monkeypatch.setattr(JobRun, "_supervise", failing)
@@ -217,7 +211,7 @@ def test_an_internal_error_while_the_script_runs_stops_it_before_the_status(
         done = runner.wait(job["id"], timeout=30)
         assert (done["status"], done["error_code"]) == ("failed", "internal_error"), done
         assert alive_at_status == [False], "the terminal status went out with the script alive"
-        assert started and not any(_alive(p) for p in started)
+        assert started and not any(process_alive(p) for p in started)
         cleanup = next(s for s in done["stages"] if s["name"] == "cleanup")
         assert cleanup["status"] == "success", done["stages"]
     finally:
@@ -261,6 +255,13 @@ def test_no_secret_in_a_stage_error_or_the_error_message(
     assert "[REDACTED" in failed["error_message"], failed
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def test_an_in_place_job_whose_cleanup_fails_keeps_its_outcome(
     runner_factory: Callable[..., Runner], tmp_path: Path
 ) -> None:
@@ -269,12 +270,14 @@ def test_an_in_place_job_whose_cleanup_fails_keeps_its_outcome(
     # (A lock nobody holds, left by a killed git, is removed: test_git_workspace.py.)
     runner = runner_factory()
     lock = tmp_path / "repo" / ".git" / "index.lock"
-    # The script sleeps long enough for the test to open the lock before the cleanup looks at it:
-    # with 1 s, a loaded CI machine once saw the cleanup remove a lock nobody held yet.
-    job = runner.submit({"touch": str(lock), "sleep": "5"}, repo="inplace")
-    assert wait_until(lock.exists, timeout=30)
+    job = runner.submit({"touch": str(lock), "sleep": "2"}, repo="inplace")
+    # The script's lock, not the one the prepare's own `git checkout` holds for a moment: the test
+    # held that one open as git renamed it to `index`, so its handle was on the index and the
+    # cleanup rightly removed the script's lock as held by nobody (a CI run, twice).
+    assert wait_until(lambda: _text(lock) == "changed by the job\n", timeout=30)
     try:
         with lock.open("a"):
+            assert _text(lock) == "changed by the job\n"
             done = runner.wait(job["id"])
         cleanup = next(s for s in done["stages"] if s["name"] == "cleanup")
         assert done["error_code"] != "internal_error", done

@@ -13,6 +13,7 @@ import pytest
 
 from codex_runner.execution import process, sandbox
 
+from tests.helpers import process_alive, wait_until
 from tests.integration.conftest import Runner
 
 pytestmark = pytest.mark.skipif(
@@ -211,15 +212,6 @@ def test_a_job_cannot_connect_to_an_abstract_unix_socket_outside_it(
     assert any(line.startswith(f"refused {outside}") for line in lines), lines
 
 
-def _gone(pid: int) -> bool:
-    """Whether `pid` no longer runs (gone, or a zombie its new parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):  # gone, maybe between open and read
-        return True
-
-
 @pytest.mark.skipif(sandbox.abi_version() < 6, reason="signal scoping needs Landlock ABI 6")
 @pytest.mark.parametrize("end", ["exit", "cancel"])
 def test_a_process_that_sheds_every_mark_of_its_job_still_ends_with_it(
@@ -230,7 +222,6 @@ def test_a_process_that_sheds_every_mark_of_its_job_still_ends_with_it(
     kill nor the /proc scan can tell it is the job's. It is still in the job's Landlock domain,
     and whatever the domain holds is killed before the job's terminal status (SPEC §3), whether
     the script ended by itself or was canceled."""
-    from tests.helpers import wait_until
 
     runner = runner_factory(extra_toml=EXTRA)
     pidfile = out / "escaped"
@@ -248,7 +239,7 @@ def test_a_process_that_sheds_every_mark_of_its_job_still_ends_with_it(
             assert runner.client.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 202
         done = runner.wait(job["id"])
         assert done["status"] == ("canceled" if end == "cancel" else "success"), done
-        assert _gone(pid) or wait_until(lambda: _gone(pid), timeout=1), "the daemon outlived its job"
+        assert wait_until(lambda: not process_alive(pid), timeout=1), "the daemon outlived its job"
     finally:
-        if not _gone(pid):
+        if process_alive(pid):
             os.kill(pid, signal.SIGKILL)

@@ -21,16 +21,7 @@ from codex_runner.execution import manifest as manifest_module
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.launcher import find_job_processes
 
-from tests.helpers import terminal_manifest, wait_until
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone, maybe between open and read
-        return False
+from tests.helpers import process_alive, terminal_manifest, wait_until
 
 
 def _terminal_manifest(runner: Any, job_id: str) -> dict[str, Any]:
@@ -145,12 +136,12 @@ def test_cancel_running_kills_child_and_stubborn_grandchild(runner: Any, tmp_pat
     runner.wait(job["id"], {"running"})
     assert wait_until(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 2, timeout=10)
     pids = [int(p) for p in pids_file.read_text().split()]
-    assert all(_alive(p) for p in pids)
+    assert all(process_alive(p) for p in pids)
     t0 = time.monotonic()
     r = runner.client.post(f"/api/runner/jobs/{job['id']}/cancel")
     assert r.status_code == 202
     grace = runner.runtime.settings.kill_grace_seconds
-    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=grace + 1)
+    assert wait_until(lambda: not any(process_alive(p) for p in pids), timeout=grace + 1)
     assert time.monotonic() - t0 <= grace + 1
     done = runner.wait(job["id"])
     assert done["status"] == "canceled"
@@ -345,7 +336,7 @@ def test_a_daemon_that_left_the_group_dies_after_its_job(
     done = unconfined.wait(unconfined.submit({arg: str(escape)})["id"])
     assert done["status"] == "success"
     pids = escapees(escape)
-    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+    assert wait_until(lambda: not any(process_alive(p) for p in pids), timeout=5)
 
 
 def test_a_canceled_jobs_daemon_is_gone_by_its_terminal_status(
@@ -362,7 +353,7 @@ def test_a_canceled_jobs_daemon_is_gone_by_its_terminal_status(
     pids = escapees(escape)
     assert runner.client.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 202
     assert runner.wait(job["id"])["status"] == "canceled"
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if process_alive(p)]
 
 
 @pytest.mark.parametrize("escape", [False, True])
@@ -406,12 +397,12 @@ def test_stopping_kills_a_daemon_of_a_job_that_just_ended(
     pids = escapees(escape)
     loop = launcher._loop
     assert loop is not None
-    assert all(_alive(p) for p in pids)
+    assert all(process_alive(p) for p in pids)
     if how == "stop":
         asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(timeout=30)
     else:
         loop.call_soon_threadsafe(launcher.kill_all_now)
-    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+    assert wait_until(lambda: not any(process_alive(p) for p in pids), timeout=5)
 
 
 def test_a_scratch_jobs_log_starts_with_its_set_up_lines(runner: Any) -> None:
