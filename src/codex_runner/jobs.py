@@ -86,6 +86,10 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+#: The form of every job id: a UUID4 as lowercase text (store/creates.py). The process scan reads it
+#: out of workspace paths in arguments, retention out of file names, the store checks a path's.
+JOB_ID_PATTERN = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
 STAGE_NAMES: tuple[str, ...] = ("prepare", "script", "commit", "push", "cleanup")
 
 

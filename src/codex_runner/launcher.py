@@ -37,7 +37,7 @@ from codex_runner.execution.recovery import (
 )
 from codex_runner.execution.spares import resume_refills, stop_refills
 from codex_runner.execution.workspace import prewarm_spares
-from codex_runner.jobs import RUNNING_LIKE, ErrorCode, EventType, Status
+from codex_runner.jobs import JOB_ID_PATTERN, RUNNING_LIKE, ErrorCode, EventType, Status
 from codex_runner.logs.location import mark_writer
 from codex_runner.runtime import Runtime
 from codex_runner.store import fullness
@@ -56,7 +56,7 @@ T = TypeVar("T")
 #: finds a job's processes even when no pid was recorded or a process left the job's group.
 JOB_ENV_PREFIX = b"RUNNER_JOB_ID="
 #: The job id after `<a workspace root>/` in a process's argument list.
-_JOB_ID_AFTER_ROOT = re.compile(rb"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:/|$)")
+_JOB_ID_AFTER_ROOT = re.compile(rb"(%s)(?:/|$)" % JOB_ID_PATTERN.encode())
 # The `RUNNER_WORKSPACE_DIR`s of the launchers of this process (as given and resolved, with a
 # trailing slash): a process that lost `RUNNER_JOB_ID` is still the job's when its arguments name
 # the job's own workspace (`register_workspace_root`).

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -145,3 +146,18 @@ def test_a_path_no_route_serves_is_named_in_the_404(api: Any) -> None:
     assert long.status_code == 404 and len(long.json()["detail"]) < 300
     job = api.client(api.alice).get("/api/runner/jobs/00000000-0000-4000-8000-000000000000")
     assert job.json()["detail"] == "job 00000000-0000-4000-8000-000000000000 not found"
+
+
+@pytest.mark.parametrize(
+    "method,suffix", [("get", ""), ("post", "/cancel"), ("get", "/logs"), ("get", "/events")]
+)
+def test_a_path_that_is_no_job_id_is_not_echoed_whole(api: Any, method: str, suffix: str) -> None:
+    """The 404 for `/jobs/<anything>` echoed the path segment whole, control characters and all,
+    into the answer the CLI prints (and it cost a database trip): a segment that is no job id is
+    named cut short and shown as text, and the answer says what a job id looks like."""
+    segment = "a\x1b[2J" + "b" * 3000
+    r = getattr(api.client(api.alice), method)(f"/api/runner/jobs/{urllib.parse.quote(segment)}{suffix}")
+    assert r.status_code == 404, r.text
+    detail = r.json()["detail"]
+    assert len(detail) < 200 and "\x1b" not in detail and "b" * 100 not in detail, detail
+    assert "UUID" in detail, detail

@@ -40,7 +40,7 @@ from codex_runner.execution.git import GitError
 from codex_runner.execution.gitutil import lock_key, repo_lock
 from codex_runner.execution.spares import POOLS
 from codex_runner.execution.workspace import TASK_HOME_KINDS, delete_tree
-from codex_runner.jobs import TERMINAL, EventType
+from codex_runner.jobs import JOB_ID_PATTERN, TERMINAL, EventType
 from codex_runner.logs.location import MARK_PREFIX
 from codex_runner.ops.audit import audit_event
 from codex_runner.store.engine import read_txn, with_retries, write_txn
@@ -74,7 +74,7 @@ _DISCARDED = ".discard"
 
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _TASK_HOME = re.compile(rf"^(?:{'|'.join(TASK_HOME_KINDS)})-[0-9a-f]{{12}}$")
-_JOB_ID = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\.|$)")
+_JOB_ID = re.compile(rf"^({JOB_ID_PATTERN})(?:\.|$)")
 
 
 @dataclass

@@ -5,6 +5,7 @@ transaction."""
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from codex_runner.errors import (
 from codex_runner.jobs import (
     ACTIVE,
     EVENT_FOR_STATUS,
+    JOB_ID_PATTERN,
     RUNNING_LIKE,
     TERMINAL,
     ErrorCode,
@@ -181,6 +183,12 @@ def _fits_terminal_cas(cas: Cas) -> bool:
         and all(name in keys for name in _TERMINAL_VALUES)
         and all(cas.values[name] is not None for name in _PROCESS_VALUES if name in keys)
     )
+
+
+#: `JOB_ID_PATTERN`, whole: what `_get_row` looks up at all.
+_JOB_ID_FORM = re.compile(JOB_ID_PATTERN)
+#: How much of a path segment that is no job id a 404 shows.
+_SHOWN_ID_CHARS = 40
 
 
 @dataclass(frozen=True)
@@ -385,8 +393,11 @@ class JobStore:
         return with_retries(txn)
 
     def _get_row(self, conn: Connection, job_id: str, owner: str | None, *, lock: bool = False) -> Any:
-        if "\0" in job_id:  # no job has one, and PostgreSQL text cannot even hold it (a DataError)
-            raise NotFound(f"job {job_id!r} not found")
+        if not _JOB_ID_FORM.fullmatch(job_id):
+            # No job has such an id (nor can PostgreSQL text hold a NUL: a DataError): no trip, and
+            # the answer does not carry a path segment of any length or content back whole.
+            shown = repr(job_id[:_SHOWN_ID_CHARS]) + ("…" if len(job_id) > _SHOWN_ID_CHARS else "")
+            raise NotFound(f"job {shown} not found: a job id is a UUID, as `submit` prints it")
         if owner is None:
             query = _JOB_BY_ID_LOCKED if lock else _JOB_BY_ID
             row = conn.execute(query, {"id": job_id}).mappings().first()
