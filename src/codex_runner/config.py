@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 from codex_runner.errors import ConfigError
 
@@ -186,9 +187,21 @@ class Settings:
     def secret_values(self) -> list[str]:
         """The runner's own secrets: they must never reach a script, a log or a response."""
         values = [self.encryption_key, self.encryption_key_previous, self.jwt_secret, self.token]
-        if not self.is_sqlite:
-            values.append(self.database_url)
+        urls = [] if self.is_sqlite else [self.database_url]
+        if self.redis_url:
+            urls.append(self.redis_url)
+        for url in urls:
+            # The password alone too: a client library or a script prints it without its URL.
+            values += [url, _url_password(url)]
         return [v for v in values if v]
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # an unclosed `[`: the URL is masked whole all the same
+        return None
+    return unquote(password) if password else None
 
 
 # Durations end up in `timedelta`s and in `now ± duration`, which overflow (a 500 on every create,

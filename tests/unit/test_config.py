@@ -210,6 +210,29 @@ def test_secret_values_never_include_sqlite_url(tmp_path: Path) -> None:
     assert "postgresql://u:pw@h/db" in pg.secret_values()
 
 
+def test_secret_values_hold_the_redis_url_and_the_passwords_of_both_urls(tmp_path: Path) -> None:
+    """RUNNER_REDIS_URL carries the Redis password (`redis://:password@host`, SPEC §10) as
+    RUNNER_DATABASE_URL carries PostgreSQL's: neither the URL nor the password alone (what a
+    script or a client library prints, `AUTH <password>`) may reach a job's raw log or a
+    service log unmasked."""
+    s = load_settings(
+        {
+            "RUNNER_DATABASE_URL": "postgresql://u:Pg-Passw0rd-42@h/db",
+            "RUNNER_REDIS_URL": "redis://:S3cretRedisPassw0rd@cache:6379/0",
+        },
+        cwd=tmp_path,
+    )
+    values = s.secret_values()
+    assert "redis://:S3cretRedisPassw0rd@cache:6379/0" in values
+    assert "S3cretRedisPassw0rd" in values and "Pg-Passw0rd-42" in values
+    # A URL without a password adds itself only: no empty or None value.
+    bare = load_settings({"RUNNER_REDIS_URL": "redis://cache:6379/0"}, cwd=tmp_path)
+    assert bare.secret_values() == ["redis://cache:6379/0"]
+    # Percent-encoded in the URL, the password is masked as the client sends it, decoded.
+    encoded = load_settings({"RUNNER_REDIS_URL": "redis://:p%40ss-Word-123@cache/0"}, cwd=tmp_path)
+    assert "p@ss-Word-123" in encoded.secret_values()
+
+
 @pytest.mark.parametrize(
     ("env", "fragment"),
     [
