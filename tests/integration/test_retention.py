@@ -770,3 +770,58 @@ def test_cleanup_removes_the_log_folder_marks_of_instances_gone_with_their_jobs(
     assert report.log_marks == 2 and not report.errors
     assert {name for name, path in marks.items() if path.exists()} == {"live", "has-jobs", "fresh"}
     assert cleanup(runtime).log_marks == 0
+
+
+def test_cleanup_deletes_the_rows_of_instances_gone_for_the_retention_period(runtime: Runtime) -> None:
+    """Every start under the default RUNNER_ID (host name + random suffix) adds an instance row:
+    without this, one row more per start, for ever, each listed by diagnostics. A row goes once
+    its instance has been stopped (or silent) longer than RUNNER_RETENTION_DAYS and no job that
+    stays names it; a dry run counts the jobs it would delete as gone."""
+    from codex_runner.store.schema import instances
+
+    now = utcnow()
+    long_ago, lately = now - timedelta(days=runtime.settings.retention_days + 1), now - timedelta(days=1)
+
+    def row(name: str, heartbeat: datetime, stopped: datetime | None) -> dict[str, Any]:
+        return {
+            "id": name,
+            "host": "h",
+            "pid": 1,
+            "version": "0",
+            "started_at": heartbeat,
+            "heartbeat_at": heartbeat,
+            "stopped_at": stopped,
+        }
+
+    rows = [
+        row("stopped-long-ago", long_ago, long_ago),
+        row("silent-long-ago", long_ago, None),  # a crash: never marked stopped
+        row("stopped-lately", lately, lately),
+        row("live", now, None),
+        row("named-by-a-kept-job", long_ago, long_ago),
+        row("named-by-an-expired-job", long_ago, long_ago),
+    ]
+    kept_job = _job_row(str(uuid.uuid4()), "success", lately, lately)
+    expired_job = _job_row(str(uuid.uuid4()), "success", now - timedelta(days=99), now - timedelta(days=99))
+    with runtime.engine.begin() as conn:
+        conn.execute(instances.insert(), rows)
+        conn.execute(
+            jobs.insert(),
+            [
+                {**kept_job, "runner_id": "named-by-a-kept-job"},
+                {**expired_job, "runner_id": "named-by-an-expired-job"},
+            ],
+        )
+        # The newest RETENTION_KEEP stay whatever their age.
+        conn.execute(jobs.insert(), [_job_row(str(uuid.uuid4()), "success", now, now) for _ in range(200)])
+
+    def left() -> set[str]:
+        with runtime.engine.connect() as conn:
+            return set(conn.execute(sa.select(instances.c.id)).scalars()) & {r["id"] for r in rows}
+
+    dry = cleanup(runtime, dry_run=True)
+    assert dry.instances == 3 and len(left()) == 6, dry
+    report = cleanup(runtime)
+    assert report.instances == 3 and not report.errors, report
+    assert left() == {"stopped-lately", "live", "named-by-a-kept-job"}
+    assert cleanup(runtime).instances == 0

@@ -46,7 +46,7 @@ from codex_runner.ops.audit import audit_event
 from codex_runner.store.engine import read_txn, with_retries, write_txn
 from codex_runner.store.instances import InstanceRegistry
 from codex_runner.store.records import utcnow
-from codex_runner.store.schema import events, idempotency_keys, jobs, locks
+from codex_runner.store.schema import events, idempotency_keys, instances, jobs, locks
 
 if TYPE_CHECKING:
     from codex_runner.runtime import Runtime
@@ -74,6 +74,9 @@ _DISCARDED = ".discard"
 
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _TASK_HOME = re.compile(rf"^(?:{'|'.join(TASK_HOME_KINDS)})-[0-9a-f]{{12}}$")
+#: Instance rows one pass looks at (and so deletes at most): a bounded statement; many starts a day
+#: under the default RUNNER_ID are still cleared by a daily pass.
+_INSTANCES_PER_PASS = 1000
 _JOB_ID = re.compile(rf"^({JOB_ID_PATTERN})(?:\.|$)")
 
 
@@ -91,6 +94,7 @@ class CleanupReport:
     mirrors: int = 0
     codex_transcripts: int = 0
     log_marks: int = 0
+    instances: int = 0
     batches: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -103,7 +107,8 @@ class CleanupReport:
             f"{verb} {self.jobs} jobs, {self.events} events, {self.idempotency_keys} idempotency keys, "
             f"{self.logs} log files, {self.run_dirs} run folders, {self.workspaces} workspaces, "
             f"{self.git_homes} git homes, {self.spare_pools} spare pools, {self.mirrors} mirrors, "
-            f"{self.codex_transcripts} codex transcripts, {self.log_marks} log-folder marks"
+            f"{self.codex_transcripts} codex transcripts, {self.log_marks} log-folder marks, "
+            f"{self.instances} instance rows"
         )
 
 
@@ -171,8 +176,37 @@ def cleanup(
             report.errors.append(f"{mark}: {exc.strerror or exc}")
             continue
         report.log_marks += 1
+    report.instances = with_retries(
+        lambda: _delete_gone_instances(
+            runtime.engine, now - timedelta(days=s.retention_days), dry_run, doomed
+        )
+    )
     log.info("cleanup_done", **report.to_dict())
     return report
+
+
+def _delete_gone_instances(engine: Engine, cutoff: datetime, dry_run: bool, doomed: set[str]) -> int:
+    """Deletes the rows of instances stopped, or silent (a crash), since before `cutoff` that no
+    remaining job names: with the default RUNNER_ID every start adds one. After the jobs' deletion,
+    so that the jobs it removed no longer count; a dry run's `doomed` jobs count as gone. A row
+    named by a job stays: recovery and `log_not_here` tell by it where that job ran."""
+    gone = sa.func.coalesce(instances.c.stopped_at, instances.c.heartbeat_at) < cutoff
+    with write_txn(engine, idempotent=True) as conn:
+        query = sa.select(instances.c.id).where(gone).order_by(instances.c.id).limit(_INSTANCES_PER_PASS)
+        candidates = list(conn.execute(query).scalars())
+        if not candidates:
+            return 0
+        naming = jobs.c.runner_id.in_(candidates)
+        if doomed:
+            rows = conn.execute(sa.select(jobs.c.runner_id, jobs.c.id).where(naming))
+            named = {runner_id for runner_id, job_id in rows if job_id not in doomed}
+        else:
+            named = set(conn.execute(sa.select(jobs.c.runner_id).where(naming).distinct()).scalars())
+        unused = [name for name in candidates if name not in named]
+        if not unused or dry_run:
+            return len(unused)
+        # `gone` again: an instance that started again under the same id meanwhile stays.
+        return int(conn.execute(instances.delete().where(instances.c.id.in_(unused), gone)).rowcount)
 
 
 def _remove_orphans(
