@@ -267,6 +267,10 @@ class _Plan:
 #: Descriptors one plan may keep open (a folder on the way with thousands of entries, as a test
 #: run's temporary folder, would otherwise take the process's open-file limit).
 MAX_KEPT_RULES = 256
+#: Plans kept at once, one per hidden set in use (tests make many): past it all are dropped.
+MAX_PLANS = 8
+#: The most rule descriptors the plans keep open at once, for the open-file budget (ops/fdlimit.py).
+MAX_KEPT_DESCRIPTORS = MAX_PLANS * MAX_KEPT_RULES
 
 _plans: dict[tuple[tuple[str, ...], int], _Plan] = {}
 #: Held while a plan is read, used or replaced: its descriptors are closed only under it.
@@ -331,7 +335,7 @@ def _plan(hidden: tuple[str, ...], full: int) -> _Plan:
     plan = _Plan(tuple(rules), marks)
     if cached is not None:
         cached.close()
-    if len(_plans) >= 8 and (hidden, full) not in _plans:  # one per hidden set in use; tests make many
+    if len(_plans) >= MAX_PLANS and (hidden, full) not in _plans:
         for old in _plans.values():
             old.close()
         _plans.clear()

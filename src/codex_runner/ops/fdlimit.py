@@ -19,11 +19,13 @@ import structlog
 from codex_runner.api.gate import MAX_REFUSED_LINGERING
 from codex_runner.config import Settings
 from codex_runner.execution.limits import keep_nofile_for_jobs
+from codex_runner.execution.sandbox import MAX_KEPT_DESCRIPTORS
 
 log = structlog.get_logger("codex_runner.fdlimit")
 
 #: Descriptors kept for all but the connections: listeners, the database pool, the service and
-#: audit logs, inotify, log reads of the API; and per running job (pipes, pidfd, log files, git).
+#: audit logs, inotify, log reads of the API; and per running job (pipes, pidfd, log files, git,
+#: a spawn's Landlock ruleset). The sandbox's kept rule descriptors come on top (`sandbox_fds`).
 FDS_RESERVED = 256
 FDS_PER_JOB = 16
 
@@ -46,7 +48,14 @@ def fds_needed(settings: Settings) -> int:
         + MAX_REFUSED_LINGERING
         + FDS_RESERVED
         + FDS_PER_JOB * settings.max_concurrency
+        + sandbox_fds(settings)
     )
+
+
+def sandbox_fds(settings: Settings) -> int:
+    """The rule descriptors the Landlock plans may keep open between spawns (execution/sandbox.py),
+    however many jobs run; none when isolation is off, as no plan is ever made then."""
+    return 0 if settings.job_isolation == "off" else MAX_KEPT_DESCRIPTORS
 
 
 def current(settings: Settings) -> FdLimit:
