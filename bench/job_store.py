@@ -142,7 +142,7 @@ def statement(backend: str, args: argparse.Namespace, n: int = 5000) -> None:
         }
         prepared = Prepared(_TERMINAL_CAS, rt.engine.dialect)
         timings = {}
-        with write_txn(rt.engine) as conn:
+        with write_txn(rt.engine, op="bench.prepared") as conn:
             for name, call in (
                 ("Connection.execute", lambda: conn.execute(_TERMINAL_CAS, values).rowcount),
                 ("Prepared (DBAPI cursor)", lambda: prepared.execute(conn, values)),

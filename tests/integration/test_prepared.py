@@ -39,7 +39,7 @@ def test_writes_match_connection_execute(store: JobStore) -> None:
     )
     values = {"b_when": WHEN, "b_stages": [{"name": "script", "exit": 0}], "b_result": None}
     prepared = Prepared(update, store.engine.dialect)
-    with write_txn(store.engine) as conn:
+    with write_txn(store.engine, op="test") as conn:
         assert prepared.execute(conn, {**values, "b_id": a}) == 1
         assert conn.execute(update, {**values, "b_id": b}).rowcount == 1
         assert prepared.execute(conn, {**values, "b_id": "no-such-job"}) == 0
@@ -85,7 +85,7 @@ def test_execute_many_inserts_every_row(store: JobStore) -> None:
         }
         for i in range(3)
     ]
-    with write_txn(store.engine) as conn:
+    with write_txn(store.engine, op="test") as conn:
         prepared.execute_many(conn, rows)
         prepared.execute_many(conn, [])  # nothing to do, no statement
     with store.engine.connect() as conn:
@@ -107,7 +107,7 @@ def test_execute_each_counts_each_row(store: JobStore) -> None:
         .values(error_message=sa.bindparam("b_msg"))
     )
     prepared = Prepared(update, store.engine.dialect)
-    with write_txn(store.engine) as conn:
+    with write_txn(store.engine, op="test") as conn:
         counts = prepared.execute_each(
             conn,
             [{"b_id": a, "b_msg": "a"}, {"b_id": "no-such-job", "b_msg": "x"}, {"b_id": b, "b_msg": "b"}],
@@ -168,7 +168,7 @@ def test_a_missing_value_is_refused(store: JobStore) -> None:
         jobs.update().where(jobs.c.id == sa.bindparam("b_id")).values(error_message=sa.bindparam("b_msg"))
     )
     prepared = Prepared(update, store.engine.dialect)
-    with write_txn(store.engine) as conn, pytest.raises(sa.exc.ArgumentError, match="b_msg"):
+    with write_txn(store.engine, op="test") as conn, pytest.raises(sa.exc.ArgumentError, match="b_msg"):
         prepared.execute(conn, {"b_id": "x"})
 
 

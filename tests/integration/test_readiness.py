@@ -142,7 +142,7 @@ def test_a_silent_commit_is_reported_as_of_unknown_outcome(
             conn.execute(sa.text("CREATE TABLE t (n int)"))
 
         def write() -> None:
-            with write_txn(engine) as conn:
+            with write_txn(engine, op="test") as conn:
                 conn.execute(sa.text("INSERT INTO t VALUES (1)"))
                 proxy.frozen = True  # the INSERT got its answer; the COMMIT will not
 
@@ -200,15 +200,15 @@ def test_a_full_disk_is_over_only_once_a_write_lands(store: JobStore) -> None:
     row |= {"workspace": "worktree", "updated_at": utcnow()}
     engine = store.engine
     fullness.refused(engine)  # as a write a full disk refused
-    with write_txn(engine) as conn:
+    with write_txn(engine, op="test") as conn:
         conn.execute(sa.select(repos.c.id)).all()
-    with write_txn(engine) as conn:
+    with write_txn(engine, op="test") as conn:
         conn.execute(repos.update().where(repos.c.id == "no such repo").values(enabled=False))
     assert fullness.disk_full(engine)
-    with pytest.raises(RuntimeError), write_txn(engine) as conn:
+    with pytest.raises(RuntimeError), write_txn(engine, op="test") as conn:
         conn.execute(repos.insert().values(**row))
         raise RuntimeError("rolled back")
     assert fullness.disk_full(engine)
-    with write_txn(engine) as conn:
+    with write_txn(engine, op="test") as conn:
         conn.execute(repos.insert().values(**row))
     assert not fullness.disk_full(engine)

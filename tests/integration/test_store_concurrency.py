@@ -454,3 +454,30 @@ def test_an_instances_postgresql_connections_carry_its_runner_id(pg_database_url
         runtime.close()
         plain.dispose()
         own.dispose()
+
+
+@pytest.mark.parametrize(
+    ("write", "op"), [("create", "jobs.create_many"), ("claim", "jobs.claim"), ("cancel", "jobs.cancel")]
+)
+def test_a_lost_commit_is_logged_with_the_write_it_was(
+    pg_store: JobStore, monkeypatch: pytest.MonkeyPatch, write: str, op: str
+) -> None:
+    """`commit_outcome_unknown` said only the driver's error type: an operator could not tell a
+    lost create from a lost claim or cancel. It names the store operation now, and nothing the
+    write carried (no job id, user or argument)."""
+    from structlog.testing import capture_logs
+
+    job = new_job("zed-the-user")
+    job_id = "" if write == "create" else pg_store.create(job, BIG)[0]["id"]
+    _lose_commit_answers(monkeypatch, pg_store)
+    calls = {
+        "create": lambda: pg_store.create(job, BIG),
+        "claim": lambda: pg_store.claim("r", slots=1, max_jobs_per_user=1),
+        "cancel": lambda: pg_store.cancel(job_id, owner=None, actor="admin"),
+    }
+    with capture_logs() as logged, pytest.raises(CommitOutcomeUnknown):
+        calls[write]()
+    [entry] = [e for e in logged if e["event"] == "commit_outcome_unknown"]
+    assert entry["op"] == op
+    assert set(entry) == {"event", "log_level", "op", "error_type"}
+    assert "zed-the-user" not in repr(entry) and (not job_id or job_id not in repr(entry))

@@ -274,7 +274,7 @@ def _delete_jobs(
     runtime: Runtime, conds: Sequence[sa.ColumnElement[bool]], batch_size: int, report: CleanupReport
 ) -> None:
     def batch() -> tuple[list[str], int, int, int]:
-        with write_txn(runtime.engine) as conn:
+        with write_txn(runtime.engine, op="retention.delete_jobs") as conn:
             ids = list(
                 conn.execute(
                     sa.select(jobs.c.id)
@@ -332,7 +332,7 @@ def _delete_keys(engine: Engine, now: datetime, batch_size: int, dry_run: bool, 
     )
 
     def batch() -> int:
-        with write_txn(engine) as conn:
+        with write_txn(engine, op="retention.delete_keys") as conn:
             rows = conn.execute(
                 sa.select(idempotency_keys.c.user, idempotency_keys.c.key).where(stale).limit(batch_size)
             ).all()
@@ -659,7 +659,7 @@ def claim_run(engine: Engine, holder: str, interval_seconds: int, now: datetime 
     now = now or utcnow()
 
     def txn() -> bool:
-        with write_txn(engine) as conn:
+        with write_txn(engine, op="retention.claim_run") as conn:
             return try_lock(conn, LOCK_NAME, holder, now + timedelta(seconds=interval_seconds), now)
 
     try:
@@ -670,7 +670,7 @@ def claim_run(engine: Engine, holder: str, interval_seconds: int, now: datetime 
 
 def _retry_soon(engine: Engine, holder: str, seconds: int) -> None:
     def txn() -> None:
-        with write_txn(engine) as conn:
+        with write_txn(engine, op="retention.retry_soon") as conn:
             conn.execute(
                 locks.update()
                 .where(locks.c.name == LOCK_NAME, locks.c.holder == holder)

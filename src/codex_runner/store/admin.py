@@ -91,7 +91,7 @@ class TokenStore:
         }
 
         def txn() -> None:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="tokens.create") as conn:
                 conn.execute(tokens.insert().values(**row))
 
         with_retries(txn)
@@ -145,7 +145,7 @@ class TokenStore:
         """The token's record, and whether this call revoked it (False: it already was)."""
 
         def txn() -> tuple[dict[str, Any], bool]:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="tokens.revoke") as conn:
                 changed = conn.execute(
                     tokens.update()
                     .where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
@@ -194,7 +194,7 @@ class CredentialStore:
         now = utcnow()
 
         def txn() -> None:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="credentials.set") as conn:
                 conn.execute(credentials.delete().where(credentials.c.name == name))
                 conn.execute(
                     credentials.insert().values(
@@ -234,7 +234,7 @@ class CredentialStore:
 
     def delete(self, name: str) -> None:
         def txn() -> int:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="credentials.delete") as conn:
                 return conn.execute(credentials.delete().where(credentials.c.name == name)).rowcount
 
         if with_retries(txn) == 0:
@@ -262,7 +262,7 @@ class CredentialStore:
         keys = [key, *self.previous_keys]
 
         def txn() -> int:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="credentials.rotate") as conn:
                 # Locked as read (PostgreSQL; SQLite's write lock is whole), and each written back
                 # only if still the blob read: a `credentials set` in between (the leaked-secret
                 # runbook) must not get its old secret back, re-encrypted.

@@ -351,8 +351,11 @@ def _writer_lock(engine: Engine) -> threading.RLock:
 
 
 @contextmanager
-def write_txn(engine: Engine, *, idempotent: bool = False) -> Iterator[Connection]:
+def write_txn(engine: Engine, *, op: str, idempotent: bool = False) -> Iterator[Connection]:
     """A write transaction: BEGIN IMMEDIATE on SQLite, a plain transaction on PostgreSQL.
+
+    `op` names the write (`jobs.claim`: the store and method, a literal at each call site): the
+    one thing a `commit_outcome_unknown` warning says about it, never the values it wrote.
 
     On SQLite the threads of this process also queue on a lock first: a writer that finds the
     database locked sleeps in SQLite's busy handler (1, 2, 5 … 100 ms) and wakes up late, so under
@@ -376,7 +379,7 @@ def write_txn(engine: Engine, *, idempotent: bool = False) -> Iterator[Connectio
             if _disk_full(exc):
                 fullness.refused(engine)
             if committing and not idempotent and commit_outcome_unknown(exc):
-                log.warning("commit_outcome_unknown", error_type=type(exc.orig).__name__)
+                log.warning("commit_outcome_unknown", op=op, error_type=type(exc.orig).__name__)
                 raise CommitOutcomeUnknown(
                     "the database connection was lost during COMMIT; the write may or may not have been applied"
                 ) from exc

@@ -79,7 +79,7 @@ class InstanceRegistry:
         }
 
         def txn() -> None:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="instances.register") as conn:
                 if self.engine.dialect.name == "postgresql":
                     # Instances of one id that start together register one after the other, so the
                     # later one's check sees the earlier one's row (READ COMMITTED takes no lock
@@ -117,7 +117,7 @@ class InstanceRegistry:
         was taken over): the caller must stop running under it."""
 
         def txn() -> bool:
-            with write_txn(self.engine, idempotent=True) as conn:
+            with write_txn(self.engine, op="instances.heartbeat", idempotent=True) as conn:
                 return bool(
                     conn.execute(
                         instances.update().where(*self._mine()).values(heartbeat_at=clock_now(self.is_pg))
@@ -130,7 +130,7 @@ class InstanceRegistry:
         """Marks this instance stopped, unless another process holds the id now."""
 
         def txn() -> None:
-            with write_txn(self.engine, idempotent=True) as conn:
+            with write_txn(self.engine, op="instances.stopped", idempotent=True) as conn:
                 conn.execute(instances.update().where(*self._mine()).values(stopped_at=utcnow()))
 
         with_retries(txn)
@@ -139,7 +139,7 @@ class InstanceRegistry:
         """Deletes this instance's row (an API-only `serve` leaving: its id names one process)."""
 
         def txn() -> None:
-            with write_txn(self.engine, idempotent=True) as conn:
+            with write_txn(self.engine, op="instances.forget", idempotent=True) as conn:
                 conn.execute(instances.delete().where(instances.c.id == self.runner_id))
 
         with_retries(txn)
@@ -161,7 +161,7 @@ class InstanceRegistry:
         until = utcnow() + timedelta(seconds=poll_seconds)
 
         def txn() -> None:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="instances.record_scheduler") as conn:
                 updated = conn.execute(
                     locks.update()
                     .where(locks.c.name == SCHEDULER_LOCK)

@@ -321,7 +321,7 @@ class JobStore:
         ]
 
         def txn() -> tuple[list[CreateOutcome], list[dict[str, Any]]]:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="jobs.create_many") as conn:
                 if self.is_pg:
                     conn.execute(_CREATE_LOCK)
                 return create_in_txn(conn, items, digests, limits)
@@ -349,7 +349,7 @@ class JobStore:
             return 0
 
         def txn() -> int:
-            with write_txn(self.engine, idempotent=True) as conn:
+            with write_txn(self.engine, op="jobs.fold_counts", idempotent=True) as conn:
                 return int(conn.execute(_FOLD_COUNTS).scalar_one())
 
         return with_retries(txn)
@@ -505,7 +505,7 @@ class JobStore:
 
         def txn() -> list[dict] | None:
             now = utcnow()
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="jobs.transition") as conn:
                 return self._cas(
                     conn,
                     job_id,
@@ -594,7 +594,7 @@ class JobStore:
         def txn() -> tuple[list[int | None], list[ClaimedJob], list[dict]]:
             now = utcnow()
             pending: list[_PendingEvent] = []
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="jobs.finish_many") as conn:
                 claiming = claim is not None and claim.slots > 0
                 if claiming and self._claim_lock is not None:
                     # The claim lock before the writes: their row locks (jobs, and the counts rows
@@ -722,7 +722,7 @@ class JobStore:
 
         def txn() -> tuple[dict[str, Any], int, list[dict]]:
             now = utcnow()
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="jobs.cancel") as conn:
                 row = self._get_row(conn, job_id, owner, lock=True)
                 status = Status(row["status"])
                 ev: list[dict] | None = []
@@ -791,7 +791,7 @@ class JobStore:
         request = ClaimRequest(runner_id, slots, max_jobs_per_user, scan)
 
         def txn() -> tuple[list[ClaimedJob], list[dict]]:
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="jobs.claim") as conn:
                 return self._claim_in(conn, request)
 
         claimed, ev = with_retries(txn)
@@ -945,7 +945,7 @@ class JobStore:
                 jobs.c.lease_token.in_(list(leases.values())),
                 jobs.c.status.in_([s.value for s in RUNNING_LIKE]),
             )
-            with write_txn(self.engine, idempotent=True) as conn:
+            with write_txn(self.engine, op="jobs.heartbeat", idempotent=True) as conn:
                 if self.is_pg:
                     # One UPDATE locks its rows in scan order; a batch of terminal writes of the
                     # same jobs locks them by id (`_first_cas_all`): locked by id first here too.
@@ -964,7 +964,7 @@ class JobStore:
         """A fenced write of non-status fields (stages, process ids, partial result)."""
 
         def txn() -> bool:
-            with write_txn(self.engine, idempotent=True) as conn:
+            with write_txn(self.engine, op="jobs.update_fields", idempotent=True) as conn:
                 result = conn.execute(
                     jobs.update()
                     .where(
@@ -1053,7 +1053,7 @@ class JobStore:
 
         def txn() -> None:
             now = utcnow()
-            with write_txn(self.engine) as conn:
+            with write_txn(self.engine, op="jobs.sync_repos") as conn:
                 if self.is_pg:
                     # Else two instances starting with a new repo both insert it: a unique
                     # violation that fails the later one's start-up.
@@ -1150,7 +1150,7 @@ class JobStore:
         def txn() -> list[dict] | None:
             now = utcnow()
             try:
-                with write_txn(self.engine) as conn:
+                with write_txn(self.engine, op="jobs.fail_stale") as conn:
                     if self.is_pg:
                         conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(lock_timeout_ms)}ms'"))
                     return self._cas(
