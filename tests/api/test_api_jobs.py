@@ -170,6 +170,33 @@ def test_a_cancel_that_meets_a_claim_in_progress_waits_for_it(api: Any) -> None:
     assert api.runtime.jobs.get(job["id"])["status"] == "cancel_requested"
 
 
+def test_the_repo_filter_takes_a_repo_name_as_a_create_does(api: Any) -> None:
+    """`repo_id=demo` (the name from runner.toml, what a create's `repo` takes) answered an empty
+    list: the filter compared it with ids alone. A configured name now filters by its repo; a
+    value that is neither a name nor an id answers 400 saying what the filter takes, instead of
+    an empty list; an id no repo has now (one removed from runner.toml) still finds its jobs."""
+    demo = api.create(api.alice).json()
+    other = api.create(api.alice, {"repo": "other", "script_key": "echo", "args": {"message": "x"}}).json()
+    c = api.client(api.alice)
+    for value in ("demo", demo["repo_id"], demo["repo_id"].upper()):
+        listed = c.get("/api/runner/jobs", params={"repo_id": value}).json()
+        assert [j["id"] for j in listed["items"]] == [demo["id"]] and listed["total"] == 1, value
+    listed = c.get("/api/runner/jobs", params={"repo_id": "other"}).json()
+    assert [j["id"] for j in listed["items"]] == [other["id"]]
+    assert c.get("/api/runner/jobs", params={"repo_id": "off"}).json()["total"] == 0  # disabled: known
+    assert api.client(api.bob).get("/api/runner/jobs", params={"repo_id": "demo"}).json()["total"] == 0
+    r = c.get("/api/runner/jobs", params={"repo_id": "Demo"})  # names are exact, as in a create
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["code"] == "invalid_request"
+    assert body["detail"] == (
+        "unknown repo 'Demo': repo_id takes a repo's id or its name (GET /api/runner/repos)"
+    )
+    assert body["errors"] == [{"loc": ["query", "repo_id"], "msg": "unknown repo"}]
+    gone = c.get("/api/runner/jobs", params={"repo_id": "0b7c3f4e-1111-4222-8333-444455556666"})
+    assert gone.status_code == 200 and gone.json()["total"] == 0
+
+
 def test_a_nul_in_a_job_id_or_repo_filter_is_not_found(api: Any) -> None:
     """PostgreSQL text cannot hold NUL: such a value must answer like any unknown id, not 500."""
     c = api.client(api.alice)
@@ -178,8 +205,8 @@ def test_a_nul_in_a_job_id_or_repo_filter_is_not_found(api: Any) -> None:
         assert r.status_code == 404 and r.json()["code"] == "not_found", (path, r.text)
     r = c.post("/api/runner/jobs/a%00b/cancel")
     assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
-    r = c.get("/api/runner/jobs", params={"repo_id": "a\x00b"})
-    assert r.status_code == 200 and r.json()["items"] == [] and r.json()["total"] == 0
+    r = c.get("/api/runner/jobs", params={"repo_id": "a\x00b"})  # neither an id nor a repo name
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
 
 
 def test_idempotent_replay_and_conflict(api: Any) -> None:

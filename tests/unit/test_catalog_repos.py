@@ -366,6 +366,22 @@ def cat(tmp_path: Path) -> Catalog:
     )
 
 
+def test_the_list_filter_takes_a_name_or_an_id(tmp_path: Path) -> None:
+    """`GET /jobs?repo_id=`: a configured name (exact; it wins over an id, as a repo may be named
+    like one), else an id in any case, configured or not; anything else is a 400."""
+    other_id = str(uuid.uuid4())
+    cat = catalog({"widgets": {"source": str(tmp_path)}, other_id: {"source": str(tmp_path)}})
+    widgets = cat.repos["widgets"]
+    assert cat.filter_repo_id("widgets") == cat.filter_repo_id(widgets.id.upper()) == widgets.id
+    assert cat.filter_repo_id(other_id) == cat.repos[other_id].id != other_id
+    gone = str(uuid.uuid4())  # a repo since removed from runner.toml: its jobs keep its id
+    assert cat.filter_repo_id(gone.upper()) == gone
+    for bad in ("Widgets", "nope", "{" + gone + "}", gone.replace("-", ""), "a\x00b", ""):
+        with pytest.raises(InvalidRequest) as caught:
+            cat.filter_repo_id(bad)
+        assert caught.value.errors == [{"loc": ["query", "repo_id"], "msg": "unknown repo"}], bad
+
+
 def test_resolve_by_name_and_by_id(cat: Catalog) -> None:
     widgets = cat.repos["widgets"]
     repo_, script_, args = cat.resolve(

@@ -91,7 +91,12 @@ def _lower(value: str | None) -> str | None:
     return None if value is None else value.lower()
 
 
-# Ids as clients may write them: a UUID in capitals is the same job or repo (the ids stored are
-# lower case, as a create already takes a repo id in either case).
+# Ids as clients may write them: a UUID in capitals is the same job (the ids stored are lower
+# case, as a create already takes a repo id in either case).
 JobId = Annotated[str, AfterValidator(_lower)]
-RepoIdFilter = Annotated[str | None, Query(max_length=200), AfterValidator(_lower)]
+# A repo's id (any case) or its name, which is case-sensitive: `Catalog.filter_repo_id` tells them
+# apart, so the value reaches it as sent.
+RepoIdFilter = Annotated[
+    str | None,
+    Query(max_length=200, description="a repo's id or its name, as `GET /api/runner/repos` lists them"),
+]

@@ -114,7 +114,7 @@ async def list_jobs(
         runtime.jobs.list_jobs,
         owner=runtime.owner_of(principal),
         statuses=[s.value for s in status or []],
-        repo_id=repo_id,
+        repo_id=None if repo_id is None else runtime.catalog.filter_repo_id(repo_id),
         limit=limit,
         offset=offset,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,22 @@ class Catalog:
         found = by_id or by_name
         assert found is not None
         return found
+
+    def filter_repo_id(self, value: str) -> str:
+        """The repo id a job list's `repo_id` filter means: a configured repo's name (exact, as a
+        create's `repo`; it wins), else a repo id in any case, configured or not (the jobs of a
+        repo since removed from runner.toml keep its id). Anything else matches no job ever: an
+        `InvalidRequest` that says what the filter takes, not a silently empty list."""
+        named = self.repos.get(value)
+        if named is not None:
+            return named.id
+        wanted = value.lower()
+        if _is_repo_id(wanted):
+            return wanted
+        raise InvalidRequest(
+            f"unknown repo {clip(value)!r}: repo_id takes a repo's id or its name (GET /api/runner/repos)",
+            errors=[{"loc": ["query", "repo_id"], "msg": "unknown repo"}],
+        )
 
     def script(self, key: str) -> ScriptSpec:
         spec = self.scripts.get(key) if isinstance(key, str) else None
@@ -165,6 +182,15 @@ def _url_has_prefix(url: str, prefix: str) -> bool:
         return False
     # A prefix ends at a path boundary: "https://h/acme" must not admit "https://h/acme-evil".
     return len(u) == len(p) or p.endswith("/") or u[len(p)] == "/"
+
+
+def _is_repo_id(text: str) -> bool:
+    """An id as `repo_id_for` writes them (lower case, dashed): `uuid.UUID` also takes 32 bare hex
+    digits, braces and `urn:uuid:`."""
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def _at(field: str, msg: str) -> list[dict[str, Any]]:

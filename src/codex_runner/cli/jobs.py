@@ -276,7 +276,12 @@ def list_jobs(
     status: Annotated[
         list[Status] | None, typer.Option("--status", "-s", help="Only these statuses (repeatable).")
     ] = None,
-    repo_id: Annotated[str | None, typer.Option("--repo-id", help="Only this repo's jobs.")] = None,
+    repo_id: Annotated[
+        str | None,
+        typer.Option(
+            "--repo", "--repo-id", metavar="REPO", help="Only this repo's jobs: its name or its id."
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=200, help="At most this many jobs.")] = 50,
     offset: Annotated[int, typer.Option(min=0, help="Skip this many (newest first).")] = 0,
     json_out: JsonOpt = False,
