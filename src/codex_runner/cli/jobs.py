@@ -6,6 +6,7 @@ import json
 import sys
 import time
 import uuid
+from functools import partial
 from typing import Annotated, Any
 
 import typer
@@ -14,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from codex_runner.cli.args import parse_args
-from codex_runner.cli.client import RunnerClient
+from codex_runner.cli.client import RunnerClient, patiently
 from codex_runner.cli.common import (
     CliError,
     ExitCode,
@@ -416,6 +417,14 @@ def job_events(job_id: JobId, json_out: JsonOpt = False) -> None:
         out.print(_events_table(page["items"]))
 
 
+def _say_if_queued(client: RunnerClient, job_id: str) -> None:
+    """A queued job has no log yet, and its stream says nothing until it starts: a line on stderr
+    (stdout is the log's alone) tells why the wait is silent."""
+    job: dict[str, Any] = patiently(partial(client.get, jobs_path(job_id)), notice=info)
+    if job.get("status") == "queued":
+        info(f"job {job_id} is queued; waiting for it to start...")
+
+
 @jobs_app.command("logs")
 def job_logs(
     job_id: JobId,
@@ -429,6 +438,8 @@ def job_logs(
     with _client() as client:
         follower = LogFollower(client, job_id, offset=offset, notice=info)
         try:
+            if follow:
+                _say_if_queued(client, job_id)
             for chunk in follower.stream() if follow else follower.chunks(follow=False):
                 _write(chunk)
         except KeyboardInterrupt:
