@@ -198,7 +198,8 @@ def test_the_repo_filter_takes_a_repo_name_as_a_create_does(api: Any) -> None:
 
 
 def test_a_nul_in_a_job_id_or_repo_filter_is_not_found(api: Any) -> None:
-    """PostgreSQL text cannot hold NUL: such a value must answer like any unknown id, not 500."""
+    """PostgreSQL text cannot hold NUL: such a job id answers like any unknown one, and such a
+    repo filter like any value that is neither a repo id nor a name (400); never a 500."""
     c = api.client(api.alice)
     for path in ("/api/runner/jobs/a%00b", "/api/runner/jobs/a%00b/events", "/api/runner/jobs/a%00b/logs"):
         r = c.get(path)
