@@ -191,7 +191,7 @@ def _delete_gone_instances(engine: Engine, cutoff: datetime, dry_run: bool, doom
     so that the jobs it removed no longer count; a dry run's `doomed` jobs count as gone. A row
     named by a job stays: recovery and `log_not_here` tell by it where that job ran."""
     gone = sa.func.coalesce(instances.c.stopped_at, instances.c.heartbeat_at) < cutoff
-    with write_txn(engine, idempotent=True) as conn:
+    with write_txn(engine, op="retention.delete_instances", idempotent=True) as conn:
         query = sa.select(instances.c.id).where(gone).order_by(instances.c.id).limit(_INSTANCES_PER_PASS)
         candidates = list(conn.execute(query).scalars())
         if not candidates:
