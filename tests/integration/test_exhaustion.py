@@ -291,11 +291,21 @@ print("forked", made)
 """
 
 
+# Execs its arguments once the runner has set its RLIMIT_NPROC to argv[1] (or 5 s went by).
+_AWAIT_LIMIT = """import os, resource, sys, time
+for _ in range(500):
+    if resource.getrlimit(resource.RLIMIT_NPROC)[0] == int(sys.argv[1]):
+        break
+    time.sleep(0.01)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 def _uid_without_processes() -> int:
     """A uid with no account and no process, zombies included: RLIMIT_NPROC counts every process
     of the uid in the kernel, so a fixed one was shared with whatever else ran as it (a killed but
-    unreaped child of an earlier run; another container on the same kernel runs this suite too),
-    and the job forked fewer than its four. Drawn at random from a wide range, checked here."""
+    unreaped child of an earlier run), and the job could fork fewer than its four. Drawn at random
+    from a wide range, checked here."""
     used = set()
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -315,9 +325,12 @@ def test_a_fork_bomb_stops_at_the_jobs_process_limit(runner_factory: Callable[..
     if os.geteuid() != 0 or setpriv is None or not os.access(python, os.X_OK):
         pytest.skip("needs root, util-linux's setpriv and /usr/bin/python3 to run a job as another uid")
     uid = str(_uid_without_processes())
-    command = json.dumps(
-        [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", python, "-c", _FORKS]
-    )
+    # setpriv starts as root and waits for the runner's limit before it becomes `uid`: the runner
+    # sets it from outside right after the spawn, which for another uid needs CAP_SYS_RESOURCE,
+    # and a CI machine's root lacks it (`job_nproc_not_set`: the job forked 40 once setpriv was
+    # quicker than the runner).
+    as_uid = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    command = json.dumps([python, "-c", _AWAIT_LIMIT, "5", *as_uid, python, "-c", _FORKS])
     runner = runner_factory(
         extra_toml=f"\n[scripts.forks]\ncommand = {command}\n", RUNNER_JOB_MAX_PROCESSES="5"
     )
