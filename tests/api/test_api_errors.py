@@ -161,3 +161,20 @@ def test_a_path_that_is_no_job_id_is_not_echoed_whole(api: Any, method: str, suf
     detail = r.json()["detail"]
     assert len(detail) < 200 and "\x1b" not in detail and "b" * 100 not in detail, detail
     assert "UUID" in detail, detail
+def test_a_runner_error_without_a_status_is_the_specs_500(api: Any, service_log: io.StringIO) -> None:
+    """docs/api.md: a 500 answers `internal_error` and logs `unhandled_error` by type. A runner
+    error the API has no status for (a lost lease, a configuration error met mid-request) answered
+    500 with its own code (`lease_lost`) and its message, and logged nothing."""
+    from codex_runner.errors import LeaseLost
+
+    def lost() -> None:
+        raise LeaseLost(f"lease lost while writing to {SECRET_TEXT}")
+
+    api.app.add_api_route("/api/test/lost", lost)
+    r = api.client(api.alice).get("/api/test/lost")
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal error", "code": "internal_error"}
+    lines = [json.loads(line) for line in service_log.getvalue().splitlines()]
+    ours = [(line["event"], line.get("error_type")) for line in lines if line["logger"] == "codex_runner.api"]
+    assert ours == [("unhandled_error", "LeaseLost")]
+    assert "hunter2" not in service_log.getvalue()

@@ -71,10 +71,14 @@ def status_for(exc: e.RunnerError) -> int:
 
 def runner_error_response(exc: e.RunnerError) -> JSONResponse:
     status = status_for(exc)
+    if status == 500:
+        # A runner error no client can act on (a lost lease, a configuration error): the SPEC's
+        # 500 and one `unhandled_error` line naming its type, like any other unexpected error.
+        return unexpected_error_response(exc)
     extra: dict[str, object] = {}
     if isinstance(exc, e.InvalidRequest) and exc.errors:
         extra["errors"] = exc.errors
-    response = error_response(status, exc.message if status != 500 else "internal error", exc.code, **extra)
+    response = error_response(status, exc.message, exc.code, **extra)
     if isinstance(exc, e.TooManyRequests):
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
