@@ -246,3 +246,24 @@ def test_names_cited_in_the_docs_exist_in_the_code() -> None:
             cited.setdefault(name, path.name)
     unknown = {name: doc for name, doc in cited.items() if name not in code and name not in NAMED_ELSEWHERE}
     assert unknown == {}
+
+
+_CITED_FILE = re.compile(
+    r"(?<![\w/.])((?:src|tests|bench|scripts|demo|docs|api|execution|ops|logs|store|catalog|cli|codex_runner)"
+    r"/[\w/.-]+\.(?:py|md|sh|jsonl|toml))"
+)
+
+
+def test_files_the_docs_cite_exist() -> None:
+    """A module path (`api/connection.py`, `bench/dispatch.py`) or a relative link that names
+    nothing sends a reader to a file that was renamed or never was."""
+    missing: list[str] = []
+    for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = path.read_text()
+        for cited in set(_CITED_FILE.findall(text)):
+            if not any((base / cited).exists() for base in (ROOT, ROOT / "src", SRC)):
+                missing.append(f"{path.name}: {cited}")
+        for link in set(re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)):
+            if not (path.parent / link).exists():
+                missing.append(f"{path.name}: link {link}")
+    assert missing == []
