@@ -556,3 +556,36 @@ def test_a_queued_cancel_is_logged_as_a_terminal_transition(api: Any) -> None:
     assert entry["job_id"] == job["id"] and entry["script_key"] == job["script_key"]
     assert (entry["status_from"], entry["status_to"]) == ("queued", "canceled")
     assert "duration_ms" in entry and entry["duration_ms"] is None
+
+
+def _documented_fields() -> dict[str, set[str]]:
+    """docs/api.md, "Objects": each object's field names (what brackets say about a field aside)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = text.split("## Objects", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, set[str]] = {}
+    for name, body in re.findall(r"^- \*\*(\w+)\*\*[^:]*:(.*?)(?=^- \*\*|\Z)", section, re.M | re.S):
+        body = re.sub(r"\([^()]*\)", "", body.split("**argument**")[0])
+        found[name] = set(re.findall(r"`(\w+)`", body))
+    argument = section.split("**argument**:", 1)[1]
+    found["argument"] = set(re.findall(r"`(\w+)`", argument))
+    return found
+
+
+def test_the_objects_have_the_fields_docs_api_md_lists(api: Any) -> None:
+    """A field added, renamed or dropped on one side only fails here, not in a client."""
+    docs = _documented_fields()
+    created = api.create(api.alice).json()
+    c = api.client(api.alice)
+    got = c.get(f"/api/runner/jobs/{created['id']}").json()
+    assert set(created) | set(got) == docs["job"]
+    for stage in got["stages"]:
+        assert set(stage) | {"error"} == docs["stage"]  # `error`: a failed stage only
+    assert set(got["events"][0]) == docs["event"]
+    repo = c.get("/api/runner/repos").json()["items"][0]
+    assert set(repo) == docs["repo"]
+    script = next(s for s in c.get("/api/runner/scripts").json()["items"] if s["key"] == "echo")
+    assert set(script) == docs["script"]
+    assert all(set(arg) == docs["argument"] for arg in script["args"])
