@@ -267,3 +267,26 @@ def test_files_the_docs_cite_exist() -> None:
             if not (path.parent / link).exists():
                 missing.append(f"{path.name}: link {link}")
     assert missing == []
+
+
+def _route_rows(text: str) -> dict[tuple[str, str], str]:
+    """`| `METHOD /path` | answer |` rows, path parameters written `{}`."""
+    rows = re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/[^`]*)` \|(.*)$", text, re.M)
+    return {(method, re.sub(r"\{\w+\}", "{}", path)): answer for method, path, answer in rows}
+
+
+def test_every_route_is_in_the_api_docs_and_every_documented_one_is_served() -> None:
+    from codex_runner.api import logs, routes
+
+    served: set[tuple[str, str]] = set()
+    for route in [*routes.router.routes, *routes.probe_router.routes, *logs.router.routes]:
+        path = re.sub(r"\{\w+\}", "{}", getattr(route, "path", ""))
+        if path == "/openapi.json":  # said in prose: served to any authenticated caller
+            continue
+        served.update((method, path) for method in getattr(route, "methods", ()))
+    documented = _route_rows((DOCS / "api.md").read_text())
+    assert {r for r in served if r[0] != "HEAD"} == set(documented)
+    for _, path in sorted(r for r in served if r[0] == "HEAD"):
+        assert "`HEAD`" in documented[("GET", path)], f"HEAD {path} is served; docs/api.md does not say so"
+    if SPEC.is_file():
+        assert set(_route_rows(SPEC.read_text())) <= set(documented)
