@@ -161,6 +161,8 @@ def test_a_path_that_is_no_job_id_is_not_echoed_whole(api: Any, method: str, suf
     detail = r.json()["detail"]
     assert len(detail) < 200 and "\x1b" not in detail and "b" * 100 not in detail, detail
     assert "UUID" in detail, detail
+
+
 def test_a_runner_error_without_a_status_is_the_specs_500(api: Any, service_log: io.StringIO) -> None:
     """docs/api.md: a 500 answers `internal_error` and logs `unhandled_error` by type. A runner
     error the API has no status for (a lost lease, a configuration error met mid-request) answered
