@@ -67,8 +67,8 @@ def test_folders_locked_one_in_another_are_deleted_without_root(tmp_path: Path) 
     os.chmod(workspace / "d" / "e", 0)
     os.chmod(workspace / "d", 0)
     remove = (
-        "import sys; from pathlib import Path; from codex_runner.execution.workspace import _remove_tree; "
-        "_remove_tree(Path(sys.argv[1]), Path(sys.argv[2]))"
+        "import sys; from pathlib import Path; from codex_runner.execution.workspace_base import remove_tree; "
+        "remove_tree(Path(sys.argv[1]), Path(sys.argv[2]))"
     )
     done = subprocess.run(
         [*unprivileged(), sys.executable, "-c", remove, str(workspace), str(root)],

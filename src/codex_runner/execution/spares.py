@@ -396,7 +396,7 @@ def _discard(settings: Settings, src: SpareSource, path: Path, home: Path | None
 
 class _Background:
     """One thread per process does the workspace layer's background work, one task at a time, newest
-    request first: making spares, and the mirrors' upkeep (workspace.py). A request whose key is
+    request first: making spares, and the mirrors' upkeep (mirror.py). A request whose key is
     already waiting replaces it (a spare's commit is newer; a second upkeep is the same upkeep). Not a
     daemon thread: at exit the task in progress finishes instead of leaving a git process behind.
     Once stopped it takes no request until `resume` (the next launcher's start): a job's prepare that
