@@ -12,22 +12,28 @@ import structlog
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import GitError, run_git, without_user
-from codex_runner.execution.gitutil import filter_guard, lock_key
-from codex_runner.execution.gitutil import git_out as _git_out
-from codex_runner.execution.gitutil import repo_lock as _repo_lock
-from codex_runner.execution.gitutil import resolve as _resolve
-from codex_runner.execution.gitutil import run_in as _run_in
-from codex_runner.execution.gitutil import try_resolve as _try_resolve
-from codex_runner.execution.mirror import mirror_path as _mirror_path
+from codex_runner.execution.gitutil import (
+    filter_guard,
+    git_out,
+    lock_key,
+    repo_lock,
+    resolve,
+    run_in,
+    try_resolve,
+)
+from codex_runner.execution.mirror import mirror_path
 from codex_runner.execution.spares import SpareSource, refill_later
-from codex_runner.execution.workspace_base import RepoLike, Workspace
-from codex_runner.execution.workspace_base import delete_branch_if_unchanged as _delete_branch_if_unchanged
-from codex_runner.execution.workspace_base import git_dir_problem as _git_dir_problem
-from codex_runner.execution.workspace_base import local_base as _local_base
-from codex_runner.execution.workspace_base import new_folder as _new_folder
-from codex_runner.execution.workspace_base import remove_tree as _remove_tree
-from codex_runner.execution.workspace_base import repo_lock_key as _lock_key
-from codex_runner.execution.workspace_base import task_home as _task_home
+from codex_runner.execution.workspace_base import (
+    RepoLike,
+    Workspace,
+    delete_branch_if_unchanged,
+    git_dir_problem,
+    local_base,
+    new_folder,
+    remove_tree,
+    repo_lock_key,
+    task_home,
+)
 
 log = structlog.get_logger("codex_runner.workspace")
 
@@ -46,25 +52,25 @@ def make_worktree(
     home: Path,
 ) -> Path:
     """`git worktree add` of the base commit on the job branch; returns the worktree's git dir."""
-    _new_folder(root, path)
+    new_folder(root, path)
     try:
-        with _repo_lock(settings, key):
+        with repo_lock(settings, key):
             path.rmdir()  # `worktree add` creates it; the folder only proved the name was free
             add = ["worktree", "add", "-q", "--no-checkout", "-b", branch, "--", str(path), base_commit]
             run_git([f"--git-dir={store}", *add], home=home, error_code="branch_failed")
-        git_dir = Path(_git_out(["-C", str(path), "rev-parse", "--absolute-git-dir"], home, "branch_failed"))
+        git_dir = Path(git_out(["-C", str(path), "rev-parse", "--absolute-git-dir"], home, "branch_failed"))
         # The checkout of many files runs outside the lock, in parallel with other jobs' checkouts.
         # The store's config is shared with earlier jobs' agents (`filter_guard`).
-        _run_in(
+        run_in(
             git_dir, path, ["reset", "--hard", "-q"], home, "branch_failed", guard=filter_guard(git_dir, home)
         )
         return git_dir
     except BaseException:
         with contextlib.suppress(GitError):  # the original error says why
-            _remove_tree(path, root)
-        with _repo_lock(settings, key):
+            remove_tree(path, root)
+        with repo_lock(settings, key):
             run_git([f"--git-dir={store}", "worktree", "prune"], home=home, check=False)
-            _delete_branch_if_unchanged(store, branch, base_commit, home)
+            delete_branch_if_unchanged(store, branch, base_commit, home)
         raise
 
 
@@ -89,7 +95,7 @@ def shared_clone(
         home=home,
         error_code="clone_failed",
     )
-    _run_in(git_dir, path, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
+    run_in(git_dir, path, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
     return git_dir
 
 
@@ -102,7 +108,7 @@ def prewarm_spares(repos: Iterable[RepoLike], settings: Settings) -> int:
     if settings.warm_workspaces <= 0:
         return 0
     asked = 0
-    with _task_home(settings, "prewarm") as home:
+    with task_home(settings, "prewarm") as home:
         for repo in repos:
             try:
                 src = _spare_source_now(repo, settings, home)
@@ -118,15 +124,15 @@ def prewarm_spares(repos: Iterable[RepoLike], settings: Settings) -> int:
 def _spare_source_now(repo: RepoLike, settings: Settings, home: Path) -> SpareSource | None:
     """The spare a job of `repo` would ask for, from what is here now; None if it has none.
     Raises `GitError` when the repo's base cannot be resolved."""
-    key = _lock_key(repo)
+    key = repo_lock_key(repo)
     if repo.source_type == "git_url" and repo.workspace in ("clone", "worktree"):
-        mirror = _mirror_path(repo, settings)
+        mirror = mirror_path(repo, settings)
         if not repo.branch or not mirror.is_dir():
             return None
-        commit = _resolve(mirror, f"refs/remotes/origin/{repo.branch}", home)
+        commit = resolve(mirror, f"refs/remotes/origin/{repo.branch}", home)
         return SpareSource(key, repo.workspace, mirror, without_user(repo.source), commit)
     if repo.source_type == "local_path" and repo.workspace in ("clone", "worktree"):
-        source, store, _, commit = _local_base(repo, home)
+        source, store, _, commit = local_base(repo, home)
         return SpareSource(key, repo.workspace, store, str(source), commit, repo.workspace == "clone")
     return None
 
@@ -136,26 +142,26 @@ def _spare_source_now(repo: RepoLike, settings: Settings, home: Path) -> SpareSo
 
 def cleanup_worktree(ws: Workspace, repo: RepoLike, settings: Settings, root: Path) -> None:
     assert ws.store is not None and ws.branch is not None and ws.base_commit is not None
-    with _repo_lock(settings, _lock_key(repo)):
+    with repo_lock(settings, repo_lock_key(repo)):
         run_git(
             [f"--git-dir={ws.store}", "worktree", "remove", "--force", "--force", "--", str(ws.path)],
             home=ws.home,
             check=False,
         )
-        _remove_tree(ws.path, root)
+        remove_tree(ws.path, root)
         run_git([f"--git-dir={ws.store}", "worktree", "prune"], home=ws.home, check=False)
-        _delete_branch_if_unchanged(ws.store, ws.branch, ws.base_commit, ws.home)
+        delete_branch_if_unchanged(ws.store, ws.branch, ws.base_commit, ws.home)
 
 
 def cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path) -> None:
     assert ws.store is not None and ws.git_dir is not None and ws.branch is not None
-    problem = _git_dir_problem(ws)
-    tip = None if problem else _try_resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home)
+    problem = git_dir_problem(ws)
+    tip = None if problem else try_resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home)
     if problem:  # nothing the runner made is in there (its commit refused): the folder just goes
         log.warning("workspace_git_dir_replaced", job_id=ws.job_id, problem=problem)
     if tip is not None and tip != ws.base_commit:
         # The clone goes away, its commits stay: the job branch is kept in the mirror (or local repo).
-        with _repo_lock(settings, _lock_key(repo)):
+        with repo_lock(settings, repo_lock_key(repo)):
             ref = f"refs/heads/{ws.branch}"
             try:
                 run_git(
@@ -178,4 +184,4 @@ def cleanup_clone(ws: Workspace, repo: RepoLike, settings: Settings, root: Path)
                     f"{exc.message}; the job branch's commits stay in the workspace folder {ws.path}",
                     code="cleanup_failed",
                 ) from None
-    _remove_tree(ws.path, root)
+    remove_tree(ws.path, root)

@@ -12,15 +12,16 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from codex_runner.execution.git import GitCredential, GitError, run_git, validate_source
-from codex_runner.execution.gitutil import filter_guard, nested_guard
-from codex_runner.execution.gitutil import git_out as _git_out
-from codex_runner.execution.gitutil import resolve as _resolve
-from codex_runner.execution.gitutil import run_in as _run_in
-from codex_runner.execution.gitutil import try_resolve as _try_resolve
-from codex_runner.execution.mirror import remote_git as _remote_git
-from codex_runner.execution.workspace_base import NO_CHANGES, CommitResult, RepoLike, Workspace
-from codex_runner.execution.workspace_base import check_git_dir as _check_git_dir
-from codex_runner.execution.workspace_base import first_few as _first_few
+from codex_runner.execution.gitutil import filter_guard, git_out, nested_guard, resolve, run_in, try_resolve
+from codex_runner.execution.mirror import remote_git
+from codex_runner.execution.workspace_base import (
+    NO_CHANGES,
+    CommitResult,
+    RepoLike,
+    Workspace,
+    check_git_dir,
+    first_few,
+)
 
 
 def commit_changes(ws: Workspace, *, message: str, author_name: str, author_email: str) -> CommitResult:
@@ -28,14 +29,14 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     counts it against the base commit. Nothing changed: commit None and zeros."""
     if ws.git_dir is None or ws.branch is None or ws.base_commit is None:
         return NO_CHANGES
-    _check_git_dir(ws, "commit_failed")
+    check_git_dir(ws, "commit_failed")
     ref = f"refs/heads/{ws.branch}"
     # The agent may have switched or deleted branches: the job's commit still goes on the job branch.
-    head = _run_in(ws.git_dir, ws.path, ["symbolic-ref", "-q", "HEAD"], ws.home, "commit_failed", check=False)
+    head = run_in(ws.git_dir, ws.path, ["symbolic-ref", "-q", "HEAD"], ws.home, "commit_failed", check=False)
     if head.stdout.strip() != ref:
-        if _try_resolve(ws.git_dir, ref, ws.home) is None:
-            _run_in(ws.git_dir, ws.path, ["update-ref", ref, ws.base_commit], ws.home, "commit_failed")
-        _run_in(ws.git_dir, ws.path, ["symbolic-ref", "HEAD", ref], ws.home, "commit_failed")
+        if try_resolve(ws.git_dir, ref, ws.home) is None:
+            run_in(ws.git_dir, ws.path, ["update-ref", ref, ws.base_commit], ws.home, "commit_failed")
+        run_in(ws.git_dir, ws.path, ["symbolic-ref", "HEAD", ref], ws.home, "commit_failed")
     # The agent could write this config. Read once HEAD is where `add` finds it: an
     # `includeIf "onbranch:..."` it added applies only on the branch HEAD names at that moment.
     guard = filter_guard(ws.git_dir, ws.home)
@@ -43,11 +44,11 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
     # looks inside the ones already linked, and after it, for `commit`, which looks inside all.
     seen: dict[Path, tuple[tuple[str, str], ...]] = {}
     guard = nested_guard(ws.git_dir, ws.path, ws.home, "commit_failed", guard, seen=seen)
-    _run_in(ws.git_dir, ws.path, ["add", "-A"], ws.home, "commit_failed", guard=guard)
+    run_in(ws.git_dir, ws.path, ["add", "-A"], ws.home, "commit_failed", guard=guard)
     guard = nested_guard(ws.git_dir, ws.path, ws.home, "commit_failed", guard, seen=seen)
     # Links to repositories of the agent's own, staged now or committed by the agent itself.
     _refuse_stray_gitlinks(ws, guard)
-    staged = _run_in(
+    staged = run_in(
         ws.git_dir,
         ws.path,
         ["diff", "--cached", "--quiet", "--no-ext-diff", "--no-textconv"],
@@ -66,7 +67,7 @@ def commit_changes(ws: Workspace, *, message: str, author_name: str, author_emai
             "GIT_COMMITTER_EMAIL": author_email,
         }
         _commit_index(ws, ref, message, ident, guard)
-    tip = _resolve(ws.git_dir, ref, ws.home, code="commit_failed")
+    tip = resolve(ws.git_dir, ref, ws.home, code="commit_failed")
     if tip == ws.base_commit:
         return NO_CHANGES
     return _numstat(ws, tip)
@@ -79,12 +80,12 @@ def _commit_index(
     `git commit`: that writes the message into `.git/COMMIT_EDITMSG`, opened for writing through
     whatever link is there, and a process of the agent's that outlived its job (one that made an
     environment of its own is not found by `RUNNER_JOB_ID`) could make it a link after
-    `_check_git_dir`: the runner then wrote over any file it can write. No hook or editor either,
+    `check_git_dir`: the runner then wrote over any file it can write. No hook or editor either,
     and no merge or cherry-pick the agent left in progress is taken over: one parent, our author."""
     assert ws.git_dir is not None
-    tree = _run_in(ws.git_dir, ws.path, ["write-tree"], ws.home, "commit_failed", guard=guard).stdout.strip()
-    parent = _resolve(ws.git_dir, ref, ws.home, code="commit_failed")
-    commit = _run_in(
+    tree = run_in(ws.git_dir, ws.path, ["write-tree"], ws.home, "commit_failed", guard=guard).stdout.strip()
+    parent = resolve(ws.git_dir, ref, ws.home, code="commit_failed")
+    commit = run_in(
         ws.git_dir,
         ws.path,
         ["commit-tree", tree, "-p", parent, "-F", "-"],
@@ -96,7 +97,7 @@ def _commit_index(
     # As `git commit` words its reflog entry; the old value makes a concurrent move of the ref fail.
     subject = message.split("\n", 1)[0]
     update = ["update-ref", "-m", f"commit: {subject}", ref, commit, parent]
-    _run_in(ws.git_dir, ws.path, update, ws.home, "commit_failed")
+    run_in(ws.git_dir, ws.path, update, ws.home, "commit_failed")
 
 
 def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) -> None:
@@ -106,7 +107,7 @@ def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) ->
     lists it (a submodule the agent added on purpose)."""
     assert ws.git_dir is not None and ws.base_commit is not None
     # From the base commit to the index: what `add -A` staged and what the agent committed itself.
-    raw = _run_in(
+    raw = run_in(
         ws.git_dir,
         ws.path,
         ["diff-index", "--cached", "--raw", "-z", "--no-renames", ws.base_commit, "--"],
@@ -122,7 +123,7 @@ def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) ->
     ]
     if not links:
         return
-    listed = _run_in(
+    listed = run_in(
         ws.git_dir,
         ws.path,
         ["config", "--file", str(ws.path / ".gitmodules"), "--get-regexp", r"^submodule\..*\.path$"],
@@ -134,7 +135,7 @@ def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) ->
     stray = [path for path in links if path not in submodules]
     if stray:
         raise GitError(
-            f"{_first_few(stray)}: a git repository of its own inside the workspace (a `git init` there?); its files "
+            f"{first_few(stray)}: a git repository of its own inside the workspace (a `git init` there?); its files "
             "cannot be committed, only a link to a commit that is never pushed. Remove its .git folder, "
             "or add it as a submodule (.gitmodules)",
             code="commit_failed",
@@ -144,7 +145,7 @@ def _refuse_stray_gitlinks(ws: Workspace, guard: tuple[tuple[str, str], ...]) ->
 def _numstat(ws: Workspace, tip: str) -> CommitResult:
     assert ws.git_dir is not None and ws.base_commit is not None
     # Plumbing, so no external diff or textconv program configured in the workspace runs.
-    out = _run_in(
+    out = run_in(
         ws.git_dir,
         ws.path,
         ["diff-tree", "-r", "-z", "-M", "--numstat", ws.base_commit, tip],
@@ -181,10 +182,10 @@ def push_branch(ws: Workspace, repo: RepoLike, credential: GitCredential | None)
     if url is None:
         raise GitError("the local repo has no origin remote to push to", code="push_failed")
     validate_source(url)
-    _check_git_dir(ws, "push_failed")
-    tip = _resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home, code="push_failed")
+    check_git_dir(ws, "push_failed")
+    tip = resolve(ws.git_dir, f"refs/heads/{ws.branch}", ws.home, code="push_failed")
     objects = Path(
-        _git_out([f"--git-dir={ws.git_dir}", "rev-parse", "--git-path", "objects"], ws.home, "push_failed")
+        git_out([f"--git-dir={ws.git_dir}", "rev-parse", "--git-path", "objects"], ws.home, "push_failed")
     )
     if not objects.is_absolute():
         objects = ws.git_dir / objects
@@ -197,7 +198,7 @@ def push_branch(ws: Workspace, repo: RepoLike, credential: GitCredential | None)
         if target is not None:
             _fetch_into_local(target, shim, ref, tip, ws.home)
             return
-        _remote_git(
+        remote_git(
             [f"--git-dir={shim}", "push", "-q", "--", url, f"{tip}:{ref}"],
             url,
             credential,

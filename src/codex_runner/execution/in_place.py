@@ -19,20 +19,21 @@ from codex_runner.execution.gitutil import (
     nested_guard,
     rebased_or_head_ref,
     remove_stale_locks,
+    repo_lock,
+    resolve,
+    run_in,
+    try_resolve,
 )
-from codex_runner.execution.gitutil import repo_lock as _repo_lock
-from codex_runner.execution.gitutil import resolve as _resolve
-from codex_runner.execution.gitutil import run_in as _run_in
-from codex_runner.execution.gitutil import try_resolve as _try_resolve
-from codex_runner.execution.workspace_base import RepoLike, Workspace
-from codex_runner.execution.workspace_base import check_git_dir as _check_git_dir
-from codex_runner.execution.workspace_base import delete_branch_if_unchanged as _delete_branch_if_unchanged
 from codex_runner.execution.workspace_base import (
-    delete_branch_without_commits as _delete_branch_without_commits,
+    RepoLike,
+    Workspace,
+    check_git_dir,
+    delete_branch_if_unchanged,
+    delete_branch_without_commits,
+    first_few,
+    local_git_dir,
+    repo_lock_key,
 )
-from codex_runner.execution.workspace_base import first_few as _first_few
-from codex_runner.execution.workspace_base import local_git_dir as _local_git_dir
-from codex_runner.execution.workspace_base import repo_lock_key as _lock_key
 
 log = structlog.get_logger("codex_runner.workspace")
 
@@ -54,7 +55,7 @@ def prepare_in_place(
     # repositories it links to, which `status` looks inside (`nested_guard`).
     guard = nested_guard(store, source, home, "prepare_failed", filter_guard(store, home))
     # A dirty tree would end up in the job's commit, mixed with the agent's work: refuse it.
-    status = _run_in(
+    status = run_in(
         store,
         source,
         ["status", "--porcelain", "-z", "--untracked-files=normal"],
@@ -68,7 +69,7 @@ def prepare_in_place(
         )
     _refuse_assumed_unchanged(store, source, home, guard)
     head = run_git([f"--git-dir={store}", "symbolic-ref", "-q", "HEAD"], home=home, check=False)
-    original = head.stdout.strip() if head.returncode == 0 else _resolve(store, "HEAD", home)
+    original = head.stdout.strip() if head.returncode == 0 else resolve(store, "HEAD", home)
     if original.startswith("refs/heads/runner/"):
         # Another job's branch: a job of another catalog repo on the same folder runs, or a
         # cleanup failed. Taking the folder would mix the two jobs' work.
@@ -79,10 +80,10 @@ def prepare_in_place(
             "its branch",
             code="prepare_failed",
         )
-    same_tree = _try_resolve(store, "HEAD", home) == base_commit
+    same_tree = try_resolve(store, "HEAD", home) == base_commit
     # Ignored files are the operator's (local settings, build output): a checkout overwrites one
     # the base tracks, and the switch back at cleanup would then delete it. Refused instead.
-    _run_in(
+    run_in(
         store,
         source,
         ["checkout", "-q", "--no-overwrite-ignore", "-b", branch, base_commit],
@@ -105,12 +106,12 @@ def _refuse_assumed_unchanged(
     looks clean, the job's commit would leave out its own edits to them, and the cleanup's
     `reset --hard` writes them over, the operator's changes gone. (`--skip-worktree`, the other
     way, is safe: the reset leaves those files alone.)"""
-    listed = _run_in(store, source, ["ls-files", "-v", "-z"], home, "prepare_failed", guard=guard).stdout
+    listed = run_in(store, source, ["ls-files", "-v", "-z"], home, "prepare_failed", guard=guard).stdout
     # `ls-files -v` tags an entry with a lower-case letter when it is marked assume-unchanged.
     marked = [entry[2:] for entry in listed.split("\0") if entry[:1].islower()]
     if marked:
         raise GitError(
-            f"in_place repo: {_first_few(marked)} marked --assume-unchanged: git hides their changes, and the job's "
+            f"in_place repo: {first_few(marked)} marked --assume-unchanged: git hides their changes, and the job's "
             "cleanup would write over them; `git update-index --no-assume-unchanged` them, and commit "
             "or stash what they hold",
             code="prepare_failed",
@@ -133,13 +134,13 @@ def _refuse_unignored(
     them, and the push publish them. Then the repo goes back and the job fails (`prepare_failed`)."""
     guard = nested_guard(store, source, home, "prepare_failed", guard)
     status = ["status", "--porcelain", "-z", "--untracked-files=normal"]
-    shown = _run_in(store, source, status, home, "prepare_failed", guard=guard).stdout
+    shown = run_in(store, source, status, home, "prepare_failed", guard=guard).stdout
     paths = [entry[3:] for entry in shown.split("\0") if len(entry) > 3]
     if not paths:
         return
-    _run_in(store, source, _checkout_back(original, force=False), home, "prepare_failed", guard=guard)
-    _delete_branch_if_unchanged(store, branch, base_commit, home)
-    names = _first_few(paths)
+    run_in(store, source, _checkout_back(original, force=False), home, "prepare_failed", guard=guard)
+    delete_branch_if_unchanged(store, branch, base_commit, home)
+    names = first_few(paths)
     where = original.removeprefix("refs/heads/")
     raise GitError(
         f"in_place repo: {names} ignored on {where} but not on the repo's branch {base_branch}: the "
@@ -154,8 +155,8 @@ def _refuse_unignored(
 
 def cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings, *, recovering: bool = False) -> None:
     assert ws.git_dir is not None and ws.branch is not None and ws.base_commit is not None
-    _check_git_dir(ws, "cleanup_failed")  # a reset and checkout must not land in another repository
-    with _repo_lock(settings, _lock_key(repo)):
+    check_git_dir(ws, "cleanup_failed")  # a reset and checkout must not land in another repository
+    with repo_lock(settings, repo_lock_key(repo)):
         head = rebased_or_head_ref(ws.git_dir)
         if head != f"refs/heads/{ws.branch}" and (
             recovering or (head or "").startswith("refs/heads/runner/")
@@ -163,20 +164,20 @@ def cleanup_in_place(ws: Workspace, repo: RepoLike, settings: Settings, *, recov
             # Another job's branch (it took the folder once this one was failed), or, after a crash
             # or a lost lease, anything but this job's own: not this job's to reset.
             log.warning("in_place_cleanup_skipped", job_id=ws.job_id, head=head)
-            _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
+            delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
             return
         original = ws.original_ref or ws.base_commit
         if head == original:
             # Already back (another instance's recovery did it while this run was frozen, and the
             # operator may work there now): nothing to switch, nothing of the job's to drop.
             log.warning("in_place_cleanup_skipped", job_id=ws.job_id, head=head)
-            _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
+            delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
             return
         # Off the job's branch (the agent switched branches), what is uncommitted may not be the
         # job's: kept in a stash, never dropped.
         keep = recovering or head != f"refs/heads/{ws.branch}"
         _restore_in_place(ws.git_dir, ws.path, ws.branch, ws.job_id, original, ws.home, settings, keep)
-        _delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
+        delete_branch_if_unchanged(ws.git_dir, ws.branch, ws.base_commit, ws.home)
 
 
 def _restore_in_place(
@@ -211,23 +212,21 @@ def _restore_in_place(
         # A merge, cherry-pick or revert the job left half done: `stash` refuses unmerged paths,
         # and a MERGE_HEAD left behind would turn the operator's next commit into a merge. Its
         # files go to the stash as they are (conflict markers and all), the operation is dropped.
-        if _run_in(git_dir, path, ["ls-files", "-u", "-z"], home, "cleanup_failed", guard=guard).stdout:
-            _run_in(git_dir, path, ["add", "-A"], home, "cleanup_failed", guard=guard)
+        if run_in(git_dir, path, ["ls-files", "-u", "-z"], home, "cleanup_failed", guard=guard).stdout:
+            run_in(git_dir, path, ["add", "-A"], home, "cleanup_failed", guard=guard)
         _quit_operations(git_dir, path, home, guard)
         message = f"codex-runner: left uncommitted on {branch} by job {job_id} (recovered)"
         stash = ["stash", "push", "--include-untracked", "-q", "-m", message]
         _stash_push(git_dir, path, stash, home, guard, identity)
     else:
         _quit_operations(git_dir, path, home, guard)
-        _run_in(git_dir, path, ["reset", "--hard", "-q"], home, "cleanup_failed", guard=guard)
-    _run_in(
-        git_dir, path, _checkout_back(original, force=not recovering), home, "cleanup_failed", guard=guard
-    )
+        run_in(git_dir, path, ["reset", "--hard", "-q"], home, "cleanup_failed", guard=guard)
+    run_in(git_dir, path, _checkout_back(original, force=not recovering), home, "cleanup_failed", guard=guard)
     if not recovering:
         # Only once back, under the ignore rules of the operator's branch: the job's branch may
         # no longer ignore the operator's files (a `.env` its `.gitignore` dropped), and `clean`
         # there deleted them for good.
-        _run_in(git_dir, path, ["clean", "-fdq"], home, "cleanup_failed", guard=guard)
+        run_in(git_dir, path, ["clean", "-fdq"], home, "cleanup_failed", guard=guard)
 
 
 def _checkout_back(original: str, *, force: bool) -> list[str]:
@@ -265,7 +264,7 @@ def _quit_operations(git_dir: Path, path: Path, home: Path, guard: Sequence[tupl
     `cleanup_failed` naming the one whose state stays."""
     for state, command in _OPERATIONS:
         if os.path.lexists(git_dir / state):
-            _run_in(git_dir, path, [command, "--quit"], home, "cleanup_failed", guard=guard, check=False)
+            run_in(git_dir, path, [command, "--quit"], home, "cleanup_failed", guard=guard, check=False)
             if os.path.lexists(git_dir / state):
                 raise GitError(
                     f"the job left a {command} in progress and `git {command} --quit` did not end it "
@@ -291,7 +290,7 @@ def _stash_push(
     editor's `git status` polling the repo is enough."""
     deadline = time.monotonic() + LOCK_RETRY_SECONDS
     while True:
-        got = _run_in(git_dir, path, args, home, "cleanup_failed", guard=guard, env_extra=env, check=False)
+        got = run_in(git_dir, path, args, home, "cleanup_failed", guard=guard, env_extra=env, check=False)
         if got.returncode == 0:
             return
         if got.stderr.strip() or time.monotonic() >= deadline:
@@ -304,16 +303,16 @@ def unrecorded_in_place(repo: RepoLike, job_id: str, branch: str, settings: Sett
     source = Path(repo.source)
     if not source.is_dir():
         return False
-    git_dir = _local_git_dir(source, home, "cleanup_failed")
-    with _repo_lock(settings, _lock_key(repo)):
+    git_dir = local_git_dir(source, home, "cleanup_failed")
+    with repo_lock(settings, repo_lock_key(repo)):
         if head_ref(git_dir) != f"refs/heads/{branch}":
             return False  # the prepare never got to its checkout: the repo is as the operator left it
         before = run_git(
             [f"--git-dir={git_dir}", "rev-parse", "--symbolic-full-name", "@{-1}"], home=home, check=False
         ).stdout.strip()
         if not before.startswith("refs/heads/") or before == f"refs/heads/{branch}":
-            before = _try_resolve(git_dir, "@{-1}", home) or ""
-        if not before and repo.branch and _try_resolve(git_dir, f"refs/heads/{repo.branch}", home):
+            before = try_resolve(git_dir, "@{-1}", home) or ""
+        if not before and repo.branch and try_resolve(git_dir, f"refs/heads/{repo.branch}", home):
             before = f"refs/heads/{repo.branch}"  # no reflog to tell: the repo's configured branch
         if not before:
             raise GitError(
@@ -321,5 +320,5 @@ def unrecorded_in_place(repo: RepoLike, job_id: str, branch: str, settings: Sett
                 code="cleanup_failed",
             )
         _restore_in_place(git_dir, source, branch, job_id, before, home, settings, recovering=True)
-        _delete_branch_without_commits(git_dir, branch, home)
+        delete_branch_without_commits(git_dir, branch, home)
     return True

@@ -20,11 +20,8 @@ from codex_runner.execution.git import (
     validate_ref_name,
     without_user,
 )
-from codex_runner.execution.gitutil import real_dir as _real_dir
-from codex_runner.execution.gitutil import repo_lock as _repo_lock
-from codex_runner.execution.workspace_base import RepoLike
-from codex_runner.execution.workspace_base import repo_lock_key as _lock_key
-from codex_runner.execution.workspace_base import task_home as _task_home
+from codex_runner.execution.gitutil import real_dir, repo_lock
+from codex_runner.execution.workspace_base import RepoLike, repo_lock_key, task_home
 
 # Remote branches live under refs/remotes/origin in the mirror, so `fetch --prune` never touches the
 # job branches (refs/heads/runner/*) that worktrees of the mirror have checked out or that cleanup kept.
@@ -35,7 +32,7 @@ _MIRROR_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tba
 
 
 def mirror_path(repo: RepoLike, settings: Settings) -> Path:
-    return _real_dir(settings.mirrors_dir) / f"{_lock_key(repo)}.git"
+    return real_dir(settings.mirrors_dir) / f"{repo_lock_key(repo)}.git"
 
 
 def sync_mirror(repo: RepoLike, mirror: Path, home: Path, credential: GitCredential | None) -> None:
@@ -93,7 +90,7 @@ def upkeep_mirror(settings: Settings, repo: RepoLike, mirror: Path) -> None:
     once enough packs pile up (one per fetch that brings more than 100 objects) it repacks the
     mirror, which takes seconds on a big repo and would otherwise happen inside one job's prepare.
     Under the repo lock, like every other write to the mirror."""
-    with _task_home(settings, "upkeep") as home, _repo_lock(settings, _lock_key(repo)):
+    with task_home(settings, "upkeep") as home, repo_lock(settings, repo_lock_key(repo)):
         if mirror.exists():  # retention may have deleted it since
             run_git([f"--git-dir={mirror}", "maintenance", "run", "--auto", "--quiet"], home=home)
 

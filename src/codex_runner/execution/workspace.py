@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from codex_runner.config import Settings
-from codex_runner.execution.clones import cleanup_clone as _cleanup_clone
-from codex_runner.execution.clones import cleanup_worktree as _cleanup_worktree
-from codex_runner.execution.clones import make_worktree as _make_worktree
-from codex_runner.execution.clones import prewarm_spares
-from codex_runner.execution.clones import shared_clone as _shared_clone
+from codex_runner.execution.clones import (
+    cleanup_clone,
+    cleanup_worktree,
+    make_worktree,
+    prewarm_spares,
+    shared_clone,
+)
 from codex_runner.execution.commit import commit_changes, push_branch
 from codex_runner.execution.git import (
     GitCredential,
@@ -43,34 +45,23 @@ from codex_runner.execution.git import (
     validate_source,
     without_user,
 )
-from codex_runner.execution.gitutil import lock_key
-from codex_runner.execution.gitutil import real_dir as _real_dir
-from codex_runner.execution.gitutil import repo_lock as _repo_lock
-from codex_runner.execution.gitutil import resolve as _resolve
-from codex_runner.execution.gitutil import run_in as _run_in
-from codex_runner.execution.in_place import cleanup_in_place as _cleanup_in_place
-from codex_runner.execution.in_place import prepare_in_place as _prepare_in_place
-from codex_runner.execution.in_place import unrecorded_in_place as _unrecorded_in_place
-from codex_runner.execution.mirror import mirror_path as _mirror_path
-from codex_runner.execution.mirror import remote_default_branch as _remote_default_branch
-from codex_runner.execution.mirror import sync_mirror as _sync_mirror
-from codex_runner.execution.mirror import upkeep_mirror as _upkeep_mirror
+from codex_runner.execution.gitutil import lock_key, real_dir, repo_lock, resolve, run_in
+from codex_runner.execution.in_place import cleanup_in_place, prepare_in_place, unrecorded_in_place
+from codex_runner.execution.mirror import mirror_path, remote_default_branch, sync_mirror, upkeep_mirror
 from codex_runner.execution.spares import SpareSource, refill_later, run_in_background, take_spare
 from codex_runner.execution.workspace_base import (
     TASK_HOME_KINDS,
     CommitResult,
     RepoLike,
     Workspace,
+    delete_branch_without_commits,
     delete_tree,
+    local_base,
+    local_git_dir,
+    new_folder,
+    remove_tree,
+    repo_lock_key,
 )
-from codex_runner.execution.workspace_base import (
-    delete_branch_without_commits as _delete_branch_without_commits,
-)
-from codex_runner.execution.workspace_base import local_base as _local_base
-from codex_runner.execution.workspace_base import local_git_dir as _local_git_dir
-from codex_runner.execution.workspace_base import new_folder as _new_folder
-from codex_runner.execution.workspace_base import remove_tree as _remove_tree
-from codex_runner.execution.workspace_base import repo_lock_key as _lock_key
 from codex_runner.jobs import job_branch
 
 __all__ = [
@@ -127,7 +118,7 @@ def _prepare_workspace(
         raise GitError(f"unknown workspace mode {mode!r}", code="prepare_failed")
     if not _JOB_ID.match(job_id):
         raise GitError("job id is not a safe folder name", code="prepare_failed")
-    home = _real_dir(settings.data_dir) / "git-home" / job_id
+    home = real_dir(settings.data_dir) / "git-home" / job_id
     if mode != "scratch":  # no git runs in a scratch workspace: no git HOME to make (or remove)
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
@@ -148,10 +139,10 @@ def _prepare_workspace(
 def _prepare(
     repo: RepoLike, job_id: str, settings: Settings, credential: GitCredential | None, mode: str, home: Path
 ) -> Workspace:
-    root = _real_dir(settings.workspace_dir)
+    root = real_dir(settings.workspace_dir)
     path = root / job_id
     if mode == "scratch":
-        _new_folder(root, path)
+        new_folder(root, path)
         return Workspace(path, mode, None, None, None, job_id, home)
 
     validate_source(repo.source)
@@ -179,28 +170,28 @@ def _prepare_from_mirror(
     path: Path,
     branch: str,
 ) -> Workspace:
-    mirror = _mirror_path(repo, settings)
-    with _repo_lock(settings, _lock_key(repo)):
-        _sync_mirror(repo, mirror, home, credential)
-        base_branch = repo.branch or _remote_default_branch(repo, home, credential)
-        base_commit = _resolve(mirror, f"refs/remotes/origin/{base_branch}", home)
-    spare = SpareSource(_lock_key(repo), mode, mirror, without_user(repo.source), base_commit)
+    mirror = mirror_path(repo, settings)
+    with repo_lock(settings, repo_lock_key(repo)):
+        sync_mirror(repo, mirror, home, credential)
+        base_branch = repo.branch or remote_default_branch(repo, home, credential)
+        base_commit = resolve(mirror, f"refs/remotes/origin/{base_branch}", home)
+    spare = SpareSource(repo_lock_key(repo), mode, mirror, without_user(repo.source), base_commit)
     git_dir = take_spare(settings, spare, path, base_branch, branch, home)
     if git_dir is None and mode == "worktree":
-        git_dir = _make_worktree(settings, _lock_key(repo), mirror, root, path, branch, base_commit, home)
+        git_dir = make_worktree(settings, repo_lock_key(repo), mirror, root, path, branch, base_commit, home)
     elif git_dir is None:
-        _new_folder(root, path)
+        new_folder(root, path)
         try:
-            git_dir = _shared_clone(
+            git_dir = shared_clone(
                 mirror, path, without_user(repo.source), base_branch, base_commit, branch, home
             )
         except BaseException:
             with contextlib.suppress(GitError):  # the original error says why
-                _remove_tree(path, root)
+                remove_tree(path, root)
             raise
     refill_later(settings, spare)
     # Once the workspace is made: the upkeep takes the repo lock and a core, which the take needs.
-    run_in_background(("upkeep", mirror), "mirror_upkeep", lambda: _upkeep_mirror(settings, repo, mirror))
+    run_in_background(("upkeep", mirror), "mirror_upkeep", lambda: upkeep_mirror(settings, repo, mirror))
     return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, mirror)
 
 
@@ -214,24 +205,24 @@ def _prepare_local(
     path: Path,
     branch: str,
 ) -> Workspace:
-    source, store, base_branch, base_commit = _local_base(repo, home)
+    source, store, base_branch, base_commit = local_base(repo, home)
     if mode == "in_place":
-        with _repo_lock(settings, _lock_key(repo)):
-            return _prepare_in_place(repo, job_id, source, store, base_branch, base_commit, branch, home)
+        with repo_lock(settings, repo_lock_key(repo)):
+            return prepare_in_place(repo, job_id, source, store, base_branch, base_commit, branch, home)
     if mode == "worktree":
-        spare = SpareSource(_lock_key(repo), mode, store, str(source), base_commit)
-        git_dir = take_spare(settings, spare, path, base_branch, branch, home) or _make_worktree(
-            settings, _lock_key(repo), store, root, path, branch, base_commit, home
+        spare = SpareSource(repo_lock_key(repo), mode, store, str(source), base_commit)
+        git_dir = take_spare(settings, spare, path, base_branch, branch, home) or make_worktree(
+            settings, repo_lock_key(repo), store, root, path, branch, base_commit, home
         )
         refill_later(settings, spare)
         return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
 
-    spare = SpareSource(_lock_key(repo), mode, store, str(source), base_commit, owns_objects=True)
+    spare = SpareSource(repo_lock_key(repo), mode, store, str(source), base_commit, owns_objects=True)
     taken = take_spare(settings, spare, path, base_branch, branch, home)
     refill_later(settings, spare)
     if taken is not None:
         return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, taken, store)
-    _new_folder(root, path)
+    new_folder(root, path)
     try:
         # A local clone hard-links the objects (copies across file systems): independent of the source.
         run_git(
@@ -240,10 +231,10 @@ def _prepare_local(
             error_code="clone_failed",
         )
         git_dir = path / ".git"
-        _run_in(git_dir, path, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
+        run_in(git_dir, path, ["checkout", "-q", "-b", branch, base_commit], home, "branch_failed")
     except BaseException:
         with contextlib.suppress(GitError):  # the original error says why
-            _remove_tree(path, root)
+            remove_tree(path, root)
         raise
     return Workspace(path, mode, branch, base_branch, base_commit, job_id, home, git_dir, store)
 
@@ -285,7 +276,7 @@ def workspace_from_record(record: Mapping[str, Any], job_id: str, settings: Sett
         value = record.get(name)
         return Path(value) if isinstance(value, str) and value else None
 
-    home = _real_dir(settings.data_dir) / "git-home" / job_id
+    home = real_dir(settings.data_dir) / "git-home" / job_id
     ws_path = path("path")
     if ws_path is None:
         raise GitError("the run manifest names no workspace path", code="cleanup_failed")
@@ -317,15 +308,15 @@ def cleanup_workspace(
     job's branch, since another job (or the operator) may have the folder by now."""
     try:
         if not _keeps_workspace(settings, failed=failed):
-            root = _real_dir(settings.workspace_dir)
+            root = real_dir(settings.workspace_dir)
             if ws.mode == "scratch":
-                _remove_tree(ws.path, root)
+                remove_tree(ws.path, root)
             elif ws.mode == "worktree":
-                _cleanup_worktree(ws, repo, settings, root)
+                cleanup_worktree(ws, repo, settings, root)
             elif ws.mode == "clone":
-                _cleanup_clone(ws, repo, settings, root)
+                cleanup_clone(ws, repo, settings, root)
             elif ws.mode == "in_place":
-                _cleanup_in_place(ws, repo, settings, recovering=recovering)
+                cleanup_in_place(ws, repo, settings, recovering=recovering)
     finally:
         shutil.rmtree(ws.home, ignore_errors=True)
 
@@ -343,7 +334,7 @@ def remove_empty_scratch(ws: Workspace, settings: Settings, *, failed: bool) -> 
         return False
     if _keeps_workspace(settings, failed=failed):
         return True  # kept; a scratch workspace has no git HOME to remove
-    if ws.path.parent != _real_dir(settings.workspace_dir):
+    if ws.path.parent != real_dir(settings.workspace_dir):
         return False  # cleanup_workspace refuses it, with the reason
     try:
         os.rmdir(ws.path)
@@ -363,27 +354,25 @@ def cleanup_unrecorded(repo: RepoLike, job_id: str, mode: str, settings: Setting
     no commits of its own. True if something was found."""
     if _keeps_workspace(settings, failed=True) or mode == "scratch" or not _JOB_ID.match(job_id):
         return False
-    home = _real_dir(settings.data_dir) / "git-home" / job_id
+    home = real_dir(settings.data_dir) / "git-home" / job_id
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     branch = job_branch(job_id)
     try:
         if mode == "in_place":
-            return repo.source_type != "git_url" and _unrecorded_in_place(
-                repo, job_id, branch, settings, home
-            )
-        root = _real_dir(settings.workspace_dir)
+            return repo.source_type != "git_url" and unrecorded_in_place(repo, job_id, branch, settings, home)
+        root = real_dir(settings.workspace_dir)
         path = root / job_id
         found = path.exists() or path.is_symlink()
         store = _unrecorded_store(repo, settings, home) if mode == "worktree" else None
-        with _repo_lock(settings, _lock_key(repo)):
+        with repo_lock(settings, repo_lock_key(repo)):
             if store is not None:
                 remove = ["worktree", "remove", "--force", "--force", "--", str(path)]
                 run_git([f"--git-dir={store}", *remove], home=home, check=False)
             if path.exists() or path.is_symlink():
-                _remove_tree(path, root)
+                remove_tree(path, root)
             if store is not None:
                 run_git([f"--git-dir={store}", "worktree", "prune"], home=home, check=False)
-                found |= _delete_branch_without_commits(store, branch, home)
+                found |= delete_branch_without_commits(store, branch, home)
         return found
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -391,9 +380,9 @@ def cleanup_unrecorded(repo: RepoLike, job_id: str, mode: str, settings: Setting
 
 def _unrecorded_store(repo: RepoLike, settings: Settings, home: Path) -> Path | None:
     if repo.source_type == "git_url":
-        mirror = _mirror_path(repo, settings)
+        mirror = mirror_path(repo, settings)
         return mirror if mirror.is_dir() else None
     source = Path(repo.source)
     if not source.is_dir():
         return None
-    return _local_git_dir(source, home, "cleanup_failed")
+    return local_git_dir(source, home, "cleanup_failed")

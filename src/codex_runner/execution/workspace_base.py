@@ -22,12 +22,7 @@ import structlog
 
 from codex_runner.config import Settings
 from codex_runner.execution.git import GitError, run_git
-from codex_runner.execution.gitutil import current_branch as _current_branch
-from codex_runner.execution.gitutil import git_out as _git_out
-from codex_runner.execution.gitutil import lock_key
-from codex_runner.execution.gitutil import real_dir as _real_dir
-from codex_runner.execution.gitutil import resolve as _resolve
-from codex_runner.execution.gitutil import try_resolve as _try_resolve
+from codex_runner.execution.gitutil import current_branch, git_out, lock_key, real_dir, resolve, try_resolve
 
 log = structlog.get_logger("codex_runner.workspace")
 # Background tasks with a git HOME of their own, `git-home/<kind>-<12 hex>` (retention knows them).
@@ -106,13 +101,13 @@ def local_base(repo: RepoLike, home: Path) -> tuple[Path, Path, str, str]:
     if not source.is_dir():
         raise GitError(f"local repo {source} does not exist", code="clone_failed")
     store = local_git_dir(source, home, "clone_failed")
-    base_branch = repo.branch or _current_branch(store, home)
-    return source, store, base_branch, _resolve(store, f"refs/heads/{base_branch}", home)
+    base_branch = repo.branch or current_branch(store, home)
+    return source, store, base_branch, resolve(store, f"refs/heads/{base_branch}", home)
 
 
 def local_git_dir(source: Path, home: Path, code: str) -> Path:
     """The git dir of a local repo's folder (its `.git`, or the folder of a bare repo), absolute."""
-    return Path(_git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, code))
+    return Path(git_out([f"--git-dir={_dot_git(source)}", "rev-parse", "--absolute-git-dir"], home, code))
 
 
 def _dot_git(source: Path) -> Path:
@@ -125,7 +120,7 @@ def task_home(settings: Settings, kind: str) -> Iterator[Path]:
     """A fresh git HOME for a background task (`TASK_HOME_KINDS`), removed when it ends; retention
     removes one a crash left behind."""
     assert kind in TASK_HOME_KINDS
-    home = _real_dir(settings.data_dir) / "git-home" / f"{kind}-{uuid.uuid4().hex[:12]}"
+    home = real_dir(settings.data_dir) / "git-home" / f"{kind}-{uuid.uuid4().hex[:12]}"
     home.mkdir(mode=0o700, parents=True)
     try:
         yield home
@@ -210,7 +205,7 @@ def delete_branch_without_commits(git_dir: Path, branch: str, home: Path) -> boo
     too (a branch made at its base and never committed to): where the base is not recorded. A
     branch with commits of its own stays. True if there was such a branch."""
     ref = f"refs/heads/{branch}"
-    if _try_resolve(git_dir, ref, home) is None:
+    if try_resolve(git_dir, ref, home) is None:
         return False
     own = run_git(
         [
