@@ -879,15 +879,14 @@ class _CuttingProxy:
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(self.upstream, timeout=30)
         client.settimeout(30)
+        # Any request of the connection may be the stream's: the CLI reads the job's status first
+        # (`logs -f` says when a job is still queued) and keeps the connection for the stream.
+        cutting = threading.Event()
         with client, upstream:
-            request = client.recv(65536)
-            cut = b"/logs/stream" in request.split(b"\r\n", 1)[0] and not self.cut_one.is_set()
-            self.cut_one.set()
-            upstream.sendall(request)
-            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._requests, args=(client, upstream, cutting), daemon=True).start()
             sent = b""
             while data := self._recv(upstream):
-                if cut:
+                if cutting.is_set():
                     sent += data
                     # The head ends at the first blank line, each event at a later one.
                     ends = [m.end() for m in re.finditer(rb"\r\n\r\n", sent)]
@@ -897,18 +896,24 @@ class _CuttingProxy:
                         return
                 client.sendall(data)
 
+    def _requests(self, client: socket.socket, upstream: socket.socket, cutting: threading.Event) -> None:
+        """Forwards the client's requests; the first request for a log stream (all proxied
+        connections together) is the one whose answer is cut. Marked before it is forwarded, so
+        every byte counted is of its answer (HTTP/1.1 without pipelining: the answer before it
+        has been read whole)."""
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if b"/logs/stream" in data.split(b"\r\n", 1)[0] and not self.cut_one.is_set():
+                    self.cut_one.set()
+                    cutting.set()
+                upstream.sendall(data)
+
     @staticmethod
     def _recv(sock: socket.socket) -> bytes:
         try:
             return sock.recv(65536)
         except OSError:
             return b""
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                target.sendall(data)
 
 
 def test_jobs_logs_follow_reconnects_with_last_event_id(sse_runner: SseRunner) -> None:

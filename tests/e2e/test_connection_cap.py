@@ -16,6 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from codex_runner.config import load_settings
+from codex_runner.ops.fdlimit import fds_needed
+
 from tests.e2e.test_cli import Server, serving, start_server, stop
 from tests.helpers import cli_token, connect_to, read_until_closed, wait_until
 
@@ -263,7 +266,7 @@ def test_serve_raises_its_soft_open_file_limit_for_the_cap(tmp_path: Path) -> No
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
-        assert _open_files_limit(srv.proc.pid) == (1024 + 64 + 256 + 2 * 16, hard)
+        assert _open_files_limit(srv.proc.pid) == (fds_needed(load_settings(srv.env, cwd=srv.root)), hard)
         assert "fd_limit_raised" in srv.log.read_text()
     finally:
         stop(srv.proc)

@@ -68,8 +68,11 @@ def test_the_sandbox_keeps_no_more_plans_than_it_says(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """`MAX_PLANS` is the bound `_plan` enforces: more hidden sets than that never leave more
-    plans (and their descriptors) behind."""
+    plans (and their descriptors) behind; and no plan keeps more than `MAX_KEPT_RULES`: a folder on
+    the way with more entries (a full suite's temporary folder) kept them all open."""
     monkeypatch.setattr(sandbox, "_plans", {})
+    for i in range(sandbox.MAX_KEPT_RULES + 50):
+        (tmp_path / f"crowd{i}").mkdir()
     for i in range(sandbox.MAX_PLANS * 2 + 1):
         hidden = tmp_path / f"h{i}"
         hidden.mkdir()

@@ -234,6 +234,10 @@ class _Plan:
     mounts: list[tuple[str, int]] = field(default_factory=list)
 
     def open(self) -> None:
+        """Opens the descriptors of a plan of at most `MAX_KEPT_RULES` rules; a bigger one stays
+        unopened (`attrs` None), its rules opened at each use."""
+        if len(self.rules) > MAX_KEPT_RULES:
+            return
         self.attrs, self.mounts = [], []
         devices: dict[str, int] = {}
         for path, rights in self.rules:
@@ -397,7 +401,7 @@ def build_ruleset(access: JobAccess, abi: int) -> int:
     try:
         with _plans_lock:
             plan = _plan(access.hidden, full)
-            if plan.attrs is None and len(plan.rules) <= MAX_KEPT_RULES:
+            if plan.attrs is None:
                 plan.open()
             if plan.attrs is None:
                 _add_rules(ruleset, plan.rules)
