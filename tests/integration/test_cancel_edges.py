@@ -138,6 +138,7 @@ def test_a_shutdown_during_a_push_that_hangs_ends_the_job_runner_shutdown(
     import socket
 
     from codex_runner import launcher as launcher_module
+    from codex_runner.execution.procscan import find_job_processes
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -179,7 +180,7 @@ command = ["/bin/sh", "-c", "echo changed > new.txt"]
         assert time.monotonic() - started < 15
         row = runner.runtime.jobs.get_row(job["id"])
         assert row is not None and (row["status"], row["error_code"]) == ("failed", "runner_shutdown"), row
-        assert not launcher_module.find_job_processes({job["id"]})
+        assert not find_job_processes({job["id"]})
     finally:
         listener.close()
 
@@ -273,7 +274,7 @@ def test_a_cancel_during_a_clone_that_never_gets_an_answer_ends_the_job(
     30-minute network timeout. Its git is killed after the kill grace, and the job ends canceled."""
     import socket
 
-    from codex_runner.launcher import find_job_processes
+    from codex_runner.execution.procscan import find_job_processes
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

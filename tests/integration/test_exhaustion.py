@@ -345,7 +345,7 @@ def test_hundreds_of_short_lived_children_are_all_gone_when_the_job_ends(
 ) -> None:
     """A bounded burst of processes (not a fork bomb): 400 children waited for, then 100 that
     outlive their parent shell inside the job's group. The job ends on time and leaves nothing."""
-    from codex_runner.launcher import find_job_processes
+    from codex_runner.execution.procscan import find_job_processes
 
     burst = (
         "i=0; while [ $i -lt 400 ]; do /bin/true & i=$((i+1)); done; wait; "

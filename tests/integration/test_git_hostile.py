@@ -327,7 +327,7 @@ def test_a_cancel_kills_the_stages_git_and_never_the_cleanups(tmp_path: Path) ->
     import os
     import subprocess
 
-    from codex_runner.launcher import find_job_processes, kill_job_processes
+    from codex_runner.execution.procscan import find_job_processes, kill_job_processes
 
     job = "72727272-0000-4000-8000-000000000000"
     base = {"PATH": os.environ["PATH"], "RUNNER_JOB_ID": job}

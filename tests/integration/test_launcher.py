@@ -19,7 +19,7 @@ import pytest
 
 from codex_runner.execution import manifest as manifest_module
 from codex_runner.execution.manifest import ManifestWriter
-from codex_runner.launcher import find_job_processes
+from codex_runner.execution.procscan import find_job_processes
 
 from tests.helpers import process_alive, terminal_manifest, wait_until
 

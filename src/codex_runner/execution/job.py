@@ -50,6 +50,7 @@ from codex_runner.execution.finisher import Ending, GroupCommitter, Outcome
 from codex_runner.execution.git import GIT_STAGE, JOB_OF_GIT
 from codex_runner.execution.manifest import ManifestWriter
 from codex_runner.execution.process import JobProcess, ProcessOutcome, ProcessSpec, SpawnFailed, build_env
+from codex_runner.execution.procscan import find_job_processes, kill_job_processes, stop_job_processes
 from codex_runner.execution.recovery import clean_up_ended_job, in_place_job_prefix, mark_cleaned_up
 from codex_runner.execution.sandbox import READ_ONLY, ConfinementFailed, JobAccess, job_access
 from codex_runner.execution.workspace import (
@@ -467,8 +468,6 @@ class JobRun:
         restart under another RUNNER_ID, before its run could clean up) would refuse this job as
         "on the job branch": that job's cleanup runs here first. A job still active keeps the
         folder (this one then fails as before)."""
-        from codex_runner.launcher import find_job_processes, kill_job_processes  # launcher imports us
-
         prefix = in_place_job_prefix(repo.source)
         if prefix is None or self.job_id.lower().startswith(prefix):
             return
@@ -630,8 +629,6 @@ class JobRun:
         write, which the commit then wrote over, or write into an in_place repo during and
         after its cleanup. Found by `RUNNER_JOB_ID` in its environment: one look through /proc,
         for jobs with a git workspace only (the runner's git of this job runs only later)."""
-        from codex_runner.launcher import kill_job_processes  # launcher imports us
-
         killed = await asyncio.to_thread(kill_job_processes, {self.job_id}, timeout=ESCAPED_KILL_SECONDS)
         if killed:
             self._runner_line(f"stopped {killed} process(es) the script left running outside its group")
@@ -671,8 +668,6 @@ class JobRun:
         processes that are not in its group (found by RUNNER_JOB_ID in their environment): codex
         without a sandbox runs each command the model asks for in a group of its own, and those
         outlived the job's terminal status until the launcher's next sweep."""
-        from codex_runner.launcher import stop_job_processes  # the launcher imports this module
-
         grace = float(self.settings.kill_grace_seconds)
         outside = asyncio.ensure_future(
             asyncio.to_thread(stop_job_processes, {self.job_id}, grace=grace, group=proc.pgid)
