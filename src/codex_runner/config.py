@@ -443,6 +443,10 @@ def load_settings(
             "RUNNER_ID: 1-200 characters of letters, digits and . _ : @ - (no spaces or control characters)"
         )
     _check_git_identity(values)
+    for name in ("job_isolation", "log_format"):
+        # Words, not names: `Auto` or `JSON` mean what booleans' `True` and `YES` do.
+        if name in values:
+            values[name] = str(values[name]).strip().lower()
     if values.get("job_isolation", "auto") not in {"auto", "required", "off"}:
         raise ConfigError(
             f"RUNNER_JOB_ISOLATION: expected auto, required or off, got {values['job_isolation']!r}"

@@ -327,3 +327,12 @@ def test_errors_name_the_config_file_runner_config_gives(tmp_path: Path) -> None
     (tmp_path / "runner.toml").write_text("[runner]\nmax_concurency = 3\n")
     with pytest.raises(ConfigError, match=r"^runner\.toml \[runner\]\.max_concurency"):
         load_settings({}, cwd=tmp_path)
+
+
+def test_the_word_settings_take_any_case(tmp_path: Path) -> None:
+    """RUNNER_JOB_ISOLATION and RUNNER_LOG_FORMAT are words like the booleans' `true`/`YES`:
+    `Required` or `JSON` failed the start as unknown values."""
+    s = load_settings({"RUNNER_JOB_ISOLATION": "Required", "RUNNER_LOG_FORMAT": " JSON "}, cwd=tmp_path)
+    assert (s.job_isolation, s.log_format) == ("required", "json")
+    with pytest.raises(ConfigError, match="RUNNER_LOG_FORMAT: expected json or console"):
+        load_settings({"RUNNER_LOG_FORMAT": "yaml"}, cwd=tmp_path)
