@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -64,6 +65,25 @@ def test_following_a_queued_job_says_why_nothing_comes_yet(monkeypatch: pytest.M
     assert done.exit_code == 0, done.output
     assert done.stdout == "hello\n"
     assert "job j1 is queued; waiting for it to start" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("age,hinted", [(3, False), (60, True)])
+def test_following_a_job_queued_for_long_asks_whether_a_worker_runs(
+    monkeypatch: pytest.MonkeyPatch, age: int, hinted: bool
+) -> None:
+    """As `submit --wait` does once a job has been queued for 10 s: nothing starts a job but a
+    `serve` or `worker` with RUNNER_ENABLED=true."""
+    created = (datetime.now(UTC) - timedelta(seconds=age)).isoformat(timespec="milliseconds")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/logs/stream"):
+            return _log_then_end("hello\n", "success")
+        return httpx.Response(200, json={"id": "j1", "status": "queued", "created_at": created[:-6] + "Z"})
+
+    _serve(monkeypatch, handler)
+    done = CliRunner().invoke(app, ["jobs", "logs", "-f", "j1"])
+    assert done.exit_code == 0 and done.stdout == "hello\n", done.output
+    assert "queued" in done.stderr and ("RUNNER_ENABLED=true running?" in done.stderr) == hinted, done.stderr
 
 
 @pytest.mark.parametrize("status", ["running", "success"])

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any
 
@@ -421,8 +422,21 @@ def _say_if_queued(client: RunnerClient, job_id: str) -> None:
     """A queued job has no log yet, and its stream says nothing until it starts: a line on stderr
     (stdout is the log's alone) tells why the wait is silent."""
     job: dict[str, Any] = patiently(partial(client.get, jobs_path(job_id)), notice=info)
-    if job.get("status") == "queued":
-        info(f"job {job_id} is queued; waiting for it to start...")
+    if job.get("status") != "queued":
+        return
+    line = f"job {job_id} is queued; waiting for it to start..."
+    if _age_seconds(job.get("created_at")) >= QUEUED_HINT_SECONDS:  # `submit --wait`'s hint, as late
+        line += " (still queued: is a `serve` or `worker` with RUNNER_ENABLED=true running?)"
+    info(line)
+
+
+def _age_seconds(stamp: object) -> float:
+    """Seconds since an API timestamp (`2026-12-03T17:49:19.264Z`); 0 when it is not one."""
+    try:
+        then = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (datetime.now(UTC) - then).total_seconds() if then.tzinfo else 0.0
 
 
 @jobs_app.command("logs")
