@@ -54,6 +54,8 @@ subprocess.Popen(
 deadline = time.monotonic() + 20
 while not ready.exists() and time.monotonic() < deadline:
     time.sleep(0.01)
+if not ready.exists():
+    sys.exit("the daemon never got ready")
 Path("work.txt").write_text("work\\n")
 """
 
@@ -86,7 +88,10 @@ def test_a_daemon_the_script_left_cannot_race_the_runners_commit(
     script = tmp_path / "race.py"
     script.write_text(
         SCRIPT.format(
-            ready=str(tmp_path / "daemon-ready"),
+            # In the workspace's `.git` (not committed): a confined job cannot write outside its
+            # workspace, and with the ready file in tmp_path the daemon died at once and the race
+            # was never run (20 s a try for nothing).
+            ready=".git/daemon-ready",
             daemon=DAEMON,
             victim=str(victim),
             env="None" if environment == "the job's" else "{}",  # {}: no RUNNER_JOB_ID to find it by
