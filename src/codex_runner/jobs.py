@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
@@ -86,9 +87,18 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
-#: The form of every job id: a UUID4 as lowercase text (store/creates.py). The process scan reads it
-#: out of workspace paths in arguments, retention out of file names, the store checks a path's.
-JOB_ID_PATTERN = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+#: The form of the runner's ids, job ids (UUID4, store/creates.py) and repo ids (UUID5,
+#: `repo_id_for`) alike: a UUID as lowercase dashed text. The process scan reads job ids out of
+#: workspace paths in arguments, retention out of file names, the store checks a path's.
+ID_PATTERN = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_ID_TEXT = re.compile(ID_PATTERN)
+
+
+def is_id_text(text: str) -> bool:
+    """Whether `text` is an id as the runner writes them (`ID_PATTERN`); `uuid.UUID` would also
+    take capitals, bare hex, braces and `urn:uuid:`, which are valid repo names too."""
+    return _ID_TEXT.fullmatch(text) is not None
+
 
 STAGE_NAMES: tuple[str, ...] = ("prepare", "script", "commit", "push", "cleanup")
 

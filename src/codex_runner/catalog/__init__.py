@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from codex_runner.catalog.parse import BUILTIN_SCRIPTS, parse_repo, parse_script
 from codex_runner.catalog.specs import REPO_NAMESPACE, ArgSpec, RepoSpec, ScriptSpec, clip, repo_id_for
 from codex_runner.config import Settings, config_source
 from codex_runner.errors import Forbidden, InvalidRequest, RepoDisabled, RepoNotAllowed, UnknownScript
+from codex_runner.jobs import is_id_text
 
 __all__ = [
     "BUILTIN_SCRIPTS",
@@ -88,7 +88,7 @@ class Catalog:
         if named is not None:
             return named.id
         wanted = value.lower()
-        if _is_repo_id(wanted):
+        if is_id_text(wanted):
             return wanted
         raise InvalidRequest(
             f"unknown repo {clip(value)!r}: repo_id takes a repo's id or its name (GET /api/runner/repos)",
@@ -182,15 +182,6 @@ def _url_has_prefix(url: str, prefix: str) -> bool:
         return False
     # A prefix ends at a path boundary: "https://h/acme" must not admit "https://h/acme-evil".
     return len(u) == len(p) or p.endswith("/") or u[len(p)] == "/"
-
-
-def _is_repo_id(text: str) -> bool:
-    """An id as `repo_id_for` writes them (lower case, dashed): `uuid.UUID` also takes 32 bare hex
-    digits, braces and `urn:uuid:`."""
-    try:
-        return str(uuid.UUID(text)) == text
-    except ValueError:
-        return False
 
 
 def _at(field: str, msg: str) -> list[dict[str, Any]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any
@@ -32,7 +31,7 @@ from codex_runner.cli.common import (
     status_text,
 )
 from codex_runner.cli.follow import EXIT_BY_STATUS, TERMINAL, LogFollower, jobs_path, wait_for_job
-from codex_runner.jobs import Status
+from codex_runner.jobs import Status, is_id_text
 
 jobs_app = typer.Typer(help="List, inspect, cancel and follow jobs.", no_args_is_help=True)
 
@@ -50,15 +49,6 @@ def _write(text: str, *, to_stderr: bool = False) -> None:
     stream = sys.stderr if to_stderr else sys.stdout
     stream.write(text)
     stream.flush()
-
-
-def _is_uuid(text: str) -> bool:
-    """A repo id as the server writes them (lower case, dashed): `uuid.UUID` also takes 32 bare hex
-    digits, braces and `urn:uuid:`, which are valid repo names too."""
-    try:
-        return str(uuid.UUID(text)) == text
-    except ValueError:
-        return False
 
 
 def submit(
@@ -103,7 +93,7 @@ def submit(
             raise CliError("--idempotency-key: must be 1-255 printable ASCII characters") from None
     args = parse_args(arg or [], sys.stdin)
     body: dict[str, Any] = {"script_key": script, "args": args}
-    body["repo_id" if _is_uuid(repo) else "repo"] = repo
+    body["repo_id" if is_id_text(repo) else "repo"] = repo
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
     with RunnerClient.from_settings(loaded) as client:
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from codex_runner.execution.process import KILL_CONFIRM_SECONDS
-from codex_runner.jobs import JOB_ID_PATTERN
+from codex_runner.jobs import ID_PATTERN
 
 # The launcher's logger, as when these lived in launcher.py: filters on it still match their lines.
 log = structlog.get_logger("codex_runner.launcher")
@@ -29,7 +29,7 @@ log = structlog.get_logger("codex_runner.launcher")
 #: finds a job's processes even when no pid was recorded or a process left the job's group.
 JOB_ENV_PREFIX = b"RUNNER_JOB_ID="
 #: The job id after `<a workspace root>/` in a process's argument list.
-_JOB_ID_AFTER_ROOT = re.compile(rb"(%s)(?:/|$)" % JOB_ID_PATTERN.encode())
+_JOB_ID_AFTER_ROOT = re.compile(rb"(%s)(?:/|$)" % ID_PATTERN.encode())
 # The `RUNNER_WORKSPACE_DIR`s of the launchers of this process (as given and resolved, with a
 # trailing slash): a process that lost `RUNNER_JOB_ID` is still the job's when its arguments name
 # the job's own workspace (`register_workspace_root`).

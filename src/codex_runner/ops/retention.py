@@ -40,7 +40,7 @@ from codex_runner.execution.git import GitError
 from codex_runner.execution.gitutil import lock_key, repo_lock
 from codex_runner.execution.spares import POOLS
 from codex_runner.execution.workspace import TASK_HOME_KINDS, delete_tree
-from codex_runner.jobs import JOB_ID_PATTERN, TERMINAL, EventType
+from codex_runner.jobs import ID_PATTERN, TERMINAL, EventType
 from codex_runner.logs.location import MARK_PREFIX
 from codex_runner.ops.audit import audit_event
 from codex_runner.store.engine import read_txn, with_retries, write_txn
@@ -77,7 +77,7 @@ _TASK_HOME = re.compile(rf"^(?:{'|'.join(TASK_HOME_KINDS)})-[0-9a-f]{{12}}$")
 #: Instance rows one pass looks at (and so deletes at most): a bounded statement; many starts a day
 #: under the default RUNNER_ID are still cleared by a daily pass.
 _INSTANCES_PER_PASS = 1000
-_JOB_ID = re.compile(rf"^({JOB_ID_PATTERN})(?:\.|$)")
+_JOB_ID = re.compile(rf"^({ID_PATTERN})(?:\.|$)")
 
 
 @dataclass

@@ -5,7 +5,6 @@ transaction."""
 from __future__ import annotations
 
 import contextlib
-import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +22,13 @@ from codex_runner.errors import (
 from codex_runner.jobs import (
     ACTIVE,
     EVENT_FOR_STATUS,
-    JOB_ID_PATTERN,
     RUNNING_LIKE,
     TERMINAL,
     ErrorCode,
     EventType,
     Status,
     can_transition,
+    is_id_text,
     payload_hash,
 )
 from codex_runner.store.creates import CreateOutcome, create_in_txn
@@ -185,8 +184,6 @@ def _fits_terminal_cas(cas: Cas) -> bool:
     )
 
 
-#: `JOB_ID_PATTERN`, whole: what `_get_row` looks up at all.
-_JOB_ID_FORM = re.compile(JOB_ID_PATTERN)
 #: How much of a path segment that is no job id a 404 shows.
 _SHOWN_ID_CHARS = 40
 
@@ -393,7 +390,7 @@ class JobStore:
         return with_retries(txn)
 
     def _get_row(self, conn: Connection, job_id: str, owner: str | None, *, lock: bool = False) -> Any:
-        if not _JOB_ID_FORM.fullmatch(job_id):
+        if not is_id_text(job_id):
             # No job has such an id (nor can PostgreSQL text hold a NUL: a DataError): no trip, and
             # the answer does not carry a path segment of any length or content back whole.
             shown = repr(job_id[:_SHOWN_ID_CHARS]) + ("…" if len(job_id) > _SHOWN_ID_CHARS else "")
