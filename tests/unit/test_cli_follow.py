@@ -148,16 +148,16 @@ def test_cli_args_are_verbatim_and_never_unsendable(tmp_path: Path) -> None:
 
 def test_cli_repo_ids_and_urls() -> None:
     from codex_runner.cli.common import CliError
-    from codex_runner.cli.jobs import _is_uuid
+    from codex_runner.jobs import is_id_text
 
-    assert _is_uuid("e1897c5c-2fd4-58b5-9dc1-ab0a55485888")
+    assert is_id_text("e1897c5c-2fd4-58b5-9dc1-ab0a55485888")
     # Valid repo names that uuid.UUID also parses: sent as names, not ids.
     for name in (
         "deadbeefdeadbeefdeadbeefdeadbeef",
         "E1897C5C-2FD4-58B5-9DC1-AB0A55485888",
         "{e1897c5c-2fd4-58b5-9dc1-ab0a55485888}",
     ):
-        assert not _is_uuid(name)
+        assert not is_id_text(name)
     with pytest.raises(CliError, match="must not hold a user name or password"):
         RunnerClient("http://user:pw@127.0.0.1:1", "t")
 
