@@ -196,12 +196,7 @@ def _delete_gone_instances(engine: Engine, cutoff: datetime, dry_run: bool, doom
         candidates = list(conn.execute(query).scalars())
         if not candidates:
             return 0
-        naming = jobs.c.runner_id.in_(candidates)
-        if doomed:
-            rows = conn.execute(sa.select(jobs.c.runner_id, jobs.c.id).where(naming))
-            named = {runner_id for runner_id, job_id in rows if job_id not in doomed}
-        else:
-            named = set(conn.execute(sa.select(jobs.c.runner_id).where(naming).distinct()).scalars())
+        named = _named_by_jobs(conn, candidates, doomed)
         unused = [name for name in candidates if name not in named]
         if not unused or dry_run:
             return len(unused)
@@ -427,17 +422,22 @@ def _unused_log_marks(
 
     def named() -> set[str]:
         with read_txn(runtime.engine) as conn:
-            if not doomed:
-                query = sa.select(jobs.c.runner_id).where(jobs.c.runner_id.in_(unknown)).distinct()
-                return set(conn.execute(query).scalars())
-            # A dry run: the jobs a real run would delete first do not count.
-            rows = conn.execute(sa.select(jobs.c.runner_id, jobs.c.id).where(jobs.c.runner_id.in_(unknown)))
-            return {runner_id for runner_id, job_id in rows if job_id not in doomed}
+            return _named_by_jobs(conn, unknown, doomed)
 
     used = live | with_retries(named)
     for runner_id, path in marks.items():
         if runner_id not in used:
             yield path
+
+
+def _named_by_jobs(conn: Connection, runner_ids: Sequence[str], doomed: set[str]) -> set[str]:
+    """Which of `runner_ids` a remaining job names as the instance that ran it. A dry run's
+    `doomed` jobs, which a real run would delete first, do not count."""
+    naming = jobs.c.runner_id.in_(runner_ids)
+    if not doomed:
+        return set(conn.execute(sa.select(jobs.c.runner_id).where(naming).distinct()).scalars())
+    rows = conn.execute(sa.select(jobs.c.runner_id, jobs.c.id).where(naming))
+    return {runner_id for runner_id, job_id in rows if job_id not in doomed}
 
 
 def _unused_spare_pools(runtime: Runtime) -> Iterator[Path]:
