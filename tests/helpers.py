@@ -112,6 +112,59 @@ def terminal_manifest(runs_dir: Path, job_id: str) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+class _PromptServer(uvicorn.Server):
+    """uvicorn's server as the tests' in-thread one: it stops as soon as asked. Its own looks at
+    `should_exit` every 0.1 s and then sleeps 0.1 s more before it waits for its connections, which
+    with hundreds of servers a run was over a minute of nothing. Here the stop wakes the main loop
+    at once and the shutdown waits for the connections in short steps, in uvicorn's order (stop
+    accepting, ask each connection to close, wait for them and their tasks within the graceful
+    timeout, then the lifespan's shutdown). Written against uvicorn 0.54 (requirements.lock); the
+    real `serve` uses uvicorn's own."""
+
+    _wake: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def stop(self) -> None:
+        self.should_exit = True
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:
+                pass  # the loop has closed: the server has stopped already
+
+    async def main_loop(self) -> None:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=0.1)
+            except TimeoutError:
+                pass
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        try:
+            await asyncio.wait_for(self._connections_gone(), timeout=self.config.timeout_graceful_shutdown)
+        except TimeoutError:
+            for task in self.server_state.tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def _connections_gone(self) -> None:
+        while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
+            await asyncio.sleep(0.005)
+        for server in self.servers:
+            await server.wait_closed()
+
+
 @contextmanager
 def serve_app(app: FastAPI) -> Iterator[str]:
     """Runs `app` under uvicorn in a thread on 127.0.0.1; yields its base URL."""
@@ -119,16 +172,16 @@ def serve_app(app: FastAPI) -> Iterator[str]:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
     )
-    server = uvicorn.Server(config)
+    server = _PromptServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    if not wait_until(lambda: server.started, timeout=15):
-        server.should_exit = True
+    if not wait_until(lambda: server.started, timeout=15, interval=0.005):
+        server.stop()
         raise RuntimeError("uvicorn did not start in 15 s")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.should_exit = True
+        server.stop()
         thread.join(timeout=30)
 
 
