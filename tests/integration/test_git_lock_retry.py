@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,17 @@ from codex_runner.execution import git as git_module
 from codex_runner.execution.git import GitError, run_git
 
 from tests.helpers import make_git_repo
+
+
+@dataclass(frozen=True)
+class _Repo:
+    """The part of a catalog repo the workspace layer reads (`RepoLike`)."""
+
+    source: str
+    source_type: str = "local_path"
+    branch: str | None = "main"
+    workspace: str = "in_place"
+    push: bool = False
 
 
 def _lock_for(path: Path, seconds: float) -> threading.Thread:
@@ -72,3 +84,30 @@ def test_other_failures_are_not_tried_again(tmp_path: Path) -> None:
     with pytest.raises(GitError, match="pathspec"):
         run_git(["checkout", "-q", "no-such-branch"], cwd=repo, home=tmp_path / "home")
     assert time.monotonic() - started < 2
+
+
+def test_a_recovering_stash_against_a_lock_that_stays_waits_the_one_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery's `git stash push` fails without a word on a held `index.lock` and is tried
+    again by a loop of its own (`in_place._stash_push`). Its wait is `git.LOCK_RETRY_SECONDS` too:
+    it had imported the value, so changing the setting left that wait at the default 3 s."""
+    from codex_runner.config import Settings
+    from codex_runner.execution.workspace import cleanup_workspace, prepare_workspace
+
+    monkeypatch.setattr(git_module, "LOCK_RETRY_SECONDS", 0.5)
+    local = make_git_repo(tmp_path / "repo")
+    settings = Settings(data_dir=tmp_path / "data", workspace_dir=tmp_path / "data" / "workspaces")
+    repo = _Repo(str(local))
+    ws = prepare_workspace(repo, "31313131-a", settings)
+    (local / "README.md").write_text("half-done by the job\n")
+    lock = local / ".git" / "index.lock"
+    # Held open for the whole cleanup, as a hung git holds it: the stale-lock sweep leaves it.
+    with open(lock, "w"):
+        started = time.monotonic()
+        with pytest.raises(GitError) as caught:
+            cleanup_workspace(ws, repo, settings, failed=True, recovering=True)
+        waited = time.monotonic() - started
+    lock.unlink()
+    assert caught.value.code == "cleanup_failed" and "git stash failed" in str(caught.value)
+    assert waited < 2.5  # the 0.5 s set, not the default 3 s

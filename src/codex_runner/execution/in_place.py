@@ -12,7 +12,8 @@ from pathlib import Path
 import structlog
 
 from codex_runner.config import Settings
-from codex_runner.execution.git import LOCK_RETRY_SECONDS, GitError, run_git
+from codex_runner.execution import git
+from codex_runner.execution.git import GitError, run_git
 from codex_runner.execution.gitutil import (
     filter_guard,
     head_ref,
@@ -287,8 +288,9 @@ def _stash_push(
     """`git stash push`, tried again for a moment when it fails without a word: that is how it
     fails (git 2.39, REFRESH_QUIET) when another git holds `index.lock` for its first index refresh,
     before it has done anything, so `run_git`, which goes by git's message, cannot tell. An
-    editor's `git status` polling the repo is enough."""
-    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+    editor's `git status` polling the repo is enough. The wait is `run_git`'s, read through the
+    module at each call, so that the one setting governs both."""
+    deadline = time.monotonic() + git.LOCK_RETRY_SECONDS
     while True:
         got = run_in(git_dir, path, args, home, "cleanup_failed", guard=guard, env_extra=env, check=False)
         if got.returncode == 0:
