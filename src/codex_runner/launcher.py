@@ -34,7 +34,7 @@ from codex_runner.execution.procscan import (
 )
 from codex_runner.execution.recovery import (
     clean_up_ended_job,
-    clean_up_failed_elsewhere,
+    clean_up_jobs_failed_elsewhere,
     ended_stages,
     record_recovery,
     recovered_message,
@@ -665,14 +665,14 @@ class Launcher:
             await asyncio.to_thread(clean_up_ended_job, job, self.rt.catalog, self.settings)
         # Jobs another instance's watchdog failed while this id was down (their processes went
         # with the scan above): a watchdog cleans up only a run folder on its own disk.
-        for job in await asyncio.to_thread(self.rt.jobs.stale_failed_jobs_of_runner, self.runner_id):
-            await asyncio.to_thread(
-                clean_up_failed_elsewhere,
-                job,
-                self.rt.catalog,
-                self.settings,
-                owed=self._finisher.owed_manifests,
-            )
+        await asyncio.to_thread(
+            clean_up_jobs_failed_elsewhere,
+            self.rt.jobs,
+            self.runner_id,
+            self.rt.catalog,
+            self.settings,
+            owed=self._finisher.owed_manifests,
+        )
         return recovered
 
     def _kill_leftovers_by_env(self, own_active: set[str]) -> None:

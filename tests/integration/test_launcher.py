@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from codex_runner.execution import manifest as manifest_module
 from codex_runner.execution.manifest import ManifestWriter
@@ -804,6 +805,79 @@ def test_start_up_recovery_cleans_up_after_a_crash_during_the_prepare(runner_fac
     rt, _, source = _in_place_job_left_on_its_branch(runner, record=False)
     assert asyncio.run(Launcher(rt).recover_own_jobs()) == 1
     assert _head_and_status(source) == ("refs/heads/main", "", "")
+
+
+def test_start_up_reads_jobs_failed_elsewhere_a_page_of_ids_at_a_time(
+    runner_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up cleanup of this id's jobs another instance's watchdog failed read every such
+    row, whole, at every start: with a fixed `RUNNER_ID`, all of its history till retention. Now
+    their ids come in pages, and only the rows of those whose run folder is here and not cleaned
+    up yet are read; those are cleaned up as before."""
+    import uuid
+
+    from codex_runner.execution import recovery
+    from codex_runner.execution.manifest import ManifestWriter
+    from codex_runner.execution.recovery import RECOVERED_MARK
+    from codex_runner.launcher import Launcher
+    from codex_runner.store.records import utcnow
+    from codex_runner.store.schema import jobs
+
+    runner = runner_factory(RUNNER_ENABLED="false")
+    rt, in_place_id, source = _in_place_job_left_on_its_branch(runner, record=True)
+    stale = {"status": "failed", "error_code": "heartbeat_stale", "lease_token": None}
+    ids = sorted(str(uuid.uuid4()) for _ in range(2_000))
+    with rt.engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == in_place_id).values(**stale))
+        template = conn.execute(sa.select(jobs).where(jobs.c.id == in_place_id)).mappings().one()
+        rows = [
+            {**template, "id": job_id, "workspace_mode": "scratch", "created_at": utcnow()} for job_id in ids
+        ]
+        # Their run finished its own cleanup (the row says so): nothing to redo.
+        rows[1500]["stages"] = [{"name": "cleanup", "status": "success"}]
+        conn.execute(jobs.insert(), rows)
+    # Run folders on this host: three cut short (no workspace record: a scratch job's), one a
+    # recovery cleaned up already, one whose row has its cleanup; the other 1,995 are elsewhere.
+    cut_short = [ids[0], ids[777], ids[1999]]
+    for job_id in [*cut_short, ids[1000], ids[1500]]:
+        ManifestWriter(rt.settings.runs_dir / job_id).update(
+            {"job_id": job_id, "status": "running"}, force=True
+        )
+    (rt.settings.runs_dir / ids[1000] / RECOVERED_MARK).touch()
+
+    pages: list[int] = []
+    read: list[str] = []
+    page_of_ids = rt.jobs.stale_failed_ids_of_runner
+    rows_of = rt.jobs.recovery_rows
+
+    def spy_pages(runner_id: str, *, after: str | None, limit: int) -> list[str]:
+        got = page_of_ids(runner_id, after=after, limit=limit)
+        pages.append(len(got))
+        return got
+
+    def spy_rows(job_ids: Any) -> list[dict[str, Any]]:
+        read.extend(job_ids)
+        return rows_of(job_ids)
+
+    monkeypatch.setattr(rt.jobs, "stale_failed_ids_of_runner", spy_pages)
+    monkeypatch.setattr(rt.jobs, "recovery_rows", spy_rows)
+    monkeypatch.setattr(recovery, "FAILED_ELSEWHERE_PAGE", 400)
+    assert asyncio.run(Launcher(rt).recover_own_jobs()) == 0  # none still active
+
+    assert pages == [400] * 5 + [1]  # 2,001 ids, 400 at a time
+    assert sorted(read) == sorted([in_place_id, *cut_short, ids[1500]])  # the rows of folders here
+    assert _head_and_status(source) == ("refs/heads/main", "", "")
+    for job_id in [in_place_id, *cut_short]:
+        folder = rt.settings.runs_dir / job_id
+        assert (folder / RECOVERED_MARK).exists(), job_id
+        doc = json.loads((folder / "manifest.json").read_text())
+        assert (doc["status"], doc["error_code"]) == ("failed", "heartbeat_stale")
+    for job_id in (ids[1000], ids[1500]):
+        assert (
+            json.loads((rt.settings.runs_dir / job_id / "manifest.json").read_text())["status"] == "running"
+        )
+    assert not (rt.settings.runs_dir / ids[1500] / RECOVERED_MARK).exists()
+    assert {p.name for p in rt.settings.runs_dir.iterdir()} == {in_place_id, *cut_short, ids[1000], ids[1500]}
 
 
 def test_the_watchdog_cleans_up_the_workspace_of_a_job_it_fails(runner_factory: Any) -> None:

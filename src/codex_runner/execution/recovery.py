@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -22,11 +22,15 @@ from codex_runner.execution.manifest import MANIFEST_NAME, ManifestWriter, OwedM
 from codex_runner.execution.workspace import cleanup_unrecorded, cleanup_workspace, workspace_from_record
 from codex_runner.store.records import iso, utcnow
 
+if TYPE_CHECKING:
+    from codex_runner.store.jobs import JobStore
+
 log = structlog.get_logger("codex_runner.recovery")
 
 __all__ = [
     "clean_up_ended_job",
     "clean_up_failed_elsewhere",
+    "clean_up_jobs_failed_elsewhere",
     "ended_stages",
     "in_place_job_prefix",
     "mark_cleaned_up",
@@ -65,6 +69,37 @@ def clean_up_failed_elsewhere(
         stages = _stage_list(job.get("stages"))
         record_recovery(job, settings, error_code=str(job["error_code"]), stages=stages, owed=owed)
     clean_up_ended_job(job, catalog, settings)
+
+
+#: How many job ids `clean_up_jobs_failed_elsewhere` reads at a time: ids only (some 40 kB), and
+#: each page's query goes over all of the id's failed rows (`ix_runner_jobs_runner_status`), so
+#: not too few.
+FAILED_ELSEWHERE_PAGE = 1000
+
+
+def clean_up_jobs_failed_elsewhere(
+    store: JobStore, runner_id: str, catalog: Catalog, settings: Settings, *, owed: OwedManifests | None
+) -> None:
+    """`clean_up_failed_elsewhere` for every job of `runner_id` a watchdog failed. With a fixed
+    `RUNNER_ID` those are all of its history (till retention), read at every start: their ids come
+    a page at a time, and only the rows of those whose run folder is here and not marked cleaned
+    up are read, so memory stays one page whatever the history."""
+    after: str | None = None
+    while True:
+        ids = store.stale_failed_ids_of_runner(runner_id, after=after, limit=FAILED_ELSEWHERE_PAGE)
+        here = [job_id for job_id in ids if _left_here(job_id, settings)]
+        for job in store.recovery_rows(here):
+            clean_up_failed_elsewhere(job, catalog, settings, owed=owed)
+        if len(ids) < FAILED_ELSEWHERE_PAGE:
+            return
+        after = ids[-1]
+
+
+def _left_here(job_id: str, settings: Settings) -> bool:
+    """A run folder on this host that no recovery has marked: the part of `clean_up_failed_
+    elsewhere`'s check that needs no row (the row's cleanup stage is checked there)."""
+    folder = settings.runs_dir / job_id
+    return folder.is_dir() and not (folder / RECOVERED_MARK).exists()
 
 
 #: Left in a run's folder once a recovery did its cleanup, or a fenced run its own: the run's own

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -45,6 +45,9 @@ from codex_runner.store.schema import (
     jobs,
     repos,
 )
+
+#: The columns of a job's row that the cleanup of an ended run reads (`execution.recovery`).
+RECOVERY_COLUMNS = ("id", "repo", "workspace_mode", "error_code", "stages")
 
 # Advisory lock keys (PostgreSQL): one serialises claims, one serialises creates so that the
 # queue caps hold across instances.
@@ -1000,18 +1003,37 @@ class JobStore:
 
         return with_retries(txn)
 
-    def stale_failed_jobs_of_runner(self, runner_id: str) -> list[dict[str, Any]]:
-        """Jobs of `runner_id` that a watchdog failed (`heartbeat_stale`): an earlier life's, whose
-        run folder this host may still have to clean up at start-up."""
+    def stale_failed_ids_of_runner(self, runner_id: str, *, after: str | None, limit: int) -> list[str]:
+        """One page, in id order after `after`, of the ids of `runner_id`'s jobs that a watchdog
+        failed (`heartbeat_stale`): an earlier life's, whose run folder this host may still have to
+        clean up at start-up. Ids only, a page at a time: with a fixed `RUNNER_ID` they are all of
+        its history (till retention), and few have a folder here that is not cleaned up yet."""
+
+        def txn() -> list[str]:
+            query = sa.select(jobs.c.id).where(
+                jobs.c.runner_id == runner_id,
+                jobs.c.status == Status.FAILED.value,
+                jobs.c.error_code == ErrorCode.HEARTBEAT_STALE.value,
+            )
+            if after is not None:
+                query = query.where(jobs.c.id > after)
+            with read_txn(self.engine) as conn:
+                return list(conn.execute(query.order_by(jobs.c.id).limit(limit)).scalars())
+
+        return with_retries(txn)
+
+    def recovery_rows(self, job_ids: Collection[str]) -> list[dict[str, Any]]:
+        """What a start-up cleanup of ended jobs reads of their rows (`recovery.clean_up_failed_
+        elsewhere`), for `job_ids` (a page of `stale_failed_ids_of_runner`), in id order."""
+        if not job_ids:
+            return []
 
         def txn() -> list[dict[str, Any]]:
             with read_txn(self.engine) as conn:
                 rows = conn.execute(
-                    sa.select(jobs).where(
-                        jobs.c.runner_id == runner_id,
-                        jobs.c.status == Status.FAILED.value,
-                        jobs.c.error_code == ErrorCode.HEARTBEAT_STALE.value,
-                    )
+                    sa.select(*(jobs.c[name] for name in RECOVERY_COLUMNS))
+                    .where(jobs.c.id.in_(list(job_ids)))
+                    .order_by(jobs.c.id)
                 ).mappings()
                 return [dict(r) for r in rows]
 
