@@ -4,7 +4,9 @@
 a non-zero exit code, never a traceback, even outside `codex_runner.cli.main`.
 
 `codex_runner.cli` imports this module while it initialises, so the shared console helpers in
-`codex_runner.cli.common` are imported inside the commands, not at the top.
+`codex_runner.cli.common` are imported inside the commands, not at the top; so are the database
+layer and the catalog, which a client command (`submit`, `jobs …`) never needs: they were over
+half of every command's start-up (tests/unit/test_cli_imports.py).
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
-import sqlalchemy as sa
 import typer
 
-from codex_runner.catalog import Catalog
-from codex_runner.config import Settings
 from codex_runner.errors import ConfigError, RunnerError
-from codex_runner.runtime import Runtime
+
+if TYPE_CHECKING:
+    from codex_runner.config import Settings
+    from codex_runner.runtime import Runtime
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,7 +72,10 @@ def _runtime(loaded: Settings, *, migrate: bool = True) -> Iterator[Runtime]:
     """A runtime on the local database, migrated, without syncing repos: a command run with another
     runner.toml must not change what a running server has configured. Without `migrate` (a dry
     run, which changes nothing), a database that is missing or not at head is an error instead."""
+    import sqlalchemy as sa
+
     from codex_runner.ops.audit import attach
+    from codex_runner.runtime import Runtime
     from codex_runner.store.migrate import check_not_newer, current_revision, head_revision, upgrade
 
     if not migrate and loaded.is_sqlite:
@@ -96,6 +101,7 @@ def _runtime(loaded: Settings, *, migrate: bool = True) -> Iterator[Runtime]:
 @_one_line_errors
 def doctor(json_out: JsonOpt = False) -> None:
     """Run the start-up checks; exit 1 when one of them blocks start-up."""
+    from codex_runner.catalog import Catalog
     from codex_runner.cli.common import info, masked, print_json
     from codex_runner.ops.doctor import blocking_failures, run_checks
 
