@@ -1,0 +1,85 @@
+"""Start-up recovery (`Launcher.recover_own_jobs`) of what an earlier life of this RUNNER_ID left:
+its recorded process groups, processes found by `RUNNER_JOB_ID` of jobs no longer active, and the
+run folder of a job another instance's watchdog failed while this one was down."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from codex_runner.execution.process import process_start_time
+from codex_runner.launcher import Launcher
+from codex_runner.store.schema import jobs
+
+from tests.helpers import process_alive, wait_until
+from tests.integration.test_launcher import (
+    _create_scratch_job,
+)
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(300)"]
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; none outlives it, whatever the recovery did to them."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _sleeper(
+    spawned: list[subprocess.Popen[bytes]], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """A process in a session (and group) of its own, as a job's script runs."""
+    proc = subprocess.Popen(SLEEPER, start_new_session=True, env={**os.environ, **(env or {})})
+    spawned.append(proc)
+    # Its start time is that of the exec'd interpreter's process, readable once it runs.
+    assert wait_until(lambda: process_start_time(proc.pid) is not None, timeout=5)
+    return proc
+
+
+def _record_process(rt: Any, job_id: str, pid: int, start_time: int) -> None:
+    """What the crashed run had written to the row once its script started."""
+    with rt.engine.begin() as conn:
+        conn.execute(
+            jobs.update().where(jobs.c.id == job_id).values(pid=pid, pgid=pid, proc_start_time=start_time)
+        )
+
+
+def _gone(proc: subprocess.Popen[bytes]) -> bool:
+    """Reaped here (its parent), so a kill shows as an exit, not as a zombie that looks alive."""
+    return proc.poll() is not None or not process_alive(proc.pid)
+
+
+def test_start_up_kills_the_recorded_group_of_a_crashed_run_and_not_a_recycled_pid(
+    runner_factory: Any, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """The row's pid, pgid and start time are how start-up finds a crashed run's script when its
+    environment cannot tell (a script that cleared `RUNNER_JOB_ID`): its group is killed before
+    the job is failed. A pid recorded with another start time is a recycled one: that process is
+    someone else's and is left alone."""
+    runner = runner_factory(RUNNER_ENABLED="false")
+    rt = runner.runtime
+    ours = _create_scratch_job(rt)
+    recycled = _create_scratch_job(rt)
+    rt.jobs.claim(rt.settings.id, slots=2, max_jobs_per_user=5)
+    script = _sleeper(spawned)
+    stranger = _sleeper(spawned)
+    _record_process(rt, ours["id"], script.pid, process_start_time(script.pid) or 0)
+    _record_process(rt, recycled["id"], stranger.pid, (process_start_time(stranger.pid) or 0) - 1)
+
+    assert asyncio.run(Launcher(rt).recover_own_jobs()) == 2
+    assert wait_until(lambda: _gone(script), timeout=10)
+    assert not _gone(stranger)
+    for job in (ours, recycled):
+        row = rt.jobs.get_row(job["id"])
+        assert row is not None and (row["status"], row["error_code"]) == ("failed", "recovered_after_crash")
