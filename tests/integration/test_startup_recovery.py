@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 
 from codex_runner.execution.process import process_start_time
+from codex_runner.jobs import ErrorCode, EventType
 from codex_runner.launcher import Launcher
 from codex_runner.store.schema import jobs
 
 from tests.helpers import process_alive, wait_until
 from tests.integration.test_launcher import (
     _create_scratch_job,
+    _make_stale,
 )
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(300)"]
@@ -83,3 +85,34 @@ def test_start_up_kills_the_recorded_group_of_a_crashed_run_and_not_a_recycled_p
     for job in (ours, recycled):
         row = rt.jobs.get_row(job["id"])
         assert row is not None and (row["status"], row["error_code"]) == ("failed", "recovered_after_crash")
+
+
+def test_start_up_kills_processes_of_its_jobs_failed_elsewhere_and_no_other_instances(
+    runner_factory: Any, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """A job of this RUNNER_ID that another instance's watchdog failed while this one was down is
+    no longer active, but its script may still run here (a frozen VM that woke): found by its
+    `RUNNER_JOB_ID`, it is killed. A job another instance runs on this host is not ours."""
+    runner = runner_factory(RUNNER_ENABLED="false", RUNNER_STALE_AFTER_SECONDS="600")
+    rt = runner.runtime
+    failed_elsewhere = _create_scratch_job(rt)
+    rt.jobs.claim(rt.settings.id, slots=1, max_jobs_per_user=5)
+    others = _create_scratch_job(rt)
+    rt.jobs.claim("other-instance", slots=1, max_jobs_per_user=5)
+    _make_stale(rt, failed_elsewhere["id"])
+    assert rt.jobs.fail_stale(
+        failed_elsewhere["id"],
+        600,
+        event_type=EventType.HEARTBEAT_STALE_RECOVERED,
+        message="no heartbeat",
+        meta={"recovered_by": "other-instance"},
+        values={"error_code": ErrorCode.HEARTBEAT_STALE, "lease_token": None},
+    )
+    left = _sleeper(spawned, {"RUNNER_JOB_ID": failed_elsewhere["id"]})
+    not_ours = _sleeper(spawned, {"RUNNER_JOB_ID": others["id"]})
+
+    assert asyncio.run(Launcher(rt).recover_own_jobs()) == 0
+    assert wait_until(lambda: _gone(left), timeout=10)
+    assert not _gone(not_ours)
+    row = rt.jobs.get_row(others["id"])
+    assert row is not None and row["status"] == "running"
