@@ -5,6 +5,7 @@ run folder of a job another instance's watchdog failed while this one was down."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from codex_runner.execution.manifest import MANIFEST_NAME
 from codex_runner.execution.process import process_start_time
 from codex_runner.jobs import ErrorCode, EventType
 from codex_runner.launcher import Launcher
@@ -21,6 +23,8 @@ from codex_runner.store.schema import jobs
 from tests.helpers import process_alive, wait_until
 from tests.integration.test_launcher import (
     _create_scratch_job,
+    _head_and_status,
+    _in_place_job_left_on_its_branch,
     _make_stale,
 )
 
@@ -116,3 +120,28 @@ def test_start_up_kills_processes_of_its_jobs_failed_elsewhere_and_no_other_inst
     assert not _gone(not_ours)
     row = rt.jobs.get_row(others["id"])
     assert row is not None and row["status"] == "running"
+
+
+def test_start_up_cleans_up_the_run_folder_of_a_job_failed_elsewhere(runner_factory: Any) -> None:
+    """Another instance's watchdog failed a job of this RUNNER_ID while it was down, but could not
+    see its run folder or its workspace (another host): its manifest said `running` for ever and
+    its in_place repo stayed on the job's branch, refusing every later job. Start-up does both."""
+    runner = runner_factory(RUNNER_ENABLED="false", RUNNER_STALE_AFTER_SECONDS="600")
+    rt, job_id, source = _in_place_job_left_on_its_branch(runner, record=True)
+    _make_stale(rt, job_id)
+    assert rt.jobs.fail_stale(
+        job_id,
+        600,
+        event_type=EventType.HEARTBEAT_STALE_RECOVERED,
+        message="no heartbeat",
+        meta={"recovered_by": "other-host"},
+        values={"error_code": ErrorCode.HEARTBEAT_STALE, "lease_token": None},
+    )
+    assert _head_and_status(source)[0].startswith("refs/heads/runner/")
+
+    assert asyncio.run(Launcher(rt).recover_own_jobs()) == 0
+    assert _head_and_status(source) == ("refs/heads/main", "", "")
+    manifest = json.loads((rt.settings.runs_dir / job_id / MANIFEST_NAME).read_text())
+    assert (manifest["status"], manifest["error_code"]) == ("failed", "heartbeat_stale")
+    row = rt.jobs.get_row(job_id)
+    assert row is not None and (row["status"], row["error_code"]) == ("failed", "heartbeat_stale")
