@@ -1,0 +1,55 @@
+"""A job whose commit or push stage fails, run end to end by a real launcher: its status, its
+stages, and what reaches the remote."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration.conftest import Runner
+from tests.integration.test_cancel_edges import _seed_repo
+
+#: Scaffolding as some tools do it: a repository of its own in a subfolder, with a commit.
+SCAFFOLD = (
+    "mkdir app && echo hi > app/main.py && git init -q app && git -C app add -A"
+    " && git -C app -c user.name=t -c user.email=t@e commit -qm scaffold && echo changed > README.md"
+)
+
+
+def _remote_branches(bare: Path) -> str:
+    listed = subprocess.run(
+        ["git", "-C", str(bare), "branch", "--list", "runner/*"], capture_output=True, text=True, check=True
+    )
+    return listed.stdout.strip()
+
+
+def test_a_job_whose_commit_fails_is_failed_commit_failed_and_pushes_nothing(
+    runner_factory: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """The commit stage refuses a folder the agent made a repository (it would commit a link to a
+    commit that is never pushed): the job ends `failed` with `commit_failed` and the reason, the
+    push is skipped (nothing of the job's reaches the remote), and the workspace is cleaned up."""
+    seed = _seed_repo(tmp_path)
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
+    extra = f"""
+[repos.pushed]
+source = "file://{bare}"
+workspace = "clone"
+push = true
+
+[scripts.scaffold]
+command = ["/bin/sh", "-c", "{SCAFFOLD}"]
+"""
+    runner = runner_factory(extra_toml=extra)
+    job = runner.submit({}, repo="pushed", script="scaffold")
+    done = runner.wait(job["id"], timeout=60)
+    assert (done["status"], done["error_code"]) == ("failed", "commit_failed"), done
+    assert "app: a git repository of its own" in done["error_message"], done["error_message"]
+    assert done["exit_code"] == 0
+    stages = {s["name"]: s["status"] for s in done["stages"]}
+    assert (stages["script"], stages["commit"], stages["push"]) == ("success", "failed", "skipped"), stages
+    assert stages["cleanup"] == "success", stages
+    assert _remote_branches(bare) == ""
+    assert not (runner.runtime.settings.workspace_dir / job["id"]).exists()
