@@ -53,3 +53,39 @@ command = ["/bin/sh", "-c", "{SCAFFOLD}"]
     assert stages["cleanup"] == "success", stages
     assert _remote_branches(bare) == ""
     assert not (runner.runtime.settings.workspace_dir / job["id"]).exists()
+
+
+def test_a_push_to_an_origin_outside_the_allowlist_fails_the_job_and_reaches_nothing(
+    runner_factory: Callable[..., Runner], tmp_path: Path
+) -> None:
+    """A local repo pushes to its `remote.origin.url`; one outside RUNNER_ALLOWED_REPO_PATHS is a
+    place the operator did not allow: the push stage fails, the job ends `failed` with
+    `push_failed` and says why, its commit stays on the local job branch, and the remote is
+    untouched."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    seed = _seed_repo(allowed)
+    outside = tmp_path / "outside" / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(outside)], check=True)
+    subprocess.run(["git", "-C", str(seed), "remote", "add", "origin", str(outside)], check=True)
+    extra = f"""
+[repos.local]
+source = "{seed}"
+workspace = "worktree"
+push = true
+
+[scripts.change]
+command = ["/bin/sh", "-c", "echo changed > new.txt"]
+"""
+    runner = runner_factory(extra_toml=extra, RUNNER_ALLOWED_REPO_PATHS=f"{allowed}:{tmp_path / 'repo'}")
+    job = runner.submit({}, repo="local", script="change")
+    done = runner.wait(job["id"], timeout=60)
+    assert (done["status"], done["error_code"]) == ("failed", "push_failed"), done
+    assert "outside RUNNER_ALLOWED_REPO_PATHS" in done["error_message"], done["error_message"]
+    stages = {s["name"]: s["status"] for s in done["stages"]}
+    assert (stages["commit"], stages["push"]) == ("success", "failed"), stages
+    assert done["result"]["commit"] and not done["result"].get("pushed"), done["result"]
+    assert _remote_branches(outside) == ""
+    branch = f"refs/heads/runner/{job['id'][:8]}"
+    kept = subprocess.run(["git", "-C", str(seed), "rev-parse", branch], capture_output=True, text=True)
+    assert kept.stdout.strip() == done["result"]["commit"]
