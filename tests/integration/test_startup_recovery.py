@@ -145,3 +145,28 @@ def test_start_up_cleans_up_the_run_folder_of_a_job_failed_elsewhere(runner_fact
     assert (manifest["status"], manifest["error_code"]) == ("failed", "heartbeat_stale")
     row = rt.jobs.get_row(job_id)
     assert row is not None and (row["status"], row["error_code"]) == ("failed", "heartbeat_stale")
+
+
+def test_start_up_recovery_deletes_nothing_outside_the_workspace_dir(runner_factory: Any) -> None:
+    """Recovery deletes the workspace its run manifest names. A record naming a folder outside
+    RUNNER_WORKSPACE_DIR (the setting changed since the crash, a manifest from elsewhere) is not
+    a workspace of this runner's: the folder and its files stay, and the job is failed all the
+    same."""
+    from codex_runner.execution.manifest import ManifestWriter
+
+    runner = runner_factory(RUNNER_ENABLED="false")
+    rt = runner.runtime
+    job = _create_scratch_job(rt)
+    rt.jobs.claim(rt.settings.id, slots=1, max_jobs_per_user=5)
+    precious = rt.settings.data_dir.parent / "precious" / job["id"]
+    precious.mkdir(parents=True)
+    (precious / "notes.txt").write_text("not the runner's\n")
+    record = {"mode": "scratch", "path": str(precious), "job_id": job["id"]}
+    ManifestWriter(rt.settings.runs_dir / job["id"]).update(
+        {"job_id": job["id"], "status": "running", "workspace": record}, force=True
+    )
+
+    assert asyncio.run(Launcher(rt).recover_own_jobs()) == 1
+    assert (precious / "notes.txt").read_text() == "not the runner's\n"
+    row = rt.jobs.get_row(job["id"])
+    assert row is not None and (row["status"], row["error_code"]) == ("failed", "recovered_after_crash")
