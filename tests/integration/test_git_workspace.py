@@ -289,6 +289,33 @@ def test_in_place_switches_to_the_job_branch_and_back(tmp_path: Path, local: Pat
     assert (local / "dirty.txt").exists()
 
 
+def test_in_place_on_an_operators_branch_ahead_of_the_base_runs_from_the_base_and_goes_back(
+    tmp_path: Path, local: Path
+) -> None:
+    """The operator left the in_place repo on a branch of their own, a commit ahead of the repo's
+    `branch`: the job runs from the base (not from the operator's work), its commit's parent is
+    the base, and the cleanup puts the repo back on the operator's branch with their file."""
+    settings = settings_for(tmp_path)
+    repo = Repo("widgets", str(local), workspace="in_place")
+    main = git("rev-parse", "main", cwd=local)
+    git("switch", "-q", "-c", "feature", cwd=local)
+    (local / "feature.txt").write_text("the operator's work\n")
+    git("add", "feature.txt", cwd=local)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "feature", cwd=local)
+    ws = prepare_workspace(repo, "abababab-f", settings)
+    assert ws.base_commit == main and git("branch", "--show-current", cwd=local) == "runner/abababab"
+    assert not (local / "feature.txt").exists()
+    (local / "made-by-job.txt").write_text("x\n")
+    result = commit(ws)
+    assert result.commit is not None and result.files_changed == 1
+    cleanup_workspace(ws, repo, settings, failed=False)
+    assert git("branch", "--show-current", cwd=local) == "feature"
+    assert git("status", "--porcelain", cwd=local) == ""
+    assert (local / "feature.txt").read_text() == "the operator's work\n"
+    assert not (local / "made-by-job.txt").exists()
+    assert git("rev-parse", "runner/abababab^", cwd=local) == main
+
+
 def test_scratch_is_an_empty_folder(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     repo = Repo("scratch", "/nonexistent", workspace="scratch")
