@@ -212,3 +212,35 @@ def test_a_full_disk_is_over_only_once_a_write_lands(store: JobStore) -> None:
     with write_txn(engine, op="test") as conn:
         conn.execute(repos.insert().values(**row))
     assert not fullness.disk_full(engine)
+
+
+def test_a_create_while_the_database_is_silent_answers_503_and_creates_nothing(
+    pg_database_url: str, proxy: FreezingProxy, tmp_path: Path
+) -> None:
+    """A create's token is looked up in its batch's worker thread (api/create.py): a database that
+    stops answering there is the whole batch's `StoreUnavailable`, a 503 `unavailable` a client
+    retries, not a 401 that tells it its token is bad; and no job is made."""
+    url = pg_database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    runtime = build_runtime(tmp_path, url, RUNNER_DB_ANSWER_TIMEOUT_SECONDS="2")
+    body = {"repo": "demo", "script_key": "echo", "args": {"message": "hi"}}
+    try:
+        token, _ = runtime.tokens.create("alice", "user")
+        headers = {"Authorization": f"Bearer {token}"}
+        with serve_app(create_app(runtime)) as base:
+            assert httpx.get(f"{base}/api/runner/jobs", headers=headers, timeout=10).status_code == 200
+            proxy.frozen = True
+            started = time.monotonic()
+            answer = httpx.post(f"{base}/api/runner/jobs", json=body, headers=headers, timeout=30)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["code"] == "unavailable"
+            assert time.monotonic() - started < 15
+            proxy.frozen = False
+
+            def listed() -> int | None:
+                got = httpx.get(f"{base}/api/runner/jobs", headers=headers, timeout=20)
+                return int(got.json()["total"]) if got.status_code == 200 else None
+
+            assert wait_until(lambda: listed() is not None, timeout=20)
+            assert listed() == 0
+    finally:
+        runtime.close()
