@@ -494,3 +494,11 @@ def config_source(config_path: Path | None) -> str:
 
 
 SettingsFactory = Callable[[], Settings]
+
+
+def make_data_dir(settings: Settings) -> None:
+    """Makes a missing data folder 0700 (docs/operations.md, Install): it holds the logs, the
+    workspaces, codex's login and (SQLite) every job's arguments. Call it before anything makes a
+    folder inside it, which would make it with the umask's mode (0755) on the way. One that exists
+    keeps its mode: `data_dir_permissions` reports it."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -738,6 +738,34 @@ def test_the_runner_makes_its_data_folder_private(make: Make, tmp_path: Path) ->
         os.umask(old)
 
 
+def test_serve_start_up_and_backup_make_a_missing_data_folder_private(make: Make, tmp_path: Path) -> None:
+    """With the database elsewhere (PostgreSQL), nothing made the data folder 0700: `serve`'s
+    start-up made `<data dir>/codex-home` (and with it the data folder, 0755) before its checks
+    ran, and its own `data_dir_permissions` then warned, a refusal with RUNNER_PRODUCTION=true;
+    `backup` made `<data dir>/backups` the same way."""
+    old = os.umask(0o022)
+    try:
+        db = f"sqlite:///{tmp_path / 'db' / 'runner.db'}"
+        settings, _ = make(database_url=db, RUNNER_DATA_DIR=str(tmp_path / "d1"))
+        rt = Runtime.open(settings)
+        try:
+            from codex_runner.ops.service import on_startup
+
+            on_startup(rt)
+        finally:
+            rt.close()
+        assert settings.data_dir.stat().st_mode & 0o777 == 0o700
+        assert not [c for c in rt.startup_checks if c["name"] == "data_dir_permissions"]
+
+        from codex_runner.ops.backup import backup
+
+        other, _ = make(database_url=db, RUNNER_DATA_DIR=str(tmp_path / "d2"))
+        backup(other)
+        assert other.data_dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old)
+
+
 def test_spare_watch_warns_when_inotify_is_missing(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, _ = make()  # the demo repo: a local repo in `worktree` mode, warm workspaces on
     assert checks_of(settings)["spare_watch"].ok

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from codex_runner import __version__
-from codex_runner.config import Settings
+from codex_runner.config import Settings, make_data_dir
 from codex_runner.errors import RunnerError
 from codex_runner.secrets import mask
 from codex_runner.store import create_store_engine
@@ -230,6 +230,8 @@ def backup(
     deletes archives older than that, never the new one."""
     now = now or utcnow()
     out_dir = out_dir or settings.backup_dir
+    if out_dir.is_relative_to(settings.data_dir):
+        make_data_dir(settings)  # else `backups/` would make it 0755 on the way
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".backup-") as tmp_name:
         tmp = Path(tmp_name)
@@ -517,7 +519,7 @@ def _place(src: Path, dest: Path) -> None:
 def restore(settings: Settings, archive: Path, *, force: bool = False) -> RestoreResult:
     """Verifies `archive`, refuses while an instance is live (unless `force`), then loads the
     database and puts back the logs and run manifests."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(settings)
     with tempfile.TemporaryDirectory(dir=settings.data_dir, prefix=".restore-") as tmp_name:
         tmp = Path(tmp_name)
         manifest = verify_archive(archive, tmp)

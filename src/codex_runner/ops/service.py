@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import structlog
 
+from codex_runner.config import make_data_dir
 from codex_runner.errors import ConfigError
 from codex_runner.execution.agents import refresh_codex_home
 from codex_runner.ops.audit import attach
@@ -25,6 +27,8 @@ def on_startup(runtime: Runtime, *, checks: bool = True) -> None:
     after `Runtime.open` and before the launcher starts, so the first job event is already audited
     and the first codex job reads this version's config.toml."""
     configure_logging(runtime.settings)
+    with contextlib.suppress(OSError):  # the start-up checks' `folder:data` names the problem
+        make_data_dir(runtime.settings)
     attach(runtime)
     try:
         refresh_codex_home(runtime.settings, runtime.catalog)
