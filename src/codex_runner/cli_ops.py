@@ -38,20 +38,20 @@ CHECKS_FAILED = 1
 def _one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from codex_runner.cli.common import ExitCode, failure_line, masked
+
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except RunnerError as exc:
-            line = f"error: {exc.message}"
+            line = masked(f"error: {exc.message}")
         except OSError as exc:
-            line = f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            line = failure_line(exc) if exc.filename else masked(f"error: {exc.strerror or exc}")
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            line = f"error: unexpected {type(exc).__name__}" + (f": {first}" if first else "")
-        from codex_runner.cli.common import ExitCode, masked
+            line = failure_line(exc)
 
-        sys.stderr.write(masked(line) + "\n")
+        sys.stderr.write(line + "\n")
         raise typer.Exit(ExitCode.ERROR)
 
     return wrapper

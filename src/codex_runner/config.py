@@ -502,3 +502,11 @@ def make_data_dir(settings: Settings) -> None:
     folder inside it, which would make it with the umask's mode (0755) on the way. One that exists
     keeps its mode: `data_dir_permissions` reports it."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def folder_problem(exc: OSError) -> str:
+    """Why a folder could not be made or written, in a few words."""
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        # A file where the folder, or one of its parents, should be.
+        return "it (or a folder above it) exists and is not a folder"
+    return exc.strerror or str(exc)

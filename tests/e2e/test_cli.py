@@ -593,6 +593,18 @@ def test_bad_runner_toml_is_one_line(tmp_path: Path) -> None:
     assert_one_error_line(result, "max_concurency", "unknown setting")
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["tokens", "list"], ["serve"], ["backup"]])
+def test_a_data_folder_that_is_a_file_is_one_clear_line(tmp_path: Path, command: list[str]) -> None:
+    """A data folder that cannot be made (a file in the way) said `error: unexpected
+    FileExistsError: [Errno 17] File exists: '…'` (`backup`: `error: File exists: …`): nothing
+    about which setting, or what is wrong with it."""
+    (tmp_path / "data").write_text("not a folder")
+    env = clean_env(RUNNER_DATA_DIR=str(tmp_path / "data"), RUNNER_PORT=str(free_port()))
+    line = assert_one_error_line(cli(*command, env=env, cwd=tmp_path), str(tmp_path / "data"))
+    assert "unexpected" not in line and "Errno" not in line, line
+    assert "RUNNER_DATA_DIR" in line and "not a folder" in line, line
+
+
 # -- outcomes of submit --wait (need the launcher) ---------------------------------------------
 
 

@@ -34,7 +34,7 @@ import typer  # noqa: E402
 
 from codex_runner import __version__  # noqa: E402
 from codex_runner.cli import admin, jobs  # noqa: E402
-from codex_runner.cli.common import CliError, ExitCode, masked, settings  # noqa: E402
+from codex_runner.cli.common import CliError, ExitCode, failure_line, masked, settings  # noqa: E402
 from codex_runner.cli_ops import register as register_ops  # noqa: E402
 from codex_runner.errors import ConfigError, RunnerError  # noqa: E402
 
@@ -134,7 +134,5 @@ def main() -> None:
     except RunnerError as exc:
         _fail(masked(f"error: {exc.message} ({exc.code})"))
     except Exception as exc:
-        # Unexpected: still one line. The first line of the text only (SQL errors append the
-        # statement), masked with the known secrets in case a library echoed one.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _fail(masked(f"error: unexpected {type(exc).__name__}" + (f": {first}" if first else "")))
+        # Unexpected: still one line, masked with the known secrets in case a library echoed one.
+        _fail(failure_line(exc))

@@ -7,8 +7,10 @@ everything meant for a person (progress, confirmations, errors) goes to stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -16,7 +18,7 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from codex_runner.config import Settings, load_settings
+from codex_runner.config import Settings, folder_problem, load_settings
 from codex_runner.secrets import mask
 
 # Piped output has no terminal width; rich would then wrap tables at 80 columns and split ids.
@@ -60,17 +62,35 @@ class CliError(Exception):
 
 # Secrets of the loaded settings, so that an unexpected error's text can be masked before printing.
 _known_secrets: list[str] = []
+# And its data folder, so that an error about it can name the setting.
+_data_dir: list[Path] = []
 
 
 def settings() -> Settings:
     """Loads and validates the settings once per command; `ConfigError` becomes the error line."""
     loaded = load_settings()
     _known_secrets[:] = loaded.secret_values()
+    _data_dir[:] = [loaded.data_dir]
     return loaded
 
 
 def masked(text: str) -> str:
     return mask(text, _known_secrets)
+
+
+def failure_line(exc: Exception) -> str:
+    """The one `error:` line of an exception no command handles by type, masked. A data folder
+    that cannot be made or written (a file in its way, a read-only mount) is the commonest of
+    them: the line names the path and the setting, not `unexpected FileExistsError: [Errno 17]`."""
+    if isinstance(exc, OSError) and exc.filename:
+        path = Path(os.fsdecode(exc.filename))
+        hint = ""
+        if any(path.is_relative_to(d) or d.is_relative_to(path) for d in _data_dir):
+            hint = "; check RUNNER_DATA_DIR (`codex-runner doctor` checks its folders)"
+        return masked(f"error: cannot use {path}: {folder_problem(exc)}{hint}")
+    # The first line only (SQL errors append the statement).
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return masked(f"error: unexpected {type(exc).__name__}" + (f": {first}" if first else ""))
 
 
 def print_json(value: Any) -> None:

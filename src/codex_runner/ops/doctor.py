@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from codex_runner import secrets
 from codex_runner.catalog import BUILTIN_SCRIPTS, Catalog, RepoSpec, ScriptSpec
 from codex_runner.catalog.specs import PLACEHOLDER
-from codex_runner.config import Settings
+from codex_runner.config import Settings, folder_problem
 from codex_runner.errors import ConfigError, RunnerError
 from codex_runner.execution import codex_version, sandbox, spare_watch
 from codex_runner.execution.agents import BYPASS_FLAGS, is_codex_exec
@@ -138,7 +138,7 @@ def _database_folder(settings: Settings, exc: OSError) -> Check:
     folder = Path(sa.engine.make_url(settings.database_url).database or ".").parent
     return _fail(
         "database",
-        f"database folder {folder} is not usable: {_folder_problem(exc)}",
+        f"database folder {folder} is not usable: {folder_problem(exc)}",
         path=str(folder),
     )
 
@@ -213,7 +213,7 @@ def _folders(settings: Settings) -> Iterator[Check]:
             with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
                 pass
         except OSError as exc:
-            yield _fail(name, f"{label} folder {path} is not usable: {_folder_problem(exc)}", path=str(path))
+            yield _fail(name, f"{label} folder {path} is not usable: {folder_problem(exc)}", path=str(path))
         else:
             yield _ok(name, f"{label} folder {path} is writable", path=str(path))
 
@@ -229,14 +229,6 @@ def _audit_log(settings: Settings) -> Check:
     except OSError as exc:
         return _fail("audit_log", f"RUNNER_AUDIT_LOG: {audit.unusable(path, exc)}", path=str(path))
     return _ok("audit_log", f"audit log {path} is writable", path=str(path))
-
-
-def _folder_problem(exc: OSError) -> str:
-    """Why a folder could not be made or written, in a few words."""
-    if isinstance(exc, FileExistsError | NotADirectoryError):
-        # A file where the folder, or one of its parents, should be.
-        return "it (or a folder above it) exists and is not a folder"
-    return exc.strerror or str(exc)
 
 
 def _disk(settings: Settings) -> Iterator[Check]:
