@@ -605,6 +605,23 @@ def test_a_data_folder_that_is_a_file_is_one_clear_line(tmp_path: Path, command:
     assert "RUNNER_DATA_DIR" in line and "not a folder" in line, line
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["tokens", "create", "--user", "u"], ["serve"]])
+def test_an_unreachable_database_is_one_clear_line(tmp_path: Path, command: list[str]) -> None:
+    """`migrate`, `tokens …`, `serve`, `worker` said `error: unexpected OperationalError:
+    (psycopg.OperationalError) connection failed: …`: the word "unexpected" for the commonest
+    mistake there is, and no hint of the setting to check. The password is never shown."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"postgresql://runner:s3cret-pw-walk@127.0.0.1:{port}/runner"
+    env = clean_env(
+        RUNNER_DATA_DIR=str(tmp_path / "data"), RUNNER_DATABASE_URL=url, RUNNER_PORT=str(free_port())
+    )
+    line = assert_one_error_line(cli(*command, env=env, cwd=tmp_path), "RUNNER_DATABASE_URL")
+    assert "unexpected" not in line and "OperationalError" not in line, line
+    assert "s3cret-pw-walk" not in line and "Connection refused" in line, line
+
+
 # -- outcomes of submit --wait (need the launcher) ---------------------------------------------
 
 

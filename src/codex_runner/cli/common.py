@@ -81,13 +81,23 @@ def masked(text: str) -> str:
 def failure_line(exc: Exception) -> str:
     """The one `error:` line of an exception no command handles by type, masked. A data folder
     that cannot be made or written (a file in its way, a read-only mount) is the commonest of
-    them: the line names the path and the setting, not `unexpected FileExistsError: [Errno 17]`."""
+    them: the line names the path and the setting, not `unexpected FileExistsError: [Errno 17]`.
+    So is a database that does not answer: its line names `RUNNER_DATABASE_URL`."""
     if isinstance(exc, OSError) and exc.filename:
         path = Path(os.fsdecode(exc.filename))
         hint = ""
         if any(path.is_relative_to(d) or d.is_relative_to(path) for d in _data_dir):
             hint = "; check RUNNER_DATA_DIR (`codex-runner doctor` checks its folders)"
         return masked(f"error: cannot use {path}: {folder_problem(exc)}{hint}")
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The driver's first line names host, port and cause; never the URL or its password.
+        cause = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+        return masked(
+            f"error: cannot use the database: {cause}; check that it runs and that "
+            "RUNNER_DATABASE_URL names it (`codex-runner doctor`)"
+        )
     # The first line only (SQL errors append the statement).
     first = (str(exc).strip().splitlines() or [""])[0]
     return masked(f"error: unexpected {type(exc).__name__}" + (f": {first}" if first else ""))
