@@ -502,6 +502,19 @@ def test_unreachable_runner_is_one_line(server: Server, admin_token: str) -> Non
     assert admin_token not in line
 
 
+def test_unreachable_default_url_names_the_configured_port(server: Server, admin_token: str) -> None:
+    """With `port = …` in runner.toml (or RUNNER_PORT) and no RUNNER_URL, the client commands went
+    to the default http://127.0.0.1:8787 and asked "is `codex-runner serve` running?" while it ran
+    on the configured port: the line now says which RUNNER_URL to set."""
+    env = {**server.env, "RUNNER_TOKEN": admin_token}
+    assert "RUNNER_URL" not in env and env["RUNNER_PORT"] != "8787"
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8787)) == 0:
+            pytest.skip("something listens on the default port 8787 here")
+    line = assert_one_error_line(cli("jobs", "list", env=env), "cannot reach the runner at")
+    assert f"RUNNER_URL=http://127.0.0.1:{env['RUNNER_PORT']}" in line, line
+
+
 @pytest.mark.parametrize(
     ("command", "setting", "value", "fragment"),
     [

@@ -90,6 +90,7 @@ class RunnerClient:
                 "RUNNER_URL: must not hold a user name or password; the token goes in RUNNER_TOKEN"
             )
         self.url = display_url(url)
+        self.hint = ""  # appended to "cannot reach": see `_serve_url_hint`
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "User-Agent": f"codex-runner-cli/{__version__}"},
@@ -99,7 +100,9 @@ class RunnerClient:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunnerClient:
-        return cls(settings.url, settings.token)
+        client = cls(settings.url, settings.token)
+        client.hint = _serve_url_hint(settings)
+        return client
 
     def __enter__(self) -> RunnerClient:
         return self
@@ -153,7 +156,7 @@ class RunnerClient:
     def _unreachable(self, exc: httpx.TransportError) -> RunnerUnreachable:
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             return RunnerUnreachable(
-                f"cannot reach the runner at {self.url}: is `codex-runner serve` running?"
+                f"cannot reach the runner at {self.url}: is `codex-runner serve` running?{self.hint}"
             )
         if isinstance(exc, httpx.TimeoutException):
             return RunnerUnreachable(f"the runner at {self.url} did not answer in time")
@@ -235,3 +238,14 @@ def patiently(
             if notice is not None:
                 notice(f"{exc.reason()}; trying again in {wait:.0f} s ({left:.0f} s left)")
             time.sleep(wait)
+
+
+def _serve_url_hint(settings: Settings) -> str:
+    """RUNNER_URL left at its default while these settings put `serve` on another port (`port =`
+    in runner.toml, RUNNER_PORT): the client went to 8787 and asked whether `serve` ran. Say
+    where it listens instead."""
+    if settings.url != Settings.url or settings.port == Settings.port:
+        return ""
+    host = "127.0.0.1" if settings.host in {"0.0.0.0", "::", "localhost"} else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return f" `serve` listens on port {settings.port} here (RUNNER_PORT): set RUNNER_URL=http://{host}:{settings.port}"
