@@ -44,6 +44,8 @@ def _one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:
+            raise  # stdout closed (`doctor | head`): click and `cli.main` make it exit 141, quietly
         except RunnerError as exc:
             line = masked(f"error: {exc.message}")
         except OSError as exc:

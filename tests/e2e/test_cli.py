@@ -890,6 +890,36 @@ def test_a_reader_that_stops_early_is_not_a_failed_job(sse_runner: SseRunner, fo
     assert "Traceback" not in stderr and "error" not in stderr
 
 
+@pytest.mark.parametrize("command", [["doctor"], ["doctor", "--json"], ["cleanup", "--dry-run", "--json"]])
+def test_an_operations_command_whose_reader_left_exits_141_quietly(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """`codex-runner doctor | head -1`: the operations commands caught the closed pipe as any
+    OSError, printed `error: Broken pipe` and exited 2 ("the command failed"), where every other
+    command exits 141 with nothing on standard error (docs/cli.md, exit codes)."""
+    env = clean_env(RUNNER_DATA_DIR=str(tmp_path / "data"))
+    assert cli("migrate", env=env, cwd=tmp_path).returncode == 0
+    proc = subprocess.Popen(
+        [CLI, *command],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader left before the first line
+    try:
+        code = proc.wait(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the command did not end when its reader left")
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert code == 141, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+
+
 class _CuttingProxy:
     """A TCP proxy in front of the server that drops the first SSE connection in the middle of its
     second event (its first whole event received, so the client has a Last-Event-ID)."""
