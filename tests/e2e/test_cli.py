@@ -635,6 +635,19 @@ def test_an_unreachable_database_is_one_clear_line(tmp_path: Path, command: list
     assert "s3cret-pw-walk" not in line and "Connection refused" in line, line
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["tokens", "list"]])
+def test_a_sqlite_file_that_cannot_be_opened_names_the_data_folder(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """SQLite's `unable to open database file` (a runner.db of another user, or a folder in its
+    place) is no server that does not run: the line says to check the file and RUNNER_DATA_DIR."""
+    (tmp_path / "data" / "runner.db").mkdir(parents=True)
+    env = clean_env(RUNNER_DATA_DIR=str(tmp_path / "data"))
+    line = assert_one_error_line(cli(*command, env=env, cwd=tmp_path), str(tmp_path / "data" / "runner.db"))
+    assert "unable to open database file" in line and "RUNNER_DATA_DIR" in line, line
+    assert "check that it runs" not in line, line
+
+
 # -- outcomes of submit --wait (need the launcher) ---------------------------------------------
 
 

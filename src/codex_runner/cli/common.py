@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 from enum import IntEnum
 from pathlib import Path
@@ -62,15 +63,15 @@ class CliError(Exception):
 
 # Secrets of the loaded settings, so that an unexpected error's text can be masked before printing.
 _known_secrets: list[str] = []
-# And its data folder, so that an error about it can name the setting.
-_data_dir: list[Path] = []
+# And the settings themselves, so that an error about the data folder can name the setting.
+_loaded: list[Settings] = []
 
 
 def settings() -> Settings:
     """Loads and validates the settings once per command; `ConfigError` becomes the error line."""
     loaded = load_settings()
     _known_secrets[:] = loaded.secret_values()
-    _data_dir[:] = [loaded.data_dir]
+    _loaded[:] = [loaded]
     return loaded
 
 
@@ -86,14 +87,23 @@ def failure_line(exc: Exception) -> str:
     if isinstance(exc, OSError) and exc.filename:
         path = Path(os.fsdecode(exc.filename))
         hint = ""
-        if any(path.is_relative_to(d) or d.is_relative_to(path) for d in _data_dir):
+        if any(path.is_relative_to(d) or d.is_relative_to(path) for d in (s.data_dir for s in _loaded)):
             hint = "; check RUNNER_DATA_DIR (`codex-runner doctor` checks its folders)"
         return masked(f"error: cannot use {path}: {folder_problem(exc)}{hint}")
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import InterfaceError, OperationalError
 
     if isinstance(exc, OperationalError | InterfaceError):
         # The driver's first line names host, port and cause; never the URL or its password.
         cause = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+        if isinstance(exc.orig, sqlite3.Error):
+            # A file, not a server: another user's, or a folder in its place.
+            files = [make_url(s.database_url).database for s in _loaded] or ["the SQLite file"]
+            return masked(
+                f"error: cannot use the database {files[0]}: {cause}; check that this user can "
+                "read and write it and its folder (RUNNER_DATA_DIR, or the path in "
+                "RUNNER_DATABASE_URL; `codex-runner doctor`)"
+            )
         return masked(
             f"error: cannot use the database: {cause}; check that it runs and that "
             "RUNNER_DATABASE_URL names it (`codex-runner doctor`)"
