@@ -431,6 +431,17 @@ def test_jobs_list_show_events_cancel(server: Server, admin_token: str) -> None:
     assert_one_error_line(cli("jobs", "cancel", job_id, env=env), "(invalid_transition)")
 
 
+def test_jobs_logs_of_a_queued_job_says_there_is_no_log_yet(server: Server, admin_token: str) -> None:
+    """`jobs logs ID` (no `-f`) of a job that has not started printed nothing at all and exited
+    0: an operator could not tell an empty log from a job that never ran. A line on stderr says
+    so; stdout stays the log's (empty)."""
+    job_id = submit(server, admin_token, "echo", "--arg", "message=later").stdout.strip()
+    result = cli("jobs", "logs", job_id, env=server.client_env(admin_token))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert f"job {job_id} is queued" in result.stderr and "-f" in result.stderr, result.stderr
+
+
 def test_submit_wait_gives_up_after_wait_timeout(server: Server, admin_token: str) -> None:
     result = submit(server, admin_token, "echo", "--arg", "message=queued", "--wait", "--wait-timeout", "1")
     assert result.returncode == 5, result.stderr

@@ -420,6 +420,16 @@ def _say_if_queued(client: RunnerClient, job_id: str) -> None:
     info(line)
 
 
+def _say_if_not_started(client: RunnerClient, job_id: str) -> None:
+    """An empty page of a job that has not started: say so on stderr, or the silence reads as an
+    empty log of a job that ran."""
+    job: dict[str, Any] = client.get(jobs_path(job_id))
+    if job.get("status") == "queued":
+        info(
+            f"job {job_id} is queued: no log yet; `codex-runner jobs logs {job_id} -f` follows it once it starts"
+        )
+
+
 def _age_seconds(stamp: object) -> float:
     """Seconds since an API timestamp (`2026-12-03T17:49:19.264Z`); 0 when it is not one."""
     try:
@@ -446,6 +456,8 @@ def job_logs(
                 _say_if_queued(client, job_id)
             for chunk in follower.stream() if follow else follower.chunks(follow=False):
                 _write(chunk)
+            if not follow and follower.offset == offset and not follower.complete:
+                _say_if_not_started(client, job_id)
         except KeyboardInterrupt:
             # Ctrl-C is how one stops following: not an error.
             info(f"stopped following at offset {follower.offset}")
