@@ -479,6 +479,14 @@ def test_bad_token_is_one_line(server: Server) -> None:
     assert_one_error_line(result, "(not_authenticated)")
 
 
+def test_a_refused_token_says_which_setting_to_check(server: Server) -> None:
+    """`error: invalid or revoked token (not_authenticated)` named neither the variable the CLI
+    read it from nor how to get another one."""
+    result = cli("jobs", "list", env=server.client_env("cr_not-a-real-token"))
+    line = assert_one_error_line(result, "RUNNER_TOKEN", "tokens create", "(not_authenticated)")
+    assert "cr_not-a-real-token" not in line
+
+
 def test_blanks_around_the_token_are_ignored(server: Server, admin_token: str) -> None:
     """A token pasted with a trailing blank (or read from a file that has one): httpx refuses to
     send the header, and the CLI said `request to the runner … failed (LocalProtocolError)`, as if

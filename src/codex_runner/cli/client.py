@@ -193,6 +193,9 @@ def _api_error(response: httpx.Response) -> CliError:
         detail = f"{detail}: {'; '.join(specifics)}"
     if response.status_code == 404 and detail.startswith("no route "):
         detail = f"{detail}: is RUNNER_URL right?"  # the runner answered, but not on that path
+    if response.status_code == 401:
+        # The CLI's token comes from one place; say which, and where another one comes from.
+        detail = f"{detail}: check RUNNER_TOKEN (`codex-runner tokens create` makes one)"
     if response.status_code == 429 and (retry := response.headers.get("Retry-After")):
         detail = f"{detail} (retry after {retry} s)"
     api_code = body.get("code")
