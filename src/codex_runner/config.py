@@ -306,7 +306,10 @@ def _check_database_url(url: str) -> None:
         parsed = sa.engine.make_url(url)
         port = parsed.port
     except Exception:
-        raise ConfigError("RUNNER_DATABASE_URL: not a valid database URL") from None
+        raise ConfigError(
+            "RUNNER_DATABASE_URL: not a valid database URL (is its port a number? percent-encode "
+            "special characters in the user name and password)"
+        ) from None
     if port is not None and not 0 < port < 65536:
         raise ConfigError("RUNNER_DATABASE_URL: the port must be 1-65535")
     if parsed.get_backend_name() == "sqlite" and _sqlite_in_memory(parsed):
@@ -457,7 +460,8 @@ def load_settings(
         raise ConfigError(f"RUNNER_LOG_FORMAT: expected json or console, got {values['log_format']!r}")
     url = str(values["database_url"])
     if not (url.startswith("sqlite") or url.startswith("postgresql")):
-        raise ConfigError("RUNNER_DATABASE_URL: expected a sqlite:/// or postgresql:// URL")
+        hint = ": write postgresql:// for postgres://" if url.startswith("postgres://") else ""
+        raise ConfigError(f"RUNNER_DATABASE_URL: expected a sqlite:/// or postgresql:// URL{hint}")
     _check_database_url(url)
     for name in ("encryption_key", "encryption_key_previous"):
         if values.get(name):
@@ -466,8 +470,15 @@ def load_settings(
             try:
                 parse_key(str(values[name]))
             except Exception:
+                # What to do differs: a new key comes from keygen, the previous one was in use.
+                fix = (
+                    "`codex-runner keygen` makes one"
+                    if name == "encryption_key"
+                    else "the key before the rotation, as RUNNER_ENCRYPTION_KEY held it"
+                )
                 raise ConfigError(
-                    f"RUNNER_{name.upper()}: expected 64 hex characters, base64 of 32 bytes, or 32 raw bytes"
+                    f"RUNNER_{name.upper()}: expected 64 hex characters, base64 of 32 bytes, or 32 raw "
+                    f"bytes; {fix}"
                 ) from None
     stale = int(values.get("stale_after_seconds", defaults.stale_after_seconds))  # type: ignore[call-overload]
     beat = int(values.get("heartbeat_seconds", defaults.heartbeat_seconds))  # type: ignore[call-overload]

@@ -31,6 +31,27 @@ def test_environment_wins_over_toml(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("env", "fragments"),
+    [
+        # The common spelling of other tools is refused; the line gives the one that works.
+        ({"RUNNER_DATABASE_URL": "postgres://bob:pw@127.0.0.1/test"}, ["write postgresql://"]),
+        ({"RUNNER_DATABASE_URL": "postgresql://bob:pw@127.0.0.1:abc/test"}, ["port", "number"]),
+        ({"RUNNER_ENCRYPTION_KEY": "short"}, ["codex-runner keygen"]),
+        ({"RUNNER_ENCRYPTION_KEY_PREVIOUS": "garbage"}, ["the key before the rotation"]),
+    ],
+)
+def test_bad_values_say_what_to_do(tmp_path: Path, env: dict[str, str], fragments: list[str]) -> None:
+    """An operator's usual mistakes got a line naming the setting but not the fix: `postgres://`
+    (what Heroku, psql and many tools write), a port that is not a number, a key not made by
+    `keygen`."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env, cwd=tmp_path)
+    for fragment in fragments:
+        assert fragment in exc.value.message, exc.value.message
+    assert "pw" not in exc.value.message and "short" not in exc.value.message
+
+
+@pytest.mark.parametrize(
     ("env", "fragment"),
     [
         ({"RUNNER_MAX_CONCURRENCY": "0"}, "RUNNER_MAX_CONCURRENCY: must be at least 1"),
