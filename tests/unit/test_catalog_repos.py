@@ -453,7 +453,9 @@ def test_resolve_survives_non_string_client_input(cat: Catalog) -> None:
 def test_long_unknown_names_are_clipped_in_messages(cat: Catalog) -> None:
     with pytest.raises(InvalidRequest) as exc:
         cat.repo(name="x" * 10_000)
-    assert len(exc.value.message) < 120
+    # The name echoed is cut at 80 characters; the rest names the configured repos (a few, each cut).
+    assert "x" * 80 + "…" in exc.value.message and "x" * 81 not in exc.value.message
+    assert len(exc.value.message) < 250
 
 
 def test_script_key_lookup() -> None:
@@ -488,3 +490,49 @@ def test_a_local_repos_push_target_must_pass_the_allowlists(tmp_path: Path) -> N
     # No allowlist: anything goes, as for sources.
     open_cat = catalog({"r": {"source": str(tmp_path / "git" / "w")}})
     open_cat.check_push_target(open_cat.repos["r"], str(tmp_path / "agent" / "evil.git"))
+
+
+# ------------------------------------------------------------------- unknown names: what to write
+
+
+def _unknown(cat: Catalog, **kwargs: str) -> str:
+    with pytest.raises((InvalidRequest, UnknownScript)) as caught:
+        if "script" in kwargs:
+            cat.script(kwargs["script"])
+        else:
+            cat.repo(name=kwargs["name"])
+    return caught.value.message
+
+
+def test_an_unknown_name_close_to_a_configured_one_asks_for_it() -> None:
+    cat = catalog(
+        {"widgets": {"source": "/srv/w"}, "gadgets": {"source": "/srv/g"}},
+        {"codex.review": {"command": ["true"]}, "lint": {"command": ["true"]}},
+    )
+    assert _unknown(cat, name="widgest") == (
+        "unknown repo 'widgest': did you mean 'widgets'? (GET /api/runner/repos lists them)"
+    )
+    assert _unknown(cat, script="codex.reveiw") == (
+        "unknown script 'codex.reveiw': did you mean 'codex.review'? (GET /api/runner/scripts lists them)"
+    )
+
+
+def test_an_unknown_name_like_none_lists_the_first_few_enabled_ones() -> None:
+    repos: dict[str, Any] = {f"repo{i}": {"source": f"/srv/{i}"} for i in range(7)}
+    repos["hidden"] = {"source": "/srv/h", "enabled": False}  # GET /repos does not list it either
+    message = _unknown(catalog(repos), name="zzz")
+    assert message == (
+        "unknown repo 'zzz' (configured: repo0, repo1, repo2, repo3, repo4 and 2 more; "
+        "GET /api/runner/repos lists them)"
+    )
+    assert _unknown(catalog({"only": {"source": "/srv/o"}}), name="zzz") == (
+        "unknown repo 'zzz' (configured: only; GET /api/runner/repos lists them)"
+    )
+    assert "none is configured" in _unknown(catalog({}), name="zzz")
+
+
+def test_a_hostile_unknown_name_stays_one_short_line() -> None:
+    cat = catalog({"widgets": {"source": "/srv/w"}})
+    message = _unknown(cat, name="widgets" + "x" * 100_000)
+    assert "did you mean" not in message and len(message) < 200
+    assert "\n" not in _unknown(cat, name="wid\ngets")

@@ -8,6 +8,7 @@ per job request; it has no side effects. The rules are documented in docs/catalo
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 from collections.abc import Iterable
@@ -70,7 +71,11 @@ class Catalog:
         if name is not None:
             by_name = self.repos.get(name) if isinstance(name, str) else None
             if by_name is None:
-                raise InvalidRequest(f"unknown repo {clip(name)!r}", errors=_at("repo", "unknown repo"))
+                enabled = [r.name for r in self.repos.values() if r.enabled]
+                raise InvalidRequest(
+                    f"unknown repo {clip(name)!r}{_known(name, enabled, 'repos')}",
+                    errors=_at("repo", "unknown repo"),
+                )
         if by_id is not None and by_name is not None and by_id is not by_name:
             raise InvalidRequest(
                 "repo_id and repo name different repos", errors=_at("repo", "names another repo than repo_id")
@@ -98,7 +103,10 @@ class Catalog:
     def script(self, key: str) -> ScriptSpec:
         spec = self.scripts.get(key) if isinstance(key, str) else None
         if spec is None:
-            raise UnknownScript(f"unknown script {clip(key)!r}", errors=_at("script_key", "unknown script"))
+            raise UnknownScript(
+                f"unknown script {clip(key)!r}{_known(key, self.scripts, 'scripts')}",
+                errors=_at("script_key", "unknown script"),
+            )
         return spec
 
     def resolve(
@@ -187,3 +195,27 @@ def _url_has_prefix(url: str, prefix: str) -> bool:
 def _at(field: str, msg: str) -> list[dict[str, Any]]:
     """The `errors` of a 400 about one field of the create body (SPEC §4)."""
     return [{"loc": ["body", field], "msg": msg}]
+
+
+#: How many names an unknown repo's or script's error lists: enough to spot a typo, not the
+#: catalog (GET /api/runner/repos and /scripts list it, to the same users).
+KNOWN_NAMES_SHOWN = 5
+
+
+def _known(given: object, names: Iterable[str], kind: str) -> str:
+    """What to add to "unknown repo 'x'": the configured name it is a typo of, if one is close,
+    else the first few names; and where the whole list is. "unknown repo 'dmeo'" alone sent the
+    user to the docs for a name they had one letter wrong."""
+    listed = sorted(names)
+    where = f"GET /api/runner/{kind} lists them"
+    if not listed:
+        return f" (none is configured; {where})"
+    # A long name is no typo of a configured one (and matching it would cost for nothing).
+    close = (
+        difflib.get_close_matches(given, listed, n=1) if isinstance(given, str) and len(given) <= 200 else []
+    )
+    if close:
+        return f": did you mean {clip(close[0])!r}? ({where})"
+    shown = ", ".join(clip(n) for n in listed[:KNOWN_NAMES_SHOWN])
+    more = f" and {len(listed) - KNOWN_NAMES_SHOWN} more" if len(listed) > KNOWN_NAMES_SHOWN else ""
+    return f" (configured: {shown}{more}; {where})"
