@@ -25,7 +25,7 @@ from codex_runner.runtime import Runtime
 from codex_runner.store import create_store_engine
 from codex_runner.store.admin import Principal
 from codex_runner.store.instances import InstanceRegistry
-from codex_runner.store.schema import events, jobs, metadata
+from codex_runner.store.schema import events, instances, jobs, metadata
 
 from tests.helpers import write_scratch_echo_config
 from tests.integration.ops_cli import run_cli
@@ -204,6 +204,35 @@ def test_restore_refuses_while_an_instance_is_live(settings: Settings, populated
     restore(settings, archive, force=True)
     after = snapshot(settings)
     assert after["jobs"] == populated["jobs"] and after["events"] == populated["events"]
+
+
+def test_a_restore_marks_the_instances_of_the_archive_stopped(
+    settings: Settings, populated: dict[str, Any]
+) -> None:
+    """An archive of a live system holds its instances' rows, heartbeats of the backup's second:
+    restored as they were, they looked live for RUNNER_STALE_AFTER_SECONDS when nothing ran, so a
+    second restore (a drill) refused ("are live: stop them first") and a `serve` on another host
+    under one of those ids waited that long. No instance was live when the restore began (else it
+    refuses), so none of those rows is a process's: the restore marks them stopped."""
+    engine = create_store_engine(settings.database_url)
+    registry = InstanceRegistry(engine, "live-at-backup")
+    registry.register()
+    archive = backup(settings).path
+    registry.stopped()  # the operator stops it, then restores
+    engine.dispose()
+    assert live_instances(settings) == []
+    restore(settings, archive)
+    assert live_instances(settings) == []
+    restore(settings, archive)  # a second restore right away: nothing is live
+    engine = create_store_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                sa.select(instances.c.stopped_at).where(instances.c.id == "live-at-backup")
+            ).one()
+    finally:
+        engine.dispose()
+    assert row.stopped_at is not None
 
 
 def test_backup_retention_days_deletes_old_archives(settings: Settings, populated: dict[str, Any]) -> None:

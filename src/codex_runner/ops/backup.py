@@ -40,6 +40,7 @@ from codex_runner.store.engine import normalise_url
 from codex_runner.store.instances import InstanceRegistry
 from codex_runner.store.migrate import head_revision, is_known
 from codex_runner.store.records import iso, utcnow
+from codex_runner.store.schema import instances
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"
@@ -507,6 +508,22 @@ def live_instances(settings: Settings) -> list[str]:
         engine.dispose()
 
 
+def _stop_restored_instances(settings: Settings) -> None:
+    """Marks stopped the instance rows the archive brought back: heartbeats of the backup's second,
+    they looked live for RUNNER_STALE_AFTER_SECONDS (a second restore refused, a `serve` on another
+    host under one of those ids waited). Only when no instance was live as the restore began: then
+    none of those rows is a running process's (a forced restore under a live one leaves them)."""
+    engine = create_store_engine(settings.database_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            if sa.inspect(conn).has_table("runner_instances"):
+                conn.execute(
+                    instances.update().where(instances.c.stopped_at.is_(None)).values(stopped_at=utcnow())
+                )
+    finally:
+        engine.dispose()
+
+
 def _place(src: Path, dest: Path) -> None:
     """Copies `src` over `dest` atomically (temp file in the destination folder, then rename)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -539,6 +556,8 @@ def restore(settings: Settings, archive: Path, *, force: bool = False) -> Restor
             )
         db = manifest["database"]
         _load_database(settings, db["backend"], tmp / db["member"])
+        if not live:
+            _stop_restored_instances(settings)
         logs = manifests = 0
         for entry in manifest["members"]:
             name = entry["name"]
