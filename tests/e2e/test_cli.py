@@ -270,6 +270,13 @@ def test_migrate_creates_the_database_and_is_idempotent(tmp_path: Path) -> None:
 # -- tokens -----------------------------------------------------------------------------------
 
 
+def test_an_empty_tokens_list_says_how_to_make_one(tmp_path: Path) -> None:
+    env = clean_env(RUNNER_DATA_DIR=str(tmp_path / "data"))
+    empty = cli("tokens", "list", env=env, cwd=tmp_path)
+    assert empty.returncode == 0 and empty.stdout == "", empty.stdout
+    assert "no tokens" in empty.stderr and "tokens create --user" in empty.stderr
+
+
 def test_tokens_create_prints_only_the_token(server: Server) -> None:
     result = cli("tokens", "create", "--user", "alice", "--name", "laptop", env=server.env)
     assert result.returncode == 0, result.stderr
@@ -337,7 +344,10 @@ def test_credentials_secret_is_read_from_stdin_and_never_shown(server: Server) -
 
     assert cli("credentials", "rotate", env=env).returncode == 0
     assert cli("credentials", "delete", "gh", env=env).returncode == 0
-    assert "gh" not in cli("credentials", "list", env=env).stdout
+    # None left: no table of headers alone on stdout, a line on stderr that says how to store one.
+    empty = cli("credentials", "list", env=env)
+    assert empty.returncode == 0 and empty.stdout == "", empty.stdout
+    assert "no credentials stored" in empty.stderr and "credentials set" in empty.stderr
     assert_one_error_line(cli("credentials", "delete", "gh", env=env), "(not_found)")
 
 

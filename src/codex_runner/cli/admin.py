@@ -107,6 +107,9 @@ def tokens_list(json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(records)
         return
+    if not records:
+        info("no tokens (`codex-runner tokens create --user USER` makes one)")
+        return
     table = data_table("ID", "USER", "ROLE", "NAME", "CREATED", "REVOKED")
     for r in records:
         table.add_row(*(cell(r[k]) for k in ("id", "user", "role", "name", "created_at", "revoked_at")))
@@ -164,6 +167,9 @@ def credentials_list(json_out: JsonOpt = False) -> None:
         records = rt.credentials.list()
     if json_out:
         print_json(records)
+        return
+    if not records:  # as `jobs list`: a table of headers alone said nothing
+        info("no credentials stored (`codex-runner credentials set NAME --host HOST` stores one)")
         return
     table = data_table("NAME", "HOST", "USERNAME", "UPDATED")
     for r in records:
