@@ -180,3 +180,22 @@ def test_a_runner_error_without_a_status_is_the_specs_500(api: Any, service_log:
     ours = [(line["event"], line.get("error_type")) for line in lines if line["logger"] == "codex_runner.api"]
     assert ours == [("unhandled_error", "LeaseLost")]
     assert "hunter2" not in service_log.getvalue()
+
+
+def test_a_trailing_slash_is_no_route_not_a_redirect_to_the_host_header(api: Any) -> None:
+    """Found by tests/api/test_api_fuzz.py: Starlette answered `/api/runner/jobs/` (and every
+    route's path with a trailing slash) with an empty `307` to a URL built from the request's
+    `Host` header: a status docs/api.md does not give, no JSON error, and a redirect a client
+    (one that follows it with its token) takes to whatever host the request named."""
+    c = api.client(api.alice)
+    for method, path in [
+        ("GET", "/api/runner/jobs/"),
+        ("POST", "/api/runner/jobs/"),
+        ("GET", "/api/runner/repos/"),
+        ("GET", "/api/runner/jobs/0b7c3f4e-1111-4222-8333-444455556666/events/"),
+        ("GET", "/healthz/"),
+    ]:
+        r = c.request(method, path, headers={"Host": "elsewhere.example"})
+        assert r.status_code == 404, (method, path, r.status_code, r.headers.get("location"))
+        assert "location" not in r.headers
+        assert r.json() == {"detail": f"no route {method} {path}", "code": "not_found"}

@@ -194,6 +194,9 @@ def _app(
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # A path with a trailing slash is no route (404, api/errors.py), not Starlette's empty 307
+        # to the same path without it, a URL it builds from the request's Host header.
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     errors.install(app)
