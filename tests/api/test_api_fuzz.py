@@ -9,6 +9,7 @@ values sent. One server per test function (per backend), many examples against i
 from __future__ import annotations
 
 import base64
+import concurrent.futures as cf
 import hashlib
 import hmac
 import json
@@ -190,6 +191,8 @@ RAW_BODIES = [
     b'{"repo": "demo", "script_key": "echo", "args": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}",
     b'{"repo": "demo", "script_key": "echo", "args": {"message": "\xff\xfe"}}',
     b"\xef\xbb\xbf{}",
+    # Over RUNNER_MAX_REQUEST_BYTES (1 MiB): 413.
+    b'{"repo": "demo", "script_key": "echo", "args": {"message": "' + b"x" * (1 << 20) + b'"}}',
 ]
 # Header values an HTTP client sends (h11 refuses blanks around one, and control characters): the
 # rest is the server's to judge. DEL and other bytes the parser refuses get uvicorn's plain-text 400
@@ -333,7 +336,7 @@ def test_fuzzed_creates_answer_as_documented(
     content = body if isinstance(body, bytes) else encode(body)
     before = job_rows(api)
     r = post(api, client, content, ctype, key)
-    answer = check_answer(api, r, {200, 201, 400, 403, 409})
+    answer = check_answer(api, r, {200, 201, 400, 403, 409, 413})
     after = job_rows(api)
     if r.status_code != 201:
         assert after == before, (r.status_code, answer)
@@ -364,14 +367,22 @@ def test_the_create_rules_match_an_independent_model(api_factory: Any, body: Any
     assert (r.status_code == 201) == model_accepts(body), (body, r.status_code, r.text[:300])
 
 
+# The same repo named four ways: by name, by id in either case, by both (one payload for all).
+REPO_FORMS: list[dict[str, str]] = [
+    {"repo": "demo"},
+    {"repo_id": DEMO_ID},
+    {"repo_id": DEMO_ID.upper()},
+    {"repo": "demo", "repo_id": DEMO_ID},
+]
 valid_bodies = st.builds(
-    lambda m, c, lo, mo: {
-        "repo": "demo",
+    lambda repo, m, c, lo, mo: {
+        **repo,
         "script_key": "echo",
         "args": {
             k: v for k, v in (("message", m), ("count", c), ("loud", lo), ("mode", mo)) if v is not None
         },
     },
+    st.sampled_from(REPO_FORMS),
     st.text(alphabet="ab", min_size=1, max_size=3),
     st.one_of(st.none(), st.integers(1, 3)),
     st.one_of(st.none(), st.booleans()),
@@ -409,6 +420,104 @@ def test_a_repeated_idempotency_key_replays_or_conflicts(
     # Another user's same key is another scope: a job of its own.
     c = post(api, api.client(api.bob), encode(second), "application/json", key)
     assert check_answer(api, c, {201})["requested_by"] == "bob"
+
+
+invalid_bodies = st.sampled_from(
+    [
+        {"repo": "demo", "script_key": "echo", "args": {"message": "-x"}},
+        {"repo": "nope", "script_key": "echo", "args": {"message": "a"}},
+        {"repo": "off", "script_key": "echo", "args": {"message": "a"}},
+        {"repo": "demo", "script_key": "echo", "args": {"message": "a", "count": 0}},
+    ]
+)
+
+
+@SETTINGS
+@given(
+    requests=st.lists(
+        st.tuples(st.sampled_from(["a", "b", None]), st.one_of(valid_bodies, valid_bodies, invalid_bodies)),
+        min_size=2,
+        max_size=12,
+    )
+)
+def test_concurrent_creates_are_each_decided_as_if_alone(
+    api_factory: Any, requests: list[tuple[str | None, dict[str, Any]]]
+) -> None:
+    """Creates sent at once share a batch (group commit): per Idempotency-Key one job, the
+    requests with its payload answered with it, those with another payload 409; no other row."""
+    api = fuzz_api(api_factory)
+    scope = uuid.uuid4().hex[:8]  # this example's keys only
+    rows = job_rows(api)
+
+    def send(item: tuple[str | None, dict[str, Any]]) -> httpx.Response:
+        key, body = item
+        with httpx.Client(base_url=api.url, timeout=30) as c:
+            headers = {"Authorization": f"Bearer {api.alice}"}
+            if key is not None:
+                headers["Idempotency-Key"] = f"{scope}-{key}"
+            return c.post("/api/runner/jobs", json=body, headers=headers)
+
+    with cf.ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(send, requests))
+    created = 0
+    for key in ("a", "b", None):
+        mine = [(body, r) for (k, body), r in zip(requests, answers, strict=True) if k == key]
+        for _, r in mine:
+            check_answer(api, r, {200, 201, 400, 403, 409})
+        accepted = [(body, r) for body, r in mine if r.status_code in (200, 201)]
+        created += sum(r.status_code == 201 for _, r in accepted)
+        if key is None:
+            assert all(r.status_code != 409 and r.status_code != 200 for _, r in mine)
+            continue
+        if not accepted:
+            assert all(r.status_code in (400, 403) for _, r in mine), [r.text for _, r in mine]
+            continue
+        # One job for the key: the one 201; every accepted answer is it, with one payload.
+        assert [r.status_code for _, r in accepted].count(201) == 1, [(b, r.status_code) for b, r in mine]
+        assert len({r.json()["id"] for _, r in accepted}) == 1
+        winner = canonical(next(body for body, r in accepted if r.status_code == 201))
+        for body, r in mine:
+            if r.status_code in (200, 201):
+                assert canonical(body) == winner
+            elif r.status_code == 409:
+                assert canonical(body) != winner, (body, winner)
+    assert job_rows(api) == rows + created
+
+
+QUEUED_PER_USER, QUEUE_SIZE = 3, 5
+
+
+@SETTINGS
+@given(users=st.lists(st.sampled_from(["alice", "bob"]), min_size=1, max_size=12))
+def test_concurrent_creates_never_pass_the_queue_caps(api_factory: Any, users: list[str]) -> None:
+    """docs/api.md, "Back-pressure": the caps hold under concurrency; a create is refused (429,
+    `Retry-After`) only when one of them is reached, so exactly as many are accepted as fit."""
+    api = getattr(api_factory, "_caps_api", None)
+    if api is None:
+        api = api_factory(
+            RUNNER_MAX_QUEUE_SIZE=str(QUEUE_SIZE), RUNNER_MAX_QUEUED_PER_USER=str(QUEUED_PER_USER)
+        )
+        api_factory._caps_api = api
+    admin = api.client(api.admin)
+    for job in admin.get("/api/runner/jobs", params={"status": "queued", "limit": 200}).json()["items"]:
+        assert admin.post(f"/api/runner/jobs/{job['id']}/cancel").status_code == 200
+    tokens = {"alice": api.alice, "bob": api.bob}
+
+    def send(user: str) -> httpx.Response:
+        with httpx.Client(base_url=api.url, timeout=30) as c:
+            body = {"repo": "demo", "script_key": "echo", "args": {"message": user}}
+            return c.post("/api/runner/jobs", json=body, headers={"Authorization": f"Bearer {tokens[user]}"})
+
+    with cf.ThreadPoolExecutor(len(users)) as pool:
+        answers = list(pool.map(send, users))
+    for r in answers:
+        check_answer(api, r, {201, 429})
+    accepted = {
+        u: sum(r.status_code == 201 for v, r in zip(users, answers, strict=True) if v == u) for u in tokens
+    }
+    fits = min(QUEUE_SIZE, sum(min(users.count(u), QUEUED_PER_USER) for u in tokens))
+    assert all(n <= QUEUED_PER_USER for n in accepted.values()), accepted
+    assert sum(accepted.values()) == fits, (users, [r.status_code for r in answers])
 
 
 def fuzz_api(api_factory: Any) -> Any:
@@ -517,7 +626,8 @@ path_ids = st.one_of(
         ["0", "-1", "null", "%00", "a%2Fb", "..", ".", "%2e%2e", "x" * 5000, "'; DROP TABLE jobs;--"]
     ),
 )
-SUFFIXES = ["", "/events", "/logs", "/cancel", "/logs/stream"]
+# With a trailing slash too, as a hand-written URL or a client's path join gives one.
+SUFFIXES = ["", "/events", "/logs", "/cancel", "/logs/stream", "/", "/events/", "/cancel/"]
 
 
 @SETTINGS
@@ -554,8 +664,9 @@ def test_fuzzed_job_paths_never_show_another_users_job(
     with client.stream(method, path, headers=headers, timeout=10) as r:
         r.read()
         if which == "alice":
-            # Her own job: read, or canceled once (then 409), or a bad query.
-            check_answer(api, r, {200, 400, 409})
+            # Her own job: read, or canceled once (then 409), or a bad query; no route with a
+            # trailing slash.
+            check_answer(api, r, {404} if suffix.endswith("/") else {200, 400, 409})
             return
         # Not alice's job (or none): never a 200 and never a stream.
         check_answer(api, r, {400, 404, 405})
@@ -576,7 +687,28 @@ claims = st.dictionaries(
     st.sampled_from(["sub", "role", "exp", "nbf", "iat", "aud", "iss", "x"]),
     st.one_of(
         json_values,
-        st.sampled_from(["alice", "bob", "admin", "user", "system", "cli:root", "carol", "Carol\x00"]),
+        st.sampled_from(
+            [
+                "alice",
+                "bob",
+                "admin",
+                "user",
+                "system",
+                "cli:root",
+                "carol",
+                "Carol\x00",
+                "ſystem",
+                "CLI:x",
+                " alice",
+                "😀" * 200,
+                "😀" * 201,
+                "x" * 200,
+                "\u0130",
+                "\ud800",
+                "a\u200bb",
+            ]
+        ),
+        st.text(min_size=1, max_size=30),
         st.just(math.inf),
         st.just(math.nan),
         st.integers(min_value=0, max_value=2**64),
