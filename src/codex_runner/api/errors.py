@@ -84,14 +84,25 @@ def runner_error_response(exc: e.RunnerError) -> JSONResponse:
     return response
 
 
+#: How many problems a validation error's `errors` names; the rest are counted (as the unknown
+#: arguments of a create are, catalog/specs.py).
+MAX_ERRORS_LISTED = 20
+
+
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
-    items = [
+    problems = exc.errors()
+    items: list[dict[str, object]] = [
         {
             "loc": [str(p) if not isinstance(p, int) else p for p in err.get("loc", ())],
             "msg": str(err.get("msg")),
         }
-        for err in exc.errors()
+        for err in problems[:MAX_ERRORS_LISTED]
     ]
+    if len(problems) > MAX_ERRORS_LISTED:
+        # A body of thousands of unknown fields must not make an answer larger than itself: each
+        # listed took some 60 bytes for the 8 or so of its field.
+        where = [str(p) for p in problems[MAX_ERRORS_LISTED].get("loc", ())[:1]]  # "body", "query"
+        items.append({"loc": where, "msg": f"and {len(problems) - MAX_ERRORS_LISTED} more errors"})
     return error_response(400, "the request is not valid", "invalid_request", errors=items)
 
 
