@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from codex_runner.catalog.specs import REPO_NAMESPACE
+from codex_runner.secrets import generate_key
 from codex_runner.store.schema import jobs
 
 #: docs/api.md, "Errors": the codes each status may carry.
@@ -51,6 +52,8 @@ FEW = settings(SETTINGS, max_examples=max(1, EXAMPLES // 4))
 DEMO_ID = str(uuid.uuid5(REPO_NAMESPACE, "demo"))
 DEFAULTS = {"count": 1, "loud": False, "mode": "fast"}
 JWT_SECRET = "fuzz-jwt-secret-0123456789abcdef0123456789"
+ENCRYPTION_KEY = generate_key()
+STORED_SECRET = "ghp_FuzzStoredSecret0123456789abcdefABCD"
 
 # --- values -------------------------------------------------------------------------------------
 
@@ -242,8 +245,8 @@ def check_answer(api: Any, r: httpx.Response, allowed: set[int]) -> Any:
     event(f"status {r.status_code}")
     assert r.status_code < 500, (r.status_code, r.text[:500])
     assert r.status_code in allowed, (r.status_code, r.text[:500])
-    for token in (api.admin, api.alice, api.bob):
-        assert token not in r.text
+    for secret in (api.admin, api.alice, api.bob, JWT_SECRET, ENCRYPTION_KEY, STORED_SECRET):
+        assert secret not in r.text
     if r.status_code >= 400:
         body = r.json()
         assert isinstance(body, dict), body
@@ -539,8 +542,13 @@ def fuzz_api(api_factory: Any) -> Any:
     cached = getattr(api_factory, "_fuzz_api", None)
     if cached is None:
         cached = api_factory(
-            RUNNER_MAX_QUEUE_SIZE="100000", RUNNER_MAX_QUEUED_PER_USER="100000", RUNNER_JWT_SECRET=JWT_SECRET
+            RUNNER_MAX_QUEUE_SIZE="100000",
+            RUNNER_MAX_QUEUED_PER_USER="100000",
+            RUNNER_JWT_SECRET=JWT_SECRET,
+            RUNNER_ENCRYPTION_KEY=ENCRYPTION_KEY,
         )
+        # A stored credential, whose secret no answer may carry.
+        cached.runtime.credentials.set("fuzz-cred", "git.example.com", "git", STORED_SECRET)
         api_factory._fuzz_api = cached
     return cached
 
@@ -719,6 +727,32 @@ def test_fuzzed_paths_and_methods(api_factory: Any, method: str, parts: list[str
         assert body["detail"] == f"no route {method} {path}", (path, body)
     if r.status_code == 405:
         assert r.headers["allow"], path
+
+
+@SETTINGS
+@given(
+    path=st.sampled_from(
+        [
+            "/api/runner/diagnostics",
+            "/metrics",
+            "/openapi.json",
+            "/api/runner/repos",
+            "/api/runner/scripts",
+            "/api/runner/jobs",
+            "/readyz",
+            "/healthz",
+        ]
+    ),
+    who=st.sampled_from(["admin", "alice"]),
+)
+def test_no_route_shows_a_secret(api_factory: Any, path: str, who: str) -> None:
+    """Admin routes too: the tokens, the JWT and encryption keys and a stored credential's secret
+    are in no answer (check_answer), with jobs in the tables and a 405 in the metrics."""
+    api = fuzz_api(api_factory)
+    seeded = seed_jobs(api)
+    api.client(api.admin).post(f"/api/runner/jobs/{seeded['bob']}/events")  # a 405, counted in metrics
+    r = api.client(getattr(api, who)).get(path)
+    check_answer(api, r, {200, 403} if who == "alice" else {200})
 
 
 # --- authentication -----------------------------------------------------------------------------
