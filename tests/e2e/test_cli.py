@@ -904,6 +904,22 @@ def test_jobs_logs_follow_exit_code_follows_the_job(
     assert "Traceback" not in stderr
 
 
+def _exits_141_quietly_when_its_reader_leaves(proc: subprocess.Popen[bytes]) -> None:
+    """Closes the command's standard output, as a `| head` that had enough does: the command
+    must end with 141 (as a shell reports SIGPIPE) and nothing on standard error."""
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    try:
+        code = proc.wait(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the command did not end when its reader left")
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert code == 141, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+
+
 @pytest.mark.parametrize("follow", [False, True])
 def test_a_reader_that_stops_early_is_not_a_failed_job(sse_runner: SseRunner, follow: bool) -> None:
     """`jobs logs ID | head`: the closed pipe ended the command with click's exit 1 — "the job
@@ -918,18 +934,9 @@ def test_a_reader_that_stops_early_is_not_a_failed_job(sse_runner: SseRunner, fo
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
     assert proc.stdout.readline()
-    proc.stdout.close()  # the reader had enough
-    try:
-        code = proc.wait(timeout=COMMAND_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the command did not end when its reader left")
-    stderr = proc.stderr.read().decode()
-    proc.stderr.close()
-    assert code == 141, stderr
-    assert "Traceback" not in stderr and "error" not in stderr
+    _exits_141_quietly_when_its_reader_leaves(proc)  # the reader had enough
 
 
 @pytest.mark.parametrize("command", [["doctor"], ["doctor", "--json"], ["cleanup", "--dry-run", "--json"]])
@@ -949,17 +956,7 @@ def test_an_operations_command_whose_reader_left_exits_141_quietly(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()  # the reader left before the first line
-    try:
-        code = proc.wait(timeout=COMMAND_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the command did not end when its reader left")
-    stderr = proc.stderr.read().decode()
-    proc.stderr.close()
-    assert code == 141, stderr
-    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    _exits_141_quietly_when_its_reader_leaves(proc)  # before the first line
 
 
 class _CuttingProxy:
